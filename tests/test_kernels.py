@@ -1,0 +1,444 @@
+"""Tests for kernels/ (FlashAttention-2 style attention, fused add + norm).
+
+The Triton kernels run on CPU through the Triton interpreter (TRITON_INTERPRET=1),
+in float32, and are compared with float64 PyTorch references.
+
+How the interpreter is enabled (investigated on triton 3.9):
+  * ``@triton.jit`` picks interpreter vs. compiler when a function is *decorated*, from
+    ``triton.knobs.runtime.interpret`` (which re-reads TRITON_INTERPRET on each access).
+  * kernels/ wraps its own kernels in ``kernels._jit.lazy_jit``, which makes that choice
+    at every launch, so importing ``kernels`` earlier does not matter.
+  * BUT triton's own ``tl.sum``, ``tl.max``, ``tl.zeros`` (triton/language/standard.py)
+    are ``@jit`` functions decorated when ``triton.language`` is first imported.  If
+    that import happened without TRITON_INTERPRET=1, the interpreter later fails with
+    "Cannot call @triton.jit'd outside of the scope of a kernel".
+  So this module sets TRITON_INTERPRET=1 *before* importing triton when triton is not yet
+  imported (and then restores the variable, so other test modules are unaffected), and a
+  module fixture sets it again around these tests only.  If some earlier test module
+  already imported triton without the flag, the in-process kernel tests are skipped and
+  ``test_rerun_in_subprocess_if_triton_imported_early`` runs this file in a fresh
+  interpreter process with TRITON_INTERPRET=1 instead, so the checks still happen.
+
+Error bound used throughout (fp32 kernel vs float64 reference):
+    max|out - ref| <= RTOL * max|ref| + ATOL
+with RTOL = 2e-5 for forward outputs, 1e-4 for gradients, ATOL = 1e-6
+(ATOL covers exactly-zero references, e.g. dq and dk at T = 1).
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+
+def _import_triton_for_interpreter():
+    if "triton" in sys.modules:
+        return
+    prev = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        if prev is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = prev
+
+
+_import_triton_for_interpreter()
+triton = pytest.importorskip("triton")
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+import kernels  # noqa: E402
+from kernels import add_norm, flash_attention, rms_norm  # noqa: E402
+from kernels.reference import add_norm_reference, attention_reference  # noqa: E402
+
+INTERPRETER_USABLE = isinstance(triton.language.standard.sum, InterpretedFunction)
+IN_SUBPROCESS = os.environ.get("MEGAPIX_KERNELS_TEST_SUBPROCESS") == "1"
+if IN_SUBPROCESS and not INTERPRETER_USABLE:
+    raise RuntimeError("TRITON_INTERPRET=1 was set from the start but tl.sum is not interpreted")
+needs_interpreter = pytest.mark.skipif(
+    not INTERPRETER_USABLE,
+    reason="triton.language was imported without TRITON_INTERPRET=1 before this module; "
+           "these tests run in a subprocess instead (test_rerun_in_subprocess_if_triton_imported_early)")
+
+FWD_RTOL = 2e-5
+BWD_RTOL = 1e-4
+ATOL = 1e-6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def triton_interpreter():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        assert triton.knobs.runtime.interpret
+        yield
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, rtol: float, name: str = "") -> None:
+    assert out.shape == ref.shape, (name, out.shape, ref.shape)
+    assert torch.isfinite(out).all(), f"{name}: non-finite values"
+    err = (out.double() - ref.double()).abs().max().item()
+    scale = ref.double().abs().max().item()
+    assert err <= rtol * scale + ATOL, f"{name}: max abs err {err:.3e} vs max abs ref {scale:.3e} (rtol {rtol})"
+
+
+# ----------------------------------------------------------------------------- attention
+
+def _attn_case(B, H, T, D, causal, *, layout="bhtd", seed=0):
+    """Random q, k, v (fp32 leaves for the kernel, fp64 copies for the reference)."""
+    g = torch.Generator().manual_seed(seed)
+    if layout == "bhtd":
+        base = [torch.randn(B, H, T, D, generator=g, dtype=torch.float64) for _ in range(3)]
+        views32 = lambda ts: ts  # noqa: E731
+    else:  # q, k, v are transposes of a packed [B, T, 3, H, D] tensor: non-contiguous
+        packed = torch.randn(B, T, 3, H, D, generator=g, dtype=torch.float64)
+        base = [packed[:, :, i].transpose(1, 2) for i in range(3)]
+        views32 = None
+    do = torch.randn(B, H, T, D, generator=g, dtype=torch.float64)
+    return base, do, views32
+
+
+def _run_attention(q64s, do64, causal, backend="triton", noncontig=False):
+    if noncontig:
+        # build fp32 leaves in [B, T, 3, H, D] layout and take strided views
+        packed = torch.stack([t.transpose(1, 2) for t in q64s], dim=2).float().requires_grad_()
+        q, k, v = (packed[:, :, i].transpose(1, 2) for i in range(3))
+        assert not q.is_contiguous() and q.stride(-1) == 1
+        leaves = (packed,)
+    else:
+        q, k, v = (t.float().requires_grad_() for t in q64s)
+        leaves = (q, k, v)
+    o = flash_attention(q, k, v, causal=causal, backend=backend)
+    # gradient enters through a transposed view -> non-contiguous dO in the backward
+    (o.transpose(1, 2) * do64.float().transpose(1, 2)).sum().backward()
+    if noncontig:
+        g = packed.grad
+        grads = tuple(g[:, :, i].transpose(1, 2) for i in range(3))
+    else:
+        grads = tuple(t.grad for t in leaves)
+    return o, grads
+
+
+def _reference_attention(q64s, do64, causal):
+    q, k, v = (t.detach().clone().requires_grad_() for t in q64s)
+    o = attention_reference(q, k, v, causal=causal)
+    o.backward(do64)
+    return o, (q.grad, k.grad, v.grad)
+
+
+ATTN_CASES = [
+    # (B, H, T, Dh, causal)
+    (1, 2, 1, 32, True),
+    (1, 2, 1, 64, False),
+    (2, 3, 17, 64, True),
+    (1, 2, 17, 32, False),
+    (1, 2, 77, 96, True),
+    (1, 1, 77, 128, False),
+    (1, 2, 130, 64, True),
+    (1, 1, 130, 96, False),
+    (1, 2, 33, 128, True),
+    (1, 2, 64, 64, False),  # exact multiple of the block size
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("B,H,T,D,causal", ATTN_CASES)
+def test_flash_attention_matches_reference(B, H, T, D, causal):
+    qkv, do, _ = _attn_case(B, H, T, D, causal)
+    o, grads = _run_attention(qkv, do, causal)
+    o_ref, grads_ref = _reference_attention(qkv, do, causal)
+    assert o.dtype == torch.float32
+    assert_close(o, o_ref, FWD_RTOL, "o")
+    for name, g, gr in zip(("dq", "dk", "dv"), grads, grads_ref):
+        assert_close(g, gr, BWD_RTOL, name)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("T,D,causal", [(17, 64, True), (77, 96, False)])
+def test_flash_attention_noncontiguous(T, D, causal):
+    qkv, do, _ = _attn_case(2, 2, T, D, causal, layout="bthd", seed=1)
+    o, grads = _run_attention(qkv, do, causal, noncontig=True)
+    o_ref, grads_ref = _reference_attention(qkv, do, causal)
+    assert_close(o, o_ref, FWD_RTOL, "o")
+    for name, g, gr in zip(("dq", "dk", "dv"), grads, grads_ref):
+        assert_close(g, gr, BWD_RTOL, name)
+
+
+@needs_interpreter
+def test_flash_attention_lse():
+    qkv, _, _ = _attn_case(1, 2, 45, 64, True, seed=2)
+    o, lse = torch.ops.megapix_kernels.flash_attn_fwd(*(t.float() for t in qkv), True, 1 / 8.0)
+    o_ref, lse_ref = attention_reference(*qkv, causal=True, return_lse=True)
+    assert lse.dtype == torch.float32 and lse.shape == (1, 2, 45)
+    assert_close(lse, lse_ref, FWD_RTOL, "lse")
+    assert_close(o, o_ref, FWD_RTOL, "o")
+
+
+@needs_interpreter
+def test_causal_mask_is_applied():
+    """Changing future keys/values must not change earlier outputs (and must for bidirectional)."""
+    qkv, _, _ = _attn_case(1, 1, 20, 32, True, seed=3)
+    q, k, v = (t.float() for t in qkv)
+    k2, v2 = k.clone(), v.clone()
+    k2[..., 10:, :] += 3.0
+    v2[..., 10:, :] -= 3.0
+    o1 = flash_attention(q, k, v, causal=True, backend="triton")
+    o2 = flash_attention(q, k2, v2, causal=True, backend="triton")
+    assert torch.equal(o1[..., :10, :], o2[..., :10, :])
+    assert not torch.allclose(o1[..., 10:, :], o2[..., 10:, :])
+    b1 = flash_attention(q, k, v, causal=False, backend="triton")
+    b2 = flash_attention(q, k2, v2, causal=False, backend="triton")
+    assert not torch.allclose(b1[..., :10, :], b2[..., :10, :])
+
+
+@needs_interpreter
+def test_flash_attention_fp16_inputs():
+    """Low-precision inputs, fp32 accumulation: compare with fp64 math on the same fp16 values."""
+    qkv, do, _ = _attn_case(1, 2, 33, 64, True, seed=4)
+    q, k, v = (t.half().requires_grad_() for t in qkv)
+    o = flash_attention(q, k, v, causal=True, backend="triton")
+    o.backward(do.half())
+    assert o.dtype == torch.float16 and q.grad.dtype == torch.float16
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    o_ref = attention_reference(q64, k64, v64, causal=True)
+    o_ref.backward(do.half().double())
+    assert_close(o, o_ref, 2e-3, "o fp16")
+    for name, g, gr in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), (q64.grad, k64.grad, v64.grad)):
+        assert_close(g, gr, 1e-2, name + " fp16")
+
+
+# ----------------------------------------------------------------------------- add_norm
+
+NORM_CASES = [
+    # (leading shape, width, with residual)
+    ((2, 3), 96, True),
+    ((2, 3), 96, False),
+    ((5,), 1000, True),
+    ((5,), 1000, False),
+    ((3, 2), 1536, True),
+    ((4,), 1536, False),
+    ((1, 7), 3072, True),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("lead,n,with_res", NORM_CASES)
+def test_add_norm_matches_reference(lead, n, with_res):
+    g = torch.Generator().manual_seed(n + int(with_res))
+    shape = (*lead, n)
+    x64 = torch.randn(shape, generator=g, dtype=torch.float64)
+    r64 = torch.randn(shape, generator=g, dtype=torch.float64) if with_res else None
+    w64 = 1.0 + 0.2 * torch.randn(n, generator=g, dtype=torch.float64)
+    dy = torch.randn(shape, generator=g, dtype=torch.float64)
+    dres_out = torch.randn(shape, generator=g, dtype=torch.float64)  # gradient into residual_out
+
+    def run(x, r, w, backend):
+        y, res_out = add_norm(x, r, w, eps=1e-5, backend=backend)
+        (y * dy.to(y.dtype)).sum().backward(retain_graph=True)
+        (res_out * dres_out.to(res_out.dtype)).sum().backward()
+        return y, res_out
+
+    x = x64.float().requires_grad_()
+    r = r64.float().requires_grad_() if with_res else None
+    w = w64.float().requires_grad_()
+    y, res_out = run(x, r, w, "triton")
+
+    xr = x64.clone().requires_grad_()
+    rr = r64.clone().requires_grad_() if with_res else None
+    wr = w64.clone().requires_grad_()
+    y_ref, res_ref = run(xr, rr, wr, "torch")
+
+    assert y.dtype == torch.float32 and y.shape == shape
+    assert_close(y, y_ref, FWD_RTOL, "y")
+    assert_close(res_out, res_ref, FWD_RTOL, "residual_out")
+    if not with_res:
+        assert res_out is x
+    assert_close(x.grad, xr.grad, BWD_RTOL, "dx")
+    assert_close(w.grad, wr.grad, BWD_RTOL, "dweight")
+    if with_res:
+        assert_close(r.grad, rr.grad, BWD_RTOL, "dresidual")
+
+
+@needs_interpreter
+def test_add_norm_noncontiguous_and_rms_norm():
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(96, 3, 2, generator=g, dtype=torch.float64)
+    x64 = base.permute(2, 1, 0)  # [2, 3, 96], non-contiguous
+    r64 = torch.randn(3, 2, 96, generator=g, dtype=torch.float64).transpose(0, 1)
+    w64 = torch.rand(96, generator=g, dtype=torch.float64) + 0.5
+    y, h = add_norm(x64.float(), r64.float(), w64.float(), backend="triton")
+    y_ref, h_ref = add_norm_reference(x64, r64, w64)
+    assert_close(y, y_ref, FWD_RTOL, "y")
+    assert_close(h, h_ref, FWD_RTOL, "h")
+    y2 = rms_norm(x64.float(), w64.float(), eps=1e-6, backend="triton")
+    assert_close(y2, add_norm_reference(x64, None, w64, eps=1e-6)[0], FWD_RTOL, "rms_norm")
+
+
+@needs_interpreter
+def test_add_norm_dweight_two_stage_many_rows():
+    """More rows than backward programs: each program reduces several rows into its dW partial."""
+    g = torch.Generator().manual_seed(8)
+    x64 = torch.randn(37, 96, generator=g, dtype=torch.float64)
+    w64 = torch.randn(96, generator=g, dtype=torch.float64)
+    x, w = x64.float().requires_grad_(), w64.float().requires_grad_()
+    rms_norm(x, w, backend="triton").sum().backward()
+    xr, wr = x64.clone().requires_grad_(), w64.clone().requires_grad_()
+    add_norm_reference(xr, None, wr)[0].sum().backward()
+    assert_close(x.grad, xr.grad, BWD_RTOL, "dx")
+    assert_close(w.grad, wr.grad, BWD_RTOL, "dweight")
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+def test_dispatch_auto_on_cpu_is_reference():
+    q = torch.randn(1, 2, 5, 32)
+    assert kernels.resolve_backend("auto", q) == "torch"
+    assert torch.equal(flash_attention(q, q, q), attention_reference(q, q, q, causal=True))
+    x, w = torch.randn(3, 96), torch.rand(96)
+    y, res = add_norm(x, x, w)
+    y_ref, res_ref = add_norm_reference(x, x, w)
+    assert torch.equal(y, y_ref) and torch.equal(res, res_ref)
+
+
+@needs_interpreter
+def test_dispatch_forced_triton_uses_kernel():
+    q = torch.randn(1, 1, 5, 32)
+    assert kernels.resolve_backend("triton", q) == "triton"
+    o = flash_attention(q, q, q, backend="triton")
+    assert_close(o, attention_reference(q.double(), q.double(), q.double()), FWD_RTOL, "o")
+
+
+def test_dispatch_bad_backend():
+    q = torch.randn(1, 1, 5, 32)
+    with pytest.raises(ValueError, match=r"backend must be one of .*'cuda'"):
+        flash_attention(q, q, q, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        add_norm(q, None, torch.ones(32), backend="Triton")
+
+
+def test_dispatch_triton_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q = torch.randn(1, 1, 5, 32)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        flash_attention(q, q, q, backend="triton")
+
+
+@needs_interpreter
+def test_interpreter_flag_read_at_launch(monkeypatch):
+    """kernels was imported before TRITON_INTERPRET was set; lazy_jit follows the flag per launch."""
+    from kernels._jit import lazy_jit
+    from kernels._triton_norm import _add_norm_fwd
+    from triton.runtime.interpreter import InterpretedFunction
+
+    assert isinstance(_add_norm_fwd, lazy_jit)
+    assert isinstance(_add_norm_fwd.kernel(), InterpretedFunction)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert isinstance(_add_norm_fwd.kernel(), triton.runtime.jit.JITFunction)
+
+
+def test_package_does_not_import_megapix():
+    code = textwrap.dedent("""
+        import sys, kernels
+        assert not any(m == 'megapix' or m.startswith('megapix.') for m in sys.modules), 'megapix imported'
+        assert 'triton' not in sys.modules, 'triton imported eagerly'
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
+# ----------------------------------------------------------------------------- custom ops / torch.compile
+
+def test_custom_ops_fake_tensor_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(2, 3, 17, 96, dtype=torch.bfloat16)
+        o, lse = torch.ops.megapix_kernels.flash_attn_fwd(q, q, q, True, 0.1)
+        assert o.shape == q.shape and o.dtype == torch.bfloat16
+        assert lse.shape == (2, 3, 17) and lse.dtype == torch.float32
+        dq, dk, dv = torch.ops.megapix_kernels.flash_attn_bwd(o, q, q, q, o, lse, True, 0.1)
+        assert dq.shape == q.shape and dv.dtype == torch.bfloat16
+        x = torch.empty(4, 5, 1000, dtype=torch.float16)
+        r = torch.empty(4, 5, 1000, dtype=torch.float32)
+        w = torch.empty(1000, dtype=torch.float32)
+        y, h, rstd = torch.ops.megapix_kernels.add_rms_norm_fwd(x, r, w, 1e-5)
+        assert y.dtype == torch.float16 and h.dtype == torch.float32 and rstd.shape == (4, 5)
+        dx, dw = torch.ops.megapix_kernels.rms_norm_bwd(y, h, w, rstd, h, torch.float16)
+        assert dx.dtype == torch.float16 and dx.shape == x.shape and dw.shape == (1000,)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("op_case", ["attn", "add_norm", "rms_norm"])
+def test_custom_ops_opcheck(op_case):
+    g = torch.Generator().manual_seed(11)
+    if op_case == "attn":
+        q, k, v = (torch.randn(1, 2, 9, 32, generator=g, requires_grad=True) for _ in range(3))
+        torch.library.opcheck(torch.ops.megapix_kernels.flash_attn_fwd.default, (q, k, v, True, 32 ** -0.5))
+    elif op_case == "add_norm":
+        x, r = (torch.randn(3, 96, generator=g, requires_grad=True) for _ in range(2))
+        w = torch.rand(96, generator=g).requires_grad_()
+        torch.library.opcheck(torch.ops.megapix_kernels.add_rms_norm_fwd.default, (x, r, w, 1e-5))
+    else:
+        x = torch.randn(3, 96, generator=g, requires_grad=True)
+        w = torch.rand(96, generator=g).requires_grad_()
+        torch.library.opcheck(torch.ops.megapix_kernels.rms_norm_fwd.default, (x, w, 1e-5))
+
+
+@needs_interpreter
+def test_torch_compile_through_custom_ops():
+    torch._dynamo.reset()
+
+    def block(x, res, w, wq):
+        y, res = add_norm(x, res, w, backend="triton")
+        b, t, c = y.shape
+        qkv = (y @ wq).view(b, t, 3, 2, c // 2).permute(2, 0, 3, 1, 4)
+        o = flash_attention(qkv[0], qkv[1], qkv[2], causal=True, backend="triton")
+        return o.transpose(1, 2).reshape(b, t, c), res
+
+    g = torch.Generator().manual_seed(12)
+    x, res = torch.randn(2, 11, 64, generator=g), torch.randn(2, 11, 64, generator=g)
+    w, wq = torch.rand(64, generator=g) + 0.5, torch.randn(64, 192, generator=g) / 8
+
+    def loss_and_grads(fn):
+        ins = [t.clone().requires_grad_() for t in (x, res, w, wq)]
+        out, r = fn(*ins)
+        ((out ** 2).sum() + (r * 0.5).sum()).backward()
+        return out.detach(), [t.grad for t in ins]
+
+    out_e, grads_e = loss_and_grads(block)
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    out_c, grads_c = loss_and_grads(compiled)
+    assert_close(out_c, out_e, 1e-6, "compiled out")
+    for gc, ge in zip(grads_c, grads_e):
+        assert_close(gc, ge, 1e-6, "compiled grad")
+    # and the kernel-backed block still matches the pure reference
+    out_r, grads_r = loss_and_grads(lambda *a: _block_reference(*a))
+    assert_close(out_e, out_r, FWD_RTOL, "block out")
+    for ge, gr in zip(grads_e, grads_r):
+        assert_close(ge, gr, BWD_RTOL, "block grad")
+
+
+def _block_reference(x, res, w, wq):
+    y, res = add_norm_reference(x, res, w)
+    b, t, c = y.shape
+    qkv = (y @ wq).view(b, t, 3, 2, c // 2).permute(2, 0, 3, 1, 4)
+    o = attention_reference(qkv[0], qkv[1], qkv[2], causal=True)
+    return o.transpose(1, 2).reshape(b, t, c), res
+
+
+@pytest.mark.skipif(INTERPRETER_USABLE or IN_SUBPROCESS, reason="in-process interpreter tests ran")
+def test_rerun_in_subprocess_if_triton_imported_early():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", MEGAPIX_KERNELS_TEST_SUBPROCESS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.abspath(__file__)],
+        cwd=root, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
