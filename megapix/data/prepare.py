@@ -1,0 +1,303 @@
+"""`megapix prepare`: images -> palette ids in memory-mapped uint16 token shards, plus a JSON manifest.
+
+    megapix prepare --data SPEC (--palette kmeans_centers.npy | --fit-palette) --resolution R --out DIR
+                    [--shard-size N] [--workers W] [--seed S] [--val-fraction F]
+
+Layout of DIR (read back by the "shards:DIR" source):
+    manifest.json            splits, shard files (count, bytes, sha256), resolution, palette, settings
+    palette.npy              the palette used (a byte copy of --palette, or the one fitted on train)
+    {split}-NNNNN.npy        uint16 [n, R*R] palette ids, raster order
+    {split}-labels.npy       int64 [N] (when the source has labels)
+
+Shards are written under a temporary name and renamed when complete; the manifest is rewritten (atomically)
+after each shard. Re-running with the same arguments skips shards that the manifest lists as done and whose
+size matches, removes stale temporary files, and redoes the rest. Shards are encoded in parallel by W worker
+processes (each re-opens the source from its spec; W=1 runs in this process).
+
+Shards hold the evaluation view of each image (no augmentation): random crops cannot be precomputed. Token
+sources (igpt:, shards:) are copied into shards without a palette.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import os
+import shutil
+import sys
+
+import numpy as np
+
+from megapix.config import VOCAB_SIZE, ConfigError
+from megapix.data.files import MANIFEST, SHARDS_FORMAT, open_shard, read_manifest
+from megapix.data.palette import Palette
+from megapix.data.sources import SPLITS, open_source
+from megapix.utils import atomic_path, write_json
+
+PALETTE_FILE = "palette.npy"
+ENCODE_BATCH = 512  # images encoded per step inside a shard
+
+
+def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+
+
+def shard_name(split: str, i: int) -> str:
+    return f"{split}-{i:05d}.npy"
+
+
+def _tmp_name(final: str) -> str:
+    d, b = os.path.split(final)
+    return os.path.join(d, f".{b}.tmp-{os.getpid()}")
+
+
+def _clean_stale(out: str) -> None:
+    """Remove what an interrupted run left half-written: our shard temp files and atomic_path temp dirs."""
+    for p in glob.glob(os.path.join(out, ".*.tmp-*")):
+        if os.path.isdir(p):
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            os.remove(p)
+
+
+# ---- the per-shard work (runs in worker processes, or inline when workers == 1) ----
+_STATE: dict = {}
+
+
+def _init_worker(spec, resolution, val_fraction, seed, centres, threads=1):
+    import torch
+
+    torch.set_num_threads(threads)
+    _STATE["src"] = open_source(spec, resolution, val_fraction, seed, augment=False)
+    _STATE["palette"] = None if centres is None else Palette(centres)
+
+
+def _encode_shard(task) -> tuple:
+    split, i, start, stop, path = task
+    src, palette = _STATE["src"], _STATE["palette"]
+    s = src.split(split)
+    data = s.tokens if s.tokens is not None else s.images
+    T = None
+    tmp = _tmp_name(path)
+    mm = None
+    try:
+        for b in range(start, stop, ENCODE_BATCH):
+            chunk = data[b:min(b + ENCODE_BATCH, stop)]
+            if s.tokens is not None:
+                ids = np.asarray(chunk)
+                if ids.size and (ids.min() < 0 or ids.max() >= VOCAB_SIZE):
+                    raise ConfigError(f"token ids outside [0, {VOCAB_SIZE}) in {split} rows {b}..; not palette ids")
+            else:
+                ids = palette.encode(np.asarray(chunk))
+            if mm is None:
+                T = ids.shape[1]
+                mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint16, shape=(stop - start, T))
+            mm[b - start:b - start + len(ids)] = ids
+        if mm is None:  # an empty shard cannot happen (shards cover >= 1 row), but stay total
+            raise ConfigError(f"{split} shard {i} is empty")
+        mm.flush()
+        del mm
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return split, i, os.path.getsize(path), sha256_file(path)
+
+
+# ---- the driver ----
+def _plan(src, shard_size: int) -> dict:
+    splits = {}
+    for name in SPLITS:
+        s = src.split(name)
+        same = next((o for o in splits if src.split(o) is s), None)
+        n = len(s)
+        splits[name] = {
+            "count": n,
+            "same_as": same,
+            "shards": [{"file": shard_name(same or name, i), "count": min(shard_size, n - st), "start": st}
+                       for i, st in enumerate(range(0, n, shard_size))],
+            "labels": None if s.labels is None else f"{same or name}-labels.npy",
+        }
+    return splits
+
+
+def _resolve_palette(src, out, palette, fit_palette, seed, old, tokens_only):
+    """-> (Palette | None, manifest palette entry)."""
+    dst = os.path.join(out, PALETTE_FILE)
+    if palette is not None and fit_palette:
+        raise ConfigError("pass either --palette FILE or --fit-palette, not both")
+    if palette is not None:
+        pal = Palette.load(palette)  # validates shape, range, readability
+        sha = sha256_file(palette)
+        if not (os.path.isfile(dst) and sha256_file(dst) == sha):
+            with atomic_path(dst) as tmp:
+                shutil.copyfile(palette, tmp)
+        return pal, {"file": PALETTE_FILE, "sha256": sha, "from": os.path.abspath(palette)}
+    if fit_palette:
+        prev = (old or {}).get("palette") or {}
+        if prev.get("from") == "fit" and os.path.isfile(dst) and sha256_file(dst) == prev.get("sha256"):
+            return Palette.load(dst), prev  # resume: the fit is deterministic, keep the one already made
+        pal = Palette.fit(src.train_images_for_palette(), k=VOCAB_SIZE, seed=seed)
+        pal.save(dst)
+        return pal, {"file": PALETTE_FILE, "sha256": sha256_file(dst), "from": "fit"}
+    if tokens_only:
+        return None, None
+    raise ConfigError("prepare needs a palette to encode images: pass --palette kmeans_centers.npy "
+                      "or --fit-palette (k-means on the train split)")
+
+
+def prepare(spec: str, out: str, *, resolution: int, palette: str | None = None, fit_palette: bool = False,
+            shard_size: int = 65536, workers: int = 1, seed: int = 0, val_fraction: float | None = None,
+            progress: bool = True) -> dict:
+    """Encode every split of `spec` into token shards under `out`; returns the manifest. Resumable."""
+    from tqdm import tqdm
+
+    if shard_size < 1:
+        raise ConfigError(f"--shard-size={shard_size} must be >= 1 (images per shard)")
+    if workers < 1:
+        raise ConfigError(f"--workers={workers} must be >= 1")
+    if palette is not None:
+        Palette.load(palette)  # a missing or bad palette file fails here, before anything is written
+    if palette is not None and fit_palette:
+        raise ConfigError("pass either --palette FILE or --fit-palette, not both")
+    src = open_source(spec, resolution, val_fraction, seed, augment=False)
+    tokens_only = src.split("train").tokens is not None
+    if palette is None and not fit_palette and not tokens_only:
+        raise ConfigError("prepare needs a palette to encode images: pass --palette kmeans_centers.npy "
+                          "or --fit-palette (k-means on the train split)")
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out {out!r} exists and is not a directory; choose a directory")
+    old = read_manifest(out) if os.path.isfile(os.path.join(out, MANIFEST)) else None
+    if old is None and os.path.isdir(out) and any(f.endswith(".npy") and f != PALETTE_FILE for f in os.listdir(out)):
+        raise ConfigError(f"--out {out!r} holds .npy files but no {MANIFEST}; use an empty or new directory")
+
+    settings = {"source": spec, "resolution": resolution, "seed": seed, "val_fraction": val_fraction,
+                "shard_size": shard_size, "palette": "fit" if fit_palette else
+                (sha256_file(palette) if palette and os.path.isfile(palette) else palette)}
+    if old is not None and old.get("settings") != settings:
+        diff = sorted(k for k in settings if (old.get("settings") or {}).get(k) != settings[k])
+        raise ConfigError(f"--out {out!r} holds shards prepared with different settings ({', '.join(diff)}); "
+                          "use a new --out directory or delete the old one")
+    pal, pal_entry = _resolve_palette(src, out, palette, fit_palette, seed, old, tokens_only)  # fit, then write
+    os.makedirs(out, exist_ok=True)
+    _clean_stale(out)
+
+    splits = _plan(src, shard_size)
+    old_splits = (old or {}).get("splits", {})
+    for name, info in splits.items():  # carry over shards already done
+        prev = {s["file"]: s for s in old_splits.get(name, {}).get("shards", [])}
+        for s in info["shards"]:
+            p = prev.get(s["file"])
+            if p and p.get("sha256") and p.get("count") == s["count"]:
+                s["bytes"], s["sha256"] = p["bytes"], p["sha256"]
+    manifest = {"format": SHARDS_FORMAT, "version": 1, "complete": False, "settings": settings,
+                "resolution": resolution, "tokens_per_image": resolution**2, "dtype": "uint16",
+                "num_classes": src.num_classes, "palette": pal_entry, "splits": splits}
+    write_json(os.path.join(out, MANIFEST), manifest)
+
+    for name, info in splits.items():  # labels are small: write them here
+        if info["labels"] and not info["same_as"]:
+            with atomic_path(os.path.join(out, info["labels"])) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, np.asarray(src.split(name).labels, dtype=np.int64))
+
+    T = resolution**2
+    todo = []
+    for name, info in splits.items():
+        if info["same_as"]:
+            continue
+        for i, s in enumerate(info["shards"]):
+            path = os.path.join(out, s["file"])
+            if s.get("sha256") and os.path.isfile(path) and os.path.getsize(path) == s["bytes"]:
+                continue  # done in an earlier run
+            if os.path.isfile(path):  # renamed (so complete) but the run died before the manifest update
+                try:
+                    open_shard(path, s["count"], T)
+                    s["bytes"], s["sha256"] = os.path.getsize(path), sha256_file(path)
+                    continue
+                except ConfigError:
+                    os.remove(path)
+            s.pop("sha256", None)
+            s.pop("bytes", None)
+            todo.append((name, i, s["start"], s["start"] + s["count"], path))
+
+    by_key = {(name, i): s for name, info in splits.items() for i, s in enumerate(info["shards"])}
+    total = sum(t[3] - t[2] for t in todo)
+    bar = tqdm(total=total, unit="img", desc=f"prepare {os.path.basename(out)}", disable=not progress,
+               file=sys.stderr)
+    centres = None if pal is None else pal.centres
+
+    def done(result):
+        name, i, nbytes, sha = result
+        s = by_key[(name, i)]
+        s["bytes"], s["sha256"] = nbytes, sha
+        write_json(os.path.join(out, MANIFEST), manifest)
+        bar.update(s["count"])
+
+    try:
+        if workers == 1 or len(todo) <= 1:
+            _STATE["src"], _STATE["palette"] = src, pal  # in this process: reuse what is already open
+            for t in todo:
+                done(_encode_shard(t))
+        else:
+            import multiprocessing as mp
+
+            # spawn, not fork: workers use torch, whose thread pools are not fork-safe once used.
+            ctx = mp.get_context("spawn")
+            with ctx.Pool(min(workers, len(todo)), initializer=_init_worker,
+                          initargs=(spec, resolution, val_fraction, seed, centres)) as pool:
+                for r in pool.imap_unordered(_encode_shard, todo):
+                    done(r)
+    finally:
+        bar.close()
+        _STATE.clear()
+
+    for info in splits.values():
+        if info["same_as"]:
+            info["shards"] = splits[info["same_as"]]["shards"]
+    manifest["complete"] = True
+    write_json(os.path.join(out, MANIFEST), manifest)
+    return manifest
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megapix prepare", description="Encode images into palette-id token shards.")
+    p.add_argument("--data", required=True, help="source spec, e.g. cifar10:cifar-10-python.tar.gz, "
+                   "imagefolder:DIR, npy:X.npy[,Y.npy], igpt:DIR/cifar10")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--palette", help="kmeans_centers.npy ((512, 3) float, values in [-1, 1])")
+    g.add_argument("--fit-palette", action="store_true", help="fit a 512-colour palette on the train split")
+    p.add_argument("--resolution", type=int, required=True, help="image side in pixels (tokens = side**2)")
+    p.add_argument("--out", required=True, help="output directory (re-run with the same arguments to resume)")
+    p.add_argument("--shard-size", type=int, default=65536, help="images per shard (default 65536)")
+    p.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
+                   help="encoding processes (default: min(8, CPUs))")
+    p.add_argument("--seed", type=int, default=0, help="holdout and palette-fit seed (default 0)")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="held-out share of train (default: the source's, 0.1 CIFAR / 0.04 ImageNet)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def prepare_main(argv=None) -> int:
+    """Entry point of `megapix prepare`. Raises ConfigError (one line, with the fix) on bad input."""
+    a = build_parser().parse_args(argv)
+    if a.resolution < 1:
+        raise ConfigError(f"--resolution={a.resolution} must be >= 1")
+    m = prepare(a.data, a.out, resolution=a.resolution, palette=a.palette, fit_palette=a.fit_palette,
+                shard_size=a.shard_size, workers=a.workers, seed=a.seed, val_fraction=a.val_fraction,
+                progress=not a.no_progress)
+    counts = ", ".join(f"{k} {v['count']}" for k, v in m["splits"].items())
+    print(f"prepared {counts} images at {a.resolution}x{a.resolution} into {os.path.abspath(a.out)}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(prepare_main())

@@ -1,0 +1,465 @@
+"""File sources and `megapix prepare`, on tiny files written in the real formats (no downloads)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import tarfile
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from megapix.config import ConfigError
+from megapix.data.augment import cifar_augment
+from megapix.data.files import FILE_SOURCES, ConcatArray, ImageFolderImages, Subset
+from megapix.data.palette import Palette
+from megapix.data.prepare import prepare, prepare_main
+from megapix.data.sources import open_source
+
+RNG = np.random.default_rng(0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fixtures: real formats, tiny
+# ---------------------------------------------------------------------------------------------------------
+def _batch(n, label_key, classes, seed):
+    r = np.random.default_rng(seed)
+    d = {b"batch_label": b"x", b"data": r.integers(0, 256, (n, 3072), dtype=np.uint8),
+         label_key: r.integers(0, classes, n).tolist(), b"filenames": [b"f%d.png" % i for i in range(n)]}
+    if label_key == b"fine_labels":
+        d[b"coarse_labels"] = r.integers(0, 20, n).tolist()
+    return d
+
+
+def _write_tar(path, top, members):
+    with tarfile.open(path, "w:gz") as tf:
+        for name, obj in members.items():
+            raw = obj if isinstance(obj, bytes) else pickle.dumps(obj, protocol=2)
+            info = tarfile.TarInfo(f"{top}/{name}")
+            info.size = len(raw)
+            tf.addfile(info, io.BytesIO(raw))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def cifar10_tar(tmp_path_factory):
+    d = tmp_path_factory.mktemp("c10")
+    members = {f"data_batch_{i}": _batch(20, b"labels", 10, i) for i in range(1, 6)}
+    members["test_batch"] = _batch(20, b"labels", 10, 9)
+    members["batches.meta"] = {b"label_names": [b"a"] * 10}
+    return _write_tar(d / "cifar-10-python.tar.gz", "cifar-10-batches-py", members), members
+
+
+@pytest.fixture(scope="module")
+def cifar100_tar(tmp_path_factory):
+    d = tmp_path_factory.mktemp("c100")
+    members = {"train": _batch(50, b"fine_labels", 100, 1), "test": _batch(10, b"fine_labels", 100, 2)}
+    return _write_tar(d / "cifar-100-python.tar.gz", "cifar-100-python", members), members
+
+
+def _save_img(path, size, mode="RGB", fmt=None, seed=0):
+    r = np.random.default_rng(seed)
+    w, h = size
+    base = r.uniform(0, 255, 3)
+    yy, xx = np.mgrid[0:h, 0:w]
+    arr = np.clip(base + 60 * np.stack([xx / w, yy / h, (xx + yy) / (w + h)], -1), 0, 255).astype(np.uint8)
+    im = Image.fromarray(arr).convert(mode)
+    im.save(path, format=fmt)
+
+
+@pytest.fixture(scope="module")
+def imagefolder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inet")
+    sizes = [(40, 30), (30, 40), (64, 48), (300, 260), (33, 33)]
+    modes = ["RGB", "L", "RGBA", "RGB", "P"]
+    for split, n in (("train", 5), ("val", 2)):
+        for c, cls in enumerate(("cat", "dog")):
+            os.makedirs(root / split / cls)
+            for i in range(n):
+                ext = "jpg" if (i + c) % 2 else "png"
+                mode = modes[i] if ext == "png" or modes[i] in ("RGB", "L") else "RGB"
+                _save_img(root / split / cls / f"{i}.{ext}", sizes[i], mode, seed=10 * c + i)
+    return str(root)
+
+
+def _npy(tmp_path, name, arr, **kw):
+    p = str(tmp_path / name)
+    np.save(p, arr, **kw)
+    return p
+
+
+@pytest.fixture(scope="module")
+def palette_file(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pal")
+    r = np.random.default_rng(1)
+    pal = Palette(r.uniform(-1, 1, (512, 3)).astype(np.float32))
+    p = str(d / "kmeans_centers.npy")
+    pal.save(p)
+    return p
+
+
+def _igpt_dir(tmp_path, prefix="cifar10", T=64, hi=512, classes=10):
+    d = tmp_path / "igpt"
+    d.mkdir(exist_ok=True)
+    r = np.random.default_rng(3)
+    for part, n in (("tr", 30), ("va", 6), ("te", 8)):
+        np.save(d / f"{prefix}_{part}X.npy", r.integers(0, hi, (n, T)).astype(np.uint16))
+        np.save(d / f"{prefix}_{part}Y.npy", np.eye(classes, dtype=np.float32)[r.integers(0, classes, n)])
+    return d
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CIFAR
+# ---------------------------------------------------------------------------------------------------------
+def test_registry():
+    assert set(FILE_SOURCES) == {"cifar10", "cifar100", "imagefolder", "npy", "igpt", "shards"}
+
+
+def test_cifar10_tarball_and_dir(cifar10_tar, tmp_path):
+    path, members = cifar10_tar
+    src = open_source(f"cifar10:{path}", 32, seed=0)
+    tr, va, te = (src.split(s) for s in ("train", "val", "test"))
+    assert (len(tr), len(va), len(te)) == (90, 10, 20) and src.num_classes == 10
+    assert tr.images.shape == (90, 32, 32, 3) and tr.images.dtype == np.uint8
+    # CHW rows -> HWC images, labels aligned
+    raw = np.concatenate([members[f"data_batch_{i}"][b"data"] for i in range(1, 6)])
+    lab = np.concatenate([members[f"data_batch_{i}"][b"labels"] for i in range(1, 6)])
+    hwc = raw.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    allx = np.concatenate([tr.images, va.images])
+    ally = np.concatenate([tr.labels, va.labels])
+    order = np.argsort([x.tobytes() for x in allx])
+    order0 = np.argsort([x.tobytes() for x in hwc])
+    assert np.array_equal(allx[order], hwc[order0]) and np.array_equal(ally[order], lab[order0])
+    assert te.images[3, 5, 7, 2] == members["test_batch"][b"data"][3, 2 * 1024 + 5 * 32 + 7]
+    # holdout: deterministic given the seed, different for another seed
+    again = open_source(f"cifar10:{path}", 32, seed=0).split("val")
+    other = open_source(f"cifar10:{path}", 32, seed=1).split("val")
+    assert np.array_equal(again.images, va.images) and not np.array_equal(other.images, va.images)
+    # the extracted directory (and its parent) read the same
+    with tarfile.open(path) as tf:
+        tf.extractall(tmp_path, filter="data")
+    for p in (tmp_path, tmp_path / "cifar-10-batches-py"):
+        s = open_source(f"cifar10:{p}", 32, seed=0)
+        assert np.array_equal(s.split("val").images, va.images)
+
+
+def test_cifar100(cifar100_tar):
+    path, members = cifar100_tar
+    src = open_source(f"cifar100:{path}", 32, val_fraction=0.2, seed=0)
+    assert (len(src.split("train")), len(src.split("val")), len(src.split("test"))) == (40, 10, 10)
+    assert src.num_classes == 100
+    assert np.array_equal(src.split("test").labels, members["test"][b"fine_labels"])
+
+
+def test_cifar_errors(cifar10_tar, tmp_path):
+    path, members = cifar10_tar
+    with pytest.raises(ConfigError, match=r"32x32 but the model expects 64x64.*igpt-s"):
+        open_source(f"cifar10:{path}", 64)
+    with pytest.raises(ConfigError, match="does not exist"):
+        open_source(f"cifar10:{tmp_path}/nope.tar.gz", 32)
+    bad = tmp_path / "corrupt.tar.gz"
+    bad.write_bytes(open(path, "rb").read()[:300])
+    with pytest.raises(ConfigError, match="re-download"):
+        open_source(f"cifar10:{bad}", 32)
+    junk = tmp_path / "junk.tar.gz"
+    junk.write_bytes(os.urandom(1000))
+    with pytest.raises(ConfigError, match="tarball"):
+        open_source(f"cifar10:{junk}", 32)
+    partial = _write_tar(tmp_path / "p.tar.gz", "cifar-10-batches-py", {"data_batch_1": members["data_batch_1"]})
+    with pytest.raises(ConfigError, match="no member 'cifar-10-batches-py/data_batch_2'"):
+        open_source(f"cifar10:{partial}", 32)
+    shapes = dict(members, data_batch_3={b"data": np.zeros((4, 100), np.uint8), b"labels": [0] * 4})
+    wrong = _write_tar(tmp_path / "w.tar.gz", "cifar-10-batches-py", shapes)
+    with pytest.raises(ConfigError, match=r"uint8 \[N, 3072\]"):
+        open_source(f"cifar10:{wrong}", 32)
+    labels = dict(members, test_batch={**members["test_batch"], b"labels": [99] * 20})
+    wrong = _write_tar(tmp_path / "l.tar.gz", "cifar-10-batches-py", labels)
+    with pytest.raises(ConfigError, match="labels in"):
+        open_source(f"cifar10:{wrong}", 32)
+    garbage = _write_tar(tmp_path / "g.tar.gz", "cifar-10-batches-py", dict(members, test_batch=b"not a pickle"))
+    with pytest.raises(ConfigError, match="not a readable CIFAR batch"):
+        open_source(f"cifar10:{garbage}", 32)
+    with pytest.raises(ConfigError, match="needs a path"):
+        open_source("cifar10:", 32)
+
+
+def test_cifar_augment_deterministic():
+    x = RNG.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    a = cifar_augment(x, np.arange(6), epoch=0, seed=1)
+    assert np.array_equal(a, cifar_augment(x, np.arange(6), epoch=0, seed=1))
+    assert not np.array_equal(a, cifar_augment(x, np.arange(6), epoch=1, seed=1))
+    # per-index randomness: the same image index augments the same way in any batch
+    assert np.array_equal(cifar_augment(x[[4, 2]], [4, 2], 0, 1), a[[4, 2]])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ImageFolder
+# ---------------------------------------------------------------------------------------------------------
+def test_imagefolder_splits_and_views(imagefolder):
+    src = open_source(f"imagefolder:{imagefolder}", 8, val_fraction=0.2, seed=0)
+    tr, va, te = (src.split(s) for s in ("train", "val", "test"))
+    assert (len(tr), len(va), len(te)) == (8, 2, 4) and src.num_classes == 2
+    assert sorted(np.concatenate([tr.labels, va.labels]).tolist()) == [0] * 5 + [1] * 5
+    assert te.labels.tolist() == [0, 0, 1, 1]
+    assert isinstance(tr.images, ImageFolderImages) and tr.images.shape == (8, 8, 8, 3)
+    x = tr.images[np.arange(8)]
+    assert x.shape == (8, 8, 8, 3) and x.dtype == np.uint8
+    assert np.array_equal(tr.images[3], x[3]) and np.array_equal(np.asarray(te.images), te.images[:])
+    # eval view is deterministic; train view is deterministic given (seed, epoch, index) and batch-independent
+    assert np.array_equal(x, tr.images[np.arange(8)])
+    b = tr.images.batch(np.arange(8), epoch=0, seed=5)
+    assert np.array_equal(b, tr.images.batch(np.arange(8), epoch=0, seed=5))
+    assert np.array_equal(b[[6, 1]], tr.images.batch(np.array([6, 1]), epoch=0, seed=5))
+    assert not np.array_equal(b, tr.images.batch(np.arange(8), epoch=1, seed=5))
+    assert not np.array_equal(b, x)
+    # eval splits never augment; augment=False makes train deterministic too
+    assert np.array_equal(va.images.batch([0, 1], 3, 3), va.images[[0, 1]])
+    plain = open_source(f"imagefolder:{imagefolder}", 8, val_fraction=0.2, seed=0, augment=False).split("train")
+    assert np.array_equal(plain.images.batch(np.arange(8), 2, 2), x)
+    # holdout is seeded
+    other = open_source(f"imagefolder:{imagefolder}", 8, val_fraction=0.2, seed=1).split("val")
+    again = open_source(f"imagefolder:{imagefolder}", 8, val_fraction=0.2, seed=0).split("val")
+    assert again.images.files == va.images.files and other.images.files != va.images.files
+    # palette fitting gets real pixels
+    assert src.train_images_for_palette().shape == (8, 8, 8, 3)
+
+
+def test_imagefolder_eval_crop_is_centre_square(tmp_path):
+    arr = np.zeros((40, 80, 3), np.uint8)
+    arr[:, 20:60] = [200, 10, 10]  # the centred 40x40 square is red; the sides are black
+    os.makedirs(tmp_path / "train" / "a")
+    Image.fromarray(arr).save(tmp_path / "train" / "a" / "x.png")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        src = open_source(f"imagefolder:{tmp_path}", 4, val_fraction=0.0)
+    assert any("no val/ or test/" in str(m.message) for m in w)
+    img = src.split("train").images[0]
+    assert (img == [200, 10, 10]).all()
+
+
+@pytest.mark.filterwarnings("ignore:.*no val/ or test/")
+def test_imagefolder_errors(imagefolder, tmp_path):
+    with pytest.raises(ConfigError, match="not a directory"):
+        open_source(f"imagefolder:{tmp_path}/missing", 8)
+    (tmp_path / "train").mkdir()
+    with pytest.raises(ConfigError, match="no class sub-directories"):
+        open_source(f"imagefolder:{tmp_path}", 8)
+    (tmp_path / "train" / "a").mkdir()
+    with pytest.raises(ConfigError, match="holds no images"):
+        open_source(f"imagefolder:{tmp_path}", 8)
+    (tmp_path / "train" / "a" / "bad.jpg").write_bytes(b"not a jpeg")
+    src = open_source(f"imagefolder:{tmp_path}", 8, val_fraction=0.0)
+    with pytest.raises(ConfigError, match="cannot decode image .*bad.jpg"):
+        src.split("train").images[[0]]
+    os.makedirs(tmp_path / "val" / "zebra")
+    _save_img(tmp_path / "val" / "zebra" / "z.png", (10, 10))
+    with pytest.raises(ConfigError, match="classes not in train/: zebra"):
+        open_source(f"imagefolder:{tmp_path}", 8)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# .npy
+# ---------------------------------------------------------------------------------------------------------
+def test_npy_source(tmp_path):
+    x = RNG.integers(0, 256, (50, 8, 8, 3), dtype=np.uint8)
+    y = RNG.integers(0, 7, 50)
+    xp, yp = _npy(tmp_path, "x.npy", x), _npy(tmp_path, "y.npy", y)
+    hp = _npy(tmp_path, "h.npy", np.eye(7, dtype=np.uint8)[y])
+    src = open_source(f"npy:{xp},{yp}", 8, seed=0)
+    tr, va, te = (src.split(s) for s in ("train", "val", "test"))
+    assert (len(tr), len(va)) == (45, 5) and te is va and src.num_classes == 7
+    assert isinstance(tr.images, Subset) and tr.images.shape == (45, 8, 8, 3)
+    ids = np.sort(np.concatenate([[int(np.flatnonzero((x == im).all((1, 2, 3)))[0]) for im in np.asarray(s.images)]
+                                  for s in (tr, va)]))
+    assert ids.tolist() == list(range(50))
+    k = [int(np.flatnonzero((x == im).all((1, 2, 3)))[0]) for im in np.asarray(va.images)]
+    assert np.array_equal(va.labels, y[k])
+    hot = open_source(f"npy:{xp},{hp}", 8, seed=0)
+    assert np.array_equal(hot.split("train").labels, tr.labels) and hot.num_classes == 7
+    # fancy indexing in any order reads the right rows
+    assert np.array_equal(tr.images[[5, 0, 5]], np.asarray(tr.images)[[5, 0, 5]])
+    # grey [N, H, W] -> RGB; no labels
+    g = open_source(f"npy:{_npy(tmp_path, 'g.npy', x[..., 0])}", 8, seed=0).split("train")
+    assert g.labels is None and g.images.shape == (45, 8, 8, 3)
+    assert np.array_equal(g.images[[0]][..., 2], g.images[[0]][..., 0])
+
+
+def test_npy_errors(tmp_path):
+    x = RNG.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8)
+    xp = _npy(tmp_path, "x.npy", x)
+    with pytest.raises(ConfigError, match="does not exist"):
+        open_source(f"npy:{tmp_path}/nope.npy", 8)
+    (tmp_path / "c.npy").write_bytes(b"garbage")
+    with pytest.raises(ConfigError, match="not a readable .npy"):
+        open_source(f"npy:{tmp_path}/c.npy", 8)
+    with pytest.raises(ConfigError, match="not a readable .npy"):  # pickled object arrays are refused
+        open_source(f"npy:{_npy(tmp_path, 'o.npy', np.array([{}], dtype=object), allow_pickle=True)}", 8)
+    with pytest.raises(ConfigError, match="must be uint8 images"):
+        open_source(f"npy:{_npy(tmp_path, 'f.npy', x.astype(np.float32))}", 8)
+    with pytest.raises(ConfigError, match=r"8x8 but the model expects 16x16"):
+        open_source(f"npy:{xp}", 16)
+    with pytest.raises(ConfigError, match="have 19 entries but there are 20"):
+        open_source(f"npy:{xp},{_npy(tmp_path, 'y.npy', np.zeros(19, int))}", 8)
+    with pytest.raises(ConfigError, match="negative"):
+        open_source(f"npy:{xp},{_npy(tmp_path, 'n.npy', -np.ones(20, int))}", 8)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# released iGPT token arrays
+# ---------------------------------------------------------------------------------------------------------
+def test_igpt_tokens(tmp_path):
+    d = _igpt_dir(tmp_path)
+    for spec in (f"igpt:{d}/cifar10", f"igpt:{d}"):
+        src = open_source(spec, 8)
+        tr, va, te = (src.split(s) for s in ("train", "val", "test"))
+        assert (len(tr), len(va), len(te)) == (30, 6, 8) and tr.images is None and src.num_classes == 10
+        assert tr.tokens.shape == (30, 64)
+        assert np.array_equal(te.labels, np.load(d / "cifar10_teY.npy").argmax(1))
+        assert np.array_equal(np.asarray(tr.tokens), np.load(d / "cifar10_trX.npy"))
+    with pytest.raises(ConfigError, match="no palette fit"):
+        open_source(f"igpt:{d}", 8).train_images_for_palette()
+
+
+def test_igpt_errors(tmp_path):
+    d = _igpt_dir(tmp_path, hi=600)
+    with pytest.raises(ConfigError, match="token ids >= 512"):
+        open_source(f"igpt:{d}/cifar10", 8)
+    d = _igpt_dir(tmp_path)
+    with pytest.raises(ConfigError, match=r"64 tokens per image \(8x8\) but the model expects 1024"):
+        open_source(f"igpt:{d}/cifar10", 32)
+    os.remove(d / "cifar10_teY.npy")
+    with pytest.raises(ConfigError, match="cifar10_teY.npy' does not exist"):
+        open_source(f"igpt:{d}/cifar10", 8)
+    _igpt_dir(tmp_path, prefix="imagenet")
+    with pytest.raises(ConfigError, match=r"several \(cifar10, imagenet\)"):
+        open_source(f"igpt:{d}", 8)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="holds no"):
+        open_source(f"igpt:{tmp_path / 'empty'}", 8)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# prepare + shards
+# ---------------------------------------------------------------------------------------------------------
+def _shard_stats(out):
+    return {f: (os.stat(os.path.join(out, f)).st_ino, os.stat(os.path.join(out, f)).st_mtime_ns)
+            for f in os.listdir(out) if f[:1] != "." and f.endswith(".npy") and "labels" not in f}
+
+
+def test_prepare_roundtrip_resume_and_workers(tmp_path, palette_file):
+    x = RNG.integers(0, 256, (70, 8, 8, 3), dtype=np.uint8)
+    spec = f"npy:{_npy(tmp_path, 'x.npy', x)},{_npy(tmp_path, 'y.npy', RNG.integers(0, 3, 70))}"
+    out = str(tmp_path / "shards")
+    m = prepare(spec, out, resolution=8, palette=palette_file, shard_size=16, workers=1, progress=False)
+    assert m["complete"] and [len(m["splits"][s]["shards"]) for s in ("train", "val")] == [4, 1]
+    pal = Palette.load(palette_file)
+    src, sh = open_source(spec, 8), open_source(f"shards:{out}", 8)
+    for s in ("train", "val", "test"):
+        toks = sh.split(s).tokens
+        assert toks.dtype == np.uint16 and toks.shape == (len(src.split(s)), 64)
+        assert np.array_equal(np.asarray(toks), pal.encode(np.asarray(src.split(s).images)))
+        assert np.array_equal(sh.split(s).labels, src.split(s).labels)
+    assert isinstance(sh.split("train").tokens, ConcatArray)
+    idx = np.array([40, 3, 17, 3])
+    assert np.array_equal(sh.split("train").tokens[idx], np.asarray(sh.split("train").tokens)[idx])
+    assert open(sh.palette_path, "rb").read() == open(palette_file, "rb").read()
+
+    # resume: delete one shard and leave a half-written temp file: only that shard is redone
+    before = _shard_stats(out)
+    os.remove(os.path.join(out, "train-00002.npy"))
+    stale = os.path.join(out, ".train-00001.npy.tmp-99999")
+    open(stale, "wb").write(b"half")
+    prepare(spec, out, resolution=8, palette=palette_file, shard_size=16, workers=1, progress=False)
+    after = _shard_stats(out)
+    assert not os.path.exists(stale)
+    assert {f for f in after if after[f] != before.get(f)} == {"train-00002.npy"}
+    assert np.array_equal(np.asarray(open_source(f"shards:{out}", 8).split("train").tokens),
+                          pal.encode(np.asarray(src.split("train").images)))
+
+    # two worker processes write byte-identical shards
+    out2 = str(tmp_path / "shards2")
+    m2 = prepare(spec, out2, resolution=8, palette=palette_file, shard_size=16, workers=2, progress=False)
+    sha = lambda mm: {s: [e["sha256"] for e in v["shards"]] for s, v in mm["splits"].items()}  # noqa: E731
+    assert sha(m2) == sha(json.load(open(os.path.join(out, "manifest.json"))))
+
+    # a different palette into the same directory is refused; nothing is touched
+    other = str(tmp_path / "other.npy")
+    Palette(np.zeros((512, 3), np.float32)).save(other)
+    with pytest.raises(ConfigError, match="different settings \\(palette\\)"):
+        prepare(spec, out, resolution=8, palette=other, shard_size=16, progress=False)
+    assert _shard_stats(out) == after
+
+
+def test_prepare_cli_fit_palette_imagefolder(imagefolder, tmp_path):
+    out = str(tmp_path / "s")
+    rc = prepare_main(["--data", f"imagefolder:{imagefolder}", "--fit-palette", "--resolution", "16", "--out", out,
+                       "--shard-size", "4", "--workers", "1", "--val-fraction", "0.2", "--no-progress"])
+    assert rc == 0
+    pal = Palette.load(os.path.join(out, "palette.npy"))
+    src = open_source(f"imagefolder:{imagefolder}", 16, val_fraction=0.2, augment=False)
+    sh = open_source(f"shards:{out}", 16)
+    for s in ("train", "val", "test"):
+        assert np.array_equal(np.asarray(sh.split(s).tokens), pal.encode(np.asarray(src.split(s).images)))
+    assert sh.num_classes == 2 and sh.split("test").labels.tolist() == [0, 0, 1, 1]
+    # resuming a finished run redoes nothing and keeps the fitted palette
+    before = _shard_stats(out)
+    prepare_main(["--data", f"imagefolder:{imagefolder}", "--fit-palette", "--resolution", "16", "--out", out,
+                  "--shard-size", "4", "--workers", "1", "--val-fraction", "0.2", "--no-progress"])
+    assert _shard_stats(out) == before
+
+
+def test_prepare_tokens_source(tmp_path):
+    d = _igpt_dir(tmp_path)
+    out = str(tmp_path / "s")
+    prepare(f"igpt:{d}/cifar10", out, resolution=8, shard_size=7, progress=False)
+    sh = open_source(f"shards:{out}", 8)
+    assert sh.palette_path is None
+    assert np.array_equal(np.asarray(sh.split("test").tokens), np.load(d / "cifar10_teX.npy"))
+    assert np.array_equal(sh.split("train").labels, np.load(d / "cifar10_trY.npy").argmax(1))
+
+
+def test_prepare_and_shard_errors(tmp_path, palette_file):
+    x = RNG.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8)
+    spec = f"npy:{_npy(tmp_path, 'x.npy', x)}"
+    out = str(tmp_path / "s")
+    with pytest.raises(ConfigError, match="needs a palette"):
+        prepare(spec, out, resolution=8, progress=False)
+    with pytest.raises(ConfigError, match="palette file .* does not exist"):
+        prepare(spec, out, resolution=8, palette=str(tmp_path / "none.npy"), progress=False)
+    np.save(tmp_path / "bad.npy", np.zeros((512, 4), np.float32))
+    with pytest.raises(ConfigError, match=r"\(k, 3\)"):
+        prepare(spec, out, resolution=8, palette=str(tmp_path / "bad.npy"), progress=False)
+    with pytest.raises(ConfigError, match="8x8 but the model expects 4x4"):
+        prepare(spec, out, resolution=4, palette=palette_file, progress=False)
+    with pytest.raises(ConfigError, match="distinct colours"):  # too few colours to fit 512
+        prepare(f"npy:{_npy(tmp_path, 'z.npy', np.zeros((20, 8, 8, 3), np.uint8))}", out, resolution=8,
+                fit_palette=True, progress=False)
+    assert not os.path.exists(out)  # bad input leaves nothing behind
+
+    # shards source
+    with pytest.raises(ConfigError, match="no manifest.json"):
+        os.makedirs(tmp_path / "empty")
+        open_source(f"shards:{tmp_path / 'empty'}", 8)
+    prepare(spec, out, resolution=8, palette=palette_file, shard_size=8, progress=False)
+    with pytest.raises(ConfigError, match="prepared at 8x8 but the model expects 16x16"):
+        open_source(f"shards:{out}", 16)
+    shard = os.path.join(out, "train-00001.npy")
+    data = open(shard, "rb").read()
+    open(shard, "wb").write(data[:-10])
+    with pytest.raises(ConfigError, match="train-00001.npy' has .* bytes"):
+        open_source(f"shards:{out}", 8)
+    os.remove(shard)
+    with pytest.raises(ConfigError, match="is missing; re-run `megapix prepare`"):
+        open_source(f"shards:{out}", 8)
+    mf = os.path.join(out, "manifest.json")
+    m = json.load(open(mf))
+    m["complete"] = False
+    json.dump(m, open(mf, "w"))
+    with pytest.raises(ConfigError, match="incomplete"):
+        open_source(f"shards:{out}", 8)
+    open(mf, "w").write("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        open_source(f"shards:{out}", 8)
