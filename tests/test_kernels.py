@@ -442,3 +442,17 @@ def test_rerun_in_subprocess_if_triton_imported_early():
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.abspath(__file__)],
         cwd=root, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+def test_compiled_path_builds_for_hopper_and_ampere():
+    """Compile (no GPU needed) the real, non-interpreted kernels with the pinned configs for
+    sm90 and sm80 and check their shared memory fits: catches errors the interpreter cannot."""
+    if "nvidia" not in getattr(triton.backends, "backends", {}):
+        pytest.skip("triton's NVIDIA backend is not installed")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-m", "kernels._compile_check", "--quick"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "all ok" in proc.stdout
