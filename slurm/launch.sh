@@ -16,7 +16,6 @@
 #   MAX_REQUEUES   give up requeueing after this many     default: 20 (compared with SLURM_RESTART_COUNT)
 #   REQUEUE_ON_TERM=1  treat SIGTERM to the batch shell as a preemption too (clusters that preempt with
 #                  TERM + GraceTime); default 0: TERM means "cancelled", the trainer saves but nothing requeues
-#   REQUEUE_START_NOW=1  after requeueing, ask for an immediate restart (scontrol update StartTime=now)
 #
 # The trainer's contract (megapix/engine.py): on SIGUSR1/SIGTERM, or when --time-budget runs out, every
 # rank saves a checkpoint at the next step boundary and the process exits 75 ("saved, please requeue").
@@ -36,7 +35,6 @@ fi
 : "${LAUNCHER:=srun}"
 : "${MAX_REQUEUES:=20}"
 : "${REQUEUE_ON_TERM:=0}"
-: "${REQUEUE_START_NOW:=0}"
 : "${USER:=$(id -un)}"
 export MEGAPIX_ROOT PYTHON LAUNCHER USER
 
@@ -232,9 +230,6 @@ megapix_finish_or_requeue() {
     if ! scontrol requeue "$SLURM_JOB_ID"; then
         megapix_log "scontrol requeue failed (job submitted with --no-requeue, or JobRequeue=0?)"
         exit 75
-    fi
-    if [ "$REQUEUE_START_NOW" = 1 ]; then
-        scontrol update JobId="$SLURM_JOB_ID" StartTime=now 2>/dev/null || true
     fi
     exit 0
 }
