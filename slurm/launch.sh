@@ -208,6 +208,12 @@ megapix_finish_or_requeue() {
         megapix_log "torchrun exited $rc but a checkpoint was saved after the signal: treating it as 75"
         rc=75
     fi
+    if [ "$rc" = 138 ] && [ "$MEGAPIX_GOT_USR1" = 1 ]; then
+        # 128 + SIGUSR1: the signal came while the trainer was still starting, before its handler was
+        # installed. Nothing new to save; the previous checkpoint (if any) is where the rerun starts.
+        megapix_log "the trainer died of SIGUSR1 before it could save (still starting): requeueing from the previous checkpoint"
+        rc=75
+    fi
     if [ "$rc" != 75 ]; then
         exit "$rc"
     fi
@@ -260,6 +266,11 @@ megapix_train() {
     args+=(--out "$OUT")
     # shellcheck disable=SC2206  # EXTRA_ARGS is split on spaces on purpose
     [ -n "${EXTRA_ARGS:-}" ] && args+=($EXTRA_ARGS)
-    megapix_launch "$MEGAPIX_ROOT/megapix/train.py" "${args[@]}"
+    if [ "$MEGAPIX_GOT_USR1" = 1 ]; then
+        megapix_log "SIGUSR1 arrived before the trainer started: not starting it"
+        MEGAPIX_RC=75
+    else
+        megapix_launch "$MEGAPIX_ROOT/megapix/train.py" "${args[@]}"
+    fi
     megapix_finish_or_requeue "$OUT"
 }

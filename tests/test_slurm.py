@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slurm
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 NTASKS = 2
-MAX_STEPS = 16
+MAX_STEPS = 30  # enough steps that a signal sent after step 1 lands mid-run, even at ~10 steps/s
 TRAIN = dict(MODEL="tiny", DATA="digits", MAX_STEPS=str(MAX_STEPS), GLOBAL_BATCH="8", SEED="7",
              EXTRA_ARGS="--no-samples")
 TRAIN_FLAGS = ["--model", "tiny", "--data", "digits", "--max-steps", str(MAX_STEPS), "--global-batch", "8",
@@ -183,7 +183,8 @@ def _preempt_and_resume(cluster, reference, tmp_path, launcher):
     out, log = tmp_path / "run", tmp_path / "preempt.log"
     job, _ = submit(cluster, "train.sbatch", log, OUT=str(out), LAUNCHER=launcher, **TRAIN)
     # Signal once training is under way (the trainer's handler is installed before step 1).
-    wait_for("the first training steps", lambda: len(metrics(out)) >= 2, JOB_TIMEOUT, on_timeout=lambda: read(log))
+    wait_for("the first training steps", lambda: len(metrics(out)) >= 1, JOB_TIMEOUT, interval=0.1,
+             on_timeout=lambda: read(log))
     steps_before = max(metrics(out))
     cluster.run("scancel", "--signal=USR1", "--batch", job)
     # The batch script forwards USR1, the trainer saves and exits 75, the script requeues the job.
@@ -237,7 +238,8 @@ def test_deepspeed_launcher(cluster, reference, tmp_path):
 def test_cancelled_job_does_not_requeue(cluster, tmp_path):
     out, log = tmp_path / "run", tmp_path / "cancel.log"
     job, _ = submit(cluster, "train.sbatch", log, OUT=str(out), **TRAIN)
-    wait_for("the first training step", lambda: len(metrics(out)) >= 1, JOB_TIMEOUT, on_timeout=lambda: read(log))
+    wait_for("the first training step", lambda: len(metrics(out)) >= 1, JOB_TIMEOUT, interval=0.1,
+             on_timeout=lambda: read(log))
     cluster.run("scancel", job)
     wait_for("the cancelled job to end", lambda: job_gone(cluster, job), 90, on_timeout=lambda: read(log))
     time.sleep(3)
