@@ -1,0 +1,140 @@
+"""Image sources. Each yields splits of uint8 images [N, H, W, 3] (or ready palette ids) with labels.
+
+A source is named by a spec string: "digits" (the embedded default, no download), "synthetic",
+"cifar10:PATH" / "cifar100:PATH" (the python tarballs as distributed), "imagefolder:DIR" (ImageNet layout),
+"npy:IMAGES.npy[,LABELS.npy]", "igpt:DIR/cifar10" (the released token arrays {name}_{trX,trY,...}.npy),
+"shards:DIR" (the output of `megapix prepare`).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+from megapix.config import ConfigError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Split:
+    """One split: either images (uint8 [N, H, W, 3]) or tokens (palette ids [N, T]), plus optional labels [N]."""
+
+    images: np.ndarray | None = None
+    tokens: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    num_classes: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.images if self.images is not None else self.tokens)
+
+
+class Source(ABC):
+    """Base class: `split(name)` returns a Split for "train", "val" or "test"."""
+
+    name = "source"
+    num_classes: int | None = None
+    default_val_fraction = 0.1  # the paper: 10% of CIFAR/STL train held out
+
+    @abstractmethod
+    def split(self, name: str) -> Split:
+        """The named split ("train", "val" or "test")."""
+
+    def train_images_for_palette(self) -> np.ndarray:
+        s = self.split("train")
+        if s.images is None:
+            raise ConfigError(f"{self.name}: holds tokens, not images; it needs no palette fit")
+        return s.images
+
+
+def holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded split of range(n) into (train, val) indices: the paper's held-out validation."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(n * fraction))
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+class ArraySource(Source):
+    """In-memory images with labels, a fixed test set, and a seeded train/val holdout."""
+
+    def __init__(self, name, train_x, train_y, test_x, test_y, num_classes, val_fraction=None, seed=0):
+        self.name = name
+        self.num_classes = num_classes
+        frac = self.default_val_fraction if val_fraction is None else val_fraction
+        tr, va = holdout(len(train_x), frac, seed)
+        y = (lambda a, i: None if a is None else a[i])
+        self._splits = {
+            "train": Split(train_x[tr], labels=y(train_y, tr), num_classes=num_classes),
+            "val": Split(train_x[va], labels=y(train_y, va), num_classes=num_classes),
+            "test": Split(test_x, labels=test_y, num_classes=num_classes),
+        }
+
+    def split(self, name: str) -> Split:
+        if name not in self._splits:
+            raise ConfigError(f"unknown split {name!r}; choose one of {', '.join(SPLITS)}")
+        return self._splits[name]
+
+
+def _resize(images: np.ndarray, res: int) -> np.ndarray:
+    if images.shape[1] == res and images.shape[2] == res:
+        return images
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.fromarray(im).resize((res, res), Image.BILINEAR)) for im in images])
+
+
+def digits_source(resolution: int, val_fraction=None, seed: int = 0) -> ArraySource:
+    """The embedded default: scikit-learn's 1797 handwritten digits (8x8, 10 classes), colourised.
+
+    Each image gets its own seeded foreground and background colour, so that the palette has real colour
+    structure to learn and the class is carried by shape, not colour. 1500 images train (+val), 297 test.
+    """
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    gray = (d.images / 16.0).astype(np.float32)  # [N, 8, 8] in [0, 1]
+    rng = np.random.default_rng(1234)  # fixed: the dataset is the same for every run and seed
+    fg = rng.uniform(0, 255, size=(len(gray), 1, 1, 3))
+    bg = rng.uniform(0, 255, size=(len(gray), 1, 1, 3))
+    bg = np.where(np.abs(fg - bg).sum(-1, keepdims=True) < 150, 255 - fg, bg)  # keep digits visible
+    rgb = np.rint(bg + (fg - bg) * gray[..., None]).astype(np.uint8)
+    rgb = _resize(rgb, resolution)
+    labels = d.target.astype(np.int64)
+    return ArraySource("digits", rgb[:1500], labels[:1500], rgb[1500:], labels[1500:], 10, val_fraction, seed)
+
+
+def synthetic_source(resolution: int, n: int = 512, val_fraction=None, seed: int = 0) -> ArraySource:
+    """Random blobs of colour on gradients, 4 classes by the blob's quadrant: for tests, no files needed."""
+    rng = np.random.default_rng(4321)
+    yy, xx = np.mgrid[0:resolution, 0:resolution] / max(resolution - 1, 1)
+    total = n + n // 4
+    labels = rng.integers(0, 4, size=total)
+    imgs = np.empty((total, resolution, resolution, 3), dtype=np.uint8)
+    for i in range(total):
+        base = rng.uniform(0, 255, 3)
+        grad = rng.uniform(-80, 80, 3)
+        img = base + grad * (xx[..., None] + yy[..., None]) / 2
+        cy, cx = (0.25 + 0.5 * (labels[i] // 2)), (0.25 + 0.5 * (labels[i] % 2))
+        blob = ((yy - cy) ** 2 + (xx - cx) ** 2) < 0.04
+        img[blob] = rng.uniform(0, 255, 3)
+        imgs[i] = np.clip(np.rint(img), 0, 255)
+    return ArraySource("synthetic", imgs[:n], labels[:n], imgs[n:], labels[n:], 4, val_fraction, seed)
+
+
+def open_source(spec: str, resolution: int, val_fraction=None, seed: int = 0, augment: bool = True) -> Source:
+    """Build a Source from its spec string (see the module docstring)."""
+    kind, _, arg = spec.partition(":")
+    if kind == "digits":
+        return digits_source(resolution, val_fraction, seed)
+    if kind == "synthetic":
+        return synthetic_source(resolution, int(arg) if arg else 512, val_fraction, seed)
+    from megapix.data import files  # sources that read user files
+
+    if kind in files.FILE_SOURCES:
+        if not arg:
+            raise ConfigError(f"data source {kind!r} needs a path: '{kind}:/path/to/data'")
+        return files.FILE_SOURCES[kind](arg, resolution=resolution, val_fraction=val_fraction, seed=seed,
+                                        augment=augment)
+    known = ["digits", "synthetic", *files.FILE_SOURCES]
+    raise ConfigError(f"unknown data source {spec!r}; use one of {', '.join(k + ':PATH' if k in files.FILE_SOURCES else k for k in known)}")

@@ -1,0 +1,51 @@
+"""The model's one dispatch point for attention and the iGPT norm.
+
+"torch" is the plain PyTorch path (SDPA, which picks its own fused CPU/GPU implementation); "triton" forces
+the fused kernels in kernels/; "auto" uses the Triton kernels on CUDA tensors and torch elsewhere.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _use_triton(x: torch.Tensor, backend: str) -> bool:
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        return True
+    return x.is_cuda and _kernels_available()
+
+
+_KERNELS = None
+
+
+def _kernels_available() -> bool:
+    global _KERNELS
+    if _KERNELS is None:
+        try:
+            import kernels  # noqa: F401
+            import triton  # noqa: F401
+
+            _KERNELS = True
+        except ImportError:
+            _KERNELS = False
+    return _KERNELS
+
+
+def attention(q, k, v, causal: bool, backend: str = "auto") -> torch.Tensor:
+    """q, k, v: [B, H, T, Dh]; softmax(q k^T / sqrt(Dh)) v, causal for the autoregressive objective."""
+    if _use_triton(q, backend):
+        import kernels
+
+        return kernels.flash_attention(q, k, v, causal=causal, backend="triton")
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto") -> torch.Tensor:
+    """iGPT's uncentred, bias-free norm: x / sqrt(mean(x^2) + eps) * weight, computed in float32."""
+    if _use_triton(x, backend):
+        import kernels
+
+        return kernels.add_norm(x, None, weight, eps, backend="triton")[0]
+    return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)

@@ -1,0 +1,81 @@
+"""Find this process's rank under any launcher and start torch.distributed.
+
+torchrun and the deepspeed launcher export RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT.
+srun exports SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and a node list; mpiexec exports PMI_*/OMPI_* and we ask
+mpi4py (as DeepSpeed's MPI discovery does). A plain `python megapix/train.py` is a world of one.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+
+MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def slurm_master_addr(nodelist: str) -> str:
+    """First host of a SLURM node list ("node[01-04],gpu7" -> "node01"), via scontrol when available."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.split()[0]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    first = nodelist.split(",")[0]
+    if "[" in first:  # node[01-04] -> node01, without scontrol
+        prefix, rng = first.split("[", 1)
+        return prefix + rng.rstrip("]").split(",")[0].split("-")[0]
+    return first
+
+
+def discover() -> str:
+    """Fill RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT from the launcher; return its name."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        env.setdefault("LOCAL_RANK", env.get("LOCAL_RANK", "0"))
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", "29500")
+        return "torchrun/deepspeed"
+    # An srun step (not the batch script itself, which also carries SLURM_PROCID=0 and the job's task count).
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+        env["RANK"] = env["SLURM_PROCID"]
+        env["WORLD_SIZE"] = env["SLURM_STEP_NUM_TASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        if "MASTER_ADDR" not in env:
+            env["MASTER_ADDR"] = slurm_master_addr(env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", "")))
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        return "srun"
+    if any(v in env for v in MPI_RANK_VARS):
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+        env["RANK"], env["WORLD_SIZE"] = str(comm.Get_rank()), str(comm.Get_size())
+        env["LOCAL_RANK"] = str(comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank())
+        master, port = comm.bcast((socket.gethostname(), _free_port()) if comm.Get_rank() == 0 else None, root=0)
+        env.setdefault("MASTER_ADDR", "127.0.0.1" if comm.Get_size() == 1 else master)
+        env.setdefault("MASTER_PORT", str(port))
+        return "mpi"
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", str(_free_port()))
+    return "single"
+
+
+def init_distributed() -> str:
+    """Start torch.distributed through DeepSpeed: nccl on GPUs, gloo on CPU. Returns the launcher's name."""
+    import deepspeed
+    import torch
+
+    launcher = discover()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    return launcher

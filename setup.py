@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megapix",
+    version="0.1.0",
+    description="A DeepSpeed trainer for image GPTs (iGPT): ZeRO, pipeline and tensor parallelism, "
+    "Triton kernels, SLURM scripts, feature extraction and linear probes.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megapix", "megapix.*", "kernels", "kernels.*"]),
+    install_requires=[
+        # CPU installs: pin torch (`pip install torch==2.13.0`) before this, or pip pulls a CUDA build.
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "numpy",
+        "pyyaml",
+        "safetensors",
+        "tqdm",
+        "pillow",
+        "scikit-learn",  # k-means init helpers and the embedded default dataset (digits)
+        "matplotlib",
+    ],
+    extras_require={
+        "mpi": ["mpi4py", "mpich"],
+        "gpu": ["triton"],
+        "test": ["pytest", "pytest-timeout", "transformers", "triton", "mpi4py", "mpich"],
+    },
+    entry_points={"console_scripts": ["megapix=megapix.cli:main"]},
+)
