@@ -1,0 +1,5 @@
+import sys
+
+from megapix.cli import main
+
+sys.exit(main())
