@@ -30,8 +30,11 @@ class IGPTNorm(nn.Module):
         self.eps = eps
         self.kernels = kernels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.norm(x, self.weight, self.eps, self.kernels)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); or, given a residual, (norm(x + residual), x + residual) in one fused pass."""
+        if residual is None:
+            return ops.norm(x, self.weight, self.eps, self.kernels)
+        return ops.add_norm(x, residual, self.weight, self.eps, self.kernels)
 
 
 class Attention(nn.Module):
@@ -75,8 +78,9 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm_1(x))
-        return x + self.mlp(self.norm_2(x))
+        # x = x + attn(norm_1(x)); x = x + mlp(norm_2(x)), with the first residual add fused into norm_2.
+        h, x = self.norm_2(self.attn(self.norm_1(x)), residual=x)
+        return x + self.mlp(h)
 
 
 class ImageGPT(nn.Module):

@@ -49,3 +49,13 @@ def norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto
 
         return kernels.add_norm(x, None, weight, eps, backend="triton")[0]
     return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
+
+
+def add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto"):
+    """(norm(x + residual), x + residual): the residual add fused with the norm on the Triton path."""
+    if _use_triton(x, backend):
+        import kernels
+
+        return kernels.add_norm(x, residual, weight, eps, backend="triton")
+    h = x + residual
+    return norm(h, weight, eps, "torch"), h
