@@ -65,7 +65,7 @@ class ModelConfig:
 
     def num_parameters(self) -> int:
         d, L = self.d_model, self.n_layer
-        per_block = 12 * d * d + 2 * d + (13 * d if self.bias else 0)
+        per_block = 12 * d * d + 2 * d + (9 * d if self.bias else 0)  # biases: c_attn 3d, c_proj d, c_fc 4d, c_proj d
         embeddings = VOCAB_SIZE * d + d + self.n_positions * d  # wte, sos, wpe
         return L * per_block + embeddings + d + VOCAB_SIZE * d  # + norm_f + head
 
