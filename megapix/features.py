@@ -1,0 +1,456 @@
+"""Offline feature extraction for linear probes: `megapix extract`.
+
+The probe feature of layer l (the paper, section 3.3): the mean over positions of layer_norm(h_l), where h_l is
+the input of block l and the norm is that block's first norm (`blocks[l].norm_1`); for l = n_layer it is the
+final norm (`norm_f`) of the last block's output. Several layers are concatenated in the order given.
+
+`extract` runs the blocks only up to max(layers) and pools each requested layer as soon as its input exists, so
+at no point is more than one layer's activation alive and pooling happens on the model's device.
+
+`megapix extract` shards each split over the ranks of any launcher (torchrun, deepspeed, mpiexec, srun, plain
+python = one rank). The rows are cut into fixed chunks; rank r takes a contiguous range of chunks and writes
+its rows straight into a shared memory-mapped `.npy`. After a chunk's rows are flushed, the chunk is recorded
+in the rank's progress file (written atomically), so a killed run restarted with the same command skips the
+chunks already done, even under a different number of ranks. When every rank is done, rank 0 renames
+`{split}_features.npy.partial` to `{split}_features.npy`, writes the labels and finally `manifest.json`
+(with "complete": true). No pickle anywhere.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from megapix.config import ConfigError
+
+PROGRESS_DIR = ".extract_progress"
+FORMAT = "megapix-features"
+STOP_ENV = "MEGAPIX_EXTRACT_STOP_AFTER_CHUNKS"  # test hook: hard-exit (like SIGKILL) after this many chunks
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the library function
+# ----------------------------------------------------------------------------------------------------------
+def check_layers(layers, n_layer: int) -> list[int]:
+    layers = [int(x) for x in layers]
+    if not layers:
+        raise ConfigError("no layers requested; pass e.g. --layers 3,4,5 or --layers all")
+    bad = [x for x in layers if not 0 <= x <= n_layer]
+    if bad:
+        raise ConfigError(f"layer index {bad[0]} is out of range; this model has layers 0..{n_layer} "
+                          f"({n_layer} = after the final norm)")
+    return layers
+
+
+@torch.inference_mode()
+def extract(model, tokens, layers, batch_size: int = 256, device=None, autocast_dtype=None,
+            out_dtype=torch.float32) -> torch.Tensor:
+    """Pooled, normed features: float tensor [N, len(layers) * d_model] (see the module docstring).
+
+    tokens: palette ids [N, T] (tensor or array). BERT models see the unmasked input. The result stays on
+    the model's device; `batch_size` rows are processed at a time.
+    """
+    layers = check_layers(layers, model.config.n_layer)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    tokens = torch.as_tensor(tokens)
+    n, d = tokens.shape[0], model.config.d_model
+    out = torch.empty((n, len(layers) * d), dtype=out_dtype, device=device)
+    for lo in range(0, n, batch_size):
+        batch = tokens[lo:lo + batch_size].to(device, non_blocking=True).long()
+        out[lo:lo + len(batch)] = _pooled(model, batch, layers, autocast_dtype).to(out_dtype)
+    return out
+
+
+def _pooled(model, tokens: torch.Tensor, layers: list[int], autocast_dtype=None) -> torch.Tensor:
+    """[B, len(layers) * d] float32 for one batch; blocks beyond max(layers) are never run."""
+    n_layer, last = model.config.n_layer, max(layers)
+    want = set(layers)
+    pooled: dict[int, torch.Tensor] = {}
+    ctx = (torch.autocast(tokens.device.type, dtype=autocast_dtype) if autocast_dtype is not None
+           else torch.autocast(tokens.device.type, enabled=False))
+    with ctx:
+        h = model.embed(tokens)  # no mask: the paper's features of unmasked input (BERT too)
+        for i in range(min(last, n_layer - 1) + 1):
+            block = model.blocks[i]
+            x = block.norm_1(h)
+            if i in want:
+                pooled[i] = x.float().mean(dim=1)
+            if i == last:
+                break
+            h = h + block.attn(x)
+            h = h + block.mlp(block.norm_2(h))
+        if n_layer in want:
+            pooled[n_layer] = model.norm_f(h).float().mean(dim=1)
+    return torch.cat([pooled[l] for l in layers], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# layer specs
+# ----------------------------------------------------------------------------------------------------------
+def parse_layers(spec: str | None, n_layer: int, center: int | None = None, span: int | None = None) -> list[int]:
+    """'3,4,5' | '2-6' (inclusive) | '2:7' (python-style, end excluded) | 'all' | center/span (e.g. 5 layers
+    centred at L, clipped to the model) -> validated list of layer indices in 0..n_layer."""
+    if center is not None:
+        if spec not in (None, ""):
+            raise ConfigError("pass either --layers or --center/--span, not both")
+        span = 5 if span is None else span
+        if span < 1:
+            raise ConfigError(f"--span {span} must be >= 1")
+        check_layers([center], n_layer)
+        lo = max(0, min(center - span // 2, n_layer + 1 - span))
+        return check_layers(range(lo, min(n_layer, lo + span - 1) + 1), n_layer)
+    if span is not None:
+        raise ConfigError("--span needs --center")
+    spec = (spec or "all").replace(" ", "")
+    if spec == "all":
+        return list(range(n_layer + 1))
+    out: list[int] = []
+    try:
+        for part in spec.split(","):
+            if ":" in part:
+                a, b = part.split(":")
+                out += list(range(int(a), int(b)))
+            elif "-" in part:
+                a, b = part.split("-", 1)
+                out += list(range(int(a), int(b) + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise ConfigError(f"cannot parse --layers {spec!r}; use '3,4,5', '2-6', '2:7' or 'all'") from None
+    if not out:
+        raise ConfigError(f"--layers {spec!r} selects no layer")
+    if len(set(out)) != len(out):
+        raise ConfigError(f"--layers {spec!r} repeats a layer")
+    return check_layers(out, n_layer)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the CLI
+# ----------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megapix extract", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="training --out folder, checkpoint tag, or HF/megapix export")
+    p.add_argument("--data", help="data source (default: the checkpoint's); digits, cifar10:PATH, ...")
+    p.add_argument("--palette", help="kmeans_centers.npy (default: the checkpoint's palette.npy)")
+    p.add_argument("--layers", help="'3,4,5', '2-6', '2:7' or 'all' (default all); 0..n_layer, n_layer = after norm_f")
+    p.add_argument("--center", type=int, help="centre layer of a concatenation (the iGPT-XL 5-layer probe)")
+    p.add_argument("--span", type=int, help="layers in the --center concatenation (default 5)")
+    p.add_argument("--out", required=True, help="output folder: {split}_features.npy, {split}_labels.npy, manifest.json")
+    p.add_argument("--splits", default="train,val,test")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float32")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--chunk-size", type=int, default=2048, help="rows per resumable unit of work")
+    p.add_argument("--val-fraction", type=float, help="held-out share of train (default: the source's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val holdout (use the training seed)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 autocast (GPU)")
+    p.add_argument("--device", help="cpu, cuda (default: cuda:LOCAL_RANK when available)")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing or partial extraction in --out")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def _launched() -> bool:
+    from megapix.parallel.launch import MPI_RANK_VARS
+
+    env = os.environ
+    return (("RANK" in env and "WORLD_SIZE" in env) or ("SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env)
+            or any(v in env for v in MPI_RANK_VARS))
+
+
+class Dist:
+    """Rank, world and barrier: torch.distributed when launched, a world of one otherwise."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.started = False
+        if _launched() and not dist.is_initialized():
+            self.started = True
+            from megapix.parallel.launch import init_distributed
+
+            init_distributed()
+        self.on = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.on else 0
+        self.world = dist.get_world_size() if self.on else 1
+
+    def barrier(self):
+        if self.on and self.world > 1:
+            self.dist.barrier()
+
+    def all_ok(self, ok: bool) -> bool:
+        """True when every rank says ok (so a ConfigError on one rank stops all of them together)."""
+        if not self.on or self.world == 1:
+            return ok
+        t = torch.tensor([0.0 if ok else 1.0])
+        if self.dist.get_backend() == "nccl":
+            t = t.cuda()
+        self.dist.all_reduce(t)
+        return t.item() == 0
+
+
+def _atomic_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def chunk_ranges(n_chunks: int, world: int, rank: int) -> range:
+    """Rank `rank`'s contiguous range of chunk indices."""
+    return range(n_chunks * rank // world, n_chunks * (rank + 1) // world)
+
+
+def done_chunks(progress: str, split: str) -> set[int]:
+    """Chunks recorded as complete by any rank of any earlier attempt (the world size may have changed)."""
+    done: set[int] = set()
+    for path in glob.glob(os.path.join(progress, f"{split}.rank*.json")):
+        try:
+            with open(path) as f:
+                done.update(json.load(f)["done"])
+        except (OSError, ValueError, KeyError):
+            continue  # a progress file is only ever replaced atomically; an unreadable one records nothing
+    return done
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    dist = Dist()
+    try:
+        ok, err = True, None
+        try:
+            job = _prepare(args, dist)
+        except ConfigError as e:
+            ok, err = False, e
+        if not dist.all_ok(ok):
+            raise err or ConfigError("another rank failed to start the extraction (see its message)")
+        return _run(job, args, dist)
+    finally:
+        if dist.started:
+            dist.dist.destroy_process_group()
+
+
+def _prepare(args, dist: Dist) -> dict:
+    from megapix.checkpoint import load_model_and_palette
+    from megapix.data.loader import TokenData
+    from megapix.data.sources import SPLITS, open_source
+
+    if args.batch_size < 1 or args.chunk_size < 1:
+        raise ConfigError("--batch-size and --chunk-size must be >= 1")
+    if not os.path.exists(args.checkpoint):
+        raise ConfigError(f"checkpoint {args.checkpoint!r} does not exist; pass a training --out folder, "
+                          "a checkpoint tag folder or an HF/megapix export directory")
+    splits = [s for s in args.splits.split(",") if s]
+    for s in splits:
+        if s not in SPLITS:
+            raise ConfigError(f"unknown split {s!r} in --splits; choose from {', '.join(SPLITS)}")
+    model, palette, data = load_model_and_palette(args.checkpoint, args.palette, args.data)
+    layers = parse_layers(args.layers, model.config.n_layer, args.center, args.span)
+    source = open_source(data, model.config.resolution, args.val_fraction, args.seed, augment=False)
+    token_data = {s: TokenData(source.split(s), model.config.n_ctx, palette, f"{data} [{s}]") for s in splits}
+    if args.device:
+        device = torch.device(args.device)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    else:
+        device = torch.device("cpu")
+    model = model.to(device).eval()
+    run = {"format": FORMAT, "checkpoint": os.path.abspath(args.checkpoint), "data": data, "layers": layers,
+           "d_model": model.config.d_model, "dtype": args.dtype, "chunk_size": args.chunk_size,
+           "seed": args.seed, "val_fraction": args.val_fraction,
+           "counts": {s: len(t) for s, t in token_data.items()}}
+    return {"model": model, "device": device, "layers": layers, "data": token_data, "run": run,
+            "autocast": torch.bfloat16 if args.precision == "bf16" else None}
+
+
+def _run(job: dict, args, dist: Dist) -> int:
+    from tqdm import tqdm
+
+    out = os.path.abspath(args.out)
+    progress = os.path.join(out, PROGRESS_DIR)
+    run, layers, model = job["run"], job["layers"], job["model"]
+    manifest_path = os.path.join(out, "manifest.json")
+    width = len(layers) * run["d_model"]
+    dtype = np.dtype(args.dtype)
+
+    # rank 0 decides: fresh, resume, or already complete; every rank then opens the same files
+    state = "go"
+    if dist.rank == 0:
+        os.makedirs(out, exist_ok=True)
+        if args.overwrite:
+            _clear(out, list(job["data"]))
+        run_path = os.path.join(progress, "run.json")
+        if os.path.isfile(manifest_path):
+            with open(manifest_path) as f:
+                old = json.load(f)
+            same = old.get("complete") and all(old.get(k) == run[k] for k in ("checkpoint", "data", "layers", "dtype"))
+            same = same and all(old.get("counts", {}).get(s) == c for s, c in run["counts"].items())
+            if same:
+                state = "done"
+            else:
+                state = "exists"
+        elif os.path.isfile(run_path):
+            with open(run_path) as f:
+                old = json.load(f)
+            if old != run:
+                state = "mismatch"
+        if state == "go":
+            os.makedirs(progress, exist_ok=True)
+            _atomic_json(run_path, run)
+            for split, td in job["data"].items():
+                part = os.path.join(out, f"{split}_features.npy.partial")
+                if not _usable_partial(part, (len(td), width), dtype):
+                    done = glob.glob(os.path.join(progress, f"{split}.rank*.json"))
+                    for p in done:
+                        os.remove(p)
+                    mm = np.lib.format.open_memmap(part, mode="w+", dtype=dtype, shape=(len(td), width))
+                    mm.flush()
+                    del mm
+    states = ["go", "done", "exists", "mismatch"]
+    flag = torch.tensor([float(states.index(state))])
+    if dist.on and dist.world > 1:
+        if dist.dist.get_backend() == "nccl":
+            flag = flag.cuda()
+        dist.dist.broadcast(flag, 0)
+    state = states[int(flag.item())]
+    if state == "done":
+        if dist.rank == 0:
+            print(f"megapix extract: {manifest_path} is already complete for these settings; nothing to do", flush=True)
+        return 0
+    if state == "exists":
+        raise ConfigError(f"{out} already holds a different extraction (manifest.json); pass --overwrite or "
+                          "another --out")
+    if state == "mismatch":
+        raise ConfigError(f"{out} holds a partial extraction with other settings ({PROGRESS_DIR}/run.json); "
+                          "rerun with the same flags to resume, or pass --overwrite")
+
+    stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
+    chunks_run = 0
+    t0 = time.perf_counter()
+    rows_done = 0
+    for split, td in job["data"].items():
+        n, C = len(td), args.chunk_size
+        n_chunks = -(-n // C)
+        part = os.path.join(out, f"{split}_features.npy.partial")
+        mine = chunk_ranges(n_chunks, dist.world, dist.rank)
+        done = done_chunks(progress, split)
+        todo = [c for c in mine if c not in done]
+        my_done = sorted(c for c in mine if c in done)
+        prog_file = os.path.join(progress, f"{split}.rank{dist.rank}of{dist.world}.json")
+        bar = tqdm(total=sum(min(C, n - c * C) for c in mine), initial=sum(min(C, n - c * C) for c in my_done),
+                   desc=f"extract {split}", disable=dist.rank != 0, dynamic_ncols=True, unit="img")
+        if todo:
+            mm = np.lib.format.open_memmap(part, mode="r+")
+            for c in todo:
+                lo, hi = c * C, min(n, (c + 1) * C)
+                tokens = td.tokens(np.arange(lo, hi))
+                feats = extract(model, tokens, layers, args.batch_size, job["device"], job["autocast"])
+                mm[lo:hi] = feats.cpu().numpy().astype(dtype, copy=False)
+                mm.flush()  # the rows are on disk before the chunk is recorded
+                my_done.append(c)
+                _atomic_json(prog_file, {"done": sorted(my_done), "rank": dist.rank, "world": dist.world})
+                rows_done += hi - lo
+                bar.update(hi - lo)
+                chunks_run += 1
+                if stop_after and chunks_run >= stop_after:
+                    sys.stdout.flush()
+                    os._exit(17)  # the test hook: die without any cleanup, as a SIGKILL would
+            del mm
+        bar.close()
+    dist.barrier()
+
+    if dist.rank == 0:
+        missing = {}
+        for split, td in job["data"].items():
+            n_chunks = -(-len(td) // args.chunk_size)
+            lost = sorted(set(range(n_chunks)) - done_chunks(progress, split))
+            if lost:
+                missing[split] = lost
+        if missing:
+            raise RuntimeError(f"chunks not recorded after every rank finished: {missing}; rerun to resume")
+        files = {}
+        for split, td in job["data"].items():
+            feat = os.path.join(out, f"{split}_features.npy")
+            os.replace(feat + ".partial", feat)
+            labels = td.labels
+            lab = None
+            if labels is not None:
+                lab = os.path.join(out, f"{split}_labels.npy")
+                tmp = lab + ".tmp.npy"
+                np.save(tmp, np.asarray(labels, dtype=np.int64), allow_pickle=False)
+                os.replace(tmp, lab)
+            files[split] = {"features": os.path.basename(feat), "labels": lab and os.path.basename(lab)}
+        src = next(iter(job["data"].values())).split
+        manifest = {**run, "model": _model_summary(model), "dims": {str(l): run["d_model"] for l in layers},
+                    "width": width, "files": files, "num_classes": src.num_classes, "complete": True,
+                    "layer_slices": {str(l): [i * run["d_model"], (i + 1) * run["d_model"]]
+                                     for i, l in enumerate(layers)},
+                    "feature": "mean over positions of blocks[l].norm_1(h_l); l = n_layer: norm_f(h_L)",
+                    "world_size": dist.world}
+        _atomic_json(manifest_path, manifest)
+        import shutil
+
+        shutil.rmtree(progress, ignore_errors=True)
+        dt = time.perf_counter() - t0
+        print(f"megapix extract: {sum(run['counts'].values())} images x {width} features "
+              f"(layers {layers}) -> {out} [{dt:.1f}s this attempt, rank 0 {rows_done / max(dt, 1e-9):.0f} img/s]",
+              flush=True)
+    dist.barrier()
+    return 0
+
+
+def _usable_partial(path: str, shape, dtype) -> bool:
+    if not os.path.isfile(path):
+        return False
+    try:
+        mm = np.load(path, mmap_mode="r")
+        return mm.shape == tuple(shape) and mm.dtype == dtype
+    except (OSError, ValueError):
+        return False
+
+
+def _clear(out: str, splits) -> None:
+    import shutil
+
+    shutil.rmtree(os.path.join(out, PROGRESS_DIR), ignore_errors=True)
+    for name in ["manifest.json"] + [f"{s}_{k}" for s in ("train", "val", "test")
+                                     for k in ("features.npy", "features.npy.partial", "labels.npy")]:
+        p = os.path.join(out, name)
+        if os.path.isfile(p):
+            os.remove(p)
+
+
+def _model_summary(model) -> dict:
+    c = model.config
+    return {"n_layer": c.n_layer, "d_model": c.d_model, "n_head": c.n_head, "resolution": c.resolution,
+            "objective": c.objective, "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def load(path: str, split: str, mmap: bool = True):
+    """(features [N, width] memory-mapped, labels [N] or None, manifest) of a complete extraction."""
+    man_path = os.path.join(path, "manifest.json")
+    if not os.path.isfile(man_path):
+        raise ConfigError(f"{path} has no manifest.json; run `megapix extract` (to completion) first")
+    with open(man_path) as f:
+        manifest = json.load(f)
+    if manifest.get("format") != FORMAT or not manifest.get("complete"):
+        raise ConfigError(f"{man_path} is not a complete megapix feature dump")
+    if split not in manifest["files"]:
+        raise ConfigError(f"{path} has no {split!r} split; it holds {', '.join(manifest['files'])}")
+    entry = manifest["files"][split]
+    feats = np.load(os.path.join(path, entry["features"]), mmap_mode="r" if mmap else None, allow_pickle=False)
+    labels = (np.load(os.path.join(path, entry["labels"]), allow_pickle=False) if entry.get("labels") else None)
+    return feats, labels, manifest
+
+
+if __name__ == "__main__":
+    sys.exit(main())
