@@ -5,12 +5,55 @@ from megapix.config import Config
 from megapix.parallel.layout import Layout
 
 
+def configure_activation_checkpointing(layout: Layout) -> None:
+    """deepspeed.checkpointing with the TP RNG tracker (the grid is the mpu), as Megatron-DeepSpeed sets it up."""
+    import deepspeed
+    import torch
+
+    deepspeed.checkpointing.configure(layout.grid, partition_activations=False, contiguous_checkpointing=False,
+                                      checkpoint_in_cpu=False, synchronize=False, profile=False)
+    if torch.cuda.is_available() and layout.grid is not None:
+        deepspeed.checkpointing.model_parallel_cuda_manual_seed(1234)
+
+
+def checkpoint_blocks(model) -> None:
+    """Recompute each block's activations in backward (deepspeed.checkpointing.checkpoint per block)."""
+    import deepspeed
+
+    for block in model.blocks:
+        forward = block.forward
+        block.forward = lambda x, _f=forward: deepspeed.checkpointing.checkpoint(_f, x)
+
+
 def build_module(cfg: Config, layout: Layout):
     """The module DeepSpeed wraps for this layout, and whether it is a PipelineModule."""
     from megapix.engine import LossModel
     from megapix.model import ImageGPT, lm_loss
+    from megapix.parallel.tensor import VocabParallelLoss, apply_tensor_parallel
 
-    if layout.pp > 1 or layout.tp > 1:
-        raise ValueError("tensor/pipeline parallel layouts are built in megapix.parallel.tensor/pipeline")
+    if cfg.train.activation_checkpointing:
+        configure_activation_checkpointing(layout)
+    if layout.pp > 1:
+        from megapix.parallel.pipeline import build_pipeline
+
+        return build_pipeline(cfg, layout), True
     model = ImageGPT(cfg.model, seed=cfg.train.seed)
-    return LossModel(model, lm_loss), False
+    loss = lm_loss
+    if layout.tp > 1:
+        apply_tensor_parallel(model, layout.tp_group, layout.tp, layout.tp_rank)
+        loss = VocabParallelLoss(layout.tp_group, layout.tp_rank, cfg.model.objective == "bert")
+    if cfg.train.activation_checkpointing:
+        checkpoint_blocks(model)
+    return LossModel(model, loss), False
+
+
+def pipeline_inputs(micro, device):
+    from megapix.parallel.pipeline import pipeline_inputs as f
+
+    return f(micro, device)
+
+
+def pipeline_eval(engine, batches, device) -> float:
+    from megapix.parallel.pipeline import pipeline_eval as f
+
+    return f(engine, batches, device)

@@ -1,0 +1,120 @@
+"""The ImageGPT as a DeepSpeed PipelineModule (1F1B schedule), optionally tensor-parallel inside each stage.
+
+Layers, in order: Embed (wte, sos, wpe) | Block x n_layer | Head (norm_f, head); the loss runs on the last
+stage. Stages are balanced by parameter count (partition_method="parameters"). Every layer is built by its
+stage alone, initialised with `init_parameter` under its canonical ImageGPT name, and then cut to its TP shard,
+so any PP x TP layout starts from exactly the single-rank weights.
+
+Pipeline layer index -> canonical prefix: 0 -> "" (wte, sos, wpe), 1..L -> "blocks.{i-1}.", L+1 -> "" (norm_f,
+head). DeepSpeed saves each layer as layer_XX-model_YY-model_states.pt (YY: the TP rank).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megapix.config import VOCAB_SIZE, Config, ModelConfig
+from megapix.model.igpt import Block, IGPTNorm, ImageGPT, init_parameters
+from megapix.parallel.tensor import VocabParallelLoss, apply_tensor_parallel
+
+
+def _tp_info(layout):
+    """(tp group, tp size, tp rank) of this process."""
+    return (layout.tp_group, layout.tp, layout.tp_rank) if layout.tp > 1 else (None, 1, 0)
+
+
+class EmbedLayer(nn.Module):
+    """Pipeline layer 0: tokens (or (tokens, mask) for BERT) -> input embeddings [B, T, d]."""
+
+    def __init__(self, config: ModelConfig, seed: int):
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.wte = nn.Embedding(VOCAB_SIZE, d)
+        self.sos = nn.Parameter(torch.zeros(d))
+        self.wpe = nn.Embedding(config.n_positions, d)
+        init_parameters(self, config, seed)
+
+    def forward(self, inputs):
+        tokens, mask = inputs if isinstance(inputs, (tuple, list)) else (inputs, None)
+        return ImageGPT.embed(self, tokens, mask)
+
+
+class BlockLayer(Block):
+    def __init__(self, config: ModelConfig, seed: int, index: int, tp_info=(None, 1, 0)):
+        super().__init__(config)
+        init_parameters(self, config, seed, prefix=f"blocks.{index}.")
+        group, tp, rank = tp_info
+        apply_tensor_parallel(self, group, tp, rank, prefix=f"blocks.{index}.")
+
+
+class HeadLayer(nn.Module):
+    """Last layer: norm_f and the (vocab-parallel under TP) head -> logits [B, T, 512 / TP]."""
+
+    def __init__(self, config: ModelConfig, seed: int, tp_info=(None, 1, 0)):
+        super().__init__()
+        self.norm_f = IGPTNorm(config.d_model, config.norm_eps, config.kernels)
+        self.head = nn.Linear(config.d_model, VOCAB_SIZE, bias=False)
+        init_parameters(self, config, seed)
+        group, tp, rank = tp_info
+        apply_tensor_parallel(self, group, tp, rank)
+
+    def forward(self, h):
+        return self.head(self.norm_f(h))
+
+
+class PipeLoss:
+    """loss_fn(outputs, labels) for the last stage; labels are tokens, or (tokens, mask) for BERT."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __call__(self, logits, labels):
+        tokens, mask = labels if isinstance(labels, (tuple, list)) else (labels, None)
+        return self.base(logits, tokens, mask)
+
+
+def canonical_prefix(layer_index: int, n_layer: int) -> str:
+    return f"blocks.{layer_index - 1}." if 1 <= layer_index <= n_layer else ""
+
+
+def build_pipeline(cfg: Config, layout):
+    from deepspeed.pipe import LayerSpec, PipelineModule
+
+    from megapix.model import lm_loss
+
+    m, seed = cfg.model, cfg.train.seed
+    tp_info = _tp_info(layout)
+    group, tp, tp_rank = tp_info
+    layers = [LayerSpec(EmbedLayer, m, seed)]
+    layers += [LayerSpec(BlockLayer, m, seed, i, tp_info) for i in range(m.n_layer)]
+    layers += [LayerSpec(HeadLayer, m, seed, tp_info)]
+    base = VocabParallelLoss(group, tp_rank, m.objective == "bert") if tp > 1 else (
+        lambda logits, tokens, mask: lm_loss(logits, tokens, mask if m.objective == "bert" else None))
+    ckpt = {}
+    if cfg.train.activation_checkpointing:
+        import deepspeed
+
+        ckpt = dict(activation_checkpoint_interval=1, activation_checkpoint_func=deepspeed.checkpointing.checkpoint,
+                    checkpointable_layers=["BlockLayer"])
+    return PipelineModule(layers=layers, topology=layout.topology, loss_fn=PipeLoss(base),
+                          partition_method="parameters", **ckpt)
+
+
+def pipeline_inputs(micro, device):
+    """DeepSpeed's pipe wants (inputs, labels) per micro-batch; BERT passes its mask through both."""
+    out = []
+    for tokens, mask in micro:
+        tokens = tokens.to(device)
+        if mask is None:
+            out.append((tokens, tokens))
+        else:
+            mask = mask.to(device)
+            out.append(((tokens, mask), (tokens, mask)))
+    return out
+
+
+@torch.no_grad()
+def pipeline_eval(engine, batches, device) -> float:
+    loss = engine.eval_batch(iter(pipeline_inputs(batches, device)), num_micro_batches=len(batches))
+    return float(loss)

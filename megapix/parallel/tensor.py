@@ -1,0 +1,229 @@
+"""Megatron-style tensor parallelism, applied to the plain ImageGPT (or a pipeline stage) from outside.
+
+Split (Shoeybi et al. 2019): qkv (attn.c_attn) and fc1 (mlp.c_fc) are column-parallel, the attention
+out-projection (attn.c_proj) and fc2 (mlp.c_proj) row-parallel, and the 512-way head is vocab-parallel with
+its cross-entropy computed without ever gathering the logits. Heads are divided across TP ranks: c_attn's
+output is [q | k | v] with heads contiguous inside each, so rank r keeps q_r | k_r | v_r and the model's
+Attention infers its local head count from the shard's width.
+
+Parameters keep their canonical names ("blocks.3.attn.c_attn.weight"); sharded ones carry Megatron's
+attributes (tensor_model_parallel, partition_dim, partition_stride), which DeepSpeed's gradient clipping and
+ZeRO read through `is_model_parallel_parameter`. Norm weights, embeddings, sos and row-parallel biases are
+replicated: their gradients are computed identically on every TP rank because every column-parallel input
+passes through `copy_to_tp` (all-reduce of the input gradient in backward).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from megapix.config import VOCAB_SIZE
+
+COLUMN = ("attn.c_attn", "mlp.c_fc")
+ROW = ("attn.c_proj", "mlp.c_proj")
+VOCAB = ("head",)
+
+
+class _CopyToTP(torch.autograd.Function):
+    """Identity forward; all-reduce of the gradient over the TP group backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous().clone()
+        dist.all_reduce(g, group=ctx.group)
+        return g, None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """All-reduce forward; identity backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def copy_to_tp(x, group):
+    return _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x, group):
+    return _ReduceFromTP.apply(x, group)
+
+
+def _mark(p: nn.Parameter, dim: int) -> None:
+    p.tensor_model_parallel = True
+    p.model_parallel = True
+    p.partition_dim = dim
+    p.partition_stride = 1
+
+
+class ColumnParallelLinear(nn.Module):
+    """y_r = x W_r^T + b_r: this rank's slice of the output features; the input is replicated."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group):
+        super().__init__()
+        self.group = group
+        self.weight = nn.Parameter(weight.contiguous())
+        self.bias = nn.Parameter(bias.contiguous()) if bias is not None else None
+        _mark(self.weight, 0)
+        if self.bias is not None:
+            _mark(self.bias, 0)
+
+    def forward(self, x):
+        return F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = sum_r x_r W_r^T + b: the input arrives split along features; the bias is replicated."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group):
+        super().__init__()
+        self.group = group
+        self.weight = nn.Parameter(weight.contiguous())
+        self.bias = nn.Parameter(bias.contiguous()) if bias is not None else None
+        _mark(self.weight, 1)
+
+    def forward(self, x):
+        y = reduce_from_tp(F.linear(x, self.weight), self.group)
+        return y + self.bias if self.bias is not None else y
+
+
+def shard_rows(t: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
+    n = t.shape[0] // tp
+    return t[rank * n:(rank + 1) * n]
+
+
+def shard_qkv(t: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
+    """[q | k | v] (dim 0) -> q_r | k_r | v_r."""
+    return torch.cat([shard_rows(part, tp, rank) for part in t.chunk(3, dim=0)], dim=0)
+
+
+def unshard_qkv(shards: list[torch.Tensor]) -> torch.Tensor:
+    """Inverse of shard_qkv over all ranks' shards (in TP rank order)."""
+    parts = [s.chunk(3, dim=0) for s in shards]
+    return torch.cat([torch.cat([p[i] for p in parts], dim=0) for i in range(3)], dim=0)
+
+
+def kind_of(name: str) -> str:
+    """'qkv', 'column', 'row', 'vocab' or 'replicated' for a canonical parameter name."""
+    module = name.rsplit(".", 1)[0]
+    if module.endswith("attn.c_attn"):
+        return "qkv"
+    if module.endswith(COLUMN) or module in VOCAB:
+        return "vocab" if module in VOCAB else "column"
+    if module.endswith(ROW):
+        return "row" if name.endswith("weight") else "replicated"
+    return "replicated"
+
+
+def shard_tensor(name: str, full: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
+    kind = kind_of(name)
+    if kind == "qkv":
+        return shard_qkv(full, tp, rank)
+    if kind in ("column", "vocab"):
+        return shard_rows(full, tp, rank)
+    if kind == "row":
+        return full.chunk(tp, dim=1)[rank]
+    return full
+
+
+def merge_shards(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
+    kind = kind_of(name)
+    if kind == "qkv":
+        return unshard_qkv(shards)
+    if kind in ("column", "vocab"):
+        return torch.cat(shards, dim=0)
+    if kind == "row":
+        return torch.cat(shards, dim=1)
+    return shards[0]
+
+
+@torch.no_grad()
+def apply_tensor_parallel(module: nn.Module, group, tp: int, rank: int, prefix: str = "") -> nn.Module:
+    """Replace the linears of `module` (whose parameter names are canonical after `prefix`) by their TP shards,
+    cut from the already initialised full weights, so the result reproduces the single-rank model."""
+    if tp == 1:
+        return module
+    targets = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+    for name, lin in targets:
+        full = prefix + name
+        if full.endswith(COLUMN) or full in VOCAB:
+            w = shard_tensor(full + ".weight", lin.weight.data, tp, rank)
+            b = shard_tensor(full + ".bias", lin.bias.data, tp, rank) if lin.bias is not None else None
+            new = ColumnParallelLinear(w, b, group)
+        elif full.endswith(ROW):
+            w = lin.weight.data.chunk(tp, dim=1)[rank]
+            new = RowParallelLinear(w, lin.bias.data if lin.bias is not None else None, group)
+        else:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, child, new)
+    return module
+
+
+class _VocabParallelCE(torch.autograd.Function):
+    """Per-token cross-entropy from vocab-sharded logits [N, V/T]: max all-reduce, sum-exp all-reduce, and the
+    target logit from the shard that owns it (zero elsewhere, summed)."""
+
+    @staticmethod
+    def forward(ctx, logits, target, group, rank):
+        n_local = logits.shape[-1]
+        lo = rank * n_local
+        m = logits.max(dim=-1).values
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        z = logits - m.unsqueeze(-1)
+        owned = (target >= lo) & (target < lo + n_local)
+        local_t = (target - lo).clamp(0, n_local - 1)
+        t_logit = z.gather(-1, local_t.unsqueeze(-1)).squeeze(-1) * owned.to(z.dtype)
+        dist.all_reduce(t_logit, group=group)
+        e = z.exp()
+        s = e.sum(dim=-1)
+        dist.all_reduce(s, group=group)
+        e.div_(s.unsqueeze(-1))
+        ctx.save_for_backward(e, owned, local_t)
+        return s.log() - t_logit
+
+    @staticmethod
+    def backward(ctx, g):
+        softmax, owned, local_t = ctx.saved_tensors
+        grad = softmax.clone()
+        rows = torch.arange(grad.shape[0], device=grad.device)
+        grad[rows, local_t] -= owned.to(grad.dtype)
+        return grad * g.unsqueeze(-1), None, None, None
+
+
+def vocab_parallel_cross_entropy(logits, target, group, rank):
+    return _VocabParallelCE.apply(logits, target, group, rank)
+
+
+class VocabParallelLoss:
+    """lm_loss for vocab-sharded logits: mean over positions (AR) or over masked positions (BERT)."""
+
+    def __init__(self, group, rank: int, bert: bool):
+        self.group, self.rank, self.bert = group, rank, bert
+
+    def __call__(self, logits, tokens, mask=None):
+        flat = vocab_parallel_cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens.reshape(-1),
+                                            self.group, self.rank)
+        if mask is None or not self.bert:
+            return flat.mean()
+        m = mask.reshape(-1).to(flat.dtype)
+        return (flat * m).sum() / m.sum().clamp_min(1.0)
+
+
+def check_vocab(tp: int) -> None:
+    assert VOCAB_SIZE % tp == 0
