@@ -76,6 +76,22 @@ def init_distributed() -> str:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+    if not torch.cuda.is_available():
+        skip_cpu_shm_op()
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     return launcher
+
+
+def skip_cpu_shm_op() -> None:
+    """On CPU, DeepSpeed's comm backend JIT-compiles a shared-memory all-reduce op (deepspeed_shm_comm) at
+    init; it only serves inference all-reduce, and concurrent processes re-run its ~90 s ninja build. Training
+    over gloo does not use it, so it is not built (set MEGAPIX_CPU_SHM_OP=1 to keep DeepSpeed's default)."""
+    if os.environ.get("MEGAPIX_CPU_SHM_OP") == "1":
+        return
+    try:
+        import deepspeed.comm.torch as ds_torch_comm
+
+        ds_torch_comm.build_shm_op = lambda: None
+    except ImportError:
+        pass

@@ -1,0 +1,69 @@
+"""Shared helpers for the multi-process tests (no tests here): a micro config and layout runs as subprocesses.
+
+Each run is `python -m torch.distributed.run --nproc_per_node N megapix/train.py ...` on CPU/gloo with one
+OpenMP thread per rank, and returns the per-step losses from <out>/metrics.jsonl.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "megapix", "train.py")
+
+# 2 layers (enough for 2 pipeline stages), 4 heads (TP 2 divides), 8x8 digits: seconds per run.
+MICRO = {
+    "model": {"n_layer": 2, "d_model": 64, "n_head": 4, "resolution": 8, "kernels": "torch"},
+    "data": {"source": "digits"},
+    "train": {"global_batch": 8, "max_steps": 5, "eval_every": 0, "log_every": 1, "lr": 0.01, "warmup_steps": 1},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(folder, **train) -> str:
+    cfg = json.loads(json.dumps(MICRO))
+    cfg["train"].update(train)
+    path = os.path.join(str(folder), "micro.json")
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    return path
+
+
+def env() -> dict:
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    e["PATH"] = os.path.dirname(sys.executable) + os.pathsep + e.get("PATH", "")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "PMI_RANK"):
+        e.pop(k, None)
+    return e
+
+
+def torchrun_cmd(nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(free_port()), TRAIN]
+
+
+def run_train(out, nproc: int, *args, config=None, cmd=None, timeout=600, check=True) -> subprocess.CompletedProcess:
+    config = config or write_config(os.path.dirname(str(out)) or ".")
+    cmd = (cmd or torchrun_cmd(nproc)) + ["--config", config, "--out", str(out), "--no-samples", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def losses(out) -> list[float]:
+    with open(os.path.join(str(out), "metrics.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f if line.strip()]
+
+
+def records(out) -> list[dict]:
+    with open(os.path.join(str(out), "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
