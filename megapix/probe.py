@@ -1,0 +1,294 @@
+"""Linear probes over dumped features: `megapix probe DIR`.
+
+Multinomial logistic regression on the output of `megapix extract`, for every dumped layer, for the
+concatenation of all of them, and for the 5-layer concatenation centred at the best single layer (the
+iGPT-XL probe), when the dump holds enough contiguous layers.
+
+- Features are standardised with the statistics of the rows the probe is fitted on.
+- Solvers: full-batch L-BFGS (torch.optim.LBFGS with a strong-Wolfe line search, on the device) for
+  CIFAR-sized data; mini-batch SGD (momentum 0.9, cosine schedule) for ImageNet-sized data. `--solver auto`
+  picks L-BFGS below `--sgd-threshold` training rows (default 200k) and SGD above.
+- Loss: mean cross-entropy + l2/2 * ||W||^2 (the bias is not penalised).
+- The L2 strength is chosen on the validation split (fit on train, score on val, over the grid); the probe is
+  then REFITTED ON TRAIN+VAL with the chosen strength (statistics recomputed on train+val), and that model's
+  test accuracy is reported. The val accuracy reported is the train-only fit's at the chosen strength.
+
+Writes DIR/probe_results.json, DIR/probe_results.md and DIR/probe_accuracy.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from megapix.config import ConfigError
+
+DEFAULT_GRID = "1e-6,1e-5,1e-4,1e-3,1e-2,1e-1"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the probe itself
+# ----------------------------------------------------------------------------------------------------------
+class Standardizer:
+    def __init__(self, X: torch.Tensor, chunk: int = 65536):
+        n, d = X.shape
+        s = torch.zeros(d, dtype=torch.float64, device=X.device)
+        s2 = torch.zeros(d, dtype=torch.float64, device=X.device)
+        for lo in range(0, n, chunk):
+            x = X[lo:lo + chunk].double()
+            s += x.sum(0)
+            s2 += (x * x).sum(0)
+        mean = s / max(n, 1)
+        var = (s2 / max(n, 1) - mean * mean).clamp_min(0)
+        self.mean = mean.float()
+        self.std = var.sqrt().float().clamp_min(1e-6)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.mean.to(x.device)) / self.std.to(x.device)
+
+
+def fit_logreg(X: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, solver: str = "lbfgs",
+               device=None, max_iter: int = 500, epochs: int = 30, lr: float = 0.5, batch_size: int = 1024,
+               init=None, seed: int = 0):
+    """Fit a multinomial logistic regression on already-standardised X. Returns (W [d, C], b [C]) on device.
+
+    lbfgs: X must fit on the device (it is moved there). sgd: X may stay on the host; mini-batches move.
+    """
+    device = torch.device(device) if device is not None else X.device
+    d = X.shape[1]
+    W = torch.zeros(d, num_classes, device=device) if init is None else init[0].clone().to(device)
+    b = torch.zeros(num_classes, device=device) if init is None else init[1].clone().to(device)
+    W.requires_grad_(True)
+    b.requires_grad_(True)
+    y = y.to(device)
+    if solver == "lbfgs":
+        Xd = X.to(device).float()
+        opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
+                                tolerance_grad=1e-6, tolerance_change=1e-10)
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(Xd @ W + b, y) + 0.5 * l2 * (W * W).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    elif solver == "sgd":
+        n = X.shape[0]
+        steps_per_epoch = max(1, math.ceil(n / batch_size))
+        total = epochs * steps_per_epoch
+        opt = torch.optim.SGD([W, b], lr=lr, momentum=0.9)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(epochs):
+            perm = torch.randperm(n, generator=gen)
+            for lo in range(0, n, batch_size):
+                idx = perm[lo:lo + batch_size]
+                xb = X[idx].to(device, non_blocking=True).float()
+                loss = F.cross_entropy(xb @ W + b, y[idx.to(device)]) + 0.5 * l2 * (W * W).sum()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+    else:
+        raise ConfigError(f"unknown solver {solver!r}; use lbfgs or sgd")
+    return W.detach(), b.detach()
+
+
+@torch.no_grad()
+def accuracy(W, b, X: torch.Tensor, y: torch.Tensor, chunk: int = 65536) -> float:
+    correct = 0
+    for lo in range(0, X.shape[0], chunk):
+        xb = X[lo:lo + chunk].to(W.device).float()
+        correct += int(((xb @ W + b).argmax(1) == y[lo:lo + chunk].to(W.device)).sum())
+    return correct / max(1, X.shape[0])
+
+
+def probe(train, val, test, num_classes: int, l2_grid, solver: str = "lbfgs", device="cpu", **fit_kw) -> dict:
+    """One probe: pick l2 on val (fit on train), refit on train+val, score test.
+
+    train/val/test: (features [N, d] float tensor on host, labels LongTensor); test may be None.
+    """
+    (Xtr, ytr), (Xva, yva) = train, val
+    std = Standardizer(Xtr.to(device) if solver == "lbfgs" else Xtr)
+    Ztr, Zva = _apply(std, Xtr, device, solver), _apply(std, Xva, device, solver)
+    by_l2, init = {}, None
+    for l2 in sorted(l2_grid, reverse=True):  # strong to weak, warm-started
+        W, b = fit_logreg(Ztr, ytr, num_classes, l2, solver, device, init=init, **fit_kw)
+        init = (W, b) if solver == "lbfgs" else None
+        by_l2[l2] = accuracy(W, b, Zva, yva)
+    best_l2 = max(sorted(by_l2, reverse=True), key=lambda k: by_l2[k])  # ties: the stronger penalty
+    out = {"l2": best_l2, "val_acc": by_l2[best_l2], "val_acc_by_l2": {f"{k:g}": v for k, v in by_l2.items()}}
+    if test is not None and test[1] is not None:
+        Xall, yall = torch.cat([Xtr, Xva]), torch.cat([ytr, yva])
+        std = Standardizer(Xall.to(device) if solver == "lbfgs" else Xall)
+        W, b = fit_logreg(_apply(std, Xall, device, solver), yall, num_classes, best_l2, solver, device, **fit_kw)
+        out["test_acc"] = accuracy(W, b, _apply(std, test[0], device, solver), test[1])
+        out["train_acc"] = accuracy(W, b, _apply(std, Xall, device, solver), yall)
+    return out
+
+
+def _apply(std: Standardizer, X: torch.Tensor, device, solver: str) -> torch.Tensor:
+    if solver == "lbfgs":
+        return std(X.to(device))
+    out = torch.empty(X.shape, dtype=torch.float32)  # host copy, standardised in chunks
+    for lo in range(0, X.shape[0], 65536):
+        out[lo:lo + 65536] = std(X[lo:lo + 65536].to(device)).cpu()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the CLI
+# ----------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megapix probe", description=__doc__.splitlines()[0])
+    p.add_argument("dir", help="the --out folder of `megapix extract`")
+    p.add_argument("--solver", choices=["auto", "lbfgs", "sgd"], default="auto")
+    p.add_argument("--sgd-threshold", type=int, default=200_000, help="auto: SGD at or above this many train rows")
+    p.add_argument("--l2", default=DEFAULT_GRID, help=f"comma-separated L2 grid (default {DEFAULT_GRID})")
+    p.add_argument("--layers", help="probe only these dumped layers (default: all dumped)")
+    p.add_argument("--no-concat", action="store_true", help="skip the concatenated probes")
+    p.add_argument("--max-iter", type=int, default=500, help="L-BFGS iterations per fit")
+    p.add_argument("--epochs", type=int, default=30, help="SGD epochs per fit")
+    p.add_argument("--sgd-lr", type=float, default=0.5)
+    p.add_argument("--batch-size", type=int, default=1024, help="SGD mini-batch")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    return p
+
+
+def _labels(y, split):
+    if y is None:
+        raise ConfigError(f"the {split} split has no labels; a probe needs labelled train and val splits")
+    return torch.from_numpy(np.asarray(y, dtype=np.int64))
+
+
+def main(argv=None) -> int:
+    from megapix.features import load
+
+    args = build_parser().parse_args(argv)
+    try:
+        grid = [float(x) for x in args.l2.split(",") if x]
+    except ValueError:
+        raise ConfigError(f"cannot parse --l2 {args.l2!r}; use e.g. {DEFAULT_GRID}") from None
+    if not grid or any(g < 0 for g in grid):
+        raise ConfigError("--l2 needs one or more non-negative values")
+    Xtr, ytr, man = load(args.dir, "train")
+    Xva, yva, _ = load(args.dir, "val")
+    try:
+        Xte, yte, _ = load(args.dir, "test")
+    except ConfigError:
+        Xte, yte = None, None
+    ytr, yva = _labels(ytr, "train"), _labels(yva, "val")
+    yte = None if yte is None else torch.from_numpy(np.asarray(yte, dtype=np.int64))
+    num_classes = int(man.get("num_classes") or int(max(ytr.max(), yva.max())) + 1)
+    layers, d = man["layers"], man["d_model"]
+    chosen = layers
+    if args.layers:
+        from megapix.features import parse_layers
+
+        chosen = parse_layers(args.layers, man["model"]["n_layer"])
+        missing = [l for l in chosen if l not in layers]
+        if missing:
+            raise ConfigError(f"layer {missing[0]} was not dumped in {args.dir}; it holds {layers}")
+    solver = args.solver
+    if solver == "auto":
+        solver = "sgd" if len(ytr) >= args.sgd_threshold else "lbfgs"
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu" and len(ytr) * Xtr.shape[1] < 20_000_000 and not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(1)  # small problems: intra-op threads only add synchronisation (30x slower on 2 cores)
+    fit_kw = dict(max_iter=args.max_iter, epochs=args.epochs, lr=args.sgd_lr, batch_size=args.batch_size)
+
+    def cols(X, ls):
+        idx = np.concatenate([np.arange(layers.index(l) * d, (layers.index(l) + 1) * d) for l in ls])
+        contiguous = np.all(np.diff(idx) == 1)
+        sub = X[:, idx[0]:idx[-1] + 1] if contiguous else X[:, idx]
+        return torch.from_numpy(np.array(sub, dtype=np.float32))
+
+    def run(name, ls):
+        t0 = time.perf_counter()
+        r = probe((cols(Xtr, ls), ytr), (cols(Xva, ls), yva), None if Xte is None else (cols(Xte, ls), yte),
+                  num_classes, grid, solver, device, **fit_kw)
+        r.update(name=name, layers=ls, dim=len(ls) * d, seconds=round(time.perf_counter() - t0, 2))
+        print(f"  {name:<14} dim {r['dim']:>6}  l2 {r['l2']:<7g} val {100 * r['val_acc']:6.2f}"
+              + (f"  test {100 * r['test_acc']:6.2f}" if "test_acc" in r else ""), flush=True)
+        return r
+
+    print(f"megapix probe: {len(ytr)} train / {len(yva)} val / {0 if yte is None else len(yte)} test rows, "
+          f"{num_classes} classes, solver {solver} on {device}, l2 grid {grid}", flush=True)
+    results = [run(f"layer {l}", [l]) for l in chosen]
+    if not args.no_concat and len(chosen) > 1:
+        best = max(results, key=lambda r: r["val_acc"])["layers"][0]
+        if len(chosen) > 5 or (len(chosen) == 5 and chosen == list(range(chosen[0], chosen[0] + 5))):
+            pos = chosen.index(best)
+            lo = max(0, min(pos - 2, len(chosen) - 5))
+            window = chosen[lo:lo + 5]
+            if window == list(range(window[0], window[0] + 5)):
+                results.append(run(f"concat5@{best}", window))
+        if len(chosen) != 5 or not any(r["name"].startswith("concat5") for r in results):
+            results.append(run("concat all", chosen))
+    summary = {"dir": os.path.abspath(args.dir), "checkpoint": man.get("checkpoint"), "model": man.get("model"),
+               "solver": solver, "l2_grid": grid, "refit_on": "train+val",
+               "selection": "l2 chosen by val accuracy of a train-only fit; test from a train+val refit",
+               "counts": {"train": len(ytr), "val": len(yva), "test": 0 if yte is None else len(yte)},
+               "num_classes": num_classes, "results": results}
+    singles = [r for r in results if r["name"].startswith("layer ")]
+    summary["best_layer_by_val"] = max(singles, key=lambda r: r["val_acc"])["layers"][0]
+    from megapix.utils import write_json
+
+    write_json(os.path.join(args.dir, "probe_results.json"), summary)
+    md = markdown_table(summary)
+    with open(os.path.join(args.dir, "probe_results.md"), "w") as f:
+        f.write(md)
+    plot(summary, os.path.join(args.dir, "probe_accuracy.png"))
+    print(md, flush=True)
+    return 0
+
+
+def markdown_table(summary: dict) -> str:
+    lines = [f"Linear probes ({summary['solver']}; l2 by val, test from a train+val refit); "
+             f"{summary['counts']['train']}/{summary['counts']['val']}/{summary['counts']['test']} rows", "",
+             "| probe | layers | dim | l2 | val acc % | test acc % |", "|---|---|---|---|---|---|"]
+    for r in summary["results"]:
+        test = f"{100 * r['test_acc']:.2f}" if "test_acc" in r else "-"
+        ls = r["layers"]
+        lstr = str(ls[0]) if len(ls) == 1 else f"{ls[0]}..{ls[-1]}" if ls == list(range(ls[0], ls[-1] + 1)) else ",".join(map(str, ls))
+        lines.append(f"| {r['name']} | {lstr} | {r['dim']} | {r['l2']:g} | {100 * r['val_acc']:.2f} | {test} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: str) -> None:
+    """Accuracy against layer (the paper's figure 3 shape), concatenations as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    singles = [r for r in summary["results"] if r["name"].startswith("layer ")]
+    xs = [r["layers"][0] for r in singles]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax.plot(xs, [100 * r["val_acc"] for r in singles], "o-", label="val (train-only fit)")
+    if all("test_acc" in r for r in singles):
+        ax.plot(xs, [100 * r["test_acc"] for r in singles], "s-", label="test (train+val refit)")
+    for r, style in zip([r for r in summary["results"] if not r["name"].startswith("layer ")], ("--", ":")):
+        key = "test_acc" if "test_acc" in r else "val_acc"
+        ax.axhline(100 * r[key], linestyle=style, color="gray", label=f"{r['name']} ({key[:-4]})")
+    ax.set_xlabel("layer (input of block l, normed; last = after final norm)")
+    ax.set_ylabel("linear probe accuracy (%)")
+    model = summary.get("model") or {}
+    ax.set_title(f"linear probe by depth ({model.get('n_layer', '?')} layers, d={model.get('d_model', '?')})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
