@@ -76,11 +76,21 @@ def make_ds_config(cfg: Config, ds: dict, layout: Layout, micro: int) -> dict:
     bf16 = use_bf16(cfg)
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
     ds.pop("fp16", None)
+    if ds.get("tensorboard", {}).get("enabled") and not _tensorboard_available():
+        ds["tensorboard"]["enabled"] = False  # the csv monitor still writes; install tensorboard for event files
     for key in ("tensorboard", "csv_monitor"):  # DeepSpeed's monitor, written under --out unless a path is set
         if ds.get(key, {}).get("enabled"):
             ds[key].setdefault("output_path", os.path.join(os.path.abspath(t.out), "monitor"))
             ds[key].setdefault("job_name", "megapix")
     return ds
+
+
+def _tensorboard_available() -> bool:
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 class LossModel(torch.nn.Module):
@@ -242,17 +252,44 @@ class Trainer:
 
     # ---- checkpoints ----
     def save(self) -> None:
-        """A DeepSpeed checkpoint; DeepSpeed moves `latest` only after every file is written."""
+        """A DeepSpeed checkpoint. `latest` moves last: DeepSpeed writes the tag's files without touching it, then
+        megapix_config.json and layout.json go in, and only then rank 0 replaces `latest` atomically."""
+        from megapix.parallel.universal import universal_checkpoint_info
+        from megapix.utils import atomic_path
+
         tag = f"global_step{self.step}"
-        self.engine.save_checkpoint(self.ckpt_dir, tag=tag,
-                                    client_state={"step": self.step, "megapix_config": self.cfg.to_dict()})
+        client = {"step": self.step, "megapix_config": self.cfg.to_dict()}
+        client.update(universal_checkpoint_info(self.cfg))
+        self.engine.save_checkpoint(self.ckpt_dir, tag=tag, client_state=client, save_latest=False)
+        barrier()
         if self.is_rank0:
             write_json(os.path.join(self.ckpt_dir, tag, "megapix_config.json"), self.cfg.to_dict())
+            write_json(os.path.join(self.ckpt_dir, tag, "layout.json"), self.layout_record())
+            with atomic_path(os.path.join(self.ckpt_dir, "latest")) as tmp:
+                with open(tmp, "w") as f:
+                    f.write(tag)
         barrier()
 
+    def layout_record(self) -> dict:
+        lay = self.layout
+        return {"step": self.step, "world": lay.world, "tp": lay.tp, "pp": lay.pp, "dp": lay.dp,
+                "zero_stage": lay.zero_stage}
+
     def resume(self) -> bool:
-        if not os.path.isfile(os.path.join(self.ckpt_dir, "latest")):
+        """Continue from `latest`: DeepSpeed's own loader when the layout is unchanged (exact: weights, optimizer,
+        scheduler); otherwise megapix.parallel.reshard (weights re-cut for this layout, schedule position kept,
+        optimizer moments restarted)."""
+        latest = os.path.join(self.ckpt_dir, "latest")
+        if not os.path.isfile(latest):
             return False
+        with open(latest) as f:
+            tag = f.read().strip()
+        from megapix.parallel.reshard import resume_resharded, saved_layout
+
+        saved = saved_layout(self.ckpt_dir, tag)
+        if saved is not None and saved != {k: v for k, v in self.layout_record().items() if k != "step"}:
+            self.step = resume_resharded(self, tag)
+            return True
         path, client = self.engine.load_checkpoint(self.ckpt_dir)
         if path is None:
             raise ConfigError(f"could not load the checkpoint named in {self.ckpt_dir}/latest; it may be incomplete")

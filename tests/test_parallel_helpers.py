@@ -28,8 +28,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(folder, **train) -> str:
+_PALETTE = None
+
+
+def palette_path() -> str:
+    """The digits palette, fitted once per test session (a k=512 k-means costs ~30 s on a busy 2-core box)."""
+    global _PALETTE
+    if _PALETTE is None:
+        import tempfile
+
+        from megapix.data.sources import open_source
+        from megapix.engine import fit_palette
+
+        path = os.path.join(tempfile.mkdtemp(prefix="megapix-palette-"), "palette.npy")
+        fit_palette(open_source("digits", 8, None, 0, True).split("train").images, 0).save(path)
+        _PALETTE = path
+    return _PALETTE
+
+
+def micro_config() -> dict:
     cfg = json.loads(json.dumps(MICRO))
+    cfg["data"]["palette"] = palette_path()
+    return cfg
+
+
+def write_config(folder, **train) -> str:
+    cfg = micro_config()
     cfg["train"].update(train)
     path = os.path.join(str(folder), "micro.json")
     with open(path, "w") as f:

@@ -86,4 +86,8 @@ def build_layout(world: int, rank: int, model: ModelConfig, train: TrainConfig, 
     tp, pp = train.tensor_parallel, train.pipeline_parallel
     topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=world // (tp * pp))
     grid = PipelineParallelGrid(topology=topology) if world > 1 else None
+    if grid is not None:  # the Megatron-style names some DeepSpeed parts (activation checkpointing) ask the mpu for
+        grid.get_tensor_model_parallel_group = grid.get_slice_parallel_group
+        grid.get_tensor_model_parallel_world_size = grid.get_slice_parallel_world_size
+        grid.get_tensor_model_parallel_rank = grid.get_slice_parallel_rank
     return Layout(world=world, rank=rank, tp=tp, pp=pp, zero_stage=zero_stage, topology=topology, grid=grid)
