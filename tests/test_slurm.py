@@ -28,13 +28,13 @@ pytestmark = pytest.mark.slurm
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 NTASKS = 2
-MAX_STEPS = 30  # enough steps that a signal sent after step 1 lands mid-run, even at ~10 steps/s
+MAX_STEPS = 100  # a signal sent after step 1 must land mid-run, even at ~10 steps/s on a loaded machine
 TRAIN = dict(MODEL="tiny", DATA="digits", MAX_STEPS=str(MAX_STEPS), GLOBAL_BATCH="8", SEED="7",
              EXTRA_ARGS="--no-samples")
 TRAIN_FLAGS = ["--model", "tiny", "--data", "digits", "--max-steps", str(MAX_STEPS), "--global-batch", "8",
                "--seed", "7", "--no-samples"]
 CPU_OPTS = [f"--ntasks-per-node={NTASKS}", "--cpus-per-task=1", "--gpus-per-node=0"]
-JOB_TIMEOUT = 300
+JOB_TIMEOUT = 600  # generous: on a loaded 2-core machine a 2-rank job can take minutes to start
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -53,6 +53,19 @@ def cluster(tmp_path_factory):
         c.stop()
 
 
+_SUBMITTED: list[tuple] = []
+
+
+@pytest.fixture(autouse=True)
+def _cancel_leftover_jobs():
+    """A failed test must not leave its job holding the node's CPUs for the next test."""
+    yield
+    while _SUBMITTED:
+        cluster, job = _SUBMITTED.pop()
+        if not job_gone(cluster, job):
+            cluster.run("scancel", job, check=False)
+
+
 def submit(cluster, script: str, log: Path, wait: bool = False, opts=(), **variables):
     """sbatch slurm/<script> from the repository root; variables travel in the environment (--export=ALL).
     Returns (job id, sbatch's CompletedProcess)."""
@@ -65,6 +78,7 @@ def submit(cluster, script: str, log: Path, wait: bool = False, opts=(), **varia
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT)
     m = re.search(r"^(\d+)", proc.stdout.strip(), re.M)
     assert m, f"sbatch printed no job id: rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    _SUBMITTED.append((cluster, m.group(1)))
     return m.group(1), proc
 
 
@@ -188,7 +202,7 @@ def _preempt_and_resume(cluster, reference, tmp_path, launcher):
     steps_before = max(metrics(out))
     cluster.run("scancel", "--signal=USR1", "--batch", job)
     # The batch script forwards USR1, the trainer saves and exits 75, the script requeues the job.
-    info = wait_for("the requeue", lambda: (i := job_info(cluster, job)).get("Restarts") == "1" and i, 120,
+    info = wait_for("the requeue", lambda: (i := job_info(cluster, job)).get("Restarts") == "1" and i, 300,
                     on_timeout=lambda: read(log))
     # A requeued job waits for its BeginTime (cred_expire + the scheduler's tick): start it sooner. Not in the
     # same second as the requeue: slurmd revokes the job's credentials with a one-second resolution, and a
@@ -237,7 +251,7 @@ def test_deepspeed_launcher(cluster, reference, tmp_path):
 
 def test_cancelled_job_does_not_requeue(cluster, tmp_path):
     out, log = tmp_path / "run", tmp_path / "cancel.log"
-    job, _ = submit(cluster, "train.sbatch", log, OUT=str(out), **TRAIN)
+    job, _ = submit(cluster, "train.sbatch", log, OUT=str(out), **dict(TRAIN, MAX_STEPS="100000"))
     wait_for("the first training step", lambda: len(metrics(out)) >= 1, JOB_TIMEOUT, interval=0.1,
              on_timeout=lambda: read(log))
     cluster.run("scancel", job)
