@@ -1,0 +1,90 @@
+"""Feature extraction throughput: megapix.features.extract vs Hugging Face ImageGPT, same weights, CPU.
+
+    python benchmarks/bench_extract.py [--images 32] [--batch 16] [--repeats 3]
+
+The HF baseline is the usual recipe: ImageGPTModel(output_hidden_states=True) on [SOS] + tokens[:, :-1], then
+for each wanted layer l < n_layer apply h[l].ln_1 to hidden_states[l] (the input of block l) and mean-pool;
+for l = n_layer hidden_states[-1] already has ln_f applied. HF always runs every block and keeps every hidden
+state; megapix runs blocks only up to max(layers), pools as it goes, and uses SDPA attention.
+The weights go megapix -> save_pretrained -> HF from_pretrained, and every row checks max |diff| <= 1e-4.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from megapix.config import ModelConfig  # noqa: E402
+from megapix.features import extract, parse_layers  # noqa: E402
+from megapix.model import ImageGPT  # noqa: E402
+
+
+def hf_features(hf, tokens, layers, batch):
+    out = []
+    n_layer = hf.config.n_layer
+    with torch.inference_mode():
+        for lo in range(0, len(tokens), batch):
+            t = tokens[lo:lo + batch]
+            ids = torch.cat([torch.full((len(t), 1), 512), t[:, :-1]], 1)
+            hs = hf(ids, output_hidden_states=True).hidden_states
+            out.append(torch.cat([(hs[l] if l == n_layer else hf.h[l].ln_1(hs[l])).mean(1) for l in layers], 1))
+    return torch.cat(out)
+
+
+def best_time(fn, repeats):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> int:
+    import transformers
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=16)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=2)
+    args = p.parse_args()
+    shapes = {  # name -> config: the CPU "bench" preset shape, and a deeper one at 16x16
+        "bench 4L d256 32x32": ModelConfig(n_layer=4, d_model=256, n_head=8, resolution=32),
+        "12L d256 16x16": ModelConfig(n_layer=12, d_model=256, n_head=8, resolution=16),
+    }
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
+          f"{args.images} images, batch {args.batch}, best of {args.repeats}")
+    print(f"| model | layers | HF img/s | megapix img/s | speed-up | max abs diff |\n|---|---|---|---|---|---|")
+    for name, cfg in shapes.items():
+        model = ImageGPT(cfg, seed=0).eval()
+        with torch.no_grad():
+            for prm in model.parameters():
+                prm.add_(0.05 * torch.randn_like(prm))
+        with tempfile.TemporaryDirectory() as d:
+            model.save_pretrained(d)
+            hf = transformers.ImageGPTModel.from_pretrained(d).eval()
+        tokens = torch.randint(0, 512, (args.images, cfg.n_ctx), generator=torch.Generator().manual_seed(0))
+        L = cfg.n_layer
+        cases = {"all": parse_layers("all", L), f"5 centred at {L // 2}": parse_layers(None, L, center=L // 2),
+                 f"{L // 2}": [L // 2]}
+        for label, layers in cases.items():
+            ours = extract(model, tokens, layers, args.batch)
+            ref = hf_features(hf, tokens, layers, args.batch)
+            diff = float((ours - ref).abs().max())
+            assert diff <= 1e-4, diff
+            t_hf = best_time(lambda: hf_features(hf, tokens, layers, args.batch), args.repeats)
+            t_mp = best_time(lambda: extract(model, tokens, layers, args.batch), args.repeats)
+            print(f"| {name} | {label} | {args.images / t_hf:.1f} | {args.images / t_mp:.1f} | "
+                  f"{t_hf / t_mp:.2f}x | {diff:.1e} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
