@@ -22,6 +22,10 @@ train: {global_batch: 8, log_every: 1, eval_batches: 1}
 def subprocess_env(**extra) -> dict:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
+    # DeepSpeed JIT-builds a shm op into the torch extensions cache on first use. A cache of our own keeps these
+    # runs from waiting on (or rebuilding over) builds by other interpreters that share ~/.cache/torch_extensions.
+    if os.path.isdir(os.path.join(REPO, ".venv")):
+        env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".venv", "torch_extensions"))
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     env.update(extra)

@@ -1,0 +1,179 @@
+"""`python megapix/train.py` end to end in subprocesses on a 2-layer d=64 model: outputs, learning, exact
+resume, preemption (time budget, SIGUSR1), and one clear error line for each kind of bad input.
+
+The first DeepSpeed start on a fresh machine JIT-builds a shm op (~90 s, then cached): timeouts are generous.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from conftest import PYTHON, REPO, run, subprocess_env
+
+TRAIN = "megapix/train.py"
+EXIT_PREEMPTED = 75
+TIMEOUT = 400
+
+
+def train(config, out, *args, timeout=TIMEOUT):
+    return run([TRAIN, "--config", config, "--out", str(out), *map(str, args)], timeout=timeout)
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def ok(proc, code=0):
+    assert proc.returncode == code, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def latest_tag(out):
+    with open(os.path.join(out, "checkpoints", "latest")) as f:
+        return f.read().strip()
+
+
+def parallel(*thunks):
+    """Run independent subprocess runs two at a time (each uses one thread)."""
+    with ThreadPoolExecutor(2) as pool:
+        return [f.result() for f in [pool.submit(t) for t in thunks]]
+
+
+def test_outputs_and_loss_decreases(tiny_config, tmp_path):
+    out = tmp_path / "run"
+    ok(train(tiny_config, out, "--max-steps", 40, "--eval-every", 20, "--global-batch", 32))
+    recs = metrics(out)
+    assert [r["step"] for r in recs] == list(range(1, 41))
+    for r in recs:
+        assert {"step", "loss", "lr", "tokens_per_s"} <= set(r)
+        assert np.isfinite(r["loss"]) and r["lr"] > 0 and r["tokens_per_s"] > 0
+    assert [r["step"] for r in recs if "val_loss" in r] == [20, 40]
+    assert all(np.isfinite(r["val_loss"]) for r in recs if "val_loss" in r)
+    assert recs[-1]["lr"] < recs[5]["lr"]  # cosine decay
+    first, last = np.mean([r["loss"] for r in recs[:5]]), np.mean([r["loss"] for r in recs[-5:]])
+    assert abs(recs[0]["loss"] - np.log(512)) < 0.05  # zero head: uniform over 512 colours at step 1
+    assert last < first - 0.2, (first, last)  # measured: 6.23 -> 5.84
+    assert recs[-1]["val_loss"] < recs[0]["loss"] - 0.2
+
+    assert latest_tag(out) == "global_step40"
+    assert os.path.isdir(os.path.join(out, "checkpoints", "global_step40"))
+    png = out / "samples.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    with Image.open(png) as img:
+        img.verify()
+    with Image.open(png) as img:
+        assert img.mode == "RGB" and img.width > 32 and img.height > 32
+
+
+def test_resume_is_bit_exact_and_preemption_saves(tiny_config, tmp_path):
+    # Warm-up longer than the run: the lr schedule is then the same whatever --max-steps says, so stopping
+    # at step 3 and resuming to 6 must replay the uninterrupted run exactly.
+    common = ("--no-samples", "--eval-every", 0, "--warmup-steps", 10)
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    ra, rb, rc = parallel(lambda: train(tiny_config, a, "--max-steps", 6, *common),
+                          lambda: train(tiny_config, b, "--max-steps", 3, *common),
+                          # A real interruption: the time budget stops this one after step 1.
+                          lambda: train(tiny_config, c, "--max-steps", 6, *common, "--time-budget", 0.001))
+    ok(ra), ok(rb)
+    ok(rc, EXIT_PREEMPTED)
+    assert "stop requested" in rc.stdout
+    assert [r["step"] for r in metrics(c)] == [1] and latest_tag(c) == "global_step1"
+    assert not (c / "samples.png").exists()
+
+    rb2, rc2 = parallel(lambda: train(tiny_config, b, "--max-steps", 6, "--resume", *common),
+                        lambda: train(tiny_config, c, "--max-steps", 6, *common, "--resume"))
+    ok(rb2), ok(rc2)
+    steps_a, steps_b = metrics(a), metrics(b)
+    assert [r["step"] for r in steps_b] == list(range(1, 7))  # each step exactly once
+    assert [r["loss"] for r in steps_b] == [r["loss"] for r in steps_a]  # bit for bit
+    assert [r["lr"] for r in steps_b] == [r["lr"] for r in steps_a]
+    assert latest_tag(b) == "global_step6"
+
+    # The preempted run, resumed, equals the uninterrupted one too.
+    assert [r["step"] for r in metrics(c)] == list(range(1, 7))
+    assert [r["loss"] for r in metrics(c)] == [r["loss"] for r in steps_a]
+
+
+def test_sigusr1_saves_and_exits_75(tiny_config, tmp_path):
+    out = tmp_path / "run"
+    cmd = [PYTHON, TRAIN, "--config", tiny_config, "--out", str(out), "--max-steps", "100000", "--no-samples",
+           "--eval-every", "0"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + TIMEOUT
+        path = out / "metrics.jsonl"
+        while not (path.exists() and path.read_text().strip()):
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline, "no metrics line appeared"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGUSR1)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == EXIT_PREEMPTED, stderr[-3000:]
+    assert "Traceback" not in stderr
+    last = metrics(out)[-1]["step"]
+    assert 1 <= last < 100000
+    assert latest_tag(out) == f"global_step{last}"
+    assert f"saved step {last}" in stdout
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bad input: one clear line on stderr, non-zero exit, no traceback, nothing written to --out
+# ---------------------------------------------------------------------------------------------------------
+BAD = {  # name -> (arguments, words the error line must contain)
+    "missing data file": (["--model", "igpt-s", "--data", "cifar10:/nonexistent"], ["/nonexistent", "does not exist"]),
+    "corrupt palette": (["--palette", "{d}/corrupt.npy"], ["corrupt.npy", "not a readable"]),
+    "palette shape": (["--palette", "{d}/wide.npy"], ["palette", "(512, 4)"]),
+    "token ids >= 512": (["--data", "igpt:{d}/tok/cifar10"], ["token ids >= 512", "600"]),
+    "image size": (["--model", "igpt-s", "--data", "npy:{d}/imgs8.npy"], ["8x8", "32x32"]),
+    "unknown preset": (["--model", "igpt-q"], ["unknown model preset 'igpt-q'"]),
+    "unknown config key": (["--config", "{d}/badkey.yaml"], ["unknown key(s) ['n_layers']"]),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "corrupt.npy").write_bytes(b"\x93NUMPY garbage, not an array")
+    np.save(d / "wide.npy", np.zeros((512, 4), np.float32))
+    np.save(d / "imgs8.npy", np.random.default_rng(0).integers(0, 256, (20, 8, 8, 3), dtype=np.uint8))
+    (d / "tok").mkdir()
+    for s in ("tr", "va", "te"):
+        x = np.random.default_rng(1).integers(0, 512, (10, 64))
+        x[3, 5] = 600
+        np.save(d / "tok" / f"cifar10_{s}X.npy", x)
+        np.save(d / "tok" / f"cifar10_{s}Y.npy", np.eye(10)[np.arange(10) % 10])
+    (d / "badkey.yaml").write_text("model: {preset: tiny, n_layers: 3}\n")
+
+    def go(name):
+        args = [a.format(d=d) for a in BAD[name][0]]
+        out = d / ("out-" + name.replace(" ", "-"))
+        return run([TRAIN, *args, "--out", str(out), "--max-steps", "2"], timeout=TIMEOUT), out
+
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip(BAD, pool.map(go, BAD)))
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_input_fails_cleanly(bad_runs, name):
+    proc, out = bad_runs[name]
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("megapix: error: "), proc.stderr[-3000:]
+    for word in BAD[name][1]:
+        assert word in errors[0], errors[0]
+    written = [os.path.join(r, f) for r, _, fs in os.walk(out) for f in fs] if out.exists() else []
+    assert written == [], written
