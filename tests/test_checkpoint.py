@@ -9,21 +9,14 @@ import shutil
 import pytest
 import torch
 
-from test_parallel_helpers import losses, records, run_train, write_config
+from test_parallel_helpers import LAYOUTS, SAVE_AT, STEPS, layout_config, layout_run, losses, records, run_train
 
-STEPS, STOP = 6, 3
+STOP = SAVE_AT
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     return tmp_path_factory.mktemp("ckpt")
-
-
-def _uninterrupted(work, name, nproc, *args):
-    out = work / name
-    if not (out / "metrics.jsonl").exists():
-        run_train(out, nproc, "--save-every", str(STOP), *args, config=write_config(work, max_steps=STEPS))
-    return out
 
 
 def _resume_from(src, dst, nproc, *args, config):
@@ -36,15 +29,16 @@ def _resume_from(src, dst, nproc, *args, config):
     return run_train(dst, nproc, "--resume", *args, config=config)
 
 
-@pytest.mark.parametrize("name,nproc,args", [("single", 1, []), ("pp2", 2, ["--pipeline-parallel", "2"])])
-def test_resume_is_bit_exact(work, name, nproc, args):
-    full = _uninterrupted(work, name, nproc, *args)
+@pytest.mark.parametrize("name", ["single", "pp2"])
+def test_resume_is_bit_exact(work, name):
+    nproc, args = LAYOUTS[name]
+    full = layout_run(name)
     ck = full / "checkpoints"
     assert (ck / "latest").read_text().strip() == f"global_step{STEPS}"
     for tag in (f"global_step{STOP}", f"global_step{STEPS}"):
         assert (ck / tag / "megapix_config.json").is_file() and (ck / tag / "layout.json").is_file()
     resumed = work / f"{name}-resumed"
-    _resume_from(full, resumed, nproc, *args, config=write_config(work, max_steps=STEPS))
+    _resume_from(full, resumed, nproc, *args, config=layout_config())
     a, b = losses(full), losses(resumed)
     assert [r["step"] for r in records(resumed)] == list(range(STOP + 1, STEPS + 1))
     assert b == a[STOP:], (a, b)  # bit for bit on CPU
@@ -61,16 +55,13 @@ def test_latest_moves_last(work, monkeypatch):
     assert src.index("layout.json") < src.index('"latest"')
 
 
-@pytest.mark.parametrize("src_name,src_n,src_args,dst_n,dst_args", [
-    ("tp2xpp2", 4, ["--tensor-parallel", "2", "--pipeline-parallel", "2"], 1, []),
-    ("single", 1, [], 2, ["--tensor-parallel", "2"]),
-])
-def test_resume_in_a_different_layout(work, src_name, src_n, src_args, dst_n, dst_args):
+@pytest.mark.parametrize("src_name,dst_n,dst_args", [("tp2xpp2", 1, []), ("single", 2, ["--tensor-parallel", "2"])])
+def test_resume_in_a_different_layout(work, src_name, dst_n, dst_args):
     """Weights are resharded into the new layout (megapix's own path), the schedule continues: the first resumed
     step's loss equals the uninterrupted run's (Adam moments restart, so later steps may drift slightly)."""
-    full = _uninterrupted(work, src_name, src_n, *src_args)
+    full = layout_run(src_name)
     dst = work / f"{src_name}-to-{'x'.join(dst_args[1::2]) or 'single'}"
-    proc = _resume_from(full, dst, dst_n, *dst_args, config=write_config(work, max_steps=STEPS))
+    proc = _resume_from(full, dst, dst_n, *dst_args, config=layout_config())
     assert "weights resharded" in proc.stdout
     a, recs = losses(full), records(dst)
     assert recs[0]["step"] == STOP + 1
@@ -86,9 +77,7 @@ def test_export_any_layout_loads_in_transformers(work, name, tmp_path):
     from megapix import ImageGPT
     from megapix.export import main as export_main
 
-    src = work / name
-    if not (src / "metrics.jsonl").exists():
-        pytest.skip(f"{name} run not produced in this session")
+    src = layout_run(name)
     out = tmp_path / "export"
     assert export_main([str(src), str(out)]) == 0
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
@@ -103,7 +92,7 @@ def test_export_any_layout_loads_in_transformers(work, name, tmp_path):
     # and every layout exports the same weights as the single-rank run (same curve -> same weights)
     single = work / "single-export"
     if not single.exists():
-        export_main([str(work / "single"), str(single)])
+        export_main([str(layout_run("single")), str(single)])
     ref = ImageGPT.from_pretrained(str(single)).state_dict()
     got = ours.state_dict()
     assert max((got[k] - ref[k]).abs().max().item() for k in ref) < 1e-3

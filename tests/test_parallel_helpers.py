@@ -41,7 +41,7 @@ def palette_path() -> str:
         from megapix.engine import fit_palette
 
         path = os.path.join(tempfile.mkdtemp(prefix="megapix-palette-"), "palette.npy")
-        fit_palette(open_source("digits", 8, None, 0, True).split("train").images, 0).save(path)
+        fit_palette(open_source("digits", 8, None, 0, True).split("train").images, 0, max_pixels=16384).save(path)
         _PALETTE = path
     return _PALETTE
 
@@ -91,3 +91,45 @@ def losses(out) -> list[float]:
 def records(out) -> list[dict]:
     with open(os.path.join(str(out), "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+# Layout runs shared by test_parallel (equivalence), test_checkpoint (resume, export): each runs once per
+# session, STEPS steps with checkpoints at SAVE_AT and at the end.
+STEPS, SAVE_AT = 6, 3
+LAYOUTS = {
+    "single": (1, []),
+    "dp2-zero1": (2, ["--zero-stage", "1"]),
+    "dp2-zero2": (2, ["--zero-stage", "2"]),
+    "dp2-zero3": (2, ["--zero-stage", "3"]),
+    "tp2": (2, ["--tensor-parallel", "2"]),
+    "pp2": (2, ["--pipeline-parallel", "2", "--micro-batch", "2"]),
+    "tp2xpp2": (4, ["--tensor-parallel", "2", "--pipeline-parallel", "2"]),
+    "pp2xdp2": (4, ["--pipeline-parallel", "2", "--zero-stage", "1", "--micro-batch", "2"]),
+}
+_WORK = None
+_RUNS: dict = {}
+
+
+def session_dir() -> str:
+    global _WORK
+    if _WORK is None:
+        import tempfile
+
+        _WORK = tempfile.mkdtemp(prefix="megapix-layouts-")
+    return _WORK
+
+
+def layout_config() -> str:
+    return write_config(session_dir(), max_steps=STEPS)
+
+
+def layout_run(name: str):
+    """The out folder of layout `name`'s run (trained on first use)."""
+    import pathlib
+
+    if name not in _RUNS:
+        nproc, args = LAYOUTS[name]
+        out = pathlib.Path(session_dir()) / name
+        run_train(out, nproc, "--save-every", str(SAVE_AT), *args, config=layout_config())
+        _RUNS[name] = out
+    return _RUNS[name]
