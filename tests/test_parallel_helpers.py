@@ -105,6 +105,9 @@ LAYOUTS = {
     "pp2": (2, ["--pipeline-parallel", "2", "--micro-batch", "2"]),
     "tp2xpp2": (4, ["--tensor-parallel", "2", "--pipeline-parallel", "2"]),
     "pp2xdp2": (4, ["--pipeline-parallel", "2", "--zero-stage", "1", "--micro-batch", "2"]),
+    # activation checkpointing (deepspeed.checkpointing, TP RNG tracker) recomputes blocks: same curve
+    "tp2-actckpt": (2, ["--tensor-parallel", "2", "--activation-checkpointing"]),
+    "pp2-actckpt": (2, ["--pipeline-parallel", "2", "--activation-checkpointing"]),
 }
 _WORK = None
 _RUNS: dict = {}
