@@ -13,6 +13,7 @@ model) raises megapix.config.ConfigError with one line naming the problem and th
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 import json
 import os
 import pickle
@@ -52,7 +53,7 @@ def _as_index(idx, n: int):
     return arr % n if arr.size else arr, False
 
 
-class LazyArray:
+class LazyArray(ABC):
     """Base for read-on-demand arrays: subclasses implement `_take(int64 indices) -> np.ndarray`."""
 
     shape: tuple
@@ -74,8 +75,9 @@ class LazyArray:
         out = self._take(np.arange(len(self)))
         return out if dtype is None else out.astype(dtype)
 
-    def _take(self, rows: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def _take(self, rows: np.ndarray) -> np.ndarray:
+        """The rows `rows` (an int64 array) as one uint8 array."""
 
 
 class Subset(LazyArray):
