@@ -12,7 +12,8 @@
 #   PYTHON         interpreter with megapix's deps         default: python
 #   LAUNCHER       srun | torchrun | deepspeed             default: srun (one task per GPU, see README)
 #   GPUS_PER_NODE  ranks per node for torchrun/deepspeed   default: GPUs SLURM gave the job, else tasks per node
-#   MASTER_PORT    rendezvous port                        default: 20000 + SLURM_JOB_ID % 20000
+#   MEGAPIX_MASTER_ADDR / MEGAPIX_MASTER_PORT  rendezvous   default: first node of the job, 20000 + SLURM_JOB_ID % 20000
+#                  (a MASTER_ADDR/PORT inherited from the submitting shell is ignored: it names another job's host)
 #   MAX_REQUEUES   give up requeueing after this many     default: 20 (compared with SLURM_RESTART_COUNT)
 #   REQUEUE_ON_TERM=1  treat SIGTERM to the batch shell as a preemption too (clusters that preempt with
 #                  TERM + GraceTime); default 0: TERM means "cancelled", the trainer saves but nothing requeues
@@ -49,8 +50,8 @@ export PYTHONUNBUFFERED=1
 # Rendezvous: the first host of the allocation and a port derived from the job id. The trainer computes the
 # same two values itself from SLURM's variables when they are not set (megapix/parallel/launch.py); exporting
 # them here makes all three launchers agree. A requeued job keeps its id, hence its port.
-MASTER_ADDR="${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}"
-MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
+MASTER_ADDR="${MEGAPIX_MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}"
+MASTER_PORT="${MEGAPIX_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
 export MASTER_ADDR MASTER_PORT
 
 # Ranks per node. srun: whatever --ntasks-per-node says (one task per GPU). torchrun/deepspeed start the

@@ -48,7 +48,8 @@ def _clean_env(monkeypatch):
     for k in list(os.environ):
         if k.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_", "MV2_")) or k in (
                 "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-            monkeypatch.delenv(k, raising=False)
+            monkeypatch.setenv(k, "")  # records the original value (or its absence) for restoring at teardown,
+            monkeypatch.delenv(k)  # so what discover() writes into os.environ does not leak into later tests
 
 
 def test_srun_environment_is_mapped(monkeypatch):
