@@ -95,4 +95,6 @@ def test_export_any_layout_loads_in_transformers(work, name, tmp_path):
         export_main([str(layout_run("single")), str(single)])
     ref = ImageGPT.from_pretrained(str(single)).state_dict()
     got = ours.state_dict()
-    assert max((got[k] - ref[k]).abs().max().item() for k in ref) < 1e-3
+    # Losses agree to ~1e-5, but Adam normalises updates, so a weight whose gradient is near zero can move by up
+    # to ~lr per step in either run: the bound is a few lr, far below a mis-mapped tensor's O(0.1) error.
+    assert max((got[k] - ref[k]).abs().max().item() for k in ref) < 1e-2
