@@ -362,6 +362,8 @@ def _run(job: dict, args, dist: Dist) -> int:
                 bar.update(hi - lo)
                 chunks_run += 1
                 if stop_after and chunks_run >= stop_after:
+                    # every rank reaches its stop point before any dies (the launcher tears the others down)
+                    dist.barrier()
                     sys.stdout.flush()
                     os._exit(17)  # the test hook: die without any cleanup, as a SIGKILL would
             del mm

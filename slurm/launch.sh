@@ -53,6 +53,9 @@ export PYTHONUNBUFFERED=1
 MASTER_ADDR="${MEGAPIX_MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}"
 MASTER_PORT="${MEGAPIX_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
 export MASTER_ADDR MASTER_PORT
+# Ranks come from srun/torchrun/deepspeed inside the job; a RANK/WORLD_SIZE inherited from the submitting shell
+# (sbatch exports the whole environment) would make every task claim the same rank of the wrong world.
+unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE
 
 # Ranks per node. srun: whatever --ntasks-per-node says (one task per GPU). torchrun/deepspeed start the
 # ranks themselves and need the number: the GPUs SLURM gave us, else the tasks per node (CPU runs).

@@ -32,6 +32,17 @@ def subprocess_env(**extra) -> dict:
     return env
 
 
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """In-process runs call discover(), which writes RANK/WORLD_SIZE/MASTER_* into os.environ: put the
+    environment back after every test, so no later subprocess (or SLURM job) inherits another test's ranks."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture
 def tiny_config(tmp_path):
     path = tmp_path / "tiny.yaml"

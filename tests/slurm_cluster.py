@@ -114,9 +114,10 @@ class SlurmCluster:
         env["SLURM_CONF"] = str(self.conf)
         env["PATH"] = env.get("PATH", "/usr/bin:/bin") + ":/usr/sbin:/sbin"
         env.setdefault("USER", pwd.getpwuid(os.geteuid()).pw_name)
-        # A job submitted from inside another job (CI under SLURM) must not inherit its ids.
+        # A job submitted from inside another job (CI under SLURM, a torchrun shell) must not inherit its ids.
         for k in list(env):
-            if k.startswith("SLURM_") and k != "SLURM_CONF":
+            if (k.startswith("SLURM_") and k != "SLURM_CONF") or k in (
+                    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
                 del env[k]
         return env
 

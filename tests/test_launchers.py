@@ -45,7 +45,9 @@ def test_launcher_runs_two_ranks(launcher, tmp_path, curves):
 
 
 def _clean_env(monkeypatch):
-    for k in list(os.environ):
+    # The rank variables are named even when absent: discover() writes them, and monkeypatch restores only
+    # keys it has touched (an absent one is deleted again at teardown).
+    for k in {*os.environ, "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}:
         if k.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_", "MV2_")) or k in (
                 "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             monkeypatch.setenv(k, "")  # records the original value (or its absence) for restoring at teardown,
@@ -99,3 +101,16 @@ def test_slurm_master_addr_without_scontrol(monkeypatch):
     assert launch.slurm_master_addr("node[01-04],gpu7") == "node01"
     assert launch.slurm_master_addr("n7,n8") == "n7"
     assert launch.slurm_master_addr("a[3,5-6]") == "a3"
+
+
+def test_cpu_shm_op_is_not_built(monkeypatch):
+    """On CPU, DeepSpeed would JIT-build its shm all-reduce op in every init (minutes on a fresh install)."""
+    import importlib
+
+    from megapix.parallel import launch
+
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    monkeypatch.setattr(ds_torch, "build_shm_op", ds_torch.build_shm_op)  # restored at teardown
+    monkeypatch.delenv("MEGAPIX_CPU_SHM_OP", raising=False)
+    launch.skip_cpu_shm_op()
+    assert ds_torch.build_shm_op() is None

@@ -75,7 +75,15 @@ def submit(cluster, script: str, log: Path, wait: bool = False, opts=(), **varia
     if wait:
         cmd.append("--wait")
     cmd.append(str(ROOT / "slurm" / script))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT)
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT)
+    except subprocess.TimeoutExpired as e:
+        # `sbatch --wait` gave up, the job did not: cancel it, or it holds the node's CPUs for every later test
+        printed = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        m = re.search(r"^(\d+)", printed.strip(), re.M)
+        if m:
+            cluster.run("scancel", m.group(1), check=False)
+        pytest.fail(f"job {m.group(1) if m else '?'} did not finish within {JOB_TIMEOUT}s\n{read(log)[-4000:]}")
     m = re.search(r"^(\d+)", proc.stdout.strip(), re.M)
     assert m, f"sbatch printed no job id: rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     _SUBMITTED.append((cluster, m.group(1)))

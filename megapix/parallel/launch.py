@@ -89,9 +89,12 @@ def skip_cpu_shm_op() -> None:
     over gloo does not use it, so it is not built (set MEGAPIX_CPU_SHM_OP=1 to keep DeepSpeed's default)."""
     if os.environ.get("MEGAPIX_CPU_SHM_OP") == "1":
         return
-    try:
-        import deepspeed.comm.torch as ds_torch_comm
+    import importlib
 
-        ds_torch_comm.build_shm_op = lambda: None
+    try:
+        # importlib, not `import deepspeed.comm.torch as m`: that form resolves the attribute deepspeed.comm.torch,
+        # which is the real torch package (deepspeed.comm imports it), and the patch would land on torch.
+        ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
     except ImportError:
-        pass
+        return
+    ds_torch_comm.build_shm_op = lambda: None
