@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=2048, help="rows per resumable unit of work")
     p.add_argument("--val-fraction", type=float, help="held-out share of train (default: the source's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val holdout (use the training seed)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 autocast (GPU)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 autocast (GPUs; also CPUs with AMX/AVX512-BF16)")
     p.add_argument("--device", help="cpu, cuda (default: cuda:LOCAL_RANK when available)")
     p.add_argument("--overwrite", action="store_true", help="discard an existing or partial extraction in --out")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
