@@ -277,8 +277,8 @@ class Trainer:
 
     def resume(self) -> bool:
         """Continue from `latest`: DeepSpeed's own loader when the layout is unchanged (exact: weights, optimizer,
-        scheduler). In a different layout: DeepSpeed's universal checkpoint when the saving and the resuming run
-        both use ZeRO-1/2 (weights, Adam moments and schedule carry over; megapix.parallel.universal); otherwise
+        scheduler). In a different layout: DeepSpeed's universal checkpoint where it works (ZeRO-1/2 -> ZeRO-1/2, and
+        ZeRO-3 -> ZeRO-3 at TP 1; weights, Adam moments and schedule carry over; megapix.parallel.universal); otherwise
         megapix.parallel.reshard (weights re-cut for this layout, schedule position kept, Adam moments restarted)."""
         latest = os.path.join(self.ckpt_dir, "latest")
         if not os.path.isfile(latest):
@@ -291,7 +291,7 @@ class Trainer:
         if saved is not None and saved != {k: v for k, v in self.layout_record().items() if k != "step"}:
             from megapix.parallel.universal import resume_universal, unsupported_reason
 
-            why_not = unsupported_reason(saved, self.layout.zero_stage)
+            why_not = unsupported_reason(saved, self.layout.zero_stage, self.layout.tp)
             self.step = resume_universal(self, tag) if why_not is None else resume_resharded(self, tag, why_not)
             return True
         path, client = self.engine.load_checkpoint(self.ckpt_dir)

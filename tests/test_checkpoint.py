@@ -57,11 +57,12 @@ def test_latest_moves_last(work, monkeypatch):
 
 
 @pytest.mark.parametrize("src_name,dst_n,dst_args", [("tp2xpp2-zero1", 1, ["--zero-stage", "1"]),
-                                                    ("single-zero1", 2, ["--tensor-parallel", "2", "--zero-stage", "1"])])
+                                                    ("single-zero1", 2, ["--tensor-parallel", "2", "--zero-stage", "1"]),
+                                                    ("dp2-zero3", 1, ["--zero-stage", "3"])])
 def test_resume_in_a_different_layout_through_universal_checkpoint(work, src_name, dst_n, dst_args):
-    """ZeRO-1 -> ZeRO-1 in another layout goes through DeepSpeed's universal checkpoint: weights, Adam moments and
-    schedule carry over, so every resumed step matches the uninterrupted run. fp32 on CPU: layouts differ only in
-    reduction order (measured max |diff| 5e-7 over steps 4-6; uninterrupted runs of different layouts agree to
+    """ZeRO-1 -> ZeRO-1 (and ZeRO-3 -> ZeRO-3 at TP 1) in another layout goes through DeepSpeed's universal
+    checkpoint: weights, Adam moments and schedule carry over, so every resumed step matches the uninterrupted run.
+    fp32 on CPU: layouts differ only in reduction order (measured max |diff| 5e-7 over steps 4-6; uninterrupted runs of different layouts agree to
     ~2e-6), while restarting the moments (the fallback below) moves step 5 by ~4e-2. 1e-4 separates the two."""
     full = layout_run(src_name)
     dst = work / f"{src_name}-to-universal-{'x'.join(dst_args[1::2])}"
@@ -74,15 +75,19 @@ def test_resume_in_a_different_layout_through_universal_checkpoint(work, src_nam
     assert all(abs(r["lr"] - f["lr"]) < 1e-12 for r, f in zip(recs, records(full)[STOP:]))
 
 
-@pytest.mark.parametrize("src_name,dst_n,dst_args", [("tp2xpp2", 1, []), ("single", 2, ["--tensor-parallel", "2"])])
-def test_resume_in_a_different_layout(work, src_name, dst_n, dst_args):
-    """The fallback for ZeRO-0 checkpoints (DeepSpeed's conversion needs ZeRO-1/2 files): weights are resharded
-    into the new layout (megapix's own path), the schedule continues: the first resumed step's loss equals the
-    uninterrupted run's (Adam moments restart, so later steps may drift slightly)."""
+@pytest.mark.parametrize("src_name,dst_n,dst_args,why", [
+    ("tp2xpp2", 1, [], "the checkpoint was written with ZeRO-0"),
+    ("single", 2, ["--tensor-parallel", "2"], "the checkpoint was written with ZeRO-0"),
+    ("dp2-zero3", 1, ["--zero-stage", "1"], "ZeRO-3 -> ZeRO-1"),
+])
+def test_resume_in_a_different_layout(work, src_name, dst_n, dst_args, why):
+    """The fallback where DeepSpeed's universal checkpoint does not apply: weights are resharded into the new layout
+    (megapix's own path), the schedule continues: the first resumed step's loss equals the uninterrupted run's
+    (Adam moments restart, so later steps may drift slightly)."""
     full = layout_run(src_name)
     dst = work / f"{src_name}-to-{'x'.join(dst_args[1::2]) or 'single'}"
     proc = _resume_from(full, dst, dst_n, *dst_args, config=layout_config())
-    assert "weights resharded" in proc.stdout and "not universal: the checkpoint was written with ZeRO-0" in proc.stdout
+    assert "weights resharded" in proc.stdout and f"not universal: {why}" in proc.stdout, proc.stdout
     a, recs = losses(full), records(dst)
     assert recs[0]["step"] == STOP + 1
     assert abs(recs[0]["loss"] - a[STOP]) < 1e-4, (recs[0]["loss"], a[STOP])

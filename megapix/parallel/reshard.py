@@ -8,10 +8,10 @@ stopped, and the data resume is exact (global batches depend only on seed and st
 
 What is not carried over: the Adam moments (they restart from zero, with bias correction restarting too).
 So the first resumed step's loss equals the uninterrupted run's; later steps differ slightly. This is the
-fallback: a layout change between ZeRO-1/2 runs goes through DeepSpeed's universal checkpoint instead
-(megapix.parallel.universal), which keeps the moments. This path serves a ZeRO-0 or ZeRO-3 checkpoint, or a
-resume into ZeRO-0 (ZeRO-3 destinations are refused). A layout-preserving resume goes through DeepSpeed's
-loader and is exact, optimizer included.
+fallback: where DeepSpeed's universal checkpoint works (ZeRO-1/2 -> ZeRO-1/2, ZeRO-3 -> ZeRO-3 at TP 1) the resume
+goes through it instead (megapix.parallel.universal), which keeps the moments. This path serves ZeRO-0
+checkpoints, resumes into ZeRO-0 and ZeRO-3 -> ZeRO-1/2 (ZeRO-3 destinations are refused here). A
+layout-preserving resume goes through DeepSpeed's loader and is exact, optimizer included.
 """
 from __future__ import annotations
 

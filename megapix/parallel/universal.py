@@ -6,11 +6,10 @@ Patterns are regexes over parameter names, applied with re.match (anchored at th
 begins with ".*"); they match both the non-pipeline names ("model.blocks.3.attn...") and the pipeline layer
 names ("4.attn...").
 
-Which layout changes go through it: a checkpoint written with ZeRO-1 or ZeRO-2 (any TP x PP x DP), resumed in
-any other layout that also uses ZeRO-1 or 2 (ZeRO-2 needs PP 1). Everything else falls back to
-megapix.parallel.reshard, which keeps weights and schedule but restarts the Adam moments: ZeRO-0 sources (no
-partitioned fp32/moment fragments for the tool to read), ZeRO-0 destinations (load_universal is a ZeRO
-optimizer method), and ZeRO-3 (not tried with megapix checkpoints).
+Which layout changes go through it: ZeRO-1/2 (any TP x PP x DP) -> ZeRO-1/2 in any other layout, and ZeRO-3 ->
+ZeRO-3 with TP 1 in the resumed run. Everything else (see unsupported_reason) falls back to
+megapix.parallel.reshard, which keeps weights and schedule but restarts the Adam moments, and refuses ZeRO-3
+destinations.
 """
 from __future__ import annotations
 
@@ -42,15 +41,25 @@ def universal_checkpoint_info(cfg: Config) -> dict:
     return {C.UNIVERSAL_CHECKPOINT_INFO: info}
 
 
-def unsupported_reason(saved: dict, zero_stage: int) -> str | None:
+def unsupported_reason(saved: dict, zero_stage: int, tp: int) -> str | None:
     """Why DeepSpeed's universal checkpoint cannot carry `saved` (a layout.json record) into a run with this ZeRO
-    stage, or None when it can. ds_to_universal reads the partitioned fp32 masters and Adam moments that ZeRO-1/2
-    write (zero_pp_rank_*_optim_states.pt); ZeRO-0 saves a plain optimizer state instead. Loading with
-    load_universal goes through the ZeRO-1/2 optimizer's load_hp_checkpoint_state."""
-    if saved.get("zero_stage") not in (1, 2):
-        return f"the checkpoint was written with ZeRO-{saved.get('zero_stage')}; the conversion needs ZeRO-1 or 2"
-    if zero_stage not in (1, 2):
-        return f"this run uses ZeRO-{zero_stage}; loading a universal checkpoint here needs ZeRO-1 or 2"
+    stage and TP size, or None when it can (each case below was run with megapix checkpoints, DeepSpeed 0.19.8).
+    - ZeRO-0 source: ds_to_universal reads ZeRO's partitioned fp32 masters and moments; ZeRO-0 has none.
+    - ZeRO-0 destination: load_universal is implemented by the ZeRO optimizers.
+    - ZeRO-1/2 <-> ZeRO-3: the conversion's files differ by stage (a ZeRO-1/2 engine globs mp_rank_*_model_states.pt
+      and reads ds_version from zero/optimizer_state.pt, which a ZeRO-3 conversion lacks, and vice versa).
+    - ZeRO-3 destination with TP > 1: ZeRO-3's restore (load_hp_checkpoint_state_from_checkpoint_dir_stage3) cuts a
+      TP shard only for AutoTP parameters (ds_autotp_universal_checkpoint_meta); megapix's TP parameters would get
+      the full tensor ("start + length exceeds dimension size")."""
+    src = saved.get("zero_stage")
+    if src == 0:
+        return "the checkpoint was written with ZeRO-0; the conversion needs ZeRO's partitioned optimizer files"
+    if zero_stage == 0:
+        return "this run uses ZeRO-0; loading a universal checkpoint needs a ZeRO optimizer"
+    if (src == 3) != (zero_stage == 3):
+        return f"ZeRO-{src} -> ZeRO-{zero_stage}: DeepSpeed's universal files differ between ZeRO-1/2 and ZeRO-3"
+    if zero_stage == 3 and tp > 1:
+        return "DeepSpeed's ZeRO-3 universal restore cuts TP shards only for its own AutoTP parameters"
     return None
 
 
