@@ -260,6 +260,10 @@ class Trainer:
         tag = f"global_step{self.step}"
         client = {"step": self.step, "megapix_config": self.cfg.to_dict()}
         client.update(universal_checkpoint_info(self.cfg))
+        if self.is_rank0:  # a universal conversion of an earlier checkpoint with this tag would be reused on resume
+            import shutil
+
+            shutil.rmtree(os.path.join(self.ckpt_dir, f"{tag}_universal"), ignore_errors=True)
         self.engine.save_checkpoint(self.ckpt_dir, tag=tag, client_state=client, save_latest=False)
         barrier()
         if self.is_rank0:
