@@ -260,6 +260,10 @@ class Trainer:
         tag = f"global_step{self.step}"
         client = {"step": self.step, "megapix_config": self.cfg.to_dict()}
         client.update(universal_checkpoint_info(self.cfg))
+        if self.is_rank0:  # a universal conversion of an earlier checkpoint with this tag would be reused on resume
+            import shutil
+
+            shutil.rmtree(os.path.join(self.ckpt_dir, f"{tag}_universal"), ignore_errors=True)
         self.engine.save_checkpoint(self.ckpt_dir, tag=tag, client_state=client, save_latest=False)
         barrier()
         if self.is_rank0:
@@ -277,8 +281,9 @@ class Trainer:
 
     def resume(self) -> bool:
         """Continue from `latest`: DeepSpeed's own loader when the layout is unchanged (exact: weights, optimizer,
-        scheduler); otherwise megapix.parallel.reshard (weights re-cut for this layout, schedule position kept,
-        optimizer moments restarted)."""
+        scheduler). In a different layout: DeepSpeed's universal checkpoint where it works (ZeRO-1/2 -> ZeRO-1/2, and
+        ZeRO-3 -> ZeRO-3 at TP 1; weights, Adam moments and schedule carry over; megapix.parallel.universal); otherwise
+        megapix.parallel.reshard (weights re-cut for this layout, schedule position kept, Adam moments restarted)."""
         latest = os.path.join(self.ckpt_dir, "latest")
         if not os.path.isfile(latest):
             return False
@@ -288,7 +293,10 @@ class Trainer:
 
         saved = saved_layout(self.ckpt_dir, tag)
         if saved is not None and saved != {k: v for k, v in self.layout_record().items() if k != "step"}:
-            self.step = resume_resharded(self, tag)
+            from megapix.parallel.universal import resume_universal, unsupported_reason
+
+            why_not = unsupported_reason(saved, self.layout.zero_stage, self.layout.tp)
+            self.step = resume_universal(self, tag) if why_not is None else resume_resharded(self, tag, why_not)
             return True
         path, client = self.engine.load_checkpoint(self.ckpt_dir)
         if path is None:

@@ -1,5 +1,6 @@
-"""Checkpoints: exact resume (1 rank and PP 2), `latest` moves last, layout-changing resume, and export of any
-layout to an HF ImageGPT directory that transformers loads with identical logits."""
+"""Checkpoints: exact resume (1 rank and PP 2), `latest` moves last, layout-changing resume (DeepSpeed's universal
+checkpoint, and megapix's reshard fallback), and export of any layout to an HF ImageGPT directory that
+transformers loads with identical logits."""
 from __future__ import annotations
 
 import json
@@ -55,14 +56,41 @@ def test_latest_moves_last(work, monkeypatch):
     assert src.index("layout.json") < src.index('"latest"')
 
 
-@pytest.mark.parametrize("src_name,dst_n,dst_args", [("tp2xpp2", 1, []), ("single", 2, ["--tensor-parallel", "2"])])
-def test_resume_in_a_different_layout(work, src_name, dst_n, dst_args):
-    """Weights are resharded into the new layout (megapix's own path), the schedule continues: the first resumed
-    step's loss equals the uninterrupted run's (Adam moments restart, so later steps may drift slightly)."""
+@pytest.mark.parametrize("src_name,dst_n,dst_args", [("tp2xpp2-zero1", 1, ["--zero-stage", "1"]),
+                                                    ("single-zero1", 2, ["--tensor-parallel", "2", "--zero-stage", "1"]),
+                                                    ("dp2-zero3", 1, ["--zero-stage", "3"])])
+def test_resume_in_a_different_layout_through_universal_checkpoint(work, src_name, dst_n, dst_args):
+    """ZeRO-1 -> ZeRO-1 (and ZeRO-3 -> ZeRO-3 at TP 1) in another layout goes through DeepSpeed's universal
+    checkpoint: weights, Adam moments and schedule carry over, so every resumed step matches the uninterrupted run.
+    fp32 on CPU: layouts differ only in reduction order (measured max |diff| 5e-7 over steps 4-6; uninterrupted runs of different layouts agree to
+    ~2e-6), while restarting the moments (the fallback below) moves step 5 by ~4e-2. 1e-4 separates the two."""
+    full = layout_run(src_name)
+    dst = work / f"{src_name}-to-universal-{'x'.join(dst_args[1::2])}"
+    proc = _resume_from(full, dst, dst_n, *dst_args, config=layout_config())
+    assert "through DeepSpeed's universal checkpoint" in proc.stdout, proc.stdout
+    assert (dst / "checkpoints" / f"global_step{STOP}_universal" / "zero" / "optimizer_state.pt").is_file()
+    a, recs = losses(full), records(dst)
+    assert [r["step"] for r in recs] == list(range(STOP + 1, STEPS + 1))
+    diff = max(abs(r["loss"] - x) for r, x in zip(recs, a[STOP:]))
+    print(f"{src_name} -> {' '.join(dst_args)} ({dst_n} ranks): max |loss - uninterrupted| = {diff:.1e} over steps "
+          f"{STOP + 1}-{STEPS}")
+    assert diff < 1e-4, ([r["loss"] for r in recs], a[STOP:])
+    assert all(abs(r["lr"] - f["lr"]) < 1e-12 for r, f in zip(recs, records(full)[STOP:]))
+
+
+@pytest.mark.parametrize("src_name,dst_n,dst_args,why", [
+    ("tp2xpp2", 1, [], "the checkpoint was written with ZeRO-0"),
+    ("single", 2, ["--tensor-parallel", "2"], "the checkpoint was written with ZeRO-0"),
+    ("dp2-zero3", 1, ["--zero-stage", "1"], "ZeRO-3 -> ZeRO-1"),
+])
+def test_resume_in_a_different_layout(work, src_name, dst_n, dst_args, why):
+    """The fallback where DeepSpeed's universal checkpoint does not apply: weights are resharded into the new layout
+    (megapix's own path), the schedule continues: the first resumed step's loss equals the uninterrupted run's
+    (Adam moments restart, so later steps may drift slightly)."""
     full = layout_run(src_name)
     dst = work / f"{src_name}-to-{'x'.join(dst_args[1::2]) or 'single'}"
     proc = _resume_from(full, dst, dst_n, *dst_args, config=layout_config())
-    assert "weights resharded" in proc.stdout
+    assert "weights resharded" in proc.stdout and f"not universal: {why}" in proc.stdout, proc.stdout
     a, recs = losses(full), records(dst)
     assert recs[0]["step"] == STOP + 1
     assert abs(recs[0]["loss"] - a[STOP]) < 1e-4, (recs[0]["loss"], a[STOP])
@@ -98,3 +126,32 @@ def test_export_any_layout_loads_in_transformers(work, name, tmp_path):
     # Losses agree to ~1e-5, but Adam normalises updates, so a weight whose gradient is near zero can move by up
     # to ~lr per step in either run: the bound is a few lr, far below a mis-mapped tensor's O(0.1) error.
     assert max((got[k] - ref[k]).abs().max().item() for k in ref) < 1e-2
+
+
+def test_universal_patterns_classify_every_parameter_once():
+    """ds_to_universal applies each pattern with re.match and asserts at most one match per category and no unused
+    pattern: every megapix parameter name, with and without a pipeline, falls in exactly one TP category."""
+    import re
+
+    from deepspeed.checkpoint import constants as C
+
+    from megapix import ImageGPT
+    from megapix.config import Config
+    from megapix.parallel.consolidate import canonical_name, module_name
+    from megapix.parallel.universal import universal_checkpoint_info
+
+    for bias in (False, True):
+        cfg = Config.from_dict({"model": {"n_layer": 2, "d_model": 64, "n_head": 4, "resolution": 8, "bias": bias}})
+        info = universal_checkpoint_info(cfg)[C.UNIVERSAL_CHECKPOINT_INFO]
+        categories = [info[C.TP_REPLICATED_PARAMETER_PATTERNS], info[C.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS],
+                      info[C.VOCABULARY_PARAMETER_PATTERNS], info[C.PARAMETER_WITH_SUB_PARAMS][0]["patterns"]]
+        used = set()
+        for canonical, _ in ImageGPT(cfg.model).named_parameters():
+            for pipeline in (False, True):
+                name = module_name(canonical, pipeline, cfg.model.n_layer)
+                assert canonical_name(name, pipeline, cfg.model.n_layer) == canonical
+                hits = [p for cat in categories for p in cat if re.match(p, name)]
+                column = canonical.endswith(("c_fc.weight", "c_fc.bias"))  # no pattern: cat on dim 0, the default
+                assert len(hits) == (0 if column else 1), (name, hits)
+                used.update(hits)
+        assert used == {p for cat in categories for p in cat}

@@ -104,6 +104,9 @@ LAYOUTS = {
     "tp2": (2, ["--tensor-parallel", "2"]),
     "pp2": (2, ["--pipeline-parallel", "2", "--micro-batch", "2"]),
     "tp2xpp2": (4, ["--tensor-parallel", "2", "--pipeline-parallel", "2"]),
+    # ZeRO-1 sources for the resume through DeepSpeed's universal checkpoint (test_checkpoint)
+    "single-zero1": (1, ["--zero-stage", "1"]),
+    "tp2xpp2-zero1": (4, ["--tensor-parallel", "2", "--pipeline-parallel", "2", "--zero-stage", "1"]),
     "pp2xdp2": (4, ["--pipeline-parallel", "2", "--zero-stage", "1", "--micro-batch", "2"]),
     # activation checkpointing (deepspeed.checkpointing, TP RNG tracker) recomputes blocks: same curve
     "tp2-actckpt": (2, ["--tensor-parallel", "2", "--activation-checkpointing"]),

@@ -107,3 +107,15 @@ def load_into(module: torch.nn.Module, full: dict[str, torch.Tensor], is_pipelin
         if shard.shape != p.shape:
             raise ConfigError(f"{key}: checkpoint shard {tuple(shard.shape)} does not fit {tuple(p.shape)}")
         p.copy_(shard.to(p.dtype))
+
+
+def module_name(canonical: str, is_pipeline: bool, n_layer: int) -> str:
+    """Inverse of canonical_name: the name of a canonical ImageGPT parameter in the module DeepSpeed wraps
+    (LossModel: "model.<name>"; PipelineModule: "<layer index>.<name within the layer>")."""
+    if not is_pipeline:
+        return "model." + canonical
+    if canonical.startswith("blocks."):
+        _, index, rest = canonical.split(".", 2)
+        return f"{int(index) + 1}.{rest}"
+    first = canonical.split(".", 1)[0]
+    return f"0.{canonical}" if first in ("wte", "wpe", "sos") else f"{n_layer + 1}.{canonical}"

@@ -7,10 +7,11 @@ masters are refreshed from the module. The step counter and the learning-rate sc
 stopped, and the data resume is exact (global batches depend only on seed and step).
 
 What is not carried over: the Adam moments (they restart from zero, with bias correction restarting too).
-So the first resumed step's loss equals the uninterrupted run's; later steps differ slightly. This is
-megapix's own path, not DeepSpeed's universal checkpoint (the client state still publishes
-universal_checkpoint_info for DeepSpeed's ds_to_universal.py; that conversion is not exercised here).
-A layout-preserving resume goes through DeepSpeed's loader and is exact, optimizer included.
+So the first resumed step's loss equals the uninterrupted run's; later steps differ slightly. This is the
+fallback: where DeepSpeed's universal checkpoint works (ZeRO-1/2 -> ZeRO-1/2, ZeRO-3 -> ZeRO-3 at TP 1) the resume
+goes through it instead (megapix.parallel.universal), which keeps the moments. This path serves ZeRO-0
+checkpoints, resumes into ZeRO-0 and ZeRO-3 -> ZeRO-1/2 (ZeRO-3 destinations are refused here). A
+layout-preserving resume goes through DeepSpeed's loader and is exact, optimizer included.
 """
 from __future__ import annotations
 
@@ -43,7 +44,16 @@ def saved_step(ckpt_dir: str, tag: str) -> int:
     return int(m.group(1))
 
 
-def resume_resharded(trainer, tag: str) -> int:
+def check_same_model(trainer, tag: str) -> None:
+    from megapix.checkpoint import read_config
+
+    saved_cfg = read_config(trainer.ckpt_dir, tag)
+    if saved_cfg.model != trainer.cfg.model:
+        raise ConfigError(f"checkpoint {tag} was written for model {saved_cfg.model}, not {trainer.cfg.model}")
+
+
+def resume_resharded(trainer, tag: str, why: str = "") -> int:
+    """`why`: the reason DeepSpeed's universal checkpoint could not be used, for the log line."""
     from megapix.checkpoint import read_config
     from megapix.parallel.consolidate import load_into, state_dict
 
@@ -72,5 +82,5 @@ def resume_resharded(trainer, tag: str) -> int:
     if trainer.is_rank0:
         saved = saved_layout(trainer.ckpt_dir, tag)
         print(f"megapix: resumed {tag} written as {saved} in {lay.describe()}: weights resharded, schedule at step "
-              f"{step}, Adam moments restarted (layout change)", flush=True)
+              f"{step}, Adam moments restarted (layout change{'; not universal: ' + why if why else ''})", flush=True)
     return step

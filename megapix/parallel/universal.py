@@ -1,9 +1,15 @@
-"""The `universal_checkpoint_info` client state that DeepSpeed's universal-checkpoint conversion
-(deepspeed/checkpoint/ds_to_universal.py) reads to merge TP shards, as Megatron-DeepSpeed publishes it.
+"""DeepSpeed's universal checkpoint for megapix: the `universal_checkpoint_info` client state that
+deepspeed/checkpoint/ds_to_universal.py reads to merge TP shards (as Megatron-DeepSpeed publishes it), and the
+layout-changing resume through it (convert, rename, load with load_universal).
 
-Patterns are regexes over parameter names; they match both the non-pipeline names ("model.blocks.3.attn...")
-and the pipeline layer names ("4.attn..."). Note: megapix's own layout-changing resume (megapix.parallel.reshard)
-does not depend on this; the info is published so DeepSpeed's tool can be used on megapix checkpoints.
+Patterns are regexes over parameter names, applied with re.match (anchored at the start of the name, so each
+begins with ".*"); they match both the non-pipeline names ("model.blocks.3.attn...") and the pipeline layer
+names ("4.attn...").
+
+Which layout changes go through it: ZeRO-1/2 (any TP x PP x DP) -> ZeRO-1/2 in any other layout, and ZeRO-3 ->
+ZeRO-3 with TP 1 in the resumed run. Everything else (see unsupported_reason) falls back to
+megapix.parallel.reshard, which keeps weights and schedule but restarts the Adam moments, and refuses ZeRO-3
+destinations.
 """
 from __future__ import annotations
 
@@ -14,19 +20,133 @@ def universal_checkpoint_info(cfg: Config) -> dict:
     from deepspeed.checkpoint import constants as C
 
     d = cfg.model.d_model
+    # ds_to_universal refuses (strict mode) a pattern that matches no parameter: bias patterns only with biases.
+    bias = cfg.model.bias
     info = {
         C.UNIVERSAL_CHECKPOINT_VERSION_KEY: 0.2,
         C.ORIGINAL_VOCAB_SIZE: VOCAB_SIZE,
         C.PADDED_VOCAB_SIZE: VOCAB_SIZE,
         C.TP_REPLICATED_PARAMETER_PATTERNS: [
-            r"norm_1\.weight$", r"norm_2\.weight$", r"norm_f\.weight$", r"wte\.weight$", r"wpe\.weight$",
-            r"(^|\.)sos$", r"attn\.c_proj\.bias$", r"mlp\.c_proj\.bias$",
-        ],
+            r".*norm_1\.weight$", r".*norm_2\.weight$", r".*norm_f\.weight$", r".*wte\.weight$",
+            r".*wpe\.weight$", r"(.*\.)?sos$",
+        ] + ([r".*attn\.c_proj\.bias$", r".*mlp\.c_proj\.bias$"] if bias else []),
         C.PARAMETER_TO_AVERAGE_PATTERNS: [],
-        C.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [r"attn\.c_proj\.weight$", r"mlp\.c_proj\.weight$"],
-        C.VOCABULARY_PARAMETER_PATTERNS: [r"head\.weight$"],
+        C.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [r".*attn\.c_proj\.weight$", r".*mlp\.c_proj\.weight$"],
+        C.VOCABULARY_PARAMETER_PATTERNS: [r".*head\.weight$"],
         # c_attn is [q | k | v] along dim 0, each TP-sliced by heads: three sub-parameters of d rows.
-        C.PARAMETER_WITH_SUB_PARAMS: [{"patterns": [r"attn\.c_attn\.weight$", r"attn\.c_attn\.bias$"],
+        C.PARAMETER_WITH_SUB_PARAMS: [{"patterns": [r".*attn\.c_attn\.weight$"]
+                                       + ([r".*attn\.c_attn\.bias$"] if bias else []),
                                        "shape": [(d, d, d), -1], "partition_dim": 0}],
     }
     return {C.UNIVERSAL_CHECKPOINT_INFO: info}
+
+
+def unsupported_reason(saved: dict, zero_stage: int, tp: int) -> str | None:
+    """Why DeepSpeed's universal checkpoint cannot carry `saved` (a layout.json record) into a run with this ZeRO
+    stage and TP size, or None when it can (each case below was run with megapix checkpoints, DeepSpeed 0.19.8).
+    - ZeRO-0 source: ds_to_universal reads ZeRO's partitioned fp32 masters and moments; ZeRO-0 has none.
+    - ZeRO-0 destination: load_universal is implemented by the ZeRO optimizers.
+    - ZeRO-1/2 <-> ZeRO-3: the conversion's files differ by stage (a ZeRO-1/2 engine globs mp_rank_*_model_states.pt
+      and reads ds_version from zero/optimizer_state.pt, which a ZeRO-3 conversion lacks, and vice versa).
+    - ZeRO-3 destination with TP > 1: ZeRO-3's restore (load_hp_checkpoint_state_from_checkpoint_dir_stage3) cuts a
+      TP shard only for AutoTP parameters (ds_autotp_universal_checkpoint_meta); megapix's TP parameters would get
+      the full tensor ("start + length exceeds dimension size")."""
+    src = saved.get("zero_stage")
+    if src == 0:
+        return "the checkpoint was written with ZeRO-0; the conversion needs ZeRO's partitioned optimizer files"
+    if zero_stage == 0:
+        return "this run uses ZeRO-0; loading a universal checkpoint needs a ZeRO optimizer"
+    if (src == 3) != (zero_stage == 3):
+        return f"ZeRO-{src} -> ZeRO-{zero_stage}: DeepSpeed's universal files differ between ZeRO-1/2 and ZeRO-3"
+    if zero_stage == 3 and tp > 1:
+        return "DeepSpeed's ZeRO-3 universal restore cuts TP shards only for its own AutoTP parameters"
+    return None
+
+
+def convert(ckpt_dir: str, tag: str) -> str:
+    """Run DeepSpeed's ds_to_universal on <ckpt_dir>/<tag> into the sibling <tag>_universal (once; it is reused).
+    Call on one rank. It writes to <tag>_universal.tmp and renames, so a crash never leaves a half folder that a
+    later resume would trust. One worker each: forking a process pool inside a distributed job is not safe."""
+    import argparse
+    import os
+    import shutil
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    out = os.path.join(ckpt_dir, f"{tag}_universal")
+    if os.path.isdir(out):
+        return out
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    ds_to_universal.main(argparse.Namespace(input_folder=os.path.join(ckpt_dir, tag), output_folder=tmp,
+                                            num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                            strict=True, inject_missing_state=False))
+    os.replace(tmp, out)
+    with open(os.path.join(ckpt_dir, "latest_universal"), "w") as f:  # the tool pointed it at the .tmp name
+        f.write(os.path.basename(out))
+    return out
+
+
+def rename_params(folder: str, is_pipeline: bool, n_layer: int) -> None:
+    """Rename <folder>/zero/<param> to the parameter names of the module about to load it. DeepSpeed names each
+    parameter folder after the *saving* module (ZeRO's param_names): "model.blocks.0.attn.c_attn.weight" without
+    a pipeline, "1.attn.c_attn.weight" with one (layer index first), and the loader looks the *loading* module's
+    names up. Both map to the canonical ImageGPT name, so a pipeline <-> no-pipeline change is a rename."""
+    import os
+
+    from megapix.parallel.consolidate import canonical_name, module_name
+
+    zero = os.path.join(folder, "zero")
+    for name in os.listdir(zero):
+        if not os.path.isdir(os.path.join(zero, name)):
+            continue  # optimizer_state.pt
+        saved_by_pipeline = not name.startswith("model.")
+        target = module_name(canonical_name(name, saved_by_pipeline, n_layer), is_pipeline, n_layer)
+        if target != name:
+            os.rename(os.path.join(zero, name), os.path.join(zero, target))
+
+
+def resume_universal(trainer, tag: str) -> int:
+    """Resume <tag> in this (different) layout through DeepSpeed's universal checkpoint: rank 0 converts (once)
+    and renames the parameter folders for this module, then every rank loads with load_universal. fp32 masters,
+    Adam moments and step, the lr schedule and the client state all carry over."""
+    import torch.distributed as dist
+
+    from megapix.engine import barrier
+    from megapix.parallel.reshard import check_same_model
+
+    check_same_model(trainer, tag)
+    engine, lay = trainer.engine, trainer.layout
+    error = None
+    if trainer.is_rank0:
+        try:
+            folder = convert(trainer.ckpt_dir, tag)
+            rename_params(folder, trainer.is_pipeline, trainer.cfg.model.n_layer)
+        except Exception as e:  # every rank must hear of it, or the others wait in the barrier forever
+            error = e
+    failed = [repr(error) if error is not None else None]
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(failed, src=0)
+    if error is not None:
+        raise error
+    if failed[0] is not None:
+        raise RuntimeError(f"rank 0 could not convert {tag} to a universal checkpoint: {failed[0]}")
+    barrier()
+    # DeepSpeed reads "checkpoint": {"load_universal": true} only inside load_checkpoint, so it is switched on for
+    # this one load (a config flag would also send every later same-layout resume to latest_universal).
+    cfg = engine._config
+    cfg.load_universal_checkpoint = True
+    try:
+        path, client = engine.load_checkpoint(trainer.ckpt_dir, tag=f"{tag}_universal")
+    finally:
+        cfg.load_universal_checkpoint = False
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {tag}_universal")
+    step = int(client["step"])
+    if trainer.is_rank0:
+        from megapix.parallel.reshard import saved_layout
+
+        print(f"megapix: resumed {tag} written as {saved_layout(trainer.ckpt_dir, tag)} in {lay.describe()} through "
+              f"DeepSpeed's universal checkpoint ({tag}_universal): weights, Adam moments and schedule at step {step}",
+              flush=True)
+    return step
