@@ -44,26 +44,25 @@ def saved_step(ckpt_dir: str, tag: str) -> int:
     return int(m.group(1))
 
 
-def check_same_model(trainer, tag: str) -> None:
+def check_same_model(trainer, tag: str):
+    """The checkpoint's Config, after checking it was written for this run's model."""
     from megapix.checkpoint import read_config
 
     saved_cfg = read_config(trainer.ckpt_dir, tag)
     if saved_cfg.model != trainer.cfg.model:
         raise ConfigError(f"checkpoint {tag} was written for model {saved_cfg.model}, not {trainer.cfg.model}")
+    return saved_cfg
 
 
 def resume_resharded(trainer, tag: str, why: str = "") -> int:
     """`why`: the reason DeepSpeed's universal checkpoint could not be used, for the log line."""
-    from megapix.checkpoint import read_config
     from megapix.parallel.consolidate import load_into, state_dict
 
     lay = trainer.layout
     if lay.zero_stage == 3:
         raise ConfigError("resuming a checkpoint in a different layout into ZeRO-3 is not supported; resume with "
                           "--zero-stage 2 (or the saved layout), save, then switch to ZeRO-3")
-    saved_cfg = read_config(trainer.ckpt_dir, tag)
-    if saved_cfg.model != trainer.cfg.model:
-        raise ConfigError(f"checkpoint {tag} was written for model {saved_cfg.model}, not {trainer.cfg.model}")
+    saved_cfg = check_same_model(trainer, tag)
     full = state_dict(trainer.ckpt_dir, tag, saved_cfg)
     load_into(trainer.engine.module, full, trainer.is_pipeline, trainer.cfg.model.n_layer, lay.tp, lay.tp_rank)
     opt = trainer.engine.optimizer
