@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from megapix.config import ConfigError
+from megapix.model.igpt import check_tokens
 
 PROGRESS_DIR = ".extract_progress"
 FORMAT = "megapix-features"
@@ -59,6 +60,7 @@ def extract(model, tokens, layers, batch_size: int = 256, device=None, autocast_
     layers = check_layers(layers, model.config.n_layer)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     tokens = torch.as_tensor(tokens)
+    check_tokens(tokens, model.config.n_positions)  # once for all rows, before any work
     n, d = tokens.shape[0], model.config.d_model
     out = torch.empty((n, len(layers) * d), dtype=out_dtype, device=device)
     for lo in range(0, n, batch_size):
@@ -69,24 +71,11 @@ def extract(model, tokens, layers, batch_size: int = 256, device=None, autocast_
 
 def _pooled(model, tokens: torch.Tensor, layers: list[int], autocast_dtype=None) -> torch.Tensor:
     """[B, len(layers) * d] float32 for one batch; blocks beyond max(layers) are never run."""
-    n_layer, last = model.config.n_layer, max(layers)
-    want = set(layers)
-    pooled: dict[int, torch.Tensor] = {}
     ctx = (torch.autocast(tokens.device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else torch.autocast(tokens.device.type, enabled=False))
     with ctx:
-        h = model.embed(tokens)  # no mask: the paper's features of unmasked input (BERT too)
-        for i in range(min(last, n_layer - 1) + 1):
-            block = model.blocks[i]
-            x = block.norm_1(h)
-            if i in want:
-                pooled[i] = x.float().mean(dim=1)
-            if i == last:
-                break
-            h = h + block.attn(x)
-            h = h + block.mlp(block.norm_2(h))
-        if n_layer in want:
-            pooled[n_layer] = model.norm_f(h).float().mean(dim=1)
+        # no mask: the paper's features of unmasked input (BERT too); each layer is pooled as soon as it exists
+        pooled = {l: x.float().mean(dim=1) for l, x in model.hidden_states(tokens, layers)}
     return torch.cat([pooled[l] for l in layers], dim=1)
 
 

@@ -49,10 +49,7 @@ class Classifier(nn.Module):
         from megapix.model.igpt import lm_loss
 
         m = self.model
-        h = m.embed(tokens, mask)
-        for block in m.blocks:
-            h = block(h)
-        z = m.norm_f(h)
+        z = m.hidden(tokens, mask)  # the head's input: norm_f of the last block's output
         l_gen = lm_loss(m.head(z), tokens, mask if m.config.objective == "bert" else None)
         logits = self.clf(z.float().mean(dim=1))
         l_clf = F.cross_entropy(logits, labels)

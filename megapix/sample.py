@@ -1,7 +1,7 @@
 """Sampling with a KV cache, and image-completion grids as PNG.
 
-Decoding runs the model's own modules (norms, projections, MLP) one position at a time and keeps each
-block's keys and values, so a T-token image costs T small steps instead of T full forward passes.
+Decoding runs the model's own forward with its KV cache (`ImageGPT.kv_cache`): the prompt in one pass, then
+one position at a time, so a T-token image costs T small steps instead of T full forward passes.
 """
 from __future__ import annotations
 
@@ -11,41 +11,8 @@ import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from megapix.config import ConfigError
-
-
-class KVCache:
-    def __init__(self, n_layer: int):
-        self.k: list[torch.Tensor | None] = [None] * n_layer
-        self.v: list[torch.Tensor | None] = [None] * n_layer
-
-    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        if self.k[layer] is None:
-            self.k[layer], self.v[layer] = k, v
-        else:
-            self.k[layer] = torch.cat([self.k[layer], k], dim=2)
-            self.v[layer] = torch.cat([self.v[layer], v], dim=2)
-        return self.k[layer], self.v[layer]
-
-
-def _step(model, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """x: input embeddings [B, t, d] for the next t positions -> logits [B, t, 512]; updates the cache."""
-    B, t, _ = x.shape
-    for i, block in enumerate(model.blocks):
-        a = block.attn
-        qkv = a.c_attn(block.norm_1(x))
-        n_head = qkv.shape[-1] // (3 * a.head_dim)
-        q, k, v = qkv.view(B, t, 3, n_head, a.head_dim).permute(2, 0, 3, 1, 4)
-        k, v = cache.extend(i, k, v)
-        # New queries see every cached position plus the causal part of the new ones.
-        past = k.shape[2] - t
-        allowed = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=past)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-        x = x + a.c_proj(y.transpose(1, 2).reshape(B, t, -1))
-        x = x + block.mlp(block.norm_2(x))
-    return model.head(model.norm_f(x))
 
 
 @torch.no_grad()
@@ -57,23 +24,18 @@ def generate(model, prefix: torch.Tensor, n_ctx: int | None = None, temperature:
     n_ctx = n_ctx or model.config.n_ctx
     B, P = prefix.shape
     device = next(model.parameters()).device
-    out = torch.empty(B, n_ctx, dtype=torch.long, device=device)
+    out = torch.zeros(B, n_ctx, dtype=torch.long, device=device)
     out[:, :P] = prefix.to(device)
-    cache = KVCache(len(model.blocks))
-    # Inputs are [SOS, tok_0, ..]: position p's input predicts token p.
-    inputs = torch.cat([model.sos.view(1, 1, -1).expand(B, 1, -1), model.wte(out[:, :P])], 1)
-    x = inputs + model.wpe.weight[: P + 1]
-    logits = _step(model, x, cache)[:, -1]
+    cache = model.kv_cache()
     for pos in range(P, n_ctx):
-        logits = logits.float() / max(temperature, 1e-6)
+        # model(out[:, :pos + 1])[:, pos] predicts token pos from the tokens before it (out[:, pos] is not read);
+        # the cache makes the first call run the prompt and every later call one new position.
+        logits = model(out[:, : pos + 1], cache=cache)[:, -1].float() / max(temperature, 1e-6)
         if top_k:
             kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         probs = torch.softmax(logits, -1)
         out[:, pos] = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(device)
-        if pos + 1 < n_ctx:
-            x = model.wte(out[:, pos : pos + 1]) + model.wpe.weight[pos + 1 : pos + 2]
-            logits = _step(model, x, cache)[:, -1]
     return out
 
 

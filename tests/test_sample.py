@@ -7,7 +7,7 @@ import torch
 
 from megapix.config import ConfigError, ModelConfig
 from megapix.model.igpt import ImageGPT
-from megapix.sample import KVCache, _step, completion_grid, generate, save_png
+from megapix.sample import completion_grid, generate, save_png
 
 CONFIG = dict(n_layer=2, d_model=64, n_head=4, resolution=8)
 
@@ -42,14 +42,23 @@ def test_cached_step_logits_equal_the_full_forward(model):
     tokens = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = model(tokens)
-        cache = KVCache(len(model.blocks))
-        x = torch.cat([model.sos.view(1, 1, -1).expand(2, 1, -1), model.wte(tokens[:, :19])], 1) + model.wpe.weight[:20]
-        chunks = [_step(model, x, cache)]  # a 20-position prefix at once, then one position at a time
+        cache = model.kv_cache()
+        chunks = [model(tokens[:, :20], cache=cache)]  # a 20-position prefix at once, then one position at a time
+        assert len(cache[0]) == 20 and chunks[0].shape == (2, 20, 512)
         for pos in range(20, 64):
-            chunks.append(_step(model, model.wte(tokens[:, pos - 1 : pos]) + model.wpe.weight[pos : pos + 1], cache))
+            chunks.append(model(tokens[:, : pos + 1], cache=cache))
+        # several positions past a non-empty cache at once: causal among themselves, all of the cache visible
+        cache = model.kv_cache()
+        chunks2 = [model(tokens[:, :7], cache=cache), model(tokens[:, :30], cache=cache), model(tokens, cache=cache)]
     cached = torch.cat(chunks, 1)
     assert full.abs().max() > 0.1
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(chunks2, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_needs_an_autoregressive_model():
+    with pytest.raises(ConfigError, match="autoregressive"):
+        ImageGPT(ModelConfig(**CONFIG, objective="bert")).kv_cache()
 
 
 @pytest.mark.parametrize("prefix_len,temperature,top_k", [(0, 1.0, None), (24, 1.0, None), (5, 0.7, 40)])

@@ -5,6 +5,10 @@ pre-LN blocks with the uncentred, bias-free norm; a quick_gelu MLP of width 4d; 
 an untied 512-way head; and the SOS shift inside the model, so that `model(tokens)[:, t]` predicts
 `tokens[:, t]` from `tokens[:, :t]`.
 
+Every user of the network goes through its pieces: `embed`, `blocks`, `norm_f`, `head`; `hidden` (the head's
+input: fine-tuning), `hidden_states` (each layer's normed input: probe features), a KV cache (sampling); the
+pipeline stages are this class cut down (megapix/parallel/pipeline.py).
+
 Nothing here knows about ranks: tensor/pipeline parallelism split or wrap this module from
 megapix/parallel/, and kernels are chosen through `config.kernels`.
 """
@@ -17,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megapix.config import VOCAB_SIZE, ModelConfig
+from megapix.config import VOCAB_SIZE, ConfigError, ModelConfig
 from megapix.model import ops
 
 
@@ -37,6 +41,25 @@ class IGPTNorm(nn.Module):
         return ops.add_norm(x, residual, self.weight, self.eps, self.kernels)
 
 
+class KVCache:
+    """One layer's keys and values [B, H, t, Dh] of the positions already decoded (sampling).
+
+    `ImageGPT.forward(tokens, cache=model.kv_cache())` fills one per block; the next call computes only the
+    positions past the cached ones."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    def __len__(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor):
+        """Append the new positions' keys and values; returns all of them."""
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -47,12 +70,16 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(d, 3 * d, bias=config.bias)  # [q | k | v], heads contiguous within each
         self.c_proj = nn.Linear(d, d, bias=config.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """x: [B, T, d]. With a cache, x holds the T positions after the cached ones, whose keys and values
+        join the cache; ops.attention then treats the queries as the last T positions."""
         B, T, _ = x.shape
         qkv = self.c_attn(x)
         # The head count comes from the projection's width so a tensor-parallel shard (fewer heads) just works.
         n_head = qkv.shape[-1] // (3 * self.head_dim)
         q, k, v = qkv.view(B, T, 3, n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, Dh]
+        if cache is not None:
+            k, v = cache.extend(k, v)
         y = ops.attention(q, k, v, causal=self.causal, backend=self.kernels)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, n_head * self.head_dim))
 
@@ -79,9 +106,9 @@ class Block(nn.Module):
         self.norm_2 = IGPTNorm(config.d_model, config.norm_eps, config.kernels)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         # x = x + attn(norm_1(x)); x = x + mlp(norm_2(x)), with the first residual add fused into norm_2.
-        h, x = self.norm_2(self.attn(self.norm_1(x)), residual=x)
+        h, x = self.norm_2(self.attn(self.norm_1(x), cache), residual=x)
         return x + self.mlp(h)
 
 
@@ -98,24 +125,53 @@ class ImageGPT(nn.Module):
         self.head = nn.Linear(d, VOCAB_SIZE, bias=False)
         init_parameters(self, config, seed)
 
-    def embed(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Input embeddings: [SOS, tok_0 .. tok_{T-2}] for AR; masked tokens zeroed for BERT. Plus positions."""
+    def embed(self, tokens: torch.Tensor, mask: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
+        """Input embeddings of positions start..T-1 (start > 0: those past a KV cache), plus positions:
+        [SOS, tok_0 .. tok_{T-2}] for AR, so position t sees only tokens before t; masked tokens zeroed for BERT."""
+        check_tokens(tokens, self.wpe.num_embeddings)
         B, T = tokens.shape
-        if T > self.wpe.num_embeddings:
-            raise ValueError(f"sequence of {T} tokens exceeds the model's {self.wpe.num_embeddings} positions")
-        h = self.wte(tokens)
         if self.config.objective == "ar":
-            h = torch.cat([self.sos.view(1, 1, -1).expand(B, 1, -1).to(h.dtype), h[:, :-1]], dim=1)
-        elif mask is not None:
-            h = h * (~mask).unsqueeze(-1).to(h.dtype)
-        return h + self.wpe.weight[:T]
+            h = self.wte(tokens[:, max(start - 1, 0):])[:, :-1]
+            if start == 0:
+                h = torch.cat([self.sos.view(1, 1, -1).expand(B, 1, -1).to(h.dtype), h], dim=1)
+        else:
+            h = self.wte(tokens[:, start:])
+            if mask is not None:
+                h = h * (~mask[:, start:]).unsqueeze(-1).to(h.dtype)
+        return h + self.wpe.weight[start:T]
 
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens: palette ids [B, T] (no SOS). Returns logits [B, T, 512]."""
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: list[KVCache] | None = None) -> torch.Tensor:
+        """tokens: palette ids [B, T] (no SOS). Returns logits [B, T, 512]; `model(tokens)[:, t]` predicts
+        tokens[:, t]. With a cache (`kv_cache()`) holding c positions, only positions c..T-1 are computed."""
+        return self.head(self.hidden(tokens, mask, cache))
+
+    def hidden(self, tokens: torch.Tensor, mask: torch.Tensor | None = None,
+               cache: list[KVCache] | None = None) -> torch.Tensor:
+        """The head's input [B, T, d]: norm_f of the last block's output."""
+        h = self.embed(tokens, mask, start=0 if cache is None else len(cache[0]))
+        for i, block in enumerate(self.blocks):
+            h = block(h) if cache is None else block(h, cache[i])  # (a checkpointed block takes h alone)
+        return self.norm_f(h)
+
+    def hidden_states(self, tokens: torch.Tensor, layers, mask: torch.Tensor | None = None):
+        """Yield (l, normed input of layer l) for each l in `layers`, in layer order, as the blocks run:
+        blocks[l].norm_1(input of block l), and for l = n_layer norm_f(last block's output). Blocks past
+        max(layers) are never run, and only one layer's activations need be alive at a time."""
+        want, last = set(layers), max(layers)
         h = self.embed(tokens, mask)
-        for block in self.blocks:
+        for l, block in enumerate(self.blocks):
+            if l in want:
+                yield l, block.norm_1(h)
+            if l == last:
+                return
             h = block(h)
-        return self.head(self.norm_f(h))
+        yield len(self.blocks), self.norm_f(h)
+
+    def kv_cache(self) -> list[KVCache]:
+        if self.config.objective != "ar":
+            raise ConfigError("a KV cache needs an autoregressive model; this one has the BERT objective")
+        return [KVCache() for _ in self.blocks]
 
     def loss(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return lm_loss(self(tokens, mask), tokens, mask if self.config.objective == "bert" else None)
@@ -131,6 +187,28 @@ class ImageGPT(nn.Module):
         from megapix.model.hf import save_pretrained
 
         save_pretrained(self, path)
+
+
+def check_tokens(tokens: torch.Tensor, n_positions: int) -> None:
+    """Refuse what the embedding would index wrongly or fail on with an unclear message (one min/max per call)."""
+    if not isinstance(tokens, torch.Tensor):
+        raise ConfigError(f"tokens must be a torch tensor of palette ids, got {type(tokens).__name__}; "
+                          "pass torch.as_tensor(ids)")
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise ConfigError(f"tokens must be integer palette ids, got dtype {tokens.dtype}; "
+                          "encode images with Palette.encode (or cast ids with .long())")
+    if tokens.dim() != 2:
+        raise ConfigError(f"tokens must be [batch, positions], got shape {tuple(tokens.shape)}; "
+                          "add the batch dimension with tokens[None]")
+    if tokens.shape[1] > n_positions:
+        raise ConfigError(f"{tokens.shape[1]} tokens per row exceed the model's {n_positions} positions; "
+                          f"pass at most {n_positions} (the images' resolution must match the model's)")
+    if tokens.numel() == 0 or torch.compiler.is_compiling():
+        return
+    lo, hi = torch.stack(torch.aminmax(tokens)).tolist()
+    if lo < 0 or hi >= VOCAB_SIZE:
+        raise ConfigError(f"token id {lo if lo < 0 else hi} is outside [0, {VOCAB_SIZE}); tokens are palette "
+                          "indices: encode images with the model's palette (Palette.encode)")
 
 
 def lm_loss(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

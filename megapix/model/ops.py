@@ -34,7 +34,16 @@ def _kernels_available() -> bool:
 
 
 def attention(q, k, v, causal: bool, backend: str = "auto") -> torch.Tensor:
-    """q, k, v: [B, H, T, Dh]; softmax(q k^T / sqrt(Dh)) v, causal for the autoregressive objective."""
+    """softmax(q k^T / sqrt(Dh)) v over q [B, H, Tq, Dh] and k, v [B, H, Tk, Dh], Tq <= Tk: the queries are the
+    last Tq of the Tk positions (the earlier keys come from a KV cache); causal: a query sees keys up to its own."""
+    t_q, t_k = q.shape[2], k.shape[2]
+    if t_q != t_k:
+        # The fused kernel takes self-attention only; queries past a KV cache use the torch path. One query (a
+        # sampling step) sees every key, so it needs no mask.
+        if t_q == 1 or not causal:
+            return F.scaled_dot_product_attention(q, k, v)
+        visible = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(diagonal=t_k - t_q)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
     if _use_triton(q, backend):
         import kernels
 

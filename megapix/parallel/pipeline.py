@@ -1,7 +1,8 @@
 """The ImageGPT as a DeepSpeed PipelineModule (1F1B schedule), optionally tensor-parallel inside each stage.
 
 Layers, in order: Embed (wte, sos, wpe) | Block x n_layer | Head (norm_f, head); the loss runs on the last
-stage. Stages are balanced by parameter count (partition_method="parameters"). Every layer is built by its
+stage. Each layer is the model's own class (an ImageGPT cut down to its embedding or its head, or a Block), so
+a change to the network reaches the pipeline too. Stages are balanced by parameter count (partition_method="parameters"). Every layer is built by its
 stage alone, initialised with `init_parameter` under its canonical ImageGPT name, and then cut to its TP shard,
 so any PP x TP layout starts from exactly the single-rank weights.
 
@@ -11,10 +12,8 @@ head). DeepSpeed saves each layer as layer_XX-model_YY-model_states.pt (YY: the 
 from __future__ import annotations
 
 import torch
-from torch import nn
-
-from megapix.config import VOCAB_SIZE, Config, ModelConfig
-from megapix.model.igpt import Block, IGPTNorm, ImageGPT, init_parameters
+from megapix.config import Config, ModelConfig
+from megapix.model.igpt import Block, ImageGPT, init_parameters
 from megapix.parallel.tensor import VocabParallelLoss, apply_tensor_parallel
 
 
@@ -23,21 +22,28 @@ def _tp_info(layout):
     return (layout.tp_group, layout.tp, layout.tp_rank) if layout.tp > 1 else (None, 1, 0)
 
 
-class EmbedLayer(nn.Module):
-    """Pipeline layer 0: tokens (or (tokens, mask) for BERT) -> input embeddings [B, T, d]."""
+def _keep_only(layer: ImageGPT, keep: tuple[str, ...], config: ModelConfig, seed: int) -> None:
+    """torchtitan's pipeline split: from the whole model built on the meta device (no memory, no init), drop
+    the pieces this layer does not hold, then allocate and initialise the rest under their canonical names."""
+    for name in ("wte", "sos", "wpe", "blocks", "norm_f", "head"):
+        if name not in keep:
+            delattr(layer, name)
+    layer.to_empty(device=torch.get_default_device())
+    init_parameters(layer, config, seed)
+
+
+class EmbedLayer(ImageGPT):
+    """Pipeline layer 0: the model with only its embedding (wte, sos, wpe); tokens (or (tokens, mask) for BERT)
+    -> input embeddings [B, T, d] through the model's own `embed`."""
 
     def __init__(self, config: ModelConfig, seed: int):
-        super().__init__()
-        self.config = config
-        d = config.d_model
-        self.wte = nn.Embedding(VOCAB_SIZE, d)
-        self.sos = nn.Parameter(torch.zeros(d))
-        self.wpe = nn.Embedding(config.n_positions, d)
-        init_parameters(self, config, seed)
+        with torch.device("meta"):
+            super().__init__(config, seed)
+        _keep_only(self, ("wte", "sos", "wpe"), config, seed)
 
     def forward(self, inputs):
         tokens, mask = inputs if isinstance(inputs, (tuple, list)) else (inputs, None)
-        return ImageGPT.embed(self, tokens, mask)
+        return self.embed(tokens, mask)
 
 
 class BlockLayer(Block):
@@ -48,14 +54,13 @@ class BlockLayer(Block):
         apply_tensor_parallel(self, group, tp, rank, prefix=f"blocks.{index}.")
 
 
-class HeadLayer(nn.Module):
-    """Last layer: norm_f and the (vocab-parallel under TP) head -> logits [B, T, 512 / TP]."""
+class HeadLayer(ImageGPT):
+    """Last layer: the model with only norm_f and its (vocab-parallel under TP) head -> logits [B, T, 512 / TP]."""
 
     def __init__(self, config: ModelConfig, seed: int, tp_info=(None, 1, 0)):
-        super().__init__()
-        self.norm_f = IGPTNorm(config.d_model, config.norm_eps, config.kernels)
-        self.head = nn.Linear(config.d_model, VOCAB_SIZE, bias=False)
-        init_parameters(self, config, seed)
+        with torch.device("meta"):
+            super().__init__(config, seed)
+        _keep_only(self, ("norm_f", "head"), config, seed)
         group, tp, rank = tp_info
         apply_tensor_parallel(self, group, tp, rank)
 
