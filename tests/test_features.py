@@ -172,3 +172,21 @@ def test_kill_and_resume_two_ranks(tmp_path):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(np.load(os.path.join(ref, f"{split}_labels.npy")),
                                       np.load(os.path.join(out, f"{split}_labels.npy")))
+
+
+@pytest.mark.parametrize("tokens,problem", [
+    (np.full((3, 64), 512), "token id 512 is outside [0, 512)"),
+    (np.full((3, 64), -2), "token id -2 is outside [0, 512)"),
+    (np.zeros((3, 64), np.float32), "integer palette ids, got dtype torch.float32"),
+    (np.zeros(64, np.int64), "[batch, positions], got shape (64,)"),
+    (np.zeros((3, 80), np.int64), "80 tokens per row exceed the model's 64 positions"),
+])
+def test_extract_refuses_bad_tokens(tokens, problem):
+    model = random_model()
+    with pytest.raises(ConfigError, match=problem.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        extract(model, tokens, [1])
+    # a bad row anywhere is found before any batch runs, not after the good batches
+    rows = np.zeros((9, 64), np.int64)
+    rows[8, 5] = 600
+    with pytest.raises(ConfigError, match="token id 600"):
+        extract(model, rows, [3], batch_size=2)

@@ -231,3 +231,35 @@ def test_presets_are_consistent():
     for name, fields in PRESETS.items():
         c = model_preset(name)
         assert c.d_model % c.n_head == 0 and c.n_ctx == fields["resolution"] ** 2, name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the Python API refuses bad tokens with one line naming the problem and the fix
+# ---------------------------------------------------------------------------------------------------------
+BAD_TOKENS = [
+    (torch.full((2, 64), 512), "token id 512 is outside [0, 512)", "Palette.encode"),
+    (torch.full((2, 64), 7).index_put_((torch.tensor([1]), torch.tensor([3])), torch.tensor(-1)),
+     "token id -1 is outside [0, 512)", "Palette.encode"),
+    (torch.rand(2, 64) * 10, "integer palette ids, got dtype torch.float32", ".long()"),
+    (torch.zeros(2, 64, dtype=torch.bool), "integer palette ids, got dtype torch.bool", ".long()"),
+    (torch.zeros(64, dtype=torch.long), "[batch, positions], got shape (64,)", "tokens[None]"),
+    (torch.zeros(1, 2, 64, dtype=torch.long), "[batch, positions], got shape (1, 2, 64)", "tokens[None]"),
+    (torch.zeros(2, 65, dtype=torch.long), "65 tokens per row exceed the model's 64 positions", "at most 64"),
+]
+
+
+@pytest.mark.parametrize("objective", ["ar", "bert"])
+@pytest.mark.parametrize("tokens,problem,fix", BAD_TOKENS)
+def test_forward_and_embed_refuse_bad_tokens(tokens, problem, fix, objective):
+    from megapix.config import ConfigError
+
+    model = ImageGPT(ModelConfig(**SMALL, objective=objective))
+    for call in (model, model.embed, model.loss):
+        with pytest.raises(ConfigError) as e:
+            call(tokens)
+        msg = str(e.value)
+        assert isinstance(e.value, ValueError) and "\n" not in msg
+        assert problem in msg and fix in msg, msg
+    # the edges of the valid range pass; a uint8 array is as good as int64
+    ok = torch.tensor([[0, 511] * 32])
+    assert model(ok).shape == (1, 64, 512) and torch.equal(model(ok.to(torch.uint8)), model(ok))

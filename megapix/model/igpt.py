@@ -131,11 +131,11 @@ class ImageGPT(nn.Module):
         check_tokens(tokens, self.wpe.num_embeddings)
         B, T = tokens.shape
         if self.config.objective == "ar":
-            h = self.wte(tokens[:, max(start - 1, 0):])[:, :-1]
+            h = self.wte(tokens[:, max(start - 1, 0):].long())[:, :-1]  # .long(): any integer dtype
             if start == 0:
                 h = torch.cat([self.sos.view(1, 1, -1).expand(B, 1, -1).to(h.dtype), h], dim=1)
         else:
-            h = self.wte(tokens[:, start:])
+            h = self.wte(tokens[:, start:].long())
             if mask is not None:
                 h = h * (~mask[:, start:]).unsqueeze(-1).to(h.dtype)
         return h + self.wpe.weight[start:T]
