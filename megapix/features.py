@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from megapix.config import ConfigError
-from megapix.model.igpt import check_tokens
+from megapix.model import check_tokens
 
 PROGRESS_DIR = ".extract_progress"
 FORMAT = "megapix-features"

@@ -1,3 +1,3 @@
-from megapix.model.igpt import ImageGPT, IGPTNorm, init_parameter, init_parameters, lm_loss
+from megapix.model.igpt import ImageGPT, IGPTNorm, KVCache, check_tokens, init_parameter, init_parameters, lm_loss
 
-__all__ = ["ImageGPT", "IGPTNorm", "init_parameter", "init_parameters", "lm_loss"]
+__all__ = ["ImageGPT", "IGPTNorm", "KVCache", "check_tokens", "init_parameter", "init_parameters", "lm_loss"]

@@ -2,9 +2,10 @@
 
 Layers, in order: Embed (wte, sos, wpe) | Block x n_layer | Head (norm_f, head); the loss runs on the last
 stage. Each layer is the model's own class (an ImageGPT cut down to its embedding or its head, or a Block), so
-a change to the network reaches the pipeline too. Stages are balanced by parameter count (partition_method="parameters"). Every layer is built by its
-stage alone, initialised with `init_parameter` under its canonical ImageGPT name, and then cut to its TP shard,
-so any PP x TP layout starts from exactly the single-rank weights.
+a change to the network reaches the pipeline too. Stages are balanced by parameter count
+(partition_method="parameters"). Every layer is built by its stage alone, initialised with `init_parameter`
+under its canonical ImageGPT name, and then cut to its TP shard, so any PP x TP layout starts from exactly the
+single-rank weights.
 
 Pipeline layer index -> canonical prefix: 0 -> "" (wte, sos, wpe), 1..L -> "blocks.{i-1}.", L+1 -> "" (norm_f,
 head). DeepSpeed saves each layer as layer_XX-model_YY-model_states.pt (YY: the TP rank).
