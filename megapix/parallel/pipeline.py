@@ -13,6 +13,7 @@ head). DeepSpeed saves each layer as layer_XX-model_YY-model_states.pt (YY: the 
 from __future__ import annotations
 
 import torch
+
 from megapix.config import Config, ModelConfig
 from megapix.model.igpt import Block, ImageGPT, init_parameters
 from megapix.parallel.tensor import VocabParallelLoss, apply_tensor_parallel
