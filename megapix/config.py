@@ -371,6 +371,8 @@ class SampleConfig:
         _check_nonneg_int("sample", self, "seed")
         if self.temperature <= 0:
             raise ConfigError(f"--temperature={self.temperature} must be positive")
+        if os.path.isdir(self.out):  # a file output never replaces a directory
+            raise ConfigError(f"--out {self.out!r} is a directory; pass a .png file name")
 
 
 @dataclass
