@@ -142,12 +142,17 @@ def _conflict(ds, key, json_value, flag, field, value) -> ConfigError:
                        f"set it in one place, or make them equal")
 
 
-def _world() -> int:
+def launch_world() -> int:
+    """The number of ranks: the process group's, else what the launcher put in the environment (torchrun and
+    deepspeed: WORLD_SIZE; mpiexec: OMPI_COMM_WORLD_SIZE / PMI_SIZE; srun: SLURM_STEP_NUM_TASKS), else 1."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    for var in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1
 
 
 def resolve(cfg: Config, ds: dict | str | None, world: int | None = None) -> tuple[Config, dict]:
@@ -192,7 +197,7 @@ def resolve(cfg: Config, ds: dict | str | None, world: int | None = None) -> tup
 
     gas = ds.get("gradient_accumulation_steps")
     if _is_set(gas):
-        world = _world() if world is None else world
+        world = launch_world() if world is None else world
         dp = max(1, world // max(1, t.tensor_parallel * t.pipeline_parallel))
         global_batch = taken.get("global_batch", t.global_batch)
         micro = taken.get("micro_batch", t.micro_batch)

@@ -85,13 +85,14 @@ def main(argv=None) -> int:
         cfg = config_from_args(args)
         check_kernels_available(cfg.model.kernels)
         from megapix import dsconfig
+
+        # the JSON agrees with the flags (or says where not) before any process group starts or file is written
+        effective, _ = dsconfig.resolve(cfg, args.deepspeed_config, dsconfig.launch_world())
+        record = os.path.join(os.path.abspath(effective.train.out), "config.json")
+        check_run_record(record, effective, args.resume)
         from megapix.parallel.launch import init_distributed
 
         init_distributed()
-        # the JSON agrees with the flags (or says where not) before anything is written
-        effective, _ = dsconfig.resolve(cfg, args.deepspeed_config)
-        record = os.path.join(os.path.abspath(effective.train.out), "config.json")
-        check_run_record(record, effective, args.resume)
         from megapix.engine import Trainer
 
         trainer = Trainer(cfg, args.deepspeed_config)
