@@ -27,7 +27,10 @@ import types
 import typing
 from typing import Any, Literal
 
-from megapix.config import ConfigError, opt  # noqa: F401  (opt: re-exported for commands)
+from megapix.config import (PRESETS, Config, ConfigError, DataConfig, ModelConfig, TrainConfig,  # noqa: F401
+                            opt, read_config_file)
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 
 
 # ---- types ----
@@ -216,3 +219,36 @@ def parse_command(prog: str, description: str, cls, argv=None, *, launcher: bool
         add_launcher_args(p)
     ns = p.parse_args(sys.argv[1:] if argv is None else argv)
     return build(cls, given(ns, dests))
+
+
+# ---- a run's configuration (train; finetune adopts the same) ----
+def add_config_args(p: argparse.ArgumentParser, exclude: dict[str, tuple] | None = None) -> None:
+    """--config FILE, --model PRESET, --deepspeed_config JSON, and one flag per field of ModelConfig, DataConfig
+    and TrainConfig (dest "section.field"; `exclude` drops fields a command defines differently)."""
+    exclude = exclude or {}
+    p.add_argument("--config", metavar="FILE", help="YAML/JSON config with sections model/data/train; flags override "
+                   "it (default: none)")
+    p.add_argument("--model", metavar="PRESET", help=f"model preset: {', '.join(PRESETS)}; replaces the config "
+                   "file's model section, the model flags override it (default: tiny)")
+    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", metavar="JSON",
+                   help="DeepSpeed JSON (ds_configs/); authoritative: its settings are taken in, a conflicting "
+                   "megapix setting is an error (default: none)")
+    for sec, cls in SECTIONS.items():
+        add_fields(p, cls, prefix=f"{sec}.", title=f"{sec} (config file section {sec})",
+                   exclude=tuple(exclude.get(sec, ())))
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """defaults < --config file < flags, as one validated Config; Config.explicit records what the file and the
+    flags set (the DeepSpeed JSON rules need to know)."""
+    raw = dict(read_config_file(args.config)) if getattr(args, "config", None) else {}
+    for sec in SECTIONS:
+        raw[sec] = dict(raw.get(sec) or {})
+    if getattr(args, "model", None):
+        raw["model"] = {"preset": args.model}
+    for dest, value in vars(args).items():
+        sec, _, name = dest.partition(".")
+        if sec in SECTIONS and name:
+            raw[sec][name] = value
+    where = f"{args.config} (with flags)" if getattr(args, "config", None) else "arguments"
+    return Config.from_dict(raw, where=where)

@@ -14,45 +14,22 @@ if __package__ in (None, ""):  # run as a script (deepspeed/torchrun megapix/tra
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags generated from ModelConfig, DataConfig and TrainConfig (megapix.cliargs), plus the run's own."""
-    from megapix.cliargs import add_fields, add_launcher_args, command_parser
-    from megapix.config import PRESETS, DataConfig, ModelConfig, TrainConfig
+    from megapix.cliargs import add_config_args, add_launcher_args, command_parser
 
     p = command_parser("megapix train", __doc__.splitlines()[0] + "\n\nPrecedence: defaults < --config file < "
                        "flags. A DeepSpeed JSON's settings are taken in where megapix's are not set; a value set in "
                        "both that disagrees is an error (megapix/dsconfig.py).")
-    p.add_argument("--config", metavar="FILE", help="YAML/JSON config with sections model/data/train; flags override "
-                   "it (default: none)")
-    p.add_argument("--model", metavar="PRESET", choices=list(PRESETS), help=f"model preset: {', '.join(PRESETS)}; "
-                   "replaces the config file's model section, the model flags override it (default: tiny)")
-    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", metavar="JSON",
-                   help="DeepSpeed JSON (ds_configs/); authoritative: its settings are taken in, a conflicting "
-                   "megapix setting is an error (default: none)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out (default: off)")
     p.add_argument("--no-samples", action="store_true", help="skip the PNG of samples at the end (default: off)")
-    add_fields(p, ModelConfig, prefix="model.", title="model (config file section model)")
-    add_fields(p, DataConfig, prefix="data.", title="data (config file section data)")
-    add_fields(p, TrainConfig, prefix="train.", title="training (config file section train)")
+    add_config_args(p)
     add_launcher_args(p)  # deepspeed's launcher appends --local_rank
     return p
 
 
-SECTIONS = ("model", "data", "train")
-
-
 def config_from_args(args):
-    """defaults < --config file < flags; Config.explicit records what the file and the flags set."""
-    from megapix.config import Config, read_config_file
+    from megapix.cliargs import config_from_args
 
-    raw = dict(read_config_file(args.config)) if args.config else {}
-    for sec in SECTIONS:
-        raw[sec] = dict(raw.get(sec) or {})
-    if args.model:
-        raw["model"] = {"preset": args.model}
-    for dest, value in vars(args).items():
-        sec, _, name = dest.partition(".")
-        if sec in SECTIONS and name:
-            raw[sec][name] = value
-    return Config.from_dict(raw, where=f"{args.config} (with flags)" if args.config else "arguments")
+    return config_from_args(args)
 
 
 def check_run_record(path: str, cfg, resume: bool) -> None:
@@ -71,7 +48,7 @@ def check_run_record(path: str, cfg, resume: bool) -> None:
         raise ConfigError(f"{path} exists and is not a megapix run record; choose another --out") from None
     new = cfg.to_dict()
     if old != new:
-        diffs = [f"{sec}.{k}: {old.get(sec, {}).get(k)!r} -> {v!r}" for sec in SECTIONS
+        diffs = [f"{sec}.{k}: {old.get(sec, {}).get(k)!r} -> {v!r}" for sec in ("model", "data", "train")
                  for k, v in new[sec].items() if old.get(sec, {}).get(k) != v]
         raise ConfigError(f"{os.path.dirname(path)} holds another run (config.json differs: {'; '.join(diffs[:3])}); "
                           "pass --resume to continue it, or choose another --out")

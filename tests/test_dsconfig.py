@@ -154,3 +154,35 @@ def test_shipped_json_combines_with_shipped_configs(path):
         if "pipeline" in os.path.basename(path) or cfg.train.pipeline_parallel > 1:
             continue  # layout-specific pairs are exercised by test_parallel_configs
         resolve(cfg, path, world=8)
+
+
+def test_effective_config_is_described_and_recorded(tmp_path):
+    from megapix.dsconfig import describe, run_record
+
+    cfg, ds = resolve(user(global_batch=16), write(tmp_path, {"gradient_clipping": 0.5}), world=1)
+    final = make_ds_config(cfg, ds, SimpleNamespace(dp=1, zero_stage=0), 8)
+    text = describe(cfg, final, "ds.json")
+    assert "taken from it: grad_clip" in text and "batch 16 = micro 8 x accumulation 2" in text
+    assert len(text.splitlines()) == 5  # header + model, data, train, deepspeed
+    rec = run_record(cfg, final, "ds.json")
+    assert rec["config"]["train"]["grad_clip"] == 0.5 and rec["deepspeed"]["gradient_clipping"] == 0.5
+    assert rec["set_by_user"] == ["train.global_batch"] and rec["taken_from_deepspeed"] == ["grad_clip"]
+    json.dumps(rec)
+
+
+def test_run_record_of_another_run_is_not_replaced(tmp_path):
+    from megapix.dsconfig import run_record
+    from megapix.train import check_run_record
+    from megapix.utils import write_json
+
+    path = str(tmp_path / "config.json")
+    first = user(max_steps=10)
+    check_run_record(path, first, resume=False)  # nothing there yet
+    write_json(path, run_record(first, None, None))
+    check_run_record(path, first, resume=False)  # the same run again (e.g. it failed before its first checkpoint)
+    with pytest.raises(ConfigError, match=r"holds another run .*train\.max_steps: 10 -> 20.*--resume"):
+        check_run_record(path, user(max_steps=20), resume=False)
+    check_run_record(path, user(max_steps=20), resume=True)  # continuing it with a later --max-steps
+    (tmp_path / "config.json").write_text("not json")
+    with pytest.raises(ConfigError, match="not a megapix run record"):
+        check_run_record(path, first, resume=False)
