@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from megapix.config import Config, ConfigError
 from megapix.data.loader import GlobalBatches, MicroBatches, TokenData, fixed_batches
-from megapix.dsconfig import load_ds_config, make_ds_config, resolve, use_bf16, zero_stage_of  # noqa: F401 (finetune imports two from here)
+from megapix.dsconfig import load_ds_config, make_ds_config, resolve, zero_stage_of  # noqa: F401 (finetune)
 from megapix.parallel.layout import build_layout
 from megapix.utils import write_json
 
