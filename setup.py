@@ -2,7 +2,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="megapix",
-    version="0.1.0",
+    version=open("megapix/__init__.py").read().split('__version__ = "')[1].split('"')[0],  # the one source
     description="A DeepSpeed trainer for image GPTs (iGPT): ZeRO, pipeline and tensor parallelism, "
     "Triton kernels, SLURM scripts, feature extraction and linear probes.",
     python_requires=">=3.10",

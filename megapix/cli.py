@@ -17,7 +17,9 @@ COMMANDS = {
 
 
 def usage() -> str:
-    lines = ["usage: megapix <command> [args]   (megapix <command> --help for its flags)", "", "commands:"]
+    lines = ["usage: megapix [--version] <command> [args]   (megapix <command> --help for its flags)", "",
+             "A model to read is always named with --checkpoint PATH (a training --out folder, a checkpoint tag",
+             "folder, or an HF/megapix export).", "", "commands:"]
     lines += [f"  {name:<9} {help_}" for name, (_, _, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -26,6 +28,11 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
+        return 0
+    if argv[0] == "--version":
+        from megapix import __version__
+
+        print(f"megapix {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import typing
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 
 class ConfigError(ValueError):
@@ -19,23 +21,47 @@ class ConfigError(ValueError):
 VOCAB_SIZE = 512  # the 9-bit palette
 
 
+def opt(default=dataclasses.MISSING, help: str = "", *, flag: str | None = None, aliases: tuple = (),
+        metavar: str | None = None, default_help: str | None = None, positional: bool = False,
+        kind: str | None = None, cli: bool = True):
+    """A config field with its command-line description (megapix.cliargs generates the flag from it).
+
+    flag: the flag's name (default --field-name); aliases: other accepted spellings; default_help: how help
+    describes the default ("required", "the checkpoint's", ...); positional: an older positional spelling that
+    is still accepted; kind="out": an output path (refused when it lies under a regular file); cli=False: set
+    only in a --config file."""
+    meta = dict(help=help, flag=flag, aliases=tuple(aliases), metavar=metavar, default_help=default_help,
+                positional=positional, kind=kind, cli=cli)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def checkpoint_field(required: bool = True, positional: bool = False):
+    """The one way every command names a model to read: --checkpoint PATH."""
+    return opt(None, "a training --out folder, its checkpoints/ folder, a checkpoint tag folder, or an HF/megapix "
+               "export directory", metavar="PATH", default_help="required" if required else "none",
+               positional=positional)
+
+
 @dataclass
 class ModelConfig:
-    n_layer: int = 4
-    d_model: int = 128
-    n_head: int = 4
-    resolution: int = 8  # images are resolution x resolution; the context is resolution**2 tokens
-    n_positions: int | None = None  # rows of the position table; defaults to resolution**2
-    objective: str = "ar"  # "ar" (autoregressive, learned SOS) or "bert" (masked, bidirectional)
-    mask_rate: float = 0.15  # BERT only: fraction of positions masked per image
-    norm_eps: float = 1e-5
-    bias: bool = False  # the original has no projection biases; HF's Conv1D layers do (zero after conversion)
-    kernels: str = "auto"  # "auto" | "triton" | "torch": attention and norm implementation
+    n_layer: int = opt(4, "transformer blocks")
+    d_model: int = opt(128, "width of the residual stream")
+    n_head: int = opt(4, "attention heads (must divide d_model)")
+    resolution: int = opt(8, "image side in pixels; the context is resolution**2 tokens")
+    n_positions: int | None = opt(None, "rows of the position table", default_help="resolution**2")
+    objective: Literal["ar", "bert"] = opt("ar", "ar: autoregressive with a learned SOS; bert: masked, bidirectional")
+    mask_rate: float = opt(0.15, "BERT only: fraction of positions masked per image")
+    norm_eps: float = opt(1e-5, "layer-norm epsilon")
+    # the original has no projection biases; HF's Conv1D layers do (zero after conversion)
+    bias: bool = opt(False, "biases on the projections (HF ImageGPT checkpoints have them)")
+    kernels: Literal["auto", "triton", "torch"] = opt(
+        "auto", "attention/norm implementation: auto = Triton kernels on CUDA tensors, torch elsewhere")
 
     def __post_init__(self):
         if self.n_positions is None:
             self.n_positions = self.resolution**2
         _check_positive(self, "n_layer", "d_model", "n_head", "resolution", "n_positions")
+        _check_finite(self)
         if self.d_model % self.n_head:
             raise ConfigError(
                 f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}; "
@@ -46,8 +72,8 @@ class ModelConfig:
                 f"model.resolution={self.resolution} needs {self.n_ctx} positions but model.n_positions="
                 f"{self.n_positions}; raise n_positions or lower the resolution"
             )
-        _check_choice(self, "objective", ("ar", "bert"))
-        _check_choice(self, "kernels", ("auto", "triton", "torch"))
+        _check_choice(self, "objective")
+        _check_choice(self, "kernels")
         if not 0.0 < self.mask_rate < 1.0:
             raise ConfigError(f"model.mask_rate={self.mask_rate} must lie in (0, 1); the paper uses 0.15")
 
@@ -103,57 +129,72 @@ def model_preset(name: str, **overrides) -> ModelConfig:
 
 @dataclass
 class DataConfig:
-    # "digits" (embedded default), "synthetic", "cifar10:PATH", "cifar100:PATH", "imagefolder:DIR",
-    # "npy:IMAGES.npy[,LABELS.npy]", "igpt:DIR/cifar10" (released token arrays), "shards:DIR"
-    source: str = "digits"
-    palette: str | None = None  # kmeans_centers.npy; fitted on the training images (and saved) when absent
-    val_fraction: float | None = None  # held-out share of train; None = the paper's (10% small sets, 4% ImageNet)
-    augment: bool = True  # the paper's train-time augmentation (ImageFolder resize/crop)
-    num_workers: int = 0
+    source: str = opt("digits", "data source: digits (embedded), synthetic, cifar10:PATH, cifar100:PATH, "
+                      "imagefolder:DIR, npy:IMAGES.npy[,LABELS.npy], igpt:DIR/cifar10, shards:DIR",
+                      flag="--data", metavar="SPEC")
+    palette: str | None = opt(None, "kmeans_centers.npy (512 x 3)", metavar="PATH",
+                              default_help="fitted on the training images and saved in --out")
+    val_fraction: float | None = opt(None, "held-out share of train",
+                                     default_help="the paper's: 10% of small sets, 4% of ImageNet")
+    augment: bool = opt(True, "the paper's train-time augmentation (ImageFolder resize/crop)")
+    num_workers: int = opt(0, "DataLoader worker processes that decode and encode batches (0: in the training process)")
 
     def __post_init__(self):
         if not isinstance(self.source, str) or not self.source:
             raise ConfigError("data.source must be a non-empty string such as 'digits' or 'cifar10:/path'")
+        _check_finite(self)
+        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ConfigError(f"data.num_workers={self.num_workers!r} must be an integer >= 0")
         if self.val_fraction is not None and not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must lie in [0, 1)")
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 300
-    global_batch: int = 64
-    micro_batch: int | None = None  # per data-parallel rank; defaults to the whole per-rank share
-    lr: float = 3e-3
-    warmup_steps: int | None = None  # None: one epoch (the paper), capped at 10% of max_steps
-    beta1: float = 0.9
-    beta2: float = 0.95  # the paper: 0.999 gave loss spikes
-    weight_decay: float = 0.0
-    grad_clip: float = 0.0
-    seed: int = 0
-    out: str = "runs/default"
-    eval_every: int = 50
-    eval_batches: int = 4
-    save_every: int = 0  # 0: only at the end (and on preemption)
-    log_every: int = 10
-    time_budget: float = 0.0  # seconds; stop-and-save when exceeded (0: none)
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
-    zero_stage: int | None = None  # overrides the DeepSpeed config when set
-    activation_checkpointing: bool = False
-    peak_tflops: float | None = None  # for MFU; default from a device table
-    precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "bf16", "fp32"
+    max_steps: int = opt(300, "optimizer steps to train")
+    global_batch: int = opt(64, "images per optimizer step, over all data-parallel ranks (DeepSpeed train_batch_size)")
+    micro_batch: int | None = opt(None, "images per forward pass on one data-parallel rank; the global batch stays "
+                                  "fixed (DeepSpeed train_micro_batch_size_per_gpu)",
+                                  default_help="the whole per-rank share, no accumulation")
+    lr: float = opt(3e-3, "peak learning rate (AdamW)")
+    warmup_steps: int | None = opt(None, "linear warm-up steps before the cosine decay to 0",
+                                   default_help="one epoch (the paper), at most 10% of max-steps")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.95, "AdamW beta2 (the paper: 0.999 gave loss spikes)")
+    weight_decay: float = opt(0.0, "AdamW decoupled weight decay")
+    grad_clip: float = opt(0.0, "clip the global gradient norm to this (0: off; DeepSpeed gradient_clipping)")
+    seed: int = opt(0, "seed of the data order, the holdout, the palette fit and the initialisation")
+    out: str = opt("runs/default", "output folder: checkpoints/, metrics.jsonl, config.json, samples.png",
+                   metavar="DIR", kind="out")
+    eval_every: int = opt(50, "steps between validation losses (0: none)")
+    eval_batches: int = opt(4, "validation micro-batches per evaluation")
+    save_every: int = opt(0, "steps between checkpoints (0: only at the end and on preemption)")
+    log_every: int = opt(10, "steps between plain progress lines on stdout (metrics.jsonl has every step)")
+    time_budget: float = opt(0.0, "seconds; save and exit 75 when exceeded (0: none)")
+    tensor_parallel: int = opt(1, "tensor-parallel ranks (Megatron column/row split)")
+    pipeline_parallel: int = opt(1, "pipeline stages")
+    zero_stage: Literal[0, 1, 2, 3] | None = opt(None, "ZeRO stage (DeepSpeed zero_optimization.stage)",
+                                                 default_help="the DeepSpeed JSON's, else 0")
+    activation_checkpointing: bool = opt(False, "recompute block activations in the backward pass")
+    peak_tflops: float | None = opt(None, "device peak TFLOP/s for MFU", default_help="from a table of GPUs")
+    precision: Literal["auto", "bf16", "fp32"] = opt(
+        "auto", "auto: bf16 on GPU, fp32 on CPU (or what the DeepSpeed JSON's bf16 section says)")
 
     def __post_init__(self):
         _check_positive(self, "max_steps", "global_batch", "lr", "tensor_parallel", "pipeline_parallel",
                         "eval_batches")
+        _check_finite(self)
         if self.micro_batch is not None and self.micro_batch <= 0:
             raise ConfigError(f"train.micro_batch={self.micro_batch} must be positive")
         if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"train.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
-        _check_choice(self, "precision", ("auto", "bf16", "fp32"))
-        for name in ("eval_every", "save_every", "log_every", "time_budget", "weight_decay", "grad_clip"):
+        _check_choice(self, "precision")
+        for name in ("eval_every", "save_every", "log_every", "time_budget", "weight_decay", "grad_clip", "seed"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 0")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must lie in [0, 1)")
 
 
 @dataclass
@@ -161,9 +202,22 @@ class Config:
     model: ModelConfig = field(default_factory=lambda: model_preset("tiny"))
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # "section.field" names the user set (config file or flags); the rest are defaults. Kept out of to_dict and
+    # equality: it says where values came from, not what they are. Used to tell a DeepSpeed JSON value that
+    # disagrees with a user's setting (an error) from one that replaces a default (taken).
+    explicit: ClassVar[frozenset] = frozenset()
+    from_deepspeed: ClassVar[frozenset] = frozenset()  # train fields taken from the DeepSpeed JSON (dsconfig.resolve)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def is_set(self, section: str, name: str) -> bool:
+        """Whether the user set this field: named in a config file or flag, or (API use) not the default."""
+        if f"{section}.{name}" in self.explicit:
+            return True
+        sub = getattr(self, section)
+        default = {f.name: f.default for f in fields(sub)}[name]
+        return getattr(sub, name) != default
 
     @classmethod
     def from_dict(cls, raw: dict, where: str = "config") -> "Config":
@@ -177,15 +231,22 @@ class Config:
         base = dict(PRESETS[preset]) if preset in PRESETS else {}
         if preset is not None and preset not in PRESETS:
             raise ConfigError(f"{where}: unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        return cls(
+        cfg = cls(
             model=_build(ModelConfig, {**base, **model_raw}, f"{where}: model"),
             data=_build(DataConfig, raw.get("data") or {}, f"{where}: data"),
             train=_build(TrainConfig, raw.get("train") or {}, f"{where}: train"),
         )
+        cfg.explicit = frozenset(f"{sec}.{k}" for sec in ("model", "data", "train") for k in (raw.get(sec) or {}))
+        return cfg
 
 
 def load_config(path: str) -> Config:
     """Load a YAML or JSON config file (sections model/data/train; model may name a `preset`)."""
+    return Config.from_dict(read_config_file(path), where=path)
+
+
+def read_config_file(path: str) -> dict:
+    """The raw mapping of a YAML or JSON config file (validated when built into a Config)."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist; pass an existing .yaml or .json file")
     with open(path) as f:
@@ -199,7 +260,152 @@ def load_config(path: str) -> Config:
             raw = yaml.safe_load(text)
     except Exception as e:  # noqa: BLE001 - parser errors differ by format; report them uniformly
         raise ConfigError(f"config file {path!r} could not be parsed ({type(e).__name__}: {e})") from None
-    return Config.from_dict(raw or {}, where=path)
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with sections model/data/train")
+    return raw
+
+
+def check_kernels_available(kernels: str) -> None:
+    """--kernels triton needs a CUDA device, or Triton's CPU interpreter (TRITON_INTERPRET=1, slow but exact)."""
+    if kernels != "triton" or os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError("--kernels triton needs a CUDA GPU and this machine has none; use --kernels auto (Triton "
+                          "on GPU, torch elsewhere) or torch, or set TRITON_INTERPRET=1 to run the kernels in "
+                          "Triton's CPU interpreter")
+
+
+# ---- options of the other commands (flags generated by megapix.cliargs; every model is --checkpoint PATH) ----
+def _check_nonneg_int(cmd: str, obj, *names):
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value < 0:
+            raise ConfigError(f"--{name.replace('_', '-')}={value} must be >= 0 ({cmd})")
+
+
+def _check_min1(cmd: str, obj, *names):
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}={value} must be >= 1 ({cmd})")
+
+
+def _check_fraction(obj):
+    if obj.val_fraction is not None and not 0.0 <= obj.val_fraction < 1.0:
+        raise ConfigError(f"--val-fraction={obj.val_fraction} must lie in [0, 1)")
+
+
+@dataclass
+class ExtractConfig:
+    checkpoint: str | None = checkpoint_field()
+    out: str | None = opt(None, "output folder: {split}_features.npy, {split}_labels.npy, manifest.json",
+                          metavar="DIR", kind="out", default_help="required")
+    data: str | None = opt(None, "data source: digits, cifar10:PATH, imagefolder:DIR, ...", metavar="SPEC",
+                           default_help="the checkpoint's")
+    palette: str | None = opt(None, "kmeans_centers.npy", metavar="PATH", default_help="the checkpoint's palette.npy")
+    layers: str | None = opt(None, "'3,4,5', '2-6', '2:7' or 'all'; 0..n_layer, n_layer = after the final norm",
+                             default_help="all")
+    center: int | None = opt(None, "centre layer of a concatenation (the iGPT-XL 5-layer probe)")
+    span: int | None = opt(None, "layers in the --center concatenation", default_help="5")
+    splits: str = opt("train,val,test", "comma-separated splits to extract")
+    dtype: Literal["float16", "float32"] = opt("float32", "dtype of the stored features")
+    batch_size: int = opt(256, "images per forward pass")
+    chunk_size: int = opt(2048, "rows per resumable unit of work")
+    val_fraction: float | None = opt(None, "held-out share of train", default_help="the source's")
+    seed: int = opt(0, "seed of the train/val holdout (use the training seed)")
+    precision: Literal["fp32", "bf16"] = opt("fp32", "bf16 autocast (GPUs; also CPUs with AMX/AVX512-BF16)")
+    device: str | None = opt(None, "cpu, cuda, cuda:N", default_help="cuda:LOCAL_RANK when available, else cpu")
+    overwrite: bool = opt(False, "discard an existing or partial extraction in --out")
+
+    def __post_init__(self):
+        _check_finite(self)
+        _check_min1("extract", self, "batch_size", "chunk_size", "span")
+        _check_nonneg_int("extract", self, "seed")
+        _check_fraction(self)
+
+
+PROBE_L2_GRID = "1e-6,1e-5,1e-4,1e-3,1e-2,1e-1"
+
+
+@dataclass
+class ProbeConfig:
+    dir: str | None = opt(None, "the --out folder of `megapix extract`", flag="--features", metavar="DIR",
+                          positional=True, default_help="required")
+    out: str | None = opt(None, "folder for probe_results.json/.md and probe_accuracy.png", metavar="DIR",
+                          kind="out", default_help="the features folder")
+    solver: Literal["auto", "lbfgs", "sgd"] = opt("auto", "auto: SGD at or above --sgd-threshold train rows")
+    sgd_threshold: int = opt(200_000, "train rows from which auto picks SGD")
+    l2: str = opt(PROBE_L2_GRID, "comma-separated L2 grid")
+    layers: str | None = opt(None, "probe only these dumped layers", default_help="all dumped")
+    concat: bool = opt(True, "also probe concatenations of layers")
+    max_iter: int = opt(500, "L-BFGS iterations per fit")
+    epochs: int = opt(30, "SGD epochs per fit")
+    sgd_lr: float = opt(0.5, "SGD learning rate")
+    batch_size: int = opt(1024, "SGD mini-batch")
+    device: str | None = opt(None, "cpu or cuda", default_help="cuda when available")
+
+    def __post_init__(self):
+        _check_finite(self)
+        _check_min1("probe", self, "max_iter", "epochs", "batch_size")
+        if self.sgd_lr <= 0:
+            raise ConfigError(f"--sgd-lr={self.sgd_lr} must be positive")
+
+
+@dataclass
+class SampleConfig:
+    checkpoint: str | None = checkpoint_field(positional=True)
+    out: str = opt("samples.png", "the PNG grid to write", metavar="FILE", kind="out")
+    data: str | None = opt(None, "data source for held-out images", metavar="SPEC", default_help="the run's")
+    palette: str | None = opt(None, "kmeans_centers.npy", metavar="PATH", default_help="the run's palette.npy")
+    n: int = opt(8, "held-out images to complete (3 completions of each top half, then the original)")
+    temperature: float = opt(1.0, "softmax temperature")
+    seed: int = opt(0, "sampling seed")
+
+    def __post_init__(self):
+        _check_finite(self)
+        _check_min1("sample", self, "n")
+        _check_nonneg_int("sample", self, "seed")
+        if self.temperature <= 0:
+            raise ConfigError(f"--temperature={self.temperature} must be positive")
+        if os.path.isdir(self.out):  # a file output never replaces a directory
+            raise ConfigError(f"--out {self.out!r} is a directory; pass a .png file name")
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str | None = checkpoint_field(positional=True)
+    out: str | None = opt(None, "the HF ImageGPT directory to write (config.json, model.safetensors, palette.npy)",
+                          metavar="DIR", kind="out", positional=True, default_help="required")
+
+
+@dataclass
+class PrepareConfig:
+    data: str | None = opt(None, "source spec, e.g. cifar10:cifar-10-python.tar.gz, imagefolder:DIR, "
+                           "npy:X.npy[,Y.npy], igpt:DIR/cifar10", metavar="SPEC", default_help="required")
+    out: str | None = opt(None, "output directory (re-run with the same arguments to resume)", metavar="DIR",
+                          kind="out", default_help="required")
+    resolution: int | None = opt(None, "image side in pixels (tokens = side**2)", default_help="required")
+    palette: str | None = opt(None, "kmeans_centers.npy ((512, 3) float, values in [-1, 1])", metavar="PATH",
+                              default_help="none: pass this or --fit-palette")
+    fit_palette: bool = opt(False, "fit a 512-colour palette on the train split")
+    shard_size: int = opt(65536, "images per shard")
+    workers: int = opt(max(1, min(8, os.cpu_count() or 1)), "encoding processes", default_help="min(8, CPUs)")
+    seed: int = opt(0, "holdout and palette-fit seed")
+    val_fraction: float | None = opt(None, "held-out share of train", default_help="the source's: 0.1 CIFAR, "
+                                     "0.04 ImageNet")
+    progress: bool = opt(True, "show a progress bar")
+
+    def __post_init__(self):
+        _check_finite(self)
+        if self.palette and self.fit_palette:
+            raise ConfigError("--palette and --fit-palette exclude each other; pass one")
+        _check_min1("prepare", self, "resolution", "shard_size", "workers")
+        _check_nonneg_int("prepare", self, "seed")
+        _check_fraction(self)
 
 
 def _build(cls, raw: dict, where: str):
@@ -223,8 +429,28 @@ def _check_positive(obj, *names):
             raise ConfigError(f"{section}.{name}={value!r} must be a positive number")
 
 
-def _check_choice(obj, name, choices):
-    section = type(obj).__name__.replace("Config", "").lower()
+def _section(obj) -> str:
+    return type(obj).__name__.replace("Config", "").lower()
+
+
+def _check_choice(obj, name):
+    """The value must be one of the field's Literal choices (the same list the flag offers)."""
+    choices = literal_choices(typing.get_type_hints(type(obj))[name])
     value = getattr(obj, name)
     if value not in choices:
-        raise ConfigError(f"{section}.{name}={value!r} is not one of {', '.join(choices)}")
+        raise ConfigError(f"{_section(obj)}.{name}={value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def literal_choices(tp) -> list:
+    """The values of Literal[...] (or Literal[...] | None), else []."""
+    if typing.get_origin(tp) is Literal:
+        return list(typing.get_args(tp))
+    return [c for a in typing.get_args(tp) if typing.get_origin(a) is Literal for c in typing.get_args(a)]
+
+
+def _check_finite(obj):
+    """NaN and infinity pass `> 0` checks; refuse them for every float field."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{_section(obj)}.{f.name}={value} is not a finite number")

@@ -18,7 +18,8 @@ import torch.distributed as dist
 
 from megapix.config import Config, ConfigError
 from megapix.data.loader import GlobalBatches, MicroBatches, TokenData, fixed_batches
-from megapix.parallel.layout import Layout, build_layout
+from megapix.dsconfig import load_ds_config, make_ds_config, resolve, zero_stage_of  # noqa: F401 (finetune)
+from megapix.parallel.layout import build_layout
 from megapix.utils import write_json
 
 EXIT_PREEMPTED = 75  # "checkpoint saved, requeue me" (EX_TEMPFAIL); slurm/ scripts rely on it
@@ -34,63 +35,6 @@ def device_peak_tflops(override: float | None) -> float | None:
         return None
     name = torch.cuda.get_device_name()
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-
-
-def use_bf16(cfg: Config) -> bool:
-    if cfg.train.precision == "auto":
-        return torch.cuda.is_available()
-    return cfg.train.precision == "bf16"
-
-
-def load_ds_config(path: str | None) -> dict:
-    if not path:
-        return {}
-    if not os.path.isfile(path):
-        raise ConfigError(f"DeepSpeed config {path!r} does not exist; pass a file from ds_configs/")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"DeepSpeed config {path!r} is not valid JSON ({e})") from None
-
-
-def zero_stage_of(cfg: Config, ds: dict) -> int:
-    if cfg.train.zero_stage is not None:
-        return cfg.train.zero_stage
-    return int(ds.get("zero_optimization", {}).get("stage", 0))
-
-
-def make_ds_config(cfg: Config, ds: dict, layout: Layout, micro: int) -> dict:
-    """The DeepSpeed config: the user's file, with batch geometry, precision and ZeRO stage from our flags."""
-    t = cfg.train
-    ds = json.loads(json.dumps(ds))  # deep copy
-    ds["train_batch_size"] = t.global_batch
-    ds["train_micro_batch_size_per_gpu"] = micro
-    ds["gradient_accumulation_steps"] = t.global_batch // (micro * layout.dp)
-    ds.setdefault("steps_per_print", 10**9)
-    ds.setdefault("gradient_clipping", t.grad_clip)
-    zero = ds.setdefault("zero_optimization", {})
-    zero["stage"] = layout.zero_stage
-    if torch.cuda.is_available() is False and zero.get("offload_optimizer"):
-        ds["zero_force_ds_cpu_optimizer"] = False  # torch's Adam on CPU ranks; DeepSpeedCPUAdam needs a build
-    bf16 = use_bf16(cfg)
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
-    ds.pop("fp16", None)
-    if ds.get("tensorboard", {}).get("enabled") and not _tensorboard_available():
-        ds["tensorboard"]["enabled"] = False  # the csv monitor still writes; install tensorboard for event files
-    for key in ("tensorboard", "csv_monitor"):  # DeepSpeed's monitor, written under --out unless a path is set
-        if ds.get(key, {}).get("enabled"):
-            ds[key].setdefault("output_path", os.path.join(os.path.abspath(t.out), "monitor"))
-            ds[key].setdefault("job_name", "megapix")
-    return ds
-
-
-def _tensorboard_available() -> bool:
-    try:
-        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class LossModel(torch.nn.Module):
@@ -210,7 +154,8 @@ class Trainer:
         world = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
         self.is_rank0 = rank == 0
-        ds_base = load_ds_config(ds_config_path)
+        cfg, ds_base = resolve(cfg, ds_config_path, world)  # the JSON's settings taken in; conflicts refused
+        self.cfg, t = cfg, cfg.train
         self.layout = build_layout(world, rank, cfg.model, t, zero_stage_of(cfg, ds_base))
         self.out = os.path.abspath(t.out)
         os.makedirs(self.out, exist_ok=True)
@@ -242,7 +187,7 @@ class Trainer:
 
             return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
-        ds_config = make_ds_config(cfg, ds_base, self.layout, self.micro_batch)
+        self.ds_config = ds_config = make_ds_config(cfg, ds_base, self.layout, self.micro_batch)
         mpu = self.layout.grid if (self.layout.tp > 1 and not self.is_pipeline) else None
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=ds_config, mpu=mpu)

@@ -1,4 +1,4 @@
-"""`megapix export <checkpoint> <dir>`: a checkpoint of any layout -> a consolidated HF ImageGPT directory.
+"""`megapix export --checkpoint RUN --out DIR`: a checkpoint of any layout -> a consolidated HF ImageGPT directory.
 
 The directory (config.json + model.safetensors, HF ImageGPT layout) loads with `ImageGPT.from_pretrained` and
 with transformers' ImageGPTForCausalImageModeling. TP shards are merged and pipeline layer files collected
@@ -7,7 +7,6 @@ Runs on one CPU process; no distributed launch needed.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 
@@ -27,10 +26,11 @@ def export(checkpoint: str, out: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="megapix export", description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint", help="a training --out folder, its checkpoints/ folder, or a tag folder")
-    p.add_argument("out", help="directory to write (replaced atomically)")
-    args = p.parse_args(argv)
+    """`megapix export --checkpoint RUN --out DIR` (the older `megapix export RUN DIR` is still accepted)."""
+    from megapix.cliargs import parse_command
+    from megapix.config import ExportConfig
+
+    args = parse_command("megapix export", __doc__.splitlines()[0], ExportConfig, argv)
     tag = export(args.checkpoint, args.out)
     print(f"megapix export: {tag} -> {os.path.abspath(args.out)}")
     return 0

@@ -17,7 +17,6 @@ chunks already done, even under a different number of ranks. When every rank is 
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
@@ -122,26 +121,12 @@ def parse_layers(spec: str | None, n_layer: int, center: int | None = None, span
 # ----------------------------------------------------------------------------------------------------------
 # the CLI
 # ----------------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megapix extract", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="training --out folder, checkpoint tag, or HF/megapix export")
-    p.add_argument("--data", help="data source (default: the checkpoint's); digits, cifar10:PATH, ...")
-    p.add_argument("--palette", help="kmeans_centers.npy (default: the checkpoint's palette.npy)")
-    p.add_argument("--layers", help="'3,4,5', '2-6', '2:7' or 'all' (default all); 0..n_layer, n_layer = after norm_f")
-    p.add_argument("--center", type=int, help="centre layer of a concatenation (the iGPT-XL 5-layer probe)")
-    p.add_argument("--span", type=int, help="layers in the --center concatenation (default 5)")
-    p.add_argument("--out", required=True, help="output folder: {split}_features.npy, {split}_labels.npy, manifest.json")
-    p.add_argument("--splits", default="train,val,test")
-    p.add_argument("--dtype", choices=["float16", "float32"], default="float32")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--chunk-size", type=int, default=2048, help="rows per resumable unit of work")
-    p.add_argument("--val-fraction", type=float, help="held-out share of train (default: the source's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/val holdout (use the training seed)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 autocast (GPUs; also CPUs with AMX/AVX512-BF16)")
-    p.add_argument("--device", help="cpu, cuda (default: cuda:LOCAL_RANK when available)")
-    p.add_argument("--overwrite", action="store_true", help="discard an existing or partial extraction in --out")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return p
+def parse_args(argv=None):
+    """The options of `megapix extract` (flags generated from config.ExtractConfig): a validated ExtractConfig."""
+    from megapix.cliargs import parse_command
+    from megapix.config import ExtractConfig
+
+    return parse_command("megapix extract", __doc__.splitlines()[0], ExtractConfig, argv, launcher=True)
 
 
 def _launched() -> bool:
@@ -212,7 +197,7 @@ def done_chunks(progress: str, split: str) -> set[int]:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     dist = Dist()
     try:
         ok, err = True, None
@@ -233,8 +218,6 @@ def _prepare(args, dist: Dist) -> dict:
     from megapix.data.loader import TokenData
     from megapix.data.sources import SPLITS, open_source
 
-    if args.batch_size < 1 or args.chunk_size < 1:
-        raise ConfigError("--batch-size and --chunk-size must be >= 1")
     if not os.path.exists(args.checkpoint):
         raise ConfigError(f"checkpoint {args.checkpoint!r} does not exist; pass a training --out folder, "
                           "a checkpoint tag folder or an HF/megapix export directory")

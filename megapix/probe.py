@@ -17,7 +17,6 @@ Writes DIR/probe_results.json, DIR/probe_results.md and DIR/probe_accuracy.png.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -28,9 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from megapix.config import PROBE_L2_GRID as DEFAULT_GRID
 from megapix.config import ConfigError
-
-DEFAULT_GRID = "1e-6,1e-5,1e-4,1e-3,1e-2,1e-1"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -147,20 +145,12 @@ def _apply(std: Standardizer, X: torch.Tensor, device, solver: str) -> torch.Ten
 # ----------------------------------------------------------------------------------------------------------
 # the CLI
 # ----------------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megapix probe", description=__doc__.splitlines()[0])
-    p.add_argument("dir", help="the --out folder of `megapix extract`")
-    p.add_argument("--solver", choices=["auto", "lbfgs", "sgd"], default="auto")
-    p.add_argument("--sgd-threshold", type=int, default=200_000, help="auto: SGD at or above this many train rows")
-    p.add_argument("--l2", default=DEFAULT_GRID, help=f"comma-separated L2 grid (default {DEFAULT_GRID})")
-    p.add_argument("--layers", help="probe only these dumped layers (default: all dumped)")
-    p.add_argument("--no-concat", action="store_true", help="skip the concatenated probes")
-    p.add_argument("--max-iter", type=int, default=500, help="L-BFGS iterations per fit")
-    p.add_argument("--epochs", type=int, default=30, help="SGD epochs per fit")
-    p.add_argument("--sgd-lr", type=float, default=0.5)
-    p.add_argument("--batch-size", type=int, default=1024, help="SGD mini-batch")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    return p
+def parse_args(argv=None):
+    """The options of `megapix probe` (flags generated from config.ProbeConfig): a validated ProbeConfig."""
+    from megapix.cliargs import parse_command
+    from megapix.config import ProbeConfig
+
+    return parse_command("megapix probe", __doc__.splitlines()[0], ProbeConfig, argv)
 
 
 def _labels(y, split):
@@ -172,7 +162,7 @@ def _labels(y, split):
 def main(argv=None) -> int:
     from megapix.features import load
 
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         grid = [float(x) for x in args.l2.split(",") if x]
     except ValueError:
@@ -223,7 +213,7 @@ def main(argv=None) -> int:
     print(f"megapix probe: {len(ytr)} train / {len(yva)} val / {0 if yte is None else len(yte)} test rows, "
           f"{num_classes} classes, solver {solver} on {device}, l2 grid {grid}", flush=True)
     results = [run(f"layer {l}", [l]) for l in chosen]
-    if not args.no_concat and len(chosen) > 1:
+    if args.concat and len(chosen) > 1:
         best = max(results, key=lambda r: r["val_acc"])["layers"][0]
         if len(chosen) > 5 or (len(chosen) == 5 and chosen == list(range(chosen[0], chosen[0] + 5))):
             pos = chosen.index(best)
@@ -242,11 +232,13 @@ def main(argv=None) -> int:
     summary["best_layer_by_val"] = max(singles, key=lambda r: r["val_acc"])["layers"][0]
     from megapix.utils import write_json
 
-    write_json(os.path.join(args.dir, "probe_results.json"), summary)
+    out = args.out or args.dir
+    os.makedirs(out, exist_ok=True)
+    write_json(os.path.join(out, "probe_results.json"), summary)
     md = markdown_table(summary)
-    with open(os.path.join(args.dir, "probe_results.md"), "w") as f:
+    with open(os.path.join(out, "probe_results.md"), "w") as f:
         f.write(md)
-    plot(summary, os.path.join(args.dir, "probe_accuracy.png"))
+    plot(summary, os.path.join(out, "probe_accuracy.png"))
     print(md, flush=True)
     return 0
 

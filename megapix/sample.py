@@ -5,7 +5,6 @@ one position at a time, so a T-token image costs T small steps instead of T full
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -73,20 +72,15 @@ def save_png(image: np.ndarray, path: str, scale: int = 4) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="megapix sample", description="Complete held-out images and sample new ones; "
-                                "writes a PNG grid (3 completions of each top half, then the original).")
-    p.add_argument("model", help="an HF/megapix export directory, or a training --out folder / checkpoint")
-    p.add_argument("--data", default=None, help="data source for held-out images (default: the run's)")
-    p.add_argument("--palette", default=None, help="kmeans_centers.npy (default: the run's palette.npy)")
-    p.add_argument("--n", type=int, default=8, help="held-out images to complete")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="samples.png")
-    args = p.parse_args(argv)
+    from megapix.cliargs import parse_command
+    from megapix.config import SampleConfig
+
     try:
+        args = parse_command("megapix sample", "Complete held-out images and sample new ones; writes a PNG grid (3 "
+                             "completions of each top half, then the original).", SampleConfig, argv)
         from megapix.checkpoint import load_model_and_palette
 
-        model, palette, data = load_model_and_palette(args.model, args.palette, args.data)
+        model, palette, data = load_model_and_palette(args.checkpoint, args.palette, args.data)
         from megapix.data.loader import TokenData
         from megapix.data.sources import open_source
 

@@ -13,66 +13,60 @@ if __package__ in (None, ""):  # run as a script (deepspeed/torchrun megapix/tra
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megapix train", description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="YAML/JSON config with sections model/data/train; flags override it")
-    p.add_argument("--model", help="preset: igpt-s, igpt-m, igpt-l, igpt-xl, tiny, small, bench")
-    p.add_argument("--objective", choices=["ar", "bert"])
-    p.add_argument("--data", help="data source: digits (default), synthetic, cifar10:PATH, imagefolder:DIR, ...")
-    p.add_argument("--palette", help="kmeans_centers.npy; fitted on the training images when absent")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--global-batch", type=int)
-    p.add_argument("--micro-batch", type=int, help="per data-parallel rank; the global batch stays fixed")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--out", help="output folder: checkpoints, metrics.jsonl, samples.png")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out, if any")
-    p.add_argument("--eval-every", type=int)
-    p.add_argument("--save-every", type=int)
-    p.add_argument("--time-budget", type=float, help="seconds; save and exit 75 when exceeded")
-    p.add_argument("--tensor-parallel", type=int)
-    p.add_argument("--pipeline-parallel", type=int)
-    p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], help="overrides the DeepSpeed config")
-    p.add_argument("--activation-checkpointing", action="store_true", default=None)
-    p.add_argument("--kernels", choices=["auto", "triton", "torch"])
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"])
-    p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: from a table of GPUs)")
-    p.add_argument("--no-samples", action="store_true", help="skip the PNG of samples at the end")
-    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
-                   help="DeepSpeed JSON config (ds_configs/); flags override its batch, precision and ZeRO stage")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    """Flags generated from ModelConfig, DataConfig and TrainConfig (megapix.cliargs), plus the run's own."""
+    from megapix.cliargs import add_config_args, add_launcher_args, command_parser
+
+    p = command_parser("megapix train", __doc__.splitlines()[0] + "\n\nPrecedence: defaults < --config file < "
+                       "flags. A DeepSpeed JSON's settings are taken in where megapix's are not set; a value set in "
+                       "both that disagrees is an error (megapix/dsconfig.py).")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out (default: off)")
+    p.add_argument("--no-samples", action="store_true", help="skip the PNG of samples at the end (default: off)")
+    add_config_args(p)
+    add_launcher_args(p)  # deepspeed's launcher appends --local_rank
     return p
 
 
-FLAG_TO_FIELD = {  # flag dest -> (section, field)
-    "model": None, "objective": ("model", "objective"), "kernels": ("model", "kernels"),
-    "data": ("data", "source"), "palette": ("data", "palette"),
-    **{k: ("train", k) for k in ("max_steps", "global_batch", "micro_batch", "lr", "warmup_steps", "seed", "out",
-                                 "eval_every", "save_every", "time_budget", "tensor_parallel", "pipeline_parallel",
-                                 "zero_stage", "activation_checkpointing", "precision", "peak_tflops")},
-}
-
-
 def config_from_args(args):
-    from megapix.config import Config, load_config
+    from megapix.cliargs import config_from_args
 
-    raw = load_config(args.config).to_dict() if args.config else Config().to_dict()
-    if args.model:
-        raw["model"] = {"preset": args.model}
-    for dest, target in FLAG_TO_FIELD.items():
-        value = getattr(args, dest, None)
-        if target is None or value is None:
-            continue
-        raw[target[0]][target[1]] = value
-    return Config.from_dict(raw, where="arguments")
+    return config_from_args(args)
+
+
+def check_run_record(path: str, cfg, resume: bool) -> None:
+    """<out>/config.json belongs to the run in --out: refuse to replace a different run's record unless resuming
+    it (where the new settings, e.g. a later --max-steps, are what the continued run trains with)."""
+    import json
+
+    from megapix.config import ConfigError
+
+    if resume or not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            old = json.load(f)["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"{path} exists and is not a megapix run record; choose another --out") from None
+    new = cfg.to_dict()
+    if old != new:
+        diffs = [f"{sec}.{k}: {old.get(sec, {}).get(k)!r} -> {v!r}" for sec in ("model", "data", "train")
+                 for k, v in new[sec].items() if old.get(sec, {}).get(k) != v]
+        raise ConfigError(f"{os.path.dirname(path)} holds another run (config.json differs: {'; '.join(diffs[:3])}); "
+                          "pass --resume to continue it, or choose another --out")
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from megapix.config import ConfigError
+    from megapix.config import ConfigError, check_kernels_available
 
     try:
         cfg = config_from_args(args)
+        check_kernels_available(cfg.model.kernels)
+        from megapix import dsconfig
+
+        # the JSON agrees with the flags (or says where not) before any process group starts or file is written
+        effective, _ = dsconfig.resolve(cfg, args.deepspeed_config, dsconfig.launch_world())
+        record = os.path.join(os.path.abspath(effective.train.out), "config.json")
+        check_run_record(record, effective, args.resume)
         from megapix.parallel.launch import init_distributed
 
         init_distributed()
@@ -80,8 +74,12 @@ def main(argv=None) -> int:
 
         trainer = Trainer(cfg, args.deepspeed_config)
         if trainer.is_rank0:
+            from megapix.utils import write_json
+
+            print(dsconfig.describe(trainer.cfg, trainer.ds_config, args.deepspeed_config), flush=True)
+            write_json(record, dsconfig.run_record(trainer.cfg, trainer.ds_config, args.deepspeed_config))
             print(f"megapix: {cfg.model.num_parameters() / 1e6:.2f}M parameters, {trainer.layout.describe()}, "
-                  f"global batch {cfg.train.global_batch} (micro {trainer.micro_batch}), out {trainer.out}",
+                  f"global batch {trainer.cfg.train.global_batch} (micro {trainer.micro_batch}), out {trainer.out}",
                   flush=True)
         code = trainer.fit(resume=args.resume)
         if code == 0 and not args.no_samples:

@@ -25,3 +25,36 @@ def test_unknown_command_exits_2(capsys):
 def test_subcommand_help_is_forwarded():
     proc = run(["-m", "megapix", "train", "--help"], timeout=120)
     assert proc.returncode == 0 and "--max-steps" in proc.stdout and "--resume" in proc.stdout
+
+
+def test_version_everywhere(capsys):
+    import pytest
+
+    from megapix import __version__
+
+    assert main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"megapix {__version__}"
+    for name in ("train", "prepare", "extract", "probe", "sample", "export"):
+        with pytest.raises(SystemExit) as e:
+            main([name, "--version"])
+        assert e.value.code == 0 and capsys.readouterr().out.strip() == f"megapix {__version__}", name
+
+
+def test_version_has_one_source():
+    """setup.py reads the version from megapix/__init__.py instead of repeating it."""
+    import os
+    import re
+
+    from megapix import __version__
+
+    setup = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")).read()
+    assert not re.search(r"version\s*=\s*['\"]\d", setup), "setup.py repeats the version"
+    assert __version__
+
+
+def test_every_model_reading_command_takes_checkpoint(capsys):
+    import pytest
+
+    for name in ("extract", "sample", "export"):
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        assert "--checkpoint PATH" in capsys.readouterr().out, name

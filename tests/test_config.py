@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -136,3 +137,135 @@ def test_bad_files(tmp_path, name, text, fragment):
     with pytest.raises(ConfigError) as e:
         load_config(str(path))
     assert fragment in str(e.value) and name in str(e.value), str(e.value)
+
+
+# ---- flags generated from the dataclasses (megapix.cliargs) ----
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+
+from megapix import cliargs  # noqa: E402
+from megapix.config import ExportConfig, ExtractConfig, PrepareConfig, ProbeConfig, SampleConfig  # noqa: E402
+from megapix.train import build_parser, config_from_args  # noqa: E402
+
+COMMAND_CONFIGS = [ExtractConfig, ProbeConfig, SampleConfig, ExportConfig, PrepareConfig]
+
+
+def _parsers():
+    yield "train", build_parser()
+    for cls in COMMAND_CONFIGS:
+        p = cliargs.command_parser(cls.__name__, "")
+        cliargs.add_fields(p, cls)
+        yield cls.__name__, p
+
+
+def test_every_flag_has_help_with_its_default():
+    for name, p in _parsers():
+        for action in p._actions:
+            if action.help == argparse.SUPPRESS or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+                continue
+            if not action.option_strings:  # a positional spelling of a flag: "same as --x"
+                assert action.help.startswith("same as --"), (name, action.dest)
+                continue
+            assert action.help and "(default: " in action.help, (name, action.option_strings, action.help)
+
+
+def test_every_config_field_has_a_flag():
+    p = build_parser()
+    dests = {a.dest for a in p._actions}
+    for sec, cls in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig)):
+        for f in dataclasses.fields(cls):
+            assert f"{sec}.{f.name}" in dests, f.name
+    flags = {o for a in p._actions for o in a.option_strings}
+    for kept in ("--model", "--data", "--palette", "--max-steps", "--global-batch", "--out", "--resume",
+                 "--tensor-parallel", "--pipeline-parallel", "--zero-stage", "--kernels", "--precision",
+                 "--deepspeed_config", "--deepspeed-config", "--local_rank", "--config", "--no-samples",
+                 "--log-every", "--num-workers", "--no-augment", "--activation-checkpointing", "--version"):
+        assert kept in flags, kept
+
+
+def test_types_choices_and_booleans():
+    args = build_parser().parse_args(["--lr", "1e-3", "--zero-stage", "2", "--no-augment", "--activation-checkpointing",
+                                      "--kernels", "torch", "--micro-batch", "4", "--local_rank", "0"])
+    cfg = config_from_args(args)
+    assert (cfg.train.lr, cfg.train.zero_stage, cfg.data.augment, cfg.train.activation_checkpointing) == \
+        (1e-3, 2, False, True)
+    assert cfg.model.kernels == "torch" and cfg.train.micro_batch == 4
+    assert cfg.explicit == {"train.lr", "train.zero_stage", "data.augment", "train.activation_checkpointing",
+                            "model.kernels", "train.micro_batch"}
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--lr", "nan"], "argument --lr: 'nan' is not a finite number"),
+    (["--lr", "inf"], "argument --lr: 'inf' is not a finite number"),
+    (["--max-steps", "ten"], "argument --max-steps: 'ten' is not an integer"),
+    (["--zero-stage", "5"], "argument --zero-stage: invalid choice"),
+])
+def test_bad_flag_values_are_one_line(capsys, argv, words):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1 and err.startswith("megapix train: error:"), err
+
+
+def test_precedence_defaults_then_file_then_flags(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {preset: tiny, n_layer: 3}\ntrain: {lr: 0.001, max_steps: 7}\n")
+    cfg = config_from_args(build_parser().parse_args(["--config", str(path), "--lr", "0.002", "--d-model", "64"]))
+    assert (cfg.model.n_layer, cfg.model.d_model) == (3, 64)  # file, then flag
+    assert (cfg.train.lr, cfg.train.max_steps, cfg.train.global_batch) == (0.002, 7, 64)  # flag, file, default
+    assert {"train.lr", "train.max_steps", "model.n_layer", "model.d_model"} <= cfg.explicit
+    assert "train.global_batch" not in cfg.explicit
+    cfg = config_from_args(build_parser().parse_args(["--config", str(path), "--model", "small"]))
+    assert cfg.model.n_layer == 8  # --model replaces the file's model section with the preset
+    with pytest.raises(ConfigError, match="unknown model preset 'huge'.*igpt-s"):
+        config_from_args(build_parser().parse_args(["--model", "huge"]))
+
+
+@pytest.mark.parametrize("raw,fragment", [
+    ({"train": {"lr": float("nan")}}, "train.lr=nan is not a finite number"),
+    ({"train": {"lr": float("inf")}}, "train.lr=inf"),
+    ({"train": {"seed": -1}}, "train.seed=-1 must be >= 0"),
+    ({"train": {"beta2": 1.0}}, "train.beta2=1.0 must lie in [0, 1)"),
+    ({"train": {"grad_clip": float("inf")}}, "train.grad_clip=inf is not a finite number"),
+    ({"data": {"num_workers": -2}}, "data.num_workers=-2 must be an integer >= 0"),
+])
+def test_non_finite_and_negative_values(raw, fragment):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        Config.from_dict(raw)
+
+
+def test_positional_spelling_still_accepted_and_must_agree():
+    p = cliargs.command_parser("megapix export", "")
+    dests = cliargs.add_fields(p, ExportConfig)
+    flag = cliargs.build(ExportConfig, cliargs.given(p.parse_args(["--checkpoint", "a", "--out", "b"]), dests))
+    old = cliargs.build(ExportConfig, cliargs.given(p.parse_args(["a", "b"]), dests))
+    assert flag == old == ExportConfig(checkpoint="a", out="b")
+    with pytest.raises(ConfigError, match="checkpoint given twice"):
+        cliargs.given(p.parse_args(["a", "--checkpoint", "c", "--out", "b"]), dests)
+    with pytest.raises(ConfigError, match="--out is required"):
+        cliargs.build(ExportConfig, cliargs.given(p.parse_args(["a"]), dests))
+
+
+def test_check_out_path(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert cliargs.check_out_path(str(tmp_path / "new" / "deeper")) == str(tmp_path / "new" / "deeper")
+    with pytest.raises(ConfigError, match="which is a regular file"):
+        cliargs.check_out_path(str(f / "run"))
+    with pytest.raises(ConfigError, match="which is a regular file"):
+        cliargs.check_out_path(str(f / "a" / "b"))
+
+
+def test_kernels_triton_needs_cuda_or_the_interpreter(monkeypatch):
+    import torch
+
+    from megapix.config import check_kernels_available
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ConfigError, match="--kernels triton needs a CUDA GPU.*TRITON_INTERPRET=1"):
+        check_kernels_available("triton")
+    check_kernels_available("auto")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    check_kernels_available("triton")

@@ -19,7 +19,6 @@ sources (igpt:, shards:) are copied into shards without a palette.
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import hashlib
 import os
@@ -267,33 +266,15 @@ def prepare(spec: str, out: str, *, resolution: int, palette: str | None = None,
     return manifest
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megapix prepare", description="Encode images into palette-id token shards.")
-    p.add_argument("--data", required=True, help="source spec, e.g. cifar10:cifar-10-python.tar.gz, "
-                   "imagefolder:DIR, npy:X.npy[,Y.npy], igpt:DIR/cifar10")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--palette", help="kmeans_centers.npy ((512, 3) float, values in [-1, 1])")
-    g.add_argument("--fit-palette", action="store_true", help="fit a 512-colour palette on the train split")
-    p.add_argument("--resolution", type=int, required=True, help="image side in pixels (tokens = side**2)")
-    p.add_argument("--out", required=True, help="output directory (re-run with the same arguments to resume)")
-    p.add_argument("--shard-size", type=int, default=65536, help="images per shard (default 65536)")
-    p.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
-                   help="encoding processes (default: min(8, CPUs))")
-    p.add_argument("--seed", type=int, default=0, help="holdout and palette-fit seed (default 0)")
-    p.add_argument("--val-fraction", type=float, default=None,
-                   help="held-out share of train (default: the source's, 0.1 CIFAR / 0.04 ImageNet)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
-
-
 def prepare_main(argv=None) -> int:
     """Entry point of `megapix prepare`. Raises ConfigError (one line, with the fix) on bad input."""
-    a = build_parser().parse_args(argv)
-    if a.resolution < 1:
-        raise ConfigError(f"--resolution={a.resolution} must be >= 1")
+    from megapix.cliargs import parse_command
+    from megapix.config import PrepareConfig
+
+    a = parse_command("megapix prepare", "Encode images into palette-id token shards.", PrepareConfig, argv)
     m = prepare(a.data, a.out, resolution=a.resolution, palette=a.palette, fit_palette=a.fit_palette,
                 shard_size=a.shard_size, workers=a.workers, seed=a.seed, val_fraction=a.val_fraction,
-                progress=not a.no_progress)
+                progress=a.progress)
     counts = ", ".join(f"{k} {v['count']}" for k, v in m["splits"].items())
     print(f"prepared {counts} images at {a.resolution}x{a.resolution} into {os.path.abspath(a.out)}")
     return 0

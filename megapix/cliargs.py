@@ -1,0 +1,254 @@
+"""Command-line flags generated from the config dataclasses: the dataclass is the one place a setting, its type,
+its default and its help live; argparse only reads them.
+
+A field becomes a flag by its name (`max_steps` -> `--max-steps`), typed from its annotation: int, float, str;
+`X | None` (the default None means "decided later", told by the field's `default_help`); `Literal[...]` ->
+choices; bool -> `--x/--no-x`. Field metadata (see `opt`) adds help, another flag name, aliases, a metavar, a
+positional spelling still accepted for an older interface, and `kind="out"` for output paths (refused at parse
+time when a parent is a regular file, before anything is created). Every help line ends with its default.
+
+Parsed values are the flags the user gave (argparse default SUPPRESS), so callers can layer them over a config
+file (defaults < --config file < flags) and know which fields were set by the user.
+
+Convention for a command (how `megapix <cmd>` uses this; finetune adopts it the same way):
+    @dataclass class FooConfig: fields with opt(...) metadata, validation in __post_init__ (ConfigError)
+    parser = command_parser("megapix foo", "what it does", FooConfig)
+    args = parse_command(parser, FooConfig, argv)        # -> a validated FooConfig
+A model is always named by `--checkpoint PATH` (field `checkpoint` with `checkpoint_field()`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import types
+import typing
+from typing import Any, Literal
+
+from megapix.config import (PRESETS, Config, ConfigError, DataConfig, ModelConfig, TrainConfig,  # noqa: F401
+                            opt, read_config_file)
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+# ---- types ----
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+_finite_float.__name__ = "float"
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+_int.__name__ = "int"
+
+
+def check_out_path(path: str, flag: str = "--out") -> str:
+    """An output path whose parents are directories (or do not exist yet): a regular file above it is refused
+    before anything is created."""
+    if not path:
+        raise ConfigError(f"{flag} is empty; pass a folder or file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent and not os.path.exists(parent):
+        up = os.path.dirname(parent)
+        if up == parent:
+            break
+        parent = up
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise ConfigError(f"{flag} {path!r} lies under {parent!r}, which is a regular file; choose a path in a folder")
+    return path
+
+
+def _out_type(flag: str):
+    def parse(text: str) -> str:
+        try:
+            return check_out_path(text, flag)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix(f"{flag} ")) from None
+
+    parse.__name__ = "path"
+    return parse
+
+
+def _unwrap_optional(tp):
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0]
+    return tp
+
+
+def _literal_choices(tp):
+    return list(typing.get_args(tp)) if typing.get_origin(tp) is Literal else None
+
+
+def _describe_default(f) -> str:
+    if f.metadata.get("default_help"):
+        return f.metadata["default_help"]
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return "required"
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def flag_name(f) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `megapix train: error: argument --lr: ... (see --help)`, exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=34, width=110)
+
+
+def command_parser(prog: str, description: str) -> Parser:
+    from megapix import __version__
+
+    p = Parser(prog=prog, description=description, formatter_class=_Formatter)
+    p.add_argument("--version", action="version", version=f"megapix {__version__}")
+    return p
+
+
+def add_launcher_args(p: argparse.ArgumentParser) -> None:
+    """--local_rank, which the deepspeed launcher appends (ranks are read from the environment)."""
+    p.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+                   dest="_local_rank")
+
+
+def add_fields(p: argparse.ArgumentParser, cls, *, prefix: str = "", title: str | None = None,
+               exclude: tuple = (), only: tuple | None = None) -> dict[str, str]:
+    """Add one flag per field of dataclass `cls`; returns dest -> field name. Values the user does not give are
+    absent from the parsed namespace (default SUPPRESS). Positional spellings go in field order."""
+    group = p.add_argument_group(title) if title else p
+    hints = typing.get_type_hints(cls)
+    dests = {}
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("cli", True) or f.name in exclude or (only is not None and f.name not in only):
+            continue
+        tp = _unwrap_optional(hints[f.name])
+        flag = flag_name(f)
+        dest = prefix + f.name
+        text = f.metadata.get("help", "")
+        kw: dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS,
+                                  help=f"{text} (default: {_describe_default(f)})".lstrip().replace("%", "%%"))
+        names = [flag, *f.metadata.get("aliases", ())]
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            choices = _literal_choices(tp)
+            if choices is not None:
+                kw["choices"] = choices
+                kw["type"] = _int if isinstance(choices[0], int) else str
+            elif f.metadata.get("kind") == "out":
+                kw["type"] = _out_type(flag)
+            else:
+                kw["type"] = {int: _int, float: _finite_float}.get(tp, str)
+            if choices is None:
+                kw["metavar"] = f.metadata.get("metavar") or {int: "N", float: "X"}.get(tp, "TEXT")
+        group.add_argument(*names, **kw)
+        if f.metadata.get("positional"):
+            # the older positional spelling, still accepted; --flag is the documented one
+            p.add_argument(dest + "@pos", nargs="?", default=argparse.SUPPRESS, type=kw.get("type", str),
+                           metavar=f.name.upper(), help=f"same as {flag}")
+        dests[dest] = f.name
+    return dests
+
+
+def given(ns: argparse.Namespace, dests: dict[str, str]) -> dict[str, Any]:
+    """field name -> value for the flags the user gave (a positional spelling counts; both must agree)."""
+    values = vars(ns)
+    out = {}
+    for dest, name in dests.items():
+        flag_value, pos_value = values.get(dest, _UNSET), values.get(dest + "@pos", _UNSET)
+        if flag_value is not _UNSET and pos_value is not _UNSET and flag_value != pos_value:
+            raise ConfigError(f"{name} given twice ({pos_value!r} and --{name.replace('_', '-')} {flag_value!r}); "
+                              "pass it once")
+        value = flag_value if flag_value is not _UNSET else pos_value
+        if value is not _UNSET:
+            out[name] = value
+    return out
+
+
+_UNSET = object()
+
+
+def build(cls, values: dict[str, Any], where: str = "arguments"):
+    """Construct a validated dataclass; a missing required value or a bad one is a ConfigError."""
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("default_help") == "required" and values.get(f.name, f.default) is None:
+            raise ConfigError(f"{flag_name(f)} is required ({f.metadata.get('help', '')})")
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def parse_command(prog: str, description: str, cls, argv=None, *, launcher: bool = False):
+    """The whole flow for a command whose options are one dataclass: parser, parse, build -> cls instance."""
+    p = command_parser(prog, description)
+    dests = add_fields(p, cls)
+    if launcher:
+        add_launcher_args(p)
+    ns = p.parse_args(sys.argv[1:] if argv is None else argv)
+    return build(cls, given(ns, dests))
+
+
+# ---- a run's configuration (train; finetune adopts the same) ----
+def add_config_args(p: argparse.ArgumentParser, exclude: dict[str, tuple] | None = None) -> None:
+    """--config FILE, --model PRESET, --deepspeed_config JSON, and one flag per field of ModelConfig, DataConfig
+    and TrainConfig (dest "section.field"; `exclude` drops fields a command defines differently)."""
+    exclude = exclude or {}
+    p.add_argument("--config", metavar="FILE", help="YAML/JSON config with sections model/data/train; flags override "
+                   "it (default: none)")
+    p.add_argument("--model", metavar="PRESET", help=f"model preset: {', '.join(PRESETS)}; replaces the config "
+                   "file's model section, the model flags override it (default: tiny)")
+    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", metavar="JSON",
+                   help="DeepSpeed JSON (ds_configs/); authoritative: its settings are taken in, a conflicting "
+                   "megapix setting is an error (default: none)")
+    for sec, cls in SECTIONS.items():
+        add_fields(p, cls, prefix=f"{sec}.", title=f"{sec} (config file section {sec})",
+                   exclude=tuple(exclude.get(sec, ())))
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """defaults < --config file < flags, as one validated Config; Config.explicit records what the file and the
+    flags set (the DeepSpeed JSON rules need to know)."""
+    raw = dict(read_config_file(args.config)) if getattr(args, "config", None) else {}
+    for sec in SECTIONS:
+        raw[sec] = dict(raw.get(sec) or {})
+    if getattr(args, "model", None):
+        raw["model"] = {"preset": args.model}
+    for dest, value in vars(args).items():
+        sec, _, name = dest.partition(".")
+        if sec in SECTIONS and name:
+            raw[sec][name] = value
+    where = f"{args.config} (with flags)" if getattr(args, "config", None) else "arguments"
+    return Config.from_dict(raw, where=where)
