@@ -42,6 +42,7 @@ SLOW = {
     "test_packaging.py": {"test_wheel_installs_kernels_as_megapix_kernels"},  # builds a wheel
     "test_features.py": {"test_kill_and_resume_two_ranks"},
     "test_finetune.py": {"test_finetune_sweep_early_stopping"},
+    "test_data.py": {"test_prepare_roundtrip_resume_and_workers"},  # worker processes
 }
 # TRITON_INTERPRET must be set before triton is first imported, and must not reach other tests (nor their
 # subprocesses): these modules run only in a pytest process started with it, the others only without it.
