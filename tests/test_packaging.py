@@ -1,9 +1,14 @@
-"""Repository rules checked on the source: kernels/ (installed as megapix.kernels) imports nothing from the rest of
-megapix, and every integration test that tests/conftest.py marks `slow` still exists."""
+"""Packaging rules: kernels/ (installed as megapix.kernels) imports nothing from the rest of megapix, the package
+and benchmarks never edit sys.path, the wheel holds megapix/kernels/ and no top-level `kernels`, and every
+integration test that tests/conftest.py marks `slow` still exists."""
 from __future__ import annotations
 
 import ast
 import os
+import shutil
+import subprocess
+import sys
+import zipfile
 
 from conftest import REPO, SLOW
 
@@ -81,16 +86,12 @@ def test_no_sys_path_insert_in_the_package_or_benchmarks():
 
 def test_wheel_installs_kernels_as_megapix_kernels(tmp_path):
     """`pip install .` (non-editable): the wheel holds megapix/kernels/ and no top-level `kernels` package."""
-    import subprocess
-    import sys
-    import zipfile
-
     src = tmp_path / "src"  # a copy of the tracked files, so no build/ or egg-info lands in the checkout
     files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     for rel in filter(None, files.split("\0")):
         if os.path.isfile(os.path.join(REPO, rel)):
             (src / rel).parent.mkdir(parents=True, exist_ok=True)
-            (src / rel).write_bytes(open(os.path.join(REPO, rel), "rb").read())
+            shutil.copyfile(os.path.join(REPO, rel), src / rel)
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "dist"),
                            str(src)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
