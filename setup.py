@@ -6,7 +6,12 @@ setup(
     description="A DeepSpeed trainer for image GPTs (iGPT): ZeRO, pipeline and tensor parallelism, "
     "Triton kernels, SLURM scripts, feature extraction and linear probes.",
     python_requires=">=3.10",
-    packages=find_packages(include=["megapix", "megapix.*", "kernels", "kernels.*"]),
+    # kernels/ stays at the top of the repo (it imports nothing from megapix/) but installs as megapix.kernels:
+    # the top-level name `kernels` belongs to Hugging Face's hub kernels package, and one would shadow the other.
+    packages=find_packages(include=["megapix", "megapix.*"]) + ["megapix.kernels"],
+    package_dir={"megapix.kernels": "kernels"},
+    # install_requires is what `megapix train` and the other commands need (`make train` installs only this);
+    # the Triton kernels, the HF parity checks, MPI launches and the tests are extras.
     install_requires=[
         # CPU installs: pin torch (`pip install torch==2.13.0`) before this, or pip pulls a CUDA build.
         "torch>=2.4",

@@ -13,18 +13,15 @@ makes bf16 matmuls ~4x faster than fp32 on recent Xeons) and report the differen
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from megapix.config import ModelConfig  # noqa: E402
-from megapix.features import extract, parse_layers  # noqa: E402
-from megapix.model import ImageGPT  # noqa: E402
+from megapix.config import ModelConfig
+from megapix.features import extract, parse_layers
+from megapix.model import ImageGPT
 
 
 def autocast(precision):

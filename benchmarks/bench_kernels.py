@@ -24,8 +24,6 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def _require_cuda() -> None:
     if not torch.cuda.is_available():
@@ -56,8 +54,8 @@ def _rel_err(out, ref) -> float:
 # ----------------------------------------------------------------------------- correctness
 
 def check_correctness() -> list:
-    import kernels
-    from kernels.reference import add_norm_reference, attention_reference
+    from megapix import kernels
+    from megapix.kernels.reference import add_norm_reference, attention_reference
 
     rows = []
     dev = "cuda"
@@ -107,7 +105,7 @@ def check_correctness() -> list:
 # ----------------------------------------------------------------------------- attention
 
 def bench_attention(quick: bool) -> list:
-    import kernels
+    from megapix import kernels
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
@@ -163,8 +161,8 @@ def bench_attention(quick: bool) -> list:
 # ----------------------------------------------------------------------------- add_norm
 
 def bench_add_norm(quick: bool) -> list:
-    import kernels
-    from kernels.reference import add_norm_reference
+    from megapix import kernels
+    from megapix.kernels.reference import add_norm_reference
 
     try:
         from apex.normalization import FusedRMSNorm

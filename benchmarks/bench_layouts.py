@@ -53,7 +53,6 @@ def main(argv=None) -> int:
     work = tempfile.mkdtemp(prefix="bench-layouts-")
     palette = args.palette
     if palette is None:
-        sys.path.insert(0, ROOT)
         from megapix.data.sources import open_source
         from megapix.engine import fit_palette
 

@@ -12,7 +12,6 @@ alike; the table reports medians. --profile prints torch.profiler's top operator
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -20,11 +19,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from megapix.config import model_preset  # noqa: E402
-from megapix.model.hf import hf_config, megapix_to_hf  # noqa: E402
-from megapix.model.igpt import ImageGPT  # noqa: E402
+from megapix.config import model_preset
+from megapix.model.hf import hf_config, megapix_to_hf
+from megapix.model.igpt import ImageGPT
 
 
 def build(preset: str, seed: int = 0):

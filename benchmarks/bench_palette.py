@@ -18,9 +18,7 @@ import warnings
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from megapix.data.palette import Palette  # noqa: E402
+from megapix.data.palette import Palette
 
 
 def random_images(n, res, rng):

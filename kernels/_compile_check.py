@@ -6,8 +6,8 @@ shared memory each kernel needs against the per-block limit of the target
 (sm90: 227 KB, sm80: 163 KB).  It catches type errors in the compiled (non
 interpreter) code path and configs that cannot launch; it says nothing about speed.
 
-    python -m kernels._compile_check           # full matrix (a few minutes on 2 cores)
-    python -m kernels._compile_check --quick   # the subset the tests run
+    python -m megapix.kernels._compile_check           # full matrix (a few minutes on 2 cores)
+    python -m megapix.kernels._compile_check --quick   # the subset the tests run
 
 Must run WITHOUT TRITON_INTERPRET=1 (it needs triton's compiled standard library).
 """

@@ -5,11 +5,17 @@ With no flags it trains the tiny preset on the embedded default (scikit-learn's 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-if __package__ in (None, ""):  # run as a script (deepspeed/torchrun megapix/train.py): make the package importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # run as a script (deepspeed/torchrun megapix/train.py): needs the installed package
+    try:
+        import megapix  # noqa: F401
+    except ModuleNotFoundError as e:
+        if e.name != "megapix":
+            raise
+        print("megapix: error: the megapix package is not installed in this Python: run `pip install -e .` in the "
+              "repository (or `make train`)", file=sys.stderr)
+        sys.exit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:

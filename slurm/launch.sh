@@ -44,7 +44,16 @@ if [ ! -f "$MEGAPIX_ROOT/megapix/train.py" ]; then
         "submit from the repository root or set MEGAPIX_ROOT"
     exit 2
 fi
-export PYTHONPATH="$MEGAPIX_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# The ranks import the installed megapix (`pip install -e .`, which maps kernels/ to megapix.kernels): check that it
+# is this checkout. (Putting the checkout on PYTHONPATH instead would also expose kernels/ as the top-level
+# `kernels`, the name of Hugging Face's package.)
+installed="$(cd / && "$PYTHON" -c 'import importlib.util as u; s = u.find_spec("megapix"); print(s.origin if s else "")' \
+    2>/dev/null || true)"
+if [ -z "$installed" ] || [ "$(realpath "$(dirname "$installed")")" != "$(realpath "$MEGAPIX_ROOT/megapix")" ]; then
+    megapix_log "$PYTHON does not import megapix from MEGAPIX_ROOT=$MEGAPIX_ROOT (${installed:-not installed}):" \
+        "run $PYTHON -m pip install -e $MEGAPIX_ROOT"
+    exit 2
+fi
 export PYTHONUNBUFFERED=1
 
 # Rendezvous: the first host of the allocation and a port derived from the job id. The trainer computes the

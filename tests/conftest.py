@@ -1,4 +1,5 @@
-"""Shared test helpers: the repo's interpreter, a tiny-model config file, and a subprocess runner."""
+"""Shared test helpers: the repo's interpreter, a tiny-model config file, a subprocess runner, and the
+unit/integration split (markers `slow` and `triton_interp`, see pytest.ini)."""
 from __future__ import annotations
 
 import os
@@ -11,6 +12,61 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = os.path.join(REPO, ".venv", "bin", "python")
 if not os.path.exists(PYTHON):
     PYTHON = sys.executable
+
+
+def pytest_sessionstart(session):
+    """The runs the tests start (`python megapix/train.py`, launchers) import the installed megapix, and
+    megapix.kernels exists only through the install (setup.py maps kernels/ to it): both must be this checkout."""
+    try:
+        import megapix.kernels
+    except ModuleNotFoundError as e:
+        pytest.exit(f"{e}: install this checkout first, `pip install -e .` (make test does)", returncode=2)
+    for module, folder in ((megapix, "megapix"), (megapix.kernels, "kernels")):
+        where = os.path.dirname(os.path.realpath(module.__file__))
+        if where != os.path.realpath(os.path.join(REPO, folder)):
+            pytest.exit(f"{module.__name__} is imported from {where}, not from this checkout ({REPO}): "
+                        f"run `pip install -e .` here (make test does)", returncode=2)
+
+
+# Integration tests, marked `slow` here rather than in each file: module name -> "*" (every test in it) or the
+# names of its slow test functions. tests/test_packaging.py checks that every name listed here exists.
+SLOW = {
+    "test_train.py": "*",  # end-to-end subprocess training runs
+    "test_checkpoint.py": "*",  # layout runs (up to 4 ranks) and resumes
+    "test_parallel_configs.py": "*",
+    "test_slurm.py": "*",
+    "test_parallel.py": {"test_tensor_parallel_matches_single_rank_and_replicated_grads_agree",
+                         "test_layout_reproduces_single_rank_curve"},
+    "test_launchers.py": {"test_launcher_runs_two_ranks"},
+    "test_launch_port.py": {"test_port_in_use_is_one_line"},
+    "test_packaging.py": {"test_wheel_installs_kernels_as_megapix_kernels"},  # builds a wheel
+    "test_features.py": {"test_kill_and_resume_two_ranks"},
+    "test_finetune.py": {"test_finetune_sweep_early_stopping"},
+    "test_data.py": {"test_prepare_roundtrip_resume_and_workers"},  # worker processes
+}
+# TRITON_INTERPRET must be set before triton is first imported, and must not reach other tests (nor their
+# subprocesses): these modules run only in a pytest process started with it, the others only without it.
+TRITON_INTERP = {"test_kernels.py", "test_model_kernels.py"}
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.path.name
+        slow = SLOW.get(module, ())
+        if slow == "*" or item.originalname in slow:
+            item.add_marker(pytest.mark.slow)
+        if module in TRITON_INTERP:
+            item.add_marker(pytest.mark.triton_interp)
+            if not INTERPRETING:
+                item.add_marker(pytest.mark.skip(reason="Triton interpreter test: runs in its own process, "
+                                                        "TRITON_INTERPRET=1 python -m pytest -m triton_interp "
+                                                        "(make test does)"))
+        elif INTERPRETING:
+            item.add_marker(pytest.mark.skip(reason="TRITON_INTERPRET=1 is set: only the triton_interp tests "
+                                                    "run in this process (make test runs the rest separately)"))
+
 
 # A 2-layer, d=64 model on 8x8 images: a DeepSpeed step takes milliseconds on one CPU core.
 TINY_YAML = """\
@@ -50,7 +106,7 @@ def tiny_config(tmp_path):
     return str(path)
 
 
-def run(args: list[str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+def run(args: list[str], timeout: float = 300, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
     """Run `args` (with the repo's python in front) from the repo root; text output captured."""
-    return subprocess.run([PYTHON, *args], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+    return subprocess.run([PYTHON, *args], cwd=REPO, env=env or subprocess_env(), capture_output=True, text=True,
                           timeout=timeout, **kwargs)

@@ -6,18 +6,15 @@ in float32, and are compared with float64 PyTorch references.
 How the interpreter is enabled (investigated on triton 3.9):
   * ``@triton.jit`` picks interpreter vs. compiler when a function is *decorated*, from
     ``triton.knobs.runtime.interpret`` (which re-reads TRITON_INTERPRET on each access).
-  * kernels/ wraps its own kernels in ``kernels._jit.lazy_jit``, which makes that choice
-    at every launch, so importing ``kernels`` earlier does not matter.
+  * megapix.kernels wraps its own kernels in ``megapix.kernels._jit.lazy_jit``, which makes
+    that choice at every launch, so importing the package earlier does not matter.
   * BUT triton's own ``tl.sum``, ``tl.max``, ``tl.zeros`` (triton/language/standard.py)
     are ``@jit`` functions decorated when ``triton.language`` is first imported.  If
     that import happened without TRITON_INTERPRET=1, the interpreter later fails with
     "Cannot call @triton.jit'd outside of the scope of a kernel".
-  So this module sets TRITON_INTERPRET=1 *before* importing triton when triton is not yet
-  imported (and then restores the variable, so other test modules are unaffected), and a
-  module fixture sets it again around these tests only.  If some earlier test module
-  already imported triton without the flag, the in-process kernel tests are skipped and
-  ``test_rerun_in_subprocess_if_triton_imported_early`` runs this file in a fresh
-  interpreter process with TRITON_INTERPRET=1 instead, so the checks still happen.
+  So these tests run only in a pytest process started with TRITON_INTERPRET=1 (marker
+  ``triton_interp``, see tests/conftest.py; ``make test`` runs that process after the main one):
+  the flag is set before anything imports triton, and it never reaches the other tests.
 
 Error bound used throughout (fp32 kernel vs float64 reference):
     max|out - ref| <= RTOL * max|ref| + ATOL
@@ -36,50 +33,23 @@ import pytest
 import torch
 
 
-def _import_triton_for_interpreter():
-    if "triton" in sys.modules:
-        return
-    prev = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import triton.language  # noqa: F401
-    except ImportError:
-        pass
-    finally:
-        if prev is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = prev
-
-
-_import_triton_for_interpreter()
+if os.environ.get("TRITON_INTERPRET") != "1":  # conftest reports the skip (and how to run them)
+    pytest.skip("Triton interpreter tests: TRITON_INTERPRET=1 python -m pytest -m triton_interp",
+                allow_module_level=True)
 triton = pytest.importorskip("triton")
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels import add_norm, flash_attention, rms_norm  # noqa: E402
-from kernels.reference import add_norm_reference, attention_reference  # noqa: E402
+from megapix import kernels  # noqa: E402
+from megapix.kernels import add_norm, flash_attention, rms_norm  # noqa: E402
+from megapix.kernels.reference import add_norm_reference, attention_reference  # noqa: E402
 
-INTERPRETER_USABLE = isinstance(triton.language.standard.sum, InterpretedFunction)
-IN_SUBPROCESS = os.environ.get("MEGAPIX_KERNELS_TEST_SUBPROCESS") == "1"
-if IN_SUBPROCESS and not INTERPRETER_USABLE:
-    raise RuntimeError("TRITON_INTERPRET=1 was set from the start but tl.sum is not interpreted")
-needs_interpreter = pytest.mark.skipif(
-    not INTERPRETER_USABLE,
-    reason="triton.language was imported without TRITON_INTERPRET=1 before this module; "
-           "these tests run in a subprocess instead (test_rerun_in_subprocess_if_triton_imported_early)")
+if not isinstance(triton.language.standard.sum, InterpretedFunction):
+    raise RuntimeError("TRITON_INTERPRET=1 is set but tl.sum is not interpreted: something imported "
+                       "triton.language before the flag was set")
 
 FWD_RTOL = 2e-5
 BWD_RTOL = 1e-4
 ATOL = 1e-6
-
-
-@pytest.fixture(scope="module", autouse=True)
-def triton_interpreter():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        assert triton.knobs.runtime.interpret
-        yield
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor, rtol: float, name: str = "") -> None:
@@ -149,7 +119,6 @@ ATTN_CASES = [
 ]
 
 
-@needs_interpreter
 @pytest.mark.parametrize("B,H,T,D,causal", ATTN_CASES)
 def test_flash_attention_matches_reference(B, H, T, D, causal):
     qkv, do, _ = _attn_case(B, H, T, D, causal)
@@ -161,7 +130,6 @@ def test_flash_attention_matches_reference(B, H, T, D, causal):
         assert_close(g, gr, BWD_RTOL, name)
 
 
-@needs_interpreter
 @pytest.mark.parametrize("T,D,causal", [(17, 64, True), (77, 96, False)])
 def test_flash_attention_noncontiguous(T, D, causal):
     qkv, do, _ = _attn_case(2, 2, T, D, causal, layout="bthd", seed=1)
@@ -172,7 +140,6 @@ def test_flash_attention_noncontiguous(T, D, causal):
         assert_close(g, gr, BWD_RTOL, name)
 
 
-@needs_interpreter
 def test_flash_attention_lse():
     qkv, _, _ = _attn_case(1, 2, 45, 64, True, seed=2)
     o, lse = torch.ops.megapix_kernels.flash_attn_fwd(*(t.float() for t in qkv), True, 1 / 8.0)
@@ -182,7 +149,6 @@ def test_flash_attention_lse():
     assert_close(o, o_ref, FWD_RTOL, "o")
 
 
-@needs_interpreter
 def test_causal_mask_is_applied():
     """Changing future keys/values must not change earlier outputs (and must for bidirectional)."""
     qkv, _, _ = _attn_case(1, 1, 20, 32, True, seed=3)
@@ -199,7 +165,6 @@ def test_causal_mask_is_applied():
     assert not torch.allclose(b1[..., :10, :], b2[..., :10, :])
 
 
-@needs_interpreter
 def test_flash_attention_fp16_inputs():
     """Low-precision inputs, fp32 accumulation: compare with fp64 math on the same fp16 values."""
     qkv, do, _ = _attn_case(1, 2, 33, 64, True, seed=4)
@@ -229,7 +194,6 @@ NORM_CASES = [
 ]
 
 
-@needs_interpreter
 @pytest.mark.parametrize("lead,n,with_res", NORM_CASES)
 def test_add_norm_matches_reference(lead, n, with_res):
     g = torch.Generator().manual_seed(n + int(with_res))
@@ -267,7 +231,6 @@ def test_add_norm_matches_reference(lead, n, with_res):
         assert_close(r.grad, rr.grad, BWD_RTOL, "dresidual")
 
 
-@needs_interpreter
 def test_add_norm_noncontiguous_and_rms_norm():
     g = torch.Generator().manual_seed(7)
     base = torch.randn(96, 3, 2, generator=g, dtype=torch.float64)
@@ -282,7 +245,6 @@ def test_add_norm_noncontiguous_and_rms_norm():
     assert_close(y2, add_norm_reference(x64, None, w64, eps=1e-6)[0], FWD_RTOL, "rms_norm")
 
 
-@needs_interpreter
 def test_add_norm_dweight_two_stage_many_rows():
     """More rows than backward programs: each program reduces several rows into its dW partial."""
     g = torch.Generator().manual_seed(8)
@@ -308,7 +270,6 @@ def test_dispatch_auto_on_cpu_is_reference():
     assert torch.equal(y, y_ref) and torch.equal(res, res_ref)
 
 
-@needs_interpreter
 def test_dispatch_forced_triton_uses_kernel():
     q = torch.randn(1, 1, 5, 32)
     assert kernels.resolve_backend("triton", q) == "triton"
@@ -331,11 +292,10 @@ def test_dispatch_triton_on_cpu_without_interpreter(monkeypatch):
         flash_attention(q, q, q, backend="triton")
 
 
-@needs_interpreter
 def test_interpreter_flag_read_at_launch(monkeypatch):
-    """kernels was imported before TRITON_INTERPRET was set; lazy_jit follows the flag per launch."""
-    from kernels._jit import lazy_jit
-    from kernels._triton_norm import _add_norm_fwd
+    """lazy_jit follows TRITON_INTERPRET per launch, not when the kernel was decorated."""
+    from megapix.kernels._jit import lazy_jit
+    from megapix.kernels._triton_norm import _add_norm_fwd
     from triton.runtime.interpreter import InterpretedFunction
 
     assert isinstance(_add_norm_fwd, lazy_jit)
@@ -344,10 +304,11 @@ def test_interpreter_flag_read_at_launch(monkeypatch):
     assert isinstance(_add_norm_fwd.kernel(), triton.runtime.jit.JITFunction)
 
 
-def test_package_does_not_import_megapix():
+def test_package_imports_triton_lazily():
+    # (that kernels/ imports nothing from the rest of megapix is checked on its source: tests/test_packaging.py)
     code = textwrap.dedent("""
-        import sys, kernels
-        assert not any(m == 'megapix' or m.startswith('megapix.') for m in sys.modules), 'megapix imported'
+        import sys
+        import megapix.kernels
         assert 'triton' not in sys.modules, 'triton imported eagerly'
     """)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -375,7 +336,6 @@ def test_custom_ops_fake_tensor_shapes():
         assert dx.dtype == torch.float16 and dx.shape == x.shape and dw.shape == (1000,)
 
 
-@needs_interpreter
 @pytest.mark.parametrize("op_case", ["attn", "add_norm", "rms_norm"])
 def test_custom_ops_opcheck(op_case):
     g = torch.Generator().manual_seed(11)
@@ -392,7 +352,6 @@ def test_custom_ops_opcheck(op_case):
         torch.library.opcheck(torch.ops.megapix_kernels.rms_norm_fwd.default, (x, w, 1e-5))
 
 
-@needs_interpreter
 def test_torch_compile_through_custom_ops():
     torch._dynamo.reset()
 
@@ -434,16 +393,6 @@ def _block_reference(x, res, w, wq):
     return o.transpose(1, 2).reshape(b, t, c), res
 
 
-@pytest.mark.skipif(INTERPRETER_USABLE or IN_SUBPROCESS, reason="in-process interpreter tests ran")
-def test_rerun_in_subprocess_if_triton_imported_early():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", MEGAPIX_KERNELS_TEST_SUBPROCESS="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.abspath(__file__)],
-        cwd=root, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-
-
 def test_compiled_path_builds_for_hopper_and_ampere():
     """Compile (no GPU needed) the real, non-interpreted kernels with the pinned configs for
     sm90 and sm80 and check their shared memory fits: catches errors the interpreter cannot."""
@@ -452,7 +401,7 @@ def test_compiled_path_builds_for_hopper_and_ampere():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-m", "kernels._compile_check", "--quick"], cwd=root, env=env,
+    proc = subprocess.run([sys.executable, "-m", "megapix.kernels._compile_check", "--quick"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "all ok" in proc.stdout

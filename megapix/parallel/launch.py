@@ -7,8 +7,11 @@ mpi4py (as DeepSpeed's MPI discovery does). A plain `python megapix/train.py` is
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
+
+from megapix.config import ConfigError
 
 MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
 
@@ -39,14 +42,22 @@ def discover() -> str:
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         env.setdefault("LOCAL_RANK", env.get("LOCAL_RANK", "0"))
+        env.setdefault("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", env["WORLD_SIZE"]))  # LOCAL_SIZE: deepspeed's
         env.setdefault("MASTER_ADDR", "127.0.0.1")
         env.setdefault("MASTER_PORT", "29500")
+        if env["WORLD_SIZE"] == "1" and "TORCHELASTIC_RUN_ID" not in env:
+            # One rank meets no one: the deepspeed launcher's fixed 29500 would only collide with another run on
+            # this machine. (torchrun's agent owns its store on MASTER_PORT: left alone.)
+            env["MASTER_PORT"] = str(_free_port())
         return "torchrun/deepspeed"
     # An srun step (not the batch script itself, which also carries SLURM_PROCID=0 and the job's task count).
     if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
         env["RANK"] = env["SLURM_PROCID"]
         env["WORLD_SIZE"] = env["SLURM_STEP_NUM_TASKS"]
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        # "2(x3),1": tasks per node; the first count, or every task when SLURM does not say
+        per_node = re.match(r"\d+", env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_NTASKS_PER_NODE", "")))
+        env.setdefault("LOCAL_WORLD_SIZE", per_node.group() if per_node else env["WORLD_SIZE"])
         if "MASTER_ADDR" not in env:
             env["MASTER_ADDR"] = slurm_master_addr(env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", "")))
         env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
@@ -56,12 +67,13 @@ def discover() -> str:
 
         comm = MPI.COMM_WORLD
         env["RANK"], env["WORLD_SIZE"] = str(comm.Get_rank()), str(comm.Get_size())
-        env["LOCAL_RANK"] = str(comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank())
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"] = str(node.Get_rank()), str(node.Get_size())
         master, port = comm.bcast((socket.gethostname(), _free_port()) if comm.Get_rank() == 0 else None, root=0)
         env.setdefault("MASTER_ADDR", "127.0.0.1" if comm.Get_size() == 1 else master)
         env.setdefault("MASTER_PORT", str(port))
         return "mpi"
-    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", str(_free_port()))
     return "single"
@@ -77,10 +89,42 @@ def init_distributed() -> str:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
     if not torch.cuda.is_available():
+        set_cpu_threads()
         skip_cpu_shm_op()
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        try:
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        except RuntimeError as e:  # torch's DistNetworkError is one
+            if not port_in_use(e):
+                raise
+            port, addr = os.environ["MASTER_PORT"], os.environ["MASTER_ADDR"]
+            free = _free_port()
+            raise ConfigError(f"port {port} on {addr} is already in use (another run on this machine?): launch with "
+                              f"a free one, e.g. `deepspeed --master_port {free} ...` (torchrun takes the same flag; "
+                              f"`make train PORT={free}`)") from None
     return launcher
+
+
+def port_in_use(error: BaseException) -> bool:
+    text = str(error)
+    return "EADDRINUSE" in text or "address already in use" in text.lower()
+
+
+def set_cpu_threads() -> None:
+    """Without OMP_NUM_THREADS, every CPU rank would start one torch thread per core: N ranks on one machine then
+    run N x cores threads and each step slows several-fold. Share the cores instead (an explicit OMP_NUM_THREADS
+    wins)."""
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    threads = max(1, cores // local)
+    torch.set_num_threads(threads)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"megapix: CPU ranks use {threads} torch thread(s) each ({cores} cores / {local} rank(s) on this "
+              f"machine); set OMP_NUM_THREADS to choose", flush=True)
 
 
 def skip_cpu_shm_op() -> None:
