@@ -137,7 +137,7 @@ def test_universal_patterns_classify_every_parameter_once():
 
     from megapix import ImageGPT
     from megapix.config import Config
-    from megapix.checkpoint.consolidate import canonical_name, module_name
+    from megapix.checkpoint.names import canonical_name, module_name
     from megapix.checkpoint.universal import universal_checkpoint_info
 
     for bias in (False, True):

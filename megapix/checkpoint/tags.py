@@ -92,7 +92,7 @@ def resume_hint(ckpt_dir: str, bad: str | None, load: bool = False) -> str:
         how = f"pass {os.path.join(ckpt_dir, good[-1])} to use it"
     else:
         how = f"write '{good[-1]}' into {os.path.join(ckpt_dir, 'latest')} to resume from it"
-    return f"the previous complete tag is {good[-1]}: {how} (complete tags: {', '.join(good)})"
+    return f"the newest complete tag is {good[-1]}: {how} (complete tags: {', '.join(good)})"
 
 
 def latest_step(ckpt_dir: str) -> int | None:
