@@ -58,9 +58,18 @@ def state_dict(root: str, tag: str, cfg: Config) -> dict[str, torch.Tensor]:
     return module_state_dict(root, tag, cfg)
 
 
+def zero_stage(folder: str, cfg: Config) -> int:
+    """The ZeRO stage the tag was written with: layout.json records the effective one (the config's may be unset
+    when the DeepSpeed JSON chose it)."""
+    layout = os.path.join(folder, "layout.json")
+    if os.path.isfile(layout):
+        return int(safe_load.read_json(layout).get("zero_stage") or 0)
+    return cfg.train.zero_stage or 0
+
+
 def has_masters(folder: str, cfg: Config) -> bool:
     """Whether ZeRO kept fp32 master weights in the tag's optimizer files (ZeRO-1/2/3)."""
-    return (cfg.train.zero_stage or 0) > 0 or any("optim_states" in f for f in os.listdir(folder))
+    return zero_stage(folder, cfg) > 0 or any("optim_states" in f for f in os.listdir(folder))
 
 
 def master_state_dict(root: str, tag: str, cfg: Config) -> dict[str, torch.Tensor]:
@@ -82,7 +91,7 @@ def module_state_dict(root: str, tag: str, cfg: Config) -> dict[str, torch.Tenso
     tp, pp = cfg.train.tensor_parallel, cfg.train.pipeline_parallel
     if pp > 1:
         return _pipeline_state_dict(folder, cfg)
-    if (cfg.train.zero_stage or 0) == 3:
+    if zero_stage(folder, cfg) == 3:
         raise ConfigError(f"{folder} is a ZeRO-3 checkpoint: its weights are only in the ZeRO partitions")
     per_rank = [_strip(_load(os.path.join(folder, f"mp_rank_{r:02d}_model_states.pt"))["module"]) for r in range(tp)]
     return _merge(per_rank) if tp > 1 else per_rank[0]
