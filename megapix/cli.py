@@ -12,7 +12,7 @@ COMMANDS = {
     "probe": ("megapix.probe", "main", "linear probes over dumped features, per layer and concatenated"),
     "finetune": ("megapix.finetune", "main", "classification fine-tuning with the joint loss"),
     "sample": ("megapix.sample", "main", "image completions and unconditional samples as a PNG grid"),
-    "export": ("megapix.export", "main", "consolidate a checkpoint of any layout into an HF ImageGPT directory"),
+    "export": ("megapix.checkpoint.export", "main", "a checkpoint of any layout -> an HF ImageGPT directory (fp32)"),
 }
 
 

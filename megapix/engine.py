@@ -197,27 +197,10 @@ class Trainer:
 
     # ---- checkpoints ----
     def save(self) -> None:
-        """A DeepSpeed checkpoint. `latest` moves last: DeepSpeed writes the tag's files without touching it, then
-        megapix_config.json and layout.json go in, and only then rank 0 replaces `latest` atomically."""
-        from megapix.parallel.universal import universal_checkpoint_info
-        from megapix.utils import atomic_path
+        """A DeepSpeed checkpoint of this step (megapix.checkpoint.save: staged, renamed, `latest` moves last)."""
+        from megapix import checkpoint
 
-        tag = f"global_step{self.step}"
-        client = {"step": self.step, "megapix_config": self.cfg.to_dict()}
-        client.update(universal_checkpoint_info(self.cfg))
-        if self.is_rank0:  # a universal conversion of an earlier checkpoint with this tag would be reused on resume
-            import shutil
-
-            shutil.rmtree(os.path.join(self.ckpt_dir, f"{tag}_universal"), ignore_errors=True)
-        self.engine.save_checkpoint(self.ckpt_dir, tag=tag, client_state=client, save_latest=False)
-        barrier()
-        if self.is_rank0:
-            write_json(os.path.join(self.ckpt_dir, tag, "megapix_config.json"), self.cfg.to_dict())
-            write_json(os.path.join(self.ckpt_dir, tag, "layout.json"), self.layout_record())
-            with atomic_path(os.path.join(self.ckpt_dir, "latest")) as tmp:
-                with open(tmp, "w") as f:
-                    f.write(tag)
-        barrier()
+        checkpoint.save(self.engine, self.ckpt_dir, self.step, self.cfg, self.layout)
 
     def layout_record(self) -> dict:
         lay = self.layout
@@ -225,28 +208,13 @@ class Trainer:
                 "zero_stage": lay.zero_stage}
 
     def resume(self) -> bool:
-        """Continue from `latest`: DeepSpeed's own loader when the layout is unchanged (exact: weights, optimizer,
-        scheduler). In a different layout: DeepSpeed's universal checkpoint where it works (ZeRO-1/2 -> ZeRO-1/2, and
-        ZeRO-3 -> ZeRO-3 at TP 1; weights, Adam moments and schedule carry over; megapix.parallel.universal); otherwise
-        megapix.parallel.reshard (weights re-cut for this layout, schedule position kept, Adam moments restarted)."""
-        latest = os.path.join(self.ckpt_dir, "latest")
-        if not os.path.isfile(latest):
+        """Continue from `latest` in any layout (megapix.checkpoint.resume); False when there is none."""
+        from megapix import checkpoint
+
+        step = checkpoint.resume(self.engine, self.ckpt_dir, self.cfg, self.layout, self.is_pipeline)
+        if step is None:
             return False
-        with open(latest) as f:
-            tag = f.read().strip()
-        from megapix.parallel.reshard import resume_resharded, saved_layout
-
-        saved = saved_layout(self.ckpt_dir, tag)
-        if saved is not None and saved != {k: v for k, v in self.layout_record().items() if k != "step"}:
-            from megapix.parallel.universal import resume_universal, unsupported_reason
-
-            why_not = unsupported_reason(saved, self.layout.zero_stage, self.layout.tp)
-            self.step = resume_universal(self, tag) if why_not is None else resume_resharded(self, tag, why_not)
-            return True
-        path, client = self.engine.load_checkpoint(self.ckpt_dir)
-        if path is None:
-            raise ConfigError(f"could not load the checkpoint named in {self.ckpt_dir}/latest; it may be incomplete")
-        self.step = int(client["step"])
+        self.step = step
         return True
 
     # ---- one step ----

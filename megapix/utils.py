@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic file/directory writes, rank-aware printing."""
+"""Small shared helpers: atomic file/directory writes that never replace what the writer did not make."""
 from __future__ import annotations
 
 import contextlib
@@ -7,12 +7,33 @@ import os
 import shutil
 import tempfile
 
+from megapix.config import ConfigError
+
+
+def check_output(path: str, replace=None) -> None:
+    """Refuse (ConfigError) an output path that holds something the writer may not replace: an existing directory
+    is replaced only when it is empty or `replace(path)` says it is an earlier output of the same writer (a marked
+    export, say); an existing file may be replaced by a new version of it. Also refuses a parent that is a file."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    probe = parent
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if probe and not os.path.isdir(probe):
+        raise ConfigError(f"cannot write {path}: {probe} is a file, not a directory; choose another output path")
+    if os.path.isdir(path) and not os.path.islink(path) and os.listdir(path) and not (replace and replace(path)):
+        raise ConfigError(f"{path} is an existing directory that holds files this command did not write; refusing "
+                          "to replace it: choose a new output path (or an earlier output of this command)")
+
 
 @contextlib.contextmanager
-def atomic_path(path: str):
+def atomic_path(path: str, replace=None):
     """Yield a temporary sibling path; on success rename it onto `path` (file or directory), so readers never
-    see a half-written result and a crash leaves the previous version in place."""
+    see a half-written result and a crash leaves the previous version in place. Never replaces a directory it
+    may not (see check_output; `replace` marks earlier outputs of the caller), and a file never replaces a
+    directory nor a directory a file."""
     path = os.path.abspath(path)
+    check_output(path, replace)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
@@ -20,11 +41,17 @@ def atomic_path(path: str):
     try:
         yield target
         if os.path.isdir(path) and not os.path.islink(path):
+            if not os.path.isdir(target):
+                raise ConfigError(f"{path} is a directory; a file output never replaces a directory: pass a file "
+                                  "path (for example inside it)")
+            check_output(path, replace)  # still ours to replace (nothing was added meanwhile)
             old = path + f".old-{os.getpid()}"
             os.replace(path, old)
             os.replace(target, path)
             shutil.rmtree(old, ignore_errors=True)
         else:
+            if os.path.isdir(target) and os.path.lexists(path):
+                raise ConfigError(f"{path} is a file; a directory output never replaces it: choose another path")
             os.replace(target, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -35,12 +62,3 @@ def write_json(path: str, obj) -> None:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=True)
             f.write("\n")
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def print0(*args, **kwargs) -> None:
-    if rank() == 0:
-        print(*args, **kwargs, flush=True)

@@ -46,12 +46,12 @@ def test_resume_is_bit_exact(work, name):
 
 
 def test_latest_moves_last(work, monkeypatch):
-    """The trainer passes save_latest=False to DeepSpeed and writes `latest` itself after every file."""
+    """save passes save_latest=False to DeepSpeed and writes `latest` itself after every file."""
     import inspect
 
-    from megapix.engine import Trainer
+    from megapix.checkpoint.store import save
 
-    src = inspect.getsource(Trainer.save)
+    src = inspect.getsource(save)
     assert "save_latest=False" in src
     assert src.index("layout.json") < src.index('"latest"')
 
@@ -103,7 +103,7 @@ def test_export_any_layout_loads_in_transformers(work, name, tmp_path):
     from transformers import ImageGPTForCausalImageModeling
 
     from megapix import ImageGPT
-    from megapix.export import main as export_main
+    from megapix.checkpoint.export import main as export_main
 
     src = layout_run(name)
     out = tmp_path / "export"
@@ -137,8 +137,8 @@ def test_universal_patterns_classify_every_parameter_once():
 
     from megapix import ImageGPT
     from megapix.config import Config
-    from megapix.parallel.consolidate import canonical_name, module_name
-    from megapix.parallel.universal import universal_checkpoint_info
+    from megapix.checkpoint.names import canonical_name, module_name
+    from megapix.checkpoint.universal import universal_checkpoint_info
 
     for bias in (False, True):
         cfg = Config.from_dict({"model": {"n_layer": 2, "d_model": 64, "n_head": 4, "resolution": 8, "bias": bias}})

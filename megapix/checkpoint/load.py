@@ -2,12 +2,15 @@
 or an HF/megapix export directory. Everything here returns a plain, single-rank ImageGPT."""
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 
+from megapix.checkpoint.consolidate import state_dict
+from megapix.checkpoint.tags import problem, read_config, read_latest, resume_hint
 from megapix.config import Config, ConfigError
+from megapix.data.palette import Palette
+from megapix.model import ImageGPT
 
 
 def locate(path: str) -> tuple[str, str]:
@@ -16,37 +19,38 @@ def locate(path: str) -> tuple[str, str]:
     for root in (os.path.join(path, "checkpoints"), path):
         latest = os.path.join(root, "latest")
         if os.path.isfile(latest):
-            with open(latest) as f:
-                return root, f.read().strip()
+            tag = read_latest(root)
+            if tag is None:
+                raise ConfigError(f"{latest} is empty; {resume_hint(root, None, load=True)}")
+            if not os.path.isdir(os.path.join(root, tag)):
+                raise ConfigError(f"{latest} names {tag!r}, which does not exist; {resume_hint(root, tag, load=True)}")
+            return root, tag
     if os.path.isfile(os.path.join(path, "megapix_config.json")):
         return os.path.dirname(path), os.path.basename(path)
     raise ConfigError(f"{path} holds no megapix checkpoint (no checkpoints/latest, latest, or megapix_config.json); "
                       "pass a training --out folder, a checkpoint tag folder, or an export directory")
 
 
-def read_config(root: str, tag: str) -> Config:
-    cfg_path = os.path.join(root, tag, "megapix_config.json")
-    if not os.path.isfile(cfg_path):
-        raise ConfigError(f"{cfg_path} is missing; the checkpoint {tag} is incomplete")
-    with open(cfg_path) as f:
-        return Config.from_dict(json.load(f), where=cfg_path)
+def checked(root: str, tag: str) -> Config:
+    """The tag's Config, after checking every file of the tag is complete and loads under the allow-list."""
+    why = problem(root, tag, deep=True)
+    if why is not None:
+        raise ConfigError(f"cannot read checkpoint {tag}: {why}; {resume_hint(root, tag, load=True)}")
+    return read_config(root, tag)
 
 
 def consolidated_state_dict(root: str, tag: str, cfg: Config) -> dict[str, torch.Tensor]:
-    """The plain ImageGPT state dict (fp32) from a DeepSpeed checkpoint of any layout."""
-    from megapix.parallel import consolidate
-
-    return consolidate.state_dict(root, tag, cfg)
+    """The plain ImageGPT state dict (fp32) from a DeepSpeed checkpoint of any layout (fp32 masters where ZeRO
+    kept them)."""
+    return state_dict(root, tag, cfg)
 
 
 def load_model(path: str):
     """An ImageGPT from an export directory (config.json) or a megapix DeepSpeed checkpoint."""
-    from megapix.model import ImageGPT
-
     if os.path.isfile(os.path.join(path, "config.json")):
         return ImageGPT.from_pretrained(path), None
     root, tag = locate(path)
-    cfg = read_config(root, tag)
+    cfg = checked(root, tag)
     with torch.device("meta"):
         model = ImageGPT(cfg.model)
     model.load_state_dict(consolidated_state_dict(root, tag, cfg), assign=True, strict=True)
@@ -56,8 +60,6 @@ def load_model(path: str):
 def load_model_and_palette(path: str, palette: str | None = None, data: str | None = None):
     """(model, palette or None, data spec) for sampling/extraction. The palette defaults to the run's
     palette.npy (next to checkpoints/) and the data to the run's source."""
-    from megapix.data.palette import Palette
-
     model, cfg = load_model(path)
     if palette is None:
         candidates = [os.path.join(path, "palette.npy")]

@@ -8,16 +8,28 @@ names ("4.attn...").
 
 Which layout changes go through it: ZeRO-1/2 (any TP x PP x DP) -> ZeRO-1/2 in any other layout, and ZeRO-3 ->
 ZeRO-3 with TP 1 in the resumed run. Everything else (see unsupported_reason) falls back to
-megapix.parallel.reshard, which keeps weights and schedule but restarts the Adam moments, and refuses ZeRO-3
+megapix.checkpoint.reshard, which keeps weights and schedule but restarts the Adam moments, and refuses ZeRO-3
 destinations.
 """
 from __future__ import annotations
 
-from megapix.config import VOCAB_SIZE, Config
+import argparse
+import os
+import shutil
+
+import torch
+
+from megapix.checkpoint import safe_load
+from megapix.checkpoint.names import canonical_name, module_name
+from megapix.checkpoint.tags import check_same_model, saved_layout
+from megapix.config import VOCAB_SIZE, Config, ConfigError, ModelConfig
+from megapix.model import ImageGPT
+from megapix.parallel import dist
+from megapix.parallel.layout import Layout
 
 
 def universal_checkpoint_info(cfg: Config) -> dict:
-    from deepspeed.checkpoint import constants as C
+    from deepspeed.checkpoint import constants as C  # DeepSpeed costs seconds to import; only savers need it
 
     d = cfg.model.d_model
     # ds_to_universal refuses (strict mode) a pattern that matches no parameter: bias patterns only with biases.
@@ -63,18 +75,18 @@ def unsupported_reason(saved: dict, zero_stage: int, tp: int) -> str | None:
     return None
 
 
-def convert(ckpt_dir: str, tag: str) -> str:
-    """Run DeepSpeed's ds_to_universal on <ckpt_dir>/<tag> into the sibling <tag>_universal (once; it is reused).
-    Call on one rank. It writes to <tag>_universal.tmp and renames, so a crash never leaves a half folder that a
-    later resume would trust. One worker each: forking a process pool inside a distributed job is not safe."""
-    import argparse
-    import os
-    import shutil
-
+def convert(ckpt_dir: str, tag: str, out: str | None = None) -> str:
+    """Run DeepSpeed's ds_to_universal on <ckpt_dir>/<tag> into `out` (default: the sibling <tag>_universal, made
+    once and reused). Call on one rank, after safe_load has checked the tag: the tool unpickles with
+    weights_only=False. A folder made earlier is checked the same way before it is reused. It writes to <out>.tmp
+    and renames, so a crash never leaves a half folder that a later resume would trust. One worker each: forking
+    a process pool inside a distributed job is not safe."""
     from deepspeed.checkpoint import ds_to_universal
 
-    out = os.path.join(ckpt_dir, f"{tag}_universal")
+    default = out is None
+    out = out or os.path.join(ckpt_dir, f"{tag}_universal")
     if os.path.isdir(out):
+        safe_load.check_folder(out)
         return out
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -82,8 +94,9 @@ def convert(ckpt_dir: str, tag: str) -> str:
                                             num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
                                             strict=True, inject_missing_state=False))
     os.replace(tmp, out)
-    with open(os.path.join(ckpt_dir, "latest_universal"), "w") as f:  # the tool pointed it at the .tmp name
-        f.write(os.path.basename(out))
+    if default:  # the tool pointed it at the .tmp name
+        with open(os.path.join(ckpt_dir, "latest_universal"), "w") as f:
+            f.write(os.path.basename(out))
     return out
 
 
@@ -92,10 +105,6 @@ def rename_params(folder: str, is_pipeline: bool, n_layer: int) -> None:
     parameter folder after the *saving* module (ZeRO's param_names): "model.blocks.0.attn.c_attn.weight" without
     a pipeline, "1.attn.c_attn.weight" with one (layer index first), and the loader looks the *loading* module's
     names up. Both map to the canonical ImageGPT name, so a pipeline <-> no-pipeline change is a rename."""
-    import os
-
-    from megapix.parallel.consolidate import canonical_name, module_name
-
     zero = os.path.join(folder, "zero")
     for name in os.listdir(zero):
         if not os.path.isdir(os.path.join(zero, name)):
@@ -106,47 +115,57 @@ def rename_params(folder: str, is_pipeline: bool, n_layer: int) -> None:
             os.rename(os.path.join(zero, name), os.path.join(zero, target))
 
 
-def resume_universal(trainer, tag: str) -> int:
+def fp32_state_dict(folder: str, model_cfg: ModelConfig) -> dict:
+    """The canonical ImageGPT state dict from a universal checkpoint folder: zero/<param>/fp32.pt holds each
+    parameter's fp32 master, TP shards already merged by ds_to_universal (flattened for a ZeRO-3 source: reshaped
+    here to the model's shapes)."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in ImageGPT(model_cfg).state_dict().items()}
+    zero = os.path.join(folder, "zero")
+    out = {}
+    for name in sorted(os.listdir(zero)):
+        if not os.path.isdir(os.path.join(zero, name)):
+            continue  # optimizer_state.pt
+        path = os.path.join(zero, name, "fp32.pt")
+        if not os.path.isfile(path):
+            raise ConfigError(f"{path} is missing; the universal checkpoint {folder} is incomplete")
+        entry = safe_load.load(path)
+        tensor = entry["param"] if isinstance(entry, dict) else entry
+        key = canonical_name(name, not name.startswith("model."), model_cfg.n_layer)
+        if key not in shapes or tensor.numel() != shapes[key].numel():
+            raise ConfigError(f"{path}: {tuple(tensor.shape)} does not fit the model's {key} "
+                              f"{tuple(shapes[key]) if key in shapes else '(no such parameter)'}")
+        out[key] = tensor.float().reshape(shapes[key])
+    return out
+
+
+def resume_universal(engine, ckpt_dir: str, tag: str, cfg: Config, layout: Layout, is_pipeline: bool) -> int:
     """Resume <tag> in this (different) layout through DeepSpeed's universal checkpoint: rank 0 converts (once)
     and renames the parameter folders for this module, then every rank loads with load_universal. fp32 masters,
     Adam moments and step, the lr schedule and the client state all carry over."""
-    import torch.distributed as dist
-
-    from megapix.engine import barrier
-    from megapix.parallel.reshard import check_same_model
-
-    check_same_model(trainer, tag)
-    engine, lay = trainer.engine, trainer.layout
+    check_same_model(ckpt_dir, tag, cfg)
     error = None
-    if trainer.is_rank0:
+    if dist.is_rank0():
         try:
-            folder = convert(trainer.ckpt_dir, tag)
-            rename_params(folder, trainer.is_pipeline, trainer.cfg.model.n_layer)
+            folder = convert(ckpt_dir, tag)
+            rename_params(folder, is_pipeline, cfg.model.n_layer)
         except Exception as e:  # every rank must hear of it, or the others wait in the barrier forever
             error = e
-    failed = [repr(error) if error is not None else None]
-    if dist.is_available() and dist.is_initialized():
-        dist.broadcast_object_list(failed, src=0)
-    if error is not None:
-        raise error
-    if failed[0] is not None:
-        raise RuntimeError(f"rank 0 could not convert {tag} to a universal checkpoint: {failed[0]}")
-    barrier()
+    dist.broadcast_error(error)
+    dist.barrier()
     # DeepSpeed reads "checkpoint": {"load_universal": true} only inside load_checkpoint, so it is switched on for
     # this one load (a config flag would also send every later same-layout resume to latest_universal).
-    cfg = engine._config
-    cfg.load_universal_checkpoint = True
+    ds_cfg = engine._config
+    ds_cfg.load_universal_checkpoint = True
     try:
-        path, client = engine.load_checkpoint(trainer.ckpt_dir, tag=f"{tag}_universal")
+        path, client = engine.load_checkpoint(ckpt_dir, tag=f"{tag}_universal")
     finally:
-        cfg.load_universal_checkpoint = False
+        ds_cfg.load_universal_checkpoint = False
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {tag}_universal")
     step = int(client["step"])
-    if trainer.is_rank0:
-        from megapix.parallel.reshard import saved_layout
-
-        print(f"megapix: resumed {tag} written as {saved_layout(trainer.ckpt_dir, tag)} in {lay.describe()} through "
+    if dist.is_rank0():
+        print(f"megapix: resumed {tag} written as {saved_layout(ckpt_dir, tag)} in {layout.describe()} through "
               f"DeepSpeed's universal checkpoint ({tag}_universal): weights, Adam moments and schedule at step {step}",
               flush=True)
     return step

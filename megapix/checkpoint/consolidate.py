@@ -9,18 +9,28 @@ Files DeepSpeed writes per layout:
   layer's own names; layer 0 is the embedding, 1..L the blocks, L+1 norm_f + head.
 TP shards are concatenated in TP-rank order (column/vocab: dim 0, row: dim 1, c_attn: q, k and v reassembled
 from every rank's q_r | k_r | v_r); replicated tensors are taken from TP rank 0.
-With TP or PP and ZeRO-1 in bf16 training the module weights in these files are bf16 (the fp32 masters are
-partitioned in the ZeRO files); we read the module weights then. fp32 training (CPU) is exact.
+With ZeRO-1/2/3 the fp32 master weights are partitioned in the optimizer files, and in bf16 training the module
+weights are bf16 copies of them: such checkpoints are read through DeepSpeed's universal checkpoint
+(ds_to_universal merges the masters; megapix.checkpoint.universal), so a bf16 run exports its fp32 masters. ZeRO-0
+keeps no masters: the module weights are read.
+Every file is read with safe_load (weights_only and an allow-list) or checked with it before DeepSpeed's tool
+opens it.
 """
 from __future__ import annotations
 
 import glob
 import os
 import re
+import tempfile
 
 import torch
 
+from megapix.checkpoint import safe_load
+from megapix.checkpoint.names import canonical_name
+from megapix.checkpoint.universal import convert, fp32_state_dict
 from megapix.config import Config, ConfigError
+from megapix.parallel.pipeline import canonical_prefix
+from megapix.parallel.tensor import merge_shards, shard_tensor
 
 
 def _strip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -30,38 +40,64 @@ def _strip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _load(path: str) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"{path} is missing; the checkpoint is incomplete")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return safe_load.load(path)
 
 
 def _merge(per_rank: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    from megapix.parallel.tensor import merge_shards
-
     return {name: merge_shards(name, [sd[name] for sd in per_rank]) for name in per_rank[0]}
 
 
 def state_dict(root: str, tag: str, cfg: Config) -> dict[str, torch.Tensor]:
-    t = cfg.train
+    """The plain ImageGPT state dict (fp32) of <root>/<tag>: the fp32 masters where ZeRO kept them (through the
+    universal checkpoint), the module weights otherwise."""
     folder = os.path.join(root, tag)
     if not os.path.isdir(folder):
         raise ConfigError(f"{folder} does not exist; pass a checkpoint folder with that tag")
-    tp, pp = t.tensor_parallel, t.pipeline_parallel
+    if has_masters(folder, cfg):
+        return master_state_dict(root, tag, cfg)
+    return module_state_dict(root, tag, cfg)
+
+
+def zero_stage(folder: str, cfg: Config) -> int:
+    """The ZeRO stage the tag was written with: layout.json records the effective one (the config's may be unset
+    when the DeepSpeed JSON chose it)."""
+    layout = os.path.join(folder, "layout.json")
+    if os.path.isfile(layout):
+        return int(safe_load.read_json(layout).get("zero_stage") or 0)
+    return cfg.train.zero_stage or 0
+
+
+def has_masters(folder: str, cfg: Config) -> bool:
+    """Whether ZeRO kept fp32 master weights in the tag's optimizer files (ZeRO-1/2/3)."""
+    return zero_stage(folder, cfg) > 0 or any("optim_states" in f for f in os.listdir(folder))
+
+
+def master_state_dict(root: str, tag: str, cfg: Config) -> dict[str, torch.Tensor]:
+    """fp32 master weights of a ZeRO-1/2/3 checkpoint of any layout, via DeepSpeed's universal conversion: the
+    run's <tag>_universal when a resume already made it, else a conversion into a temporary folder (the run
+    folder is only read)."""
+    safe_load.check_folder(os.path.join(root, tag))  # before ds_to_universal unpickles anything
+    made = os.path.join(root, f"{tag}_universal")
+    if os.path.isdir(made):
+        safe_load.check_folder(made)
+        return fp32_state_dict(made, cfg.model)
+    with tempfile.TemporaryDirectory(prefix="megapix-universal-") as tmp:
+        return fp32_state_dict(convert(root, tag, os.path.join(tmp, "universal")), cfg.model)
+
+
+def module_state_dict(root: str, tag: str, cfg: Config) -> dict[str, torch.Tensor]:
+    """The module weights DeepSpeed saved (TP shards merged, pipeline layer files collected)."""
+    folder = os.path.join(root, tag)
+    tp, pp = cfg.train.tensor_parallel, cfg.train.pipeline_parallel
     if pp > 1:
         return _pipeline_state_dict(folder, cfg)
-    if tp == 1:
-        zero_files = [f for f in os.listdir(folder) if "optim_states" in f]
-        if (t.zero_stage or 0) > 0 or zero_files:
-            # ZeRO partitions the fp32 master weights across data-parallel ranks; DeepSpeed's tool gathers them.
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            return _strip(get_fp32_state_dict_from_zero_checkpoint(root, tag=tag))
-        return _strip(_load(os.path.join(folder, "mp_rank_00_model_states.pt"))["module"])
+    if zero_stage(folder, cfg) == 3:
+        raise ConfigError(f"{folder} is a ZeRO-3 checkpoint: its weights are only in the ZeRO partitions")
     per_rank = [_strip(_load(os.path.join(folder, f"mp_rank_{r:02d}_model_states.pt"))["module"]) for r in range(tp)]
-    return _merge(per_rank)
+    return _merge(per_rank) if tp > 1 else per_rank[0]
 
 
 def _pipeline_state_dict(folder: str, cfg: Config) -> dict[str, torch.Tensor]:
-    from megapix.parallel.pipeline import canonical_prefix
-
     n_layer, tp = cfg.model.n_layer, cfg.train.tensor_parallel
     out: dict[str, torch.Tensor] = {}
     for idx in range(n_layer + 2):
@@ -76,29 +112,15 @@ def _pipeline_state_dict(folder: str, cfg: Config) -> dict[str, torch.Tensor]:
         if sorted(by_rank) != list(range(tp)):
             raise ConfigError(f"layer {idx} has TP shards {sorted(by_rank)} but the run used TP {tp}")
         prefix = canonical_prefix(idx, n_layer)
-        per_rank = [{prefix + k: v.float() for k, v in torch.load(by_rank[r], map_location="cpu",
-                                                                  weights_only=True).items()}
-                    for r in range(tp)]
+        per_rank = [{prefix + k: v.float() for k, v in safe_load.load(by_rank[r]).items()} for r in range(tp)]
         out.update(_merge(per_rank))
     return out
-
-
-def canonical_name(module_name: str, is_pipeline: bool, n_layer: int) -> str:
-    """The canonical ImageGPT name of a parameter of the module DeepSpeed wraps."""
-    if not is_pipeline:
-        return module_name.removeprefix("model.")
-    from megapix.parallel.pipeline import canonical_prefix
-
-    idx, rest = module_name.split(".", 1)
-    return canonical_prefix(int(idx), n_layer) + rest
 
 
 @torch.no_grad()
 def load_into(module: torch.nn.Module, full: dict[str, torch.Tensor], is_pipeline: bool, n_layer: int, tp: int,
               tp_rank: int) -> None:
     """Copy a consolidated state dict into this rank's (TP-sharded, pipeline-local) module parameters."""
-    from megapix.parallel.tensor import shard_tensor
-
     for name, p in module.named_parameters():
         key = canonical_name(name, is_pipeline, n_layer)
         if key not in full:
@@ -107,15 +129,3 @@ def load_into(module: torch.nn.Module, full: dict[str, torch.Tensor], is_pipelin
         if shard.shape != p.shape:
             raise ConfigError(f"{key}: checkpoint shard {tuple(shard.shape)} does not fit {tuple(p.shape)}")
         p.copy_(shard.to(p.dtype))
-
-
-def module_name(canonical: str, is_pipeline: bool, n_layer: int) -> str:
-    """Inverse of canonical_name: the name of a canonical ImageGPT parameter in the module DeepSpeed wraps
-    (LossModel: "model.<name>"; PipelineModule: "<layer index>.<name within the layer>")."""
-    if not is_pipeline:
-        return "model." + canonical
-    if canonical.startswith("blocks."):
-        _, index, rest = canonical.split(".", 2)
-        return f"{int(index) + 1}.{rest}"
-    first = canonical.split(".", 1)[0]
-    return f"0.{canonical}" if first in ("wte", "wpe", "sos") else f"{n_layer + 1}.{canonical}"

@@ -1,0 +1,60 @@
+"""`megapix export --checkpoint RUN --out DIR`: a checkpoint of any layout -> a consolidated HF ImageGPT directory.
+
+The directory (config.json + model.safetensors, HF ImageGPT layout) loads with `ImageGPT.from_pretrained` and
+with transformers' ImageGPTForCausalImageModeling. ZeRO-1/2/3 checkpoints export their fp32 master weights
+(through DeepSpeed's universal checkpoint), ZeRO-0 checkpoints their module weights (TP shards merged, pipeline
+layer files collected; megapix.checkpoint.consolidate). The run's palette is copied beside it as palette.npy
+when there is one, and megapix_export.json marks the directory as an export: only such a directory (or an empty
+one) is ever replaced by a later export. Runs on one CPU process; no distributed launch needed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from megapix.checkpoint.consolidate import has_masters, state_dict
+from megapix.checkpoint.load import checked, locate
+from megapix.model.hf import save_state_dict_pretrained
+from megapix.utils import atomic_path, check_output
+
+MARKER = "megapix_export.json"
+EXPORT_FILES = {"config.json", "model.safetensors", "palette.npy", MARKER}
+
+
+def is_export(path: str) -> bool:
+    """A directory a previous `megapix export` wrote, holding nothing else: the only kind export replaces."""
+    try:
+        with open(os.path.join(path, MARKER)) as f:
+            marked = json.load(f).get("megapix_export") == 1
+    except (OSError, ValueError, AttributeError):
+        return False
+    return marked and set(os.listdir(path)) <= EXPORT_FILES
+
+
+def export(checkpoint: str, out: str) -> str:
+    check_output(out, is_export)  # before any work: never replace a directory that is not an earlier export
+    root, tag = locate(checkpoint)
+    cfg = checked(root, tag)
+    sd = state_dict(root, tag, cfg)
+    palette = os.path.join(os.path.dirname(root), "palette.npy")
+    with atomic_path(out, is_export) as tmp:
+        save_state_dict_pretrained(sd, cfg.model, tmp)
+        if os.path.isfile(palette):
+            shutil.copyfile(palette, os.path.join(tmp, "palette.npy"))
+        with open(os.path.join(tmp, MARKER), "w") as f:
+            json.dump({"megapix_export": 1, "checkpoint": os.path.join(root, tag),
+                       "weights": "fp32 masters" if has_masters(os.path.join(root, tag), cfg) else "module"},
+                      f, indent=2)
+    return tag
+
+
+def main(argv=None) -> int:
+    """`megapix export --checkpoint RUN --out DIR` (the older `megapix export RUN DIR` is still accepted)."""
+    from megapix.cliargs import parse_command
+    from megapix.config import ExportConfig
+
+    args = parse_command("megapix export", __doc__.splitlines()[0], ExportConfig, argv)
+    tag = export(args.checkpoint, args.out)
+    print(f"megapix export: {tag} -> {os.path.abspath(args.out)}")
+    return 0

@@ -1,0 +1,145 @@
+"""Saving and resuming DeepSpeed checkpoints in <out>/checkpoints: tags, `latest`, and what makes a tag complete.
+
+A tag is written under a staging name (<tag>.saving) and renamed into place only when every rank's files and
+megapix's JSON records are in it; `latest` moves after that. So the tag `latest` names is never written in place:
+a kill at any moment leaves `latest` on a complete tag. Re-saving the tag `latest` already names at the same step
+(a finished run resumed, or a stop request right after a periodic save) keeps the existing files.
+
+Resume checks every file of the tag before DeepSpeed opens it (megapix.checkpoint.safe_load): DeepSpeed's loader
+unpickles with weights_only=False, and a truncated file would otherwise surface as a raw traceback.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch.distributed as tdist
+
+from megapix.checkpoint.reshard import resume_resharded
+from megapix.checkpoint.tags import (layout_record, problem, read_latest, resume_hint, saved_layout, saved_step,
+                                     tag_for, tags)
+from megapix.checkpoint.universal import resume_universal, universal_checkpoint_info, unsupported_reason
+from megapix.config import Config, ConfigError
+from megapix.parallel import dist
+from megapix.parallel.layout import Layout
+from megapix.utils import atomic_path, write_json
+
+STAGING = ".saving"
+
+
+def _agree(value):
+    """Rank 0's value on every rank (rank 0 decides what the filesystem says, so no two ranks act differently)."""
+    box = [value]
+    if dist.initialized() and dist.world_size() > 1:
+        tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _rank0(fn):
+    """fn() on rank 0, its result on every rank. A ConfigError there is raised on every rank with the same one-line
+    message (every rank exits 2, none waits in a collective); any other failure stops every rank too."""
+    result, error, failure = None, None, None
+    if dist.is_rank0():
+        try:
+            result = fn()
+        except ConfigError as e:
+            error = str(e)
+        except Exception as e:
+            failure = e
+    box = _agree((error, None if failure is None else f"{type(failure).__name__}: {failure}", result))
+    if failure is not None:
+        raise failure
+    if box[0] is not None:
+        raise ConfigError(box[0])
+    if box[1] is not None:
+        raise RuntimeError(f"rank 0 failed: {box[1]}")
+    return box[2]
+
+
+def save(engine, ckpt_dir: str, step: int, cfg: Config, layout: Layout) -> str:
+    """Save a DeepSpeed checkpoint of `engine` at `step` as global_step<step>; return the tag."""
+    tag = tag_for(step)
+    final = os.path.join(ckpt_dir, tag)
+    keep = _agree(dist.is_rank0() and read_latest(ckpt_dir) == tag and problem(ckpt_dir, tag) is None
+                  and saved_step(ckpt_dir, tag) == step)
+    if keep:  # same step, same state (resume goes from `latest`): rewriting it could only risk the one good copy
+        if dist.is_rank0():
+            print(f"megapix: {tag} is already saved complete at step {step}; kept as is", flush=True)
+        return tag
+    staging = tag + STAGING
+    if dist.is_rank0():
+        os.makedirs(ckpt_dir, exist_ok=True)
+        shutil.rmtree(os.path.join(ckpt_dir, staging), ignore_errors=True)  # a killed save's leftovers (ours)
+    dist.barrier()
+    client = {"step": step, "megapix_config": cfg.to_dict()}
+    client.update(universal_checkpoint_info(cfg))
+    engine.save_checkpoint(ckpt_dir, tag=staging, client_state=client, save_latest=False)
+    dist.barrier()
+
+    def publish():
+        write_json(os.path.join(ckpt_dir, staging, "megapix_config.json"), cfg.to_dict())
+        write_json(os.path.join(ckpt_dir, staging, "layout.json"), layout_record(layout, step))
+        # a universal conversion of an earlier tag of this name must not be reused for the new one
+        shutil.rmtree(os.path.join(ckpt_dir, f"{tag}_universal"), ignore_errors=True)
+        if os.path.exists(final):  # an incomplete or superseded tag of this step (never `latest`'s complete one)
+            n = 1
+            while os.path.exists(f"{final}.replaced-{n}"):
+                n += 1
+            os.replace(final, f"{final}.replaced-{n}")
+            print(f"megapix: {tag} existed ({problem(ckpt_dir, tag + f'.replaced-{n}') or 'not named by latest'}); "
+                  f"kept as {tag}.replaced-{n}", flush=True)
+        os.replace(os.path.join(ckpt_dir, staging), final)
+        with atomic_path(os.path.join(ckpt_dir, "latest")) as tmp:
+            with open(tmp, "w") as f:
+                f.write(tag)
+
+    _rank0(publish)
+    dist.barrier()
+    return tag
+
+
+def check_resumable(ckpt_dir: str, tag: str) -> None:
+    """Refuse (one line naming the file and the previous complete tag) a tag that is incomplete, truncated, or holds
+    anything the allow-list does not admit. Runs before DeepSpeed opens any file of it."""
+    why = problem(ckpt_dir, tag, deep=True)
+    if why is not None:
+        raise ConfigError(f"cannot resume {tag}: {why}; {resume_hint(ckpt_dir, tag)}")
+
+
+def resume(engine, ckpt_dir: str, cfg: Config, layout: Layout, is_pipeline: bool) -> int | None:
+    """Continue from `latest`: DeepSpeed's own loader when the layout is unchanged (exact: weights, optimizer,
+    scheduler). In a different layout: DeepSpeed's universal checkpoint where it works (ZeRO-1/2 -> ZeRO-1/2, and
+    ZeRO-3 -> ZeRO-3 at TP 1; weights, Adam moments and schedule carry over; checkpoint.universal); otherwise
+    checkpoint.reshard (weights re-cut for this layout, schedule position kept, Adam moments restarted).
+    Returns the step resumed, or None when there is nothing to resume (said in one line)."""
+    def find():
+        tag = read_latest(ckpt_dir)
+        if tag is None:
+            found = tags(ckpt_dir)
+            if not found:
+                return None
+            latest = os.path.join(ckpt_dir, "latest")
+            state = "is empty" if os.path.isfile(latest) else "is missing"
+            raise ConfigError(f"{latest} {state} but {ckpt_dir} holds checkpoints; {resume_hint(ckpt_dir, None)}")
+        if not os.path.isdir(os.path.join(ckpt_dir, tag)):
+            raise ConfigError(f"{os.path.join(ckpt_dir, 'latest')} names {tag!r}, which does not exist; "
+                              f"{resume_hint(ckpt_dir, tag)}")
+        check_resumable(ckpt_dir, tag)
+        return tag
+
+    tag = _rank0(find)
+    if tag is None:
+        if dist.is_rank0():
+            print(f"megapix: --resume: no checkpoint in {ckpt_dir}; starting from step 0", flush=True)
+        return None
+    saved = saved_layout(ckpt_dir, tag)
+    here = {k: v for k, v in layout_record(layout, 0).items() if k != "step"}
+    if saved is not None and saved != here:
+        why_not = unsupported_reason(saved, layout.zero_stage, layout.tp)
+        if why_not is None:
+            return resume_universal(engine, ckpt_dir, tag, cfg, layout, is_pipeline)
+        return resume_resharded(engine, ckpt_dir, tag, cfg, layout, is_pipeline, why_not)
+    path, client = engine.load_checkpoint(ckpt_dir, tag=tag)
+    if path is None:
+        raise ConfigError(f"DeepSpeed could not load {os.path.join(ckpt_dir, tag)}; {resume_hint(ckpt_dir, tag)}")
+    return int(client["step"])
