@@ -112,7 +112,7 @@ def resume_universal(trainer, tag: str) -> int:
     Adam moments and step, the lr schedule and the client state all carry over."""
     import torch.distributed as dist
 
-    from megapix.engine import barrier
+    from megapix.parallel.dist import barrier
     from megapix.parallel.reshard import check_same_model
 
     check_same_model(trainer, tag)
