@@ -360,54 +360,56 @@ class Trainer:
         flops_per_step = tokens_per_step * self.cfg.model.flops_per_token()
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not self.is_rank0, desc=desc, dynamic_ncols=True)
         last = time.perf_counter()
-        while self.step < t.max_steps:
-            lr = self.engine.get_lr()[0]
-            stats = self.train_step(self._next_batches())
-            loss = stats["loss"]
-            if loss is None or not math.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss} at step {self.step + 1}; lower --lr")
-            self.step += 1
-            now = time.perf_counter()
-            dt, last = now - last, now
-            tflops = flops_per_step / dt / self.layout.world / 1e12
-            rec = {**(extra or {}), "step": self.step, **stats, "lr": lr, "tokens_per_s": tokens_per_step / dt,
-                   "tflops_per_device": tflops, "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
-                   "peak_mem_gb": peak_memory_gb(), "step_time_s": dt}
-            evaluated = t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps)
-            if evaluated:
-                metrics = self.evaluate()
-                rec.update(metrics)
-                score = self.task.score(metrics)
-                if score is not None and (self.best_score is None or score > self.best_score):
-                    self.best_score, self.best_step, bad = score, self.step, 0
-                    if on_best is not None:
-                        on_best(self, rec)
-                else:
-                    bad += 1
-                last = time.perf_counter()  # evaluation time is not training throughput
-            log.write(rec)
-            self._monitor(rec)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-            if evaluated and patience and bad >= patience:
-                self.stopped_early = True
-                break
-            if (self.save_enabled and t.save_every and self.step % t.save_every == 0
-                    and self.step < t.max_steps):
-                self.save()
-                self.saved_step = self.step
-                last = time.perf_counter()
-            if self.step < t.max_steps and stop.should_stop():
-                bar.close()
-                if self.save_enabled:
-                    if self.saved_step != self.step:
-                        self.save()
-                        self.saved_step = self.step
-                    if self.is_rank0:
-                        print(f"stop requested: saved step {self.step} to {self.ckpt_dir}; exiting {EXIT_PREEMPTED} "
-                              "so the job can be requeued and resumed with --resume", flush=True)
-                return EXIT_PREEMPTED
-        bar.close()
+        try:  # the bar ends its line before any error is printed
+            while self.step < t.max_steps:
+                lr = self.engine.get_lr()[0]
+                stats = self.train_step(self._next_batches())
+                loss = stats["loss"]
+                if loss is None or not math.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss} at step {self.step + 1}; lower --lr")
+                self.step += 1
+                now = time.perf_counter()
+                dt, last = now - last, now
+                tflops = flops_per_step / dt / self.layout.world / 1e12
+                rec = {**(extra or {}), "step": self.step, **stats, "lr": lr, "tokens_per_s": tokens_per_step / dt,
+                       "tflops_per_device": tflops, "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
+                       "peak_mem_gb": peak_memory_gb(), "step_time_s": dt}
+                evaluated = t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps)
+                if evaluated:
+                    metrics = self.evaluate()
+                    rec.update(metrics)
+                    score = self.task.score(metrics)
+                    if score is not None and (self.best_score is None or score > self.best_score):
+                        self.best_score, self.best_step, bad = score, self.step, 0
+                        if on_best is not None:
+                            on_best(self, rec)
+                    else:
+                        bad += 1
+                    last = time.perf_counter()  # evaluation time is not training throughput
+                log.write(rec)
+                self._monitor(rec)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                if evaluated and patience and bad >= patience:
+                    self.stopped_early = True
+                    break
+                if (self.save_enabled and t.save_every and self.step % t.save_every == 0
+                        and self.step < t.max_steps):
+                    self.save()
+                    self.saved_step = self.step
+                    last = time.perf_counter()
+                if self.step < t.max_steps and stop.should_stop():
+                    bar.close()  # before the message below
+                    if self.save_enabled:
+                        if self.saved_step != self.step:
+                            self.save()
+                            self.saved_step = self.step
+                        if self.is_rank0:
+                            print(f"stop requested: saved step {self.step} to {self.ckpt_dir}; exiting "
+                                  f"{EXIT_PREEMPTED} so the job can be requeued and resumed with --resume", flush=True)
+                    return EXIT_PREEMPTED
+        finally:
+            bar.close()
         if self.save_enabled and self.saved_step != self.step:
             self.save()
             self.saved_step = self.step
