@@ -438,6 +438,7 @@ def main(argv=None) -> int:
     base_cfg = Config(model=config, data=DataConfig(source=data_spec, val_fraction=args.val_fraction),
                       train=TrainConfig(seed=args.seed, out=out))
     if palette is None:  # the trainer's palette path: fitted once on rank 0 into --out, or reused from there
+        os.makedirs(out, exist_ok=True)
         token_data, palette = load_data(base_cfg, out, rank0)
         splits = {s: td.split for s, td in token_data.items()}
     else:

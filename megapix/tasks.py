@@ -19,7 +19,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from megapix.config import ConfigError
 from megapix.data.loader import MicroBatches, bert_mask
 from megapix.parallel import dist as pdist
 

@@ -58,15 +58,3 @@ def build_module(cfg: Config, layout: Layout):
     if cfg.train.activation_checkpointing:
         checkpoint_blocks(model)
     return LossModel(model, loss), False
-
-
-def pipeline_inputs(micro, device):
-    from megapix.parallel.pipeline import pipeline_inputs as f
-
-    return f(micro, device)
-
-
-def pipeline_eval(engine, batches, device) -> float:
-    from megapix.parallel.pipeline import pipeline_eval as f
-
-    return f(engine, batches, device)
