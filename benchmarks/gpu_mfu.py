@@ -21,7 +21,7 @@ def bench(name: str, batch: int, steps: int, warmup: int, peak: float | None) ->
     import torch
 
     from megapix.config import model_preset
-    from megapix.engine import LossModel
+    from megapix.parallel import LossModel
     from megapix.model import ImageGPT, lm_loss
 
     cfg = model_preset(name, kernels="auto")

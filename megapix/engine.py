@@ -1,25 +1,30 @@
-"""Build the DeepSpeed engine for a layout and run training: steps, evaluation, checkpoints, metrics.
+"""The training loop: build the DeepSpeed engine for a layout and a task, then steps, evaluation, early
+stopping, checkpoints and metrics.
 
 DeepSpeed owns the optimizer wrapping (ZeRO), the pipeline schedule, gradient accumulation, checkpoint
-files and the monitor (TensorBoard/CSV); this module decides the batch geometry, feeds data, and records
-what a user wants to read: loss, lr, tokens/s, TFLOP/s, MFU, peak memory.
+files and the monitor (TensorBoard/CSV); this module decides the batch geometry, feeds the task's batches, and
+records what a user wants to read: loss, lr, tokens/s, TFLOP/s, MFU, peak memory. What is trained (the module,
+its loss, its evaluation) is a task (megapix/tasks.py): pre-training and fine-tuning run this same loop.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-import resource
-import signal
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from megapix.config import Config, ConfigError
-from megapix.data.loader import GlobalBatches, MicroBatches, TokenData, fixed_batches
-from megapix.dsconfig import load_ds_config, make_ds_config, resolve, zero_stage_of  # noqa: F401 (finetune)
-from megapix.parallel.layout import build_layout
+from megapix.data.loader import GlobalBatches, TokenData
+from megapix.dsconfig import make_ds_config, resolve, zero_stage_of
+from megapix.parallel.dist import barrier
+from megapix.parallel.layout import Layout, build_layout
+from megapix.runlog import MetricsLog, StopRequest, peak_memory_gb, refuse_existing_run
+from megapix.tasks import LMTask
 from megapix.utils import write_json
 
 EXIT_PREEMPTED = 75  # "checkpoint saved, requeue me" (EX_TEMPFAIL); slurm/ scripts rely on it
@@ -37,19 +42,8 @@ def device_peak_tflops(override: float | None) -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
-class LossModel(torch.nn.Module):
-    """The plain model plus its loss, as one module DeepSpeed can wrap: forward(tokens, mask) -> loss."""
-
-    def __init__(self, model: torch.nn.Module, loss_fn):
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, tokens, mask=None):
-        logits = self.model(tokens, mask)
-        return self.loss_fn(logits, tokens, mask)
-
-
+# load_data/fit_palette move to megapix.data (load_splits: one palette fit/reuse rule); every caller goes
+# through load_data, so the switch is one import.
 def load_data(cfg: Config, out: str, is_rank0: bool):
     """Open the source, fit or load the palette (rank 0 fits once, the others wait and read it), and return
     (train, val, test) as TokenData, plus the palette."""
@@ -87,67 +81,12 @@ def fit_palette(images, seed: int, max_pixels: int = 4_000_000):
     return Palette.fit(np.asarray(images[idx]).reshape(-1, 3), k=512, seed=seed)
 
 
-def barrier():
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def peak_memory_gb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
-class StopRequest:
-    """SIGUSR1/SIGTERM (preemption) or the time budget: stop at the next step boundary, on every rank together."""
-
-    def __init__(self, time_budget: float):
-        self.signalled = False
-        self.deadline = time.time() + time_budget if time_budget > 0 else None
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        self.signalled = True
-
-    def should_stop(self) -> bool:
-        local = self.signalled or (self.deadline is not None and time.time() > self.deadline)
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return local
-        flag = torch.tensor([1.0 if local else 0.0], device="cuda" if torch.cuda.is_available() else "cpu")
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one rank's signal stops all of them at the same step
-        return bool(flag.item())
-
-
-class MetricsLog:
-    """<out>/metrics.jsonl, one JSON record per step (rank 0 writes). On resume, records past the checkpoint
-    are dropped so the file is exactly the curve of the run that continues."""
-
-    def __init__(self, path: str, enabled: bool, resume_step: int):
-        self.path, self.enabled = path, enabled
-        if enabled and resume_step >= 0 and os.path.isfile(path):
-            with open(path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            tmp = path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(kept)
-            os.replace(tmp, path)
-        elif enabled and resume_step < 0 and os.path.isfile(path):
-            os.remove(path)
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
 class Trainer:
-    """Everything one training run needs, built in order: layout, data, model, DeepSpeed engine."""
+    """One training run, built in order: layout, task data, module, DeepSpeed engine. `task` defaults to
+    pre-training (LMTask on the data of cfg.data); `log` lets several runs share one metrics file (a sweep)."""
 
-    def __init__(self, cfg: Config, ds_config_path: str | None = None):
+    def __init__(self, cfg: Config, ds_config_path: str | None = None, task=None, log: MetricsLog | None = None):
         import deepspeed
-
-        from megapix import parallel
 
         self.cfg = cfg
         t = cfg.train
@@ -158,22 +97,25 @@ class Trainer:
         self.cfg, t = cfg, cfg.train
         self.layout = build_layout(world, rank, cfg.model, t, zero_stage_of(cfg, ds_base))
         self.out = os.path.abspath(t.out)
+        self.shown_out = t.out
         os.makedirs(self.out, exist_ok=True)
         self.ckpt_dir = os.path.join(self.out, "checkpoints")
+        self.shared_log = log
 
-        self.splits, self.palette = load_data(cfg, self.out, self.is_rank0)
-        self.schedule = GlobalBatches(len(self.splits["train"]), t.global_batch, t.seed)
+        if task is None:
+            task = LMTask(*load_data(cfg, self.out, self.is_rank0))
+        self.task = task
+        self.palette = getattr(task, "palette", None)
+        self.splits = getattr(task, "splits", None)
+        self.schedule = GlobalBatches(task.train_size, t.global_batch, t.seed)
         per_rank = t.global_batch // self.layout.dp
         self.micro_batch = t.micro_batch or per_rank
-        bert_rate = cfg.model.mask_rate if cfg.model.objective == "bert" else None
-        self.batches = MicroBatches(self.splits["train"], self.schedule, self.layout.dp_rank, self.layout.dp,
-                                    self.micro_batch, bert_rate, t.seed)
-        self.eval_batches = fixed_batches(self.splits["val"], t.eval_batches, self.micro_batch, bert_rate, t.seed)
         warmup = t.warmup_steps if t.warmup_steps is not None else min(self.schedule.steps_per_epoch(),
                                                                        max(1, t.max_steps // 10))
         self.warmup = warmup
 
-        module, self.is_pipeline = parallel.build_module(cfg, self.layout)
+        module, self.is_pipeline = task.build(cfg, self.layout)
+        task.setup(self)
         params = [p for p in module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay,
                                       **({"fused": True} if torch.cuda.is_available() else {"foreach": True}))
@@ -194,6 +136,7 @@ class Trainer:
         self.device = self.engine.device
         self.peak_tflops = device_peak_tflops(t.peak_tflops)
         self.step = 0
+        self.saved_step = None  # the step of the checkpoint this process last wrote or resumed
 
     # ---- checkpoints ----
     def save(self) -> None:
@@ -201,11 +144,6 @@ class Trainer:
         from megapix import checkpoint
 
         checkpoint.save(self.engine, self.ckpt_dir, self.step, self.cfg, self.layout)
-
-    def layout_record(self) -> dict:
-        lay = self.layout
-        return {"step": self.step, "world": lay.world, "tp": lay.tp, "pp": lay.pp, "dp": lay.dp,
-                "zero_stage": lay.zero_stage}
 
     def resume(self) -> bool:
         """Continue from `latest` in any layout (megapix.checkpoint.resume); False when there is none."""
@@ -218,89 +156,169 @@ class Trainer:
         return True
 
     # ---- one step ----
-    def train_step(self) -> float:
-        micro = self.batches(self.step)
+    def train_step(self, micro) -> dict:
+        """One global batch; returns the task's metrics for it (token-weighted over every rank)."""
+        task = self.task
+        task.meter.reset()
         if self.is_pipeline:
-            loss = self.engine.train_batch(data_iter=iter(self._pipe_inputs(micro)))
-            return float(loss)
-        total = 0.0
-        for tokens, mask in micro:
-            loss = self.engine(tokens.to(self.device), None if mask is None else mask.to(self.device))
-            self.engine.backward(loss)
-            self.engine.step()
-            total += loss.detach().float()
-        return self._dp_mean(total / len(micro))
+            self.engine.train_batch(data_iter=iter([self._to_device(task.pipe_batch(b)) for b in micro]))
+        else:
+            for b in micro:
+                loss = task.forward(self.engine, self._to_device(b))
+                self.engine.backward(loss)
+                self.engine.step()
+        return task.meter.reduce(self.device)
 
-    def _pipe_inputs(self, micro):
-        from megapix import parallel
+    def _to_device(self, obj):
+        if isinstance(obj, (tuple, list)):
+            return type(obj)(self._to_device(x) for x in obj)
+        return obj.to(self.device) if isinstance(obj, torch.Tensor) else obj
 
-        return parallel.pipeline_inputs(micro, self.device)
-
-    def _dp_mean(self, value) -> float:
-        v = torch.as_tensor(value, dtype=torch.float32, device=self.device).reshape(1)
-        if self.layout.dp > 1:
-            dist.all_reduce(v, group=self.layout.dp_group)
-            v /= self.layout.dp
-        return float(v.item())
+    def _next_batches(self):
+        """This rank's micro-batches of the next step. A data error on any rank (a corrupt image) is shared with
+        every rank before anyone enters a collective: all save the last completed step, then all raise it."""
+        error = None
+        try:
+            micro = self.task.train_batches(self.step)
+        except ConfigError as e:
+            error, micro = e, None
+        failed = error is not None
+        if self.layout.world > 1:
+            flag = torch.tensor([1.0 if failed else 0.0], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() > 0:
+                messages = [None] * self.layout.world
+                dist.all_gather_object(messages, None if error is None else str(error))
+                error = ConfigError(next(m for m in messages if m is not None))
+                failed = True
+        if failed:
+            if self.step > 0 and self.saved_step != self.step and self.save_enabled:
+                self.save()
+                error = ConfigError(f"{error} (step {self.step} was saved first: fix the data, then --resume)")
+            raise error
+        return micro
 
     @torch.no_grad()
-    def evaluate(self) -> float | None:
-        if not self.eval_batches:
-            return None
-        if self.is_pipeline:
-            from megapix import parallel
+    def evaluate_rows(self, n: int, make_batch) -> dict:
+        """The task's meter over rows 0..n-1 of an evaluation set: rows sharded over data-parallel ranks in
+        contiguous shares, micro-batches of at most micro_batch rows, and the same number of forward calls on
+        every rank (a rank out of rows runs row 0 unrecorded: ZeRO-3 and pipelines need every rank)."""
+        task, lay = self.task, self.layout
+        share = -(-n // lay.dp)
+        lo, hi = min(n, lay.dp_rank * share), min(n, (lay.dp_rank + 1) * share)
+        mb = self.micro_batch
+        task.meter.reset()
+        if not self.is_pipeline:
+            self.engine.eval()
+        try:
+            for j in range(-(-share // mb)):
+                a, b = lo + j * mb, min(hi, lo + (j + 1) * mb)
+                task.meter.enabled = b > a
+                batch = self._to_device(make_batch(np.arange(a, b) if b > a else np.arange(1)))
+                if self.is_pipeline:
+                    self.engine.reset_activation_shape()  # eval batches may be shorter than training ones
+                    self.engine.eval_batch(iter([task.pipe_batch(batch)]), num_micro_batches=1)
+                else:
+                    task.forward(self.engine, batch)
+        finally:
+            task.meter.enabled = True
+            if self.is_pipeline:
+                self.engine.reset_activation_shape()
+            else:
+                self.engine.train()
+        return task.meter.reduce(self.device)
 
-            return parallel.pipeline_eval(self.engine, self.eval_batches, self.device)
-        self.engine.eval()
-        losses = [self.engine(tok.to(self.device), None if m is None else m.to(self.device)).float()
-                  for tok, m in self.eval_batches]
-        self.engine.train()
-        return float(torch.stack(losses).mean())
+    def evaluate(self) -> dict:
+        return self.task.evaluate(self)
+
+    @property
+    def save_enabled(self) -> bool:
+        return self.shared_log is None
 
     # ---- the loop ----
-    def fit(self, resume: bool = False) -> int:
-        """Train to max_steps. Returns 0, or EXIT_PREEMPTED after saving on a signal or the time budget."""
+    def fit(self, resume: bool = False, patience: int | None = None, on_best=None, extra: dict | None = None,
+            desc: str = "train") -> int:
+        """Train to max_steps; evaluate every eval_every steps and at the end. Returns 0, or EXIT_PREEMPTED after
+        saving on a signal or the time budget.
+
+        Every evaluation's metrics go through task.score (higher is better): `on_best(trainer, record)` runs on
+        each new best, and `patience` evaluations without a new best stop the run early (self.stopped_early).
+        Runs that share a metrics log (`log=` at construction: a sweep) write no checkpoints; their result is
+        what on_best keeps."""
         from tqdm import tqdm
 
         t = self.cfg.train
-        resumed = self.resume() if resume else False
-        log = MetricsLog(os.path.join(self.out, "metrics.jsonl"), self.is_rank0, self.step if resumed else -1)
+        resumed = False
+        if self.shared_log is None:
+            if resume:
+                resumed = self.resume()  # megapix.checkpoint says so when there is nothing to resume
+                if resumed:
+                    self.saved_step = self.step
+            else:
+                refuse_existing_run(self.out, self.shown_out)
+            barrier()  # every rank has checked before rank 0 writes metrics.jsonl
+            log = MetricsLog(os.path.join(self.out, "metrics.jsonl"), self.is_rank0, self.step if resumed else -1)
+        else:
+            log = self.shared_log
         stop = StopRequest(t.time_budget)
+        self.best_score, self.best_step, self.stopped_early, bad = None, 0, False, 0
         tokens_per_step = t.global_batch * self.cfg.model.n_ctx
         flops_per_step = tokens_per_step * self.cfg.model.flops_per_token()
-        bar = tqdm(total=t.max_steps, initial=self.step, disable=not self.is_rank0, desc="train", dynamic_ncols=True)
+        bar = tqdm(total=t.max_steps, initial=self.step, disable=not self.is_rank0, desc=desc, dynamic_ncols=True)
         last = time.perf_counter()
-        while self.step < t.max_steps:
-            lr = self.engine.get_lr()[0]
-            loss = self.train_step()
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss} at step {self.step + 1}; lower --lr")
-            self.step += 1
-            now = time.perf_counter()
-            dt, last = now - last, now
-            tflops = flops_per_step / dt / self.layout.world / 1e12
-            rec = {"step": self.step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_step / dt,
-                   "tflops_per_device": tflops, "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
-                   "peak_mem_gb": peak_memory_gb(), "step_time_s": dt}
-            if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps):
-                rec["val_loss"] = self.evaluate()
-                last = time.perf_counter()  # evaluation time is not training throughput
-            log.write(rec)
-            self._monitor(rec)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-            if t.save_every and self.step % t.save_every == 0 and self.step < t.max_steps:
-                self.save()
-                last = time.perf_counter()
-            if self.step < t.max_steps and stop.should_stop():
-                bar.close()
-                self.save()
-                if self.is_rank0:
-                    print(f"stop requested: saved step {self.step} to {self.ckpt_dir}; exiting {EXIT_PREEMPTED} "
-                          "so the job can be requeued and resumed with --resume", flush=True)
-                return EXIT_PREEMPTED
-        bar.close()
-        self.save()
+        try:  # the bar ends its line before any error is printed
+            while self.step < t.max_steps:
+                lr = self.engine.get_lr()[0]
+                stats = self.train_step(self._next_batches())
+                loss = stats["loss"]
+                if loss is None or not math.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss} at step {self.step + 1}; lower --lr")
+                self.step += 1
+                now = time.perf_counter()
+                dt, last = now - last, now
+                tflops = flops_per_step / dt / self.layout.world / 1e12
+                rec = {**(extra or {}), "step": self.step, **stats, "lr": lr, "tokens_per_s": tokens_per_step / dt,
+                       "tflops_per_device": tflops, "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
+                       "peak_mem_gb": peak_memory_gb(), "step_time_s": dt}
+                evaluated = t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps)
+                if evaluated:
+                    metrics = self.evaluate()
+                    rec.update(metrics)
+                    score = self.task.score(metrics)
+                    if score is not None and (self.best_score is None or score > self.best_score):
+                        self.best_score, self.best_step, bad = score, self.step, 0
+                        if on_best is not None:
+                            on_best(self, rec)
+                    else:
+                        bad += 1
+                    last = time.perf_counter()  # evaluation time is not training throughput
+                log.write(rec)
+                self._monitor(rec)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                if evaluated and patience and bad >= patience:
+                    self.stopped_early = True
+                    break
+                if (self.save_enabled and t.save_every and self.step % t.save_every == 0
+                        and self.step < t.max_steps):
+                    self.save()
+                    self.saved_step = self.step
+                    last = time.perf_counter()
+                if self.step < t.max_steps and stop.should_stop():
+                    bar.close()  # before the message below
+                    if self.save_enabled:
+                        if self.saved_step != self.step:
+                            self.save()
+                            self.saved_step = self.step
+                        if self.is_rank0:
+                            print(f"stop requested: saved step {self.step} to {self.ckpt_dir}; exiting "
+                                  f"{EXIT_PREEMPTED} so the job can be requeued and resumed with --resume", flush=True)
+                    return EXIT_PREEMPTED
+        finally:
+            bar.close()
+        if self.save_enabled and self.saved_step != self.step:
+            self.save()
+            self.saved_step = self.step
         return 0
 
     def _monitor(self, rec: dict) -> None:
@@ -309,27 +327,55 @@ class Trainer:
             mon.write_events([(f"megapix/{k}", v, self.step) for k, v in rec.items()
                               if isinstance(v, (int, float)) and k != "step"])
 
-    def write_samples(self, n: int = 8) -> str | None:
-        """<out>/samples.png: completions of held-out images and unconditional samples (AR models)."""
-        if self.cfg.model.objective != "ar" or self.palette is None or self.is_pipeline or self.layout.tp > 1:
-            return None  # sharded layouts: `megapix export` then `megapix sample` on the export
-        import contextlib
-
+    # ---- the weights, whole ----
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The module's parameters under their canonical names (ImageGPT's, plus a task's own such as clf.*),
+        fp32 on CPU, whole: ZeRO-3 partitions gathered, TP shards merged, pipeline stages joined. Collective:
+        every rank calls it; rank 0 gets the dict, the others None."""
         import deepspeed
-        import numpy as np
 
+        from megapix.checkpoint.names import canonical_name
+        from megapix.parallel.tensor import merge_shards
+
+        lay, module = self.layout, self.engine.module
+        gather = (deepspeed.zero.GatheredParameters(list(module.parameters()))
+                  if lay.zero_stage == 3 else contextlib.nullcontext())
+        with gather:
+            local = {canonical_name(n, self.is_pipeline, self.cfg.model.n_layer): p.detach().float().cpu().clone()
+                     for n, p in module.named_parameters()}
+        if lay.world == 1:
+            return local
+        parts = [None] * lay.world if self.is_rank0 else None
+        dist.gather_object((lay.dp_rank, lay.tp_rank, local if lay.dp_rank == 0 else {}), parts, dst=0)
+        if not self.is_rank0:
+            return None
+        shards: dict[str, dict[int, torch.Tensor]] = {}
+        for dp_rank, tp_rank, sd in parts:
+            for name, v in sd.items():
+                shards.setdefault(name, {})[tp_rank] = v
+        return {name: merge_shards(name, [by[r] for r in sorted(by)]) for name, by in shards.items()}
+
+    def write_samples(self, n: int = 8) -> str | None:
+        """<out>/samples.png: completions of held-out images and unconditional samples (AR models), from a
+        consolidated copy of the weights on rank 0, so every layout writes them and no rank waits in a
+        collective while rank 0 samples. Returns the path (rank 0), or None with a line saying why not."""
+        if self.cfg.model.objective != "ar" or self.palette is None:
+            if self.is_rank0:
+                why = "BERT models do not generate" if self.cfg.model.objective != "ar" else "token data has no palette"
+                print(f"megapix: no samples.png ({why})", flush=True)
+            return None
+        state = self.full_state_dict()
+        if not self.is_rank0:
+            return None
+        from megapix.model import ImageGPT
         from megapix.sample import completion_grid, save_png
 
-        model = self.engine.module.model
-        gather = (deepspeed.zero.GatheredParameters(list(model.parameters()))
-                  if self.layout.zero_stage == 3 else contextlib.nullcontext())
+        with torch.device("meta"):
+            model = ImageGPT(self.cfg.model)
+        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, assign=True, strict=True)
+        model = model.to(self.device).eval()
+        test = self.splits["test"]
+        held = test.tokens(np.arange(min(n, len(test)))).to(self.device)
         path = os.path.join(self.out, "samples.png")
-        with gather:
-            if self.is_rank0:
-                test = self.splits["test"]
-                held = test.tokens(np.arange(min(n, len(test)))).to(self.device)
-                model.eval()
-                save_png(completion_grid(model, self.palette, held, seed=self.cfg.train.seed), path)
-                model.train()
-        barrier()
+        save_png(completion_grid(model, self.palette, held, seed=self.cfg.train.seed), path)
         return path

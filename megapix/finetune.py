@@ -1,37 +1,46 @@
-"""Classification fine-tuning with the joint loss: `megapix finetune`.
+"""Classification fine-tuning with the joint loss: `megapix finetune`, a task on the training engine.
 
 The paper's recipe (section 3.4): a linear classifier on the average-pooled output of the final norm;
-loss = L_gen + L_clf (unweighted sum); early stopping on validation accuracy; CIFAR augmentation (4-pixel
-reflection pad, random crop, random horizontal flip) applied to the images before palette encoding (token
-sources get the same crop/flip on their id grid; ImageNet-layout folders their own resize/crop).
+loss = L_gen + L_clf (unweighted sum); early stopping on validation accuracy. Augmentation fits the data:
+shift-only (up to one pixel) for the 8x8 digits, where a horizontal flip would change the digit; CIFAR's
+(4-pixel reflection pad, random crop, random horizontal flip) for other small images; ImageNet-layout folders
+their own resize/crop. Token sources get the same crop/flip on their id grid.
 BERT models: the generative term is the masked-token loss on a 15% mask, the classifier sees that same
 masked forward during training and the unmasked input at evaluation.
 
-Layouts: runs under torchrun / deepspeed / mpiexec / srun / plain python through DeepSpeed's engine with data
-parallelism and ZeRO 0-3 (deepspeed.initialize). Tensor- or pipeline-parallel fine-tuning is NOT implemented
-and is refused; a checkpoint of any layout loads here (it is consolidated first), so a model pre-trained with
-TP/PP is fine-tuned data-parallel (with ZeRO-3 when it does not fit one device).
+This is megapix.engine.Trainer with another task (ClassifierTask): the same DeepSpeed config builder,
+AdamW (betas, grad clip from TrainConfig), warm-up + cosine schedule, precision rule, metrics log and layouts:
+data parallel with ZeRO 0-3, tensor parallel (the classifier is replicated: its input, norm_f's output, is
+replicated after the row-parallel reduce; the LM logits are gathered over the TP group for the generative
+term) and pipeline parallel (the last stage computes both losses).
 
-`--lr 3e-4,1e-4,3e-5` runs one early-stopped fine-tune per rate and keeps the best by validation accuracy;
-`--from-scratch` re-initialises the weights (same architecture and palette): the random-init baseline.
-Writes DIR/finetune_results.json, DIR/metrics.jsonl, and the best model as an HF ImageGPT directory
-DIR/best_model/ plus its classifier (DIR/best_model/classifier.safetensors + classifier.json).
+`--lr 3e-4,1e-4,3e-5` runs one early-stopped fine-tune per rate (one Trainer each) and keeps the best by
+validation accuracy; `--from-scratch` re-initialises the weights (same architecture and palette): the
+random-init baseline. Writes DIR/finetune_results.json, DIR/metrics.jsonl, and the best model as an HF ImageGPT
+directory DIR/best_model/ plus its classifier (DIR/best_model/classifier.safetensors + classifier.json).
 """
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
+import gc
 import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from megapix.config import ConfigError
+from megapix.config import Config, ConfigError, DataConfig, TrainConfig
+from megapix.parallel.pipeline import HeadLayer
+from megapix.tasks import Meter
+
+_TRAIN = TrainConfig()  # the trainer's defaults, shared rather than copied
 
 
 class Classifier(nn.Module):
@@ -59,10 +68,35 @@ class Classifier(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # data
 # ----------------------------------------------------------------------------------------------------------
-class LabelledData:
-    """A split as (tokens, labels) batches, with the paper's augmentation on request."""
+def shift_augment(images: np.ndarray, indices, epoch: int, seed: int, max_shift: int = 1) -> np.ndarray:
+    """Random translation by up to max_shift pixels (edge padding), no flip: for digits, whose class a mirror
+    image can change. Seeded per (seed, epoch, index) like cifar_augment."""
+    from megapix.data.augment import image_rng
 
-    def __init__(self, split, palette, n_ctx: int, name: str):
+    images = np.asarray(images)
+    n, h, w = images.shape[:3]
+    pad = ((0, 0), (max_shift, max_shift), (max_shift, max_shift)) + ((0, 0),) * (images.ndim - 3)
+    padded = np.pad(images, pad, mode="edge")
+    out = np.empty_like(images)
+    for j, idx in enumerate(np.asarray(indices).reshape(-1)):
+        dy, dx = image_rng(seed, epoch, idx).integers(0, 2 * max_shift + 1, size=2)
+        out[j] = padded[j, dy:dy + h, dx:dx + w]
+    return out
+
+
+AUGMENTATIONS = ("auto", "none", "shift", "cifar")
+
+
+def default_augmentation(data_spec: str) -> str:
+    """What fits the data: shift-only for the 8x8 digits, the paper's CIFAR augmentation otherwise
+    (ImageNet-layout folders apply their own resize/crop whatever is chosen here, unless 'none')."""
+    return "shift" if data_spec.split(":", 1)[0] in ("digits", "digits-colour", "digits-grey") else "cifar"
+
+
+class LabelledData:
+    """A split as (tokens, labels) batches, with an augmentation ('none', 'shift', 'cifar') on request."""
+
+    def __init__(self, split, palette, n_ctx: int, name: str, augmentation: str = "cifar"):
         from megapix.data.loader import TokenData
 
         if split.labels is None:
@@ -70,6 +104,7 @@ class LabelledData:
         self.td = TokenData(split, n_ctx, palette, name)  # validates sizes and the palette
         self.split, self.palette, self.n_ctx = split, palette, n_ctx
         self.labels = np.asarray(split.labels, dtype=np.int64)
+        self.augmentation = augmentation
 
     def __len__(self):
         return len(self.labels)
@@ -80,213 +115,280 @@ class LabelledData:
         idx = np.asarray(idx, dtype=np.int64)
         y = torch.from_numpy(self.labels[idx])
         s = self.split
-        if not augment:
+        if not augment or self.augmentation == "none":
             return self.td.tokens(idx), y
+        fn = shift_augment if self.augmentation == "shift" else cifar_augment
         if s.tokens is not None:  # crop/flip the id grid itself: the same augmentation, after encoding
             side = int(round(math.sqrt(self.n_ctx)))
             grid = np.asarray(s.tokens[idx]).reshape(len(idx), side, side, 1)
-            return torch.from_numpy(cifar_augment(grid, idx, epoch, seed).reshape(len(idx), -1).astype(np.int64)), y
+            return torch.from_numpy(fn(grid, idx, epoch, seed).reshape(len(idx), -1).astype(np.int64)), y
         if hasattr(s.images, "batch"):  # ImageNet-layout folders: the paper's random resize/crop
             return self.td.tokens(idx, epoch, seed), y
-        images = cifar_augment(np.asarray(s.images[idx]), idx, epoch, seed)
+        images = fn(np.asarray(s.images[idx]), idx, epoch, seed)
         return torch.from_numpy(self.palette.encode(images)), y
 
 
 # ----------------------------------------------------------------------------------------------------------
-# one fine-tuning run
+# the task
 # ----------------------------------------------------------------------------------------------------------
-def _dist():
-    import torch.distributed as dist
+class _GatherFromTP(torch.autograd.Function):
+    """All-gather of vocab-sharded logits along the last dim; backward keeps this rank's slice (the loss on the
+    gathered logits is computed identically on every TP rank)."""
 
-    on = dist.is_available() and dist.is_initialized()
-    return dist, on, (dist.get_rank() if on else 0), (dist.get_world_size() if on else 1)
+    @staticmethod
+    def forward(ctx, x, group, tp, rank):
+        ctx.tp, ctx.rank = tp, rank
+        parts = [torch.empty_like(x) for _ in range(tp)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
 
-
-def _sum(values, device):
-    dist, on, _, world = _dist()
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if on and world > 1:
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def make_model(base_state, config, num_classes: int, seed: int, from_scratch: bool):
-    from megapix.model import ImageGPT
-
-    model = ImageGPT(config, seed=seed)
-    if not from_scratch:
-        model.load_state_dict(base_state, strict=True)
-    return Classifier(model, num_classes)
+    @staticmethod
+    def backward(ctx, g):
+        return g.chunk(ctx.tp, dim=-1)[ctx.rank].contiguous(), None, None, None
 
 
-def ds_config(args, world: int, bf16: bool) -> dict:
-    from megapix.engine import load_ds_config
+class ClassifierHeadLayer(HeadLayer):
+    """Pipeline last layer for fine-tuning: the LM head layer (norm_f, head; canonical names kept) plus the
+    classifier on the mean over positions of norm_f's output -> (LM logits, class logits)."""
 
-    ds = load_ds_config(args.deepspeed_config)
-    micro = args.micro_batch or args.global_batch // world
-    if args.global_batch % world or (args.global_batch // world) % micro:
-        raise ConfigError(f"global batch {args.global_batch} does not split into {world} ranks x micro-batches of "
-                          f"{micro}; pick a global batch divisible by both")
-    ds["train_batch_size"] = args.global_batch
-    ds["train_micro_batch_size_per_gpu"] = micro
-    ds["gradient_accumulation_steps"] = args.global_batch // (micro * world)
-    ds.setdefault("steps_per_print", 10**9)
-    ds.setdefault("gradient_clipping", args.grad_clip)
-    zero = ds.setdefault("zero_optimization", {})
-    if args.zero_stage is not None:
-        zero["stage"] = args.zero_stage
-    zero.setdefault("stage", 0)
-    if not torch.cuda.is_available() and zero.get("offload_optimizer"):
-        ds["zero_force_ds_cpu_optimizer"] = False
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
-    ds.pop("fp16", None)
-    return ds
+    def __init__(self, config, seed: int, tp_info, num_classes: int):
+        super().__init__(config, seed, tp_info)
+        self.clf = nn.Linear(config.d_model, num_classes)
+        nn.init.zeros_(self.clf.weight)
+        nn.init.zeros_(self.clf.bias)
+
+    def forward(self, h):
+        z = self.norm_f(h)
+        return self.head(z), self.clf(z.float().mean(dim=1))
 
 
-def run_one(lr: float, args, data, base_state, config, num_classes: int, log, out_rank0: bool) -> dict:
-    """One early-stopped fine-tune at learning rate lr. Returns its record (best state kept on rank 0)."""
-    import deepspeed
-    from tqdm import tqdm
+class ClassifierTask:
+    """Fine-tuning as a task of megapix.engine.Trainer: module = ImageGPT + Classifier for the layout, loss =
+    L_gen + L_clf, evaluation = validation accuracy and classification loss, score = accuracy."""
 
-    from megapix.data.loader import GlobalBatches, bert_mask
+    metrics = ("loss", "l_gen", "l_clf", "acc")
 
-    dist, on, rank, world = _dist()
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and torch.cuda.is_available())
-    ds = ds_config(args, world, bf16)
-    stage = ds["zero_optimization"]["stage"]
-    module = make_model(base_state, config, num_classes, args.seed, args.from_scratch)
-    train, val, test = data["train"], data["val"], data["test"]
-    schedule = GlobalBatches(len(train), args.global_batch, args.seed)
-    spe = schedule.steps_per_epoch()
-    max_steps = args.max_steps or args.max_epochs * spe
-    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, min(spe, max_steps // 10))
-    eval_every = args.eval_every or spe
+    def __init__(self, data: dict, num_classes: int, base_state: dict | None, augment: bool):
+        self.data, self.num_classes, self.base_state, self.augment = data, num_classes, base_state, augment
+        self.meter = Meter(self.metrics)
 
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, max_steps - warmup))))
+    @property
+    def train_size(self) -> int:
+        return len(self.data["train"])
 
-    opt = torch.optim.AdamW(module.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=ds)
-    device = engine.device
-    per_rank = args.global_batch // world
-    micro = ds["train_micro_batch_size_per_gpu"]
-    bert = config.objective == "bert"
+    def _record(self, loss, l_gen, l_clf, logits, y) -> None:
+        n = len(y)
+        for name, v in (("loss", loss), ("l_gen", l_gen), ("l_clf", l_clf)):
+            self.meter.add(name, v, n)
+        self.meter.add("acc", (logits.argmax(-1) == y).double().mean(), n)
+
+    def build(self, cfg, layout):
+        from megapix import parallel
+        from megapix.model import ImageGPT
+        from megapix.parallel.tensor import apply_tensor_parallel
+
+        m, seed = cfg.model, cfg.train.seed
+        self.bert, self.n_layer = m.objective == "bert", m.n_layer
+        tp_info = (layout.tp_group, layout.tp, layout.tp_rank) if layout.tp > 1 else (None, 1, 0)
+        if cfg.train.activation_checkpointing:
+            parallel.configure_activation_checkpointing(layout)
+        if layout.pp > 1:
+            module = self._pipeline(cfg, layout, tp_info)
+            if self.base_state is not None:
+                self._load_pipeline(module, layout)
+            return module, True
+        model = ImageGPT(m, seed=seed)
+        if self.base_state is not None:
+            model.load_state_dict(self.base_state, strict=True)
+        module = Classifier(model, self.num_classes)
+        if layout.tp > 1:  # cut from the full (pre-trained) weights, so every TP layout starts from the same model
+            apply_tensor_parallel(model, *tp_info)
+            group, tp, rank = tp_info
+            model.head.register_forward_hook(lambda mod, args, out: _GatherFromTP.apply(out, group, tp, rank))
+        if cfg.train.activation_checkpointing:
+            parallel.checkpoint_blocks(model)
+        return module, False
+
+    def _pipeline(self, cfg, layout, tp_info):
+        from deepspeed.pipe import LayerSpec, PipelineModule
+
+        from megapix.model import lm_loss
+        from megapix.parallel.pipeline import BlockLayer, EmbedLayer
+        from megapix.parallel.tensor import VocabParallelLoss
+
+        m, seed = cfg.model, cfg.train.seed
+        group, tp, tp_rank = tp_info
+        layers = [LayerSpec(EmbedLayer, m, seed)]
+        layers += [LayerSpec(BlockLayer, m, seed, i, tp_info) for i in range(m.n_layer)]
+        layers += [LayerSpec(ClassifierHeadLayer, m, seed, tp_info, self.num_classes)]
+        lm = VocabParallelLoss(group, tp_rank, self.bert) if tp > 1 else lm_loss
+        ckpt = {}
+        if cfg.train.activation_checkpointing:
+            import deepspeed
+
+            ckpt = dict(activation_checkpoint_interval=1, activation_checkpoint_func=deepspeed.checkpointing.checkpoint,
+                        checkpointable_layers=["BlockLayer"])
+        return PipelineModule(layers=layers, topology=layout.topology, loss_fn=_PipeClassifierLoss(self, lm),
+                              partition_method="parameters", **ckpt)
 
     @torch.no_grad()
-    def accuracy(split) -> float:
-        n = len(split)
-        share = -(-n // world)
-        lo, hi = min(n, rank * share), min(n, (rank + 1) * share)
-        eb = args.eval_batch
-        n_batches = -(-share // eb)  # the same count on every rank (ZeRO-3 gathers need every rank)
-        engine.eval()
-        correct = 0
-        for j in range(n_batches):
-            a, b = lo + j * eb, min(hi, lo + (j + 1) * eb)
-            idx = np.arange(a, b) if b > a else np.array([0])
-            tokens, y = split.batch(idx)
-            _, _, _, logits = engine(tokens.to(device), y.to(device))
-            if b > a:
-                correct += int((logits.argmax(1).cpu() == y).sum())
-        engine.train()
-        return _sum([correct], device)[0] / n
+    def _load_pipeline(self, module, layout) -> None:
+        """The pre-trained weights into this stage's layers, cut to this TP rank's shard; clf stays zero."""
+        from megapix.checkpoint.names import canonical_name
+        from megapix.parallel.tensor import shard_tensor
 
-    def snapshot():
-        params = list(engine.module.parameters())
-        import contextlib
+        for name, p in module.named_parameters():
+            key = canonical_name(name, True, self.n_layer)
+            if key.startswith("clf."):
+                continue
+            p.copy_(shard_tensor(key, self.base_state[key], layout.tp, layout.tp_rank).to(p.dtype))
 
-        gather = deepspeed.zero.GatheredParameters(params) if stage == 3 else contextlib.nullcontext()
-        with gather:
-            if rank == 0:
-                return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
-        return None
+    def setup(self, trainer) -> None:
+        lay, t = trainer.layout, trainer.cfg.train
+        self.schedule, self.micro, self.seed = trainer.schedule, trainer.micro_batch, t.seed
+        self.per_rank = t.global_batch // lay.dp
+        if self.per_rank * lay.dp != t.global_batch or self.per_rank % self.micro:
+            raise ConfigError(f"global batch {t.global_batch} does not split into {lay.dp} data-parallel ranks x "
+                              f"micro-batches of {self.micro}; pick a global batch divisible by both")
+        self.dp_rank, self.global_batch = lay.dp_rank, t.global_batch
+        self.n_ctx, self.mask_rate = trainer.cfg.model.n_ctx, trainer.cfg.model.mask_rate
 
-    rec = {"lr": lr, "from_scratch": args.from_scratch, "best_val_acc": -1.0, "best_step": 0, "stopped_early": False}
-    best_state, bad, step = None, 0, 0
-    bar = tqdm(total=max_steps, disable=rank != 0, desc=f"finetune lr={lr:g}", dynamic_ncols=True)
-    t0 = time.perf_counter()
-    while step < max_steps:
-        idx, epochs = schedule.indices(step)
-        mine, ep = idx[rank * per_rank:(rank + 1) * per_rank], epochs[rank * per_rank:(rank + 1) * per_rank]
-        tot = torch.zeros(3)
-        for a in range(0, per_rank, micro):
-            parts = [train.batch(mine[a:a + micro][ep[a:a + micro] == e], int(e), args.seed, args.augment)
-                     for e in np.unique(ep[a:a + micro])]
-            tokens = torch.cat([p[0] for p in parts]).to(device)
-            y = torch.cat([p[1] for p in parts]).to(device)
-            mask = None
-            if bert:
-                mask = bert_mask(step, args.global_batch, config.n_ctx, config.mask_rate, args.seed)
-                mask = mask[rank * per_rank + a: rank * per_rank + a + micro].to(device)
-            loss, l_gen, l_clf, _ = engine(tokens, y, mask)
-            engine.backward(loss)
-            engine.step()
-            tot += torch.stack([loss.detach().float().cpu(), l_gen.float().cpu(), l_clf.float().cpu()])
-        step += 1
-        tot = _sum((tot / (per_rank // micro)).tolist(), device)
-        r = {"lr_run": lr, "step": step, "epoch": step / spe, "lr": sched.get_last_lr()[0],
-             "loss": tot[0] / world, "l_gen": tot[1] / world, "l_clf": tot[2] / world}
-        bar.update(1)
-        bar.set_postfix(loss=f"{r['loss']:.3f}", clf=f"{r['l_clf']:.3f}")
-        if step % eval_every == 0 or step == max_steps:
-            r["val_acc"] = accuracy(val)
-            if r["val_acc"] > rec["best_val_acc"]:
-                rec.update(best_val_acc=r["val_acc"], best_step=step)
-                if test is not None:
-                    rec["test_acc_at_best"] = r["test_acc"] = accuracy(test)
-                best_state, bad = snapshot(), 0
-            else:
-                bad += 1
-            if out_rank0:
-                tqdm.write(f"  lr {lr:g} step {step}: val acc {100 * r['val_acc']:.2f}%"
-                           + (f", test {100 * r['test_acc']:.2f}%" if "test_acc" in r else "")
-                           + (f" (no gain {bad}/{args.patience})" if bad else ""))
-        log(r)
-        if bad >= args.patience:
-            rec["stopped_early"] = True
-            break
-    bar.close()
-    rec.update(steps=step, steps_per_epoch=spe, seconds=round(time.perf_counter() - t0, 1), zero_stage=stage,
-               world=world)
-    del engine, opt
-    return rec, best_state
+    def train_batches(self, step: int):
+        from megapix.data.loader import bert_mask
+
+        idx, epochs = self.schedule.indices(step)
+        lo = self.dp_rank * self.per_rank
+        mask = bert_mask(step, self.global_batch, self.n_ctx, self.mask_rate, self.seed) if self.bert else None
+        out = []
+        for a in range(lo, lo + self.per_rank, self.micro):
+            sl = slice(a, a + self.micro)
+            tokens = torch.empty((self.micro, self.n_ctx), dtype=torch.int64)
+            y = torch.empty(self.micro, dtype=torch.int64)
+            for e in np.unique(epochs[sl]):  # augmentation is seeded per epoch; keep row order
+                rows = np.flatnonzero(epochs[sl] == e)
+                tok, lab = self.data["train"].batch(idx[sl][rows], int(e), self.seed, self.augment)
+                tokens[torch.from_numpy(rows)], y[torch.from_numpy(rows)] = tok, lab
+            out.append((tokens, y, None if mask is None else mask[sl]))
+        return out
+
+    def forward(self, engine, batch):
+        tokens, y, mask = batch
+        loss, l_gen, l_clf, logits = engine(tokens, y, mask)
+        self._record(loss, l_gen, l_clf, logits, y)
+        return loss
+
+    @staticmethod
+    def pipe_batch(batch):
+        tokens, y, mask = batch
+        return (tokens, (tokens, y)) if mask is None else ((tokens, mask), (tokens, y, mask))
+
+    def split_metrics(self, trainer, name: str) -> dict:
+        split = self.data[name]
+        m = trainer.evaluate_rows(len(split), lambda idx: (*split.batch(idx), None))
+        return {f"{name}_acc": m["acc"], f"{name}_loss": m["l_clf"]}
+
+    def evaluate(self, trainer) -> dict:
+        return self.split_metrics(trainer, "val")
+
+    @staticmethod
+    def score(metrics: dict) -> float | None:
+        return metrics.get("val_acc")
+
+
+class _PipeClassifierLoss:
+    """The last pipeline stage's loss_fn: L_gen + L_clf from (LM logits, class logits)."""
+
+    def __init__(self, task: ClassifierTask, lm):
+        self.task, self.lm = task, lm
+
+    def __call__(self, outputs, labels):
+        lm_logits, logits = outputs
+        tokens, y, mask = (*labels, None)[:3]
+        l_gen = self.lm(lm_logits, tokens, mask if self.task.bert else None)
+        l_clf = F.cross_entropy(logits.float(), y)
+        loss = l_gen + l_clf
+        self.task._record(loss, l_gen, l_clf, logits, y)
+        return loss
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the CLI
+# the CLI: options as a dataclass (help in field metadata), a parser built from it
 # ----------------------------------------------------------------------------------------------------------
+def _opt(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class FinetuneConfig:
+    """`megapix finetune` options. Fine-tuning-specific defaults live here; optimiser and clipping defaults are
+    TrainConfig's, so fine-tuning and pre-training agree."""
+
+    out: str = _opt(None, "output folder: finetune_results.json, metrics.jsonl, best_model/", required=True)
+    checkpoint: str | None = _opt(None, "pre-trained model: training --out folder, tag folder, or HF/megapix export")
+    model: str | None = _opt(None, "preset for --from-scratch without a --checkpoint (e.g. tiny)")
+    from_scratch: bool = _opt(False, "random initialisation (same architecture and palette): the baseline")
+    data: str | None = _opt(None, "labelled source (default: the checkpoint's): digits, cifar10:PATH, ...")
+    palette: str | None = _opt(None, "kmeans_centers.npy (default: the checkpoint's; fitted when there is none)")
+    lr: str = _opt("3e-4,1e-4,3e-5", "one learning rate or a comma-separated sweep (one early-stopped run each)")
+    max_epochs: int = _opt(10, "epochs per run")
+    max_steps: int | None = _opt(None, "steps per run; overrides --max-epochs")
+    patience: int = _opt(3, "evaluations without a validation-accuracy gain before a run stops")
+    eval_every: int | None = _opt(None, "steps between validation evaluations (default: one epoch)")
+    global_batch: int = _opt(64, "examples per optimiser step, over all ranks")
+    micro_batch: int | None = _opt(None, "per data-parallel rank (default: its whole share of the global batch)")
+    warmup_steps: int | None = _opt(None, "linear warm-up steps (default: one epoch, at most 10%% of the run)")
+    weight_decay: float = _opt(_TRAIN.weight_decay, "AdamW weight decay")
+    beta1: float = _opt(_TRAIN.beta1, "AdamW beta1")
+    beta2: float = _opt(_TRAIN.beta2, "AdamW beta2")
+    grad_clip: float = _opt(_TRAIN.grad_clip, "gradient clipping by global norm (0: none)")
+    augment: str = _opt("auto", "train-time augmentation: auto (shift for 8x8 digits, CIFAR's pad/crop/flip "
+                        "otherwise), none, shift, cifar", choices=AUGMENTATIONS)
+    seed: int = _opt(0, "seed of the data order, augmentation and any fitted palette")
+    val_fraction: float | None = _opt(None, "held-out share of train for early stopping (default: the paper's)")
+    zero_stage: int | None = _opt(None, "ZeRO stage 0-3 (overrides the DeepSpeed config)", choices=(0, 1, 2, 3))
+    tensor_parallel: int = _opt(1, "tensor-parallel ranks")
+    pipeline_parallel: int = _opt(1, "pipeline stages")
+    activation_checkpointing: bool = _opt(False, "recompute each block's activations in backward")
+    precision: str = _opt("auto", "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32", choices=("auto", "bf16", "fp32"))
+    deepspeed_config: str | None = _opt(None, "DeepSpeed JSON config; flags override its batch, precision and ZeRO")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megapix finetune", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", help="pre-trained model: training --out folder, tag folder, or HF/megapix export")
-    p.add_argument("--model", help="preset for --from-scratch without a --checkpoint (e.g. tiny)")
-    p.add_argument("--from-scratch", action="store_true", help="random initialisation: the baseline")
-    p.add_argument("--data", help="labelled source (default: the checkpoint's); digits, cifar10:PATH, ...")
-    p.add_argument("--palette", help="kmeans_centers.npy (default: the checkpoint's)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--lr", default="3e-4,1e-4,3e-5", help="one rate or a comma-separated sweep")
-    p.add_argument("--max-epochs", type=int, default=10)
-    p.add_argument("--max-steps", type=int, help="overrides --max-epochs")
-    p.add_argument("--patience", type=int, default=3, help="evaluations without val improvement before stopping")
-    p.add_argument("--eval-every", type=int, help="steps between val evaluations (default: one epoch)")
-    p.add_argument("--eval-batch", type=int, default=256)
-    p.add_argument("--global-batch", type=int, default=64)
-    p.add_argument("--micro-batch", type=int, help="per rank")
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--no-augment", dest="augment", action="store_false", help="skip the pad/crop/flip augmentation")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-fraction", type=float)
-    p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3])
-    p.add_argument("--tensor-parallel", type=int, default=1)
-    p.add_argument("--pipeline-parallel", type=int, default=1)
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
-    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config")
+    p = argparse.ArgumentParser(prog="megapix finetune", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(FinetuneConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kw = {"dest": f.name, "help": f.metadata["help"]}
+        if f.type == "bool" or f.type is bool:
+            p.add_argument(flag, action="store_true", **kw)
+            continue
+        base = str(f.type).split("|")[0].strip()
+        kw["type"] = {"int": int, "float": float}.get(base, str)
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        if f.metadata.get("required"):
+            kw["required"] = True
+        names = [flag, "--deepspeed_config"] if f.name == "deepspeed_config" else [flag]
+        p.add_argument(*names, default=f.default, **kw)
+    p.add_argument("--no-augment", dest="augment", action="store_const", const="none",
+                   help="same as --augment none")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
+
+
+def parse_args(argv=None) -> tuple[FinetuneConfig, list[float]]:
+    ns = vars(build_parser().parse_args(argv))
+    ns.pop("local_rank", None)
+    args = FinetuneConfig(**ns)
+    try:
+        lrs = [float(x) for x in args.lr.split(",") if x]
+    except ValueError:
+        raise ConfigError(f"cannot parse --lr {args.lr!r}; use e.g. 3e-4,1e-4,3e-5") from None
+    if not lrs or any(not (math.isfinite(x) and x > 0) for x in lrs):
+        raise ConfigError("--lr needs one or more positive, finite rates")
+    if args.patience < 1 or args.global_batch < 1:
+        raise ConfigError("--patience and --global-batch must be >= 1")
+    return args, lrs
 
 
 def _load(args):
@@ -308,94 +410,112 @@ def _load(args):
     return config, None, palette, args.data or "digits"
 
 
+def train_config(args: FinetuneConfig, lr: float, max_steps: int, eval_every: int, out: str) -> TrainConfig:
+    return TrainConfig(max_steps=max_steps, global_batch=args.global_batch, micro_batch=args.micro_batch, lr=lr,
+                       warmup_steps=args.warmup_steps, beta1=args.beta1, beta2=args.beta2,
+                       weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed, out=out,
+                       eval_every=eval_every, tensor_parallel=args.tensor_parallel,
+                       pipeline_parallel=args.pipeline_parallel, zero_stage=args.zero_stage,
+                       activation_checkpointing=args.activation_checkpointing, precision=args.precision)
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.tensor_parallel != 1 or args.pipeline_parallel != 1:
-        raise ConfigError("tensor/pipeline-parallel fine-tuning is not supported; fine-tuning runs data-parallel "
-                          "with ZeRO 0-3 (a TP/PP checkpoint loads consolidated): drop --tensor-parallel/"
-                          "--pipeline-parallel and use --zero-stage 3 if the model does not fit one device")
-    try:
-        lrs = [float(x) for x in args.lr.split(",") if x]
-    except ValueError:
-        raise ConfigError(f"cannot parse --lr {args.lr!r}; use e.g. 3e-4,1e-4,3e-5") from None
-    if not lrs or any(x <= 0 for x in lrs):
-        raise ConfigError("--lr needs one or more positive rates")
-    if args.patience < 1 or args.global_batch < 1:
-        raise ConfigError("--patience and --global-batch must be >= 1")
+    args, lrs = parse_args(argv)
+    from megapix.data.loader import GlobalBatches, TokenData
     from megapix.data.sources import open_source
+    from megapix.engine import Trainer, load_data
+    from megapix.parallel.dist import barrier, is_rank0
     from megapix.parallel.launch import init_distributed
+    from megapix.runlog import MetricsLog
 
     init_distributed()
-    dist, on, rank, world = _dist()
+    rank0 = is_rank0()
     config, base_state, palette, data_spec = _load(args)
-    source = open_source(data_spec, config.resolution, args.val_fraction, args.seed, augment=True)
-    splits = {s: source.split(s) for s in ("train", "val", "test")}
     out = os.path.abspath(args.out)
-    if palette is None and splits["train"].images is not None:
-        from megapix.data.palette import Palette
-        from megapix.engine import barrier, fit_palette
-
-        saved = os.path.join(out, "palette.npy")
-        if rank == 0 and not os.path.isfile(saved):
-            os.makedirs(out, exist_ok=True)
-            fit_palette(splits["train"].images, args.seed).save(saved)
-        barrier()
-        palette = Palette.load(saved)
-    data = {s: LabelledData(sp, palette, config.n_ctx, f"{data_spec} [{s}]") for s, sp in splits.items()}
-    if len(data["test"]) == 0:
-        data["test"] = None
-    num_classes = source.num_classes or int(max(data["train"].labels.max(), data["val"].labels.max())) + 1
+    base_cfg = Config(model=config, data=DataConfig(source=data_spec, val_fraction=args.val_fraction),
+                      train=TrainConfig(seed=args.seed, out=out))
+    if palette is None:  # the trainer's palette path: fitted once on rank 0 into --out, or reused from there
+        os.makedirs(out, exist_ok=True)
+        token_data, palette = load_data(base_cfg, out, rank0)
+        splits = {s: td.split for s, td in token_data.items()}
+    else:
+        source = open_source(data_spec, config.resolution, args.val_fraction, args.seed, augment=True)
+        splits = {s: source.split(s) for s in ("train", "val", "test")}
+        TokenData(splits["train"], config.n_ctx, palette, f"{data_spec} [train]")
+    augmentation = default_augmentation(data_spec) if args.augment == "auto" else args.augment
+    data = {s: LabelledData(sp, palette, config.n_ctx, f"{data_spec} [{s}]", augmentation)
+            for s, sp in splits.items()}
     if len(data["val"]) == 0:
         raise ConfigError("the validation split is empty; early stopping needs one (--val-fraction > 0)")
+    has_test = len(data["test"]) > 0
+    num_classes = (splits["train"].num_classes
+                   or int(max(data["train"].labels.max(), data["val"].labels.max())) + 1)
     os.makedirs(out, exist_ok=True)
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    if rank == 0 and os.path.isfile(metrics_path):
-        os.remove(metrics_path)
-
-    def log(rec):
-        if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+    log = MetricsLog(os.path.join(out, "metrics.jsonl"), rank0, -1)  # this sweep's curves, one file
+    spe = GlobalBatches(len(data["train"]), args.global_batch, args.seed).steps_per_epoch()
+    max_steps = args.max_steps or args.max_epochs * spe
+    eval_every = args.eval_every or spe
 
     runs, best, best_state = [], None, None
     for lr in lrs:
-        rec, state = run_one(lr, args, data, base_state, config, num_classes, log, rank == 0)
+        cfg = Config(model=config, data=base_cfg.data, train=train_config(args, lr, max_steps, eval_every, out))
+        task = ClassifierTask(data, num_classes, None if args.from_scratch else base_state, augmentation != "none")
+        trainer = Trainer(cfg, args.deepspeed_config, task=task, log=log)
+        rec = {"lr": lr, "from_scratch": args.from_scratch, "best_val_acc": -1.0, "best_step": 0,
+               "stopped_early": False}
+        kept = {}
+
+        def on_best(tr, r, rec=rec, kept=kept, task=task):
+            rec.update(best_val_acc=r["val_acc"], best_step=tr.step)
+            if has_test:
+                rec["test_acc_at_best"] = r["test_acc"] = task.split_metrics(tr, "test")["test_acc"]
+            kept["state"] = tr.full_state_dict()
+
+        t0 = time.perf_counter()
+        trainer.fit(patience=args.patience, on_best=on_best, extra={"lr_run": lr}, desc=f"finetune lr={lr:g}")
+        rec.update(steps=trainer.step, steps_per_epoch=spe, stopped_early=trainer.stopped_early,
+                   seconds=round(time.perf_counter() - t0, 1), zero_stage=trainer.layout.zero_stage,
+                   world=trainer.layout.world, layout=trainer.layout.describe())
         runs.append(rec)
         if best is None or rec["best_val_acc"] > best["best_val_acc"]:
-            best, best_state = rec, state
-        del state
-    if rank == 0:
-        from safetensors.torch import save_file
-
-        from megapix.model.hf import save_state_dict_pretrained
-        from megapix.utils import write_json
-
-        target = os.path.join(out, "best_model")
-        model_sd = {k.removeprefix("model."): v for k, v in best_state.items() if k.startswith("model.")}
-        save_state_dict_pretrained(model_sd, config, target)
-        save_file({"weight": best_state["clf.weight"].contiguous(), "bias": best_state["clf.bias"].contiguous()},
-                  os.path.join(target, "classifier.safetensors"), metadata={"format": "pt"})
-        write_json(os.path.join(target, "classifier.json"),
-                   {"num_classes": num_classes, "input": "mean over positions of norm_f output",
-                    "d_model": config.d_model})
-        if palette is not None:
-            palette.save(os.path.join(target, "palette.npy"))
-        result = {"checkpoint": args.checkpoint and os.path.abspath(args.checkpoint), "data": data_spec,
-                  "from_scratch": args.from_scratch, "lrs": lrs, "runs": runs, "best_lr": best["lr"],
-                  "best_val_acc": best["best_val_acc"], "test_acc": best.get("test_acc_at_best"),
-                  "selection": "best validation accuracy over the sweep; test accuracy at that run's best step",
-                  "loss": "L_gen + L_clf (unweighted)", "augment": args.augment, "world": world,
-                  "best_model": target, "num_classes": num_classes}
-        write_json(os.path.join(out, "finetune_results.json"), result)
-        print(f"megapix finetune: best lr {best['lr']:g}: val acc {100 * best['best_val_acc']:.2f}%"
-              + (f", test acc {100 * best['test_acc_at_best']:.2f}%" if "test_acc_at_best" in best else "")
-              + f" -> {out}", flush=True)
-        for r in runs:
-            print(f"  lr {r['lr']:<8g} best val {100 * r['best_val_acc']:6.2f}% at step {r['best_step']}/{r['steps']}"
-                  + (" (early stop)" if r["stopped_early"] else ""), flush=True)
-    if on:
-        dist.barrier()
+            best, best_state = rec, kept.get("state")
+        del trainer, task, kept
+        gc.collect()
+    if rank0:
+        write_outputs(args, out, config, palette, num_classes, lrs, runs, best, best_state, data_spec, augmentation)
+    barrier()
     return 0
+
+
+def write_outputs(args, out, config, palette, num_classes, lrs, runs, best, best_state, data_spec, augmentation):
+    from safetensors.torch import save_file
+
+    from megapix.model.hf import save_state_dict_pretrained
+    from megapix.utils import write_json
+
+    target = os.path.join(out, "best_model")
+    model_sd = {k: v for k, v in best_state.items() if not k.startswith("clf.")}
+    save_state_dict_pretrained(model_sd, config, target)
+    save_file({"weight": best_state["clf.weight"].contiguous(), "bias": best_state["clf.bias"].contiguous()},
+              os.path.join(target, "classifier.safetensors"), metadata={"format": "pt"})
+    write_json(os.path.join(target, "classifier.json"),
+               {"num_classes": num_classes, "input": "mean over positions of norm_f output",
+                "d_model": config.d_model})
+    if palette is not None:
+        palette.save(os.path.join(target, "palette.npy"))
+    result = {"checkpoint": args.checkpoint and os.path.abspath(args.checkpoint), "data": data_spec,
+              "from_scratch": args.from_scratch, "lrs": lrs, "runs": runs, "best_lr": best["lr"],
+              "best_val_acc": best["best_val_acc"], "test_acc": best.get("test_acc_at_best"),
+              "selection": "best validation accuracy over the sweep; test accuracy at that run's best step",
+              "loss": "L_gen + L_clf (unweighted)", "augment": augmentation, "world": best["world"],
+              "layout": best["layout"], "best_model": target, "num_classes": num_classes}
+    write_json(os.path.join(out, "finetune_results.json"), result)
+    print(f"megapix finetune: best lr {best['lr']:g}: val acc {100 * best['best_val_acc']:.2f}%"
+          + (f", test acc {100 * best['test_acc_at_best']:.2f}%" if "test_acc_at_best" in best else "")
+          + f" -> {out}", flush=True)
+    for r in runs:
+        print(f"  lr {r['lr']:<8g} best val {100 * r['best_val_acc']:6.2f}% at step {r['best_step']}/{r['steps']}"
+              + (" (early stop)" if r["stopped_early"] else ""), flush=True)
 
 
 if __name__ == "__main__":

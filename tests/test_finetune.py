@@ -84,9 +84,106 @@ def test_finetune_sweep_early_stopping(tmp_path):
     assert head["weight"].shape == (4, model.config.d_model) and head["bias"].shape == (4,)
 
 
-def test_refuses_tensor_and_pipeline_parallel(tmp_path, capsys):
+@pytest.mark.parametrize("argv,words", [
+    (["--lr", "abc"], ["cannot parse --lr 'abc'"]),
+    (["--lr", "nan"], ["positive, finite"]),
+    (["--patience", "0"], ["--patience"]),
+    (["--checkpoint", "x"], ["checkpoint 'x' does not exist"]),
+])
+def test_bad_options_fail_with_one_line(tmp_path, capsys, argv, words):
     from megapix.cli import main
 
-    assert main(["finetune", "--checkpoint", "x", "--out", str(tmp_path), "--tensor-parallel", "2"]) == 2
-    err = capsys.readouterr().err
-    assert "not supported" in err and len(err.strip().splitlines()) == 1
+    assert main(["finetune", "--out", str(tmp_path / "ft"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error" in err, err
+    for w in words:
+        assert w in err, err
+    assert not (tmp_path / "ft").exists()
+
+
+def test_defaults_agree_with_the_trainer():
+    from megapix.config import TrainConfig
+    from megapix.finetune import FinetuneConfig, build_parser
+
+    t, args = TrainConfig(), build_parser().parse_args(["--out", "x"])
+    assert (args.grad_clip, args.beta1, args.beta2, args.weight_decay) == (t.grad_clip, t.beta1, t.beta2,
+                                                                           t.weight_decay)
+    import dataclasses
+
+    for f in dataclasses.fields(FinetuneConfig):  # every option has help text (the CLI generator reads it)
+        assert f.metadata.get("help"), f.name
+
+
+def test_shift_augmentation_for_digits_never_flips():
+    from megapix.finetune import default_augmentation, shift_augment
+
+    assert default_augmentation("digits") == "shift" and default_augmentation("cifar10:/x") == "cifar"
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (64, 8, 8, 3), dtype=np.uint8)
+    out = shift_augment(images, np.arange(64), 3, 0)
+    assert out.shape == images.shape
+    moved = 0
+    for a, b in zip(images, out):  # each output is the input moved by at most one pixel, never mirrored
+        ok = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+              if np.array_equal(b[max(dy, 0):8 + min(dy, 0), max(dx, 0):8 + min(dx, 0)],
+                                a[max(-dy, 0):8 + min(-dy, 0), max(-dx, 0):8 + min(-dx, 0)])]
+        assert ok, "not a shift"
+        moved += ok[0] != (0, 0)
+    assert moved > 32
+
+
+# ---- fine-tuning in every layout reproduces the one-rank curve ----
+FT_LAYOUTS = {
+    "dp2": (2, ["--zero-stage", "1"]),
+    "tp2": (2, ["--tensor-parallel", "2"]),
+    "pp2": (2, ["--pipeline-parallel", "2", "--micro-batch", "2"]),
+}
+FT_TOL = 1e-4
+_FT = {}
+
+
+def finetune_run(name, tmp_root):
+    from test_parallel_helpers import env, free_port
+
+    if name not in _FT:
+        model = tmp_root / "model"
+        if not model.exists():
+            from megapix.data.palette import Palette
+
+            ImageGPT(model_preset("tiny", n_layer=2, d_model=32, n_head=2, kernels="torch"), seed=3).save_pretrained(
+                str(model))
+            Palette(np.random.default_rng(0).uniform(-1, 1, (512, 3)).astype(np.float32)).save(
+                str(model / "palette.npy"))
+        nproc, extra = FT_LAYOUTS.get(name, (1, []))
+        out = tmp_root / name
+        launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+                   str(free_port()), "--module", "megapix"] if nproc > 1 else [sys.executable, "-m", "megapix"])
+        cmd = launch + ["finetune", "--checkpoint", str(model), "--data", "synthetic:48", "--out", str(out),
+                        "--lr", "1e-2", "--max-steps", "5", "--eval-every", "2", "--patience", "10",
+                        "--global-batch", "8", "--seed", "1", *extra]
+        e = env()
+        e["PYTHONPATH"] = ROOT
+        proc = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        _FT[name] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return _FT[name]
+
+
+@pytest.fixture(scope="module")
+def ft_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("ft-layouts")
+
+
+@pytest.mark.parametrize("name", list(FT_LAYOUTS))
+def test_finetune_layout_reproduces_single_rank_curve(name, ft_root):
+    ref, got = finetune_run("single", ft_root), finetune_run(name, ft_root)
+    assert [r["step"] for r in got] == [r["step"] for r in ref] == [1, 2, 3, 4, 5]
+    worst = 0.0
+    for a, b in zip(got, ref):
+        for key in ("loss", "l_gen", "l_clf", "val_loss", "val_acc"):
+            assert (key in a) == (key in b), key
+            if key in b:
+                worst = max(worst, abs(a[key] - b[key]))
+    print(f"finetune {name}: max |diff| vs one rank = {worst:.2e} (loss, l_gen, l_clf, val_loss, val_acc)")
+    assert worst < FT_TOL, (name, got, ref)
+    assert abs(ref[-1]["loss"] - ref[0]["loss"]) > 0.02  # the curve moves, so equality is not trivial

@@ -125,8 +125,11 @@ def session_dir() -> str:
     return _WORK
 
 
+EVAL_EVERY = 3  # val_loss at steps 3 and 6: layout-independent too
+
+
 def layout_config() -> str:
-    return write_config(session_dir(), max_steps=STEPS)
+    return write_config(session_dir(), max_steps=STEPS, eval_every=EVAL_EVERY)
 
 
 def layout_run(name: str):

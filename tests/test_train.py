@@ -177,3 +177,97 @@ def test_bad_input_fails_cleanly(bad_runs, name):
         assert word in errors[0], errors[0]
     written = [os.path.join(r, f) for r, _, fs in os.walk(out) for f in fs] if out.exists() else []
     assert written == [], written
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the run folder is safe: no silent restart over a run, a torn metrics line, a corrupt image mid-run
+# ---------------------------------------------------------------------------------------------------------
+def tree_hashes(folder):
+    import hashlib
+
+    out = {}
+    for r, _, fs in os.walk(folder):
+        for f in fs:
+            p = os.path.join(r, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, folder)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+def test_rerun_into_a_run_refuses_and_changes_nothing(tiny_config, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    common = ("--no-samples", "--eval-every", 0)
+    ok(train(tiny_config, out, "--max-steps", 3, "--save-every", 2, *common))
+    for damage in (None, "latest", "checkpoints"):  # also when `latest` or every checkpoint is gone
+        if damage == "latest":
+            os.remove(out / "checkpoints" / "latest")
+        elif damage == "checkpoints":
+            shutil.rmtree(out / "checkpoints")
+        before = tree_hashes(out)
+        proc = train(tiny_config, out, "--max-steps", 5, *common)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        line = proc.stderr.strip().splitlines()[-1]
+        assert line == (f"megapix: error: {out} already holds a run at step 3: pass --resume to continue, or "
+                        "choose another --out"), (damage, proc.stderr[-2000:])
+        assert tree_hashes(out) == before, damage
+    # --resume on a folder without checkpoints says it starts fresh instead of passing silently
+    fresh = tmp_path / "fresh"
+    proc = train(tiny_config, fresh, "--max-steps", 1, "--resume", *common)
+    ok(proc)
+    assert "no checkpoint" in proc.stdout and "starting at step 0" in proc.stdout
+
+
+def test_resume_tolerates_a_torn_last_metrics_line(tiny_config, tmp_path):
+    out = tmp_path / "run"
+    common = ("--no-samples", "--eval-every", 0, "--warmup-steps", 10)
+    ok(train(tiny_config, out, "--max-steps", 3, *common))
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 6.1')  # a kill in the middle of a write
+    ok(train(tiny_config, out, "--max-steps", 5, "--resume", *common))
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5]
+
+
+def test_corrupt_image_mid_run_saves_then_exits_2(tiny_config, tmp_path):
+    from PIL import Image
+
+    from megapix.data.palette import Palette
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imgs"
+    files = []
+    for split, n in (("train", 12), ("val", 2), ("test", 2)):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                p = root / split / cls / f"{i}.png"
+                Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(p)
+                if split == "train":
+                    files.append(p)
+    pal = tmp_path / "palette.npy"
+    Palette(rng.uniform(-1, 1, (512, 3)).astype(np.float32)).save(str(pal))
+    out = tmp_path / "run"
+    cmd = [PYTHON, TRAIN, "--config", tiny_config, "--out", str(out), "--data", f"imagefolder:{root}", "--palette",
+           str(pal), "--max-steps", "100000", "--no-samples", "--eval-every", "0"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + TIMEOUT
+        path = out / "metrics.jsonl"
+        while not (path.exists() and path.read_text().strip()):
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline, "no metrics line appeared"
+            time.sleep(0.2)
+        for p in files:  # every training image becomes unreadable: the next step meets one
+            p.write_bytes(b"not a png")
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2 and "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("megapix: error:")]
+    assert len(errors) == 1 and str(root / "train") in errors[0] and "--resume" in errors[0], stderr[-2000:]
+    last = metrics(out)[-1]["step"]
+    assert last >= 1 and latest_tag(out) == f"global_step{last}"
+    assert f"step {last} was saved" in errors[0]

@@ -1,14 +1,28 @@
 """Everything about ranks. The model never imports this package: parallelism is applied from outside."""
 from __future__ import annotations
 
+import torch
+
 from megapix.config import Config
 from megapix.parallel.layout import Layout
+
+
+class LossModel(torch.nn.Module):
+    """The plain model plus its loss, as one module DeepSpeed can wrap: forward(tokens, mask) -> loss."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, tokens, mask=None):
+        logits = self.model(tokens, mask)
+        return self.loss_fn(logits, tokens, mask)
 
 
 def configure_activation_checkpointing(layout: Layout) -> None:
     """deepspeed.checkpointing with the TP RNG tracker (the grid is the mpu), as Megatron-DeepSpeed sets it up."""
     import deepspeed
-    import torch
 
     deepspeed.checkpointing.configure(layout.grid, partition_activations=False, contiguous_checkpointing=False,
                                       checkpoint_in_cpu=False, synchronize=False, profile=False)
@@ -27,7 +41,6 @@ def checkpoint_blocks(model) -> None:
 
 def build_module(cfg: Config, layout: Layout):
     """The module DeepSpeed wraps for this layout, and whether it is a PipelineModule."""
-    from megapix.engine import LossModel
     from megapix.model import ImageGPT, lm_loss
     from megapix.parallel.tensor import VocabParallelLoss, apply_tensor_parallel
 
@@ -45,15 +58,3 @@ def build_module(cfg: Config, layout: Layout):
     if cfg.train.activation_checkpointing:
         checkpoint_blocks(model)
     return LossModel(model, loss), False
-
-
-def pipeline_inputs(micro, device):
-    from megapix.parallel.pipeline import pipeline_inputs as f
-
-    return f(micro, device)
-
-
-def pipeline_eval(engine, batches, device) -> float:
-    from megapix.parallel.pipeline import pipeline_eval as f
-
-    return f(engine, batches, device)
