@@ -17,12 +17,14 @@ alive when the optimizer steps (after backward), measured by walking the engine 
                           params   grads at step           fp32 master   Adam (m, v)
   bf16, ZeRO-0 (no PP)    2        2 + 4 (fp32 copy)       4             8          FP16_Optimizer-style wrapper
   bf16, ZeRO-0 with PP    2        2 + 4 (fp32 accum)      4/d           8/d        BF16_Optimizer partitions over DP
-  bf16, ZeRO-1/2          2        4/d                     4/d           8/d        DeepSpeedZeroOptimizer
+  bf16, ZeRO-1/2          2        2/d + 4/d               4/d           8/d        DeepSpeedZeroOptimizer
   bf16, ZeRO-3            2/d      2/d + 4/d               4/d           8/d        Stage-3 flat grad buffer + fp32 grad
   fp32, ZeRO-0            4        4                       0             8          torch AdamW itself, no copy
   fp32, ZeRO-1/2          4        4/d                     4/d           8/d        DeepSpeed clones the partition even
   fp32, ZeRO-3            4/d      4/d + 4/d               4/d           8/d        in fp32 (a "master" of same dtype)
-  (bf16 ZeRO-1/2 is DeepSpeed's estimator's 2 + 18/d: 2 bf16 grads + 4 fp32 grads + 4 master + 8 Adam.)
+  (bf16 ZeRO-1/2 is DeepSpeed's estimator's 2 + 18/d: 2 bf16 grads + 4 fp32 grads + 4 master + 8 Adam. In fp32
+  the partition's gradient needs no conversion, so ZeRO-1/2 hold one 4/d buffer where bf16 holds two; ZeRO-3 keeps
+  its flat gradient buffer and the fp32 partition's .grad apart even in fp32: measured.)
   During backward, before the step, gradients also occupy: ZeRO-0/1 the full-size model-dtype gradients (2P or 4P,
   freed into the partition at the step), ZeRO-2/3 the reduce bucket (reduce_bucket_size elements).
 
@@ -231,7 +233,7 @@ def state_bytes(P: float, dp: int, zero: int, precision: str, pipeline: bool) ->
         part = dp if pipeline else 1  # DeepSpeed's BF16_Optimizer (pipeline) partitions master and Adam over DP
         return dict(params=2 * P, grads=6 * P, master=4 * P / part, optimizer=8 * P / part)
     if zero in (1, 2):
-        return dict(params=2 * P, grads=4 * P / dp, master=4 * P / dp, optimizer=8 * P / dp)
+        return dict(params=2 * P, grads=6 * P / dp, master=4 * P / dp, optimizer=8 * P / dp)
     return dict(params=2 * P / dp, grads=6 * P / dp, master=4 * P / dp, optimizer=8 * P / dp)
 
 
