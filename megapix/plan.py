@@ -71,6 +71,11 @@ Step time (per GPU; everything below is stated, not measured: see DEVICES and `e
               ZeRO-3: per micro-batch all-gather forward and backward (2 x (d-1)/d x 2P, prefetched: overlapped
               with compute) + reduce-scatter (overlapped with backward).
               Bandwidth: NVLink when the DP group sits in one node, else the per-GPU IB bandwidth.
+  latency   = every collective and p2p message also pays LATENCY_S (NCCL small-message latency, 10 us in a node,
+              20 us across nodes), and ZeRO-3 pays ZERO3_BLOCK_OVERHEAD_S per block per forward and per backward of
+              each micro-batch (DeepSpeed's fetch/release hooks run on the CPU, on the critical path).
+  efficiency = achieved fraction of peak on the matmuls: `efficiency` (0.6) for a local width h/t of at least 1024,
+              falling with its square root below (thin GEMMs do not fill the GPU: igpt-s at h = 512 gets 0.42).
   tokens/s  = global batch x s / step time.
 """
 from __future__ import annotations
@@ -107,6 +112,9 @@ DEVICES = {
 }
 EFFICIENCY = 0.6  # achieved fraction of peak on the model's matmuls (large bf16 GEMMs reach 0.6-0.75)
 COMM_EFFICIENCY = 0.8  # achieved fraction of link bandwidth by NCCL rings
+LATENCY_S = {"nvlink": 10e-6, "ib": 20e-6}  # per collective / p2p message
+ZERO3_BLOCK_OVERHEAD_S = 2e-4  # DeepSpeed ZeRO-3 parameter fetch/release per block and pass
+FULL_WIDTH = 1024  # local GEMM width from which `efficiency` holds
 WORKSPACE_BYTES = int(1.5 * GiB)
 BUCKET_ELEMENTS = 50_000_000  # reduce/all-gather bucket in ds_configs/zero*.json
 PAPER_BATCH = {"igpt-s": 128, "igpt-m": 128, "igpt-l": 128, "igpt-xl": 64}
@@ -295,7 +303,8 @@ def step_time(m: ModelConfig, lay: Layout, global_batch: int, nodes: int, gpus_p
     recompute = tokens * (2 * 12 * L * h * h + 4 * L * s * h) if lay.checkpointing else 0.0
     world = lay.world
     peak = dev.peak_tflops * 1e12
-    compute = (model_flops + recompute) / world / (peak * efficiency)  # perfectly split over all GPUs
+    eff = efficiency * min(1.0, h / lay.tp / FULL_WIDTH) ** 0.5
+    compute = (model_flops + recompute) / world / (peak * eff)  # perfectly split over all GPUs
     elementwise = tokens * L * 40 * h / (lay.dp * lay.tp * lay.pp) / (dev.hbm_gbps * 1e9)
     P = max(stage_params(m, lay.tp, lay.pp))
     local = P / lay.dp if lay.zero >= 1 or lay.pp > 1 else P
@@ -304,18 +313,20 @@ def step_time(m: ModelConfig, lay: Layout, global_batch: int, nodes: int, gpus_p
     micro = global_batch // (lay.dp * lay.micro_batch)  # micro-batches per step per pipeline
     act = 2 * lay.micro_batch * s * h  # one 16-bit activation of a micro-batch
     layers = max(stage_layers(m, lay.tp, lay.pp))
+    lat_nv, lat_ib = LATENCY_S["nvlink"], LATENCY_S["ib"]
     tp_comm = 0.0
     if lay.tp > 1:
         n_ar = 4 + (2 if lay.checkpointing else 0)
-        tp_comm = micro * layers * n_ar * 2 * (lay.tp - 1) / lay.tp * act / nv
+        tp_comm = micro * layers * n_ar * (2 * (lay.tp - 1) / lay.tp * act / nv + lat_nv)
     # Ranks are numbered TP fastest, then DP, then PP (DeepSpeed's topology: pipe, data, model).
-    pp_link = ib if lay.tp * lay.dp >= gpus_per_node and nodes > 1 else nv
-    pp_comm = 2 * micro * act / pp_link if lay.pp > 1 else 0.0
+    cross = lay.tp * lay.dp >= gpus_per_node and nodes > 1
+    pp_link, pp_lat = (ib, lat_ib) if cross else (nv, lat_nv)
+    pp_comm = 2 * micro * (act / pp_link + pp_lat) if lay.pp > 1 else 0.0
     per_stage = compute + elementwise + tp_comm
     bubble = per_stage * (lay.pp - 1) / micro if lay.pp > 1 else 0.0
     dp_comm = 0.0
     if lay.dp > 1:
-        dp_link = ib if lay.tp * lay.dp > gpus_per_node else nv
+        dp_link, dp_lat = (ib, lat_ib) if lay.tp * lay.dp > gpus_per_node else (nv, lat_nv)
         frac = (lay.dp - 1) / lay.dp
         g = 2 * P  # 16-bit
         backward = 2 / 3 * compute
@@ -326,6 +337,7 @@ def step_time(m: ModelConfig, lay: Layout, global_batch: int, nodes: int, gpus_p
         else:  # forward all-gather behind the forward, backward all-gather + reduce-scatter behind the backward
             gather = frac * g / dp_link
             dp_comm = micro * (max(0.0, gather - compute / micro / 3) + max(0.0, 2 * gather - backward / micro))
+            dp_comm += micro * layers * (2 * ZERO3_BLOCK_OVERHEAD_S + 3 * dp_lat)
     total = per_stage + bubble + pp_comm + dp_comm + opt
     tflops = model_flops / world / total / 1e12
     return Timing(compute, elementwise, opt, tp_comm, pp_comm, bubble, dp_comm, total, tokens / total,
