@@ -156,7 +156,7 @@ if rank == 0 and not os.path.exists(palette):
     np.save(palette, np.random.default_rng(0).uniform(-1, 1, (512, 3)).astype(np.float32))
 dist.barrier()
 for spec in json.loads(os.environ["PLAN_LAYOUTS"]):
-    lay = Layout(**spec)
+    lay = Layout(micro_batch=2, **spec)
     for name in ("tiny", "small", "bench"):
         m = model_preset(name, kernels="torch")
         cfg = Config(model=m, data=DataConfig(source="synthetic:32", palette=palette),
