@@ -626,7 +626,8 @@ def deepspeed_estimate(m: ModelConfig, lay: Layout) -> float | None:
     if lay.zero == 3:
         from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
-        largest = max(max(layer_params(m, lay.tp)[1:-1]) // 4, 1)  # its largest module: one c_fc / c_proj linear
+        h = m.d_model  # DeepSpeed's "largest layer": the module with the most direct parameters
+        largest = max(4 * h * h // lay.tp, VOCAB_SIZE * h, m.n_positions * h)
         return estimate_zero3_model_states_mem_needs(P, largest, num_gpus_per_node=lay.dp, cpu_offload=False)[1]
     return None
 
