@@ -448,11 +448,12 @@ def candidates(m: ModelConfig, world: int, gpus_per_node: int, global_batch: int
 
 
 def search(model: str, nodes: int, gpus_per_node: int, memory_gb: float, dev: Device, global_batch: int,
-           efficiency: float = EFFICIENCY, best_per_layout: bool = True, **pins) -> list[Plan]:
+           efficiency: float = EFFICIENCY, best_per_layout: bool = True, precision: str = "bf16",
+           **pins) -> list[Plan]:
     """Layouts that fit, fastest first. With best_per_layout, one row per (TP, PP, DP, ZeRO): its fastest
     micro-batch and checkpointing choice."""
     m = model_preset(model) if isinstance(model, str) else model
-    plans = [plan_one(model, m, lay, global_batch, nodes, gpus_per_node, dev, memory_gb, efficiency)
+    plans = [plan_one(model, m, lay, global_batch, nodes, gpus_per_node, dev, memory_gb, efficiency, precision)
              for lay in candidates(m, nodes * gpus_per_node, gpus_per_node, global_batch, **pins)]
     fitting = sorted((p for p in plans if p.fits), key=lambda p: -p.timing.tokens_per_s)
     if not best_per_layout:
@@ -474,7 +475,9 @@ def engine_state_bytes(engine) -> dict:
     module parameters (ZeRO-3: their ds_tensor partitions) and .grad; every tensor the DeepSpeed optimizer wrapper
     keeps in its attributes (ZeRO-1/2: single_partition_of_fp32_groups and its .grad; ZeRO-3:
     fp32_partitioned_groups_flat, grad_partitions_flat_buffer; BF16_Optimizer: fp32 partitions, flat fp32 grads),
-    and the inner torch optimizer's state (exp_avg, exp_avg_sq)."""
+    and the inner torch optimizer's state (exp_avg, exp_avg_sq). Storages, not shapes: a parameter that is a view
+    of a larger tensor counts the whole storage it keeps alive (how the TP shard views were found). At micro-batch
+    1, autograd leaves sos.grad a view of the [1, T, d] embedding gradient (T x its size): measure at >= 2."""
     import torch
 
     seen: set = set()
@@ -648,6 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--global-batch", type=int, help="default: the paper's (128; 64 for igpt-xl)")
     p.add_argument("--activation-checkpointing", choices=["on", "off"], nargs="?", const="on",
                    help="pin checkpointing on or off (default: both are considered)")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                   help="bf16 mixed precision (GPUs) or fp32 (CPU runs: no 16-bit copies, no workspace)")
     p.add_argument("--efficiency", type=float, default=EFFICIENCY, help="achieved fraction of peak on matmuls")
     p.add_argument("--top", type=int, default=20, help="rows of the ranked table (0: all)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -690,7 +695,7 @@ def main(argv=None) -> int:
         why = layout_problem(m, lay, gb, a.gpus_per_node)
         if why:
             raise ConfigError(f"layout {lay.describe()} cannot run: {why}")
-        p = plan_one(a.model, m, lay, gb, a.nodes, a.gpus_per_node, dev, mem_gb, a.efficiency)
+        p = plan_one(a.model, m, lay, gb, a.nodes, a.gpus_per_node, dev, mem_gb, a.efficiency, a.precision)
         if a.json:
             print(json.dumps(p.to_dict(), indent=1))
         else:
@@ -698,13 +703,13 @@ def main(argv=None) -> int:
             print(f"  fits in {mem_gb:g} GB: {'yes' if p.fits else 'NO'}; ds_config ({ds_config_file(lay)} + flags): "
                   f"{json.dumps(p.ds_config)}")
         return 0 if p.fits else 1
-    plans = search(a.model, a.nodes, a.gpus_per_node, mem_gb, dev, gb, a.efficiency, tp=a.tp, pp=a.pp,
-                   zero=a.zero, micro=a.micro_batch, ckpt=ckpt)
+    plans = search(a.model, a.nodes, a.gpus_per_node, mem_gb, dev, gb, a.efficiency, precision=a.precision,
+                   tp=a.tp, pp=a.pp, zero=a.zero, micro=a.micro_batch, ckpt=ckpt)
     if a.json:
         print(json.dumps([p.to_dict() for p in plans], indent=1))
         return 0 if plans else 1
     print(f"{a.model} ({m.num_parameters() / 1e6:.0f}M parameters, {m.n_ctx} tokens/image) on {a.nodes} x "
-          f"{a.gpus_per_node} {dev.name} ({mem_gb:g} GB), global batch {gb}, bf16; {len(plans)} layouts fit")
+          f"{a.gpus_per_node} {dev.name} ({mem_gb:g} GB), global batch {gb}, {a.precision}; {len(plans)} layouts fit")
     if not plans:
         print("no layout fits: add GPUs, lower --global-batch, or use a GPU with more memory", file=sys.stderr)
         return 1

@@ -8,10 +8,9 @@ import sys
 
 import pytest
 
-from megapix.config import ModelConfig, model_preset
-from megapix.plan import (DEVICES, GiB, Layout, activation_bytes_per_layer, candidates, deepspeed_estimate,
-                          layer_params, layout_problem, memory, partition_balanced, search, stage_params,
-                          state_bytes, step_time)
+from megapix.config import model_preset
+from megapix.plan import (DEVICES, Layout, activation_bytes_per_layer, candidates, layer_params, layout_problem,
+                          memory, partition_balanced, search, state_bytes, step_time)
 from test_parallel_helpers import ROOT, env, free_port
 
 H100 = DEVICES["h100"]
