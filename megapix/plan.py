@@ -571,8 +571,9 @@ def days_to(p: Plan, iterations: int) -> float:
 
 def readme_table(dev: Device, efficiency: float = EFFICIENCY, gpus=(1, 8, 64, 256)) -> str:
     """Markdown: the planner's best layout per preset and GPU count, at the paper's batch and iterations."""
-    rows = [f"Planner's choice on {dev.name} ({dev.memory_gb:.0f} GB), paper batch and iterations, model FLOPs "
-            f"at {efficiency:.0%} of peak (`megapix plan --table`; estimates, not measurements):", "",
+    rows = [f"Planner's choice on {dev.name} ({dev.memory_gb:.0f} GB; more than 8 GPUs are nodes of 8), the paper's "
+            f"batch and iterations, matmuls at {efficiency:.0%} of peak from {FULL_WIDTH} local columns up (less "
+            "below), `megapix plan --table`; estimates, not measurements:", "",
             "| model | GPUs | layout | micro-batch | act. ckpt | memory/GPU (GiB) | step (s) | tokens/s | MFU "
             "| days to paper iterations |", "|---|---|---|---|---|---|---|---|---|---|"]
     for model in ("igpt-s", "igpt-m", "igpt-l", "igpt-xl"):
