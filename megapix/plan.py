@@ -715,6 +715,9 @@ def main(argv=None) -> int:
         print("no layout fits: add GPUs, lower --global-batch, or use a GPU with more memory", file=sys.stderr)
         return 1
     print(table(plans, a.top or None))
+    print("\ncommands (the ds_config file is named in each; --json prints the full ds_config of every row):")
+    for i, p in enumerate(plans[:a.top] if a.top else plans, 1):
+        print(f"{i:>3} {p.command}")
     print()
     print("best: " + describe(plans[0]))
     print(f"  ds_config ({ds_config_file(plans[0].layout)} + the flags above): {json.dumps(plans[0].ds_config)}")
