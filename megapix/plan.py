@@ -16,17 +16,19 @@ Model states per rank, in bytes per parameter, as DeepSpeed (this version) alloc
 alive when the optimizer steps (after backward), measured by walking the engine in tests/test_plan.py:
                           params   grads at step           fp32 master   Adam (m, v)
   bf16, ZeRO-0 (no PP)    2        2 + 4 (fp32 copy)       4             8          FP16_Optimizer-style wrapper
-  bf16, ZeRO-0 with PP    2        2 + 4 (fp32 accum)      4/d           8/d        BF16_Optimizer partitions over DP
-  bf16, ZeRO-1/2          2        2/d + 4/d               4/d           8/d        DeepSpeedZeroOptimizer
+  bf16, ZeRO-0 with PP    2        4 + 4/d                 4/d           8/d        BF16_Optimizer: fp32 accumulation
+                                                                                    buffer + the partition's fp32 grad
+  bf16, ZeRO-1/2          2        4/d                     4/d           8/d        DeepSpeedZeroOptimizer
   bf16, ZeRO-3            2/d      2/d + 4/d               4/d           8/d        Stage-3 flat grad buffer + fp32 grad
   fp32, ZeRO-0            4        4                       0             8          torch AdamW itself, no copy
   fp32, ZeRO-1/2          4        4/d                     4/d           8/d        DeepSpeed clones the partition even
   fp32, ZeRO-3            4/d      4/d + 4/d               4/d           8/d        in fp32 (a "master" of same dtype)
-  (bf16 ZeRO-1/2 is DeepSpeed's estimator's 2 + 18/d: 2 bf16 grads + 4 fp32 grads + 4 master + 8 Adam. In fp32
-  the partition's gradient needs no conversion, so ZeRO-1/2 hold one 4/d buffer where bf16 holds two; ZeRO-3 keeps
-  its flat gradient buffer and the fp32 partition's .grad apart even in fp32: measured.)
+  (All rows measured on CPU, bf16 too, by tests/test_plan.py. DeepSpeed's estimator says 2 + 18/d for ZeRO-1/2:
+  it adds the 2/d bf16 gradient partition, which lives during backward and is freed before the step. ZeRO-3 keeps
+  its flat gradient buffer and the fp32 partition's .grad apart even in fp32.)
   During backward, before the step, gradients also occupy: ZeRO-0/1 the full-size model-dtype gradients (2P or 4P,
-  freed into the partition at the step), ZeRO-2/3 the reduce bucket (reduce_bucket_size elements).
+  freed into the partition at the step), ZeRO-2 the reduce bucket (reduce_bucket_size elements) and the 16-bit
+  partition (2P/d), ZeRO-3 the bucket.
 
 Activations per layer and micro-batch (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
 Transformer Models", eq. 1 and 2: 34sbh + 5as^2b bytes at 16 bits with dropout, no sequence parallelism). iGPT has
@@ -237,11 +239,12 @@ def state_bytes(P: float, dp: int, zero: int, precision: str, pipeline: bool) ->
         if zero in (1, 2):
             return dict(params=4 * P, grads=4 * P / dp, master=4 * P / dp, optimizer=8 * P / dp)
         return dict(params=4 * P / dp, grads=8 * P / dp, master=4 * P / dp, optimizer=8 * P / dp)
+    if zero == 0 and pipeline:  # DeepSpeed's BF16_Optimizer partitions master and Adam over DP
+        return dict(params=2 * P, grads=4 * P + 4 * P / dp, master=4 * P / dp, optimizer=8 * P / dp)
     if zero == 0:
-        part = dp if pipeline else 1  # DeepSpeed's BF16_Optimizer (pipeline) partitions master and Adam over DP
-        return dict(params=2 * P, grads=6 * P, master=4 * P / part, optimizer=8 * P / part)
+        return dict(params=2 * P, grads=6 * P, master=4 * P, optimizer=8 * P)
     if zero in (1, 2):
-        return dict(params=2 * P, grads=6 * P / dp, master=4 * P / dp, optimizer=8 * P / dp)
+        return dict(params=2 * P, grads=4 * P / dp, master=4 * P / dp, optimizer=8 * P / dp)
     return dict(params=2 * P / dp, grads=6 * P / dp, master=4 * P / dp, optimizer=8 * P / dp)
 
 
@@ -260,7 +263,7 @@ def memory(m: ModelConfig, lay: Layout, global_batch: int, precision: str = "bf1
     if lay.zero in (0, 1):
         grads_bwd = nbytes * P
     else:
-        grads_bwd = nbytes * min(BUCKET_ELEMENTS, P)
+        grads_bwd = nbytes * min(BUCKET_ELEMENTS, P) + (nbytes * P / lay.dp if lay.zero == 2 else 0.0)
     s, h, b, V = m.n_ctx, m.d_model, lay.micro_batch, VOCAB_SIZE
     per_layer = activation_bytes_per_layer(m, b, lay.tp, flash, nbytes)
     edge = nbytes / 2 * (2 * s * b * h + 10 * s * b * V / lay.tp)  # embedding output; head logits + loss

@@ -45,9 +45,9 @@ def test_partition_balanced_equals_deepspeeds():
 
 def test_state_bytes_table():
     P = 1000.0
-    # bf16 ZeRO-2 over 8 ranks is DeepSpeed's own estimate: 2P + 18P/8
+    # bf16 ZeRO-2 over 8 ranks at the step: DeepSpeed's estimate 2P + 18P/8 less the bf16 gradient partition
     st = state_bytes(P, 8, 2, "bf16", False)
-    assert sum(st.values()) == pytest.approx(2 * P + 18 * P / 8)
+    assert sum(st.values()) == pytest.approx(2 * P + 16 * P / 8)
     assert sum(state_bytes(P, 1, 0, "fp32", False).values()) == 16 * P  # params, grads, Adam m and v
     assert state_bytes(P, 4, 0, "fp32", False)["master"] == 0  # torch AdamW on fp32 weights: no copy
     assert sum(state_bytes(P, 4, 3, "bf16", False).values()) == pytest.approx(20 * P / 4)
@@ -156,12 +156,12 @@ if rank == 0 and not os.path.exists(palette):
 dist.barrier()
 for spec in json.loads(os.environ["PLAN_LAYOUTS"]):
     lay = Layout(micro_batch=2, **spec)
-    for name in ("tiny", "small", "bench"):
+    for name, precision in (("tiny", "fp32"), ("small", "fp32"), ("bench", "fp32"), ("tiny", "bf16")):
         m = model_preset(name, kernels="torch")
         cfg = Config(model=m, data=DataConfig(source="synthetic:32", palette=palette),
                      train=TrainConfig(global_batch=4 * lay.dp, micro_batch=2, max_steps=2, eval_every=0,
                                        zero_stage=lay.zero, tensor_parallel=lay.tp, pipeline_parallel=lay.pp,
-                                       precision="fp32", out=os.path.join(work, f"{name}-{rank}")))
+                                       precision=precision, out=os.path.join(work, f"{name}-{rank}")))
         tr = Trainer(cfg)  # micro-batch 2: at 1, autograd leaves sos.grad a view of a [1, T, d] gradient (T x more)
         inner = getattr(tr.engine.optimizer, "optimizer", tr.engine.optimizer)
         seen = {}
@@ -170,9 +170,9 @@ for spec in json.loads(os.environ["PLAN_LAYOUTS"]):
         tr.step += 1
         tr.train_step()  # measured as this second step begins: Adam state from the first, gradients of this one
         P = stage_params(m, lay.tp, lay.pp)[tr.layout.pp_rank]
-        pred = state_bytes(P, lay.dp, lay.zero, "fp32", lay.pp > 1)
-        row = {"model": name, "layout": lay.describe(), "rank": rank, "measured": seen, "predicted": pred,
-               "deepspeed_bf16": deepspeed_estimate(m, lay),
+        pred = state_bytes(P, lay.dp, lay.zero, precision, lay.pp > 1)
+        row = {"model": name, "precision": precision, "layout": lay.describe(), "rank": rank, "measured": seen,
+               "predicted": pred, "deepspeed_bf16": deepspeed_estimate(m, lay),
                "planner_bf16": sum(state_bytes(P, lay.dp, lay.zero, "bf16", lay.pp > 1).values())}
         with open(os.path.join(work, f"rows-{world}-{rank}.jsonl"), "a") as f:  # one file per rank: no interleaving
             f.write(json.dumps(row) + "\n")
@@ -190,8 +190,9 @@ CHECKS = {  # world size -> layouts measured in that one launch
 
 
 def test_planner_state_bytes_equal_what_the_engine_holds(tmp_path):
-    """fp32 CPU: for tiny/small/bench in 1 rank, TP2, PP2, DP2 ZeRO-1/2/3 and TP2 x PP2, the planner's parameter,
-    gradient, master and Adam bytes per rank equal the engine's tensors (walked at the optimizer step) within 2%."""
+    """CPU: for tiny/small/bench (fp32) and tiny (bf16) in 1 rank, TP2, PP2, DP2 ZeRO-1/2/3 and TP2 x PP2, the
+    planner's parameter, gradient, master and Adam bytes per rank equal the engine's tensors (walked at the optimizer
+    step) within 2%."""
     script = tmp_path / "plan_worker.py"
     script.write_text(WORKER)
     rows = []
@@ -205,8 +206,8 @@ def test_planner_state_bytes_equal_what_the_engine_holds(tmp_path):
         for r in range(nproc):
             with open(tmp_path / f"rows-{nproc}-{r}.jsonl") as f:
                 rows += [json.loads(line) for line in f if line.strip()]
-    assert len(rows) == 3 * sum(len(v) * k for k, v in CHECKS.items())
-    print("\n| model | layout | rank | engine fp32 (MiB) | planner fp32 (MiB) | diff | planner bf16 | DeepSpeed est. "
+    assert len(rows) == 4 * sum(len(v) * k for k, v in CHECKS.items())
+    print("\n| model | precision | layout | rank | engine (MiB) | planner (MiB) | diff | planner bf16 | DeepSpeed est. "
           "bf16 |")
     worst = 0.0
     for r in rows:
@@ -214,7 +215,8 @@ def test_planner_state_bytes_equal_what_the_engine_holds(tmp_path):
         diff = (pred - meas) / meas
         worst = max(worst, abs(diff))
         ds = "n/a" if r["deepspeed_bf16"] is None else f"{r['deepspeed_bf16'] / 2**20:.2f}"
-        print(f"| {r['model']} | {r['layout']} | {r['rank']} | {meas / 2**20:.3f} | {pred / 2**20:.3f} | "
+        print(f"| {r['model']} | {r['precision']} | {r['layout']} | {r['rank']} | {meas / 2**20:.3f} | "
+              f"{pred / 2**20:.3f} | "
               f"{diff:+.2%} | {r['planner_bf16'] / 2**20:.2f} | {ds} |")
         for key, p in r["predicted"].items():  # every component, not only the total
             m = r["measured"][key]
