@@ -112,7 +112,8 @@ def test_tensor_parallel_matches_single_rank_and_replicated_grads_agree(tmp_path
 
 
 # ---- the core equivalence test: same seed, data and global batch -> the same per-step losses ----
-@pytest.mark.parametrize("name", [n for n in LAYOUTS if n != "single"])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if LAYOUTS[n][0] >= 8 else n
+                                  for n in LAYOUTS if n != "single"])  # 8 ranks: `-m "not slow"` skips them
 def test_layout_reproduces_single_rank_curve(name):
     reference = losses(layout_run("single"))
     curve = losses(layout_run(name))

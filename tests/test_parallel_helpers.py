@@ -111,6 +111,10 @@ LAYOUTS = {
     # activation checkpointing (deepspeed.checkpointing, TP RNG tracker) recomputes blocks: same curve
     "tp2-actckpt": (2, ["--tensor-parallel", "2", "--activation-checkpointing"]),
     "pp2-actckpt": (2, ["--pipeline-parallel", "2", "--activation-checkpointing"]),
+    # TP inside ZeRO-3 data parallelism: the layout `megapix plan` picks for iGPT-XL on 8 x 8 GPUs
+    "tp2xdp2-zero3": (4, ["--tensor-parallel", "2", "--zero-stage", "3"]),
+    # the full 3D composition: 8 ranks (slow on a small CPU box: test_parallel marks it `slow`)
+    "tp2xpp2xdp2": (8, ["--tensor-parallel", "2", "--pipeline-parallel", "2", "--zero-stage", "1", "--micro-batch", "2"]),
 }
 _WORK = None
 _RUNS: dict = {}

@@ -76,8 +76,9 @@ class ColumnParallelLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group):
         super().__init__()
         self.group = group
-        self.weight = nn.Parameter(weight.contiguous())
-        self.bias = nn.Parameter(bias.contiguous()) if bias is not None else None
+        # clone: a row slice is a contiguous view, and .contiguous() would keep the whole unsharded tensor alive
+        self.weight = nn.Parameter(weight.clone(memory_format=torch.contiguous_format))
+        self.bias = nn.Parameter(bias.clone(memory_format=torch.contiguous_format)) if bias is not None else None
         _mark(self.weight, 0)
         if self.bias is not None:
             _mark(self.bias, 0)

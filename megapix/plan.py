@@ -1,0 +1,732 @@
+"""`megapix plan`: per-GPU memory, step time, tokens/s and MFU of a layout, and every layout that fits, ranked.
+
+All formulas live here. Notation: P = parameters this rank holds before ZeRO partitions them (after the TP
+split and the pipeline partition), d = DP size, t = TP size, p = PP size, m = micro-batches per step and
+pipeline, b = micro-batch, s = n_ctx (sequence), h = d_model, a = heads, L = layers on this stage, V = 512.
+
+Parameters per rank (exact, checked against the engine in tests/test_plan.py)
+  embed layer: wte V*h + sos h + wpe n_pos*h (replicated under TP)
+  block: 2 norms 2h (replicated), c_attn 3h^2/t, c_proj h^2/t, c_fc 4h^2/t, c_proj 4h^2/t (+ biases when the model
+         has them: 3h/t + 4h/t column-parallel, 2h replicated row-parallel)
+  head layer: norm_f h + head V*h/t
+  Pipeline stages are cut as DeepSpeed's partition_method="parameters" cuts them (`partition_balanced`, the linear
+  partition problem over the per-layer counts), so the planner reports the largest stage.
+
+Model states per rank, in bytes per parameter, as DeepSpeed (this version) allocates them. "At step" is what is
+alive when the optimizer steps (after backward), measured by walking the engine in tests/test_plan.py:
+                          params   grads at step           fp32 master   Adam (m, v)
+  bf16, ZeRO-0 (no PP)    2        2 + 4 (fp32 copy)       4             8          FP16_Optimizer-style wrapper
+  bf16, ZeRO-0 with PP    2        4 + 4/d                 4/d           8/d        BF16_Optimizer: fp32 accumulation
+                                                                                    buffer + the partition's fp32 grad
+  bf16, ZeRO-1/2          2        4/d                     4/d           8/d        DeepSpeedZeroOptimizer
+  bf16, ZeRO-3            2/d      2/d + 4/d               4/d           8/d        Stage-3 flat grad buffer + fp32 grad
+  fp32, ZeRO-0            4        4                       0             8          torch AdamW itself, no copy
+  fp32, ZeRO-1/2          4        4/d                     4/d           8/d        DeepSpeed clones the partition even
+  fp32, ZeRO-3            4/d      4/d + 4/d               4/d           8/d        in fp32 (a "master" of same dtype)
+  (All rows measured on CPU, bf16 too, by tests/test_plan.py. DeepSpeed's estimator says 2 + 18/d for ZeRO-1/2:
+  it adds the 2/d bf16 gradient partition, which lives during backward and is freed before the step. ZeRO-3 keeps
+  its flat gradient buffer and the fp32 partition's .grad apart even in fp32.)
+  During backward, before the step, gradients also occupy: ZeRO-0/1 the full-size model-dtype gradients (2P or 4P,
+  freed into the partition at the step), ZeRO-2 the reduce bucket (reduce_bucket_size elements) and the 16-bit
+  partition (2P/d), ZeRO-3 the bucket.
+
+Activations per layer and micro-batch (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+Transformer Models", eq. 1 and 2: 34sbh + 5as^2b bytes at 16 bits with dropout, no sequence parallelism). iGPT has
+no dropout, so the two sbh dropout masks and the attention-probability mask/dropout output (3as^2b) go:
+  32 sbh + 2 a s^2 b        (16-bit; softmax probabilities kept for backward: the math/SDPA path without flash)
+  32 sbh + 4 a s b          (FlashAttention or our Triton kernel: only the fp32 log-sum-exp per row is kept)
+which we count as: norm_1 input 2, c_attn input 2, q/k/v 6, attention output (c_proj input) 2, norm_2 input 2,
+c_fc input 2, quick_gelu input 8 (silu(1.702x)), c_proj input 8 = 32 sbh. The norm is bias-free and not centred
+(its saved input counts; there is no mean or bias). Under TP without sequence parallelism the two norm inputs and
+the two column-parallel inputs (8 sbh) are replicated and the rest is divided: 8 sbh + 24 sbh/t (+ s^2 term / t).
+fp32 doubles every term. With activation checkpointing (every block) a layer keeps only its input, 2 sbh, and one
+block's full activations live during its recompute. The head adds b s V/t (16-bit logits + fp32 copy + fp32
+softmax in the loss): 10 b s V / t bytes, and the embedding output 2 sbh.
+
+Pipeline (DeepSpeed's 1F1B TrainSchedule): stage i keeps the activations of min(p - i, m) micro-batches in flight,
+so the first stage (the largest by activations) holds min(p, m) micro-batches of its L/p layers, and as many pipe
+buffers, each an input and an output activation of 2 sbh bytes (16-bit) of its micro-batch.
+
+Workspace: a fixed 1.5 GiB (CUDA context, NCCL, cuBLAS workspace, allocator slack) plus DeepSpeed's buckets: the
+ZeRO-1/2 reduce/all-gather buckets (5e7 elements each in our ds_configs) and for ZeRO-3 the gathered full
+parameters of the current and the prefetched layer (2 x largest layer, 16-bit).
+
+Peak = params + master + Adam + max(grads at step, grads in backward + activations + pipe buffers) + workspace.
+
+Step time (per GPU; everything below is stated, not measured: see DEVICES and `efficiency`)
+  compute   = tokens per GPU per step x FLOPs per token / (peak x efficiency); FLOPs per token = ModelConfig.
+              flops_per_token (6 per weight + 12 L s h attention) plus one more forward of the blocks
+              (2 per block weight + 4 L s h) when activations are recomputed. MFU counts model FLOPs only.
+  elementwise = HBM traffic of norms, activation, residuals and softmax statistics: ~40 h bytes per token and
+              layer (forward + backward, 16-bit) over HBM bandwidth; the Adam step reads and writes ~30 bytes per
+              local parameter (grads, master, m, v, 16-bit copy).
+  TP        = 4 all-reduces of b s h (16-bit) per layer and micro-batch (2 forward after the row-parallel
+              projections, 2 backward for the column-parallel inputs; 2 more when recomputing), ring time
+              2 (t-1)/t x bytes / NVLink bandwidth; TP stays inside a node; not overlapped (on the critical path).
+  PP        = bubble: the step takes (m + p - 1) micro-batch slots of one stage: compute / p x (m + p - 1) / m;
+              p2p sends of b s h 16-bit forward and backward per micro-batch and boundary (IB when the stages of a
+              pipeline sit on different nodes, else NVLink).
+  DP        = ZeRO-0/1: all-reduce of the 16-bit grads once per step, 2 (d-1)/d x 2P bytes, after backward (not
+              overlapped), + ZeRO-1's all-gather of the updated 16-bit partitions, (d-1)/d x 2P.
+              ZeRO-2: reduce-scatter every micro-batch, (d-1)/d x 2P, overlapped with backward (only what exceeds
+              the backward time shows) + the same all-gather after the step (not overlapped).
+              ZeRO-3: per micro-batch all-gather forward and backward (2 x (d-1)/d x 2P, prefetched: overlapped
+              with compute) + reduce-scatter (overlapped with backward).
+              Bandwidth: NVLink when the DP group sits in one node, else the per-GPU IB bandwidth.
+  latency   = every collective and p2p message also pays LATENCY_S (NCCL small-message latency, 10 us in a node,
+              20 us across nodes), and ZeRO-3 pays ZERO3_BLOCK_OVERHEAD_S per block per forward and per backward of
+              each micro-batch (DeepSpeed's fetch/release hooks run on the CPU, on the critical path).
+  efficiency = achieved fraction of peak on the matmuls: `efficiency` (0.6) for a local width h/t of at least 1024,
+              falling with its square root below (thin GEMMs do not fill the GPU: igpt-s at h = 512 gets 0.42).
+  tokens/s  = global batch x s / step time.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+
+from megapix.config import PRESETS, VOCAB_SIZE, ConfigError, ModelConfig, model_preset
+
+GiB = 2**30
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Devices: dense bf16 peak, HBM, and per-GPU link bandwidths in GB/s (one direction, as a ring all-reduce sees it).
+# A100 SXM 80GB: NVLink3 600 GB/s bidirectional, one HDR 200 Gb/s NIC per GPU. H100 SXM: NVLink4 900 GB/s
+# bidirectional, one NDR 400 Gb/s NIC per GPU (DGX H100). H200: H100's links, 141 GB of HBM3e at 4.8 TB/s.
+@dataclass(frozen=True)
+class Device:
+    name: str
+    peak_tflops: float  # dense bf16
+    hbm_gbps: float
+    nvlink_gbps: float
+    ib_gbps: float
+    memory_gb: float
+
+
+DEVICES = {
+    "a100": Device("A100 SXM 80GB", 312.0, 2039.0, 300.0, 25.0, 80.0),
+    "h100": Device("H100 SXM 80GB", 989.0, 3350.0, 450.0, 50.0, 80.0),
+    "h200": Device("H200 SXM 141GB", 989.0, 4800.0, 450.0, 50.0, 141.0),
+}
+EFFICIENCY = 0.6  # achieved fraction of peak on the model's matmuls (large bf16 GEMMs reach 0.6-0.75)
+COMM_EFFICIENCY = 0.8  # achieved fraction of link bandwidth by NCCL rings
+LATENCY_S = {"nvlink": 10e-6, "ib": 20e-6}  # per collective / p2p message
+ZERO3_BLOCK_OVERHEAD_S = 2e-4  # DeepSpeed ZeRO-3 parameter fetch/release per block and pass
+FULL_WIDTH = 1024  # local GEMM width from which `efficiency` holds
+WORKSPACE_BYTES = int(1.5 * GiB)
+BUCKET_ELEMENTS = 50_000_000  # reduce/all-gather bucket in ds_configs/zero*.json
+PAPER_BATCH = {"igpt-s": 128, "igpt-m": 128, "igpt-l": 128, "igpt-xl": 64}
+PAPER_ITERATIONS = {"igpt-s": 1_000_000, "igpt-m": 1_000_000, "igpt-l": 1_000_000, "igpt-xl": 2_000_000}
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    zero: int = 0
+    micro_batch: int = 1
+    checkpointing: bool = False
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def describe(self) -> str:
+        return (f"TP{self.tp} x PP{self.pp} x DP{self.dp} ZeRO-{self.zero} mb{self.micro_batch}"
+                f"{' ckpt' if self.checkpointing else ''}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parameters per rank
+def layer_params(m: ModelConfig, tp: int = 1) -> list[int]:
+    """Parameters of each pipeline layer (embed, blocks, head) on one TP rank, in DeepSpeed's layer order."""
+    h = m.d_model
+    embed = VOCAB_SIZE * h + h + m.n_positions * h
+    block = 2 * h + 12 * h * h // tp + ((7 * h) // tp + 2 * h if m.bias else 0)
+    head = h + VOCAB_SIZE * h // tp
+    return [embed] + [block] * m.n_layer + [head]
+
+
+def partition_balanced(weights: list[int], parts: int) -> list[int]:
+    """Stage boundaries minimising the spread between the heaviest and lightest stage: the linear partition
+    problem by dynamic programming, with DeepSpeed's tie-break (the last split point among equal costs), so the
+    stages equal those of PipelineModule(partition_method="parameters"). Returns parts + 1 boundaries."""
+    n = len(weights)
+    if n <= parts:  # DeepSpeed's partition_uniform for this case
+        base, extra = divmod(n, parts)
+        bounds, at = [0], 0
+        for i in range(parts):
+            at += base + (1 if i < extra else 0)
+            bounds.append(at)
+        return bounds
+    prefix = [0]
+    for w in weights:
+        prefix.append(prefix[-1] + w)
+    inf = float("inf")
+    hi = [[inf] * (parts + 1) for _ in range(n + 1)]
+    lo = [[inf] * (parts + 1) for _ in range(n + 1)]
+    cost = [[inf] * (parts + 1) for _ in range(n + 1)]
+    cut = [[0] * (parts + 1) for _ in range(n + 1)]
+    hi[0][0] = cost[0][0] = 0
+    for i in range(1, n + 1):
+        for j in range(1, min(i, parts) + 1):
+            for k in range(i):
+                seg = prefix[i] - prefix[k]
+                top, bottom = max(hi[k][j - 1], seg), min(lo[k][j - 1], seg)
+                if cost[i][j] >= top - bottom:
+                    cost[i][j], hi[i][j], lo[i][j], cut[i][j] = top - bottom, top, bottom, k
+    bounds = [n]
+    for j in range(parts, 0, -1):
+        bounds.append(cut[bounds[-1]][j])
+    return bounds[::-1]
+
+
+@functools.lru_cache(maxsize=None)
+def _bounds(weights: tuple, pp: int) -> tuple:
+    return tuple(partition_balanced(list(weights), pp)) if pp > 1 else (0, len(weights))
+
+
+def stage_params(m: ModelConfig, tp: int, pp: int) -> list[int]:
+    """Parameters of every pipeline stage on one TP rank (one entry when pp == 1)."""
+    w = layer_params(m, tp)
+    b = _bounds(tuple(w), pp)
+    return [sum(w[b[i]:b[i + 1]]) for i in range(pp)]
+
+
+def stage_layers(m: ModelConfig, tp: int, pp: int) -> list[int]:
+    """Transformer blocks per stage."""
+    b = _bounds(tuple(layer_params(m, tp)), pp)
+    return [sum(1 for i in range(b[s], b[s + 1]) if 1 <= i <= m.n_layer) for s in range(pp)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory
+@dataclass
+class Memory:
+    params: float
+    grads: float  # alive at the optimizer step
+    master: float
+    optimizer: float
+    grads_backward: float  # extra gradient memory during backward (full-size grads or the reduce bucket)
+    activations: float
+    activations_no_ckpt: float
+    activations_ckpt: float
+    pipe_buffers: float
+    workspace: float
+
+    @property
+    def states(self) -> float:
+        """Parameters + gradients + master + optimizer at the step: what tests/test_plan.py measures."""
+        return self.params + self.grads + self.master + self.optimizer
+
+    @property
+    def peak(self) -> float:
+        during_backward = self.grads_backward + self.activations + self.pipe_buffers
+        return self.params + self.master + self.optimizer + max(self.grads, during_backward) + self.workspace
+
+
+def state_bytes(P: float, dp: int, zero: int, precision: str, pipeline: bool) -> dict:
+    """Bytes of parameters, gradients at the step, fp32 master and Adam state for P local parameters
+    (see the table in the module docstring)."""
+    if precision == "fp32":
+        if zero == 0:
+            return dict(params=4 * P, grads=4 * P, master=0.0, optimizer=8 * P)
+        if zero in (1, 2):
+            return dict(params=4 * P, grads=4 * P / dp, master=4 * P / dp, optimizer=8 * P / dp)
+        return dict(params=4 * P / dp, grads=8 * P / dp, master=4 * P / dp, optimizer=8 * P / dp)
+    if zero == 0 and pipeline:  # DeepSpeed's BF16_Optimizer partitions master and Adam over DP
+        return dict(params=2 * P, grads=4 * P + 4 * P / dp, master=4 * P / dp, optimizer=8 * P / dp)
+    if zero == 0:
+        return dict(params=2 * P, grads=6 * P, master=4 * P, optimizer=8 * P)
+    if zero in (1, 2):
+        return dict(params=2 * P, grads=4 * P / dp, master=4 * P / dp, optimizer=8 * P / dp)
+    return dict(params=2 * P / dp, grads=6 * P / dp, master=4 * P / dp, optimizer=8 * P / dp)
+
+
+def activation_bytes_per_layer(m: ModelConfig, b: int, tp: int, flash: bool, nbytes: int) -> float:
+    s, h, a = m.n_ctx, m.d_model, m.n_head
+    unit = nbytes / 2  # the formulas are in 16-bit bytes
+    attn = 4 * a * s * b if flash else 2 * a * s * s * b * unit  # fp32 log-sum-exp / 16-bit probabilities
+    return unit * s * b * h * (8 + 24 / tp) + attn / tp
+
+
+def memory(m: ModelConfig, lay: Layout, global_batch: int, precision: str = "bf16", flash: bool = True) -> Memory:
+    nbytes = 2 if precision == "bf16" else 4
+    P = max(stage_params(m, lay.tp, lay.pp))
+    layers = max(stage_layers(m, lay.tp, lay.pp))
+    st = state_bytes(P, lay.dp, lay.zero, precision, lay.pp > 1)
+    if lay.zero in (0, 1):
+        grads_bwd = nbytes * P
+    else:
+        grads_bwd = nbytes * min(BUCKET_ELEMENTS, P) + (nbytes * P / lay.dp if lay.zero == 2 else 0.0)
+    s, h, b, V = m.n_ctx, m.d_model, lay.micro_batch, VOCAB_SIZE
+    per_layer = activation_bytes_per_layer(m, b, lay.tp, flash, nbytes)
+    edge = nbytes / 2 * (2 * s * b * h + 10 * s * b * V / lay.tp)  # embedding output; head logits + loss
+    m_count = global_batch // (lay.dp * b)
+    in_flight = min(lay.pp, m_count) if lay.pp > 1 else 1
+    full = in_flight * layers * per_layer + edge
+    ckpt = in_flight * layers * nbytes * s * b * h + per_layer + edge
+    pipe = in_flight * 2 * nbytes * s * b * h if lay.pp > 1 else 0.0
+    workspace = WORKSPACE_BYTES if precision == "bf16" else 0.0
+    if lay.zero in (1, 2):
+        workspace += 2 * nbytes * min(BUCKET_ELEMENTS, P)
+    elif lay.zero == 3:
+        workspace += 2 * nbytes * max(layer_params(m, lay.tp))
+    return Memory(**st, grads_backward=grads_bwd, activations=ckpt if lay.checkpointing else full,
+                  activations_no_ckpt=full, activations_ckpt=ckpt, pipe_buffers=pipe, workspace=workspace)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Time
+@dataclass
+class Timing:
+    compute: float
+    elementwise: float
+    optimizer: float
+    tp_comm: float
+    pp_comm: float
+    bubble: float
+    dp_comm: float  # exposed (not hidden behind compute)
+    step: float
+    tokens_per_s: float
+    mfu: float
+    tflops_per_gpu: float
+
+
+def step_time(m: ModelConfig, lay: Layout, global_batch: int, nodes: int, gpus_per_node: int, dev: Device,
+              efficiency: float = EFFICIENCY) -> Timing:
+    s, h, L = m.n_ctx, m.d_model, m.n_layer
+    tokens = global_batch * s
+    model_flops = tokens * m.flops_per_token()
+    recompute = tokens * (2 * 12 * L * h * h + 4 * L * s * h) if lay.checkpointing else 0.0
+    world = lay.world
+    peak = dev.peak_tflops * 1e12
+    eff = efficiency * min(1.0, h / lay.tp / FULL_WIDTH) ** 0.5
+    compute = (model_flops + recompute) / world / (peak * eff)  # perfectly split over all GPUs
+    elementwise = tokens * L * 40 * h / (lay.dp * lay.tp * lay.pp) / (dev.hbm_gbps * 1e9)
+    P = max(stage_params(m, lay.tp, lay.pp))
+    local = P / lay.dp if lay.zero >= 1 or lay.pp > 1 else P
+    opt = 30 * local / (dev.hbm_gbps * 1e9)
+    nv, ib = dev.nvlink_gbps * 1e9 * COMM_EFFICIENCY, dev.ib_gbps * 1e9 * COMM_EFFICIENCY
+    micro = global_batch // (lay.dp * lay.micro_batch)  # micro-batches per step per pipeline
+    act = 2 * lay.micro_batch * s * h  # one 16-bit activation of a micro-batch
+    layers = max(stage_layers(m, lay.tp, lay.pp))
+    lat_nv, lat_ib = LATENCY_S["nvlink"], LATENCY_S["ib"]
+    tp_comm = 0.0
+    if lay.tp > 1:
+        n_ar = 4 + (2 if lay.checkpointing else 0)
+        tp_comm = micro * layers * n_ar * (2 * (lay.tp - 1) / lay.tp * act / nv + lat_nv)
+    # Ranks are numbered TP fastest, then DP, then PP (DeepSpeed's topology: pipe, data, model).
+    cross = lay.tp * lay.dp >= gpus_per_node and nodes > 1
+    pp_link, pp_lat = (ib, lat_ib) if cross else (nv, lat_nv)
+    pp_comm = 2 * micro * (act / pp_link + pp_lat) if lay.pp > 1 else 0.0
+    per_stage = compute + elementwise + tp_comm
+    bubble = per_stage * (lay.pp - 1) / micro if lay.pp > 1 else 0.0
+    dp_comm = 0.0
+    if lay.dp > 1:
+        dp_link, dp_lat = (ib, lat_ib) if lay.tp * lay.dp > gpus_per_node else (nv, lat_nv)
+        frac = (lay.dp - 1) / lay.dp
+        g = 2 * P  # 16-bit
+        backward = 2 / 3 * compute
+        if lay.zero in (0, 1):
+            dp_comm = 2 * frac * g / dp_link + (frac * g / dp_link if lay.zero == 1 else 0.0)
+        elif lay.zero == 2:
+            dp_comm = micro * max(0.0, frac * g / dp_link - backward / micro) + frac * g / dp_link
+        else:  # forward all-gather behind the forward, backward all-gather + reduce-scatter behind the backward
+            gather = frac * g / dp_link
+            dp_comm = micro * (max(0.0, gather - compute / micro / 3) + max(0.0, 2 * gather - backward / micro))
+            dp_comm += micro * layers * (2 * ZERO3_BLOCK_OVERHEAD_S + 3 * dp_lat)
+    total = per_stage + bubble + pp_comm + dp_comm + opt
+    tflops = model_flops / world / total / 1e12
+    return Timing(compute, elementwise, opt, tp_comm, pp_comm, bubble, dp_comm, total, tokens / total,
+                  tflops / dev.peak_tflops, tflops)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layouts
+def layout_problem(m: ModelConfig, lay: Layout, global_batch: int, gpus_per_node: int) -> str | None:
+    """Why DeepSpeed or the model cannot run this layout (None: it can). The rules of megapix.parallel.layout."""
+    if lay.pp > 1 and lay.zero > 1:
+        return f"DeepSpeed's pipeline engine takes ZeRO-0/1, not ZeRO-{lay.zero}"
+    if m.n_head % lay.tp or VOCAB_SIZE % lay.tp:
+        return f"TP {lay.tp} must divide the {m.n_head} heads and the 512-way head"
+    if lay.tp > gpus_per_node or gpus_per_node % lay.tp:
+        return f"TP {lay.tp} must stay inside a node of {gpus_per_node} GPUs"
+    if lay.pp > m.n_layer:
+        return f"{m.n_layer} layers cannot fill {lay.pp} stages"
+    if global_batch % (lay.dp * lay.micro_batch):
+        return f"global batch {global_batch} is not a multiple of DP {lay.dp} x micro-batch {lay.micro_batch}"
+    return None
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+@dataclass
+class Plan:
+    model: str
+    layout: Layout
+    memory: Memory
+    timing: Timing
+    fits: bool
+    global_batch: int
+    nodes: int
+    gpus_per_node: int
+    command: str = ""
+    ds_config: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        mem = {k: v / GiB for k, v in asdict(self.memory).items()}
+        mem.update(states=self.memory.states / GiB, peak=self.memory.peak / GiB)
+        return {"model": self.model, "layout": asdict(self.layout), "world": self.layout.world,
+                "memory_gib": mem, "timing": asdict(self.timing), "fits": self.fits,
+                "global_batch": self.global_batch, "command": self.command, "ds_config": self.ds_config,
+                "ds_config_file": ds_config_file(self.layout)}
+
+
+def ds_config_file(lay: Layout) -> str:
+    return {0: "ds_configs/bf16.json", 1: "ds_configs/zero1.json", 2: "ds_configs/zero2.json",
+            3: "ds_configs/zero3.json"}[lay.zero] if lay.pp == 1 else "ds_configs/pipeline.json"
+
+
+def ds_config(lay: Layout, global_batch: int) -> dict:
+    """The DeepSpeed config this plan runs with (megapix's flags set batch, precision and stage on top of it)."""
+    zero: dict = {"stage": lay.zero}
+    if lay.zero in (1, 2):
+        zero.update(reduce_bucket_size=BUCKET_ELEMENTS, allgather_bucket_size=BUCKET_ELEMENTS)
+    if lay.zero == 2:
+        zero.update(overlap_comm=True, contiguous_gradients=True, reduce_scatter=True)
+    if lay.zero == 3:
+        zero.update(overlap_comm=True, contiguous_gradients=True, stage3_prefetch_bucket_size=BUCKET_ELEMENTS,
+                    stage3_param_persistence_threshold=100000)
+    cfg = {"train_batch_size": global_batch, "train_micro_batch_size_per_gpu": lay.micro_batch,
+           "gradient_accumulation_steps": global_batch // (lay.dp * lay.micro_batch), "gradient_clipping": 1.0,
+           "bf16": {"enabled": True}, "zero_optimization": zero}
+    if lay.pp > 1:
+        cfg["pipeline"] = {"pipe_partitioned": True, "grad_partitioned": True}
+    return cfg
+
+
+def train_command(model: str, lay: Layout, global_batch: int, nodes: int, gpus_per_node: int) -> str:
+    cmd = (f"deepspeed --num_nodes {nodes} --num_gpus {gpus_per_node} megapix/train.py --model {model} "
+           f"--global-batch {global_batch} --micro-batch {lay.micro_batch} --tensor-parallel {lay.tp} "
+           f"--pipeline-parallel {lay.pp} --zero-stage {lay.zero} --deepspeed-config {ds_config_file(lay)}")
+    return cmd + (" --activation-checkpointing" if lay.checkpointing else "")
+
+
+def plan_one(model: str, m: ModelConfig, lay: Layout, global_batch: int, nodes: int, gpus_per_node: int,
+             dev: Device, memory_gb: float, efficiency: float = EFFICIENCY, precision: str = "bf16") -> Plan:
+    mem = memory(m, lay, global_batch, precision)
+    tim = step_time(m, lay, global_batch, nodes, gpus_per_node, dev, efficiency)
+    return Plan(model, lay, mem, tim, mem.peak <= memory_gb * 1e9, global_batch, nodes, gpus_per_node,
+                train_command(model, lay, global_batch, nodes, gpus_per_node), ds_config(lay, global_batch))
+
+
+def candidates(m: ModelConfig, world: int, gpus_per_node: int, global_batch: int, tp=None, pp=None, zero=None,
+               micro=None, ckpt=None):
+    """Every layout DeepSpeed can run for this world (optionally pinned on some axes)."""
+    for t in _divisors(world):
+        for p in _divisors(world // t):
+            d = world // (t * p)
+            if (tp and t != tp) or (pp and p != pp) or global_batch % d:
+                continue
+            for z in (0, 1) if p > 1 else (0, 1, 2, 3):
+                if zero is not None and z != zero:
+                    continue
+                for mb in _divisors(global_batch // d):
+                    if micro and mb != micro:
+                        continue
+                    for c in (False, True):
+                        if ckpt is not None and c != ckpt:
+                            continue
+                        lay = Layout(t, p, d, z, mb, c)
+                        if layout_problem(m, lay, global_batch, gpus_per_node) is None:
+                            yield lay
+
+
+def search(model: str, nodes: int, gpus_per_node: int, memory_gb: float, dev: Device, global_batch: int,
+           efficiency: float = EFFICIENCY, best_per_layout: bool = True, precision: str = "bf16",
+           **pins) -> list[Plan]:
+    """Layouts that fit, fastest first. With best_per_layout, one row per (TP, PP, DP, ZeRO): its fastest
+    micro-batch and checkpointing choice."""
+    m = model_preset(model) if isinstance(model, str) else model
+    plans = [plan_one(model, m, lay, global_batch, nodes, gpus_per_node, dev, memory_gb, efficiency, precision)
+             for lay in candidates(m, nodes * gpus_per_node, gpus_per_node, global_batch, **pins)]
+    fitting = sorted((p for p in plans if p.fits), key=lambda p: -p.timing.tokens_per_s)
+    if not best_per_layout:
+        return fitting
+    seen, out = set(), []
+    for p in fitting:
+        key = (p.layout.tp, p.layout.pp, p.layout.dp, p.layout.zero)
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measured state bytes of a live DeepSpeed engine (tests/test_plan.py and the GPU check use it)
+def engine_state_bytes(engine) -> dict:
+    """Bytes of the tensors a DeepSpeed engine holds for parameters, gradients, fp32 master and optimizer state,
+    each storage counted once. Call it when the optimizer is about to step (Adam state and gradients alive):
+    module parameters (ZeRO-3: their ds_tensor partitions) and .grad; every tensor the DeepSpeed optimizer wrapper
+    keeps in its attributes (ZeRO-1/2: single_partition_of_fp32_groups and its .grad; ZeRO-3:
+    fp32_partitioned_groups_flat, grad_partitions_flat_buffer; BF16_Optimizer: fp32 partitions, flat fp32 grads),
+    and the inner torch optimizer's state (exp_avg, exp_avg_sq). Storages, not shapes: a parameter that is a view
+    of a larger tensor counts the whole storage it keeps alive (how the TP shard views were found). At micro-batch
+    1, autograd leaves sos.grad a view of the [1, T, d] embedding gradient (T x its size): measure at >= 2."""
+    import torch
+
+    seen: set = set()
+    out = {"params": 0, "grads": 0, "master": 0, "optimizer": 0}
+
+    def storage_bytes(t) -> int:
+        if t.device.type == "meta" or t.numel() == 0:
+            return 0
+        st = t.untyped_storage()
+        if st.data_ptr() in seen:
+            return 0
+        seen.add(st.data_ptr())
+        return st.nbytes()
+
+    module_params = list(engine.module.parameters())
+    for p in module_params:
+        out["params"] += storage_bytes(p.ds_tensor if hasattr(p, "ds_tensor") else p)
+    for p in module_params:  # after all parameters: a grad must never claim a flat parameter buffer
+        if p.grad is not None:
+            out["grads"] += storage_bytes(p.grad)
+    opt = engine.optimizer
+    inner = getattr(opt, "optimizer", opt)
+
+    def walk(obj, kind, depth=0):
+        if depth > 4:
+            return
+        if isinstance(obj, torch.Tensor):
+            if obj.numel() > 1:  # scalars (step counters, norms) are not model state
+                out[kind] += storage_bytes(obj)
+            if obj.grad is not None:
+                out["grads"] += storage_bytes(obj.grad)
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                walk(v, kind, depth + 1)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v, kind, depth + 1)
+
+    walk(list(inner.state.values()), "optimizer")
+    if opt is not inner:  # a DeepSpeed wrapper: its gradient buffers, then its fp32 partitions (the master)
+        attrs = {k: v for k, v in vars(opt).items() if k != "optimizer"}
+        for name, value in attrs.items():
+            if "grad" in name:
+                walk(value, "grads")
+        for name, value in attrs.items():
+            if "grad" not in name:
+                walk(value, "master")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output
+def fmt_gib(x: float) -> str:
+    return f"{x / GiB:7.2f}"
+
+
+def table(plans: list[Plan], limit: int | None = None) -> str:
+    head = (f"{'#':>3} {'TP':>3} {'PP':>3} {'DP':>4} {'Z':>2} {'mb':>3} {'ckpt':>4} | {'params':>7} {'grads':>7} "
+            f"{'master':>7} {'adam':>7} {'act':>7} {'pipe':>6} {'wksp':>6} {'peak':>7} GiB | {'step s':>8} "
+            f"{'tok/s':>9} {'MFU':>5}")
+    rows = [head, "-" * len(head)]
+    for i, p in enumerate(plans[:limit] if limit else plans, 1):
+        L, M, T = p.layout, p.memory, p.timing
+        rows.append(f"{i:>3} {L.tp:>3} {L.pp:>3} {L.dp:>4} {L.zero:>2} {L.micro_batch:>3} "
+                    f"{'yes' if L.checkpointing else 'no':>4} | {fmt_gib(M.params)} {fmt_gib(M.grads)} "
+                    f"{fmt_gib(M.master)} {fmt_gib(M.optimizer)} {fmt_gib(M.activations)} "
+                    f"{M.pipe_buffers / GiB:6.2f} {M.workspace / GiB:6.2f} {fmt_gib(M.peak)}     | "
+                    f"{T.step:8.3f} {T.tokens_per_s:9.0f} {T.mfu:5.1%}")
+    return "\n".join(rows)
+
+
+def describe(p: Plan) -> str:
+    M, T = p.memory, p.timing
+    lines = [f"{p.model}: {p.layout.describe()} on {p.nodes} x {p.gpus_per_node} GPUs, global batch {p.global_batch}",
+             f"  memory per GPU (GiB): params {M.params / GiB:.2f}, grads at step {M.grads / GiB:.2f}, fp32 master "
+             f"{M.master / GiB:.2f}, Adam {M.optimizer / GiB:.2f}, grads in backward {M.grads_backward / GiB:.2f}, "
+             f"activations {M.activations / GiB:.2f} (no ckpt {M.activations_no_ckpt / GiB:.2f}, ckpt "
+             f"{M.activations_ckpt / GiB:.2f}), pipe buffers {M.pipe_buffers / GiB:.2f}, workspace "
+             f"{M.workspace / GiB:.2f} -> peak {M.peak / GiB:.2f}",
+             f"  step {T.step:.3f} s = compute {T.compute:.3f} + elementwise {T.elementwise:.3f} + TP "
+             f"{T.tp_comm:.3f} + PP bubble {T.bubble:.3f} + p2p {T.pp_comm:.3f} + DP exposed {T.dp_comm:.3f} + "
+             f"Adam {T.optimizer:.3f}; {T.tokens_per_s:,.0f} tokens/s, {T.tflops_per_gpu:.0f} TFLOP/s per GPU, "
+             f"MFU {T.mfu:.1%}",
+             f"  run: {p.command}"]
+    return "\n".join(lines)
+
+
+def days_to(p: Plan, iterations: int) -> float:
+    return iterations * p.timing.step / 86400
+
+
+def readme_table(dev: Device, efficiency: float = EFFICIENCY, gpus=(1, 8, 64, 256)) -> str:
+    """Markdown: the planner's best layout per preset and GPU count, at the paper's batch and iterations."""
+    rows = [f"Planner's choice on {dev.name} ({dev.memory_gb:.0f} GB; more than 8 GPUs are nodes of 8), the paper's "
+            f"batch and iterations, matmuls at {efficiency:.0%} of peak from {FULL_WIDTH} local columns up (less "
+            "below), `megapix plan --table`; estimates, not measurements:", "",
+            "| model | GPUs | layout | micro-batch | act. ckpt | memory/GPU (GiB) | step (s) | tokens/s | MFU "
+            "| days to paper iterations |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for model in ("igpt-s", "igpt-m", "igpt-l", "igpt-xl"):
+        for n in gpus:
+            nodes, g = (1, n) if n <= 8 else (n // 8, 8)
+            plans = search(model, nodes, g, dev.memory_gb, dev, PAPER_BATCH[model], efficiency)
+            if not plans:
+                rows.append(f"| {model} | {n} | does not fit | | | | | | | |")
+                continue
+            p = plans[0]
+            L = p.layout
+            rows.append(f"| {model} | {n} | TP{L.tp} x PP{L.pp} x DP{L.dp}, ZeRO-{L.zero} | {L.micro_batch} | "
+                        f"{'yes' if L.checkpointing else 'no'} | {p.memory.peak / GiB:.1f} | {p.timing.step:.3f} | "
+                        f"{p.timing.tokens_per_s:,.0f} | {p.timing.mfu:.0%} | "
+                        f"{days_to(p, PAPER_ITERATIONS[model]):.1f} |")
+    return "\n".join(rows)
+
+
+def check_table(models=("tiny", "small", "bench")) -> str:
+    """The planner's model-state bytes next to DeepSpeed's own estimators (bf16 GPU figures, per rank)."""
+    rows = ["| model | layout | planner fp32 (MiB) | planner bf16 (MiB) | DeepSpeed estimator bf16 (MiB) |",
+            "|---|---|---|---|---|"]
+    for name in models:
+        m = model_preset(name)
+        for lay in check_layouts():
+            rows.append(f"| {name} | {lay.describe()} | {predicted_states(m, lay, 'fp32') / 2**20:.2f} | "
+                        f"{predicted_states(m, lay, 'bf16') / 2**20:.2f} | {_mib(deepspeed_estimate(m, lay))} |")
+    return "\n".join(rows)
+
+
+def _mib(x):
+    return "n/a" if x is None else f"{x / 2**20:.2f}"
+
+
+def check_layouts() -> list[Layout]:
+    """The layouts tests/test_plan.py measures: 1 rank, TP2, PP2, DP2 ZeRO-1/2/3, TP2 x PP2."""
+    return [Layout(), Layout(tp=2), Layout(pp=2), Layout(dp=2, zero=1), Layout(dp=2, zero=2), Layout(dp=2, zero=3),
+            Layout(tp=2, pp=2)]
+
+
+def predicted_states(m: ModelConfig, lay: Layout, precision: str) -> float:
+    """Planner's params + grads + master + Adam bytes on the rank with the most (the largest pipeline stage)."""
+    return memory(m, lay, lay.dp * lay.micro_batch * max(1, lay.pp), precision).states
+
+
+def deepspeed_estimate(m: ModelConfig, lay: Layout) -> float | None:
+    """DeepSpeed's GPU estimate for the model states of this rank's share (its functions assume bf16/fp16 and
+    ZeRO-2 or 3; none covers ZeRO-0). Stage 1/2: 2P + 18P/d; stage 3: 4 x largest layer + 18P/d."""
+    P = max(stage_params(m, lay.tp, lay.pp))
+    if lay.zero in (1, 2):
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+        return estimate_zero2_model_states_mem_needs(P, num_gpus_per_node=lay.dp, cpu_offload=False)[1]
+    if lay.zero == 3:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+        h = m.d_model  # DeepSpeed's "largest layer": the module with the most direct parameters
+        largest = max(4 * h * h // lay.tp, VOCAB_SIZE * h, m.n_positions * h)
+        return estimate_zero3_model_states_mem_needs(P, largest, num_gpus_per_node=lay.dp, cpu_offload=False)[1]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megapix plan", description="per-GPU memory, step time and MFU of training "
+                                "layouts; with no layout given, every layout that fits, fastest first")
+    p.add_argument("--model", default="igpt-xl", help=f"preset: {', '.join(PRESETS)}")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu", choices=sorted(DEVICES), default="h100", help="device model (peak, HBM, links)")
+    p.add_argument("--gpu-memory", type=float, help="GB per GPU (default: the device's)")
+    p.add_argument("--tp", type=int)
+    p.add_argument("--pp", type=int)
+    p.add_argument("--zero", type=int, choices=[0, 1, 2, 3])
+    p.add_argument("--micro-batch", type=int)
+    p.add_argument("--global-batch", type=int, help="default: the paper's (128; 64 for igpt-xl)")
+    p.add_argument("--activation-checkpointing", choices=["on", "off"], nargs="?", const="on",
+                   help="pin checkpointing on or off (default: both are considered)")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                   help="bf16 mixed precision (GPUs) or fp32 (CPU runs: no 16-bit copies, no workspace)")
+    p.add_argument("--efficiency", type=float, default=EFFICIENCY, help="achieved fraction of peak on matmuls")
+    p.add_argument("--top", type=int, default=20, help="rows of the ranked table (0: all)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--table", action="store_true", help="the README table: igpt-s/m/l/xl on 1, 8, 64, 256 GPUs")
+    p.add_argument("--check", action="store_true",
+                   help="planner model-state bytes next to DeepSpeed's estimators for tiny/small/bench")
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    dev = DEVICES[a.gpu]
+    if a.table:
+        print(readme_table(dev, a.efficiency))
+        return 0
+    if a.check:
+        print(check_table())
+        return 0
+    if a.model not in PRESETS:
+        raise ConfigError(f"unknown model preset {a.model!r}; choose one of {', '.join(PRESETS)}")
+    for name in ("nodes", "gpus_per_node", "tp", "pp", "micro_batch", "global_batch", "gpu_memory", "efficiency"):
+        v = getattr(a, name)
+        if v is not None and v <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')}={v} must be positive")
+    mem_gb = a.gpu_memory or dev.memory_gb
+    gb = a.global_batch or PAPER_BATCH.get(a.model, 64)
+    ckpt = None if a.activation_checkpointing is None else a.activation_checkpointing == "on"
+    m = model_preset(a.model)
+    world = a.nodes * a.gpus_per_node
+    pinned = all(v is not None for v in (a.tp, a.pp, a.zero, a.micro_batch)) and ckpt is not None
+    if pinned or (a.tp and a.pp and a.zero is not None):
+        tp, pp = a.tp, a.pp
+        if world % (tp * pp):
+            raise ConfigError(f"{world} GPUs are not divisible by TP {tp} x PP {pp}; choose TP x PP dividing {world}")
+        dp = world // (tp * pp)
+        if gb % dp:
+            raise ConfigError(f"global batch {gb} is not divisible by DP {dp}; pass --global-batch, a multiple of {dp}")
+        micro = a.micro_batch or 1
+        lay = Layout(tp, pp, dp, a.zero, micro, bool(ckpt))
+        why = layout_problem(m, lay, gb, a.gpus_per_node)
+        if why:
+            raise ConfigError(f"layout {lay.describe()} cannot run: {why}")
+        p = plan_one(a.model, m, lay, gb, a.nodes, a.gpus_per_node, dev, mem_gb, a.efficiency, a.precision)
+        if a.json:
+            print(json.dumps(p.to_dict(), indent=1))
+        else:
+            print(describe(p))
+            print(f"  fits in {mem_gb:g} GB: {'yes' if p.fits else 'NO'}; ds_config ({ds_config_file(lay)} + flags): "
+                  f"{json.dumps(p.ds_config)}")
+        return 0 if p.fits else 1
+    plans = search(a.model, a.nodes, a.gpus_per_node, mem_gb, dev, gb, a.efficiency, precision=a.precision,
+                   tp=a.tp, pp=a.pp, zero=a.zero, micro=a.micro_batch, ckpt=ckpt)
+    if a.json:
+        print(json.dumps([p.to_dict() for p in plans], indent=1))
+        return 0 if plans else 1
+    print(f"{a.model} ({m.num_parameters() / 1e6:.0f}M parameters, {m.n_ctx} tokens/image) on {a.nodes} x "
+          f"{a.gpus_per_node} {dev.name} ({mem_gb:g} GB), global batch {gb}, {a.precision}; {len(plans)} layouts fit")
+    if not plans:
+        print("no layout fits: add GPUs, lower --global-batch, or use a GPU with more memory", file=sys.stderr)
+        return 1
+    print(table(plans, a.top or None))
+    print("\ncommands (the ds_config file is named in each; --json prints the full ds_config of every row):")
+    for i, p in enumerate(plans[:a.top] if a.top else plans, 1):
+        print(f"{i:>3} {p.command}")
+    print()
+    print("best: " + describe(plans[0]))
+    print(f"  ds_config ({ds_config_file(plans[0].layout)} + the flags above): {json.dumps(plans[0].ds_config)}")
+    print("assumptions: see `python -c 'import megapix.plan; help(megapix.plan)'` (formulas and device model)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""megapix plan: the formulas' invariants, the CLI, and the memory model against what the DeepSpeed engine holds."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megapix.config import model_preset
+from megapix.plan import (DEVICES, Layout, activation_bytes_per_layer, candidates, layer_params, layout_problem,
+                          memory, partition_balanced, search, state_bytes, step_time)
+from test_parallel_helpers import ROOT, env, free_port
+
+H100 = DEVICES["h100"]
+
+
+# ---- formulas ----
+@pytest.mark.parametrize("name", ["tiny", "small", "bench", "igpt-s", "igpt-xl"])
+def test_layer_params_sum_to_the_model_and_split_under_tp(name):
+    for bias in (False, True):
+        m = model_preset(name, bias=bias)
+        assert sum(layer_params(m)) == m.num_parameters()
+        for tp in (2, 4):
+            if m.n_head % tp:
+                continue
+            shard = layer_params(m, tp)
+            # replicated: embeddings, norms, row-parallel biases; everything else divides by tp
+            replicated = (512 + 1 + m.n_positions) * m.d_model + m.n_layer * (2 + (2 if bias else 0)) * m.d_model \
+                + m.d_model
+            assert tp * (sum(shard) - replicated) + replicated == m.num_parameters()
+
+
+def test_partition_balanced_equals_deepspeeds():
+    from deepspeed.runtime.utils import partition_balanced as ds_partition
+
+    cases = [layer_params(model_preset(n), tp) for n in ("tiny", "small", "igpt-l", "igpt-xl") for tp in (1, 2, 8)]
+    cases += [[5, 1, 1, 1, 1, 7], [3, 3, 3], [1] * 10]
+    for weights in cases:
+        for parts in (2, 3, 4, 8, 16):
+            if parts <= len(weights):
+                assert partition_balanced(weights, parts) == list(ds_partition(weights, parts)), (weights, parts)
+
+
+def test_state_bytes_table():
+    P = 1000.0
+    # bf16 ZeRO-2 over 8 ranks at the step: DeepSpeed's estimate 2P + 18P/8 less the bf16 gradient partition
+    st = state_bytes(P, 8, 2, "bf16", False)
+    assert sum(st.values()) == pytest.approx(2 * P + 16 * P / 8)
+    assert sum(state_bytes(P, 1, 0, "fp32", False).values()) == 16 * P  # params, grads, Adam m and v
+    assert state_bytes(P, 4, 0, "fp32", False)["master"] == 0  # torch AdamW on fp32 weights: no copy
+    assert sum(state_bytes(P, 4, 3, "bf16", False).values()) == pytest.approx(20 * P / 4)
+
+
+def test_activation_formula_is_korthikanti_without_dropout():
+    m = model_preset("igpt-s")
+    s, h, a, b = m.n_ctx, m.d_model, m.n_head, 2
+    # 16-bit, no flash: 34sbh + 5as^2b minus the dropout masks and dropout output = 32sbh + 2as^2b
+    assert activation_bytes_per_layer(m, b, 1, flash=False, nbytes=2) == 32 * s * b * h + 2 * a * s * s * b
+    assert activation_bytes_per_layer(m, b, 1, flash=True, nbytes=2) == 32 * s * b * h + 4 * a * s * b
+    # TP: 8sbh replicated, the rest divided
+    assert activation_bytes_per_layer(m, b, 4, flash=True, nbytes=2) == 8 * s * b * h + 24 * s * b * h / 4 + a * s * b
+    lay = Layout(micro_batch=2, dp=1)
+    full = memory(m, lay, 2)
+    ckpt = memory(m, Layout(micro_batch=2, checkpointing=True), 2)
+    assert ckpt.activations < full.activations and ckpt.activations == full.activations_ckpt
+    assert ckpt.peak < full.peak
+
+
+def test_pipeline_bubble_and_in_flight_micro_batches():
+    m = model_preset("igpt-l")
+    for micro_batches in (4, 16):
+        lay = Layout(pp=4, dp=1, micro_batch=1)
+        t = step_time(m, lay, micro_batches, 1, 8, H100)
+        per_stage = t.compute + t.elementwise + t.tp_comm
+        assert t.bubble == pytest.approx(per_stage * 3 / micro_batches)
+    # 1F1B: the first stage keeps min(p, m) micro-batches in flight
+    few = memory(m, Layout(pp=4, micro_batch=1), 2)
+    many = memory(m, Layout(pp=4, micro_batch=1), 16)
+    assert many.activations > few.activations and many.pipe_buffers == 2 * few.pipe_buffers
+
+
+def test_search_returns_runnable_fitting_layouts_fastest_first():
+    plans = search("igpt-xl", 8, 8, 80, H100, 64, best_per_layout=False)
+    assert plans
+    speeds = [p.timing.tokens_per_s for p in plans]
+    assert speeds == sorted(speeds, reverse=True)
+    for p in plans:
+        L = p.layout
+        assert p.memory.peak <= 80e9 and L.world == 64 and L.tp <= 8
+        assert layout_problem(model_preset("igpt-xl"), L, 64, 8) is None
+        assert not (L.pp > 1 and L.zero > 1)
+        assert f"--tensor-parallel {L.tp} --pipeline-parallel {L.pp} --zero-stage {L.zero}" in p.command
+        assert p.ds_config["train_batch_size"] == 64
+        assert p.ds_config["gradient_accumulation_steps"] * L.micro_batch * L.dp == 64
+    # XL does not fit on one 80 GB GPU (6.8B parameters x 16 bytes of states alone)
+    assert search("igpt-xl", 1, 1, 80, H100, 64) == []
+    # layouts DeepSpeed refuses never appear
+    m = model_preset("igpt-xl")
+    assert all(lay.tp in (1, 2, 4, 8) for lay in candidates(m, 64, 8, 64))  # 24 heads: 3 and 6 divide, 512 not
+
+
+def test_xl_config_is_the_planners_choice():
+    """configs/igpt_xl_imagenet.yaml is the planner's first choice for 8 nodes x 8 H100 80 GB at the paper's batch."""
+    from megapix.config import load_config
+
+    cfg = load_config(os.path.join(ROOT, "configs", "igpt_xl_imagenet.yaml"))
+    best = search("igpt-xl", 8, 8, 80, H100, 64)[0].layout
+    t = cfg.train
+    assert (t.tensor_parallel, t.pipeline_parallel, t.zero_stage, t.micro_batch, t.activation_checkpointing) == \
+        (best.tp, best.pp, best.zero, best.micro_batch, best.checkpointing)
+    assert t.global_batch == 64 and t.max_steps == 2_000_000
+    with open(os.path.join(ROOT, "slurm", "train_xl.sbatch")) as f:
+        sbatch = f.read()
+    assert f'"${{TP:={best.tp}}}" "${{PP:={best.pp}}}" "${{ZERO_STAGE:={best.zero}}}"' in sbatch
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "megapix", "plan", *args], cwd=ROOT, env=env(), capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_table_json_and_errors():
+    out = run_cli("--model", "igpt-s", "--nodes", "1", "--gpus-per-node", "8", "--gpu", "a100", "--json")
+    assert out.returncode == 0, out.stderr
+    plans = json.loads(out.stdout)
+    assert plans and all(p["fits"] and p["world"] == 8 for p in plans)
+    assert plans[0]["timing"]["tokens_per_s"] >= plans[-1]["timing"]["tokens_per_s"]
+    one = run_cli("--model", "igpt-l", "--nodes", "1", "--gpus-per-node", "8", "--tp", "2", "--pp", "2", "--zero",
+                  "1", "--micro-batch", "4", "--activation-checkpointing")
+    assert one.returncode == 0 and "TP2 x PP2 x DP2 ZeRO-1 mb4 ckpt" in one.stdout and "deepspeed " in one.stdout
+    bad = run_cli("--model", "igpt-l", "--nodes", "1", "--gpus-per-node", "8", "--tp", "3", "--pp", "1", "--zero", "0")
+    assert bad.returncode == 2 and "megapix plan: error:" in bad.stderr and "TP 3" in bad.stderr
+    table = run_cli("--table", "--gpu", "h100")
+    assert table.returncode == 0 and table.stdout.count("| igpt-") == 16
+
+
+# ---- the memory model against the engine ----
+WORKER = r'''
+import gc, json, os, sys, tempfile
+sys.path.insert(0, os.environ["MEGAPIX_ROOT"])
+import numpy as np
+from megapix.parallel.launch import init_distributed
+init_distributed()
+import torch.distributed as dist
+from megapix.config import Config, DataConfig, TrainConfig, model_preset
+from megapix.engine import Trainer
+from megapix.plan import Layout, deepspeed_estimate, engine_state_bytes, stage_params, state_bytes
+
+rank, world = dist.get_rank(), dist.get_world_size()
+work = os.environ["PLAN_WORK"]
+palette = os.path.join(work, "palette.npy")
+if rank == 0 and not os.path.exists(palette):
+    np.save(palette, np.random.default_rng(0).uniform(-1, 1, (512, 3)).astype(np.float32))
+dist.barrier()
+for spec in json.loads(os.environ["PLAN_LAYOUTS"]):
+    lay = Layout(micro_batch=2, **spec)
+    for name, precision in (("tiny", "fp32"), ("small", "fp32"), ("bench", "fp32"), ("tiny", "bf16")):
+        m = model_preset(name, kernels="torch")
+        cfg = Config(model=m, data=DataConfig(source="synthetic:32", palette=palette),
+                     train=TrainConfig(global_batch=4 * lay.dp, micro_batch=2, max_steps=2, eval_every=0,
+                                       zero_stage=lay.zero, tensor_parallel=lay.tp, pipeline_parallel=lay.pp,
+                                       precision=precision, out=os.path.join(work, f"{name}-{rank}")))
+        tr = Trainer(cfg)  # micro-batch 2: at 1, autograd leaves sos.grad a view of a [1, T, d] gradient (T x more)
+        inner = getattr(tr.engine.optimizer, "optimizer", tr.engine.optimizer)
+        seen = {}
+        inner.register_step_pre_hook(lambda *a: seen.update(engine_state_bytes(tr.engine)))
+        tr.train_step()
+        tr.step += 1
+        tr.train_step()  # measured as this second step begins: Adam state from the first, gradients of this one
+        P = stage_params(m, lay.tp, lay.pp)[tr.layout.pp_rank]
+        pred = state_bytes(P, lay.dp, lay.zero, precision, lay.pp > 1)
+        row = {"model": name, "precision": precision, "layout": lay.describe(), "rank": rank, "measured": seen,
+               "predicted": pred, "deepspeed_bf16": deepspeed_estimate(m, lay),
+               "planner_bf16": sum(state_bytes(P, lay.dp, lay.zero, "bf16", lay.pp > 1).values())}
+        with open(os.path.join(work, f"rows-{world}-{rank}.jsonl"), "a") as f:  # one file per rank: no interleaving
+            f.write(json.dumps(row) + "\n")
+        del tr, inner
+        gc.collect()
+'''
+
+CHECKS = {  # world size -> layouts measured in that one launch
+    1: [dict()],
+    # DeepSpeed keeps the last engine's mpu in a module global (deepspeed.utils.groups), so in one process the
+    # plain data-parallel engines are built before the model-parallel ones
+    2: [dict(dp=2, zero=1), dict(dp=2, zero=2), dict(dp=2, zero=3), dict(tp=2), dict(pp=2)],
+    4: [dict(tp=2, pp=2)],
+}
+
+
+def test_planner_state_bytes_equal_what_the_engine_holds(tmp_path):
+    """CPU: for tiny/small/bench (fp32) and tiny (bf16) in 1 rank, TP2, PP2, DP2 ZeRO-1/2/3 and TP2 x PP2, the
+    planner's parameter, gradient, master and Adam bytes per rank equal the engine's tensors (walked at the optimizer
+    step) within 2%."""
+    script = tmp_path / "plan_worker.py"
+    script.write_text(WORKER)
+    rows = []
+    for nproc, layouts in CHECKS.items():
+        e = env()
+        e.update(MEGAPIX_ROOT=ROOT, PLAN_WORK=str(tmp_path), PLAN_LAYOUTS=json.dumps(layouts))
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                               "--master_port", str(free_port()), str(script)], cwd=ROOT, env=e, capture_output=True,
+                              text=True, timeout=1200)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        for r in range(nproc):
+            with open(tmp_path / f"rows-{nproc}-{r}.jsonl") as f:
+                rows += [json.loads(line) for line in f if line.strip()]
+    assert len(rows) == 4 * sum(len(v) * k for k, v in CHECKS.items())
+    print("\n| model | precision | layout | rank | engine (MiB) | planner (MiB) | diff | planner bf16 | DeepSpeed est. "
+          "bf16 |")
+    worst = 0.0
+    for r in rows:
+        meas, pred = sum(r["measured"].values()), sum(r["predicted"].values())
+        diff = (pred - meas) / meas
+        worst = max(worst, abs(diff))
+        ds = "n/a" if r["deepspeed_bf16"] is None else f"{r['deepspeed_bf16'] / 2**20:.2f}"
+        print(f"| {r['model']} | {r['precision']} | {r['layout']} | {r['rank']} | {meas / 2**20:.3f} | "
+              f"{pred / 2**20:.3f} | "
+              f"{diff:+.2%} | {r['planner_bf16'] / 2**20:.2f} | {ds} |")
+        for key, p in r["predicted"].items():  # every component, not only the total
+            m = r["measured"][key]
+            assert abs(p - m) <= 0.02 * max(p, m) + 0.005 * meas, (r, key)
+        assert abs(diff) <= 0.02, r
+    print(f"worst |planner - engine| / engine = {worst:.3%}")
