@@ -5,6 +5,7 @@ With no flags it trains the tiny preset on the embedded default (scikit-learn's 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 if __package__ in (None, ""):  # run as a script (deepspeed/torchrun megapix/train.py): needs the installed package
