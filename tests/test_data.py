@@ -5,6 +5,8 @@ import io
 import json
 import os
 import pickle
+import subprocess
+import sys
 import tarfile
 import warnings
 
@@ -184,6 +186,52 @@ def test_cifar_errors(cifar10_tar, tmp_path):
         open_source(f"cifar10:{garbage}", 32)
     with pytest.raises(ConfigError, match="needs a path"):
         open_source("cifar10:", 32)
+
+
+class _Payload:
+    """Unpickling this runs code: it creates the file `marker`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+def test_cifar_crafted_pickle_never_runs(cifar10_tar, tmp_path):
+    path, members = cifar10_tar
+    control = tmp_path / "control"
+    pickle.loads(pickle.dumps(_Payload(str(control)), protocol=2))  # the payload works when unpickled naively
+    assert control.exists()
+    marker = tmp_path / "marker"
+    evil = _write_tar(tmp_path / "evil.tar.gz", "cifar-10-batches-py",
+                      dict(members, data_batch_1={b"data": _Payload(str(marker)), b"labels": [0]}))
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "megapix", "prepare", "--data", f"cifar10:{evil}", "--fit-palette",
+                        "--resolution", "32", "--out", str(out), "--workers", "1", "--no-progress"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "data_batch_1" in lines[0] and "evil.tar.gz" in lines[0], r.stderr
+    assert "references __builtin__.exec" in lines[0] and "re-download" in lines[0]
+    assert not marker.exists() and not out.exists()
+
+
+def test_cifar_numpy1_pickles_load(cifar10_tar, tmp_path):
+    """Batches written under numpy 1 name numpy.core.multiarray (the official tarball does): admitted."""
+    path, members = cifar10_tar
+    old = {}
+    for name, obj in members.items():
+        raw = pickle.dumps(obj, protocol=2)
+        assert b"numpy._core.multiarray\n_reconstruct" in raw or name == "batches.meta"
+        old[name] = raw.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
+    src = open_source(f"cifar10:{_write_tar(tmp_path / 'np1.tar.gz', 'cifar-10-batches-py', old)}", 32, seed=0)
+    ref = open_source(f"cifar10:{path}", 32, seed=0)
+    assert np.array_equal(src.split("test").images, ref.split("test").images)
+    assert np.array_equal(src.split("train").labels, ref.split("train").labels)
+    objects = dict(members, test_batch={b"data": np.array([1, "x"], dtype=object), b"labels": [0]})
+    with pytest.raises(ConfigError, match="not a CIFAR batch"):
+        open_source(f"cifar10:{_write_tar(tmp_path / 'o.tar.gz', 'cifar-10-batches-py', objects)}", 32)
 
 
 def test_cifar_augment_deterministic():
