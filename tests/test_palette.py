@@ -74,12 +74,19 @@ def test_decode():
         pal.decode(np.full((1, 16), 512), 4, 4)
 
 
-@pytest.mark.parametrize("shape", [(512, 4), (600, 3), (3,)])
+@pytest.mark.parametrize("shape", [(512, 4), (600, 3), (511, 3), (1, 3), (3,)])
 def test_bad_palette_shapes(tmp_path, shape):
+    """The model has 512 outputs: a palette of any other size is refused on load and on construction."""
     p = tmp_path / "p.npy"
     np.save(p, np.zeros(shape, np.float32))
-    with pytest.raises(ConfigError, match="palette"):
+    with pytest.raises(ConfigError, match=r"p\.npy' must have shape \(512, 3\)") as e:
         Palette.load(str(p))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"shape \(512, 3\)"):
+        Palette(np.zeros(shape, np.float32))
+    if shape[0] != 512:
+        with pytest.raises(ConfigError, match="exactly 512 colours"):
+            Palette.fit(np.zeros((4, 8, 8, 3), np.uint8), k=shape[0])
 
 
 def test_bad_palette_files(tmp_path):
@@ -99,7 +106,7 @@ def test_fit_needs_enough_colours():
     with pytest.raises(ConfigError, match="only 2 distinct colours to fit 512"):
         Palette.fit(imgs, k=512)
     with pytest.raises(ConfigError, match="uint8"):
-        Palette.fit(imgs.astype(np.float32), k=2)
+        Palette.fit(imgs.astype(np.float32))
 
 
 def test_normalisation_matches_hf_on_every_byte_value():

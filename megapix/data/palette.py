@@ -3,6 +3,10 @@
 Encoding sits on every training path, so it is a table lookup: each distinct 24-bit colour is quantised once
 (with exactly HF ImageGPTImageProcessor's float32 arithmetic, so ids are identical) and remembered in a
 2^24-entry table. After the first few batches, encoding is one gather per pixel.
+
+A palette has exactly VOCAB_SIZE = 512 colours: the model has 512 outputs and every stage (training, sampling,
+export, fine-tuning) indexes them, so a palette of another size is refused where it is made or loaded rather
+than failing later at sampling time. There is no "non-model" palette size.
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import os
 import numpy as np
 import torch
 
-from megapix.config import ConfigError
+from megapix.config import VOCAB_SIZE, ConfigError
 
 
 # HF ImageGPTImageProcessor as installed without torchvision (its numpy/PIL backend, and every transformers 4.x):
@@ -39,14 +43,16 @@ def _nearest(x: torch.Tensor, centres: torch.Tensor, chunk: int = 65536) -> torc
 
 
 class Palette:
-    def __init__(self, centres: np.ndarray):
+    def __init__(self, centres: np.ndarray, where: str = "a palette"):
         centres = np.asarray(centres)
-        if centres.ndim != 2 or centres.shape[1] != 3 or centres.shape[0] < 1:
-            raise ConfigError(f"a palette has shape (k, 3) with k <= 512; got {centres.shape}")
-        if centres.shape[0] > 512:
-            raise ConfigError(f"a palette has at most 512 colours (the model's vocabulary); got {centres.shape[0]}")
-        if not np.isfinite(centres).all() or np.abs(centres).max() > 1.0 + 1e-6:
-            raise ConfigError("palette centres must be finite and lie in [-1, 1] (RGB scaled as x / 127.5 - 1)")
+        if centres.ndim != 2 or centres.shape[1] != 3 or centres.shape[0] != VOCAB_SIZE:
+            raise ConfigError(f"{where} must have shape ({VOCAB_SIZE}, 3), one row per model output; got "
+                              f"{centres.shape}; fit one (leave --palette unset) or pass a {VOCAB_SIZE}-colour "
+                              "kmeans_centers.npy")
+        if not np.issubdtype(centres.dtype, np.floating) or not np.isfinite(centres).all() \
+                or np.abs(centres).max() > 1.0 + 1e-6:
+            raise ConfigError(f"{where}: palette centres must be finite floats in [-1, 1] (RGB scaled as "
+                              "x / 127.5 - 1); fit one or pass a released kmeans_centers.npy")
         self.centres = centres.astype(np.float32)
         self._centres_t = torch.from_numpy(self.centres)
         self._table: np.ndarray | None = None  # 2^24 int16 ids, -1 = not computed yet
@@ -63,8 +69,9 @@ class Palette:
         try:
             centres = np.load(path, allow_pickle=False)
         except Exception as e:  # noqa: BLE001 - numpy raises several types for corrupt files
-            raise ConfigError(f"palette file {path!r} is not a readable .npy array ({e})") from None
-        return cls(centres)
+            raise ConfigError(f"palette file {path!r} is not a readable .npy array ({e}); fit a new one or pass "
+                              "a kmeans_centers.npy") from None
+        return cls(centres, f"palette file {path!r}")
 
     def save(self, path: str) -> None:
         from megapix.utils import atomic_path
@@ -75,19 +82,24 @@ class Palette:
 
     # ---- fitting ----
     @classmethod
-    def fit(cls, pixels: np.ndarray, k: int = 512, seed: int = 0, iters: int = 30, tol: float = 1e-6) -> "Palette":
+    def fit(cls, pixels: np.ndarray, k: int = VOCAB_SIZE, seed: int = 0, iters: int = 30,
+            tol: float = 1e-6) -> "Palette":
         """k-means (k-means++ init, then Lloyd) on uint8 RGB pixels [..., 3], scaled to [-1, 1].
 
         Runs on the distinct colours weighted by their counts: exactly Lloyd's algorithm on every pixel,
-        at the cost of the (much smaller) set of distinct colours.
+        at the cost of the (much smaller) set of distinct colours. `k` must be VOCAB_SIZE (512); callers name
+        it so the number is visible where a palette is made.
         """
+        if k != VOCAB_SIZE:
+            raise ConfigError(f"a palette has exactly {VOCAB_SIZE} colours (the model's outputs); got k={k}")
         pixels = np.asarray(pixels)
         if pixels.dtype != np.uint8 or pixels.shape[-1] != 3:
             raise ConfigError(f"Palette.fit takes uint8 RGB pixels [..., 3]; got {pixels.dtype} {pixels.shape}")
         keys = _pack(pixels.reshape(-1, 3))
         uniq, counts = np.unique(keys, return_counts=True)
         if len(uniq) < k:
-            raise ConfigError(f"only {len(uniq)} distinct colours to fit {k} centres; lower k or use more images")
+            raise ConfigError(f"only {len(uniq)} distinct colours to fit {k} centres; fit on more (or more varied) "
+                              "images, or pass --palette kmeans_centers.npy")
         x = _normalise(_unpack(uniq)).double()
         w = torch.from_numpy(counts).double()
         gen = torch.Generator().manual_seed(seed)
