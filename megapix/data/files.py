@@ -28,7 +28,6 @@ from megapix.data import augment as aug
 from megapix.data.sources import SPLITS, ArraySource, Source, Split, holdout
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
-PALETTE_FIT_IMAGES = 20000  # lazy sources fit the palette on a seeded sample of this many train images
 MANIFEST = "manifest.json"
 SHARDS_FORMAT = "megapix-shards"
 
@@ -211,19 +210,9 @@ def _check_size(h: int, w: int, resolution: int, what: str, fix: str) -> None:
 
 
 class _LazySource(Source):
-    """A source whose train split may be too large to load at once: fit the palette on a seeded sample."""
+    """A source whose splits are read on demand (the palette fit samples them: megapix.data.setup)."""
 
     seed = 0
-
-    def train_images_for_palette(self) -> np.ndarray:
-        s = self.split("train")
-        if s.images is None:
-            raise ConfigError(f"{self.name}: holds tokens, not images; it needs no palette fit")
-        n = len(s.images)
-        if isinstance(s.images, np.ndarray) or n <= PALETTE_FIT_IMAGES:
-            return np.asarray(s.images)
-        pick = np.sort(np.random.default_rng(self.seed).choice(n, PALETTE_FIT_IMAGES, replace=False))
-        return s.images[pick]
 
     def split(self, name: str) -> Split:
         if name not in self._splits:

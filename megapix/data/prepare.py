@@ -31,6 +31,7 @@ import numpy as np
 from megapix.config import VOCAB_SIZE, ConfigError
 from megapix.data.files import MANIFEST, SHARDS_FORMAT, open_shard, read_manifest
 from megapix.data.palette import Palette
+from megapix.data import setup as data_setup
 from megapix.data.sources import SPLITS, open_source
 from megapix.utils import atomic_path, write_json
 
@@ -127,10 +128,10 @@ def _plan(src, shard_size: int) -> dict:
     return splits
 
 
-def _resolve_palette(src, out, palette, fit_palette, seed, old, tokens_only):
+def _resolve_palette(src, spec, out, palette, fit, seed, old, tokens_only):
     """-> (Palette | None, manifest palette entry)."""
     dst = os.path.join(out, PALETTE_FILE)
-    if palette is not None and fit_palette:
+    if palette is not None and fit:
         raise ConfigError("pass either --palette FILE or --fit-palette, not both")
     if palette is not None:
         pal = Palette.load(palette)  # validates shape, range, readability
@@ -139,11 +140,14 @@ def _resolve_palette(src, out, palette, fit_palette, seed, old, tokens_only):
             with atomic_path(dst) as tmp:
                 shutil.copyfile(palette, tmp)
         return pal, {"file": PALETTE_FILE, "sha256": sha, "from": os.path.abspath(palette)}
-    if fit_palette:
+    if fit:
         prev = (old or {}).get("palette") or {}
         if prev.get("from") == "fit" and os.path.isfile(dst) and sha256_file(dst) == prev.get("sha256"):
             return Palette.load(dst), prev  # resume: the fit is deterministic, keep the one already made
-        pal = Palette.fit(src.train_images_for_palette(), k=VOCAB_SIZE, seed=seed)
+        train = src.split("train")
+        if train.images is None:
+            raise ConfigError(f"{spec}: holds tokens, not images; it needs no palette (drop --fit-palette)")
+        pal = data_setup.fit_palette(train.images, seed)  # the one fit rule, the same as training
         pal.save(dst)
         return pal, {"file": PALETTE_FILE, "sha256": sha256_file(dst), "from": "fit"}
     if tokens_only:
@@ -185,7 +189,7 @@ def prepare(spec: str, out: str, *, resolution: int, palette: str | None = None,
         diff = sorted(k for k in settings if (old.get("settings") or {}).get(k) != settings[k])
         raise ConfigError(f"--out {out!r} holds shards prepared with different settings ({', '.join(diff)}); "
                           "use a new --out directory or delete the old one")
-    pal, pal_entry = _resolve_palette(src, out, palette, fit_palette, seed, old, tokens_only)  # fit, then write
+    pal, pal_entry = _resolve_palette(src, spec, out, palette, fit_palette, seed, old, tokens_only)  # fit, then write
     os.makedirs(out, exist_ok=True)
     _clean_stale(out)
 
