@@ -12,6 +12,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from megapix.config import ConfigError
@@ -634,3 +635,35 @@ def test_load_splits_two_ranks_fit_once_and_share_errors(tmp_path):
         assert results[(data, 0)][0] == results[(data, 1)][0] == expect, dict(results)
         assert results[(data, 0)][1] == results[(data, 1)][1]
     assert "'synthetic:64'" in results[("synthetic:80", 1)][1] and "'synthetic:80'" in results[("synthetic:80", 1)][1]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the DataLoader path
+# ---------------------------------------------------------------------------------------------------------
+def test_microbatches_same_for_any_workers_and_across_resume(imagefolder, palette_file):
+    """ImageFolder with the paper's random crops, encoded in DataLoader workers: the same (tokens, mask) for 0
+    and 2 workers, for a fresh loader started at step k (resume), and after a jump back."""
+    from megapix.data.loader import GlobalBatches, MicroBatches, TokenData
+
+    src = open_source(f"imagefolder:{imagefolder}", 8, val_fraction=0.2, seed=0)
+    data = TokenData(src.split("train"), 64, Palette.load(palette_file), "train")
+    sched = GlobalBatches(len(data), 4, seed=3)  # 8 images, global batch 4: steps 0..5 cross 3 epochs
+
+    def run(workers, steps, dp_rank=1):
+        mb = MicroBatches(data, sched, dp_rank, 2, 1, 0.25, seed=3, num_workers=workers)
+        out = [mb(s) for s in steps]
+        mb.close()
+        return out
+
+    ref = run(0, range(6))
+    assert len(ref[0]) == 2 and ref[0][0][0].shape == (1, 64) and ref[0][0][1].shape == (1, 64)
+    assert not torch.equal(ref[0][0][0], ref[2][0][0])  # another epoch: other crops (or images)
+    for got in (run(2, range(6)), run(1, range(6))):
+        for a, b in zip(ref, got):
+            for (ta, ma), (tb, mb_) in zip(a, b):
+                assert torch.equal(ta, tb) and torch.equal(ma, mb_)
+    resumed = run(2, [3, 4, 5, 1])  # resume at 3, then a jump back restarts the loader
+    for a, b in zip([ref[3], ref[4], ref[5], ref[1]], resumed):
+        assert all(torch.equal(x[0], y[0]) for x, y in zip(a, b))
+    with pytest.raises(ConfigError, match="num_workers"):
+        MicroBatches(data, sched, 0, 2, 1, None, seed=3, num_workers=-1)

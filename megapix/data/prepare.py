@@ -71,12 +71,13 @@ def _clean_stale(out: str) -> None:
 _STATE: dict = {}
 
 
-def _init_worker(spec, resolution, val_fraction, seed, centres, threads=1):
+def _init_worker(spec, resolution, val_fraction, seed, palette_file, threads=1):
     import torch
 
     torch.set_num_threads(threads)
     _STATE["src"] = open_source(spec, resolution, val_fraction, seed, augment=False)
-    _STATE["palette"] = None if centres is None else Palette(centres)
+    # from the file prepare wrote into --out, so its cached colour table (palette.lut.npz) is shared
+    _STATE["palette"] = None if palette_file is None else Palette.load(palette_file)
 
 
 def _encode_shard(task) -> tuple:
@@ -236,7 +237,9 @@ def prepare(spec: str, out: str, *, resolution: int, palette: str | None = None,
     total = sum(t[3] - t[2] for t in todo)
     bar = tqdm(total=total, unit="img", desc=f"prepare {os.path.basename(out)}", disable=not progress,
                file=sys.stderr)
-    centres = None if pal is None else pal.centres
+    palette_file = None if pal is None else os.path.join(out, PALETTE_FILE)
+    if pal is not None:
+        pal = Palette.load(palette_file)  # the copy in --out: its colour table is cached there
 
     def done(result):
         name, i, nbytes, sha = result
@@ -256,7 +259,7 @@ def prepare(spec: str, out: str, *, resolution: int, palette: str | None = None,
             # spawn, not fork: workers use torch, whose thread pools are not fork-safe once used.
             ctx = mp.get_context("spawn")
             with ctx.Pool(min(workers, len(todo)), initializer=_init_worker,
-                          initargs=(spec, resolution, val_fraction, seed, centres)) as pool:
+                          initargs=(spec, resolution, val_fraction, seed, palette_file)) as pool:
                 for r in pool.imap_unordered(_encode_shard, todo):
                     done(r)
     finally:
