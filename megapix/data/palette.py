@@ -94,7 +94,7 @@ class _Search:
         self.centres_np = np.ascontiguousarray(centres, dtype=np.float32)
         self.centres = torch.from_numpy(self.centres_np)
         self.c2 = torch.sum(self.centres.t() ** 2, dim=0).numpy()  # as HF: over the transposed [3, k] matrix
-        self.planes = [np.ascontiguousarray(self.centres_np[:, i]) for i in range(3)] + [self.c2]
+        self.planes = np.concatenate([self.centres_np.T, self.c2[None]])  # [4, k]: x, y, z, |c|^2
         v = _NORM.astype(np.float64)
         lo, hi = v[np.arange(_NB) * _SIDE], v[np.arange(_NB) * _SIDE + _SIDE - 1]
         c = self.centres_np.astype(np.float64)
@@ -134,7 +134,7 @@ class _Search:
         best = pick = None
         for k in range(ids.shape[-1]):
             idk = ids[..., k]
-            c0, c1, c2, cc = (torch.from_numpy(plane[idk]) for plane in self.planes)  # contiguous gathers
+            c0, c1, c2, cc = torch.from_numpy(self.planes[:, idk])  # one gather; each row contiguous
             ab = torch.addcmul(torch.addcmul(x0 * c0, x1, c1), x2, c2)
             d = torch.sub(a2, ab, alpha=2).add_(cc)
             if best is None:
@@ -149,7 +149,7 @@ class _Search:
         cell = _cell_of(keys)
         width = _buckets(self.count)[cell]
         out = np.empty(len(keys), dtype=np.int64)
-        for w in np.unique(width):
+        for w in np.flatnonzero(np.bincount(width)):
             sel = np.flatnonzero(width == w)
             for s in range(0, len(sel), max(1, chunk // int(w))):
                 rows = sel[s:s + max(1, chunk // int(w))]
@@ -165,7 +165,7 @@ class _Search:
         base = np.stack(np.meshgrid(*[np.arange(_NB) * _SIDE] * 3, indexing="ij"), -1).reshape(-1, 3)
         out = np.empty((_NB**3, _SIDE**3), dtype=np.int16)
         width = _buckets(self.count)
-        for w in np.unique(width):
+        for w in np.flatnonzero(np.bincount(width)):
             cells = np.flatnonzero(width == w)
             step = max(1, chunk // (_SIDE**3 * int(w)))
             for s in range(0, len(cells), step):
@@ -285,7 +285,7 @@ class Palette:
         if not self._full:
             missing = ids < 0
             if missing.any():
-                new = np.unique(keys[missing])
+                new = _distinct(keys[missing])
                 if self.lut_path is not None and self._met + len(new) >= LUT_FULL_AFTER:
                     self.build_table()
                 else:
@@ -353,6 +353,12 @@ class Palette:
             raise ConfigError(f"token ids must lie in [0, {self.k}); got range [{tokens.min()}, {tokens.max()}]")
         rgb = np.rint(127.5 * (self.centres[tokens] + 1.0))
         return np.clip(rgb, 0, 255).astype(np.uint8).reshape(tokens.shape[0], height, width, 3)
+
+
+def _distinct(keys: np.ndarray) -> np.ndarray:
+    """Sorted distinct values (np.unique's hash path is several times slower on millions of int64 keys)."""
+    s = np.sort(keys)
+    return s[np.concatenate(([True], s[1:] != s[:-1]))] if len(s) else s
 
 
 def _pack(rgb: np.ndarray) -> np.ndarray:
