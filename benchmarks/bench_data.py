@@ -1,6 +1,6 @@
 """The ImageFolder training path: images/s at 0, 1, 2 DataLoader workers.
 
-    .venv/bin/python benchmarks/bench_data.py [--images 256] [--size 160] [--resolution 64] [--steps 8]
+    .venv/bin/python benchmarks/bench_data.py [--images 96] [--size 448] [--resolution 64] [--steps 8]
                                               [--workers 0,1,2]
 
 A temporary ImageFolder of JPEGs (--size px, smooth colour fields with noise, so they decode like photos) is
@@ -41,8 +41,8 @@ def make_folder(root: str, n: int, size: int, seed: int = 0) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--images", type=int, default=256)
-    p.add_argument("--size", type=int, default=160, help="side of the JPEGs in pixels")
+    p.add_argument("--images", type=int, default=96)
+    p.add_argument("--size", type=int, default=448, help="side of the JPEGs in pixels (ImageNet-like: ~450)")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--global-batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=8)
