@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     palette = args.palette
     if palette is None:
         from megapix.data.sources import open_source
-        from megapix.engine import fit_palette
+        from megapix.data import fit_palette
 
         from megapix.config import model_preset
 

@@ -9,7 +9,6 @@ its loss, its evaluation) is a task (megapix/tasks.py): pre-training and fine-tu
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
@@ -19,13 +18,13 @@ import torch
 import torch.distributed as dist
 
 from megapix.config import Config, ConfigError
-from megapix.data.loader import GlobalBatches, TokenData
+from megapix.data import load_splits
+from megapix.data.loader import GlobalBatches
 from megapix.dsconfig import make_ds_config, resolve, zero_stage_of
 from megapix.parallel.dist import barrier
-from megapix.parallel.layout import Layout, build_layout
+from megapix.parallel.layout import build_layout
 from megapix.runlog import MetricsLog, StopRequest, peak_memory_gb, refuse_existing_run
 from megapix.tasks import LMTask
-from megapix.utils import write_json
 
 EXIT_PREEMPTED = 75  # "checkpoint saved, requeue me" (EX_TEMPFAIL); slurm/ scripts rely on it
 
@@ -40,45 +39,6 @@ def device_peak_tflops(override: float | None) -> float | None:
         return None
     name = torch.cuda.get_device_name()
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-
-
-# load_data/fit_palette move to megapix.data (load_splits: one palette fit/reuse rule); every caller goes
-# through load_data, so the switch is one import.
-def load_data(cfg: Config, out: str, is_rank0: bool):
-    """Open the source, fit or load the palette (rank 0 fits once, the others wait and read it), and return
-    (train, val, test) as TokenData, plus the palette."""
-    from megapix.data.palette import Palette
-    from megapix.data.sources import open_source
-
-    m, d = cfg.model, cfg.data
-    source = open_source(d.source, m.resolution, d.val_fraction, cfg.train.seed, d.augment)
-    splits = {name: source.split(name) for name in ("train", "val", "test")}
-    palette = None
-    if splits["train"].images is not None:
-        saved = os.path.join(out, "palette.npy")
-        if d.palette:
-            palette = Palette.load(d.palette)
-        elif os.path.isfile(saved):
-            palette = Palette.load(saved)
-        else:
-            if is_rank0:
-                fit_palette(splits["train"].images, cfg.train.seed).save(saved)
-            barrier()
-            palette = Palette.load(saved)
-    return {name: TokenData(s, m.n_ctx, palette, f"{d.source} [{name}]") for name, s in splits.items()}, palette
-
-
-def fit_palette(images, seed: int, max_pixels: int = 4_000_000):
-    """k=512 k-means on (a seeded sample of at most max_pixels of) the training pixels."""
-    import numpy as np
-
-    from megapix.data.palette import Palette
-
-    n = len(images)
-    per_image = images.shape[1] * images.shape[2]
-    take = min(n, max(1, max_pixels // per_image))
-    idx = np.sort(np.random.default_rng(seed).choice(n, take, replace=False))
-    return Palette.fit(np.asarray(images[idx]).reshape(-1, 3), k=512, seed=seed)
 
 
 class Trainer:
@@ -103,7 +63,7 @@ class Trainer:
         self.shared_log = log
 
         if task is None:
-            task = LMTask(*load_data(cfg, self.out, self.is_rank0))
+            task = LMTask(*load_splits(cfg, self.out, self.is_rank0))
         self.task = task
         self.palette = getattr(task, "palette", None)
         self.splits = getattr(task, "splits", None)

@@ -409,22 +409,5 @@ def _model_summary(model) -> dict:
             "objective": c.objective, "parameters": sum(p.numel() for p in model.parameters())}
 
 
-def load(path: str, split: str, mmap: bool = True):
-    """(features [N, width] memory-mapped, labels [N] or None, manifest) of a complete extraction."""
-    man_path = os.path.join(path, "manifest.json")
-    if not os.path.isfile(man_path):
-        raise ConfigError(f"{path} has no manifest.json; run `megapix extract` (to completion) first")
-    with open(man_path) as f:
-        manifest = json.load(f)
-    if manifest.get("format") != FORMAT or not manifest.get("complete"):
-        raise ConfigError(f"{man_path} is not a complete megapix feature dump")
-    if split not in manifest["files"]:
-        raise ConfigError(f"{path} has no {split!r} split; it holds {', '.join(manifest['files'])}")
-    entry = manifest["files"][split]
-    feats = np.load(os.path.join(path, entry["features"]), mmap_mode="r" if mmap else None, allow_pickle=False)
-    labels = (np.load(os.path.join(path, entry["labels"]), allow_pickle=False) if entry.get("labels") else None)
-    return feats, labels, manifest
-
-
 if __name__ == "__main__":
     sys.exit(main())

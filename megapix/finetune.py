@@ -423,7 +423,8 @@ def main(argv=None) -> int:
     args, lrs = parse_args(argv)
     from megapix.data.loader import GlobalBatches, TokenData
     from megapix.data.sources import open_source
-    from megapix.engine import Trainer, load_data
+    from megapix.data import load_splits
+    from megapix.engine import Trainer
     from megapix.parallel.dist import barrier, is_rank0
     from megapix.parallel.launch import init_distributed
     from megapix.runlog import MetricsLog
@@ -436,7 +437,7 @@ def main(argv=None) -> int:
                       train=TrainConfig(seed=args.seed, out=out))
     if palette is None:  # the trainer's palette path: fitted once on rank 0 into --out, or reused from there
         os.makedirs(out, exist_ok=True)
-        token_data, palette = load_data(base_cfg, out, rank0)
+        token_data, palette = load_splits(base_cfg, out, rank0)
         splits = {s: td.split for s, td in token_data.items()}
     else:
         source = open_source(data_spec, config.resolution, args.val_fraction, args.seed, augment=True)

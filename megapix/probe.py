@@ -32,6 +32,69 @@ from megapix.config import ConfigError
 
 
 # ----------------------------------------------------------------------------------------------------------
+# reading a feature dump
+# ----------------------------------------------------------------------------------------------------------
+FEATURES_FORMAT = "megapix-features"
+
+
+def _redo(path: str) -> str:
+    return f"re-run `megapix extract --out {path}` (same arguments) to write it again"
+
+
+def _read_npy(path: str, what: str, dump: str, mmap: bool) -> np.ndarray:
+    """A .npy file of the dump, never unpickled; a missing, truncated or corrupt file is one ConfigError."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what} file {path!r} is missing; {_redo(dump)}")
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - numpy raises ValueError/EOFError/OSError/... for bad files
+        raise ConfigError(f"{what} file {path!r} is truncated or corrupt ({type(e).__name__}: {e}); "
+                          f"{_redo(dump)}") from None
+
+
+def load_split(path: str, split: str):
+    """(features [N, width] memory-mapped, labels int64 [N] or None, manifest) of one split of a complete
+    `megapix extract` dump. Every file is checked against the manifest (rows, width, label count), so a
+    truncated or mismatched file is refused in one line naming it instead of failing inside the solver."""
+    man_path = os.path.join(path, "manifest.json")
+    if not os.path.isfile(man_path):
+        raise ConfigError(f"{path} has no manifest.json; run `megapix extract` (to completion) first")
+    try:
+        with open(man_path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{man_path} is not readable JSON ({type(e).__name__}); {_redo(path)}") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if manifest.get("format") != FEATURES_FORMAT or not manifest.get("complete") or not isinstance(files, dict):
+        raise ConfigError(f"{man_path} is not a complete megapix feature dump; {_redo(path)}")
+    if split not in files:
+        raise ConfigError(f"{path} has no {split!r} split; it holds {', '.join(files)}")
+    entry = files[split] if isinstance(files[split], dict) else {}
+    if not isinstance(entry.get("features"), str):
+        raise ConfigError(f"{man_path} names no features file for {split!r}; {_redo(path)}")
+    fpath = os.path.join(path, entry["features"])
+    feats = _read_npy(fpath, "features", path, mmap=True)
+    try:
+        width = len(manifest["layers"]) * int(manifest["d_model"])
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError(f"{man_path} lacks its layers/d_model; {_redo(path)}") from None
+    rows = (manifest.get("counts") or {}).get(split)
+    if feats.ndim != 2 or not np.issubdtype(feats.dtype, np.floating) or feats.shape[1] != width \
+            or (rows is not None and feats.shape[0] != rows):
+        raise ConfigError(f"features file {fpath!r} is {feats.dtype} {feats.shape} but the manifest says float "
+                          f"({rows if rows is not None else 'N'}, {width}); {_redo(path)}")
+    labels = None
+    if entry.get("labels"):
+        lpath = os.path.join(path, entry["labels"])
+        labels = _read_npy(lpath, "labels", path, mmap=False)
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or len(labels) != feats.shape[0] \
+                or (len(labels) and labels.min() < 0):
+            raise ConfigError(f"labels file {lpath!r} is {labels.dtype} {labels.shape} but the features have "
+                              f"{feats.shape[0]} rows (non-negative integer labels expected); {_redo(path)}")
+    return feats, labels, manifest
+
+
+# ----------------------------------------------------------------------------------------------------------
 # the probe itself
 # ----------------------------------------------------------------------------------------------------------
 class Standardizer:
@@ -160,8 +223,6 @@ def _labels(y, split):
 
 
 def main(argv=None) -> int:
-    from megapix.features import load
-
     args = parse_args(argv)
     try:
         grid = [float(x) for x in args.l2.split(",") if x]
@@ -169,12 +230,10 @@ def main(argv=None) -> int:
         raise ConfigError(f"cannot parse --l2 {args.l2!r}; use e.g. {DEFAULT_GRID}") from None
     if not grid or any(g < 0 for g in grid):
         raise ConfigError("--l2 needs one or more non-negative values")
-    Xtr, ytr, man = load(args.dir, "train")
-    Xva, yva, _ = load(args.dir, "val")
-    try:
-        Xte, yte, _ = load(args.dir, "test")
-    except ConfigError:
-        Xte, yte = None, None
+    Xtr, ytr, man = load_split(args.dir, "train")
+    Xva, yva, _ = load_split(args.dir, "val")
+    # no test split is fine (its numbers are left out); a damaged one is an error like any other file
+    Xte, yte = load_split(args.dir, "test")[:2] if "test" in man["files"] else (None, None)
     ytr, yva = _labels(ytr, "train"), _labels(yva, "val")
     yte = None if yte is None else torch.from_numpy(np.asarray(yte, dtype=np.int64))
     num_classes = int(man.get("num_classes") or int(max(ytr.max(), yva.max())) + 1)

@@ -5,7 +5,6 @@ one position at a time, so a T-token image costs T small steps instead of T full
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import numpy as np

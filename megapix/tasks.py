@@ -97,7 +97,7 @@ class LMTask:
         cfg, lay, t = trainer.cfg, trainer.layout, trainer.cfg.train
         rate = cfg.model.mask_rate if self.bert else None
         self.batches = MicroBatches(self.splits["train"], trainer.schedule, lay.dp_rank, lay.dp,
-                                    trainer.micro_batch, rate, t.seed)
+                                    trainer.micro_batch, rate, t.seed, num_workers=cfg.data.num_workers)
         # The evaluation set: the first eval_batches x global_batch validation images, whatever the layout.
         val = self.splits["val"]
         self.n_eval = min(len(val), t.eval_batches * t.global_batch)

@@ -5,11 +5,14 @@ import io
 import json
 import os
 import pickle
+import subprocess
+import sys
 import tarfile
 import warnings
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from megapix.config import ConfigError
@@ -17,6 +20,7 @@ from megapix.data.augment import cifar_augment
 from megapix.data.files import FILE_SOURCES, ConcatArray, ImageFolderImages, Subset
 from megapix.data.palette import Palette
 from megapix.data.prepare import prepare, prepare_main
+from megapix.data.setup import fit_sample
 from megapix.data.sources import open_source
 
 RNG = np.random.default_rng(0)
@@ -186,6 +190,66 @@ def test_cifar_errors(cifar10_tar, tmp_path):
         open_source("cifar10:", 32)
 
 
+class _Payload:
+    """Unpickling this runs code: it creates the file `marker`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+def test_cifar_crafted_pickle_never_runs(cifar10_tar, tmp_path):
+    path, members = cifar10_tar
+    control = tmp_path / "control"
+    pickle.loads(pickle.dumps(_Payload(str(control)), protocol=2))  # the payload works when unpickled naively
+    assert control.exists()
+    marker = tmp_path / "marker"
+    evil = _write_tar(tmp_path / "evil.tar.gz", "cifar-10-batches-py",
+                      dict(members, data_batch_1={b"data": _Payload(str(marker)), b"labels": [0]}))
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "megapix", "prepare", "--data", f"cifar10:{evil}", "--fit-palette",
+                        "--resolution", "32", "--out", str(out), "--workers", "1", "--no-progress"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "data_batch_1" in lines[0] and "evil.tar.gz" in lines[0], r.stderr
+    assert "references __builtin__.exec" in lines[0] and "re-download" in lines[0]
+    assert not marker.exists() and not out.exists()
+
+
+def test_cifar_numpy1_pickles_load(cifar10_tar, tmp_path):
+    """Batches written under numpy 1 name numpy.core.multiarray (the official tarball does): admitted."""
+    path, members = cifar10_tar
+    old = {}
+    for name, obj in members.items():
+        raw = pickle.dumps(obj, protocol=2)
+        assert b"numpy._core.multiarray\n_reconstruct" in raw or name == "batches.meta"
+        old[name] = raw.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
+    src = open_source(f"cifar10:{_write_tar(tmp_path / 'np1.tar.gz', 'cifar-10-batches-py', old)}", 32, seed=0)
+    ref = open_source(f"cifar10:{path}", 32, seed=0)
+    assert np.array_equal(src.split("test").images, ref.split("test").images)
+    assert np.array_equal(src.split("train").labels, ref.split("train").labels)
+    objects = dict(members, test_batch={b"data": np.array([1, "x"], dtype=object), b"labels": [0]})
+    with pytest.raises(ConfigError, match="not a CIFAR batch"):
+        open_source(f"cifar10:{_write_tar(tmp_path / 'o.tar.gz', 'cifar-10-batches-py', objects)}", 32)
+
+
+@pytest.mark.parametrize("spec", ["synthetic:abc", "synthetic:0", "synthetic:-1", "synthetic:1e3",
+                                  "synthetic:100001", "digits:x", "foo", "foo:bar", "", "cifar10:"])
+def test_malformed_specs_name_the_grammar(spec):
+    with pytest.raises(ConfigError) as e:
+        open_source(spec, 8)
+    msg = str(e.value)
+    assert "\n" not in msg
+    if spec == "cifar10:":
+        assert "needs a path: 'cifar10:PATH'" in msg
+    else:
+        assert repr(spec) in msg
+        assert "digits | synthetic[:N] | cifar10:PATH" in msg and "npy:IMAGES.npy[,LABELS.npy]" in msg
+
+
 def test_cifar_augment_deterministic():
     x = RNG.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
     a = cifar_augment(x, np.arange(6), epoch=0, seed=1)
@@ -224,7 +288,7 @@ def test_imagefolder_splits_and_views(imagefolder):
     again = open_source(f"imagefolder:{imagefolder}", 8, val_fraction=0.2, seed=0).split("val")
     assert again.images.files == va.images.files and other.images.files != va.images.files
     # palette fitting gets real pixels
-    assert src.train_images_for_palette().shape == (8, 8, 8, 3)
+    assert fit_sample(src.split("train").images, 0).shape == (8, 8, 8, 3)
 
 
 def test_imagefolder_eval_crop_is_centre_square(tmp_path):
@@ -319,8 +383,8 @@ def test_igpt_tokens(tmp_path):
         assert tr.tokens.shape == (30, 64)
         assert np.array_equal(te.labels, np.load(d / "cifar10_teY.npy").argmax(1))
         assert np.array_equal(np.asarray(tr.tokens), np.load(d / "cifar10_trX.npy"))
-    with pytest.raises(ConfigError, match="no palette fit"):
-        open_source(f"igpt:{d}", 8).train_images_for_palette()
+    with pytest.raises(ConfigError, match=r"holds tokens, not images.*drop --fit-palette"):
+        prepare(f"igpt:{d}", str(tmp_path / "out"), resolution=8, fit_palette=True, progress=False)
 
 
 def test_igpt_errors(tmp_path):
@@ -430,7 +494,7 @@ def test_prepare_and_shard_errors(tmp_path, palette_file):
     with pytest.raises(ConfigError, match="palette file .* does not exist"):
         prepare(spec, out, resolution=8, palette=str(tmp_path / "none.npy"), progress=False)
     np.save(tmp_path / "bad.npy", np.zeros((512, 4), np.float32))
-    with pytest.raises(ConfigError, match=r"\(k, 3\)"):
+    with pytest.raises(ConfigError, match=r"\(512, 3\)"):
         prepare(spec, out, resolution=8, palette=str(tmp_path / "bad.npy"), progress=False)
     with pytest.raises(ConfigError, match="8x8 but the model expects 4x4"):
         prepare(spec, out, resolution=4, palette=palette_file, progress=False)
@@ -463,3 +527,143 @@ def test_prepare_and_shard_errors(tmp_path, palette_file):
     open(mf, "w").write("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         open_source(f"shards:{out}", 8)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# load_splits: the one palette fit / reuse rule
+# ---------------------------------------------------------------------------------------------------------
+def _cfg(data="synthetic:64", seed=0, palette=None):
+    from megapix.config import Config, DataConfig, TrainConfig, model_preset
+
+    return Config(model=model_preset("tiny"), data=DataConfig(source=data, palette=palette),
+                  train=TrainConfig(seed=seed))
+
+
+def test_load_splits_fits_once_and_reuses_only_a_matching_palette(tmp_path, palette_file):
+    from megapix.data import fit_palette, load_splits
+    from megapix.data.setup import FIT_PIXELS, read_record
+
+    out = str(tmp_path / "run")
+    splits, pal = load_splits(_cfg(), out, True)
+    assert set(splits) == {"train", "val", "test"} and pal.centres.shape == (512, 3)
+    rec = read_record(out)
+    assert rec["from"] == "fit" and rec["data"] == "synthetic:64" and rec["seed"] == 0
+    assert rec["fit"]["max_pixels"] == FIT_PIXELS and rec["sample"]["images"] == len(splits["train"])
+    saved = os.path.join(out, "palette.npy")
+    # the one rule: the same palette as fit_palette and as `megapix prepare --fit-palette`
+    assert np.array_equal(pal.centres, fit_palette(splits["train"].split.images, 0).centres)
+    prepare("synthetic:64", str(tmp_path / "shards"), resolution=8, fit_palette=True, progress=False)
+    assert np.array_equal(Palette.load(str(tmp_path / "shards" / "palette.npy")).centres, pal.centres)
+    assert len(np.unique(splits["train"].tokens(np.arange(8)))) > 1
+
+    before = open(saved, "rb").read(), os.path.getmtime(saved)
+    _, again = load_splits(_cfg(), out, True)  # same spec and settings: reused, not rewritten
+    assert np.array_equal(again.centres, pal.centres) and (open(saved, "rb").read(), os.path.getmtime(saved)) == before
+
+    for cfg, words in ((_cfg("synthetic:80"), "'synthetic:64'.*'synthetic:80'"), (_cfg(seed=1), "seed 0.*seed 1"),
+                       (_cfg(palette=palette_file), "differs from --palette")):
+        with pytest.raises(ConfigError, match=words) as e:
+            load_splits(cfg, out, True)
+        assert "choose another --out" in str(e.value) and "--palette" in str(e.value) and "\n" not in str(e.value)
+        assert open(saved, "rb").read() == before[0]  # never overwritten
+
+    # an edited palette.npy no longer matches its record: refused; passing it explicitly accepts it as it is
+    Palette(np.zeros((512, 3), np.float32)).save(saved)
+    with pytest.raises(ConfigError, match="no matching record"):
+        load_splits(_cfg(), out, True)
+    _, used = load_splits(_cfg(palette=saved), out, True)
+    assert not used.centres.any() and read_record(out)["from"] == saved
+
+
+def test_load_splits_palette_file_and_leftovers(tmp_path, palette_file):
+    from megapix.data import load_splits
+    from megapix.data.setup import read_record
+
+    out = tmp_path / "run"
+    _, pal = load_splits(_cfg(palette=palette_file), str(out), True)  # copied into the run with its record
+    assert open(out / "palette.npy", "rb").read() == open(palette_file, "rb").read()
+    assert read_record(str(out))["from"] == palette_file
+    with pytest.raises(ConfigError, match="copied from --palette.*this run would fit"):
+        load_splits(_cfg(), str(out), True)
+    # a palette.npy with no record (an older run, another tool): refused, named, left alone
+    old = tmp_path / "old"
+    old.mkdir()
+    Palette.load(palette_file).save(str(old / "palette.npy"))
+    with pytest.raises(ConfigError, match=r"no matching record.*old/palette.npy to train on the palette already there"):
+        load_splits(_cfg(), str(old), True)
+    # token sources need no palette and write nothing
+    d = _igpt_dir(tmp_path)
+    splits, none = load_splits(_cfg(f"igpt:{d}/cifar10"), str(tmp_path / "tok"), True)
+    assert none is None and not (tmp_path / "tok").exists() and len(splits["train"]) == 30
+    # a data error leaves no --out behind
+    with pytest.raises(ConfigError):
+        load_splits(_cfg(f"npy:{tmp_path}/missing.npy"), str(tmp_path / "bad"), True)
+    assert not (tmp_path / "bad").exists()
+
+
+def _two_ranks(rank, out, port, results):
+    import torch.distributed as tdist
+
+    from megapix.data import load_splits
+
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        for data in ("synthetic:64", "synthetic:80"):  # the second run's data differs from the saved palette's
+            try:
+                _, pal = load_splits(_cfg(data), out, rank == 0)
+                results[(data, rank)] = ("ok", pal.centres.tobytes())
+            except ConfigError as e:
+                results[(data, rank)] = ("ConfigError", str(e))
+            tdist.barrier()
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_load_splits_two_ranks_fit_once_and_share_errors(tmp_path):
+    """Rank 0 fits while rank 1 waits and reads the same file; a refusal on rank 0 is a one-line ConfigError on
+    every rank (no rank left waiting)."""
+    import socket
+
+    import torch.multiprocessing as tmp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = tmp.Manager().dict()
+    tmp.spawn(_two_ranks, args=(str(tmp_path / "run"), port, results), nprocs=2, join=True)
+    for data, expect in (("synthetic:64", "ok"), ("synthetic:80", "ConfigError")):
+        assert results[(data, 0)][0] == results[(data, 1)][0] == expect, dict(results)
+        assert results[(data, 0)][1] == results[(data, 1)][1]
+    assert "'synthetic:64'" in results[("synthetic:80", 1)][1] and "'synthetic:80'" in results[("synthetic:80", 1)][1]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the DataLoader path
+# ---------------------------------------------------------------------------------------------------------
+def test_microbatches_same_for_any_workers_and_across_resume(imagefolder, palette_file):
+    """ImageFolder with the paper's random crops, encoded in DataLoader workers: the same (tokens, mask) for 0
+    and 2 workers, for a fresh loader started at step k (resume), and after a jump back."""
+    from megapix.data.loader import GlobalBatches, MicroBatches, TokenData
+
+    src = open_source(f"imagefolder:{imagefolder}", 8, val_fraction=0.2, seed=0)
+    data = TokenData(src.split("train"), 64, Palette.load(palette_file), "train")
+    sched = GlobalBatches(len(data), 4, seed=3)  # 8 images, global batch 4: steps 0..5 cross 3 epochs
+
+    def run(workers, steps, dp_rank=1):
+        mb = MicroBatches(data, sched, dp_rank, 2, 1, 0.25, seed=3, num_workers=workers)
+        out = [mb(s) for s in steps]
+        mb.close()
+        return out
+
+    ref = run(0, range(6))
+    assert len(ref[0]) == 2 and ref[0][0][0].shape == (1, 64) and ref[0][0][1].shape == (1, 64)
+    assert not torch.equal(ref[0][0][0], ref[2][0][0])  # another epoch: other crops (or images)
+    for got in (run(2, range(6)), run(1, range(6))):
+        for a, b in zip(ref, got):
+            for (ta, ma), (tb, mb_) in zip(a, b):
+                assert torch.equal(ta, tb) and torch.equal(ma, mb_)
+    resumed = run(2, [3, 4, 5, 1])  # resume at 3, then a jump back restarts the loader
+    for a, b in zip([ref[3], ref[4], ref[5], ref[1]], resumed):
+        assert all(torch.equal(x[0], y[0]) for x, y in zip(a, b))
+    with pytest.raises(ConfigError, match="num_workers"):
+        MicroBatches(data, sched, 0, 2, 1, None, seed=3, num_workers=-1)

@@ -38,7 +38,7 @@ def palette_path() -> str:
         import tempfile
 
         from megapix.data.sources import open_source
-        from megapix.engine import fit_palette
+        from megapix.data import fit_palette
 
         path = os.path.join(tempfile.mkdtemp(prefix="megapix-palette-"), "palette.npy")
         fit_palette(open_source("digits", 8, None, 0, True).split("train").images, 0, max_pixels=16384).save(path)

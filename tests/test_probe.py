@@ -77,3 +77,47 @@ def test_probe_cli_errors(tmp_path, capsys):
     assert "no manifest.json" in capsys.readouterr().err
     _dump(str(tmp_path), [1, 2], 4, {"train": 40, "val": 20})
     assert main(["probe", str(tmp_path), "--layers", "3"]) == 2
+
+
+def _truncate(p, keep):
+    data = open(p, "rb").read()
+    with open(p, "wb") as f:
+        f.write(data[:keep(len(data))])
+
+
+@pytest.mark.parametrize("damage", ["features_truncated", "features_header", "labels_empty", "labels_pickled",
+                                    "labels_short", "features_width", "test_truncated", "manifest_torn"])
+def test_probe_damaged_dump_is_one_line(tmp_path, capsys, damage):
+    """Truncated, corrupt or mismatched files of a feature dump: exit 2, one line naming the file and the fix;
+    nothing is unpickled; a damaged test split is an error, not silently dropped."""
+    from megapix.cli import main
+
+    d = str(tmp_path)
+    _dump(d, [1, 2], 4, {"train": 40, "val": 20, "test": 10})
+    marker = tmp_path / "marker"
+    target = {"features_truncated": "train_features.npy", "features_header": "val_features.npy",
+              "labels_empty": "train_labels.npy", "labels_pickled": "val_labels.npy",
+              "labels_short": "train_labels.npy", "features_width": "train_features.npy",
+              "test_truncated": "test_features.npy", "manifest_torn": "manifest.json"}[damage]
+    p = os.path.join(d, target)
+    if damage in ("features_truncated", "test_truncated"):
+        _truncate(p, lambda n: n - 50)
+    elif damage == "features_header":
+        _truncate(p, lambda n: 20)
+    elif damage == "labels_empty":
+        _truncate(p, lambda n: 0)
+    elif damage == "labels_pickled":
+        class Payload:
+            def __reduce__(self):
+                return (exec, (f"open({str(marker)!r}, 'w').close()",))
+        np.save(p, np.array([Payload()] * 20, dtype=object), allow_pickle=True)
+    elif damage == "labels_short":
+        np.save(p, np.zeros(39, np.int64))
+    elif damage == "features_width":
+        np.save(p, np.zeros((40, 7), np.float32))
+    elif damage == "manifest_torn":
+        _truncate(p, lambda n: n // 2)
+    assert main(["probe", d, "--max-iter", "5", "--l2", "1e-3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and target in err and "megapix extract" in err, err
+    assert not marker.exists()

@@ -14,6 +14,7 @@ model) raises megapix.config.ConfigError with one line naming the problem and th
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+import io
 import json
 import os
 import pickle
@@ -27,7 +28,6 @@ from megapix.data import augment as aug
 from megapix.data.sources import SPLITS, ArraySource, Source, Split, holdout
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
-PALETTE_FIT_IMAGES = 20000  # lazy sources fit the palette on a seeded sample of this many train images
 MANIFEST = "manifest.json"
 SHARDS_FORMAT = "megapix-shards"
 
@@ -210,19 +210,9 @@ def _check_size(h: int, w: int, resolution: int, what: str, fix: str) -> None:
 
 
 class _LazySource(Source):
-    """A source whose train split may be too large to load at once: fit the palette on a seeded sample."""
+    """A source whose splits are read on demand (the palette fit samples them: megapix.data.setup)."""
 
     seed = 0
-
-    def train_images_for_palette(self) -> np.ndarray:
-        s = self.split("train")
-        if s.images is None:
-            raise ConfigError(f"{self.name}: holds tokens, not images; it needs no palette fit")
-        n = len(s.images)
-        if isinstance(s.images, np.ndarray) or n <= PALETTE_FIT_IMAGES:
-            return np.asarray(s.images)
-        pick = np.sort(np.random.default_rng(self.seed).choice(n, PALETTE_FIT_IMAGES, replace=False))
-        return s.images[pick]
 
     def split(self, name: str) -> Split:
         if name not in self._splits:
@@ -241,12 +231,68 @@ _CIFAR = {
 }
 
 
-def _unpickle_cifar(raw: bytes, where: str, spec: dict) -> tuple[np.ndarray, np.ndarray]:
-    # The official CIFAR "python version" is a set of pickled dicts, so pickle is unavoidable here. It is only
-    # ever applied to the fixed member names of the known tarball layout (never to an arbitrary user path), and
-    # everything it returns is checked for type and shape before use.
+def _latin1_encode(text, encoding="latin1"):
+    # protocol-2 pickles written by Python 3 carry bytes as _codecs.encode(str, "latin1"); nothing else
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise _Refused(f"_codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+def _plain_dtype(*args):
+    dt = np.dtype(*args)
+    if dt.hasobject:  # object arrays would unpickle arbitrary objects from their payload
+        raise _Refused(f"an array of dtype {dt}")
+    return dt
+
+
+def _cifar_globals() -> dict:
+    """The only callables a CIFAR batch pickle may name: numpy's array reconstruction under the numpy 1
+    (numpy.core) and numpy 2 (numpy._core) module paths, and the latin-1 bytes codec."""
     try:
-        d = pickle.loads(raw, encoding="bytes")  # noqa: S301 - see the comment above
+        from numpy._core.multiarray import _reconstruct
+        from numpy._core.numeric import _frombuffer
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+        from numpy.core.numeric import _frombuffer
+    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _plain_dtype,
+               ("_codecs", "encode"): _latin1_encode}
+    for core in ("numpy.core", "numpy._core"):
+        allowed[(f"{core}.multiarray", "_reconstruct")] = _reconstruct
+        allowed[(f"{core}.numeric", "_frombuffer")] = _frombuffer
+    return allowed
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR python batch holds (dicts, lists, bytes/str, ints, plain numpy arrays):
+    every other global is refused before it is resolved, so a crafted member cannot run code."""
+
+    _allowed = None
+
+    def find_class(self, module, name):
+        if _CifarUnpickler._allowed is None:
+            _CifarUnpickler._allowed = _cifar_globals()
+        obj = self._allowed.get((module, name))
+        if obj is None:
+            raise _Refused(f"{module}.{name}")
+        return obj
+
+    def persistent_load(self, pid):
+        raise _Refused("a persistent id")
+
+
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
+def _unpickle_cifar(raw: bytes, where: str, spec: dict) -> tuple[np.ndarray, np.ndarray]:
+    # The official CIFAR "python version" is a set of pickled dicts. They are read with _CifarUnpickler,
+    # which admits only numpy array reconstruction, so no member can execute code; everything it returns is
+    # then checked for type and shape before use.
+    try:
+        d = _CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except _Refused as e:
+        raise ConfigError(f"{where} is not a CIFAR batch: it references {e}, which a CIFAR batch never holds "
+                          "(refused without running it); re-download the tarball") from None
     except Exception as e:  # noqa: BLE001
         raise ConfigError(f"{where} is not a readable CIFAR batch ({type(e).__name__}); re-download the tarball") from None
     if not isinstance(d, dict) or b"data" not in d or spec["key"] not in d:

@@ -100,38 +100,94 @@ def bert_mask(step: int, rows: int, n_ctx: int, rate: float, seed: int, salt: in
     return torch.from_numpy(mask)
 
 
+class MicroBatchSampler(torch.utils.data.Sampler):
+    """The stateless schedule as a DataLoader sampler: from `start_step` on, one item per micro-batch of this
+    rank, (step, rows [micro], epochs [micro]). Endless; the consumer stops when training does."""
+
+    def __init__(self, schedule: GlobalBatches, dp_rank: int, per_rank: int, micro_batch: int, start_step: int):
+        self.schedule, self.dp_rank, self.per_rank, self.micro_batch = schedule, dp_rank, per_rank, micro_batch
+        self.start_step = start_step
+
+    def __iter__(self):
+        step = self.start_step
+        lo = self.dp_rank * self.per_rank
+        while True:
+            idx, epochs = self.schedule.indices(step)
+            for a in range(lo, lo + self.per_rank, self.micro_batch):
+                yield step, idx[a:a + self.micro_batch], epochs[a:a + self.micro_batch]
+            step += 1
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Decode, augment and encode one micro-batch (a MicroBatchSampler item) into palette ids [micro, T]; this is
+    the work DataLoader workers do. Keyed only by (rows, epochs, seed), so any worker gives the same tokens."""
+
+    def __init__(self, data: TokenData, seed: int):
+        self.data, self.seed = data, seed
+
+    def __getitem__(self, item) -> torch.Tensor:
+        _, rows, epochs = item
+        tokens = torch.empty((len(rows), self.data.n_ctx), dtype=torch.int64)
+        for e in np.unique(epochs):  # augmentation is seeded per epoch; keep row order
+            sel = np.flatnonzero(epochs == e)
+            tokens[torch.from_numpy(sel)] = self.data.tokens(rows[sel], int(e), self.seed)
+        return tokens
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)  # the workers are the parallelism; intra-op threads would oversubscribe the CPUs
+
+
 class MicroBatches:
-    """This data-parallel rank's micro-batches of global batch `step`: (tokens, mask) pairs."""
+    """This data-parallel rank's micro-batches of global batch `step`: (tokens, mask) pairs.
+
+    With num_workers > 0, a torch DataLoader (TokenDataset + MicroBatchSampler) prepares the coming micro-batches
+    in worker processes while the model trains; steps asked in order are served from it, and a jump (resume,
+    re-run of a step) restarts it at that step. Batches are identical for any number of workers.
+    """
 
     def __init__(self, data: TokenData, schedule: GlobalBatches, dp_rank: int, dp_size: int, micro_batch: int,
-                 bert_rate: float | None, seed: int):
+                 bert_rate: float | None, seed: int, num_workers: int = 0, prefetch_factor: int = 2):
         per_rank = schedule.global_batch // dp_size
         if per_rank * dp_size != schedule.global_batch or per_rank % micro_batch:
             raise ConfigError(f"global batch {schedule.global_batch} does not split into {dp_size} data-parallel "
                               f"ranks x micro-batches of {micro_batch}; pick a global batch divisible by both")
+        if num_workers < 0:
+            raise ConfigError(f"data.num_workers={num_workers} must be >= 0 (0: prepare batches in this process)")
         self.data, self.schedule = data, schedule
         self.dp_rank, self.per_rank, self.micro_batch = dp_rank, per_rank, micro_batch
         self.bert_rate, self.seed = bert_rate, seed
+        self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        self.dataset = TokenDataset(data, seed)
+        self._it, self._next_step = None, None
 
-    @property
-    def accumulation_steps(self) -> int:
-        return self.per_rank // self.micro_batch
+    def _loader(self, start_step: int):
+        sampler = MicroBatchSampler(self.schedule, self.dp_rank, self.per_rank, self.micro_batch, start_step)
+        loader = torch.utils.data.DataLoader(self.dataset, sampler=sampler, batch_size=None,
+                                             num_workers=self.num_workers, prefetch_factor=self.prefetch_factor,
+                                             worker_init_fn=_worker_init, persistent_workers=False)
+        return iter(loader)
+
+    def close(self) -> None:
+        """Stop the worker processes (they also stop when this object is collected)."""
+        self._it, self._next_step = None, None
 
     def __call__(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        idx, epochs = self.schedule.indices(step)
-        lo = self.dp_rank * self.per_rank
+        n_micro = self.per_rank // self.micro_batch
+        if self.num_workers == 0:
+            items = iter(MicroBatchSampler(self.schedule, self.dp_rank, self.per_rank, self.micro_batch, step))
+            tokens = [self.dataset[next(items)] for _ in range(n_micro)]
+        else:
+            if self._it is None or self._next_step != step:
+                self._it = self._loader(step)
+            tokens = [next(self._it) for _ in range(n_micro)]
+            self._next_step = step + 1
         mask = None
         if self.bert_rate is not None:
             mask = bert_mask(step, self.schedule.global_batch, self.data.n_ctx, self.bert_rate, self.seed)
-        out = []
-        for a in range(lo, lo + self.per_rank, self.micro_batch):
-            sl = slice(a, a + self.micro_batch)
-            tokens = torch.empty((self.micro_batch, self.data.n_ctx), dtype=torch.int64)
-            for e in np.unique(epochs[sl]):  # augmentation is seeded per epoch; keep row order
-                rows = np.flatnonzero(epochs[sl] == e)
-                tokens[torch.from_numpy(rows)] = self.data.tokens(idx[sl][rows], int(e), self.seed)
-            out.append((tokens, None if mask is None else mask[sl]))
-        return out
+        lo = self.dp_rank * self.per_rank
+        return [(t, None if mask is None else mask[lo + i * self.micro_batch:lo + (i + 1) * self.micro_batch])
+                for i, t in enumerate(tokens)]
 
 
 def fixed_batches(data: TokenData, n_batches: int, batch: int, bert_rate: float | None, seed: int):

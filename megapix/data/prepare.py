@@ -30,6 +30,7 @@ import numpy as np
 from megapix.config import VOCAB_SIZE, ConfigError
 from megapix.data.files import MANIFEST, SHARDS_FORMAT, open_shard, read_manifest
 from megapix.data.palette import Palette
+from megapix.data import setup as data_setup
 from megapix.data.sources import SPLITS, open_source
 from megapix.utils import atomic_path, write_json
 
@@ -69,12 +70,13 @@ def _clean_stale(out: str) -> None:
 _STATE: dict = {}
 
 
-def _init_worker(spec, resolution, val_fraction, seed, centres, threads=1):
+def _init_worker(spec, resolution, val_fraction, seed, palette_file, threads=1):
     import torch
 
     torch.set_num_threads(threads)
     _STATE["src"] = open_source(spec, resolution, val_fraction, seed, augment=False)
-    _STATE["palette"] = None if centres is None else Palette(centres)
+    # from the file prepare wrote into --out, so its cached colour table (palette.lut.npz) is shared
+    _STATE["palette"] = None if palette_file is None else Palette.load(palette_file)
 
 
 def _encode_shard(task) -> tuple:
@@ -126,10 +128,10 @@ def _plan(src, shard_size: int) -> dict:
     return splits
 
 
-def _resolve_palette(src, out, palette, fit_palette, seed, old, tokens_only):
+def _resolve_palette(src, spec, out, palette, fit, seed, old, tokens_only):
     """-> (Palette | None, manifest palette entry)."""
     dst = os.path.join(out, PALETTE_FILE)
-    if palette is not None and fit_palette:
+    if palette is not None and fit:
         raise ConfigError("pass either --palette FILE or --fit-palette, not both")
     if palette is not None:
         pal = Palette.load(palette)  # validates shape, range, readability
@@ -138,11 +140,14 @@ def _resolve_palette(src, out, palette, fit_palette, seed, old, tokens_only):
             with atomic_path(dst) as tmp:
                 shutil.copyfile(palette, tmp)
         return pal, {"file": PALETTE_FILE, "sha256": sha, "from": os.path.abspath(palette)}
-    if fit_palette:
+    if fit:
         prev = (old or {}).get("palette") or {}
         if prev.get("from") == "fit" and os.path.isfile(dst) and sha256_file(dst) == prev.get("sha256"):
             return Palette.load(dst), prev  # resume: the fit is deterministic, keep the one already made
-        pal = Palette.fit(src.train_images_for_palette(), k=VOCAB_SIZE, seed=seed)
+        train = src.split("train")
+        if train.images is None:
+            raise ConfigError(f"{spec}: holds tokens, not images; it needs no palette (drop --fit-palette)")
+        pal = data_setup.fit_palette(train.images, seed)  # the one fit rule, the same as training
         pal.save(dst)
         return pal, {"file": PALETTE_FILE, "sha256": sha256_file(dst), "from": "fit"}
     if tokens_only:
@@ -184,7 +189,7 @@ def prepare(spec: str, out: str, *, resolution: int, palette: str | None = None,
         diff = sorted(k for k in settings if (old.get("settings") or {}).get(k) != settings[k])
         raise ConfigError(f"--out {out!r} holds shards prepared with different settings ({', '.join(diff)}); "
                           "use a new --out directory or delete the old one")
-    pal, pal_entry = _resolve_palette(src, out, palette, fit_palette, seed, old, tokens_only)  # fit, then write
+    pal, pal_entry = _resolve_palette(src, spec, out, palette, fit_palette, seed, old, tokens_only)  # fit, then write
     os.makedirs(out, exist_ok=True)
     _clean_stale(out)
 
@@ -231,7 +236,9 @@ def prepare(spec: str, out: str, *, resolution: int, palette: str | None = None,
     total = sum(t[3] - t[2] for t in todo)
     bar = tqdm(total=total, unit="img", desc=f"prepare {os.path.basename(out)}", disable=not progress,
                file=sys.stderr)
-    centres = None if pal is None else pal.centres
+    palette_file = None if pal is None else os.path.join(out, PALETTE_FILE)
+    if pal is not None:
+        pal = Palette.load(palette_file)  # the copy in --out: its colour table is cached there
 
     def done(result):
         name, i, nbytes, sha = result
@@ -251,7 +258,7 @@ def prepare(spec: str, out: str, *, resolution: int, palette: str | None = None,
             # spawn, not fork: workers use torch, whose thread pools are not fork-safe once used.
             ctx = mp.get_context("spawn")
             with ctx.Pool(min(workers, len(todo)), initializer=_init_worker,
-                          initargs=(spec, resolution, val_fraction, seed, centres)) as pool:
+                          initargs=(spec, resolution, val_fraction, seed, palette_file)) as pool:
                 for r in pool.imap_unordered(_encode_shard, todo):
                     done(r)
     finally:

@@ -15,6 +15,7 @@ import numpy as np
 from megapix.config import ConfigError
 
 SPLITS = ("train", "val", "test")
+SYNTHETIC_MAX = 100_000  # generated in memory, for tests and demos
 
 
 @dataclass
@@ -40,12 +41,6 @@ class Source(ABC):
     @abstractmethod
     def split(self, name: str) -> Split:
         """The named split ("train", "val" or "test")."""
-
-    def train_images_for_palette(self) -> np.ndarray:
-        s = self.split("train")
-        if s.images is None:
-            raise ConfigError(f"{self.name}: holds tokens, not images; it needs no palette fit")
-        return s.images
 
 
 def holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -122,19 +117,39 @@ def synthetic_source(resolution: int, n: int = 512, val_fraction=None, seed: int
     return ArraySource("synthetic", imgs[:n], labels[:n], imgs[n:], labels[n:], 4, val_fraction, seed)
 
 
+_ARG_FORMS = {"cifar10": "PATH", "cifar100": "PATH", "imagefolder": "DIR", "npy": "IMAGES.npy[,LABELS.npy]",
+              "igpt": "DIR/NAME", "shards": "DIR"}
+
+
+def spec_grammar() -> str:
+    """The data spec grammar, for error messages: every kind with the argument it takes."""
+    from megapix.data import files
+
+    return " | ".join(["digits", "synthetic[:N]"] + [f"{k}:{_ARG_FORMS.get(k, 'PATH')}" for k in files.FILE_SOURCES])
+
+
 def open_source(spec: str, resolution: int, val_fraction=None, seed: int = 0, augment: bool = True) -> Source:
     """Build a Source from its spec string (see the module docstring)."""
-    kind, _, arg = spec.partition(":")
+    if not isinstance(spec, str) or not spec:
+        raise ConfigError(f"data spec {spec!r} is empty; use one of: {spec_grammar()}")
+    kind, colon, arg = spec.partition(":")
     if kind == "digits":
+        if colon:
+            raise ConfigError(f"data spec {spec!r}: 'digits' takes no argument; use one of: {spec_grammar()}")
         return digits_source(resolution, val_fraction, seed)
     if kind == "synthetic":
-        return synthetic_source(resolution, int(arg) if arg else 512, val_fraction, seed)
+        n = 512
+        if colon:
+            if not arg.isdigit() or not 1 <= int(arg) <= SYNTHETIC_MAX:
+                raise ConfigError(f"data spec {spec!r}: N in synthetic[:N] is an image count in [1, {SYNTHETIC_MAX}]"
+                                  f", e.g. synthetic:512; use one of: {spec_grammar()}")
+            n = int(arg)
+        return synthetic_source(resolution, n, val_fraction, seed)
     from megapix.data import files  # sources that read user files
 
     if kind in files.FILE_SOURCES:
         if not arg:
-            raise ConfigError(f"data source {kind!r} needs a path: '{kind}:/path/to/data'")
+            raise ConfigError(f"data source {kind!r} needs a path: '{kind}:{_ARG_FORMS.get(kind, 'PATH')}'")
         return files.FILE_SOURCES[kind](arg, resolution=resolution, val_fraction=val_fraction, seed=seed,
                                         augment=augment)
-    known = ["digits", "synthetic", *files.FILE_SOURCES]
-    raise ConfigError(f"unknown data source {spec!r}; use one of {', '.join(k + ':PATH' if k in files.FILE_SOURCES else k for k in known)}")
+    raise ConfigError(f"unknown data source {spec!r}; use one of: {spec_grammar()}")
