@@ -127,6 +127,8 @@ def open_source(spec: str, resolution: int, val_fraction=None, seed: int = 0, au
     kind, _, arg = spec.partition(":")
     if kind == "digits":
         return digits_source(resolution, val_fraction, seed)
+    if kind == "digits-shifted":  # megapix/data/embedded.py
+        return __import__("megapix.data.embedded", fromlist=["_"]).digits_shifted_source(resolution, arg, val_fraction, seed)
     if kind == "synthetic":
         return synthetic_source(resolution, int(arg) if arg else 512, val_fraction, seed)
     from megapix.data import files  # sources that read user files
