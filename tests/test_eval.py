@@ -228,3 +228,39 @@ def test_from_pretrained_names_a_missing_tensor(tmp_path):
     save_file(sd, st)
     with pytest.raises(ConfigError, match="h.1.ln_2.weight"):
         ImageGPT.from_pretrained(out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the study's report writer (the study itself takes minutes: examples/small_scale_probe.py)
+# ---------------------------------------------------------------------------------------------------------
+def test_study_report_tables_and_figure(tmp_path):
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("small_scale_probe", os.path.join(root, "examples", "small_scale_probe.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def model(accs, best, concat=True):
+        r = {"layers": [{"layer": l, "val_acc": a, "test_acc": a - 0.01, "l2": 1e-3} for l, a in enumerate(accs)],
+             "best_layer": best}
+        if concat:
+            r["concat3"] = {"layers": [best - 1, best, best + 1], "val_acc": 0.7, "test_acc": 0.69, "l2": 1e-3}
+            r["concat5"] = {"layers": list(range(best - 2, best + 3)), "val_acc": 0.72, "test_acc": 0.71, "l2": 1e-3}
+        return r
+
+    ckpts = [dict(model([0.3, 0.4, 0.5, 0.4, 0.3], 2, concat=False), step=50, val_loss=3.0),
+             dict(model([0.3, 0.5, 0.65, 0.5, 0.4], 2), step=100, val_loss=2.5)]
+    res = {"seed": 0, "data": "digits-shifted", "model": {"n_layer": 4, "d_model": 8, "resolution": 12}, "steps": 100,
+           "batch": 64, "lr": 3e-3, "counts": {"train": 10, "val": 2, "test": 3}, "l2_grid": [1e-3], "chance": 0.1,
+           "raw_pixels": {"val_acc": 0.25, "test_acc": 0.24, "l2": 1e-3}, "checkpoints": ckpts, "ar": ckpts[-1],
+           "random_init": model([0.2, 0.22, 0.2, 0.2, 0.19], 1), "bert": dict(model([0.3, 0.45, 0.5, 0.45, 0.35], 2),
+                                                                            val_loss=2.9),
+           "timings": {"total_s": 10.0, "pretrain_s": 5.0, "probe_s": 5.0}, "threads": 1}
+    paths = mod.write_report(res, str(tmp_path))
+    md = open(paths[1]).read()
+    assert "| 2 | 64.0 (65.0) | 49.0 (50.0) | 19.0 (20.0) |" in md
+    assert "| 5 layers concatenated | 71.0 (72.0), layers 0-4 |" in md
+    assert "| 100 | 2.500 | 2 | 64.0 | 65.0 |" in md
+    assert open(paths[2], "rb").read(4) == b"\x89PNG"
+    assert json.load(open(paths[0]))["raw_pixels"]["test_acc"] == 0.24
