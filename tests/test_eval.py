@@ -197,6 +197,11 @@ def test_classifier_export_loads_in_transformers_with_equal_logits(tmp_path):
         theirs = hf(input_ids=torch.cat([sos, tokens[:, :-1]], 1)).logits
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
     assert hf.config.id2label[3] == "digit 3"
+    # megapix reads it back as a backbone: the same pooled features as the fine-tuned model
+    back = ImageGPT.from_pretrained(out)
+    from megapix.features import extract
+
+    torch.testing.assert_close(extract(back, tokens, [2]), extract(clf.model, tokens, [2]), atol=1e-5, rtol=0)
     with torch.no_grad():
         clf.clf.bias.fill_(0.5)
     with pytest.raises(ConfigError, match="bias"):

@@ -93,6 +93,14 @@ def load_pretrained(path: str, **overrides):
     except json.JSONDecodeError as e:
         raise ConfigError(f"{cfg_path} is not valid JSON ({e})") from None
     sd = {k.removeprefix("transformer."): v for k, v in _read_state_dict(path).items()}
+    if "lm_head.weight" not in sd and "score.weight" in sd:
+        # a classifier export (save_classifier_pretrained) has no generative head: features and the backbone
+        # are complete; a zero head gives uniform next-pixel logits, so say so for sampling
+        import sys
+
+        print(f"megapix: {path} is an image classifier without a generative head; its next-pixel logits are "
+              "uniform (features are unaffected)", file=sys.stderr)
+        sd["lm_head.weight"] = torch.zeros(VOCAB_SIZE, hf.get("n_embd", 1) if isinstance(hf, dict) else 1)
     has_bias = any(k.endswith(".bias") and v.abs().max() > 0 for k, v in sd.items())
     config = config_from_hf(hf, bias=has_bias, **overrides)
     with torch.device("meta"):
