@@ -2,8 +2,9 @@
 
     python examples/small_scale_probe.py --out runs/probe_study --report docs/probe_study [--seed 0]
 
-On the embedded `digits-shifted` data (digits at random offsets on a 12x12 canvas, with clutter; no download):
-1. fits one palette, then pre-trains an 8-layer, d=64 iGPT with the AR objective and, side by side with the
+On the embedded `digits-shifted:2` data (two placements of each digit at random offsets on a 12x12 canvas, with
+clutter; no download):
+1. fits one palette, then pre-trains (400 steps, batch 64) an 8-layer, d=64 iGPT with the AR objective and, side by side with the
    same settings, with BERT (megapix/train.py, one thread each; rerunning resumes finished runs), saving a
    checkpoint (and measuring validation loss) every --ckpt-every steps;
 2. extracts every layer's pooled feature (0..8; 8 = after the final norm) of the AR model, the BERT model,
@@ -148,13 +149,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/probe_study", help="working folder (training runs, checkpoints)")
     p.add_argument("--report", default=None, help="folder for probe_study.{md,json,png} (default: --out)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", default="digits-shifted")
-    p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--ckpt-every", type=int, default=125, help="checkpoint (and val loss) interval")
+    p.add_argument("--data", default="digits-shifted:2", help="source spec (default: 2 placements per digit)")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--ckpt-every", type=int, default=100, help="checkpoint (and val loss) interval")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--no-bert", action="store_true", help="skip the BERT run")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2, help="torch threads for extraction and probes (after training)")
     args = p.parse_args(argv)
     import torch
 
@@ -174,6 +176,7 @@ def main(argv=None) -> int:
     from megapix.config import ModelConfig
     from megapix.model import ImageGPT
 
+    torch.set_num_threads(max(1, args.threads))  # training is over: the probes may use every core given
     t0 = time.perf_counter()
     study = Study(args.data, palette, args.seed, args.device)
     res = {"seed": args.seed, "data": args.data, "model": MODEL, "steps": args.steps, "batch": args.batch,
@@ -286,6 +289,8 @@ def plot_study(res: dict, path: str) -> None:
         bx.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
         for vl, acc, step in pts:
             bx.annotate(f"step {step}", (vl, acc), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    bx.axhline(100 * res["chance"], color="black", linestyle=":", label="chance")
+    bx.set_ylim(0, 100)  # the same scale as the depth curve: noise must not look like a trend
     bx.set_xlabel("validation loss (nats/token)")
     bx.set_ylabel("best layer's probe test accuracy (%)")
     bx.set_title("AR checkpoints: generative loss vs probe")
