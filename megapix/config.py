@@ -347,6 +347,8 @@ class ProbeConfig:
     sgd_lr: float = opt(0.5, "SGD learning rate")
     batch_size: int = opt(1024, "SGD mini-batch")
     device: str | None = opt(None, "cpu or cuda", default_help="cuda when available")
+    control: str | None = opt(None, "a random-init model's probed feature dump: its probe_results.json is drawn "
+                              "as the control curve", metavar="FEATURES_DIR", default_help="none")
 
     def __post_init__(self):
         _check_finite(self)

@@ -291,14 +291,25 @@ def main(argv=None) -> int:
     summary["best_layer_by_val"] = max(singles, key=lambda r: r["val_acc"])["layers"][0]
     from megapix.utils import write_json
 
+    control = None
+    if args.control:
+        cpath = os.path.join(args.control, "probe_results.json")
+        if not os.path.isfile(cpath):
+            raise ConfigError(f"--control {args.control}: no probe_results.json there; run `megapix probe "
+                              f"--features {args.control}` on the random-init dump first")
+        with open(cpath) as f:
+            control = json.load(f)
     out = args.out or args.dir
     os.makedirs(out, exist_ok=True)
-    write_json(os.path.join(out, "probe_results.json"), summary)
+    written = [os.path.join(out, n) for n in ("probe_results.json", "probe_results.md", "probe_accuracy.png")]
+    write_json(written[0], summary)
     md = markdown_table(summary)
-    with open(os.path.join(out, "probe_results.md"), "w") as f:
+    with open(written[1], "w") as f:
         f.write(md)
-    plot(summary, os.path.join(out, "probe_accuracy.png"))
+    plot(summary, written[2], control)
     print(md, flush=True)
+    for path in written:
+        print(f"megapix probe: wrote {os.path.abspath(path)}", flush=True)
     return 0
 
 
@@ -314,31 +325,63 @@ def markdown_table(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict, path: str) -> None:
-    """Accuracy against layer (the paper's figure 3 shape), concatenations as horizontal lines."""
+def probe_label(layers) -> str:
+    """'layer 3', 'layers 1-5 concatenated' or 'layers 0,2,4 concatenated'."""
+    ls = list(layers)
+    if len(ls) == 1:
+        return f"layer {ls[0]}"
+    span = f"{ls[0]}-{ls[-1]}" if ls == list(range(ls[0], ls[-1] + 1)) else ",".join(map(str, ls))
+    return f"layers {span} concatenated"
+
+
+def plot(summary: dict, path: str, control: dict | None = None) -> str:
+    """Accuracy against layer (the paper's figure 3 shape) on a 0-100% axis with a chance line; concatenations
+    as horizontal lines; `control` (the probe_results of a random-init model's dump) as a second curve.
+    Returns the path written."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    singles = [r for r in summary["results"] if r["name"].startswith("layer ")]
-    xs = [r["layers"][0] for r in singles]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    ax.plot(xs, [100 * r["val_acc"] for r in singles], "o-", label="val (train-only fit)")
-    if all("test_acc" in r for r in singles):
-        ax.plot(xs, [100 * r["test_acc"] for r in singles], "s-", label="test (train+val refit)")
-    for r, style in zip([r for r in summary["results"] if not r["name"].startswith("layer ")], ("--", ":")):
-        key = "test_acc" if "test_acc" in r else "val_acc"
-        ax.axhline(100 * r[key], linestyle=style, color="gray", label=f"{r['name']} ({key[:-4]})")
-    ax.set_xlabel("layer (input of block l, normed; last = after final norm)")
-    ax.set_ylabel("linear probe accuracy (%)")
+    def singles_of(s):
+        rs = sorted((r for r in s["results"] if len(r["layers"]) == 1), key=lambda r: r["layers"][0])
+        return [r["layers"][0] for r in rs], rs
+
+    xs, singles = singles_of(summary)
+    key = "test_acc" if singles and all("test_acc" in r for r in singles) else "val_acc"
+    split = key[:-4]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
+    ax.plot(xs, [100 * r["val_acc"] for r in singles], "o-", label="pretrained, val (train-only fit)")
+    if key == "test_acc":
+        ax.plot(xs, [100 * r["test_acc"] for r in singles], "s-", label="pretrained, test (train+val refit)")
+    ticks = set(xs)
+    if control:
+        cxs, csingles = singles_of(control)
+        ckey = key if all(key in r for r in csingles) else "val_acc"
+        ax.plot(cxs, [100 * r[ckey] for r in csingles], "^--", color="tab:red",
+                label=f"random init (control), {ckey[:-4]}")
+        ticks |= set(cxs)
+    for r, style in zip([r for r in summary["results"] if len(r["layers"]) > 1], ("--", "-.", ":")):
+        k = key if key in r else "val_acc"
+        ax.axhline(100 * r[k], linestyle=style, color="tab:green", label=f"{probe_label(r['layers'])} ({k[:-4]})")
+    n_classes = summary.get("num_classes")
+    if n_classes:
+        ax.axhline(100 / n_classes, color="black", linestyle=":", linewidth=1, label=f"chance ({100 / n_classes:.0f}%)")
     model = summary.get("model") or {}
-    ax.set_title(f"linear probe by depth ({model.get('n_layer', '?')} layers, d={model.get('d_model', '?')})")
+    n_layer = model.get("n_layer")
+    ax.set_xticks(sorted(ticks))
+    last = f"; {n_layer} = after the final norm" if n_layer is not None else ""
+    ax.set_xlabel(f"layer (input of block l, normed{last})")
+    ax.set_ylabel(f"linear probe accuracy (%), {split}")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"linear probe by depth ({n_layer if n_layer is not None else '?'} layers, "
+                 f"d={model.get('d_model', '?')})")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ def bert_mask(step: int, rows: int, n_ctx: int, rate: float, seed: int, salt: in
     """Exactly round(rate * T) masked positions per image, seeded by (seed, step): the same in every layout,
     and every micro-batch has the same number of masked tokens, so per-micro-batch means average exactly."""
     n_mask = max(1, int(round(rate * n_ctx)))
-    rng = np.random.default_rng([seed, step, 7919 + salt])
+    rng = np.random.default_rng([seed, step % 2**63, 7919 + salt])  # negative steps: evaluation sets
     order = np.argsort(rng.random((rows, n_ctx)), axis=1)[:, :n_mask]
     mask = np.zeros((rows, n_ctx), dtype=bool)
     np.put_along_axis(mask, order, True, axis=1)

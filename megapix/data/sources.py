@@ -137,6 +137,8 @@ def open_source(spec: str, resolution: int, val_fraction=None, seed: int = 0, au
         if colon:
             raise ConfigError(f"data spec {spec!r}: 'digits' takes no argument; use one of: {spec_grammar()}")
         return digits_source(resolution, val_fraction, seed)
+    if kind == "digits-shifted":  # megapix/data/embedded.py
+        return __import__("megapix.data.embedded", fromlist=["_"]).digits_shifted_source(resolution, arg, val_fraction, seed)
     if kind == "synthetic":
         n = 512
         if colon:

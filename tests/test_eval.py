@@ -1,0 +1,271 @@
+"""The evaluation pieces: the embedded probe dataset, the probe against scikit-learn, the probe plot, and the
+HF-native export (processor ids, classifier logits, file modes, config validation)."""
+import json
+import os
+import stat
+
+import numpy as np
+import pytest
+import torch
+
+from megapix.config import ConfigError, ModelConfig
+from megapix.data.palette import Palette
+from megapix.model import ImageGPT
+
+
+# ---------------------------------------------------------------------------------------------------------
+# digits-shifted
+# ---------------------------------------------------------------------------------------------------------
+def test_digits_shifted_is_deterministic_split_by_digit_and_hard_for_raw_pixels():
+    from sklearn.linear_model import LogisticRegression
+
+    from megapix.data.sources import open_source
+
+    a = open_source("digits-shifted:2", 12, None, 0)
+    b = open_source("digits-shifted:2", 12, None, 0)
+    tr, va, te = (a.split(s) for s in ("train", "val", "test"))
+    assert tr.images.shape[1:] == (12, 12, 3) and tr.images.dtype == np.uint8
+    assert len(tr) + len(va) == 2 * 1500 and len(te) == 2 * 297
+    np.testing.assert_array_equal(tr.images, b.split("train").images)
+    # both placements of a digit sit on the same side of the holdout: no val image is a train image moved
+    assert len(va) % 2 == 0 and set(np.unique(tr.labels)) == set(range(10))
+    # enough distinct colours for a 512-centre palette
+    assert len(np.unique(tr.images.reshape(-1, 3), axis=0)) > 512
+    # raw pixels are far from the ceiling (plain 8x8 digits give ~98%), but above chance
+    X = lambda s: s.images.reshape(len(s), -1).astype(np.float32) / 255
+    clf = LogisticRegression(C=0.1, max_iter=300).fit(X(tr), tr.labels)
+    acc = clf.score(X(te), te.labels)
+    assert 0.12 < acc < 0.6, acc
+    with pytest.raises(ConfigError, match="placements"):
+        open_source("digits-shifted:x", 12)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the probe against scikit-learn
+# ---------------------------------------------------------------------------------------------------------
+def test_probe_matches_sklearn_logistic_regression_within_one_point():
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+
+    from megapix.probe import Standardizer, probe
+
+    d = load_digits()
+    rng = np.random.default_rng(0)
+    # features with structure and noise: a random projection of the digits plus noise
+    X = d.data @ rng.normal(size=(64, 48)) + rng.normal(scale=8.0, size=(len(d.data), 48))
+    X = torch.from_numpy(X.astype(np.float32))
+    y = torch.from_numpy(d.target.astype(np.int64))
+    tr, va, te = slice(0, 1200), slice(1200, 1500), slice(1500, None)
+    l2 = 1e-2
+    r = probe((X[tr], y[tr]), (X[va], y[va]), (X[te], y[te]), 10, [l2], "lbfgs", "cpu")
+    # same model: mean CE + l2/2 |W|^2 on train+val standardised with train+val statistics <=> C = 1/(l2 n)
+    Xall, yall = X[:1500], y[:1500]
+    std = Standardizer(Xall)
+    sk = LogisticRegression(C=1.0 / (l2 * len(yall)), max_iter=5000, tol=1e-8)
+    sk.fit(std(Xall).numpy(), yall.numpy())
+    sk_acc = sk.score(std(X[te]).numpy(), y[te].numpy())
+    assert 0.3 < r["test_acc"] < 0.99  # not a degenerate problem
+    assert abs(r["test_acc"] - sk_acc) <= 0.01, (r["test_acc"], sk_acc)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the probe plot
+# ---------------------------------------------------------------------------------------------------------
+def _summary(accs, concat=None):
+    res = [{"name": f"layer {l}", "layers": [l], "val_acc": a, "test_acc": a} for l, a in enumerate(accs)]
+    if concat:
+        res.append({"name": "concat5@2", "layers": concat, "val_acc": 0.6, "test_acc": 0.6})
+    return {"results": res, "num_classes": 10, "model": {"n_layer": len(accs) - 1, "d_model": 8}}
+
+
+def test_probe_plot_has_chance_line_integer_ticks_labels_and_control(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from megapix import probe
+
+    seen = {}
+    real_close = plt.close
+
+    def keep(fig):  # inspect the figure before it is closed
+        ax = fig.axes[0]
+        seen["ticks"] = list(ax.get_xticks())
+        seen["ylim"] = ax.get_ylim()
+        seen["labels"] = [t.get_text() for t in ax.get_legend().get_texts()]
+        real_close(fig)
+
+    monkeypatch.setattr(plt, "close", keep)
+    path = str(tmp_path / "p.png")
+    out = probe.plot(_summary([0.2, 0.4, 0.5, 0.45, 0.3], [0, 1, 2, 3, 4]), path, control=_summary([0.15, 0.2, 0.2, 0.18, 0.16]))
+    assert out == path and open(path, "rb").read(4) == b"\x89PNG"
+    assert seen["ticks"] == [0, 1, 2, 3, 4]
+    assert seen["ylim"] == (0.0, 100.0)
+    assert any(l.startswith("chance (10%)") for l in seen["labels"])
+    assert any("random init" in l for l in seen["labels"])
+    assert any(l.startswith("layers 0-4 concatenated") for l in seen["labels"])
+    assert probe.probe_label([1, 3, 5]) == "layers 1,3,5 concatenated" and probe.probe_label([2]) == "layer 2"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# HF-native export
+# ---------------------------------------------------------------------------------------------------------
+CFG = dict(n_layer=2, d_model=32, n_head=4, resolution=8)
+
+
+def _model(seed=0, **kw):
+    torch.manual_seed(seed)
+    m = ImageGPT(ModelConfig(**{**CFG, **kw}))
+    with torch.no_grad():  # the head and norms start at 0 / 1: give every tensor values so a mix-up shows
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m.eval()
+
+
+def _palette(seed=0, k=512):
+    rng = np.random.default_rng(seed)
+    return Palette(rng.uniform(-1, 1, size=(k, 3)).astype(np.float32))
+
+
+def test_export_writes_processor_generation_card_provenance_with_0644(tmp_path):
+    from megapix.model.hf import read_provenance, save_state_dict_pretrained
+
+    m, pal = _model(), _palette()
+    out = str(tmp_path / "export")
+    card = {"preset": "tiny", "data": "digits-shifted", "steps": 300, "loss": 1.3125, "layout": "TP1 PP1 DP1",
+            "command": "megapix train --max-steps 300"}
+    save_state_dict_pretrained(m.state_dict(), m.config, out, palette=pal, card=card,
+                               provenance={"data": "digits-shifted"})
+    names = set(os.listdir(out))
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "generation_config.json", "README.md",
+            "megapix.json", "palette.npy"} <= names
+    for n in names:
+        assert stat.S_IMODE(os.stat(os.path.join(out, n)).st_mode) == 0o644, n
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o755
+    readme = open(os.path.join(out, "README.md")).read()
+    for v in ("tiny", "digits-shifted", "300", "1.3125", "TP1 PP1 DP1", "`megapix train --max-steps 300`"):
+        assert v in readme, v
+    prov = read_provenance(out)
+    assert prov["data"] == "digits-shifted" and prov["resolution"] == 8
+    np.testing.assert_array_equal(np.load(prov["palette_path"]), pal.centres)
+    gen = json.load(open(os.path.join(out, "generation_config.json")))
+    assert gen["bos_token_id"] == 512 and gen["max_length"] == 65 and gen["top_k"] == 0
+    # the old three-argument call still works and writes no palette files
+    save_state_dict_pretrained(m.state_dict(), m.config, str(tmp_path / "plain"))
+    assert "preprocessor_config.json" not in os.listdir(tmp_path / "plain")
+    back = ImageGPT.from_pretrained(out)
+    t = torch.randint(0, 512, (2, 64))
+    torch.testing.assert_close(back(t), m(t), atol=1e-5, rtol=0)
+
+
+def test_hf_image_processor_gives_palette_ids(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from megapix.model.hf import save_pretrained
+
+    pal, res = _palette(1), 8
+    m = _model(resolution=res)
+    out = str(tmp_path / "export")
+    save_pretrained(m, out, palette=pal)
+    proc = transformers.ImageGPTImageProcessor.from_pretrained(out)
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, size=(6, res, res, 3), dtype=np.uint8)
+    ids = proc([im for im in images], return_tensors="pt")["input_ids"]
+    np.testing.assert_array_equal(np.asarray(ids), pal.encode(images))
+
+
+def test_classifier_export_loads_in_transformers_with_equal_logits(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from megapix.finetune import Classifier
+    from megapix.model.hf import save_classifier_pretrained
+
+    clf = Classifier(_model(2), 10)
+    with torch.no_grad():
+        clf.clf.weight.normal_()
+    out = str(tmp_path / "clf")
+    sd = clf.model.state_dict()
+    save_classifier_pretrained(sd, clf.model.config, clf.clf.weight, out, bias=clf.clf.bias,
+                               labels=[f"digit {i}" for i in range(10)], palette=_palette())
+    hf, info = transformers.ImageGPTForImageClassification.from_pretrained(out, output_loading_info=True)
+    assert info["missing_keys"] == [] or info["missing_keys"] == set(), info
+    assert not info.get("mismatched_keys"), info
+    hf.eval()
+    tokens = torch.randint(0, 512, (3, 64))
+    _, _, _, ours = clf.eval()(tokens, torch.zeros(3, dtype=torch.long))
+    sos = torch.full((3, 1), 512)
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.cat([sos, tokens[:, :-1]], 1)).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    assert hf.config.id2label[3] == "digit 3"
+    # megapix reads it back as a backbone: the same pooled features as the fine-tuned model
+    back = ImageGPT.from_pretrained(out)
+    from megapix.features import extract
+
+    torch.testing.assert_close(extract(back, tokens, [2]), extract(clf.model, tokens, [2]), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        clf.clf.bias.fill_(0.5)
+    with pytest.raises(ConfigError, match="bias"):
+        save_classifier_pretrained(sd, clf.model.config, clf.clf.weight, str(tmp_path / "b"), bias=clf.clf.bias)
+    assert not os.path.exists(tmp_path / "b")
+
+
+@pytest.mark.parametrize("key", ["n_layer", "n_embd", "n_head", "n_positions"])
+def test_from_pretrained_names_a_missing_config_key(tmp_path, key):
+    m = _model()
+    out = str(tmp_path / "export")
+    m.save_pretrained(out)
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    del cfg[key]
+    json.dump(cfg, open(os.path.join(out, "config.json"), "w"))
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        ImageGPT.from_pretrained(out)
+
+
+def test_from_pretrained_names_a_missing_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    m = _model()
+    out = str(tmp_path / "export")
+    m.save_pretrained(out)
+    st = os.path.join(out, "model.safetensors")
+    sd = load_file(st)
+    del sd["transformer.h.1.ln_2.weight"]
+    save_file(sd, st)
+    with pytest.raises(ConfigError, match="h.1.ln_2.weight"):
+        ImageGPT.from_pretrained(out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the study's report writer (the study itself takes minutes: examples/small_scale_probe.py)
+# ---------------------------------------------------------------------------------------------------------
+def test_study_report_tables_and_figure(tmp_path):
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("small_scale_probe", os.path.join(root, "examples", "small_scale_probe.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def model(accs, best, concat=True):
+        r = {"layers": [{"layer": l, "val_acc": a, "test_acc": a - 0.01, "l2": 1e-3} for l, a in enumerate(accs)],
+             "best_layer": best}
+        if concat:
+            r["concat3"] = {"layers": [best - 1, best, best + 1], "val_acc": 0.7, "test_acc": 0.69, "l2": 1e-3}
+            r["concat5"] = {"layers": list(range(best - 2, best + 3)), "val_acc": 0.72, "test_acc": 0.71, "l2": 1e-3}
+        return r
+
+    ckpts = [dict(model([0.3, 0.4, 0.5, 0.4, 0.3], 2, concat=False), step=50, val_loss=3.0),
+             dict(model([0.3, 0.5, 0.65, 0.5, 0.4], 2), step=100, val_loss=2.5)]
+    res = {"seed": 0, "data": "digits-shifted", "model": {"n_layer": 4, "d_model": 8, "resolution": 12}, "steps": 100,
+           "batch": 64, "lr": 3e-3, "counts": {"train": 10, "val": 2, "test": 3}, "l2_grid": [1e-3], "chance": 0.1,
+           "raw_pixels": {"val_acc": 0.25, "test_acc": 0.24, "l2": 1e-3}, "checkpoints": ckpts, "ar": ckpts[-1],
+           "random_init": model([0.2, 0.22, 0.2, 0.2, 0.19], 1), "bert": dict(model([0.3, 0.45, 0.5, 0.45, 0.35], 2),
+                                                                            val_loss=2.9),
+           "timings": {"total_s": 10.0, "pretrain_s": 5.0, "probe_s": 5.0}, "threads": 1}
+    paths = mod.write_report(res, str(tmp_path))
+    md = open(paths[1]).read()
+    assert "| 2 | 64.0 (65.0) | 49.0 (50.0) | 19.0 (20.0) |" in md
+    assert "| 5 layers concatenated | 71.0 (72.0), layers 0-4 |" in md
+    assert "| 100 | 2.500 | 2 | 64.0 | 65.0 |" in md
+    assert open(paths[2], "rb").read(4) == b"\x89PNG"
+    assert json.load(open(paths[0]))["raw_pixels"]["test_acc"] == 0.24
