@@ -153,6 +153,14 @@ def test_shipped_json_combines_with_shipped_configs(path):
         cfg = load_config(yaml_path)
         if "pipeline" in os.path.basename(path) or cfg.train.pipeline_parallel > 1:
             continue  # layout-specific pairs are exercised by test_parallel_configs
+        with open(path) as f:
+            json_stage = json.load(f).get("zero_optimization", {}).get("stage")
+        if cfg.train.zero_stage is not None and json_stage is not None and json_stage != cfg.train.zero_stage:
+            # a run config that pins its ZeRO stage (igpt_xl_imagenet.yaml: 3) meets a JSON pinning another:
+            # the one thing that must not combine silently
+            with pytest.raises(ConfigError, match="zero_optimization.stage"):
+                resolve(cfg, path, world=8)
+            continue
         resolve(cfg, path, world=8)
 
 
