@@ -45,7 +45,8 @@ class Trainer:
     """One training run, built in order: layout, task data, module, DeepSpeed engine. `task` defaults to
     pre-training (LMTask on the data of cfg.data); `log` lets several runs share one metrics file (a sweep)."""
 
-    def __init__(self, cfg: Config, ds_config_path: str | None = None, task=None, log: MetricsLog | None = None):
+    def __init__(self, cfg: Config, ds_config_path: str | None = None, task=None, log: MetricsLog | None = None,
+                 resume: bool = False):
         import deepspeed
 
         self.cfg = cfg
@@ -58,12 +59,29 @@ class Trainer:
         self.layout = build_layout(world, rank, cfg.model, t, zero_stage_of(cfg, ds_base))
         self.out = os.path.abspath(t.out)
         self.shown_out = t.out
-        os.makedirs(self.out, exist_ok=True)
         self.ckpt_dir = os.path.join(self.out, "checkpoints")
         self.shared_log = log
+        # Before anything is written into --out: a run already there is continued only with --resume, and the
+        # checkpoint to resume is checked (complete, nothing but allowed types) now, not after the data is loaded.
+        self.resume_tag = None
+        if log is None:
+            if resume:
+                from megapix import checkpoint
 
+                self.resume_tag = checkpoint.resumable_tag(self.ckpt_dir)
+            else:
+                refuse_existing_run(self.out, self.shown_out)
+            barrier()
+        created = not os.path.exists(self.out)
+        os.makedirs(self.out, exist_ok=True)
         if task is None:
-            task = LMTask(*load_splits(cfg, self.out, self.is_rank0))
+            try:
+                task = LMTask(*load_splits(cfg, self.out, self.is_rank0))
+            except ConfigError:
+                if created and self.is_rank0:  # a data error leaves no empty --out behind (only what we made)
+                    with contextlib.suppress(OSError):
+                        os.rmdir(self.out)
+                raise
         self.task = task
         self.palette = getattr(task, "palette", None)
         self.splits = getattr(task, "splits", None)
@@ -106,10 +124,11 @@ class Trainer:
         checkpoint.save(self.engine, self.ckpt_dir, self.step, self.cfg, self.layout)
 
     def resume(self) -> bool:
-        """Continue from `latest` in any layout (megapix.checkpoint.resume); False when there is none."""
+        """Continue from the checkpoint checked at construction (megapix.checkpoint.resume, any layout)."""
         from megapix import checkpoint
 
-        step = checkpoint.resume(self.engine, self.ckpt_dir, self.cfg, self.layout, self.is_pipeline)
+        step = checkpoint.resume(self.engine, self.ckpt_dir, self.cfg, self.layout, self.is_pipeline,
+                                 tag=self.resume_tag)
         if step is None:
             return False
         self.step = step
@@ -196,7 +215,7 @@ class Trainer:
         return self.shared_log is None
 
     # ---- the loop ----
-    def fit(self, resume: bool = False, patience: int | None = None, on_best=None, extra: dict | None = None,
+    def fit(self, patience: int | None = None, on_best=None, extra: dict | None = None,
             desc: str = "train") -> int:
         """Train to max_steps; evaluate every eval_every steps and at the end. Returns 0, or EXIT_PREEMPTED after
         saving on a signal or the time budget.
@@ -210,13 +229,9 @@ class Trainer:
         t = self.cfg.train
         resumed = False
         if self.shared_log is None:
-            if resume:
-                resumed = self.resume()  # megapix.checkpoint says so when there is nothing to resume
-                if resumed:
-                    self.saved_step = self.step
-            else:
-                refuse_existing_run(self.out, self.shown_out)
-            barrier()  # every rank has checked before rank 0 writes metrics.jsonl
+            if self.resume_tag is not None:
+                resumed = self.resume()
+                self.saved_step = self.step
             log = MetricsLog(os.path.join(self.out, "metrics.jsonl"), self.is_rank0, self.step if resumed else -1)
         else:
             log = self.shared_log

@@ -79,7 +79,7 @@ def main(argv=None) -> int:
         init_distributed()
         from megapix.engine import Trainer
 
-        trainer = Trainer(cfg, args.deepspeed_config)
+        trainer = Trainer(cfg, args.deepspeed_config, resume=args.resume)
         if trainer.is_rank0:
             from megapix.utils import write_json
 
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
             print(f"megapix: {cfg.model.num_parameters() / 1e6:.2f}M parameters, {trainer.layout.describe()}, "
                   f"global batch {trainer.cfg.train.global_batch} (micro {trainer.micro_batch}), out {trainer.out}",
                   flush=True)
-        code = trainer.fit(resume=args.resume)
+        code = trainer.fit()
         if code == 0 and not args.no_samples:
             trainer.write_samples()
         return code

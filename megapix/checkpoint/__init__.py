@@ -12,9 +12,9 @@ opens them.
 """
 from megapix.checkpoint.export import export
 from megapix.checkpoint.load import consolidated_state_dict, load_model, load_model_and_palette, locate, read_config
-from megapix.checkpoint.store import resume, save
+from megapix.checkpoint.store import resumable_tag, resume, save
 from megapix.checkpoint.tags import latest_step, layout_record
 from megapix.checkpoint.universal import universal_checkpoint_info
 
-__all__ = ["save", "resume", "latest_step", "layout_record", "load_model", "load_model_and_palette", "locate",
+__all__ = ["save", "resume", "resumable_tag", "latest_step", "layout_record", "load_model", "load_model_and_palette", "locate",
            "read_config", "consolidated_state_dict", "export", "universal_checkpoint_info"]

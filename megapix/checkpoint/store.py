@@ -106,12 +106,10 @@ def check_resumable(ckpt_dir: str, tag: str) -> None:
         raise ConfigError(f"cannot resume {tag}: {why}; {resume_hint(ckpt_dir, tag)}")
 
 
-def resume(engine, ckpt_dir: str, cfg: Config, layout: Layout, is_pipeline: bool) -> int | None:
-    """Continue from `latest`: DeepSpeed's own loader when the layout is unchanged (exact: weights, optimizer,
-    scheduler). In a different layout: DeepSpeed's universal checkpoint where it works (ZeRO-1/2 -> ZeRO-1/2, and
-    ZeRO-3 -> ZeRO-3 at TP 1; weights, Adam moments and schedule carry over; checkpoint.universal); otherwise
-    checkpoint.reshard (weights re-cut for this layout, schedule position kept, Adam moments restarted).
-    Returns the step resumed, or None when there is nothing to resume (said in one line)."""
+def resumable_tag(ckpt_dir: str) -> str | None:
+    """The tag a --resume continues from, after checking every file of it (safe_load's allow-list, completeness)
+    on rank 0; None when there is no checkpoint (said in one line). A problem is one ConfigError on every rank.
+    Cheap to call before anything is built, so a bad checkpoint is refused before a run writes anything."""
     def find():
         tag = read_latest(ckpt_dir)
         if tag is None:
@@ -128,9 +126,20 @@ def resume(engine, ckpt_dir: str, cfg: Config, layout: Layout, is_pipeline: bool
         return tag
 
     tag = _rank0(find)
+    if tag is None and dist.is_rank0():
+        print(f"megapix: --resume: no checkpoint in {ckpt_dir}; starting from step 0", flush=True)
+    return tag
+
+
+def resume(engine, ckpt_dir: str, cfg: Config, layout: Layout, is_pipeline: bool, tag: str | None = None) -> int | None:
+    """Continue from `tag` (default: resumable_tag(ckpt_dir), checked): DeepSpeed's own loader when the layout is
+    unchanged (exact: weights, optimizer, scheduler). In a different layout: DeepSpeed's universal checkpoint where it
+    works (ZeRO-1/2 -> ZeRO-1/2, and ZeRO-3 -> ZeRO-3 at TP 1; weights, Adam moments and schedule carry over;
+    checkpoint.universal); otherwise checkpoint.reshard (weights re-cut for this layout, schedule position kept, Adam
+    moments restarted). Returns the step resumed, or None when there is nothing to resume."""
     if tag is None:
-        if dist.is_rank0():
-            print(f"megapix: --resume: no checkpoint in {ckpt_dir}; starting from step 0", flush=True)
+        tag = resumable_tag(ckpt_dir)
+    if tag is None:
         return None
     saved = saved_layout(ckpt_dir, tag)
     here = {k: v for k, v in layout_record(layout, 0).items() if k != "step"}
