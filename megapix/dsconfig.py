@@ -72,7 +72,7 @@ def _name(ds) -> str:
 
 
 def _is_set(value) -> bool:
-    return value is not None and value != "auto"  # "auto": HF-style placeholder, i.e. not set
+    return value is not None and value != "auto"  # "auto" (HF/DeepSpeed convention): left for megapix to decide
 
 
 def _positive_int(ds, key, value):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from megapix.config import ConfigError
-from megapix.data.sources import ArraySource, Source, Split, SPLITS, _resize
+from megapix.data.base import SPLITS, ArraySource, Source, Split, holdout, resize
 
 N_TRAIN_DIGITS = 1500  # as the `digits` source: the last 297 digits are the test set
 
@@ -56,8 +56,6 @@ class GroupedSource(Source):
 
     def __init__(self, name, train_x, train_y, train_group, test_x, test_y, num_classes, val_fraction=None,
                  seed=0):
-        from megapix.data.sources import holdout
-
         self.name, self.num_classes = name, num_classes
         frac = self.default_val_fraction if val_fraction is None else val_fraction
         groups = np.unique(train_group)
@@ -94,7 +92,7 @@ def digits_shifted_source(resolution: int, arg: str = "", val_fraction=None, see
     labels = d.target.astype(np.int64)
     rng = np.random.default_rng(2020)  # fixed: the dataset is the same for every run and seed
     rgb, src = render_shifted(digits, max(resolution, 8), copies, rng)
-    rgb = _resize(rgb, resolution)
+    rgb = resize(rgb, resolution)
     train = src < N_TRAIN_DIGITS
     return GroupedSource("digits-shifted", rgb[train], labels[src[train]], src[train], rgb[~train],
                          labels[src[~train]], 10, val_fraction, seed)

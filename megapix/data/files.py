@@ -25,7 +25,7 @@ import numpy as np
 
 from megapix.config import VOCAB_SIZE, ConfigError
 from megapix.data import augment as aug
-from megapix.data.sources import SPLITS, ArraySource, Source, Split, holdout
+from megapix.data.base import SPLITS, ArraySource, Source, Split, holdout
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
 MANIFEST = "manifest.json"

@@ -7,76 +7,15 @@ A source is named by a spec string: "digits" (the embedded default, no download)
 """
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
-
 import numpy as np
 
 from megapix.config import ConfigError
+from megapix.data import embedded, files
+from megapix.data.base import SPLITS, ArraySource, Source, Split, holdout, resize
 
-SPLITS = ("train", "val", "test")
+__all__ = ["SPLITS", "ArraySource", "Source", "Split", "holdout", "open_source", "spec_grammar"]
+
 SYNTHETIC_MAX = 100_000  # generated in memory, for tests and demos
-
-
-@dataclass
-class Split:
-    """One split: either images (uint8 [N, H, W, 3]) or tokens (palette ids [N, T]), plus optional labels [N]."""
-
-    images: np.ndarray | None = None
-    tokens: np.ndarray | None = None
-    labels: np.ndarray | None = None
-    num_classes: int | None = None
-
-    def __len__(self) -> int:
-        return len(self.images if self.images is not None else self.tokens)
-
-
-class Source(ABC):
-    """Base class: `split(name)` returns a Split for "train", "val" or "test"."""
-
-    name = "source"
-    num_classes: int | None = None
-    default_val_fraction = 0.1  # the paper: 10% of CIFAR/STL train held out
-
-    @abstractmethod
-    def split(self, name: str) -> Split:
-        """The named split ("train", "val" or "test")."""
-
-
-def holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded split of range(n) into (train, val) indices: the paper's held-out validation."""
-    perm = np.random.default_rng(seed).permutation(n)
-    n_val = int(round(n * fraction))
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
-
-
-class ArraySource(Source):
-    """In-memory images with labels, a fixed test set, and a seeded train/val holdout."""
-
-    def __init__(self, name, train_x, train_y, test_x, test_y, num_classes, val_fraction=None, seed=0):
-        self.name = name
-        self.num_classes = num_classes
-        frac = self.default_val_fraction if val_fraction is None else val_fraction
-        tr, va = holdout(len(train_x), frac, seed)
-        y = (lambda a, i: None if a is None else a[i])
-        self._splits = {
-            "train": Split(train_x[tr], labels=y(train_y, tr), num_classes=num_classes),
-            "val": Split(train_x[va], labels=y(train_y, va), num_classes=num_classes),
-            "test": Split(test_x, labels=test_y, num_classes=num_classes),
-        }
-
-    def split(self, name: str) -> Split:
-        if name not in self._splits:
-            raise ConfigError(f"unknown split {name!r}; choose one of {', '.join(SPLITS)}")
-        return self._splits[name]
-
-
-def _resize(images: np.ndarray, res: int) -> np.ndarray:
-    if images.shape[1] == res and images.shape[2] == res:
-        return images
-    from PIL import Image
-
-    return np.stack([np.asarray(Image.fromarray(im).resize((res, res), Image.BILINEAR)) for im in images])
 
 
 def digits_source(resolution: int, val_fraction=None, seed: int = 0) -> ArraySource:
@@ -94,7 +33,7 @@ def digits_source(resolution: int, val_fraction=None, seed: int = 0) -> ArraySou
     bg = rng.uniform(0, 255, size=(len(gray), 1, 1, 3))
     bg = np.where(np.abs(fg - bg).sum(-1, keepdims=True) < 150, 255 - fg, bg)  # keep digits visible
     rgb = np.rint(bg + (fg - bg) * gray[..., None]).astype(np.uint8)
-    rgb = _resize(rgb, resolution)
+    rgb = resize(rgb, resolution)
     labels = d.target.astype(np.int64)
     return ArraySource("digits", rgb[:1500], labels[:1500], rgb[1500:], labels[1500:], 10, val_fraction, seed)
 
@@ -123,9 +62,7 @@ _ARG_FORMS = {"cifar10": "PATH", "cifar100": "PATH", "imagefolder": "DIR", "npy"
 
 def spec_grammar() -> str:
     """The data spec grammar, for error messages: every kind with the argument it takes."""
-    from megapix.data import files
-
-    return " | ".join(["digits", "synthetic[:N]"] + [f"{k}:{_ARG_FORMS.get(k, 'PATH')}" for k in files.FILE_SOURCES])
+    return " | ".join(["digits", "digits-shifted[:COPIES]", "synthetic[:N]"] + [f"{k}:{_ARG_FORMS.get(k, 'PATH')}" for k in files.FILE_SOURCES])
 
 
 def open_source(spec: str, resolution: int, val_fraction=None, seed: int = 0, augment: bool = True) -> Source:
@@ -138,7 +75,7 @@ def open_source(spec: str, resolution: int, val_fraction=None, seed: int = 0, au
             raise ConfigError(f"data spec {spec!r}: 'digits' takes no argument; use one of: {spec_grammar()}")
         return digits_source(resolution, val_fraction, seed)
     if kind == "digits-shifted":  # megapix/data/embedded.py
-        return __import__("megapix.data.embedded", fromlist=["_"]).digits_shifted_source(resolution, arg, val_fraction, seed)
+        return embedded.digits_shifted_source(resolution, arg, val_fraction, seed)
     if kind == "synthetic":
         n = 512
         if colon:
@@ -147,9 +84,7 @@ def open_source(spec: str, resolution: int, val_fraction=None, seed: int = 0, au
                                   f", e.g. synthetic:512; use one of: {spec_grammar()}")
             n = int(arg)
         return synthetic_source(resolution, n, val_fraction, seed)
-    from megapix.data import files  # sources that read user files
-
-    if kind in files.FILE_SOURCES:
+    if kind in files.FILE_SOURCES:  # sources that read user files
         if not arg:
             raise ConfigError(f"data source {kind!r} needs a path: '{kind}:{_ARG_FORMS.get(kind, 'PATH')}'")
         return files.FILE_SOURCES[kind](arg, resolution=resolution, val_fraction=val_fraction, seed=seed,

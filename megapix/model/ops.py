@@ -24,7 +24,7 @@ def _kernels_available() -> bool:
     global _KERNELS
     if _KERNELS is None:
         try:
-            from megapix import kernels  # noqa: F401
+            import megapix.kernels  # noqa: F401
             import triton  # noqa: F401
 
             _KERNELS = True
@@ -45,7 +45,7 @@ def attention(q, k, v, causal: bool, backend: str = "auto") -> torch.Tensor:
         visible = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(diagonal=t_k - t_q)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
     if _use_triton(q, backend):
-        from megapix import kernels
+        import megapix.kernels as kernels
 
         return kernels.flash_attention(q, k, v, causal=causal, backend="triton")
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
@@ -54,7 +54,7 @@ def attention(q, k, v, causal: bool, backend: str = "auto") -> torch.Tensor:
 def norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto") -> torch.Tensor:
     """iGPT's uncentred, bias-free norm: x / sqrt(mean(x^2) + eps) * weight, computed in float32."""
     if _use_triton(x, backend):
-        from megapix import kernels
+        import megapix.kernels as kernels
 
         return kernels.add_norm(x, None, weight, eps, backend="triton")[0]
     return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
@@ -63,7 +63,7 @@ def norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto
 def add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto"):
     """(norm(x + residual), x + residual): the residual add fused with the norm on the Triton path."""
     if _use_triton(x, backend):
-        from megapix import kernels
+        import megapix.kernels as kernels
 
         return kernels.add_norm(x, residual, weight, eps, backend="triton")
     h = x + residual
