@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 from megapix.checkpoint.consolidate import has_masters, state_dict
 from megapix.checkpoint.load import checked, locate
+from megapix.checkpoint.tags import saved_layout, saved_step
 from megapix.model.hf import save_state_dict_pretrained
 from megapix.utils import atomic_path, check_output
 
 MARKER = "megapix_export.json"
-EXPORT_FILES = {"config.json", "model.safetensors", "palette.npy", MARKER}
+EXPORT_FILES = {"config.json", "model.safetensors", "palette.npy", "preprocessor_config.json", "generation_config.json",
+                "README.md", "megapix.json", MARKER}
 
 
 def is_export(path: str) -> bool:
@@ -32,16 +33,40 @@ def is_export(path: str) -> bool:
     return marked and set(os.listdir(path)) <= EXPORT_FILES
 
 
+def _last_loss(run: str, step: int) -> float | None:
+    """The train loss the run logged at `step` (metrics.jsonl), for the model card; None when not logged."""
+    path = os.path.join(run, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return None
+    loss = None
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a torn last line
+            if isinstance(rec, dict) and rec.get("step") == step:
+                loss = rec.get("loss")
+    return loss
+
+
 def export(checkpoint: str, out: str) -> str:
     check_output(out, is_export)  # before any work: never replace a directory that is not an earlier export
     root, tag = locate(checkpoint)
     cfg = checked(root, tag)
     sd = state_dict(root, tag, cfg)
-    palette = os.path.join(os.path.dirname(root), "palette.npy")
+    run = os.path.dirname(root)
+    palette = os.path.join(run, "palette.npy")
+    layout = saved_layout(root, tag) or {}
+    card = {"data": cfg.data.source, "steps": saved_step(root, tag), "loss": _last_loss(run, saved_step(root, tag)),
+            "layout": ", ".join(f"{k} {v}" for k, v in layout.items()) or None,
+            "command": f"megapix export --checkpoint {checkpoint} --out {out}"}
     with atomic_path(out, is_export) as tmp:
-        save_state_dict_pretrained(sd, cfg.model, tmp)
-        if os.path.isfile(palette):
-            shutil.copyfile(palette, os.path.join(tmp, "palette.npy"))
+        # HF-native: config, weights, generation config, model card, and with the run's palette the
+        # preprocessor_config.json that makes ImageGPTImageProcessor give megapix's ids; megapix.json records the
+        # data spec so `megapix sample --checkpoint DIR` needs no flags.
+        save_state_dict_pretrained(sd, cfg.model, tmp, palette=palette if os.path.isfile(palette) else None,
+                                   card=card, provenance={"data": cfg.data.source, "checkpoint_tag": tag})
         with open(os.path.join(tmp, MARKER), "w") as f:
             json.dump({"megapix_export": 1, "checkpoint": os.path.join(root, tag),
                        "weights": "fp32 masters" if has_masters(os.path.join(root, tag), cfg) else "module"},

@@ -11,6 +11,7 @@ from megapix.checkpoint.tags import problem, read_config, read_latest, resume_hi
 from megapix.config import Config, ConfigError
 from megapix.data.palette import Palette
 from megapix.model import ImageGPT
+from megapix.model.hf import read_provenance
 
 
 def locate(path: str) -> tuple[str, str]:
@@ -61,6 +62,7 @@ def load_model_and_palette(path: str, palette: str | None = None, data: str | No
     """(model, palette or None, data spec) for sampling/extraction. The palette defaults to the run's
     palette.npy (next to checkpoints/) and the data to the run's source."""
     model, cfg = load_model(path)
+    provenance = read_provenance(path) if cfg is None else None  # an export records its data spec
     if palette is None:
         candidates = [os.path.join(path, "palette.npy")]
         if cfg is not None:
@@ -69,7 +71,7 @@ def load_model_and_palette(path: str, palette: str | None = None, data: str | No
             if cfg.data.palette:
                 candidates.append(cfg.data.palette)
         palette = next((c for c in candidates if os.path.isfile(c)), None)
-    data = data or (cfg.data.source if cfg is not None else None)
+    data = data or (cfg.data.source if cfg is not None else (provenance or {}).get("data"))
     if data is None:
         raise ConfigError("no data source known for this model; pass --data")
     return model, (Palette.load(palette) if palette else None), data
