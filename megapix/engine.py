@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -239,7 +240,13 @@ class Trainer:
         self.best_score, self.best_step, self.stopped_early, bad = None, 0, False, 0
         tokens_per_step = t.global_batch * self.cfg.model.n_ctx
         flops_per_step = tokens_per_step * self.cfg.model.flops_per_token()
-        bar = tqdm(total=t.max_steps, initial=self.step, disable=not self.is_rank0, desc=desc, dynamic_ncols=True)
+        # A terminal gets a bar; a log file (SLURM, nohup, a pipe) gets one plain line every log_every steps instead
+        # of hundreds of carriage-return redraws.
+        interactive = sys.stdout.isatty()
+        bar = tqdm(total=t.max_steps, initial=self.step, disable=not (self.is_rank0 and interactive), desc=desc,
+                   dynamic_ncols=True)
+        last_val = None
+        self.summary = {"first_step": self.step}
         last = time.perf_counter()
         try:  # the bar ends its line before any error is printed
             while self.step < t.max_steps:
@@ -269,8 +276,17 @@ class Trainer:
                     last = time.perf_counter()  # evaluation time is not training throughput
                 log.write(rec)
                 self._monitor(rec)
+                self._remember(rec)
+                if "val_loss" in rec:
+                    last_val = rec["val_loss"]
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{loss:.4f}", **({"val": f"{last_val:.4f}"} if last_val is not None else {}),
+                                tok_s=f"{rec['tokens_per_s']:.0f}")
+                if self.is_rank0 and not interactive and (self.step % max(1, t.log_every) == 0
+                                                          or self.step == t.max_steps):
+                    print(f"{desc} step {self.step}/{t.max_steps}: loss {loss:.4f}"
+                          + (f", val_loss {rec['val_loss']:.4f}" if rec.get("val_loss") is not None else "")
+                          + f", lr {lr:.3g}, {rec['tokens_per_s']:.0f} tokens/s", flush=True)
                 if evaluated and patience and bad >= patience:
                     self.stopped_early = True
                     break
@@ -295,6 +311,24 @@ class Trainer:
             self.save()
             self.saved_step = self.step
         return 0
+
+    def _remember(self, rec: dict) -> None:
+        """What the end-of-run summary reports: the last train loss and the best validation loss, and a warning
+        when validation loss has risen three evaluations in a row while training goes on (overfitting)."""
+        s = self.summary
+        s["last_step"], s["last_loss"] = rec["step"], rec["loss"]
+        val = rec.get("val_loss")
+        if val is None:
+            return
+        vals = s.setdefault("val_losses", [])
+        vals.append(val)
+        if s.get("best_val_loss") is None or val < s["best_val_loss"]:
+            s["best_val_loss"], s["best_val_step"] = val, rec["step"]
+        if len(vals) >= 4 and vals[-1] > vals[-2] > vals[-3] > vals[-4] and self.is_rank0 and not s.get("warned"):
+            s["warned"] = True
+            print(f"megapix: warning: val_loss has risen for 3 evaluations ({vals[-4]:.4f} -> {vals[-1]:.4f}; best "
+                  f"{s['best_val_loss']:.4f} at step {s['best_val_step']}): the model is overfitting this data; "
+                  "fewer --max-steps or more data", flush=True)
 
     def _monitor(self, rec: dict) -> None:
         mon = getattr(self.engine, "monitor", None)

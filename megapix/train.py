@@ -61,6 +61,27 @@ def check_run_record(path: str, cfg, resume: bool) -> None:
                           "pass --resume to continue it, or choose another --out")
 
 
+def summary(trainer, samples: str | None) -> str:
+    """The end of a run, for its user: how it went, where everything is, and what to run next."""
+    s, out = trainer.summary, trainer.shown_out
+    lines = [f"megapix: done at step {s.get('last_step', trainer.step)}: train loss {s['last_loss']:.4f}"
+             if "last_loss" in s else f"megapix: done at step {trainer.step}"]
+    if s.get("best_val_loss") is not None:
+        last_val = s["val_losses"][-1]
+        lines[0] += (f", val_loss {last_val:.4f} (best {s['best_val_loss']:.4f} at step {s['best_val_step']}"
+                     f"{'; rising since: overfitting' if last_val > s['best_val_loss'] else ''})")
+    lines += [f"  checkpoints  {os.path.join(out, 'checkpoints')}", f"  metrics      {os.path.join(out, 'metrics.jsonl')}"]
+    if samples:
+        lines.append(f"  samples      {samples}")
+    lines += ["next:",
+              f"  continue     python megapix/train.py --resume --out {out} --max-steps N   (same flags otherwise)",
+              f"  export (HF)  megapix export --checkpoint {out} --out {out}-hf",
+              f"  sample       megapix sample --checkpoint {out} --out {os.path.join(out, 'more_samples.png')}",
+              f"  probe        megapix extract --checkpoint {out} --out {out}-features && "
+              f"megapix probe --features {out}-features"]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from megapix.config import ConfigError, check_kernels_available
@@ -89,8 +110,9 @@ def main(argv=None) -> int:
                   f"global batch {trainer.cfg.train.global_batch} (micro {trainer.micro_batch}), out {trainer.out}",
                   flush=True)
         code = trainer.fit()
-        if code == 0 and not args.no_samples:
-            trainer.write_samples()
+        samples = trainer.write_samples() if code == 0 and not args.no_samples else None
+        if trainer.is_rank0 and code == 0:
+            print(summary(trainer, samples), flush=True)
         return code
     except ConfigError as e:
         print(f"megapix: error: {e}", file=sys.stderr)

@@ -48,7 +48,14 @@ def parallel(*thunks):
 
 def test_outputs_and_loss_decreases(tiny_config, tmp_path):
     out = tmp_path / "run"
-    ok(train(tiny_config, out, "--max-steps", 40, "--eval-every", 20, "--global-batch", 32))
+    proc = train(tiny_config, out, "--max-steps", 40, "--eval-every", 20, "--global-batch", 32, "--log-every", 10)
+    ok(proc)
+    # not a terminal: plain progress lines every log_every steps, no bar redraws, and a summary saying what next
+    assert "\r" not in proc.stdout
+    assert [line.split(":")[0] for line in proc.stdout.splitlines() if line.startswith("train step")] == \
+        [f"train step {s}/40" for s in (10, 20, 30, 40)]
+    assert "megapix: done at step 40: train loss" in proc.stdout and "val_loss" in proc.stdout
+    assert f"megapix export --checkpoint {out}" in proc.stdout and os.path.join(str(out), "samples.png") in proc.stdout
     recs = metrics(out)
     assert [r["step"] for r in recs] == list(range(1, 41))
     for r in recs:
