@@ -17,7 +17,7 @@ term) and pipeline parallel (the last stage computes both losses).
 `--lr 3e-4,1e-4,3e-5` runs one early-stopped fine-tune per rate (one Trainer each) and keeps the best by
 validation accuracy; `--from-scratch` re-initialises the weights (same architecture and palette): the
 random-init baseline. Writes DIR/finetune_results.json, DIR/metrics.jsonl, and the best model as an HF ImageGPT
-directory DIR/best_model/ plus its classifier (DIR/best_model/classifier.safetensors + classifier.json).
+directory DIR/best_model/ that transformers' ImageGPTForImageClassification loads (score.weight included).
 """
 from __future__ import annotations
 
@@ -50,9 +50,9 @@ class Classifier(nn.Module):
     def __init__(self, model, num_classes: int):
         super().__init__()
         self.model = model
-        self.clf = nn.Linear(model.config.d_model, num_classes)
+        # bias-free, as transformers' ImageGPTForImageClassification.score: the export loads there unchanged
+        self.clf = nn.Linear(model.config.d_model, num_classes, bias=False)
         nn.init.zeros_(self.clf.weight)
-        nn.init.zeros_(self.clf.bias)
 
     def forward(self, tokens, labels, mask=None):
         from megapix.model.igpt import lm_loss
@@ -153,9 +153,8 @@ class ClassifierHeadLayer(HeadLayer):
 
     def __init__(self, config, seed: int, tp_info, num_classes: int):
         super().__init__(config, seed, tp_info)
-        self.clf = nn.Linear(config.d_model, num_classes)
+        self.clf = nn.Linear(config.d_model, num_classes, bias=False)  # as Classifier.clf
         nn.init.zeros_(self.clf.weight)
-        nn.init.zeros_(self.clf.bias)
 
     def forward(self, h):
         z = self.norm_f(h)
@@ -489,21 +488,17 @@ def main(argv=None) -> int:
 
 
 def write_outputs(args, out, config, palette, num_classes, lrs, runs, best, best_state, data_spec, augmentation):
-    from safetensors.torch import save_file
-
-    from megapix.model.hf import save_state_dict_pretrained
+    from megapix.model.hf import save_classifier_pretrained
     from megapix.utils import write_json
 
+    # One HF directory that transformers' ImageGPTForImageClassification loads with every weight (score.weight
+    # included), with the palette's preprocessor_config.json and a model card.
     target = os.path.join(out, "best_model")
     model_sd = {k: v for k, v in best_state.items() if not k.startswith("clf.")}
-    save_state_dict_pretrained(model_sd, config, target)
-    save_file({"weight": best_state["clf.weight"].contiguous(), "bias": best_state["clf.bias"].contiguous()},
-              os.path.join(target, "classifier.safetensors"), metadata={"format": "pt"})
-    write_json(os.path.join(target, "classifier.json"),
-               {"num_classes": num_classes, "input": "mean over positions of norm_f output",
-                "d_model": config.d_model})
-    if palette is not None:
-        palette.save(os.path.join(target, "palette.npy"))
+    card = {"data": data_spec, "steps": best["best_step"], "layout": best["layout"],
+            "val accuracy": f"{100 * best['best_val_acc']:.2f}%", "fine-tuned from": args.checkpoint or "scratch"}
+    save_classifier_pretrained(model_sd, config, best_state["clf.weight"], target, palette=palette, card=card,
+                               provenance={"data": data_spec})
     result = {"checkpoint": args.checkpoint and os.path.abspath(args.checkpoint), "data": data_spec,
               "from_scratch": args.from_scratch, "lrs": lrs, "runs": runs, "best_lr": best["lr"],
               "best_val_acc": best["best_val_acc"], "test_acc": best.get("test_acc_at_best"),

@@ -77,11 +77,11 @@ def test_finetune_sweep_early_stopping(tmp_path):
     assert len(recs) == sum(r["steps"] for r in res["runs"])
     assert all(abs(r["loss"] - r["l_gen"] - r["l_clf"]) < 1e-4 for r in recs)
     assert all("val_acc" in r for r in recs)
-    model = ImageGPT.from_pretrained(str(out / "best_model"))
-    from safetensors.torch import load_file
+    from transformers import ImageGPTForImageClassification
 
-    head = load_file(str(out / "best_model" / "classifier.safetensors"))
-    assert head["weight"].shape == (4, model.config.d_model) and head["bias"].shape == (4,)
+    hf, info = ImageGPTForImageClassification.from_pretrained(str(out / "best_model"), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert hf.score.weight.shape == (4, hf.config.n_embd)
 
 
 @pytest.mark.parametrize("argv,words", [
