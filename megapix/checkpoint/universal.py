@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 
 import torch
@@ -26,29 +27,39 @@ from megapix.config import VOCAB_SIZE, Config, ConfigError, ModelConfig
 from megapix.model import ImageGPT
 from megapix.parallel import dist
 from megapix.parallel.layout import Layout
+from megapix.parallel.tensor import TP_SPLIT
 
 
 def universal_checkpoint_info(cfg: Config) -> dict:
     from deepspeed.checkpoint import constants as C  # DeepSpeed costs seconds to import; only savers need it
 
     d = cfg.model.d_model
-    # ds_to_universal refuses (strict mode) a pattern that matches no parameter: bias patterns only with biases.
-    bias = cfg.model.bias
+    # Derived from the one TP table (megapix.parallel.tensor.TP_SPLIT). ds_to_universal refuses (strict mode) a
+    # pattern that matches no parameter: bias patterns only when the model has biases.
+    leaves = ("weight", "bias") if cfg.model.bias else ("weight",)
+
+    def pattern(module: str, leaf: str) -> str:  # "model.blocks.3.<m>.<leaf>" and pipeline "4.<m>.<leaf>"
+        return r"(.*\.)?" + re.escape(f"{module}.{leaf}") + "$"
+
+    by_kind: dict[str, list[str]] = {}
+    for module, kind in TP_SPLIT:
+        for leaf in leaves:
+            if kind == "vocab" and leaf == "bias":
+                continue  # the 512-way head never has a bias (the original's), whatever model.bias says
+            by_kind.setdefault("replicated" if kind == "row" and leaf == "bias" else kind, []).append(
+                pattern(module, leaf))
+    replicated = [pattern(m, "weight") for m in ("norm_1", "norm_2", "norm_f", "wte", "wpe")] + [r"(.*\.)?sos$"]
     info = {
         C.UNIVERSAL_CHECKPOINT_VERSION_KEY: 0.2,
         C.ORIGINAL_VOCAB_SIZE: VOCAB_SIZE,
         C.PADDED_VOCAB_SIZE: VOCAB_SIZE,
-        C.TP_REPLICATED_PARAMETER_PATTERNS: [
-            r".*norm_1\.weight$", r".*norm_2\.weight$", r".*norm_f\.weight$", r".*wte\.weight$",
-            r".*wpe\.weight$", r"(.*\.)?sos$",
-        ] + ([r".*attn\.c_proj\.bias$", r".*mlp\.c_proj\.bias$"] if bias else []),
+        C.TP_REPLICATED_PARAMETER_PATTERNS: replicated + by_kind.get("replicated", []),
         C.PARAMETER_TO_AVERAGE_PATTERNS: [],
-        C.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [r".*attn\.c_proj\.weight$", r".*mlp\.c_proj\.weight$"],
-        C.VOCABULARY_PARAMETER_PATTERNS: [r".*head\.weight$"],
+        C.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: by_kind["row"],
+        # column-parallel tensors are DeepSpeed's default (dim 0); the head is its vocabulary parameter
+        C.VOCABULARY_PARAMETER_PATTERNS: by_kind["vocab"],
         # c_attn is [q | k | v] along dim 0, each TP-sliced by heads: three sub-parameters of d rows.
-        C.PARAMETER_WITH_SUB_PARAMS: [{"patterns": [r".*attn\.c_attn\.weight$"]
-                                       + ([r".*attn\.c_attn\.bias$"] if bias else []),
-                                       "shape": [(d, d, d), -1], "partition_dim": 0}],
+        C.PARAMETER_WITH_SUB_PARAMS: [{"patterns": by_kind["qkv"], "shape": [(d, d, d), -1], "partition_dim": 0}],
     }
     return {C.UNIVERSAL_CHECKPOINT_INFO: info}
 

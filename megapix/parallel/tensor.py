@@ -19,11 +19,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from megapix.config import VOCAB_SIZE
 
-COLUMN = ("attn.c_attn", "mlp.c_fc")
-ROW = ("attn.c_proj", "mlp.c_proj")
-VOCAB = ("head",)
+# THE table of the split: (canonical module name suffix, how its weight is split). Biases follow their weight,
+# except a row-parallel layer's bias, which is replicated. Sharding, merging, apply_tensor_parallel and the
+# universal-checkpoint patterns (megapix.checkpoint.universal) are all derived from it.
+TP_SPLIT = (
+    ("attn.c_attn", "qkv"),  # column-parallel, [q | k | v] each sliced by heads
+    ("mlp.c_fc", "column"),
+    ("attn.c_proj", "row"),
+    ("mlp.c_proj", "row"),
+    ("head", "vocab"),  # the top-level head only: column-parallel over the 512 outputs
+)
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -118,16 +124,21 @@ def unshard_qkv(shards: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([torch.cat([p[i] for p in parts], dim=0) for i in range(3)], dim=0)
 
 
+def module_kind(module: str) -> str | None:
+    """The TP_SPLIT kind of a canonical module name ("blocks.3.mlp.c_fc"), or None when it is not split."""
+    for suffix, kind in TP_SPLIT:
+        if module == suffix if kind == "vocab" else module.endswith("." + suffix) or module == suffix:
+            return kind
+    return None
+
+
 def kind_of(name: str) -> str:
     """'qkv', 'column', 'row', 'vocab' or 'replicated' for a canonical parameter name."""
-    module = name.rsplit(".", 1)[0]
-    if module.endswith("attn.c_attn"):
-        return "qkv"
-    if module.endswith(COLUMN) or module in VOCAB:
-        return "vocab" if module in VOCAB else "column"
-    if module.endswith(ROW):
-        return "row" if name.endswith("weight") else "replicated"
-    return "replicated"
+    module, _, leaf = name.rpartition(".")
+    kind = module_kind(module)
+    if kind is None or (kind == "row" and leaf != "weight"):
+        return "replicated"
+    return kind
 
 
 def shard_tensor(name: str, full: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
@@ -161,15 +172,15 @@ def apply_tensor_parallel(module: nn.Module, group, tp: int, rank: int, prefix: 
     targets = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
     for name, lin in targets:
         full = prefix + name
-        if full.endswith(COLUMN) or full in VOCAB:
-            w = shard_tensor(full + ".weight", lin.weight.data, tp, rank)
-            b = shard_tensor(full + ".bias", lin.bias.data, tp, rank) if lin.bias is not None else None
-            new = ColumnParallelLinear(w, b, group)
-        elif full.endswith(ROW):
-            w = lin.weight.data.chunk(tp, dim=1)[rank]
+        kind = module_kind(full)
+        if kind is None:
+            continue
+        w = shard_tensor(full + ".weight", lin.weight.data, tp, rank)
+        if kind == "row":
             new = RowParallelLinear(w, lin.bias.data if lin.bias is not None else None, group)
         else:
-            continue
+            b = shard_tensor(full + ".bias", lin.bias.data, tp, rank) if lin.bias is not None else None
+            new = ColumnParallelLinear(w, b, group)
         parent_name, _, child = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         setattr(parent, child, new)
@@ -224,7 +235,3 @@ class VocabParallelLoss:
             return flat.mean()
         m = mask.reshape(-1).to(flat.dtype)
         return (flat * m).sum() / m.sum().clamp_min(1.0)
-
-
-def check_vocab(tp: int) -> None:
-    assert VOCAB_SIZE % tp == 0
