@@ -103,9 +103,9 @@ def test_bad_options_fail_with_one_line(tmp_path, capsys, argv, words):
 
 def test_defaults_agree_with_the_trainer():
     from megapix.config import TrainConfig
-    from megapix.finetune import FinetuneConfig, build_parser
+    from megapix.finetune import FinetuneConfig, parse_args
 
-    t, args = TrainConfig(), build_parser().parse_args(["--out", "x"])
+    t, (args, _) = TrainConfig(), parse_args(["--out", "x"])
     assert (args.grad_clip, args.beta1, args.beta2, args.weight_decay) == (t.grad_clip, t.beta1, t.beta2,
                                                                            t.weight_decay)
     import dataclasses
