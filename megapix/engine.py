@@ -69,7 +69,7 @@ class Trainer:
             if resume:
                 from megapix import checkpoint
 
-                self.resume_tag = checkpoint.resumable_tag(self.ckpt_dir)
+                self.resume_tag = checkpoint.resumable_tag(self.ckpt_dir, cfg)
             else:
                 refuse_existing_run(self.out, self.shown_out)
             barrier()

@@ -319,3 +319,13 @@ def test_bf16_tp2_export_holds_the_fp32_masters(tmp_path):
         assert torch.equal(w.bfloat16().float(), module[k]), k
     assert sum((w.bfloat16().float() != w).sum().item() for w in exported.values()) > 0.5 * sum(
         w.numel() for w in exported.values())
+
+
+def test_resume_with_another_model_names_what_wrote_the_checkpoint(tmp_path):
+    """--resume with other model settings: one line naming the model that wrote the checkpoint, nothing written;
+    another --kernels is not another model."""
+    run = copy_run("single", tmp_path / "run")
+    before = tree_hash(run)
+    line = error_line(train(run, "--resume", "--model", "tiny"))
+    assert "was written for a custom model (2 layers, d 64" in line and "this run builds preset tiny" in line, line
+    assert tree_hash(run) == before

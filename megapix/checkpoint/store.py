@@ -16,8 +16,8 @@ import shutil
 import torch.distributed as tdist
 
 from megapix.checkpoint.reshard import resume_resharded
-from megapix.checkpoint.tags import (layout_record, problem, read_latest, resume_hint, saved_layout, saved_step,
-                                     tag_for, tags)
+from megapix.checkpoint.tags import (check_same_model, layout_record, problem, read_latest, resume_hint, saved_layout,
+                                     saved_step, tag_for, tags)
 from megapix.checkpoint.universal import resume_universal, universal_checkpoint_info, unsupported_reason
 from megapix.config import Config, ConfigError
 from megapix.parallel import dist
@@ -106,9 +106,10 @@ def check_resumable(ckpt_dir: str, tag: str) -> None:
         raise ConfigError(f"cannot resume {tag}: {why}; {resume_hint(ckpt_dir, tag)}")
 
 
-def resumable_tag(ckpt_dir: str) -> str | None:
+def resumable_tag(ckpt_dir: str, cfg: Config | None = None) -> str | None:
     """The tag a --resume continues from, after checking every file of it (safe_load's allow-list, completeness)
-    on rank 0; None when there is no checkpoint (said in one line). A problem is one ConfigError on every rank.
+    and, given this run's cfg, that it was written for the same model, on rank 0; None when there is no
+    checkpoint (said in one line). A problem is one ConfigError on every rank.
     Cheap to call before anything is built, so a bad checkpoint is refused before a run writes anything."""
     def find():
         tag = read_latest(ckpt_dir)
@@ -123,6 +124,8 @@ def resumable_tag(ckpt_dir: str) -> str | None:
             raise ConfigError(f"{os.path.join(ckpt_dir, 'latest')} names {tag!r}, which does not exist; "
                               f"{resume_hint(ckpt_dir, tag)}")
         check_resumable(ckpt_dir, tag)
+        if cfg is not None:
+            check_same_model(ckpt_dir, tag, cfg)
         return tag
 
     tag = _rank0(find)

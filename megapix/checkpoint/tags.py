@@ -2,12 +2,13 @@
 complete (every file present and readable). Reading only; saving and resuming are in store.py."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import zipfile
 
 from megapix.checkpoint import safe_load
-from megapix.config import Config, ConfigError
+from megapix.config import PRESETS, Config, ConfigError
 from megapix.parallel.layout import Layout
 
 TAG = re.compile(r"global_step(\d+)")
@@ -134,10 +135,19 @@ def read_config(root: str, tag: str) -> Config:
     return Config.from_dict(safe_load.read_json(cfg_path), where=cfg_path)
 
 
+def describe_model(m) -> str:
+    """'preset tiny (4 layers, d 128, 4 heads, 8x8, ar)' or 'a custom model (...)', for messages."""
+    shape = f"{m.n_layer} layers, d {m.d_model}, {m.n_head} heads, {m.resolution}x{m.resolution}, {m.objective}"
+    preset = next((name for name, p in PRESETS.items() if all(getattr(m, k) == v for k, v in p.items())), None)
+    return f"preset {preset} ({shape})" if preset else f"a custom model ({shape})"
+
+
 def check_same_model(ckpt_dir: str, tag: str, cfg: Config) -> Config:
-    """The checkpoint's Config, after checking it was written for this run's model."""
+    """The checkpoint's Config, after checking it was written for this run's model (the kernels setting is an
+    implementation choice, not part of the model: a run may resume with other kernels)."""
     saved_cfg = read_config(ckpt_dir, tag)
-    if saved_cfg.model != cfg.model:
-        raise ConfigError(f"checkpoint {os.path.join(ckpt_dir, tag)} was written for model {saved_cfg.model}, not "
-                          f"{cfg.model}; resume with the --model (and model settings) that wrote it")
+    if dataclasses.replace(saved_cfg.model, kernels=cfg.model.kernels) != cfg.model:
+        raise ConfigError(f"checkpoint {os.path.join(ckpt_dir, tag)} was written for {describe_model(saved_cfg.model)}"
+                          f", but this run builds {describe_model(cfg.model)}; resume with the --model (and model "
+                          "settings) that wrote it")
     return saved_cfg
