@@ -73,15 +73,20 @@ class Trainer:
             else:
                 refuse_existing_run(self.out, self.shown_out)
             barrier()
-        created = not os.path.exists(self.out)
+        made = []  # the folders this run creates for --out, innermost first
+        path = self.out
+        while not os.path.exists(path):
+            made.append(path)
+            path = os.path.dirname(path)
         os.makedirs(self.out, exist_ok=True)
         if task is None:
             try:
                 task = LMTask(*load_splits(cfg, self.out, self.is_rank0))
             except ConfigError:
-                if created and self.is_rank0:  # a data error leaves no empty --out behind (only what we made)
+                if self.is_rank0:  # a data error leaves no empty --out behind (only folders this run made)
                     with contextlib.suppress(OSError):
-                        os.rmdir(self.out)
+                        for folder in made:
+                            os.rmdir(folder)  # fails, and stops, at the first one that is not empty
                 raise
         self.task = task
         self.palette = getattr(task, "palette", None)
