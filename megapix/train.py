@@ -93,7 +93,12 @@ def main(argv=None) -> int:
 
         # the JSON agrees with the flags (or says where not) before any process group starts or file is written
         effective, _ = dsconfig.resolve(cfg, args.deepspeed_config, dsconfig.launch_world())
-        record = os.path.join(os.path.abspath(effective.train.out), "config.json")
+        out = os.path.abspath(effective.train.out)
+        if not args.resume:  # a run already there is named by its step, before its record is compared
+            from megapix.runlog import refuse_existing_run
+
+            refuse_existing_run(out, effective.train.out)
+        record = os.path.join(out, "config.json")
         check_run_record(record, effective, args.resume)
         from megapix.parallel.launch import init_distributed
 

@@ -166,9 +166,9 @@ for spec in json.loads(os.environ["PLAN_LAYOUTS"]):
         inner = getattr(tr.engine.optimizer, "optimizer", tr.engine.optimizer)
         seen = {}
         inner.register_step_pre_hook(lambda *a: seen.update(engine_state_bytes(tr.engine)))
-        tr.train_step()
+        tr.train_step(tr._next_batches())
         tr.step += 1
-        tr.train_step()  # measured as this second step begins: Adam state from the first, gradients of this one
+        tr.train_step(tr._next_batches())  # measured as this second step begins: Adam state from the first, gradients of this one
         P = stage_params(m, lay.tp, lay.pp)[tr.layout.pp_rank]
         pred = state_bytes(P, lay.dp, lay.zero, precision, lay.pp > 1)
         row = {"model": name, "precision": precision, "layout": lay.describe(), "rank": rank, "measured": seen,

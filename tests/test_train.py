@@ -222,7 +222,7 @@ def test_rerun_into_a_run_refuses_and_changes_nothing(tiny_config, tmp_path):
     fresh = tmp_path / "fresh"
     proc = train(tiny_config, fresh, "--max-steps", 1, "--resume", *common)
     ok(proc)
-    assert "no checkpoint" in proc.stdout and "starting at step 0" in proc.stdout
+    assert "no checkpoint" in proc.stdout and "starting from step 0" in proc.stdout
 
 
 def test_resume_tolerates_a_torn_last_metrics_line(tiny_config, tmp_path):

@@ -46,9 +46,16 @@ def consolidated_state_dict(root: str, tag: str, cfg: Config) -> dict[str, torch
     return state_dict(root, tag, cfg)
 
 
+def is_hf_dir(path: str) -> bool:
+    """An HF ImageGPT directory or a megapix export: config.json beside the weights."""
+    return os.path.isfile(os.path.join(path, "config.json")) and any(
+        os.path.isfile(os.path.join(path, w)) for w in ("model.safetensors", "pytorch_model.bin"))
+
+
 def load_model(path: str):
-    """An ImageGPT from an export directory (config.json) or a megapix DeepSpeed checkpoint."""
-    if os.path.isfile(os.path.join(path, "config.json")):
+    """An ImageGPT from an export directory (config.json + weights) or a megapix DeepSpeed checkpoint. A training
+    --out folder also holds a config.json (the run record), so weights decide which it is."""
+    if is_hf_dir(path):
         return ImageGPT.from_pretrained(path), None
     root, tag = locate(path)
     cfg = checked(root, tag)
