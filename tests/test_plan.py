@@ -161,7 +161,7 @@ for spec in json.loads(os.environ["PLAN_LAYOUTS"]):
         cfg = Config(model=m, data=DataConfig(source="synthetic:32", palette=palette),
                      train=TrainConfig(global_batch=4 * lay.dp, micro_batch=2, max_steps=2, eval_every=0,
                                        zero_stage=lay.zero, tensor_parallel=lay.tp, pipeline_parallel=lay.pp,
-                                       precision=precision, out=os.path.join(work, f"{name}-{rank}")))
+                                       precision=precision, out=os.path.join(work, name)))  # one --out for all ranks, as a real run
         tr = Trainer(cfg)  # micro-batch 2: at 1, autograd leaves sos.grad a view of a [1, T, d] gradient (T x more)
         inner = getattr(tr.engine.optimizer, "optimizer", tr.engine.optimizer)
         seen = {}
