@@ -22,7 +22,8 @@ Sections (each records its own error and wall time; a failure never loses the re
 The report: benchmarks/results/gpu_check-<device>-<date>.json and .md (or --out DIR), header with the GPU, torch,
 triton, DeepSpeed, CUDA and cuDNN versions, the date and every section's wall time; a short table on stdout.
 Time: each section has its own budget (scaled by --budget-s); an item that would overrun it is skipped with the
-reason written in the report. The wider kernel sweep (T up to 4096, bidirectional, apex) is bench_kernels.py.
+reason written in the report. The wider kernel sweep (T up to 4096, bidirectional, apex) is bench_kernels.py,
+whose functions sections 1-3 import; section 4 replaces the former gpu_mfu.py.
 
 Exit status: 0 when no section failed or raised, 1 otherwise (the report is written either way). Without CUDA
 (and without --smoke) it prints one line and exits 0, writing nothing. --smoke runs every section's code on CPU, in
@@ -205,6 +206,15 @@ def sec_attention_tflops(ctx: Ctx, budget: Budget) -> dict:
 
 # ----------------------------------------------------------------------------- 3 add_norm_gbps
 
+def _norm_config(n: int, ctx: Ctx) -> str:
+    if not ctx.cuda:
+        return "n/a (no Triton launch on CPU)"
+    from megapix.kernels.configs import norm_config
+
+    c = norm_config(n, 2, False)
+    return f"fwd BLOCK_N {c.block_n} w{c.num_warps}, rows/program {c.rows_per_program}"
+
+
 def sec_add_norm_gbps(ctx: Ctx, budget: Budget) -> dict:
     rows, est = [], 0.0
     reps = dict(warmup=10, rep=50) if ctx.cuda else dict(warmup=0, rep=0)
@@ -217,7 +227,8 @@ def sec_add_norm_gbps(ctx: Ctx, budget: Budget) -> dict:
             continue
         t0 = time.perf_counter()
         res = bk.time_add_norm(n_rows, n, ctx.device, ctx.backend, **reps)
-        rows.append({"shape": shape, "gbps": res, "fraction_of_copy": res[ctx.backend] / res["copy"]})
+        rows.append({"shape": shape, "gbps": res, "fraction_of_copy": res[ctx.backend] / res["copy"],
+                     "config": _norm_config(n, ctx)})
         est = time.perf_counter() - t0
     done = [r for r in rows if "gbps" in r]
     fr = [r["fraction_of_copy"] for r in done]
@@ -288,20 +299,28 @@ def train_run(ctx: Ctx, preset: str, kernels: str, batch: int, steps: int, lr: f
     return res
 
 
-def device_peak(ctx: Ctx):
-    """(name of the planner's device model, peak bf16 TFLOP/s) for this GPU, or (None, None)."""
+def device_model(ctx: Ctx):
+    """The planner's model of this GPU (megapix.plan.DEVICES, matched by name), or None (a CPU, another GPU)."""
     from megapix.plan import DEVICES
 
-    if ctx.args.peak_tflops:
-        return "--peak-tflops", ctx.args.peak_tflops
     if not ctx.cuda:
-        return None, None
+        return None
     gpu = torch.cuda.get_device_name().lower()
     key = next((k for k in DEVICES if k in gpu), None)
-    return (DEVICES[key].name, DEVICES[key].peak_tflops) if key else (None, None)
+    return DEVICES[key] if key else None
+
+
+def device_peak(ctx: Ctx):
+    """(where the peak comes from, peak bf16 TFLOP/s) for this GPU, or (None, None)."""
+    if ctx.args.peak_tflops:
+        return "--peak-tflops", ctx.args.peak_tflops
+    dev = device_model(ctx)
+    return (dev.name, dev.peak_tflops) if dev else (None, None)
 
 
 def sec_mfu(ctx: Ctx, budget: Budget) -> dict:
+    from megapix.plan import Layout, step_time
+
     steps, warmup = (2, 1) if ctx.smoke else (ctx.args.steps, ctx.args.warmup)
     dev_name, peak = device_peak(ctx)
     rows, last = [], {}
@@ -321,8 +340,12 @@ def sec_mfu(ctx: Ctx, budget: Budget) -> dict:
             dt = statistics.median(times)
             tok_s = batch * m.n_ctx / dt
             tflops = tok_s * m.flops_per_token() / 1e12
+            dev = device_model(ctx)
+            planned = (step_time(m, Layout(zero=r["zero_stage"], micro_batch=batch), batch, 1, 1, dev).step
+                       if dev else NA_CPU)
             rows.append({"model": preset, "kernels": kernels, "params_M": m.num_parameters() / 1e6,
-                         "micro_batch": batch, "step_s": dt, "tokens_per_s": tok_s, "tflops": tflops,
+                         "micro_batch": batch, "step_s": dt, "planner_step_s": planned,
+                         "tokens_per_s": tok_s, "tflops": tflops,
                          "mfu": tflops / peak if peak else NA_CPU,
                          "trainer_mfu": r["records"][-1].get("mfu"), "loss_last": r["records"][-1]["loss"],
                          "steps_timed": len(times), "build_s": r["build_s"]})
@@ -332,7 +355,9 @@ def sec_mfu(ctx: Ctx, budget: Budget) -> dict:
             "goal": "none set; MFU = tokens/s x flops_per_token (6 per weight + 12 L T d, causal not discounted) / "
                     "peak" + ("" if ctx.cuda else "; CPU smoke: no peak, MFU n/a"),
             "note": f"median step of {steps} after {warmup} warm-up steps, Trainer.fit step times (data and "
-                    "host work included, as in training); kernels=auto is Triton on CUDA"
+                    "host work included, as in training); kernels=auto is Triton on CUDA; planner_step_s: "
+                    "megapix.plan.step_time for this layout on the device model (matmuls at 60% of peak, less "
+                    "below 1024 columns)"
                     + ("" if ctx.cuda else "; on CPU auto resolves to the torch path"),
             "summary": ", ".join(f"{r['model']}/{r['kernels']} " + (f"{r['mfu']:.1%}" if isinstance(r['mfu'], float)
                                                                    else f"{r['tflops']:.3g} TFLOP/s")
@@ -340,13 +365,14 @@ def sec_mfu(ctx: Ctx, budget: Budget) -> dict:
 
 
 def _estimate(last: dict, preset: str, m, batch: int) -> float:
-    """Seconds for the next run: the previous one's, its build scaled by parameters and its steps by FLOPs per step
-    when the model changes; 0 for the first (always tried)."""
+    """Seconds for the next run: the previous one's; when the model changes, its steps scaled by FLOPs per step and
+    its build by the square root of the parameter ratio (a build is part fixed cost: DeepSpeed, data, palette; part
+    per parameter: init, copies, fp32 masters). 0 for the first run (always tried)."""
     if not last:
         return 0.0
     if last["preset"] == preset:
         return last["build_s"] + last["run_s"]
-    return (last["build_s"] * m.num_parameters() / last["params"]
+    return (last["build_s"] * (m.num_parameters() / last["params"]) ** 0.5
             + last["run_s"] * batch * m.n_ctx * m.flops_per_token() / last["flops"])
 
 
