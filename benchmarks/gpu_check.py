@@ -97,6 +97,16 @@ class Ctx:
         self.work = tempfile.mkdtemp(prefix="gpu_check-work-")
         self.runs: dict = {}  # section 4's measurements, read by section 5
         self.dist_ready = False
+        self.item_errors: list = []  # tracebacks of the current section's failed items (run() reports them)
+
+    def item_error(self, e: BaseException) -> str:
+        """Record a failed item (one shape, one run) of a section; the section goes on with the next item."""
+        self.item_errors.append(traceback.format_exc(limit=6))
+        if self.cuda:
+            gc.collect()
+            torch.cuda.empty_cache()
+        text = str(e).strip()
+        return f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
     def models(self) -> list:
         """(preset, micro-batch) of sections 2-5: igpt-s and igpt-l; the tiny preset in --smoke."""
@@ -142,7 +152,12 @@ def sec_kernels_correct(ctx: Ctx, budget: Budget) -> dict:
             continue
         t0 = time.perf_counter()
         fn = bk.attention_errors if kind == "attention" else bk.add_norm_errors
-        absolute, rel = fn(*case, device=ctx.device, backend=ctx.backend, generator=g)
+        try:
+            absolute, rel = fn(*case, device=ctx.device, backend=ctx.backend, generator=g)
+        except Exception as e:
+            rows.append({"case": name, "error": ctx.item_error(e)})
+            est = time.perf_counter() - t0
+            continue
         ok = all(v <= bk.BF16_TOL for v in rel.values())
         rows.append({"case": name, "max_abs": absolute, "max_rel": rel, "worst_rel": max(rel.values()), "ok": ok})
         est = time.perf_counter() - t0
@@ -181,7 +196,11 @@ def sec_attention_tflops(ctx: Ctx, budget: Budget) -> dict:
             rows.append({"shape": shape, "skipped": budget.skip_reason(est)})
             continue
         t0 = time.perf_counter()
-        res = bk.time_attention(B, H, T, D, True, impls, ctx.device, **reps)
+        try:
+            res = bk.time_attention(B, H, T, D, True, impls, ctx.device, **reps)
+        except Exception as e:
+            rows.append({"shape": shape, "error": ctx.item_error(e)})
+            continue
         row = {"shape": shape, "config": _attn_config(D, ctx)}
         for name, (tf, tfb, why) in res.items():
             row[name] = {"fwd_tflops": tf, "fwd_bwd_tflops": tfb, **({"unavailable": why} if why else {})}
@@ -226,7 +245,11 @@ def sec_add_norm_gbps(ctx: Ctx, budget: Budget) -> dict:
             rows.append({"shape": shape, "skipped": budget.skip_reason(est)})
             continue
         t0 = time.perf_counter()
-        res = bk.time_add_norm(n_rows, n, ctx.device, ctx.backend, **reps)
+        try:
+            res = bk.time_add_norm(n_rows, n, ctx.device, ctx.backend, **reps)
+        except Exception as e:
+            rows.append({"shape": shape, "error": ctx.item_error(e)})
+            continue
         rows.append({"shape": shape, "gbps": res, "fraction_of_copy": res[ctx.backend] / res["copy"],
                      "config": _norm_config(n, ctx)})
         est = time.perf_counter() - t0
@@ -332,7 +355,11 @@ def sec_mfu(ctx: Ctx, budget: Budget) -> dict:
             if not budget.allows(est):
                 rows.append({"model": preset, "kernels": kernels, "skipped": budget.skip_reason(est)})
                 continue
-            r = train_run(ctx, preset, kernels, batch, warmup + steps, 1e-4, tag)
+            try:
+                r = train_run(ctx, preset, kernels, batch, warmup + steps, 1e-4, tag)
+            except Exception as e:  # e.g. out of memory at this micro-batch: the other runs still go
+                rows.append({"model": preset, "kernels": kernels, "micro_batch": batch, "error": ctx.item_error(e)})
+                continue
             ctx.runs[(preset, kernels)] = r
             last = {"preset": preset, "params": m.num_parameters(), "flops": batch * m.n_ctx * m.flops_per_token(),
                     "build_s": r["build_s"], "run_s": r["run_s"]}
@@ -436,7 +463,12 @@ def sec_training_curves(ctx: Ctx, budget: Budget) -> dict:
             rows.append({"kernels": kernels, "skipped": budget.skip_reason(est)})
             continue
         t0 = time.perf_counter()
-        r = train_run(ctx, preset, kernels, batch, steps, 1e-3, f"curve-{preset}-{kernels}")
+        try:
+            r = train_run(ctx, preset, kernels, batch, steps, 1e-3, f"curve-{preset}-{kernels}")
+        except Exception as e:
+            rows.append({"kernels": kernels, "error": ctx.item_error(e)})
+            est = time.perf_counter() - t0
+            continue
         curves[kernels] = [rec["loss"] for rec in r["records"]]
         rows.append({"kernels": kernels, "steps": len(curves[kernels]), "first_loss": curves[kernels][0],
                      "last_loss": curves[kernels][-1]})
@@ -562,6 +594,7 @@ def run(args) -> dict:
             continue
         print(f"gpu_check: {name} ...", flush=True)
         budget = Budget(share, deadline)
+        ctx.item_errors = []
         t0 = time.perf_counter()
         try:
             if budget.left() <= 0:
@@ -574,6 +607,10 @@ def run(args) -> dict:
             if ctx.cuda:
                 gc.collect()
                 torch.cuda.empty_cache()
+        if ctx.item_errors:  # items that raised: the section reports them, with what the others measured
+            sec["status"] = "error"
+            sec["error"] = "\n".join(ctx.item_errors + ([sec["error"]] if sec.get("error") else []))
+            sec["summary"] = f"{len(ctx.item_errors)} item(s) raised (see rows); " + sec.get("summary", "")
         sec["wall_s"] = time.perf_counter() - t0
         sec["budget_s"] = share
         report["sections"][name] = sec

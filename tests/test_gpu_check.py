@@ -96,23 +96,37 @@ def test_spent_budget_skips_every_section_with_its_reason(tmp_path):
         assert f"| {name} | skipped |" in md
 
 
-def test_a_failing_section_is_recorded_and_the_others_still_run(monkeypatch):
+def test_a_failing_section_or_item_is_recorded_and_the_rest_still_runs(monkeypatch):
     monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))
     import gpu_check
 
-    def broken(ctx, budget):
-        raise RuntimeError("simulated kernel failure")
+    def broken_section(ctx, budget):
+        raise RuntimeError("simulated section failure")
 
-    monkeypatch.setitem(gpu_check.FUNCS, "add_norm_gbps", broken)
+    real = gpu_check.bk.add_norm_errors
+
+    def broken_item(lead, n, res, **kw):
+        if n == 40:
+            raise RuntimeError("simulated kernel failure")
+        return real(lead, n, res, **kw)
+
+    monkeypatch.setitem(gpu_check.FUNCS, "attention_tflops", broken_section)
+    monkeypatch.setattr(gpu_check.bk, "add_norm_errors", broken_item)
     args = gpu_check.build_parser().parse_args(
-        ["--smoke", "--sections", "kernels_correct", "add_norm_gbps", "planner_memory"])
+        ["--smoke", "--sections", "kernels_correct", "attention_tflops", "planner_memory"])
     assert isinstance(args, argparse.Namespace)
     rep = gpu_check.run(args)
     s = rep["sections"]
-    assert s["add_norm_gbps"]["status"] == "error" and "simulated kernel failure" in s["add_norm_gbps"]["error"]
-    assert s["kernels_correct"]["status"] == "pass" and len(s["kernels_correct"]["rows"]) == 5
+    assert s["attention_tflops"]["status"] == "error"
+    assert "simulated section failure" in s["attention_tflops"]["error"]
+    # one failed case: recorded in its row and the section's error, the other four still measured
+    kc = s["kernels_correct"]
+    assert kc["status"] == "error" and "simulated kernel failure" in kc["error"]
+    assert [r["case"] for r in kc["rows"] if "error" in r] == ["add_norm (3, 5, 40) residual=False"]
+    assert sum(r.get("ok") is True for r in kc["rows"]) == 4
     # section 5 reads section 4's runs, which were not selected: each row says so
     assert s["planner_memory"]["rows"] and all("section mfu" in r["skipped"] for r in s["planner_memory"]["rows"])
     assert s["mfu"]["status"] == "skipped" and s["training_curves"]["status"] == "skipped"
     md = gpu_check.markdown(rep)
-    assert "simulated kernel failure" in md and "| add_norm_gbps | error |" in md
+    assert "simulated section failure" in md and "| attention_tflops | error |" in md
+    assert "| kernels_correct | error |" in md
