@@ -14,11 +14,14 @@
    the practical bandwidth ceiling), and apex FusedRMSNorm when importable.
 
 Prints a summary table last.  Exits with a clear message when no CUDA device is present.
+
+The one-command check of a GPU machine is benchmarks/gpu_check.py: it imports the pieces here (the correctness
+cases, `time_attention`, `time_add_norm`) at the iGPT-S/L shapes and adds MFU, planner memory and loss curves;
+this script is the wider sweep (T up to 4096, bidirectional, apex).
 """
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 
@@ -40,158 +43,224 @@ def _require_cuda() -> None:
         sys.exit(2)
 
 
-def _bench(fn, warmup=10, rep=50) -> float:
-    """Median milliseconds per call."""
-    from triton.testing import do_bench
+def bench_ms(fn, device="cuda", warmup=10, rep=50) -> float:
+    """Median milliseconds per call: triton.testing.do_bench on CUDA (warmup/rep in ms); on CPU (gpu_check --smoke)
+    a perf_counter loop of a few calls, enough to exercise the code, not a measurement worth quoting."""
+    if torch.device(device).type == "cuda":
+        from triton.testing import do_bench
 
-    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+        return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+    import statistics
+    import time
+
+    fn()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 
 
-def _rel_err(out, ref) -> float:
+def rel_err(out, ref) -> float:
+    """max |out - ref| / max |ref|: the error relative to the reference's scale."""
     return ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12)).item()
+
+
+def abs_err(out, ref) -> float:
+    return (out.float() - ref.float()).abs().max().item()
 
 
 # ----------------------------------------------------------------------------- correctness
 
-def check_correctness() -> list:
-    from megapix import kernels
-    from megapix.kernels.reference import add_norm_reference, attention_reference
+BF16_TOL = 2e-2  # max abs err / max abs ref, bf16 storage with fp32 accumulation
+# (B, H, T, Dh, causal); gpu_check adds the iGPT-S/L shapes
+ATTN_CASES = [(2, 4, 1, 64, True), (2, 4, 77, 96, True), (2, 3, 1000, 128, False), (1, 8, 2048, 64, True),
+              (2, 2, 513, 32, False)]
+# (leading shape, width, with residual)
+NORM_CASES = [((8, 512), 96, True), ((4, 333), 1000, False), ((2, 1024), 1536, True), ((4096,), 3072, True)]
 
+
+def attention_errors(B, H, T, D, causal, device="cuda", backend="triton", generator=None) -> tuple[dict, dict]:
+    """megapix.kernels.flash_attention in bf16 (forward and dq/dk/dv) against the fp32 reference on the same
+    bf16-rounded inputs: ({output: max abs err}, {output: max abs err / max abs ref})."""
+    from megapix import kernels
+    from megapix.kernels.reference import attention_reference
+
+    g = generator or torch.Generator(device=device).manual_seed(0)
+    q, k, v, do = (torch.randn(B, H, T, D, device=device, generator=g) for _ in range(4))
+    qb, kb, vb = (t.bfloat16().requires_grad_() for t in (q, k, v))
+    o = kernels.flash_attention(qb, kb, vb, causal=causal, backend=backend)
+    o.backward(do.bfloat16())
+    qf, kf, vf = (t.bfloat16().float().requires_grad_() for t in (q, k, v))
+    o_ref = attention_reference(qf, kf, vf, causal=causal)
+    o_ref.backward(do.bfloat16().float())
+    pairs = {"o": (o, o_ref), "dq": (qb.grad, qf.grad), "dk": (kb.grad, kf.grad), "dv": (vb.grad, vf.grad)}
+    absolute = {name: abs_err(a, b) for name, (a, b) in pairs.items()}
+    rel = {name: rel_err(a, b) for name, (a, b) in pairs.items()}
+    if T == 1:  # dq, dk are exactly zero for a single key: the absolute error is the measure
+        rel["dq"], rel["dk"] = absolute["dq"], absolute["dk"]
+    return absolute, rel
+
+
+def add_norm_errors(lead, n, res, device="cuda", backend="triton", generator=None) -> tuple[dict, dict]:
+    """megapix.kernels.add_norm (iGPT's uncentred norm fused with the residual add) in bf16 with an fp32 weight,
+    forward and every gradient, against the fp32 reference on the same bf16-rounded inputs: (abs, rel errors)."""
+    from megapix import kernels
+    from megapix.kernels.reference import add_norm_reference
+
+    g = generator or torch.Generator(device=device).manual_seed(0)
+    shape = (*lead, n)
+    x, r, dy, dres = (torch.randn(shape, device=device, generator=g) for _ in range(4))
+    w = torch.rand(n, device=device, generator=g) + 0.5
+    xb = x.bfloat16().requires_grad_()
+    rb = r.bfloat16().requires_grad_() if res else None
+    wb = w.clone().requires_grad_()  # fp32 weight, bf16 activations (mixed precision layout)
+    y, h = kernels.add_norm(xb, rb, wb, backend=backend)
+    torch.autograd.backward([y, h] if res else [y], [dy.bfloat16(), dres.bfloat16()] if res else [dy.bfloat16()])
+    xf = xb.detach().float().requires_grad_()
+    rf = rb.detach().float().requires_grad_() if res else None
+    wf = w.clone().requires_grad_()
+    yr, hr = add_norm_reference(xf, rf, wf)
+    torch.autograd.backward([yr, hr] if res else [yr], [dy.bfloat16().float(), dres.bfloat16().float()]
+                            if res else [dy.bfloat16().float()])
+    pairs = {"y": (y, yr), "dx": (xb.grad, xf.grad), "dw": (wb.grad, wf.grad)}
+    if res:
+        pairs.update(h=(h, hr), dres=(rb.grad, rf.grad))
+    return ({name: abs_err(a, b) for name, (a, b) in pairs.items()},
+            {name: rel_err(a, b) for name, (a, b) in pairs.items()})
+
+
+def check_correctness(device="cuda", backend="triton", attn_cases=ATTN_CASES, norm_cases=NORM_CASES,
+                      tol=BF16_TOL) -> list:
+    """Rows (name, relative errors, ok) for every attention and add_norm case."""
     rows = []
-    dev = "cuda"
-    g = torch.Generator(device=dev).manual_seed(0)
-    bf16_tol = 2e-2  # max abs err / max abs ref, bf16 storage with fp32 accumulation
-    for (B, H, T, D, causal) in [(2, 4, 1, 64, True), (2, 4, 77, 96, True), (2, 3, 1000, 128, False),
-                                 (1, 8, 2048, 64, True), (2, 2, 513, 32, False)]:
-        q, k, v, do = (torch.randn(B, H, T, D, device=dev, generator=g) for _ in range(4))
-        qb, kb, vb = (t.bfloat16().requires_grad_() for t in (q, k, v))
-        o = kernels.flash_attention(qb, kb, vb, causal=causal, backend="triton")
-        o.backward(do.bfloat16())
-        qf, kf, vf = (t.bfloat16().float().requires_grad_() for t in (q, k, v))
-        o_ref = attention_reference(qf, kf, vf, causal=causal)
-        o_ref.backward(do.bfloat16().float())
-        errs = {"o": _rel_err(o, o_ref), "dq": _rel_err(qb.grad, qf.grad), "dk": _rel_err(kb.grad, kf.grad),
-                "dv": _rel_err(vb.grad, vf.grad)}
-        if T == 1:  # dq, dk are exactly zero for a single key
-            errs["dq"] = qb.grad.float().abs().max().item()
-            errs["dk"] = kb.grad.float().abs().max().item()
-        ok = all(e <= bf16_tol for e in errs.values())
-        rows.append((f"attn B{B} H{H} T{T} Dh{D} {'causal' if causal else 'bidir'}", errs, ok))
-    for (lead, n, res) in [((8, 512), 96, True), ((4, 333), 1000, False), ((2, 1024), 1536, True),
-                           ((4096,), 3072, True)]:
-        shape = (*lead, n)
-        x, r, dy, dres = (torch.randn(shape, device=dev, generator=g) for _ in range(4))
-        w = torch.rand(n, device=dev, generator=g) + 0.5
-        xb = x.bfloat16().requires_grad_()
-        rb = r.bfloat16().requires_grad_() if res else None
-        wb = w.clone().requires_grad_()  # fp32 weight, bf16 activations (mixed precision layout)
-        y, h = kernels.add_norm(xb, rb, wb, backend="triton")
-        torch.autograd.backward([y, h] if res else [y], [dy.bfloat16(), dres.bfloat16()] if res else [dy.bfloat16()])
-        xf = xb.detach().float().requires_grad_()
-        rf = rb.detach().float().requires_grad_() if res else None
-        wf = w.clone().requires_grad_()
-        yr, hr = add_norm_reference(xf, rf, wf)
-        torch.autograd.backward([yr, hr] if res else [yr], [dy.bfloat16().float(), dres.bfloat16().float()]
-                                if res else [dy.bfloat16().float()])
-        errs = {"y": _rel_err(y, yr), "dx": _rel_err(xb.grad, xf.grad), "dw": _rel_err(wb.grad, wf.grad)}
-        if res:
-            errs["h"] = _rel_err(h, hr)
-            errs["dres"] = _rel_err(rb.grad, rf.grad)
-        ok = all(e <= bf16_tol for e in errs.values())
-        rows.append((f"add_norm {shape} residual={res}", errs, ok))
+    g = torch.Generator(device=device).manual_seed(0)
+    for (B, H, T, D, causal) in attn_cases:
+        _, errs = attention_errors(B, H, T, D, causal, device, backend, g)
+        rows.append((f"attn B{B} H{H} T{T} Dh{D} {'causal' if causal else 'bidir'}", errs,
+                     all(e <= tol for e in errs.values())))
+    for (lead, n, res) in norm_cases:
+        _, errs = add_norm_errors(lead, n, res, device, backend, g)
+        rows.append((f"add_norm {(*lead, n)} residual={res}", errs, all(e <= tol for e in errs.values())))
     return rows
 
 
 # ----------------------------------------------------------------------------- attention
 
-def bench_attention(quick: bool) -> list:
+def attention_flops(B, H, T, D, causal) -> float:
+    """Forward FLOPs (2 matmuls), halved when causal; forward + backward is 3.5x (5 matmuls backward)."""
+    return 4 * B * H * T * T * D * (0.5 if causal else 1.0)
+
+
+def attention_impls(device="cuda") -> dict:
+    """name -> f(q, k, v, causal). CUDA: megapix's Triton kernel and torch SDPA pinned to its FLASH_ATTENTION and
+    CUDNN_ATTENTION backends. CPU (gpu_check --smoke): megapix's torch path and SDPA's MATH backend, which is what
+    a CPU offers; labelled as such, they only exercise the code."""
     from megapix import kernels
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
+    def pinned(backend):
+        def f(q, k, v, causal):
+            with sdpa_kernel([backend]):
+                return sdpa(q, k, v, is_causal=causal)
+        return f
+
+    if torch.device(device).type == "cuda":
+        return {"triton": lambda q, k, v, c: kernels.flash_attention(q, k, v, causal=c, backend="triton"),
+                "sdpa-flash": pinned(SDPBackend.FLASH_ATTENTION),
+                "sdpa-cudnn": pinned(SDPBackend.CUDNN_ATTENTION)}
+    return {"megapix-torch (CPU)": lambda q, k, v, c: kernels.flash_attention(q, k, v, causal=c, backend="torch"),
+            "sdpa-math (CPU)": pinned(SDPBackend.MATH)}
+
+
+def time_attention(B, H, T, D, causal, impls, device="cuda", warmup=10, rep=50) -> dict:
+    """name -> (fwd TFLOP/s, fwd+bwd TFLOP/s, None) or (nan, nan, "why unavailable") for bf16 [B, H, T, D]."""
+    q, k, v = (torch.randn(B, H, T, D, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    do = torch.randn_like(q)
+    flops_fwd = attention_flops(B, H, T, D, causal)
+    out = {}
+    for name, impl in impls.items():
+        def f(impl=impl):
+            return impl(q, k, v, causal)
+
+        def fb(f=f):
+            o = f()
+            torch.autograd.grad(o, (q, k, v), do)
+
+        try:
+            f()  # also surfaces "no kernel for this config" errors
+            with torch.no_grad():
+                ms_f = bench_ms(f, device, warmup, rep)
+            ms_fb = bench_ms(fb, device, warmup, rep)
+            out[name] = (flops_fwd / ms_f / 1e9, 3.5 * flops_fwd / ms_fb / 1e9, None)
+        except Exception as e:  # e.g. cuDNN backend unavailable for a shape
+            out[name] = (float("nan"), float("nan"), f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+    return out
+
+
+def bench_attention(quick: bool) -> list:
     rows = []
     dev = "cuda"
     seqs = [1024, 4096] if quick else [1024, 2048, 4096]
     dims = [64, 128] if quick else [64, 96, 128]
     target_rows = 64 * 1024  # B*H*T query rows per problem: >= 512 query blocks of 128 (~4 waves on 132 SMs)
-    impls = {
-        "triton": lambda q, k, v, c: kernels.flash_attention(q, k, v, causal=c, backend="triton"),
-        "sdpa-flash": (SDPBackend.FLASH_ATTENTION, None),
-        "sdpa-cudnn": (SDPBackend.CUDNN_ATTENTION, None),
-    }
+    impls = attention_impls(dev)
     for D in dims:
         for T in seqs:
             BH = max(1, target_rows // T)
             B, H = max(1, BH // 16), min(16, BH)
             for causal in (True, False):
-                q, k, v = (torch.randn(B, H, T, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
-                           for _ in range(3))
-                do = torch.randn_like(q)
-                flops_fwd = 4 * B * H * T * T * D * (0.5 if causal else 1.0)
-                for name, impl in impls.items():
-                    if name == "triton":
-                        def f(impl=impl):
-                            return impl(q, k, v, causal)
-                    else:
-                        backend = impl[0]
-
-                        def f(backend=backend):
-                            with sdpa_kernel([backend]):
-                                return sdpa(q, k, v, is_causal=causal)
-                    try:
-                        f()  # also surfaces "no kernel for this config" errors
-                        with torch.no_grad():
-                            ms_f = _bench(f)
-
-                        def fb(f=f):
-                            o = f()
-                            torch.autograd.grad(o, (q, k, v), do)
-                        ms_fb = _bench(fb)
-                        rows.append((D, T, B, H, causal, name, flops_fwd / ms_f / 1e9,
-                                     3.5 * flops_fwd / ms_fb / 1e9))
-                    except Exception as e:  # e.g. cuDNN backend unavailable for a shape
-                        rows.append((D, T, B, H, causal, name, float("nan"), float("nan")))
-                        print(f"  {name} Dh{D} T{T} causal={causal}: unavailable ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:120]})")
+                for name, (tf, tfb, why) in time_attention(B, H, T, D, causal, impls, dev).items():
+                    rows.append((D, T, B, H, causal, name, tf, tfb))
+                    if why:
+                        print(f"  {name} Dh{D} T{T} causal={causal}: unavailable ({why})")
                 print(f"  attention Dh{D} T{T} causal={causal}: done", flush=True)
-                del q, k, v, do
     return rows
 
 
 # ----------------------------------------------------------------------------- add_norm
 
-def bench_add_norm(quick: bool) -> list:
+def time_add_norm(n_rows, n, device="cuda", backend="triton", apex=False, warmup=10, rep=50) -> dict:
+    """name -> effective GB/s of the add_norm forward on bf16 [n_rows, n] (read x and the residual, write y and h:
+    4 x n_rows x n x 2 bytes) for megapix's kernel (`backend`), torch eager, and a device copy of the same bytes
+    (copy_ of 2 x n_rows x n into a preallocated tensor: reads 2, writes 2, the practical bandwidth ceiling)."""
     from megapix import kernels
     from megapix.kernels.reference import add_norm_reference
 
-    try:
-        from apex.normalization import FusedRMSNorm
-    except Exception:
-        FusedRMSNorm = None
+    x = torch.randn(n_rows, n, device=device, dtype=torch.bfloat16)
+    r = torch.randn_like(x)
+    w = torch.ones(n, device=device, dtype=torch.bfloat16)
+    copy_dst = torch.empty(2 * n_rows, n, device=device, dtype=torch.bfloat16)
+    copy_src = torch.randn_like(copy_dst)
+    moved = 4 * x.numel() * x.element_size()
+    cands = {
+        backend: lambda: kernels.add_norm(x, r, w, backend=backend),
+        "torch-eager": lambda: add_norm_reference(x, r, w),
+        "copy": lambda: copy_dst.copy_(copy_src),
+    }
+    if apex:
+        try:
+            from apex.normalization import FusedRMSNorm
+
+            apex_norm = FusedRMSNorm(n, eps=1e-5).to(device, torch.bfloat16)
+            cands["apex-FusedRMSNorm(+add)"] = lambda: (apex_norm(x + r), None)
+        except Exception:
+            pass
+    out = {}
+    for name, fn in cands.items():
+        with torch.no_grad():
+            out[name] = moved / bench_ms(fn, device, warmup, rep) / 1e6
+    return out
+
+
+def bench_add_norm(quick: bool) -> list:
     rows = []
-    dev = "cuda"
-    n_rows = 16 * 1024
     widths = [1536, 3072] if quick else [1000, 1536, 3072, 4096]
     for n in widths:
-        x = torch.randn(n_rows, n, device=dev, dtype=torch.bfloat16)
-        r = torch.randn_like(x)
-        w = torch.ones(n, device=dev, dtype=torch.bfloat16)
-        copy_dst = torch.empty(3 * n_rows, n, device=dev, dtype=torch.bfloat16)
-        copy_src = torch.randn_like(copy_dst)
-        moved = 4 * x.numel() * x.element_size()  # read x, r; write y, h
-        cands = {
-            "triton": lambda: kernels.add_norm(x, r, w, backend="triton"),
-            "torch-eager": lambda: add_norm_reference(x, r, w),
-            # the same number of bytes moved (read 2 tensors' worth, write 2) as a plain copy
-            "d2d-copy": lambda: copy_dst[: 2 * n_rows].copy_(copy_src[: 2 * n_rows]),
-        }
-        if FusedRMSNorm is not None:
-            apex_norm = FusedRMSNorm(n, eps=1e-5).to(dev, torch.bfloat16)
-            cands["apex-FusedRMSNorm(+add)"] = lambda: (apex_norm(x + r), None)
-        for name, fn in cands.items():
-            with torch.no_grad():
-                ms = _bench(fn)
-            rows.append((n, name, moved / ms / 1e6))
+        for name, gbs in time_add_norm(16 * 1024, n, "cuda", "triton", apex=True).items():
+            rows.append((n, "d2d-copy" if name == "copy" else name, gbs))
         print(f"  add_norm N={n}: done", flush=True)
     return rows
 

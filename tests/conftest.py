@@ -48,6 +48,7 @@ SLOW = {
     "test_plan.py": {"test_planner_state_bytes_equal_what_the_engine_holds", "test_cli_table_json_and_errors"},
     "test_one_network.py": {"test_sampling_with_triton_kernels_goes_through_them"},  # an interpreter subprocess
     "test_finetune.py": {"test_finetune_sweep_early_stopping", "test_finetune_layout_reproduces_single_rank_curve"},
+    "test_gpu_check.py": {"test_smoke_runs_every_section_on_cpu_and_writes_json_and_markdown"},  # 4 training runs
 }
 # TRITON_INTERPRET must be set before triton is first imported, and must not reach other tests (nor their
 # subprocesses): these modules run only in a pytest process started with it, the others only without it.

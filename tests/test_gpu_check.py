@@ -1,0 +1,132 @@
+"""benchmarks/gpu_check.py without a GPU: the one-line exit, and --smoke, which runs every section's code on CPU
+(tiny preset, torch kernel path, SDPA math, 'n/a on CPU' for what a CPU cannot measure) and writes the report."""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import REPO, run
+
+SCRIPT = os.path.join("benchmarks", "gpu_check.py")
+SECTIONS = ["kernels_correct", "attention_tflops", "add_norm_gbps", "mfu", "planner_memory", "training_curves"]
+
+
+def _numbers(obj) -> list:
+    if isinstance(obj, bool):
+        return []
+    if isinstance(obj, (int, float)):
+        return [obj]
+    if isinstance(obj, dict):
+        return [x for v in obj.values() for x in _numbers(v)]
+    if isinstance(obj, (list, tuple)):
+        return [x for v in obj for x in _numbers(v)]
+    return []
+
+
+def _report(folder) -> tuple[dict, str]:
+    (js,) = glob.glob(os.path.join(folder, "gpu_check-*.json"))
+    (md,) = glob.glob(os.path.join(folder, "gpu_check-*.md"))
+    assert os.path.basename(js)[:-5] == os.path.basename(md)[:-3]
+    with open(js) as f, open(md) as g:
+        return json.load(f), g.read()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the script would measure it")
+def test_without_cuda_it_says_so_exits_0_and_writes_nothing(tmp_path):
+    out = tmp_path / "report"
+    proc = run([SCRIPT, "--out", str(out)], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1 and "no CUDA" in lines[0], proc.stdout
+    assert not out.exists()
+
+
+def test_smoke_runs_every_section_on_cpu_and_writes_json_and_markdown(tmp_path):
+    proc = run([SCRIPT, "--smoke", "--out", str(tmp_path)], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rep, md = _report(tmp_path)
+    h = rep["header"]
+    assert h["mode"] == "smoke (CPU)" and h["torch"] == torch.__version__ and h["deepspeed"] and h["triton"]
+    assert list(rep["sections"]) == SECTIONS
+    for name, sec in rep["sections"].items():
+        assert sec["status"] in ("pass", "info", "n/a (smoke)"), (name, sec.get("error"), sec.get("summary"))
+        assert sec["wall_s"] >= 0 and sec["budget_s"] > 0 and sec["rows"], name
+        for row in sec["rows"]:  # every row has numbers, or says why not
+            assert _numbers({k: v for k, v in row.items() if k != "micro_batch"}) or row.get("skipped"), (name, row)
+    s = rep["sections"]
+    for row in s["kernels_correct"]["rows"]:
+        assert row["ok"] and set(row["max_abs"]) == set(row["max_rel"]) and row["worst_rel"] <= 2e-2, row
+    assert {r["case"].split()[0] for r in s["kernels_correct"]["rows"]} == {"attention", "add_norm"}
+    (attn,) = s["attention_tflops"]["rows"]
+    assert attn["megapix-torch (CPU)"]["fwd_bwd_tflops"] > 0 and attn["sdpa-math (CPU)"]["fwd_bwd_tflops"] > 0
+    assert attn["ratio_vs_sdpa-math (CPU)"] > 0
+    (norm,) = s["add_norm_gbps"]["rows"]
+    assert norm["gbps"]["copy"] > 0 and norm["fraction_of_copy"] > 0
+    mfu = s["mfu"]["rows"]
+    assert [(r["model"], r["kernels"]) for r in mfu] == [("tiny", "auto"), ("tiny", "torch")]
+    for r in mfu:
+        assert r["tflops"] > 0 and r["tokens_per_s"] > 0 and r["mfu"] == "n/a on CPU" and r["steps_timed"] == 2
+    for r in s["planner_memory"]["rows"]:
+        assert r["planner_peak_gib"] > r["planner_allocator_gib"] > 0
+        assert r["measured_max_allocated_gib"] == "n/a on CPU" and r["ratio"] == "n/a on CPU"
+    tc = s["training_curves"]
+    assert set(tc["curves"]) == {"auto", "torch"} and all(len(c) == 4 for c in tc["curves"].values())
+    assert tc["max_rel_diff"] <= 2e-2 and tc["status"] == "pass"
+    # the Markdown: the header, the section table, every section's own table, the loss curves, the tuning footer
+    assert md.startswith("# megapix GPU check")
+    assert "| section | status | wall (s) | result |" in md
+    for name in SECTIONS:
+        assert f"| {name} | {rep['sections'][name]['status']} |" in md and f"## {name}:" in md
+    assert "| step | loss (auto) | loss (torch) |" in md and "kernels/configs.py" in md
+    # the stdout table
+    assert "section" in proc.stdout and all(name in proc.stdout for name in SECTIONS)
+
+
+def test_spent_budget_skips_every_section_with_its_reason(tmp_path):
+    proc = run([SCRIPT, "--smoke", "--budget-s", "0.001", "--out", str(tmp_path)], timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rep, md = _report(tmp_path)
+    for name, sec in rep["sections"].items():
+        assert sec["status"] == "skipped" and "budget" in sec["summary"], (name, sec)
+        assert f"| {name} | skipped |" in md
+
+
+def test_a_failing_section_or_item_is_recorded_and_the_rest_still_runs(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))
+    import gpu_check
+
+    def broken_section(ctx, budget):
+        raise RuntimeError("simulated section failure")
+
+    real = gpu_check.bk.add_norm_errors
+
+    def broken_item(lead, n, res, **kw):
+        if n == 40:
+            raise RuntimeError("simulated kernel failure")
+        return real(lead, n, res, **kw)
+
+    monkeypatch.setitem(gpu_check.FUNCS, "attention_tflops", broken_section)
+    monkeypatch.setattr(gpu_check.bk, "add_norm_errors", broken_item)
+    args = gpu_check.build_parser().parse_args(
+        ["--smoke", "--sections", "kernels_correct", "attention_tflops", "planner_memory"])
+    assert isinstance(args, argparse.Namespace)
+    rep = gpu_check.run(args)
+    s = rep["sections"]
+    assert s["attention_tflops"]["status"] == "error"
+    assert "simulated section failure" in s["attention_tflops"]["error"]
+    # one failed case: recorded in its row and the section's error, the other four still measured
+    kc = s["kernels_correct"]
+    assert kc["status"] == "error" and "simulated kernel failure" in kc["error"]
+    assert [r["case"] for r in kc["rows"] if "error" in r] == ["add_norm (3, 5, 40) residual=False"]
+    assert sum(r.get("ok") is True for r in kc["rows"]) == 4
+    # section 5 reads section 4's runs, which were not selected: each row says so
+    assert s["planner_memory"]["rows"] and all("section mfu" in r["skipped"] for r in s["planner_memory"]["rows"])
+    assert s["mfu"]["status"] == "skipped" and s["training_curves"]["status"] == "skipped"
+    md = gpu_check.markdown(rep)
+    assert "simulated section failure" in md and "| attention_tflops | error |" in md
+    assert "| kernels_correct | error |" in md
