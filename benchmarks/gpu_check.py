@@ -19,7 +19,7 @@ Sections (each records its own error and wall time; a failure never loses the re
                       torch.cuda.max_memory_allocated; goal: within 10%.
   6 training_curves   30 bf16 steps of igpt-s (batch 8, seed 0, synthetic data) with kernels=triton and
                       kernels=torch; both loss curves and the max relative difference; pass at <= 2e-2.
-The report: benchmarks/results/gpu_check-<device>-<date>.json and .md (or --out DIR), header with the GPU, torch,
+The report: benchmarks/results/gpu_check-<device>-<date>T<HHMM>.json and .md (or --out DIR), header with the GPU, torch,
 triton, DeepSpeed, CUDA and cuDNN versions, the date and every section's wall time; a short table on stdout.
 Time: each section has its own budget (scaled by --budget-s); an item that would overrun it is skipped with the
 reason written in the report. The wider kernel sweep (T up to 4096, bidirectional, apex) is bench_kernels.py,
@@ -650,11 +650,14 @@ def main(argv=None) -> int:
     h = report["header"]
     out = args.out or (tempfile.mkdtemp(prefix="gpu_check-smoke-") if args.smoke else os.path.join(HERE, "results"))
     os.makedirs(out, exist_ok=True)
-    stem = os.path.join(out, f"gpu_check-{_slug(h['gpu'] if not args.smoke else 'cpu-smoke')}-{h['date'][:10]}")
-    with open(stem + ".json", "w") as f:
-        json.dump(report, f, indent=1, default=str)
-    with open(stem + ".md", "w") as f:
-        f.write(markdown(report))
+    # date and time in the name: a second run never replaces an earlier report; written to a temporary name
+    # and renamed, so an interrupted write leaves no torn report
+    when = h["date"][:16].replace(" ", "T").replace(":", "")
+    stem = os.path.join(out, f"gpu_check-{_slug(h['gpu'] if not args.smoke else 'cpu-smoke')}-{when}")
+    for ext, text in ((".json", json.dumps(report, indent=1, default=str)), (".md", markdown(report))):
+        with open(stem + ext + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(stem + ext + ".tmp", stem + ext)
     print()
     print(stdout_table(report))
     bad = [n for n, sec in report["sections"].items() if sec["status"] in ("fail", "error")]
