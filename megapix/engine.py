@@ -391,5 +391,5 @@ class Trainer:
         test = self.splits["test"]
         held = test.tokens(np.arange(min(n, len(test)))).to(self.device)
         path = os.path.join(self.out, "samples.png")
-        save_png(completion_grid(model, self.palette, held, seed=self.cfg.train.seed), path)
+        save_png(completion_grid(model, self.palette, held, seed=self.cfg.train.seed), path, run_folder=True)
         return path

@@ -5,6 +5,7 @@ one position at a time, so a T-token image costs T small steps instead of T full
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -60,14 +61,41 @@ def completion_grid(model, palette, held_out: torch.Tensor, n_uncond: int = 8, s
     return grid
 
 
-def save_png(image: np.ndarray, path: str, scale: int = 4) -> None:
+PNG_MARK = "megapix"  # the PNG "Software" text chunk of every picture megapix writes
+
+
+def written_by_megapix(path: str) -> bool:
+    """Whether `path` is a PNG that megapix wrote (and may therefore replace with a new version)."""
     from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.format == "PNG" and img.text.get("Software", "").startswith(PNG_MARK)
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours
+        return False
+
+
+def check_png_output(path: str, flag: str = "--out") -> None:
+    """Refuse an output file that exists and is not a picture megapix wrote: a user's file is never replaced."""
+    if os.path.isfile(path) and not written_by_megapix(path):
+        raise ConfigError(f"{flag} {path} exists and was not written by megapix; refusing to replace it: choose "
+                          "another path or move the file")
+
+
+def save_png(image: np.ndarray, path: str, scale: int = 4, run_folder: bool = False) -> None:
+    """Write `image` as a PNG scaled by `scale`. An existing file at `path` is replaced only when megapix wrote it,
+    or when `path` lies in a run folder this run owns (`run_folder`: a training run's samples.png)."""
+    from PIL import Image, PngImagePlugin
 
     from megapix.utils import atomic_path
 
+    if not run_folder:
+        check_png_output(path, "output")
     img = Image.fromarray(image).resize((image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", PNG_MARK)
     with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
+        img.save(tmp, format="PNG", pnginfo=info)
 
 
 def main(argv=None) -> int:
@@ -77,6 +105,7 @@ def main(argv=None) -> int:
     try:
         args = parse_command("megapix sample", "Complete held-out images and sample new ones; writes a PNG grid (3 "
                              "completions of each top half, then the original).", SampleConfig, argv)
+        check_png_output(args.out)  # before the model is loaded and sampled
         from megapix.checkpoint import load_model_and_palette
 
         model, palette, data = load_model_and_palette(args.checkpoint, args.palette, args.data)

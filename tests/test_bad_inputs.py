@@ -49,6 +49,8 @@ ROWS = [
      ["fp16", "bf16"]),
     # sample
     ("sample-n-0", ["sample", "--checkpoint", "{tmp}/model", "--n", "0", "--out", "{tmp}/s.png"], 2, ["--n=0", ">= 1"]),
+    ("sample-out-is-a-users-file", ["sample", "--checkpoint", "{tmp}/model", "--out", "{tmp}/list.json"], 2,
+     ["list.json", "not written by megapix"]),
     ("sample-out-is-a-dir", ["sample", "--checkpoint", "{tmp}/model", "--out", "{tmp}"], 2, ["is a directory"]),
     # --out under a regular file, every command that writes
     ("train-out-under-file", ["train", "--out", "{tmp}/afile/run"], 2, ["--out", "regular file"]),

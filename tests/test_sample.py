@@ -117,3 +117,23 @@ def test_completion_grid_and_png(model, tmp_path):
         assert img.format == "PNG" and img.size == (grid.shape[1] * 3, grid.shape[0] * 3)
         assert np.array_equal(np.asarray(img)[::3, ::3], grid)
     assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]  # written atomically, no temp files left
+
+
+def test_png_replaces_only_its_own_pictures(tmp_path):
+    """A grid may replace the PNG megapix wrote there before (a rerun), never a user's picture of the same name."""
+    from PIL import Image
+
+    from megapix.config import ConfigError
+
+    grid = np.zeros((4, 4, 3), np.uint8)
+    ours = tmp_path / "samples.png"
+    save_png(grid, str(ours))
+    save_png(grid + 7, str(ours))  # a rerun: a new version of our own file
+    with Image.open(ours) as img:
+        assert np.asarray(img)[0, 0, 0] == 7
+    theirs = tmp_path / "photo.png"
+    Image.fromarray(grid + 200).save(theirs)
+    before = theirs.read_bytes()
+    with pytest.raises(ConfigError, match="not written by megapix"):
+        save_png(grid, str(theirs))
+    assert theirs.read_bytes() == before
