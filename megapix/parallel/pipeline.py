@@ -101,17 +101,23 @@ def canonical_prefix(layer_index: int, n_layer: int) -> str:
     return f"blocks.{layer_index - 1}." if 1 <= layer_index <= n_layer else ""
 
 
-def build_pipeline(cfg: Config, layout):
+def layer_specs(cfg: Config, layout) -> list:
+    """The pipeline's layers as DeepSpeed LayerSpecs (each built only by the stage that holds it)."""
     from deepspeed.pipe import LayerSpec
-
-    from megapix.model import lm_loss
 
     m, seed = cfg.model, cfg.train.seed
     tp_info = _tp_info(layout)
-    group, tp, tp_rank = tp_info
     layers = [LayerSpec(EmbedLayer, m, seed)]
     layers += [LayerSpec(BlockLayer, m, seed, i, tp_info) for i in range(m.n_layer)]
     layers += [LayerSpec(HeadLayer, m, seed, tp_info)]
+    return layers
+
+
+def build_pipeline(cfg: Config, layout):
+    from megapix.model import lm_loss
+
+    m = cfg.model
+    group, tp, tp_rank = _tp_info(layout)
     base = VocabParallelLoss(group, tp_rank, m.objective == "bert") if tp > 1 else (
         lambda logits, tokens, mask: lm_loss(logits, tokens, mask if m.objective == "bert" else None))
     ckpt = {}
@@ -120,8 +126,8 @@ def build_pipeline(cfg: Config, layout):
 
         ckpt = dict(activation_checkpoint_interval=1, activation_checkpoint_func=deepspeed.checkpointing.checkpoint,
                     checkpointable_layers=["BlockLayer"])
-    return _pipeline_module_class()(layers=layers, topology=layout.topology, loss_fn=PipeLoss(base),
-                                    partition_method="parameters", **ckpt)
+    return _pipeline_module_class()(layers=layer_specs(cfg, layout), topology=layout.topology,
+                                    loss_fn=PipeLoss(base), partition_method="parameters", **ckpt)
 
 
 def pipeline_inputs(micro, device):
