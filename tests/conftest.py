@@ -37,6 +37,7 @@ SLOW = {
     "test_slurm.py": "*",
     "test_parallel.py": {"test_tensor_parallel_matches_single_rank_and_replicated_grads_agree",
                          "test_layout_reproduces_single_rank_curve", "test_every_layout_finishes_and_writes_samples"},
+    "test_construct.py": {"test_construction_peak_is_the_rank_share_plus_one_parameter"},  # 2-rank builds of 405M
     "test_launchers.py": {"test_launcher_runs_two_ranks"},
     "test_launch_port.py": {"test_port_in_use_is_one_line"},
     "test_packaging.py": {"test_wheel_installs_kernels_as_megapix_kernels"},  # builds a wheel
@@ -48,7 +49,6 @@ SLOW = {
     "test_plan.py": {"test_planner_state_bytes_equal_what_the_engine_holds", "test_cli_table_json_and_errors"},
     "test_one_network.py": {"test_sampling_with_triton_kernels_goes_through_them"},  # an interpreter subprocess
     "test_finetune.py": {"test_finetune_sweep_early_stopping", "test_finetune_layout_reproduces_single_rank_curve"},
-    "test_construct.py": {"test_construction_peak_is_the_rank_share_plus_one_parameter"},  # 2-rank builds of 405M
 }
 # TRITON_INTERPRET must be set before triton is first imported, and must not reach other tests (nor their
 # subprocesses): these modules run only in a pytest process started with it, the others only without it.
