@@ -98,6 +98,9 @@ class Trainer:
                                                                        max(1, t.max_steps // 10))
         self.warmup = warmup
 
+        # The DeepSpeed config before the module: under ZeRO-3, construction partitions with it (build_module)
+        self.ds_config = ds_config = make_ds_config(cfg, ds_base, self.layout, self.micro_batch)
+        self.layout.ds_config = ds_config
         module, self.is_pipeline = task.build(cfg, self.layout)
         task.setup(self)
         params = [p for p in module.parameters() if p.requires_grad]
@@ -113,7 +116,6 @@ class Trainer:
 
             return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
-        self.ds_config = ds_config = make_ds_config(cfg, ds_base, self.layout, self.micro_batch)
         mpu = self.layout.grid if (self.layout.tp > 1 and not self.is_pipeline) else None
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=ds_config, mpu=mpu)

@@ -209,10 +209,10 @@ class ClassifierTask:
         return module, False
 
     def _pipeline(self, cfg, layout, tp_info):
-        from deepspeed.pipe import LayerSpec, PipelineModule
+        from deepspeed.pipe import LayerSpec
 
         from megapix.model import lm_loss
-        from megapix.parallel.pipeline import BlockLayer, EmbedLayer
+        from megapix.parallel.pipeline import BlockLayer, EmbedLayer, _pipeline_module_class
         from megapix.parallel.tensor import VocabParallelLoss
 
         m, seed = cfg.model, cfg.train.seed
@@ -227,8 +227,9 @@ class ClassifierTask:
 
             ckpt = dict(activation_checkpoint_interval=1, activation_checkpoint_func=deepspeed.checkpointing.checkpoint,
                         checkpointable_layers=["BlockLayer"])
-        return PipelineModule(layers=layers, topology=layout.topology, loss_fn=_PipeClassifierLoss(self, lm),
-                              partition_method="parameters", **ckpt)
+        pipe = _pipeline_module_class()  # counts layer parameters on meta, not by building every layer everywhere
+        return pipe(layers=layers, topology=layout.topology, loss_fn=_PipeClassifierLoss(self, lm),
+                    partition_method="parameters", **ckpt)
 
     @torch.no_grad()
     def _load_pipeline(self, module, layout) -> None:

@@ -242,12 +242,21 @@ def init_std(name: str, config: ModelConfig) -> float | None:
 def init_parameter(name: str, param: torch.Tensor, config: ModelConfig, seed: int) -> None:
     """Initialise one parameter from its name alone, so that any layout (a pipeline stage building only its
     layers, a tensor-parallel shard cut from the full tensor) reproduces the single-rank weights exactly."""
+    if init_std(name, config) is None:
+        param.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
+    else:
+        param.copy_(draw_parameter(name, param.shape, config, seed))
+
+
+@torch.no_grad()
+def draw_parameter(name: str, shape, config: ModelConfig, seed: int) -> torch.Tensor:
+    """The initial value of parameter `name` at its full (unsharded) `shape`, in fp32, drawn in place: one
+    tensor of the parameter's size is the whole cost (construction materialises one parameter at a time)."""
     std = init_std(name, config)
     if std is None:
-        param.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
-        return
+        return torch.full(shape, 1.0 if "norm" in name and name.endswith("weight") else 0.0, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float32) * std)
+    return torch.randn(shape, generator=gen, dtype=torch.float32).mul_(std)
 
 
 def init_parameters(model: nn.Module, config: ModelConfig, seed: int, prefix: str = "") -> None:

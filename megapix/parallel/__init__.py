@@ -40,9 +40,15 @@ def checkpoint_blocks(model) -> None:
 
 
 def build_module(cfg: Config, layout: Layout):
-    """The module DeepSpeed wraps for this layout, and whether it is a PipelineModule."""
+    """The module DeepSpeed wraps for this layout, and whether it is a PipelineModule.
+
+    No rank materialises more than its share: the model is built on the meta device, cut to this rank's TP
+    shard there, and then allocated one parameter at a time (megapix/parallel/construct.py); under ZeRO-3
+    (layout.ds_config set, as the Trainer does) each parameter is partitioned over the data-parallel group as
+    soon as it exists."""
     from megapix.model import ImageGPT, lm_loss
-    from megapix.parallel.tensor import VocabParallelLoss, apply_tensor_parallel
+    from megapix.parallel.construct import Zero3Partitioner, build_local, is_structure_only, param_dtype
+    from megapix.parallel.tensor import VocabParallelLoss
 
     if cfg.train.activation_checkpointing:
         configure_activation_checkpointing(layout)
@@ -50,10 +56,18 @@ def build_module(cfg: Config, layout: Layout):
         from megapix.parallel.pipeline import build_pipeline
 
         return build_pipeline(cfg, layout), True
-    model = ImageGPT(cfg.model, seed=cfg.train.seed)
+    with torch.device("meta"):
+        model = ImageGPT(cfg.model, seed=cfg.train.seed)
+    tp_info = (layout.tp_group, layout.tp, layout.tp_rank) if layout.tp > 1 else (None, 1, 0)
+    partition, dtype = None, None
+    if layout.zero_stage == 3 and layout.ds_config is not None and not is_structure_only():
+        # the group and mpu the engine partitions over (Trainer passes the grid as mpu only under TP)
+        mpu = layout.grid if layout.tp > 1 else None
+        partition = Zero3Partitioner(layout.ds_config, layout.dp_group if mpu is not None else None, mpu)
+        dtype = param_dtype(layout.ds_config)
+    build_local(model, cfg.model, cfg.train.seed, tp_info, dtype=dtype, partition=partition)
     loss = lm_loss
     if layout.tp > 1:
-        apply_tensor_parallel(model, layout.tp_group, layout.tp, layout.tp_rank)
         loss = VocabParallelLoss(layout.tp_group, layout.tp_rank, cfg.model.objective == "bert")
     if cfg.train.activation_checkpointing:
         checkpoint_blocks(model)

@@ -19,6 +19,9 @@ class Layout:
     zero_stage: int = 0
     topology: object = None  # deepspeed PipeModelDataParallelTopology
     grid: object = None  # deepspeed PipelineParallelGrid: the "mpu" DeepSpeed takes for tensor parallelism
+    # the DeepSpeed config the engine is built with, when known before construction (the Trainer sets it):
+    # under ZeRO-3, build_module partitions each parameter with it as soon as the parameter exists
+    ds_config: dict | None = None
 
     @property
     def dp(self) -> int:

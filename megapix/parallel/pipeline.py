@@ -3,20 +3,24 @@
 Layers, in order: Embed (wte, sos, wpe) | Block x n_layer | Head (norm_f, head); the loss runs on the last
 stage. Each layer is the model's own class (an ImageGPT cut down to its embedding or its head, or a Block), so
 a change to the network reaches the pipeline too. Stages are balanced by parameter count
-(partition_method="parameters"). Every layer is built by its stage alone, initialised with `init_parameter`
-under its canonical ImageGPT name, and then cut to its TP shard, so any PP x TP layout starts from exactly the
-single-rank weights.
+(partition_method="parameters", counted on the meta device). Every layer is built by its stage alone: on the
+meta device, cut to its TP shard there, then materialised one parameter at a time from the draw under its
+canonical ImageGPT name (megapix/parallel/construct.py), so any PP x TP layout starts from exactly the
+single-rank weights and no rank holds more than its layers' shards plus one parameter.
 
 Pipeline layer index -> canonical prefix: 0 -> "" (wte, sos, wpe), 1..L -> "blocks.{i-1}.", L+1 -> "" (norm_f,
 head). DeepSpeed saves each layer as layer_XX-model_YY-model_states.pt (YY: the TP rank).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from megapix.config import Config, ModelConfig
-from megapix.model.igpt import Block, ImageGPT, init_parameters
-from megapix.parallel.tensor import VocabParallelLoss, apply_tensor_parallel
+from megapix.model.igpt import Block, ImageGPT
+from megapix.parallel.construct import build_local, structure_only
+from megapix.parallel.tensor import VocabParallelLoss
 
 
 def _tp_info(layout):
@@ -24,14 +28,13 @@ def _tp_info(layout):
     return (layout.tp_group, layout.tp, layout.tp_rank) if layout.tp > 1 else (None, 1, 0)
 
 
-def _keep_only(layer: ImageGPT, keep: tuple[str, ...], config: ModelConfig, seed: int) -> None:
+def _keep_only(layer: ImageGPT, keep: tuple[str, ...], config: ModelConfig, seed: int, tp_info=(None, 1, 0)):
     """torchtitan's pipeline split: from the whole model built on the meta device (no memory, no init), drop
-    the pieces this layer does not hold, then allocate and initialise the rest under their canonical names."""
+    the pieces this layer does not hold, then build this rank's share of the rest (TP shard, canonical names)."""
     for name in ("wte", "sos", "wpe", "blocks", "norm_f", "head"):
         if name not in keep:
             delattr(layer, name)
-    layer.to_empty(device=torch.get_default_device())
-    init_parameters(layer, config, seed)
+    build_local(layer, config, seed, tp_info)
 
 
 class EmbedLayer(ImageGPT):
@@ -50,10 +53,9 @@ class EmbedLayer(ImageGPT):
 
 class BlockLayer(Block):
     def __init__(self, config: ModelConfig, seed: int, index: int, tp_info=(None, 1, 0)):
-        super().__init__(config)
-        init_parameters(self, config, seed, prefix=f"blocks.{index}.")
-        group, tp, rank = tp_info
-        apply_tensor_parallel(self, group, tp, rank, prefix=f"blocks.{index}.")
+        with torch.device("meta"):
+            super().__init__(config)
+        build_local(self, config, seed, tp_info, prefix=f"blocks.{index}.")
 
 
 class HeadLayer(ImageGPT):
@@ -62,9 +64,7 @@ class HeadLayer(ImageGPT):
     def __init__(self, config: ModelConfig, seed: int, tp_info=(None, 1, 0)):
         with torch.device("meta"):
             super().__init__(config, seed)
-        _keep_only(self, ("norm_f", "head"), config, seed)
-        group, tp, rank = tp_info
-        apply_tensor_parallel(self, group, tp, rank)
+        _keep_only(self, ("norm_f", "head"), config, seed, tp_info)
 
     def forward(self, h):
         return self.head(self.norm_f(h))
@@ -81,21 +81,43 @@ class PipeLoss:
         return self.base(logits, tokens, mask)
 
 
+@functools.cache
+def _pipeline_module_class():
+    from deepspeed.pipe import PipelineModule
+
+    class MetaCountedPipelineModule(PipelineModule):
+        """DeepSpeed's PipelineModule, except that partition_method="parameters" counts each layer's parameters
+        on the meta device: DeepSpeed builds every layer of every stage on every rank to count them
+        (`_count_layer_params`), which would draw the whole model's initial weights on each rank."""
+
+        def _count_layer_params(self):
+            with structure_only():
+                return super()._count_layer_params()
+
+    return MetaCountedPipelineModule
+
+
 def canonical_prefix(layer_index: int, n_layer: int) -> str:
     return f"blocks.{layer_index - 1}." if 1 <= layer_index <= n_layer else ""
 
 
-def build_pipeline(cfg: Config, layout):
-    from deepspeed.pipe import LayerSpec, PipelineModule
-
-    from megapix.model import lm_loss
+def layer_specs(cfg: Config, layout) -> list:
+    """The pipeline's layers as DeepSpeed LayerSpecs (each built only by the stage that holds it)."""
+    from deepspeed.pipe import LayerSpec
 
     m, seed = cfg.model, cfg.train.seed
     tp_info = _tp_info(layout)
-    group, tp, tp_rank = tp_info
     layers = [LayerSpec(EmbedLayer, m, seed)]
     layers += [LayerSpec(BlockLayer, m, seed, i, tp_info) for i in range(m.n_layer)]
     layers += [LayerSpec(HeadLayer, m, seed, tp_info)]
+    return layers
+
+
+def build_pipeline(cfg: Config, layout):
+    from megapix.model import lm_loss
+
+    m = cfg.model
+    group, tp, tp_rank = _tp_info(layout)
     base = VocabParallelLoss(group, tp_rank, m.objective == "bert") if tp > 1 else (
         lambda logits, tokens, mask: lm_loss(logits, tokens, mask if m.objective == "bert" else None))
     ckpt = {}
@@ -104,8 +126,8 @@ def build_pipeline(cfg: Config, layout):
 
         ckpt = dict(activation_checkpoint_interval=1, activation_checkpoint_func=deepspeed.checkpointing.checkpoint,
                     checkpointable_layers=["BlockLayer"])
-    return PipelineModule(layers=layers, topology=layout.topology, loss_fn=PipeLoss(base),
-                          partition_method="parameters", **ckpt)
+    return _pipeline_module_class()(layers=layer_specs(cfg, layout), topology=layout.topology,
+                                    loss_fn=PipeLoss(base), partition_method="parameters", **ckpt)
 
 
 def pipeline_inputs(micro, device):

@@ -166,7 +166,10 @@ def merge_shards(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
 @torch.no_grad()
 def apply_tensor_parallel(module: nn.Module, group, tp: int, rank: int, prefix: str = "") -> nn.Module:
     """Replace the linears of `module` (whose parameter names are canonical after `prefix`) by their TP shards,
-    cut from the already initialised full weights, so the result reproduces the single-rank model."""
+    cut from the already initialised full weights, so the result reproduces the single-rank model. On a module
+    built on the meta device it gives the sharded structure only (shard-shaped meta parameters): that is how
+    build_module and the pipeline layers construct (megapix/parallel/construct.py); fine-tuning cuts its
+    pre-trained full weights with it."""
     if tp == 1:
         return module
     targets = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
