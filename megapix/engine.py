@@ -164,7 +164,7 @@ class Trainer:
     def _save_if_best(self, metrics: dict) -> None:
         """A new best validation score (task.score, higher is better) saves this step's checkpoint (if not saved
         already) and names it in <out>/checkpoints/best.json. Collective: rank 0's decision is every rank's."""
-        from megapix.checkpoint.store import _agree, tag_for, write_best
+        from megapix.checkpoint.store import _agree, prune, tag_for, write_best
 
         score = self.task.score(metrics)
         best = self.best_checkpoint
@@ -177,6 +177,7 @@ class Trainer:
         self.best_checkpoint = {"tag": tag, "step": self.step, "score": score, **metrics}
         if self.is_rank0:
             write_best(self.ckpt_dir, tag, self.step, metrics, score)
+            prune(self.ckpt_dir, self.cfg.train.keep_last, self.step)  # the previous best is an ordinary tag now
         barrier()
 
     def resume(self) -> bool:
