@@ -167,7 +167,7 @@ class TrainConfig:
     weight_decay: float = opt(0.0, "AdamW decoupled weight decay")
     grad_clip: float = opt(0.0, "clip the global gradient norm to this (0: off; DeepSpeed gradient_clipping)")
     seed: int = opt(0, "seed of the data order, the holdout, the palette fit and the initialisation")
-    out: str = opt("runs/default", "output folder: checkpoints/, metrics.jsonl, config.json, samples.png",
+    out: str = opt("runs/default", "output folder: checkpoints/, metrics.jsonl, loss.png, config.json, samples.png",
                    metavar="DIR", kind="out")
     eval_every: int = opt(50, "steps between validation losses (0: none)")
     eval_batches: int = opt(4, "validation micro-batches per evaluation")
@@ -203,7 +203,8 @@ class TrainConfig:
         if not set(monitors) <= set(MONITORS) or ("none" in monitors and len(monitors) > 1):
             raise ConfigError(f"train.report_to={self.report_to!r}: use tensorboard, csv, tensorboard,csv or none")
         self.report_to = ",".join(m for m in MONITORS if m in monitors)  # one spelling: the record compares it
-        for name in ("eval_every", "save_every", "keep_last", "log_every", "time_budget", "weight_decay", "grad_clip", "seed"):
+        for name in ("eval_every", "save_every", "keep_last", "log_every", "time_budget", "weight_decay", "grad_clip",
+                     "seed"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 0")
         for name in ("beta1", "beta2"):

@@ -3,8 +3,9 @@ stopping, checkpoints and metrics.
 
 DeepSpeed owns the optimizer wrapping (ZeRO), the pipeline schedule, gradient accumulation, checkpoint
 files and the monitor (TensorBoard/CSV); this module decides the batch geometry, feeds the task's batches, and
-records what a user wants to read: loss and bits/dim, lr, gradient norm, tokens/s, TFLOP/s, MFU, peak memory. What is trained (the module,
-its loss, its evaluation) is a task (megapix/tasks.py): pre-training and fine-tuning run this same loop.
+records what a user wants to read: loss and bits/dim, lr, gradient norm, tokens/s, TFLOP/s, MFU, peak memory,
+loss.png, the best checkpoint. What is trained (the module, its loss, its evaluation) is a task
+(megapix/tasks.py): pre-training and fine-tuning run this same loop.
 """
 from __future__ import annotations
 

@@ -138,7 +138,8 @@ def prune(ckpt_dir: str, keep_last: int, step: int) -> list[str]:
     deleted = []
     for tag in older[:-keep_last]:
         folder = os.path.join(ckpt_dir, tag)
-        if tag in keep or not all(os.path.isfile(os.path.join(folder, f)) for f in ("layout.json", "megapix_config.json")):
+        ours = all(os.path.isfile(os.path.join(folder, f)) for f in ("layout.json", "megapix_config.json"))
+        if tag in keep or not ours:
             continue
         try:
             shutil.rmtree(folder)
