@@ -31,7 +31,8 @@ def measured_matmul_tflops(dtype: torch.dtype = torch.float32, seconds: float = 
     """An estimate of this CPU process's peak TFLOP/s: the best rate of n x n x n `dtype` matmuls over about
     `seconds`, with the threads this process has (torch.get_num_threads()). Cached per process and dtype."""
     if dtype not in _MATMUL_PEAK:
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        g = torch.Generator().manual_seed(0)  # not the global generator: the run's random stream is untouched
+        a, b = torch.randn(n, n, generator=g).to(dtype), torch.randn(n, n, generator=g).to(dtype)
         torch.mm(a, b)  # warm-up: thread pool and kernel selection
         best, end = 0.0, time.perf_counter() + seconds
         while time.perf_counter() < end:
