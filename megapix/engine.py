@@ -25,8 +25,8 @@ from megapix.data.loader import GlobalBatches
 from megapix.dsconfig import make_ds_config, resolve, zero_stage_of
 from megapix.parallel.dist import barrier
 from megapix.parallel.layout import build_layout
-from megapix.runlog import (MetricsLog, StopRequest, measured_matmul_tflops, peak_memory, refuse_existing_run,
-                            write_loss_plot)
+from megapix.runlog import (MetricsLog, StopRequest, measured_matmul_tflops, peak_memory, read_metrics,
+                            refuse_existing_run, write_loss_plot)
 from megapix.tasks import LMTask
 
 EXIT_PREEMPTED = 75  # "checkpoint saved, requeue me" (EX_TEMPFAIL); slurm/ scripts rely on it
@@ -326,6 +326,10 @@ class Trainer:
                     best = _agree(read_best(self.ckpt_dir) if self.is_rank0 else None)
                     self.best_checkpoint = best if best and best.get("step", 1 << 62) <= self.step else None
             log = MetricsLog(os.path.join(self.out, "metrics.jsonl"), self.is_rank0, self.step if resumed else -1)
+            if self.is_rank0:  # loss.png's curves: the records kept from before a resume, then this run's
+                self._curve = ([], [])
+                for r in read_metrics(log.path):
+                    self._add_to_curve(r)
         else:
             log = self.shared_log
         stop = StopRequest(t.time_budget)
@@ -370,6 +374,7 @@ class Trainer:
                     last = time.perf_counter()  # evaluation time is not training throughput
                 self._add_bits_per_dim(rec)
                 log.write(rec)
+                self._add_to_curve(rec)
                 self._monitor(rec)
                 self._remember(rec)
                 if evaluated and self.save_enabled:
@@ -418,11 +423,17 @@ class Trainer:
             self._plot()
         return 0
 
+    def _add_to_curve(self, rec: dict) -> None:
+        curve = getattr(self, "_curve", None)
+        if curve is not None and isinstance(rec.get("step"), int):
+            for points, key in zip(curve, ("loss", "val_loss")):
+                if isinstance(rec.get(key), (int, float)):
+                    points.append((rec["step"], rec[key]))
+
     def _plot(self) -> None:
-        """<out>/loss.png from metrics.jsonl (rank 0): at each evaluation and at the end of a run."""
+        """<out>/loss.png (rank 0): at each evaluation and at the end of a run."""
         if self.is_rank0:
-            self.loss_png = write_loss_plot(os.path.join(self.out, "metrics.jsonl"),
-                                            os.path.join(self.out, "loss.png"))
+            self.loss_png = write_loss_plot(*self._curve, os.path.join(self.out, "loss.png"))
 
     def _add_bits_per_dim(self, rec: dict) -> None:
         """Bits per dim, the iGPT paper's unit: the mean negative log-likelihood of a token (one pixel's colour

@@ -103,41 +103,39 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def write_loss_plot(metrics_path: str, png_path: str) -> str | None:
-    """<out>/loss.png: train loss (every step) and val loss (each evaluation) against the step, from metrics.jsonl,
-    in nats per token with bits/dim on the right axis. Written atomically (a reader never sees half a PNG).
-    Returns the path, or None when there is nothing to plot yet."""
-    recs = [r for r in read_metrics(metrics_path) if isinstance(r.get("step"), int)]
-    train = [(r["step"], r["loss"]) for r in recs if isinstance(r.get("loss"), (int, float))]
-    val = [(r["step"], r["val_loss"]) for r in recs if isinstance(r.get("val_loss"), (int, float))]
+def write_loss_plot(train: list, val: list, png_path: str, points: int = 2000) -> str | None:
+    """<out>/loss.png: train loss (every step; averaged over buckets of steps beyond `points` of them) and val loss
+    (each evaluation) against the step, in nats per token with bits/dim on the right axis. `train` and `val` are
+    (step, loss) pairs. Written atomically (a reader never sees half a PNG). Returns the path, or None when there
+    is nothing to plot yet."""
     if not train and not val:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
+    if len(train) > points:
+        k = -(-len(train) // points)
+        train = [(train[min(i + k, len(train)) - 1][0], sum(v for _, v in train[i:i + k]) / len(train[i:i + k]))
+                 for i in range(0, len(train), k)]
     import math
 
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures are left alone
 
     from megapix.utils import atomic_path
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-    try:
-        if train:
-            ax.plot(*zip(*train), lw=1, alpha=0.8, label="train loss")
-        if val:
-            ax.plot(*zip(*val), "o-", lw=1.5, ms=3, label="val loss")
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss (nats/token)")
-        ax.secondary_yaxis("right", functions=(lambda x: x / math.log(2), lambda b: b * math.log(2))).set_ylabel(
-            "bits/dim")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        with atomic_path(png_path) as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
-        plt.close(fig)
+    fig = Figure(figsize=(6.4, 4.0), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    if train:
+        ax.plot(*zip(*train), lw=1, alpha=0.8, label="train loss")
+    if val:
+        ax.plot(*zip(*val), "o-", lw=1.5, ms=3, label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.secondary_yaxis("right", functions=(lambda x: x / math.log(2), lambda b: b * math.log(2))).set_ylabel("bits/dim")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, format="png")
     return png_path
 
 

@@ -325,3 +325,32 @@ def test_corrupt_image_mid_run_saves_then_exits_2(tiny_config, tmp_path):
     last = metrics(out)[-1]["step"]
     assert last >= 1 and latest_tag(out) == f"global_step{last}"
     assert f"step {last} was saved" in errors[0]
+
+
+def test_loss_plot_is_atomic_and_bounded(tmp_path, monkeypatch):
+    """loss.png: nothing to plot writes nothing; a long run's train curve is averaged into at most `points`
+    buckets (the last step stays the last point); the PNG appears only complete (written under a temp name)."""
+    from PIL import Image
+
+    import megapix.runlog as runlog
+
+    png = tmp_path / "loss.png"
+    assert runlog.write_loss_plot([], [], str(png)) is None and not png.exists()
+    plotted = {}
+    from matplotlib.axes import Axes
+
+    orig = Axes.plot
+
+    def spy(self, *args, **kwargs):
+        plotted[kwargs.get("label")] = (list(args[0]), list(args[1]))
+        return orig(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", spy)
+    train = [(s, 6.0 - s * 1e-4) for s in range(1, 10_001)]
+    assert runlog.write_loss_plot(train, [(5000, 5.8), (10_000, 5.5)], str(png), points=100) == str(png)
+    xs, ys = plotted["train loss"]
+    assert len(xs) == 100 and xs[-1] == 10_000 and ys[0] == pytest.approx(np.mean([v for _, v in train[:100]]))
+    assert plotted["val loss"] == ([5000, 10_000], [5.8, 5.5])
+    with Image.open(png) as img:
+        img.verify()
+    assert sorted(os.listdir(tmp_path)) == ["loss.png"]  # no temp files left behind
