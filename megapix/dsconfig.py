@@ -284,9 +284,10 @@ def make_ds_config(cfg: Config, ds: dict, layout, micro: int) -> dict:
         from megapix.parallel import dist as pdist
 
         if pdist.is_rank0():
-            print("megapix: --report-to tensorboard: the tensorboard package is not installed, so no TensorBoard "
-                  "events are written (pip install tensorboard); csv and metrics.jsonl are written as usual",
-                  flush=True)
+            asked = (f"{_name(named)}'s tensorboard section" if "report_to" in cfg.from_deepspeed
+                     else "--report-to tensorboard")
+            print(f"megapix: {asked}: the tensorboard package is not installed, so no TensorBoard events are "
+                  "written (pip install tensorboard); csv and metrics.jsonl are written as usual", flush=True)
     for key in ("tensorboard", "csv_monitor"):  # DeepSpeed's monitor, written under --out unless a path is set
         if ds.get(key, {}).get("enabled"):
             ds[key].setdefault("output_path", os.path.join(os.path.abspath(t.out), "monitor"))

@@ -158,6 +158,21 @@ def test_best_checkpoint_keep_last_and_resume(tiny_config, tmp_path):
     assert cfg.train.keep_last == 2 and sum(p.numel() for p in model.parameters()) > 0
 
 
+def test_report_to_writes_deepspeed_monitor_csv(tiny_config, tmp_path):
+    """--report-to csv,tensorboard: DeepSpeed's csv monitor writes megapix/* series under <out>/monitor; without the
+    tensorboard package exactly one line says what to install, and the run goes on."""
+    import glob
+    import importlib.util
+
+    out = tmp_path / "run"
+    proc = train(tiny_config, out, "--max-steps", 3, "--no-samples", "--eval-every", 0, "--report-to", "csv,tensorboard")
+    ok(proc)
+    csvs = [os.path.basename(p) for p in glob.glob(str(out / "monitor" / "**" / "*.csv"), recursive=True)]
+    assert any("loss" in c for c in csvs) and any("grad_norm" in c for c in csvs), csvs
+    told = [line for line in proc.stdout.splitlines() if "pip install tensorboard" in line]
+    assert len(told) == (0 if importlib.util.find_spec("tensorboard") else 1), proc.stdout[-2000:]
+
+
 def test_sigusr1_saves_and_exits_75(tiny_config, tmp_path):
     out = tmp_path / "run"
     cmd = [PYTHON, TRAIN, "--config", tiny_config, "--out", str(out), "--max-steps", "100000", "--no-samples",
