@@ -149,6 +149,9 @@ class DataConfig:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must lie in [0, 1)")
 
 
+MONITORS = ("tensorboard", "csv", "none")  # --report-to; DeepSpeed's "tensorboard" and "csv_monitor" sections
+
+
 @dataclass
 class TrainConfig:
     max_steps: int = opt(300, "optimizer steps to train")
@@ -164,11 +167,18 @@ class TrainConfig:
     weight_decay: float = opt(0.0, "AdamW decoupled weight decay")
     grad_clip: float = opt(0.0, "clip the global gradient norm to this (0: off; DeepSpeed gradient_clipping)")
     seed: int = opt(0, "seed of the data order, the holdout, the palette fit and the initialisation")
-    out: str = opt("runs/default", "output folder: checkpoints/, metrics.jsonl, config.json, samples.png",
+    out: str = opt("runs/default", "output folder: checkpoints/, metrics.jsonl, loss.png, config.json, samples.png",
                    metavar="DIR", kind="out")
     eval_every: int = opt(50, "steps between validation losses (0: none)")
     eval_batches: int = opt(4, "validation micro-batches per evaluation")
     save_every: int = opt(0, "steps between checkpoints (0: only at the end and on preemption)")
+    keep_last: int = opt(3, "global_step checkpoints kept in <out>/checkpoints: after each save the older ones are "
+                         "deleted, never the tag `latest` names nor the best (0: keep all)")
+    save_best: bool = opt(True, "save a checkpoint at each new best validation score, named in "
+                          "<out>/checkpoints/best.json (kept by --keep-last)")
+    report_to: str = opt("none", "DeepSpeed monitors that also receive the per-step metrics, under <out>/monitor: "
+                         "tensorboard, csv, both comma-separated, or none", metavar="LIST",
+                         default_help="none, or the monitors the DeepSpeed JSON enables")
     log_every: int = opt(10, "steps between plain progress lines on stdout (metrics.jsonl has every step)")
     time_budget: float = opt(0.0, "seconds; save and exit 75 when exceeded (0: none)")
     tensor_parallel: int = opt(1, "tensor-parallel ranks (Megatron column/row split)")
@@ -189,7 +199,12 @@ class TrainConfig:
         if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"train.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
         _check_choice(self, "precision")
-        for name in ("eval_every", "save_every", "log_every", "time_budget", "weight_decay", "grad_clip", "seed"):
+        monitors = [m.strip() for m in self.report_to.split(",")]
+        if not set(monitors) <= set(MONITORS) or ("none" in monitors and len(monitors) > 1):
+            raise ConfigError(f"train.report_to={self.report_to!r}: use tensorboard, csv, tensorboard,csv or none")
+        self.report_to = ",".join(m for m in MONITORS if m in monitors)  # one spelling: the record compares it
+        for name in ("eval_every", "save_every", "keep_last", "log_every", "time_budget", "weight_decay", "grad_clip",
+                     "seed"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 0")
         for name in ("beta1", "beta2"):

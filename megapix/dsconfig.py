@@ -4,7 +4,8 @@ The JSON is the DeepSpeed user's language, so it is authoritative and never sile
 - a setting that both the JSON and megapix's config (a --config file or a flag) set, with different values, is a
   ConfigError naming both: train_batch_size / --global-batch, train_micro_batch_size_per_gpu / --micro-batch,
   gradient_accumulation_steps / global / (micro x data-parallel ranks), gradient_clipping / --grad-clip,
-  zero_optimization.stage / --zero-stage, bf16.enabled / --precision;
+  zero_optimization.stage / --zero-stage, bf16.enabled / --precision, tensorboard.enabled and csv_monitor.enabled /
+  --report-to;
 - a setting only the JSON makes is taken into megapix's effective config (the JSON's train_batch_size becomes the
   global batch, its gradient_clipping the clip, its bf16 section the precision), so the schedule, the data order
   and the saved config all follow it;
@@ -24,6 +25,9 @@ import os
 import torch
 
 from megapix.config import Config, ConfigError
+
+# --report-to name -> DeepSpeed monitor section
+MONITOR_SECTIONS = {"tensorboard": "tensorboard", "csv": "csv_monitor"}
 
 # JSON key -> (train field, flag)
 _BATCH_KEYS = {
@@ -95,7 +99,7 @@ def _check_values(ds: dict) -> None:
     stage = (zero or {}).get("stage")
     if _is_set(stage) and (isinstance(stage, bool) or stage not in (0, 1, 2, 3)):
         raise ConfigError(f"{where}: zero_optimization.stage={stage!r} is not a ZeRO stage; use 0, 1, 2 or 3")
-    for key in ("bf16", "fp16", "amp"):
+    for key in ("bf16", "fp16", "amp", *MONITOR_SECTIONS.values()):
         if key in ds and not isinstance(ds[key], dict):
             raise ConfigError(f"{where}: {key} must be an object such as {{\"enabled\": true}}, not {ds[key]!r}")
     for key in ("fp16", "amp"):
@@ -194,6 +198,18 @@ def resolve(cfg: Config, ds: dict | str | None, world: int | None = None) -> tup
     if isinstance(bf16, bool):  # --precision auto means "whatever the JSON says"
         take("bf16.enabled", "bf16" if bf16 else "fp32", "precision", "--precision", t.precision != "auto",
              (t.precision == "bf16") == bf16)
+    monitors = {name: (ds.get(section) or {}).get("enabled") for name, section in MONITOR_SECTIONS.items()}
+    monitors = {name: on for name, on in monitors.items() if isinstance(on, bool)}
+    if monitors:
+        if not cfg.is_set("train", "report_to"):
+            taken["report_to"] = ",".join(name for name, on in monitors.items() if on) or "none"
+        else:
+            requested = set(t.report_to.split(","))
+            for name, on in monitors.items():
+                if (name in requested) != on:
+                    raise ConfigError(f"{_name(ds)} sets {MONITOR_SECTIONS[name]}.enabled={json.dumps(on)} but "
+                                      f"--report-to (train.report_to) is {t.report_to}; set it in one place, or make "
+                                      "them agree")
 
     gas = ds.get("gradient_accumulation_steps")
     if _is_set(gas):
@@ -260,8 +276,18 @@ def make_ds_config(cfg: Config, ds: dict, layout, micro: int) -> dict:
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
     ds.pop("fp16", None)  # only a disabled one reaches here (load_ds_config refuses an enabled one)
     ds.pop("amp", None)
+    for name in t.report_to.split(","):  # after resolve, the JSON's monitors agree with (or were taken into) it
+        if name in MONITOR_SECTIONS:
+            ds[MONITOR_SECTIONS[name]] = {**ds.get(MONITOR_SECTIONS[name], {}), "enabled": True}
     if ds.get("tensorboard", {}).get("enabled") and not _tensorboard_available():
         ds["tensorboard"]["enabled"] = False  # the csv monitor still writes; install tensorboard for event files
+        from megapix.parallel import dist as pdist
+
+        if pdist.is_rank0():
+            asked = (f"{_name(named)}'s tensorboard section" if "report_to" in cfg.from_deepspeed
+                     else "--report-to tensorboard")
+            print(f"megapix: {asked}: the tensorboard package is not installed, so no TensorBoard events are "
+                  "written (pip install tensorboard); csv and metrics.jsonl are written as usual", flush=True)
     for key in ("tensorboard", "csv_monitor"):  # DeepSpeed's monitor, written under --out unless a path is set
         if ds.get(key, {}).get("enabled"):
             ds[key].setdefault("output_path", os.path.join(os.path.abspath(t.out), "monitor"))

@@ -3,8 +3,9 @@ stopping, checkpoints and metrics.
 
 DeepSpeed owns the optimizer wrapping (ZeRO), the pipeline schedule, gradient accumulation, checkpoint
 files and the monitor (TensorBoard/CSV); this module decides the batch geometry, feeds the task's batches, and
-records what a user wants to read: loss, lr, tokens/s, TFLOP/s, MFU, peak memory. What is trained (the module,
-its loss, its evaluation) is a task (megapix/tasks.py): pre-training and fine-tuning run this same loop.
+records what a user wants to read: loss and bits/dim, lr, gradient norm, tokens/s, TFLOP/s, MFU, peak memory,
+loss.png, the best checkpoint. What is trained (the module, its loss, its evaluation) is a task
+(megapix/tasks.py): pre-training and fine-tuning run this same loop.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from megapix.data.loader import GlobalBatches
 from megapix.dsconfig import make_ds_config, resolve, zero_stage_of
 from megapix.parallel.dist import barrier
 from megapix.parallel.layout import build_layout
-from megapix.runlog import MetricsLog, StopRequest, peak_memory_gb, refuse_existing_run
+from megapix.runlog import (MetricsLog, StopRequest, measured_matmul_tflops, peak_memory, read_metrics,
+                            refuse_existing_run, write_loss_plot)
 from megapix.tasks import LMTask
 
 EXIT_PREEMPTED = 75  # "checkpoint saved, requeue me" (EX_TEMPFAIL); slurm/ scripts rely on it
@@ -33,13 +35,25 @@ EXIT_PREEMPTED = 75  # "checkpoint saved, requeue me" (EX_TEMPFAIL); slurm/ scri
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10": 125.0, "L40": 181.0, "V100": 125.0}
 
 
-def device_peak_tflops(override: float | None) -> float | None:
+def device_peak_tflops(override: float | None, device="cuda", dtype: torch.dtype = torch.bfloat16
+                       ) -> tuple[float | None, str]:
+    """(peak TFLOP/s per rank that MFU divides by, where it comes from; or None and why there is no MFU).
+    --peak-tflops wins; a GPU is looked up in PEAK_TFLOPS; a CPU rank is measured (rank 0 runs a ~1 s matmul
+    probe in the training dtype, every rank uses its result): MFU on CPU is an estimate against what this machine
+    reaches on a large matmul, not a datasheet number."""
     if override:
-        return override
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+        return override, "--peak-tflops"
+    if torch.device(device).type == "cuda":
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+        if peak is None:
+            return None, f"no peak TFLOP/s known for {name!r}: pass --peak-tflops for MFU"
+        return peak, f"{name} dense bf16 datasheet peak"
+    box = [measured_matmul_tflops(dtype) if not dist.is_initialized() or dist.get_rank() == 0 else None]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    kind = str(dtype).removeprefix("torch.")
+    return box[0], f"measured {kind} matmul peak of this CPU, an estimate"
 
 
 class Trainer:
@@ -120,7 +134,26 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=ds_config, mpu=mpu)
         self.device = self.engine.device
-        self.peak_tflops = device_peak_tflops(t.peak_tflops)
+        self.peak_tflops, self.peak_source = device_peak_tflops(
+            t.peak_tflops, self.device, torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32)
+        self.grad_norm_note = None  # why grad_norm is null, once known
+        self._local_grad_norm = None
+        if self.layout.zero_stage == 0 and not ds_config["bf16"]["enabled"]:
+            # ZeRO-0 in fp32: DeepSpeed steps torch's AdamW itself and keeps no norm (get_global_grad_norm() is
+            # None); it is computed just before that step (and before DeepSpeed clips them), when DeepSpeed has
+            # all-reduced the gradients.
+            def before_step(opt, args, kwargs):
+                if self._local_grad_norm is None:  # not measured yet by the clipping below
+                    self._measure_grad_norm(params)
+
+            optimizer.register_step_pre_hook(before_step)
+            clip = self.engine.clip_fp32_gradients
+
+            def measured_clip():
+                self._measure_grad_norm(params)
+                return clip()
+
+            self.engine.clip_fp32_gradients = measured_clip
         self.step = 0
         self.saved_step = None  # the step of the checkpoint this process last wrote or resumed
 
@@ -130,6 +163,25 @@ class Trainer:
         from megapix import checkpoint
 
         checkpoint.save(self.engine, self.ckpt_dir, self.step, self.cfg, self.layout)
+
+    def _save_if_best(self, metrics: dict) -> None:
+        """A new best validation score (task.score, higher is better) saves this step's checkpoint (if not saved
+        already) and names it in <out>/checkpoints/best.json. Collective: rank 0's decision is every rank's."""
+        from megapix.checkpoint.store import _agree, prune, tag_for, write_best
+
+        score = self.task.score(metrics)
+        best = self.best_checkpoint
+        if not _agree(score is not None and (best is None or score > best["score"])):
+            return
+        if self.saved_step != self.step:
+            self.save()
+            self.saved_step = self.step
+        tag = tag_for(self.step)
+        self.best_checkpoint = {"tag": tag, "step": self.step, "score": score, **metrics}
+        if self.is_rank0:
+            write_best(self.ckpt_dir, tag, self.step, metrics, score)
+            prune(self.ckpt_dir, self.cfg.train.keep_last, self.step)  # the previous best is an ordinary tag now
+        barrier()
 
     def resume(self) -> bool:
         """Continue from the checkpoint checked at construction (megapix.checkpoint.resume, any layout)."""
@@ -142,11 +194,39 @@ class Trainer:
         self.step = step
         return True
 
+    def _measure_grad_norm(self, params) -> None:
+        """The global L2 norm of the gradients (before clipping), over every rank: each rank's squared sum of
+        its own gradients, with a tensor-parallel replicated parameter counted on TP rank 0 only, summed over the
+        world and divided by the data-parallel replicas (which hold the same averaged gradients). Collective:
+        every rank steps its optimizer at the same time."""
+        tp0 = self.layout.tp == 1 or self.layout.tp_rank == 0
+        sq = torch.zeros((), dtype=torch.float64, device=self.device)
+        for p in params:
+            if p.grad is not None and (tp0 or getattr(p, "tensor_model_parallel", False)):
+                sq += p.grad.detach().double().pow(2).sum()
+        if self.layout.world > 1:
+            dist.all_reduce(sq)
+            sq /= self.layout.dp
+        self._local_grad_norm = float(sq.sqrt())
+
+    def grad_norm(self) -> float | None:
+        """The last optimizer step's global gradient norm (before clipping): DeepSpeed's (ZeRO-1/2/3, bf16),
+        else megapix's own (ZeRO-0 fp32); None (with self.grad_norm_note saying why) when neither has one."""
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            norm = self._local_grad_norm
+        if norm is None:
+            self.grad_norm_note = ("DeepSpeed reported no gradient norm for this step (ZeRO-1/2 computes none when "
+                                   "its overflow check is off)")
+            return None
+        return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
+
     # ---- one step ----
     def train_step(self, micro) -> dict:
         """One global batch; returns the task's metrics for it (token-weighted over every rank)."""
         task = self.task
         task.meter.reset()
+        self._local_grad_norm = None
         if self.is_pipeline:
             self.engine.train_batch(data_iter=iter([self._to_device(task.pipe_batch(b)) for b in micro]))
         else:
@@ -236,11 +316,22 @@ class Trainer:
 
         t = self.cfg.train
         resumed = False
+        self.best_checkpoint = None  # best.json's record: the checkpoint of the best validation score so far
+        self.loss_png = None
         if self.shared_log is None:
             if self.resume_tag is not None:
                 resumed = self.resume()
                 self.saved_step = self.step
+                if resumed:  # the best of the steps before the resumed one stays the one to beat
+                    from megapix.checkpoint.store import _agree, read_best
+
+                    best = _agree(read_best(self.ckpt_dir) if self.is_rank0 else None)
+                    self.best_checkpoint = best if best and best.get("step", 1 << 62) <= self.step else None
             log = MetricsLog(os.path.join(self.out, "metrics.jsonl"), self.is_rank0, self.step if resumed else -1)
+            if self.is_rank0:  # loss.png's curves: the records kept from before a resume, then this run's
+                self._curve = ([], [])
+                for r in read_metrics(log.path):
+                    self._add_to_curve(r)
         else:
             log = self.shared_log
         stop = StopRequest(t.time_budget)
@@ -266,9 +357,11 @@ class Trainer:
                 now = time.perf_counter()
                 dt, last = now - last, now
                 tflops = flops_per_step / dt / self.layout.world / 1e12
-                rec = {**(extra or {}), "step": self.step, **stats, "lr": lr, "tokens_per_s": tokens_per_step / dt,
-                       "tflops_per_device": tflops, "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
-                       "peak_mem_gb": peak_memory_gb(), "step_time_s": dt}
+                mem_key, mem = peak_memory(torch.device(self.device))
+                rec = {**(extra or {}), "step": self.step, **stats, "lr": lr, "grad_norm": self.grad_norm(),
+                       "tokens_per_s": tokens_per_step / dt, "tflops_per_device": tflops,
+                       "mfu": tflops / self.peak_tflops if self.peak_tflops else None, mem_key: mem,
+                       "step_time_s": dt}
                 evaluated = t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps)
                 if evaluated:
                     metrics = self.evaluate()
@@ -281,9 +374,16 @@ class Trainer:
                     else:
                         bad += 1
                     last = time.perf_counter()  # evaluation time is not training throughput
+                self._add_bits_per_dim(rec)
                 log.write(rec)
+                self._add_to_curve(rec)
                 self._monitor(rec)
                 self._remember(rec)
+                if evaluated and self.save_enabled:
+                    if t.save_best:
+                        self._save_if_best(metrics)
+                    self._plot()
+                    last = time.perf_counter()
                 if "val_loss" in rec:
                     last_val = rec["val_loss"]
                 bar.update(1)
@@ -291,14 +391,17 @@ class Trainer:
                                 tok_s=f"{rec['tokens_per_s']:.0f}")
                 if self.is_rank0 and not interactive and (self.step % max(1, t.log_every) == 0
                                                           or self.step == t.max_steps):
-                    print(f"{desc} step {self.step}/{t.max_steps}: loss {loss:.4f}"
-                          + (f", val_loss {rec['val_loss']:.4f}" if rec.get("val_loss") is not None else "")
-                          + f", lr {lr:.3g}, {rec['tokens_per_s']:.0f} tokens/s", flush=True)
+                    bpd = f" ({rec['bpd']:.3f} bits/dim)" if rec.get("bpd") is not None else ""
+                    val_bpd = f" ({rec['val_bpd']:.3f} bits/dim)" if rec.get("val_bpd") is not None else ""
+                    norm = f", grad_norm {rec['grad_norm']:.3g}" if rec["grad_norm"] is not None else ""
+                    print(f"{desc} step {self.step}/{t.max_steps}: loss {loss:.4f}{bpd}"
+                          + (f", val_loss {rec['val_loss']:.4f}{val_bpd}" if rec.get("val_loss") is not None else "")
+                          + f", lr {lr:.3g}{norm}, {rec['tokens_per_s']:.0f} tokens/s", flush=True)
                 if evaluated and patience and bad >= patience:
                     self.stopped_early = True
                     break
                 if (self.save_enabled and t.save_every and self.step % t.save_every == 0
-                        and self.step < t.max_steps):
+                        and self.step < t.max_steps and self.saved_step != self.step):
                     self.save()
                     self.saved_step = self.step
                     last = time.perf_counter()
@@ -308,6 +411,7 @@ class Trainer:
                         if self.saved_step != self.step:
                             self.save()
                             self.saved_step = self.step
+                        self._plot()
                         if self.is_rank0:
                             print(f"stop requested: saved step {self.step} to {self.ckpt_dir}; exiting "
                                   f"{EXIT_PREEMPTED} so the job can be requeued and resumed with --resume", flush=True)
@@ -317,13 +421,38 @@ class Trainer:
         if self.save_enabled and self.saved_step != self.step:
             self.save()
             self.saved_step = self.step
+        if self.save_enabled:
+            self._plot()
         return 0
+
+    def _add_to_curve(self, rec: dict) -> None:
+        curve = getattr(self, "_curve", None)
+        if curve is not None and isinstance(rec.get("step"), int):
+            for points, key in zip(curve, ("loss", "val_loss")):
+                if isinstance(rec.get(key), (int, float)):
+                    points.append((rec["step"], rec[key]))
+
+    def _plot(self) -> None:
+        """<out>/loss.png (rank 0): at each evaluation and at the end of a run."""
+        if self.is_rank0:
+            self.loss_png = write_loss_plot(*self._curve, os.path.join(self.out, "loss.png"))
+
+    def _add_bits_per_dim(self, rec: dict) -> None:
+        """Bits per dim, the iGPT paper's unit: the mean negative log-likelihood of a token (one pixel's colour
+        cluster out of 512) in bits, i.e. the loss in nats per token / ln 2. (A 9-bit palette token is one "dim";
+        this is not bits per RGB subpixel.) Added for the metrics the task names (LMTask: loss, val_loss)."""
+        for key, bpd_key in getattr(self.task, "bits_per_dim", {}).items():
+            if rec.get(key) is not None:
+                rec[bpd_key] = rec[key] / math.log(2)
 
     def _remember(self, rec: dict) -> None:
         """What the end-of-run summary reports: the last train loss and the best validation loss, and a warning
         when validation loss has risen three evaluations in a row while training goes on (overfitting)."""
         s = self.summary
-        s["last_step"], s["last_loss"] = rec["step"], rec["loss"]
+        s["last_step"], s["last_loss"], s["last"] = rec["step"], rec["loss"], rec
+        if rec.get("grad_norm", 0) is None and self.grad_norm_note and self.is_rank0 and not s.get("norm_told"):
+            s["norm_told"] = True
+            print(f"megapix: grad_norm is null in metrics.jsonl: {self.grad_norm_note}", flush=True)
         val = rec.get("val_loss")
         if val is None:
             return

@@ -15,10 +15,33 @@ from megapix.checkpoint import latest_step
 from megapix.config import ConfigError
 
 
-def peak_memory_gb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+def peak_memory(device: torch.device) -> tuple[str, float]:
+    """(key, GiB) for the metrics record: on a GPU `peak_mem_gb`, the device memory torch has allocated at most
+    (torch.cuda.max_memory_allocated: tensors, not the caching allocator's reserve); on CPU `peak_rss_gb`, the
+    process's peak resident set size (ru_maxrss: everything the process touched, Python and libraries too)."""
+    if device.type == "cuda":
+        return "peak_mem_gb", torch.cuda.max_memory_allocated(device) / 2**30
+    return "peak_rss_gb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+_MATMUL_PEAK: dict = {}
+
+
+def measured_matmul_tflops(dtype: torch.dtype = torch.float32, seconds: float = 1.0, n: int = 1024) -> float:
+    """An estimate of this CPU process's peak TFLOP/s: the best rate of n x n x n `dtype` matmuls over about
+    `seconds`, with the threads this process has (torch.get_num_threads()). Cached per process and dtype."""
+    if dtype not in _MATMUL_PEAK:
+        g = torch.Generator().manual_seed(0)  # not the global generator: the run's random stream is untouched
+        a, b = torch.randn(n, n, generator=g).to(dtype), torch.randn(n, n, generator=g).to(dtype)
+        torch.mm(a, b)  # warm-up: thread pool and kernel selection
+        best, end = 0.0, time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            for _ in range(4):
+                torch.mm(a, b)
+            best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0) / 1e12)
+        _MATMUL_PEAK[dtype] = best
+    return _MATMUL_PEAK[dtype]
 
 
 class StopRequest:
@@ -78,6 +101,42 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def write_loss_plot(train: list, val: list, png_path: str, points: int = 2000) -> str | None:
+    """<out>/loss.png: train loss (every step; averaged over buckets of steps beyond `points` of them) and val loss
+    (each evaluation) against the step, in nats per token with bits/dim on the right axis. `train` and `val` are
+    (step, loss) pairs. Written atomically (a reader never sees half a PNG). Returns the path, or None when there
+    is nothing to plot yet."""
+    if not train and not val:
+        return None
+    if len(train) > points:
+        k = -(-len(train) // points)
+        train = [(train[min(i + k, len(train)) - 1][0], sum(v for _, v in train[i:i + k]) / len(train[i:i + k]))
+                 for i in range(0, len(train), k)]
+    import math
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures are left alone
+
+    from megapix.utils import atomic_path
+
+    fig = Figure(figsize=(6.4, 4.0), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    if train:
+        ax.plot(*zip(*train), lw=1, alpha=0.8, label="train loss")
+    if val:
+        ax.plot(*zip(*val), "o-", lw=1.5, ms=3, label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.secondary_yaxis("right", functions=(lambda x: x / math.log(2), lambda b: b * math.log(2))).set_ylabel("bits/dim")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, format="png")
+    return png_path
 
 
 def existing_run_step(out: str) -> int | None:

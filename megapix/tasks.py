@@ -13,6 +13,7 @@ The interface (duck-typed; LMTask is the reference):
   pipe_batch(batch)          -> (inputs, labels) for DeepSpeed's pipeline engine
   evaluate(trainer)          -> metrics dict (val_loss, ...); `score(metrics)`: higher is better (early stopping,
                                 best checkpoint)
+  bits_per_dim (optional)    {metric in nats per token: its bits-per-dim key}, added to each record by the Trainer
 """
 from __future__ import annotations
 
@@ -75,6 +76,8 @@ class LMTask:
     token-weighted val loss over a fixed set of validation images, the same in every layout."""
 
     metrics = ("loss",)
+    # metrics in nats per token, and the key of each in bits per dim (the Trainer adds loss / ln 2)
+    bits_per_dim = {"loss": "bpd", "val_loss": "val_bpd"}
 
     def __init__(self, splits: dict, palette=None):
         self.splits, self.palette = splits, palette

@@ -155,3 +155,42 @@ def test_universal_patterns_classify_every_parameter_once():
                 assert len(hits) == (0 if column else 1), (name, hits)
                 used.update(hits)
         assert used == {p for cat in categories for p in cat}
+
+
+def test_keep_last_prunes_only_old_megapix_tags(tmp_path):
+    """--keep-last N after a save: the N newest global_step tags up to the saved step stay, and so do `latest`'s tag,
+    best.json's tag and any later tag; a folder megapix did not write (no layout.json) and non-tag names are
+    never touched; a tag's _universal conversion goes with it."""
+    from megapix.checkpoint.store import prune, read_best, write_best
+
+    ck = tmp_path / "checkpoints"
+
+    def tag(step, ours=True):
+        d = ck / f"global_step{step}"
+        d.mkdir(parents=True)
+        if ours:
+            (d / "layout.json").write_text(json.dumps({"step": step}))
+            (d / "megapix_config.json").write_text("{}")
+        return d
+
+    for s in (1, 2, 3, 4, 5, 6, 9):
+        tag(s)
+    tag(0, ours=False)  # someone else's folder of the same shape
+    (ck / "global_step1_universal").mkdir()
+    (ck / "global_step2.replaced-1").mkdir()
+    (ck / "notes").mkdir()
+    (ck / "latest").write_text("global_step6")
+    write_best(str(ck), "global_step2", 2, {"val_loss": 1.5}, -1.5)
+    assert read_best(str(ck))["step"] == 2
+    assert prune(str(ck), 0, 6) == []  # 0: keep all
+    assert sorted(prune(str(ck), 2, 6)) == ["global_step1", "global_step3", "global_step4"]
+    left = sorted(os.listdir(ck))
+    assert left == ["best.json", "global_step0", "global_step2", "global_step2.replaced-1", "global_step5",
+                    "global_step6", "global_step9", "latest", "notes"], left
+    # `latest` on an old tag (a resume from it) keeps that tag too
+    (ck / "latest").write_text("global_step5")
+    assert prune(str(ck), 1, 6) == []
+    assert prune(str(ck), 1, 9) == ["global_step6"]
+    # best.json naming a tag that is gone is no best at all
+    shutil.rmtree(ck / "global_step2")
+    assert read_best(str(ck)) is None

@@ -194,3 +194,41 @@ def test_run_record_of_another_run_is_not_replaced(tmp_path):
     (tmp_path / "config.json").write_text("not json")
     with pytest.raises(ConfigError, match="not a megapix run record"):
         check_run_record(path, first, resume=False)
+
+
+def test_report_to_sets_deepspeed_monitors_and_agrees_with_the_json(tmp_path, monkeypatch, capsys):
+    import megapix.dsconfig as dsconfig
+
+    lay = SimpleNamespace(dp=1, zero_stage=0)
+    cfg, ds = resolve(user(report_to="csv", out=str(tmp_path / "run")), {}, world=1)
+    final = make_ds_config(cfg, ds, lay, 64)
+    assert final["csv_monitor"]["enabled"] is True and "tensorboard" not in final
+    assert final["csv_monitor"]["output_path"] == str(tmp_path / "run" / "monitor")
+    assert "tensorboard" not in capsys.readouterr().out
+    assert "csv_monitor" not in make_ds_config(*resolve(Config(), {}, world=1), lay, 64)  # default: none
+
+    # tensorboard requested but not installed: one line naming the package; csv still on
+    monkeypatch.setattr(dsconfig, "_tensorboard_available", lambda: False)
+    final = make_ds_config(*resolve(user(report_to="csv,tensorboard"), {}, world=1), lay, 64)
+    assert final["tensorboard"]["enabled"] is False and final["csv_monitor"]["enabled"] is True
+    lines = [line for line in capsys.readouterr().out.splitlines() if "tensorboard" in line]
+    assert len(lines) == 1 and "pip install tensorboard" in lines[0], lines
+    monkeypatch.setattr(dsconfig, "_tensorboard_available", lambda: True)
+    final = make_ds_config(*resolve(user(report_to="tensorboard"), {}, world=1), lay, 64)
+    assert final["tensorboard"]["enabled"] is True and "csv_monitor" not in final
+
+    # the JSON's monitors are taken when --report-to is not set; set in both and different: an error naming both
+    cfg, _ = resolve(Config(), write(tmp_path, {"csv_monitor": {"enabled": True}}), world=1)
+    assert cfg.train.report_to == "csv" and "report_to" in cfg.from_deepspeed
+    cfg, _ = resolve(user(report_to="csv"), write(tmp_path, {"csv_monitor": {"enabled": True},
+                                                           "tensorboard": {"enabled": False}}), world=1)
+    assert cfg.train.report_to == "csv"
+    with pytest.raises(ConfigError) as e:
+        resolve(user(report_to="csv"), write(tmp_path, {"tensorboard": {"enabled": True}}), world=1)
+    assert "tensorboard.enabled=true" in str(e.value) and "--report-to" in str(e.value)
+    with pytest.raises(ConfigError, match="tensorboard must be an object"):
+        resolve(Config(), write(tmp_path, {"tensorboard": True}), world=1)
+    for bad in ("wandb", "csv,none", ""):
+        with pytest.raises(ConfigError, match="report_to"):
+            user(report_to=bad)
+    assert user(report_to=" csv , tensorboard").train.report_to == "tensorboard,csv"

@@ -56,11 +56,19 @@ def test_outputs_and_loss_decreases(tiny_config, tmp_path):
         [f"train step {s}/40" for s in (10, 20, 30, 40)]
     assert "megapix: done at step 40: train loss" in proc.stdout and "val_loss" in proc.stdout
     assert f"megapix export --checkpoint {out}" in proc.stdout and os.path.join(str(out), "samples.png") in proc.stdout
+    assert f"loss curve   {out / 'loss.png'}" in proc.stdout and "bits/dim" in proc.stdout
+    assert "MFU against" in proc.stdout and "measured float32 matmul peak" in proc.stdout
     recs = metrics(out)
     assert [r["step"] for r in recs] == list(range(1, 41))
     for r in recs:
-        assert {"step", "loss", "lr", "tokens_per_s"} <= set(r)
+        assert {"step", "loss", "lr", "tokens_per_s", "grad_norm", "peak_rss_gb", "mfu"} <= set(r)
+        assert "peak_mem_gb" not in r  # CPU: the process's RSS, named as such
         assert np.isfinite(r["loss"]) and r["lr"] > 0 and r["tokens_per_s"] > 0
+        assert r["bpd"] == pytest.approx(r["loss"] / np.log(2))  # bits per dim: nats per token / ln 2
+        assert np.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 and 0 < r["mfu"] and r["peak_rss_gb"] > 0.05
+    assert [r["val_bpd"] == pytest.approx(r["val_loss"] / np.log(2)) for r in recs if "val_loss" in r] == [True] * 2
+    assert abs(recs[0]["bpd"] - 9.0) < 0.05  # uniform over 512 colours: log2(512) bits
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [r["step"] for r in recs if "val_loss" in r] == [20, 40]
     assert all(np.isfinite(r["val_loss"]) for r in recs if "val_loss" in r)
     assert recs[-1]["lr"] < recs[5]["lr"]  # cosine decay
@@ -108,6 +116,61 @@ def test_resume_is_bit_exact_and_preemption_saves(tiny_config, tmp_path):
     # The preempted run, resumed, equals the uninterrupted one too.
     assert [r["step"] for r in metrics(c)] == list(range(1, 7))
     assert [r["loss"] for r in metrics(c)] == [r["loss"] for r in steps_a]
+
+
+def test_best_checkpoint_keep_last_and_resume(tiny_config, tmp_path):
+    """A checkpoint at each new best val_loss, named by checkpoints/best.json; --keep-last 2 keeps the two newest
+    step tags plus the best; a resume goes on from `latest` and still measures later evaluations against the best
+    of the steps before it; the best tag loads as a model."""
+    out = tmp_path / "run"
+    ck = out / "checkpoints"
+    common = ("--no-samples", "--eval-every", 2, "--save-every", 1, "--keep-last", 2, "--lr", 0.01)
+    proc = train(tiny_config, out, "--max-steps", 8, *common)
+    ok(proc)
+
+    def best_step():
+        vals = [(r["val_loss"], r["step"]) for r in metrics(out) if "val_loss" in r]
+        return min(vals)[1]
+
+    best = json.loads((ck / "best.json").read_text())
+    assert best["step"] == best_step() and best["tag"] == f"global_step{best['step']}"
+    assert best["val_loss"] == min(r["val_loss"] for r in metrics(out) if "val_loss" in r)
+    tags = sorted(p.name for p in ck.iterdir() if p.name.startswith("global_step"))
+    assert tags == sorted({"global_step7", "global_step8", best["tag"]}), tags
+    assert f"best         {ck / best['tag']} (step {best['step']}" in proc.stdout
+
+    proc = train(tiny_config, out, "--max-steps", 14, "--resume", *common)
+    ok(proc)
+    assert [r["step"] for r in metrics(out)] == list(range(1, 15)) and latest_tag(out) == "global_step14"
+    best = json.loads((ck / "best.json").read_text())
+    assert best["step"] == best_step(), (best, [(r["step"], r["val_loss"]) for r in metrics(out) if "val_loss" in r])
+    tags = sorted(p.name for p in ck.iterdir() if p.name.startswith("global_step"))
+    assert tags == sorted({"global_step13", "global_step14", best["tag"]}), tags
+    # a resumed run that only gets worse (lr 0.3) keeps the best from before the resume (measured: step 10)
+    ok(train(tiny_config, out, "--max-steps", 18, "--resume", *common, "--lr", 0.3))
+    best = json.loads((ck / "best.json").read_text())
+    assert best["step"] == best_step() <= 14, [(r["step"], r["val_loss"]) for r in metrics(out) if "val_loss" in r]
+    assert (ck / best["tag"]).is_dir() and latest_tag(out) == "global_step18"
+
+    from megapix.checkpoint import load_model
+
+    model, cfg = load_model(str(ck / best["tag"]))
+    assert cfg.train.keep_last == 2 and sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_report_to_writes_deepspeed_monitor_csv(tiny_config, tmp_path):
+    """--report-to csv,tensorboard: DeepSpeed's csv monitor writes megapix/* series under <out>/monitor; without the
+    tensorboard package exactly one line says what to install, and the run goes on."""
+    import glob
+    import importlib.util
+
+    out = tmp_path / "run"
+    proc = train(tiny_config, out, "--max-steps", 3, "--no-samples", "--eval-every", 0, "--report-to", "csv,tensorboard")
+    ok(proc)
+    csvs = [os.path.basename(p) for p in glob.glob(str(out / "monitor" / "**" / "*.csv"), recursive=True)]
+    assert any("loss" in c for c in csvs) and any("grad_norm" in c for c in csvs), csvs
+    told = [line for line in proc.stdout.splitlines() if "pip install tensorboard" in line]
+    assert len(told) == (0 if importlib.util.find_spec("tensorboard") else 1), proc.stdout[-2000:]
 
 
 def test_sigusr1_saves_and_exits_75(tiny_config, tmp_path):
@@ -277,3 +340,32 @@ def test_corrupt_image_mid_run_saves_then_exits_2(tiny_config, tmp_path):
     last = metrics(out)[-1]["step"]
     assert last >= 1 and latest_tag(out) == f"global_step{last}"
     assert f"step {last} was saved" in errors[0]
+
+
+def test_loss_plot_is_atomic_and_bounded(tmp_path, monkeypatch):
+    """loss.png: nothing to plot writes nothing; a long run's train curve is averaged into at most `points`
+    buckets (the last step stays the last point); the PNG appears only complete (written under a temp name)."""
+    from PIL import Image
+
+    import megapix.runlog as runlog
+
+    png = tmp_path / "loss.png"
+    assert runlog.write_loss_plot([], [], str(png)) is None and not png.exists()
+    plotted = {}
+    from matplotlib.axes import Axes
+
+    orig = Axes.plot
+
+    def spy(self, *args, **kwargs):
+        plotted[kwargs.get("label")] = (list(args[0]), list(args[1]))
+        return orig(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", spy)
+    train = [(s, 6.0 - s * 1e-4) for s in range(1, 10_001)]
+    assert runlog.write_loss_plot(train, [(5000, 5.8), (10_000, 5.5)], str(png), points=100) == str(png)
+    xs, ys = plotted["train loss"]
+    assert len(xs) == 100 and xs[-1] == 10_000 and ys[0] == pytest.approx(np.mean([v for _, v in train[:100]]))
+    assert plotted["val loss"] == ([5000, 10_000], [5.8, 5.5])
+    with Image.open(png) as img:
+        img.verify()
+    assert sorted(os.listdir(tmp_path)) == ["loss.png"]  # no temp files left behind

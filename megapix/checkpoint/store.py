@@ -5,19 +5,25 @@ megapix's JSON records are in it; `latest` moves after that. So the tag `latest`
 a kill at any moment leaves `latest` on a complete tag. Re-saving the tag `latest` already names at the same step
 (a finished run resumed, or a stop request right after a periodic save) keeps the existing files.
 
+After a save, --keep-last N deletes the older global_step<N> tags megapix wrote here (never the tag `latest` names,
+never the one best.json names, never a tag past the step just saved). best.json names the checkpoint of the best
+validation score: {"tag", "step", "val_loss", ...}; the tag is an ordinary global_step<N> folder, so every command
+that reads a tag folder reads it, and a resume goes on from `latest` as always.
+
 Resume checks every file of the tag before DeepSpeed opens it (megapix.checkpoint.safe_load): DeepSpeed's loader
 unpickles with weights_only=False, and a truncated file would otherwise surface as a raw traceback.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
 import torch.distributed as tdist
 
 from megapix.checkpoint.reshard import resume_resharded
-from megapix.checkpoint.tags import (check_same_model, layout_record, problem, read_latest, resume_hint, saved_layout,
-                                     saved_step, tag_for, tags)
+from megapix.checkpoint.tags import (TAG, check_same_model, layout_record, problem, read_latest, resume_hint,
+                                     saved_layout, saved_step, tag_for, tags)
 from megapix.checkpoint.universal import resume_universal, universal_checkpoint_info, unsupported_reason
 from megapix.config import Config, ConfigError
 from megapix.parallel import dist
@@ -25,6 +31,7 @@ from megapix.parallel.layout import Layout
 from megapix.utils import atomic_path, write_json
 
 STAGING = ".saving"
+BEST = "best.json"
 
 
 def _agree(value):
@@ -94,8 +101,54 @@ def save(engine, ckpt_dir: str, step: int, cfg: Config, layout: Layout) -> str:
                 f.write(tag)
 
     _rank0(publish)
+    if dist.is_rank0():
+        prune(ckpt_dir, cfg.train.keep_last, step)
     dist.barrier()
     return tag
+
+
+def read_best(ckpt_dir: str) -> dict | None:
+    """best.json's record ({"tag", "step", "val_loss", "score", ...}) when it names a tag that exists, else None."""
+    path = os.path.join(ckpt_dir, BEST)
+    try:
+        with open(path) as f:
+            rec = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rec, dict) or not isinstance(rec.get("tag"), str) or not TAG.fullmatch(rec["tag"]):
+        return None
+    return rec if os.path.isdir(os.path.join(ckpt_dir, rec["tag"])) else None
+
+
+def write_best(ckpt_dir: str, tag: str, step: int, metrics: dict, score: float) -> None:
+    """Name `tag` (already saved) as the best checkpoint, atomically (rank 0)."""
+    write_json(os.path.join(ckpt_dir, BEST), {"tag": tag, "step": step, "score": score, **metrics})
+
+
+def prune(ckpt_dir: str, keep_last: int, step: int) -> list[str]:
+    """Delete the global_step<N> tags older than the `keep_last` newest up to `step` (rank 0, after a save). Only
+    megapix's own tags (layout.json and megapix_config.json in them) are candidates; the tag `latest` names and the
+    one best.json names are kept whatever their age, and so is anything newer than `step` (a resume from an
+    older tag does not delete the later ones). A tag's `_universal` conversion goes with it. Returns the deleted
+    tags; a deletion that fails is one warning line, never a failed run."""
+    if keep_last <= 0:
+        return []
+    keep = {read_latest(ckpt_dir), (read_best(ckpt_dir) or {}).get("tag")}
+    older = [t for t in tags(ckpt_dir) if int(TAG.fullmatch(t).group(1)) <= step]
+    deleted = []
+    for tag in older[:-keep_last]:
+        folder = os.path.join(ckpt_dir, tag)
+        ours = all(os.path.isfile(os.path.join(folder, f)) for f in ("layout.json", "megapix_config.json"))
+        if tag in keep or not ours:
+            continue
+        try:
+            shutil.rmtree(folder)
+            shutil.rmtree(f"{folder}_universal", ignore_errors=True)
+            deleted.append(tag)
+        except OSError as e:
+            print(f"megapix: warning: could not delete the old checkpoint {folder} (--keep-last {keep_last}): {e}",
+                  flush=True)
+    return deleted
 
 
 def check_resumable(ckpt_dir: str, tag: str) -> None:
