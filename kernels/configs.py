@@ -13,7 +13,6 @@ on hardware yet (no GPU was available when this was written).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
 
 import torch
 

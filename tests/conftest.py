@@ -117,3 +117,28 @@ def run(args: list[str], timeout: float = 300, env: dict | None = None, **kwargs
     """Run `args` (with the repo's python in front) from the repo root; text output captured."""
     return subprocess.run([PYTHON, *args], cwd=REPO, env=env or subprocess_env(), capture_output=True, text=True,
                           timeout=timeout, **kwargs)
+
+
+def tree_hash(path) -> dict[str, str]:
+    """relative path -> sha256 of every file under `path`: what "nothing was changed" is checked against."""
+    import hashlib
+
+    out = {}
+    for base, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(base, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, path)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+def wait_for_first_metrics(proc: subprocess.Popen, out, timeout: float) -> None:
+    """Block until the training process `proc` has written its first metrics.jsonl line under `out`."""
+    import time
+
+    deadline = time.time() + timeout
+    path = os.path.join(out, "metrics.jsonl")
+    while not (os.path.exists(path) and open(path).read().strip()):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "no metrics line appeared"
+        time.sleep(0.2)

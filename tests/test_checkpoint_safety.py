@@ -8,10 +8,8 @@
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -20,6 +18,7 @@ import pytest
 import torch
 
 from test_parallel_helpers import ROOT, SAVE_AT, STEPS, TRAIN, env, layout_config, layout_run, losses, micro_config
+from conftest import tree_hash
 
 PY = sys.executable
 
@@ -42,16 +41,6 @@ def error_line(proc) -> str:
     lines = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
     assert len(lines) == 1, proc.stderr[-3000:]
     return lines[0]
-
-
-def tree_hash(path) -> dict[str, str]:
-    out = {}
-    for base, _, files in os.walk(path):
-        for f in files:
-            p = os.path.join(base, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, path)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
 
 
 def copy_run(name, dst):

@@ -23,7 +23,6 @@ with RTOL = 2e-5 for forward outputs, 1e-4 for gradients, ATOL = 1e-6
 """
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys

@@ -1,7 +1,6 @@
 """Layouts: refusals, tensor-parallel pieces, and the core equivalence test (same loss curve in every layout)."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 

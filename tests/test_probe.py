@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from megapix.probe import fit_logreg, probe, accuracy, Standardizer
+from megapix.probe import fit_logreg, probe, Standardizer
 
 
 def blobs(n, d=16, classes=4, seed=0, scale=3.0):

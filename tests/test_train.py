@@ -9,12 +9,11 @@ import json
 import os
 import signal
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import PYTHON, REPO, run, subprocess_env
+from conftest import PYTHON, REPO, run, subprocess_env, tree_hash, wait_for_first_metrics
 
 TRAIN = "megapix/train.py"
 EXIT_PREEMPTED = 75
@@ -180,12 +179,7 @@ def test_sigusr1_saves_and_exits_75(tiny_config, tmp_path):
     proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
-        deadline = time.time() + TIMEOUT
-        path = out / "metrics.jsonl"
-        while not (path.exists() and path.read_text().strip()):
-            assert proc.poll() is None, proc.communicate()
-            assert time.time() < deadline, "no metrics line appeared"
-            time.sleep(0.2)
+        wait_for_first_metrics(proc, out, TIMEOUT)
         proc.send_signal(signal.SIGUSR1)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
@@ -251,18 +245,6 @@ def test_bad_input_fails_cleanly(bad_runs, name):
 # ---------------------------------------------------------------------------------------------------------
 # the run folder is safe: no silent restart over a run, a torn metrics line, a corrupt image mid-run
 # ---------------------------------------------------------------------------------------------------------
-def tree_hashes(folder):
-    import hashlib
-
-    out = {}
-    for r, _, fs in os.walk(folder):
-        for f in fs:
-            p = os.path.join(r, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, folder)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
-
-
 def test_rerun_into_a_run_refuses_and_changes_nothing(tiny_config, tmp_path):
     import shutil
 
@@ -274,13 +256,13 @@ def test_rerun_into_a_run_refuses_and_changes_nothing(tiny_config, tmp_path):
             os.remove(out / "checkpoints" / "latest")
         elif damage == "checkpoints":
             shutil.rmtree(out / "checkpoints")
-        before = tree_hashes(out)
+        before = tree_hash(out)
         proc = train(tiny_config, out, "--max-steps", 5, *common)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         line = proc.stderr.strip().splitlines()[-1]
         assert line == (f"megapix: error: {out} already holds a run at step 3: pass --resume to continue, or "
                         "choose another --out"), (damage, proc.stderr[-2000:])
-        assert tree_hashes(out) == before, damage
+        assert tree_hash(out) == before, damage
     # --resume on a folder without checkpoints says it starts fresh instead of passing silently
     fresh = tmp_path / "fresh"
     proc = train(tiny_config, fresh, "--max-steps", 1, "--resume", *common)
@@ -322,12 +304,7 @@ def test_corrupt_image_mid_run_saves_then_exits_2(tiny_config, tmp_path):
     proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
-        deadline = time.time() + TIMEOUT
-        path = out / "metrics.jsonl"
-        while not (path.exists() and path.read_text().strip()):
-            assert proc.poll() is None, proc.communicate()
-            assert time.time() < deadline, "no metrics line appeared"
-            time.sleep(0.2)
+        wait_for_first_metrics(proc, out, TIMEOUT)
         for p in files:  # every training image becomes unreadable: the next step meets one
             p.write_bytes(b"not a png")
         stdout, stderr = proc.communicate(timeout=120)
