@@ -24,7 +24,7 @@ $(VENV)/.installed-test: $(VENV)/.installed-train
 	touch $@
 
 train: $(VENV)/.installed-train
-	$(RUN) deepspeed $(if $(PORT),--master_port $(PORT)) megapix/train.py --out $(OUT)
+	$(RUN) deepspeed $(if $(PORT),--master_port $(PORT)) megapix/train.py --config configs/tiny_digits.yaml --out $(OUT)
 
 # Everything: the main process, then the Triton interpreter tests in a process of their own (TRITON_INTERPRET
 # must be set before triton is imported, and must not reach the other tests).

@@ -2,9 +2,9 @@
 
     python examples/small_scale_probe.py --out runs/probe_study --report docs/probe_study [--seed 0]
 
-On the embedded `digits-shifted:2` data (two placements of each digit at random offsets on a 12x12 canvas, with
+On the embedded `digits-shifted:2` data (two placements of each digit at random offsets on a 10x10 canvas, with
 clutter; no download):
-1. fits one palette, then pre-trains (400 steps, batch 64) an 8-layer, d=64 iGPT with the AR objective and, side by side with the
+1. fits one palette, then pre-trains (300 steps, batch 32) an 8-layer, d=64 iGPT with the AR objective and, side by side with the
    same settings, with BERT (megapix/train.py, one thread each; rerunning resumes finished runs), saving a
    checkpoint (and measuring validation loss) every --ckpt-every steps;
 2. extracts every layer's pooled feature (0..8; 8 = after the final norm) of the AR model, the BERT model,
@@ -29,7 +29,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-MODEL = {"preset": "tiny", "n_layer": 8, "d_model": 64, "n_head": 4, "resolution": 12}
+MODEL = {"preset": "tiny", "n_layer": 8, "d_model": 64, "n_head": 4, "resolution": 10}
 L2_GRID = [1e-4, 1e-3, 1e-2, 1e-1]
 
 
@@ -150,9 +150,9 @@ def main(argv=None) -> int:
     p.add_argument("--report", default=None, help="folder for probe_study.{md,json,png} (default: --out)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default="digits-shifted:2", help="source spec (default: 2 placements per digit)")
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--ckpt-every", type=int, default=100, help="checkpoint (and val loss) interval")
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--no-bert", action="store_true", help="skip the BERT run")
     p.add_argument("--device", default="cpu")
@@ -179,7 +179,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(1, args.threads))  # training is over: the probes may use every core given
     t0 = time.perf_counter()
     study = Study(args.data, palette, args.seed, args.device)
-    res = {"seed": args.seed, "data": args.data, "model": MODEL, "steps": args.steps, "batch": args.batch,
+    res = {"command": " ".join(["python", "examples/small_scale_probe.py"] + list(sys.argv[1:] if argv is None else argv)),
+           "seed": args.seed, "data": args.data, "model": MODEL, "steps": args.steps, "batch": args.batch,
            "lr": args.lr, "counts": {s: len(v) for s, v in study.labels.items()}, "l2_grid": L2_GRID,
            "chance": 1.0 / study.num_classes}
     res["raw_pixels"] = study.raw_pixels()
@@ -228,7 +229,7 @@ def write_report(res: dict, folder: str) -> list[str]:
              f"{res['batch']}, lr {res['lr']}. Rows: {res['counts']}. Chance {_pct(res['chance'])}%, raw-pixel "
              f"probe {_pct(res['raw_pixels']['test_acc'])}% test. Accuracy in % (test, from a train+val refit; "
              "val in brackets, which picks l2 and the best layer). Layer l = input of block l, normed; "
-             f"{n} = after the final norm.", "",
+             f"{n} = after the final norm.", "", f"Command: `{res.get('command', '?')}`", "",
              "| layer | " + " | ".join(name for name, _ in models) + " |", "|---" * (len(models) + 1) + "|"]
     for l in range(n + 1):
         lines.append(f"| {l} | " + " | ".join(f"{_pct(m['layers'][l]['test_acc'])} ({_pct(m['layers'][l]['val_acc'])})"
@@ -275,7 +276,7 @@ def plot_study(res: dict, path: str) -> None:
             ax.plot([res["ar"]["best_layer"]], [100 * c["test_acc"]], marker, markersize=10, linestyle="none",
                     label=f"AR layers {c['layers'][0]}-{c['layers'][-1]} concatenated")
     ax.axhline(100 * res["raw_pixels"]["test_acc"], color="gray", linestyle="-.", label="raw pixels")
-    ax.axhline(100 * res["chance"], color="black", linestyle=":", label="chance")
+    ax.axhline(100 * res["chance"], color="black", linestyle=":", label=f"chance ({100 * res['chance']:.0f}%)")
     ax.set_xticks(xs)
     ax.set_xlabel(f"layer (0 = embeddings, {n} = after the final norm)")
     ax.set_ylabel("linear probe test accuracy (%)")
@@ -289,12 +290,14 @@ def plot_study(res: dict, path: str) -> None:
         bx.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
         for vl, acc, step in pts:
             bx.annotate(f"step {step}", (vl, acc), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    bx.axhline(100 * res["chance"], color="black", linestyle=":", label="chance")
+    bx.axhline(100 * res["chance"], color="black", linestyle=":", label=f"chance ({100 * res['chance']:.0f}%)")
+    bx.axhline(100 * res["raw_pixels"]["test_acc"], color="gray", linestyle="-.", label="raw pixels")
     bx.set_ylim(0, 100)  # the same scale as the depth curve: noise must not look like a trend
     bx.set_xlabel("validation loss (nats/token)")
     bx.set_ylabel("best layer's probe test accuracy (%)")
     bx.set_title("AR checkpoints: generative loss vs probe")
     bx.grid(alpha=0.3)
+    bx.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -87,10 +87,13 @@ def shift_augment(images: np.ndarray, indices, epoch: int, seed: int, max_shift:
 
 
 
+DIGIT_SOURCES = ("digits", "digits-shifted")  # the embedded digit sources: a mirror image can change the class
+
+
 def default_augmentation(data_spec: str) -> str:
-    """What fits the data: shift-only for the 8x8 digits, the paper's CIFAR augmentation otherwise
+    """What fits the data: shift-only for the embedded digits, the paper's CIFAR augmentation otherwise
     (ImageNet-layout folders apply their own resize/crop whatever is chosen here, unless 'none')."""
-    return "shift" if data_spec.split(":", 1)[0] in ("digits", "digits-colour", "digits-grey") else "cifar"
+    return "shift" if data_spec.split(":", 1)[0] in DIGIT_SOURCES else "cifar"
 
 
 class LabelledData:
@@ -339,7 +342,7 @@ class FinetuneConfig:
     beta2: float = opt(_TRAIN.beta2, "AdamW beta2")
     grad_clip: float = opt(_TRAIN.grad_clip, "gradient clipping by global norm (0: none)")
     augment: Literal["auto", "none", "shift", "cifar"] = opt(
-        "auto", "train-time augmentation: auto (shift for 8x8 digits, CIFAR's pad/crop/flip otherwise), none, "
+        "auto", "train-time augmentation: auto (shift for the embedded digits, CIFAR's pad/crop/flip otherwise), none, "
         "shift, cifar")
     seed: int = opt(0, "seed of the data order, augmentation and any fitted palette")
     val_fraction: float | None = opt(None, "held-out share of train for early stopping", default_help="the paper's")

@@ -29,8 +29,10 @@ def test_digits_shifted_is_deterministic_split_by_digit_and_hard_for_raw_pixels(
     np.testing.assert_array_equal(tr.images, b.split("train").images)
     # both placements of a digit sit on the same side of the holdout: no val image is a train image moved
     assert len(va) % 2 == 0 and set(np.unique(tr.labels)) == set(range(10))
-    # enough distinct colours for a 512-centre palette
+    # enough distinct colours for a 512-centre palette, but few in any one image (no pixel noise): the digit's
+    # 17 grey levels and at most one fragment's, blended between that image's background and stroke colours
     assert len(np.unique(tr.images.reshape(-1, 3), axis=0)) > 512
+    assert max(len(np.unique(im.reshape(-1, 3), axis=0)) for im in tr.images[:200]) <= 35
     # raw pixels are far from the ceiling (plain 8x8 digits give ~98%), but above chance
     X = lambda s: s.images.reshape(len(s), -1).astype(np.float32) / 255
     clf = LogisticRegression(C=0.1, max_iter=300).fit(X(tr), tr.labels)

@@ -118,6 +118,7 @@ def test_shift_augmentation_for_digits_never_flips():
     from megapix.finetune import default_augmentation, shift_augment
 
     assert default_augmentation("digits") == "shift" and default_augmentation("cifar10:/x") == "cifar"
+    assert default_augmentation("digits-shifted") == default_augmentation("digits-shifted:2") == "shift"
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (64, 8, 8, 3), dtype=np.uint8)
     out = shift_augment(images, np.arange(64), 3, 0)
