@@ -57,6 +57,16 @@ def atomic_path(path: str, replace=None):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def read_json(path: str):
+    """The JSON value in `path`, or None when it is missing or unreadable (torn, edited): for records megapix
+    wrote itself and checks before trusting."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def write_json(path: str, obj) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:

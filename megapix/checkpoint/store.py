@@ -15,7 +15,6 @@ unpickles with weights_only=False, and a truncated file would otherwise surface 
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
@@ -28,7 +27,7 @@ from megapix.checkpoint.universal import resume_universal, universal_checkpoint_
 from megapix.config import Config, ConfigError
 from megapix.parallel import dist
 from megapix.parallel.layout import Layout
-from megapix.utils import atomic_path, write_json
+from megapix.utils import atomic_path, read_json, write_json
 
 STAGING = ".saving"
 BEST = "best.json"
@@ -109,12 +108,7 @@ def save(engine, ckpt_dir: str, step: int, cfg: Config, layout: Layout) -> str:
 
 def read_best(ckpt_dir: str) -> dict | None:
     """best.json's record ({"tag", "step", "val_loss", "score", ...}) when it names a tag that exists, else None."""
-    path = os.path.join(ckpt_dir, BEST)
-    try:
-        with open(path) as f:
-            rec = json.load(f)
-    except (OSError, ValueError):
-        return None
+    rec = read_json(os.path.join(ckpt_dir, BEST))
     if not isinstance(rec, dict) or not isinstance(rec.get("tag"), str) or not TAG.fullmatch(rec["tag"]):
         return None
     return rec if os.path.isdir(os.path.join(ckpt_dir, rec["tag"])) else None

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 
 import numpy as np
@@ -24,7 +23,7 @@ from megapix.data.loader import TokenData
 from megapix.data.palette import Palette
 from megapix.data.sources import SPLITS, open_source
 from megapix.parallel import dist
-from megapix.utils import atomic_path, write_json
+from megapix.utils import atomic_path, read_json, write_json
 
 PALETTE_FILE = "palette.npy"
 RECORD_FILE = "palette.json"
@@ -74,12 +73,7 @@ def _npy_bytes(palette: Palette) -> bytes:
 
 def read_record(out: str) -> dict | None:
     """The palette record in `out`, or None when there is none or it is unreadable (torn, edited)."""
-    path = os.path.join(out, RECORD_FILE)
-    try:
-        with open(path) as f:
-            rec = json.load(f)
-    except (OSError, ValueError):
-        return None
+    rec = read_json(os.path.join(out, RECORD_FILE))
     return rec if isinstance(rec, dict) and rec.get("format") == RECORD_FORMAT else None
 
 
