@@ -133,7 +133,7 @@ def main(argv=None) -> int:
         check_run_record(record, effective, args.resume)
         from megapix.parallel.launch import init_distributed
 
-        init_distributed()
+        init_distributed(effective.train.collective_timeout)
         from megapix.engine import Trainer
 
         trainer = Trainer(cfg, args.deepspeed_config, resume=args.resume)
@@ -156,6 +156,11 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"megapix: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a peer died, hung or went out of reach: one line, exit 75 (requeue)
+        from megapix.parallel.watchdog import exit_if_peer_lost
+
+        exit_if_peer_lost(e)
+        raise
 
 
 if __name__ == "__main__":
