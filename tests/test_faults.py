@@ -16,7 +16,7 @@ from conftest import PYTHON, REPO, subprocess_env
 from megapix.engine import EXIT_PREEMPTED
 from megapix.parallel import watchdog
 
-MAX_STEPS = 100
+MAX_STEPS = 30  # a fault lands right after step 7: the rest only has to exist for the resume to continue
 FLAGS = ["--model", "tiny", "--data", "digits", "--global-batch", "8", "--seed", "7", "--no-samples",
          "--max-steps", str(MAX_STEPS), "--save-every", "5", "--eval-every", "0"]
 STARTUP = 300  # seconds a 2-rank start may take on a loaded machine
@@ -28,10 +28,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(out, *extra, world: int = 2, prefix=(), addr="127.0.0.1") -> list[subprocess.Popen]:
+def launch(out, *extra, world: int = 2, prefix=(), addr="127.0.0.1", port=None) -> list[subprocess.Popen]:
     """`world` ranks of megapix/train.py started by hand (RANK/WORLD_SIZE); prefix[r] runs rank r elsewhere
-    (e.g. `ip netns exec NODE`)."""
-    port = _free_port() if addr == "127.0.0.1" else 29000 + os.getpid() % 1000
+    (on another namespaced node: tests/test_multinode.py)."""
+    port = port or _free_port()
     procs = []
     for r in range(world):
         env = subprocess_env(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",

@@ -15,7 +15,8 @@ Three parts, all started by :func:`start` right after torch.distributed is up:
   a short timeout, so it never waits behind the main thread. When a collective fails, :func:`exit_if_peer_lost`
   reads the others' heartbeats and names the ranks (and their hosts) that went quiet, prints one line with the
   step, and exits 75 (the requeue code: slurm/launch.sh requeues, ``--resume`` continues from the last complete
-  checkpoint, which a save's staging + rename keeps intact).
+  checkpoint, which a save's staging + rename keeps intact). Under SLURM the line is also appended to
+  ``MEGAPIX_PEER_LOST_FILE``: the launcher's exit code is the dead rank's, not 75.
 - **SIGTERM while blocked.** Python runs a signal handler only when the main thread is back in the interpreter; a
   main thread waiting in a collective never is, so the engine's handler (stop at the next step boundary) would
   wait for the collective's timeout. ``signal.set_wakeup_fd`` makes the C-level handler write the signal's number
@@ -80,9 +81,7 @@ class Watchdog:
         self.prefix = f"megapix-heartbeat/{box[0]}"
         self.master = os.environ.get("MASTER_ADDR", "?")
         try:
-            self.store = dist.TCPStore(self.master, int(os.environ["MASTER_PORT"]), is_master=False,
-                                       timeout=timedelta(seconds=max(1.0, 2 * self.interval_s)),
-                                       wait_for_workers=False)
+            self.store = self._client()
             self.store.set(f"{self.prefix}/host/{self.rank}", socket.gethostname())
             self._beat()
         except Exception as e:  # no heartbeats: failures are still bounded, only the name is missing
@@ -91,8 +90,16 @@ class Watchdog:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        self._thread = threading.Thread(target=self._run, name="megapix-watchdog", daemon=True)
-        self._thread.start()
+        # Two threads: a store call towards a node that is cut off can block past its timeout, and must never
+        # keep the SIGTERM watch from running.
+        threading.Thread(target=self._watch_signals, name="megapix-watchdog", daemon=True).start()
+        if self.store is not None:
+            threading.Thread(target=self._heartbeats, name="megapix-heartbeat", daemon=True).start()
+
+    def _client(self):
+        """A TCPStore client of the rendezvous store, with a short timeout (not the main thread's client)."""
+        return self.dist.TCPStore(self.master, int(os.environ["MASTER_PORT"]), is_master=False,
+                                  timeout=timedelta(seconds=max(1.0, 2 * self.interval_s)), wait_for_workers=False)
 
     # ---- the main thread's marks ----
     def step_begins(self, step: int) -> None:
@@ -109,9 +116,16 @@ class Watchdog:
     def _beat(self) -> None:
         self.store.set(f"{self.prefix}/beat/{self.rank}", f"{time.time()} {self.step}")
 
-    def _run(self) -> None:
+    def _heartbeats(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self._beat()
+            except Exception as e:
+                self.store_error = str(e)
+
+    def _watch_signals(self) -> None:
         while not self._stop.is_set():
-            readable, _, _ = select.select([self._wake_r], [], [], self.interval_s)
+            readable, _, _ = select.select([self._wake_r], [], [], min(1.0, self.interval_s))
             if readable:
                 try:
                     got = self._wake_r.recv(64)
@@ -119,11 +133,6 @@ class Watchdog:
                     got = b""
                 if signal.SIGTERM in got and self.term_at is None:
                     self.term_at = time.monotonic()
-            if self.store is not None:
-                try:
-                    self._beat()
-                except Exception as e:
-                    self.store_error = str(e)
             self._check_term()
 
     def _check_term(self) -> None:
@@ -138,30 +147,40 @@ class Watchdog:
 
     # ---- after a failed collective ----
     def quiet_ranks(self) -> list[str]:
-        """Ranks whose heartbeat is older than 3 intervals, as "rank R (host H, quiet for S s)". A rank that was
-        just killed may have beaten a moment ago: wait until a beat goes stale, at most 4 intervals."""
+        """Ranks whose heartbeat does not change over 3 intervals, as "rank R (host H, quiet for the last S s)".
+        Change, not age: the ranks' clocks need not agree. Returns early once every other rank has beaten."""
         if self.store is None:
             return []
-        deadline = time.monotonic() + 4 * self.interval_s
-        while True:
-            quiet = []
-            for r in range(self.world):
-                if r == self.rank:
-                    continue
-                age = time.time() - float(self.store.get(f"{self.prefix}/beat/{r}").decode().split()[0])
-                if age > 3 * self.interval_s:
-                    host = self.store.get(f"{self.prefix}/host/{r}").decode()
-                    quiet.append(f"rank {r} (host {host}, quiet for {age:.0f} s)")
-            if quiet or time.monotonic() > deadline:
-                return quiet
+        store = self._client()
+        others = [r for r in range(self.world) if r != self.rank]
+        first = {r: store.get(f"{self.prefix}/beat/{r}") for r in others}
+        t0 = time.monotonic()
+        quiet = set(others)
+        while quiet and time.monotonic() - t0 < 3 * self.interval_s:
             time.sleep(self.interval_s / 2)
+            quiet = {r for r in quiet if store.get(f"{self.prefix}/beat/{r}") == first[r]}
+        waited = time.monotonic() - t0
+        return [f"rank {r} (host {store.get(f'{self.prefix}/host/{r}').decode()}, quiet for the last "
+                f"{waited:.0f} s)" for r in sorted(quiet)]
 
     def who_stopped(self) -> str:
-        try:
-            quiet = self.quiet_ranks()
-        except Exception as e:  # the store itself is gone or out of reach
-            return (f"the rendezvous store on {self.master} (rank 0's node) did not answer ({_first_line(e)}): "
-                    f"rank 0, its node, or this node's link ({socket.gethostname()}) is down")
+        """Who went quiet, read in a thread of its own with a bound: a read from a store on a node that is cut off
+        can block past the client's timeout."""
+        found: list = []
+
+        def read():
+            try:
+                found.append(self.quiet_ranks())
+            except Exception as e:  # the store itself is gone or out of reach
+                found.append(e)
+
+        reader = threading.Thread(target=read, name="megapix-who-stopped", daemon=True)
+        reader.start()
+        reader.join(5 * self.interval_s + 5)
+        quiet = found[0] if found else TimeoutError(f"no answer in {5 * self.interval_s + 5:.0f} s")
+        if isinstance(quiet, Exception):
+            return (f"the rendezvous store on {self.master} (rank 0's node) did not answer ({_first_line(quiet)}): "
+                    f"rank 0, its node, or this node's link ({socket.gethostname()}) is down; that")
         if quiet:
             return ", ".join(quiet)
         return ("no rank went quiet (every heartbeat is recent): a peer failed (see its log) or was busy longer than "
@@ -228,10 +247,24 @@ def exit_if_peer_lost(error: BaseException) -> None:
     if w is None or not is_peer_failure(error):
         return
     when = f"at step {w.step}" if w.step else "before step 1"
-    _say(f"megapix: rank {w.rank} ({socket.gethostname()}): {w.who_stopped()} stopped answering {when} "
-         f"({_first_line(error)}); exiting {EXIT_REQUEUE} so the job is requeued; --resume continues from the last "
-         "complete checkpoint")
+    line = (f"megapix: rank {w.rank} ({socket.gethostname()}): {w.who_stopped()} stopped answering {when} "
+            f"({_first_line(error)}); exiting {EXIT_REQUEUE} so the job is requeued; --resume continues from the last "
+            "complete checkpoint")
+    _say(line)
+    _tell_launcher(line)
     os._exit(EXIT_REQUEUE)
+
+
+def _tell_launcher(line: str) -> None:
+    """slurm/launch.sh names a file (MEGAPIX_PEER_LOST_FILE): the launcher's own exit code is the dead rank's,
+    so this line is how the batch script learns that the others asked for a requeue. One short append each."""
+    path = os.environ.get("MEGAPIX_PEER_LOST_FILE")
+    if not path:
+        return
+    with contextlib.suppress(OSError):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "a") as f:
+            f.write(line.removeprefix("megapix: ") + "\n")
 
 
 def _first_line(error: BaseException) -> str:
