@@ -255,7 +255,8 @@ def disk_error(e: BaseException, path: str | None = None) -> ConfigError | None:
         code = _disk_state(path)  # torch's zip writer reports a short write without its errno
     if code is None:
         return None
-    filename = getattr(e, "filename", None)
+    # a copy or rename names its destination second (shutil.copyfile, os.replace): that is what was written
+    filename = (code != errno.EACCES and getattr(e, "filename2", None)) or getattr(e, "filename", None)
     where = filename or (f"into {path}" if path else "a file")
     verb = "access" if code == errno.EACCES else "write"  # a permission error may come from a read as well
     return ConfigError(f"cannot {verb} {where}: {os.strerror(code)}; {_DISK[code]}")
