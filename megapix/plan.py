@@ -322,7 +322,7 @@ def stage_activation_bytes(m: ModelConfig, lay: Layout, global_batch: int, nbyte
                            loss_transient: bool = True) -> list[float]:
     """Saved activations of every pipeline stage at its peak: in-flight micro-batches x (its blocks + the
     embedding on the first stage + the head on the last), plus, with checkpointing, one block's full activations
-    during its recompute, and on the last stage the loss transient (loss_transient=False: saved tensors only, what
+    during its recompute (less its input, already kept), and on the last stage the loss transient (loss_transient=False: saved tensors only, what
     tests/test_activations.py counts)."""
     ckpt = lay.checkpointing if checkpointing is None else checkpointing
     b, pp = lay.micro_batch, lay.pp
@@ -330,11 +330,19 @@ def stage_activation_bytes(m: ModelConfig, lay: Layout, global_batch: int, nbyte
     block = block_activation_bytes(m, b, lay.tp, kernels, nbytes)
     kept = checkpointed_block_bytes(m, b, nbytes) if ckpt else block
     out = []
+    rows_h = nbytes * m.n_ctx * b * m.d_model
     for i, layers in enumerate(stage_layers(m, lay.tp, pp)):
+        n = in_flight(pp, i, micro_batches)
         per_micro = layers * kept + (embed_activation_bytes(m, b) if i == 0 else 0.0)
-        if i == pp - 1:
-            per_micro += head_activation_bytes(m, b, lay.tp, nbytes, pp)
-        act = in_flight(pp, i, micro_batches) * per_micro + (block if ckpt and layers else 0.0)
+        head = head_activation_bytes(m, b, lay.tp, nbytes, pp) if i == pp - 1 else 0.0
+        act = n * (per_micro + head)
+        if ckpt and layers:
+            # the backward reaches the blocks after the head and loss freed theirs; the recompute of one block
+            # saves its full activations, one of which is the input it already keeps. Counted on a DeepSpeed
+            # pipeline's last stage: the norm_f and head inputs (2 rows h e) are still held then (not in a single
+            # process, where the head's tensors are gone).
+            held = 2 * rows_h if pp > 1 and i == pp - 1 else 0.0
+            act = max(act, n * per_micro + (n - 1) * head + block - kept + held)
         transient = loss_transient and i == pp - 1
         out.append(act + (loss_transient_bytes(m, b, lay.tp, nbytes) if transient else 0.0))
     return out

@@ -1,6 +1,7 @@
 """The planner's activation terms against what autograd saves, counted with saved_tensors_hooks (megapix.measure):
-blocks and whole models on the torch path (bf16, fp32) and the Triton path (interpreter, fp32), a TP2 shard,
-activation checkpointing, and the micro-batches a real DeepSpeed pipeline keeps in flight on each stage."""
+blocks and whole models on the torch path (bf16, fp32), a TP2 shard, activation checkpointing, and the micro-batches
+a real DeepSpeed pipeline keeps in flight on each stage. The Triton path (interpreter, fp32) is counted the same way
+in tests/test_model_kernels.py."""
 from __future__ import annotations
 
 import json
@@ -63,18 +64,6 @@ def test_lean_norm_keeps_the_16_bit_input_and_one_rstd_per_row():
     assert saved_by_block(m, 1, torch.bfloat16) == 32 * sbh + stats
     triton = block_activation_bytes(m, 1, 1, "triton", 2)
     assert abs(block_activation_bytes(m, 1, 1, "torch", 2) - triton) <= 0.10 * triton
-
-
-@pytest.mark.triton_interp
-@pytest.mark.parametrize("name", ["tiny", "small"])
-def test_triton_path_saves_what_the_planner_counts(name):
-    """The Triton kernels' autograd functions under the interpreter (fp32: its bf16 dot is not trusted on CPU; the
-    same save_for_backward runs in bf16)."""
-    m = model_preset(name, kernels="triton")
-    assert saved_by_block(m, 2, torch.float32) == pytest.approx(block_activation_bytes(m, 2, 1, "triton", 4),
-                                                                rel=TOLERANCE)
-    if name == "tiny":
-        assert saved_by_model(m, 2, torch.float32) == pytest.approx(planned_model(m, 2, "triton", 4), rel=TOLERANCE)
 
 
 # ---- layouts: a TP2 shard, pipelines of 2 and 4 stages, activation checkpointing, in one launch per world size ----
@@ -166,7 +155,6 @@ def _planned(row):
     return m, lay, stages[row["stage"]]
 
 
-@pytest.mark.slow
 def test_tp2_shard_saves_what_the_planner_counts(layout_rows):
     rows = [r for r in layout_rows if r["tp"] == 2]
     assert len(rows) == 2
@@ -177,7 +165,6 @@ def test_tp2_shard_saves_what_the_planner_counts(layout_rows):
         assert r["total"] == pytest.approx(r["micro_batches"] * r["peak"], rel=TOLERANCE), r
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("pp", [2, 4])
 def test_pipeline_stages_keep_min_p_minus_i_m_micro_batches_in_flight(layout_rows, pp):
     """DeepSpeed's 1F1B schedule, counted: stage i's peak of saved bytes over one micro-batch's is min(p - i, m)."""
@@ -191,7 +178,6 @@ def test_pipeline_stages_keep_min_p_minus_i_m_micro_batches_in_flight(layout_row
         assert r["peak"] == pytest.approx(planned, rel=TOLERANCE), r
 
 
-@pytest.mark.slow
 def test_activation_checkpointing_keeps_block_inputs_and_one_recompute(layout_rows):
     rows = [r for r in layout_rows if r["ckpt"]]
     assert len(rows) == 2
