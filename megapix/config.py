@@ -95,15 +95,25 @@ class ModelConfig:
         embeddings = VOCAB_SIZE * d + d + self.n_positions * d  # wte, sos, wpe
         return L * per_block + embeddings + d + VOCAB_SIZE * d  # + norm_f + head
 
-    def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token (forward + backward): 6 per weight plus attention's score/value matmuls.
+    def flops_per_token(self, seq_len: int | None = None, recompute: bool = False, executed: bool = False) -> float:
+        """Training FLOPs per token (forward + backward): 6 per matmul weight plus attention's score and value
+        matmuls, 4 L T d forward and twice that backward: the model FLOPs MFU divides (metrics, planner, GPU check;
+        causal masking not discounted, the convention of Megatron/PaLM's MFU).
 
-        Causal masking is not discounted (the convention of Megatron/PaLM's MFU), so MFU is comparable.
+        recompute: activation checkpointing runs the blocks' forward again (2 per block weight + 4 L T d).
+        executed: also the scores the flash-style backward recomputes instead of storing them (2 L T d; SDPA and
+        megapix's Triton kernel both do), i.e. what the hardware runs and what torch.utils.flop_counter counts
+        (tests/test_flops.py): the planner's compute time uses it.
         """
         T = seq_len or self.n_ctx
         d, L = self.d_model, self.n_layer
         matmul_params = L * 12 * d * d + VOCAB_SIZE * d
-        return 6 * matmul_params + 12 * L * T * d
+        flops = 6 * matmul_params + 12 * L * T * d
+        if recompute:
+            flops += 2 * L * 12 * d * d + 4 * L * T * d
+        if executed:
+            flops += 2 * L * T * d
+        return flops
 
 
 # The paper's presets at their model resolution, plus small ones for CPU work.

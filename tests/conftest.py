@@ -46,7 +46,11 @@ SLOW = {
                      "test_load_splits_two_ranks_fit_once_and_share_errors",
                      "test_microbatches_same_for_any_workers_and_across_resume"},
     "test_checkpoint_safety.py": "*",  # training runs, kills, resumes
-    "test_plan.py": {"test_planner_state_bytes_equal_what_the_engine_holds", "test_cli_table_json_and_errors"},
+    "test_plan.py": {"test_planner_state_bytes_equal_what_the_engine_holds", "test_cli_table_json_and_errors",
+                     "test_every_printed_command_runs_scaled_to_tiny"},
+    "test_activations.py": {"test_tp2_shard_saves_what_the_planner_counts",  # 2- and 4-rank DeepSpeed runs
+                            "test_pipeline_stages_keep_min_p_minus_i_m_micro_batches_in_flight",
+                            "test_activation_checkpointing_keeps_block_inputs_and_one_recompute"},
     "test_one_network.py": {"test_sampling_with_triton_kernels_goes_through_them"},  # an interpreter subprocess
     "test_finetune.py": {"test_finetune_sweep_early_stopping", "test_finetune_layout_reproduces_single_rank_curve"},
     "test_gpu_check.py": {"test_smoke_runs_every_section_on_cpu_and_writes_json_and_markdown"},  # 4 training runs
