@@ -191,6 +191,9 @@ class TrainConfig:
                          default_help="none, or the monitors the DeepSpeed JSON enables")
     log_every: int = opt(10, "steps between plain progress lines on stdout (metrics.jsonl has every step)")
     time_budget: float = opt(0.0, "seconds; save and exit 75 when exceeded (0: none)")
+    collective_timeout: float = opt(1800.0, "seconds a collective (all-reduce, barrier, a checkpoint's sync) waits "
+                                    "for a peer before every rank stops with 75, naming the rank that stopped "
+                                    "answering; long enough for the slowest rank to write a big checkpoint")
     tensor_parallel: int = opt(1, "tensor-parallel ranks (Megatron column/row split)")
     pipeline_parallel: int = opt(1, "pipeline stages")
     zero_stage: Literal[0, 1, 2, 3] | None = opt(None, "ZeRO stage (DeepSpeed zero_optimization.stage)",
@@ -202,7 +205,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_positive(self, "max_steps", "global_batch", "lr", "tensor_parallel", "pipeline_parallel",
-                        "eval_batches")
+                        "eval_batches", "collective_timeout")
         _check_finite(self)
         if self.micro_batch is not None and self.micro_batch <= 0:
             raise ConfigError(f"train.micro_batch={self.micro_batch} must be positive")

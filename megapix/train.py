@@ -138,7 +138,7 @@ def main(argv=None) -> int:
         check_run_record(record, effective, args.resume)
         from megapix.parallel.launch import init_distributed
 
-        init_distributed()
+        init_distributed(effective.train.collective_timeout)
         from megapix import runfolder
 
         runfolder.claim(out, "train", "megapix train")  # one writer per --out, for this process's life
@@ -165,8 +165,10 @@ def main(argv=None) -> int:
         print(f"megapix: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
+        from megapix.parallel.watchdog import exit_if_peer_lost
         from megapix.runfolder import disk_error
 
+        exit_if_peer_lost(e)  # a peer died, hung or went out of reach: one line, exit 75 (requeue)
         problem = disk_error(e, getattr(args, "out", None))  # a full, read-only or forbidden disk: one line, not a traceback
         if problem is None:
             raise

@@ -35,6 +35,10 @@ SLOW = {
     "test_checkpoint.py": "*",  # layout runs (up to 4 ranks) and resumes
     "test_parallel_configs.py": "*",
     "test_slurm.py": "*",
+    "test_multinode.py": "*",  # two namespaced nodes: SLURM jobs and faults across nodes
+    "test_faults.py": {"test_killed_rank_is_named_and_resume_is_bit_exact",  # 2-rank runs with a fault injected
+                       "test_hung_rank_bounded_by_the_collective_timeout",
+                       "test_sigterm_ends_a_rank_blocked_in_a_collective"},
     "test_parallel.py": {"test_tensor_parallel_matches_single_rank_and_replicated_grads_agree",
                          "test_layout_reproduces_single_rank_curve", "test_every_layout_finishes_and_writes_samples"},
     "test_construct.py": {"test_construction_peak_is_the_rank_share_plus_one_parameter"},  # 2-rank builds of 405M
