@@ -267,6 +267,15 @@ def make_ds_config(cfg: Config, ds: dict, layout, micro: int) -> dict:
         raise ConfigError(f"{_name(named)} sets zero_optimization.stage={zero['stage']} but the layout uses "
                           f"ZeRO-{layout.zero_stage}; make them agree")
     zero["stage"] = layout.zero_stage
+    if getattr(layout, "sp", False) and layout.pp > 1:
+        # DeepSpeed's pipe splits each stage's output over the TP ranks and re-gathers it, which assumes every TP rank
+        # holds the same tensor; under sequence parallelism each holds its own chunk of the positions
+        pipe = ds.setdefault("pipeline", {})
+        for key in ("pipe_partitioned", "grad_partitioned"):
+            if pipe.get(key):
+                raise ConfigError(f"{_name(named)} sets pipeline.{key}=true, which --sequence-parallel cannot use "
+                                  "(each TP rank sends its own chunk of the positions); remove it")
+            pipe[key] = False
     if torch.cuda.is_available() is False and zero.get("offload_optimizer"):
         ds["zero_force_ds_cpu_optimizer"] = False  # torch's Adam on CPU ranks; DeepSpeedCPUAdam needs a build
     bf16 = use_bf16(cfg)

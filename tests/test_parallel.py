@@ -116,6 +116,8 @@ def test_tensor_parallel_matches_single_rank_and_replicated_grads_agree(tmp_path
 def test_layout_reproduces_single_rank_curve(name):
     reference = losses(layout_run("single"))
     curve = losses(layout_run(name))
+    if "--sequence-parallel" in LAYOUTS[name][1]:  # it ran sequence-parallel, not silently plain TP
+        assert "TP 2+SP" in layout_run(name).with_suffix(".stdout").read_text()
     assert len(curve) == len(reference) == STEPS
     diffs = [abs(a - b) for a, b in zip(curve, reference)]
     print(f"{name}: max |loss - single| = {max(diffs):.2e} over {len(diffs)} steps")

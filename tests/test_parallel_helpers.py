@@ -113,6 +113,11 @@ LAYOUTS = {
     "pp2-actckpt": (2, ["--pipeline-parallel", "2", "--activation-checkpointing"]),
     # TP inside ZeRO-3 data parallelism: the layout `megapix plan` picks for iGPT-XL on 8 x 8 GPUs
     "tp2xdp2-zero3": (4, ["--tensor-parallel", "2", "--zero-stage", "3"]),
+    # Megatron sequence parallelism over the TP group (megapix/parallel/sequence.py), alone and composed
+    "tp2-sp": (2, ["--tensor-parallel", "2", "--sequence-parallel"]),
+    "tp2-spxpp2": (4, ["--tensor-parallel", "2", "--sequence-parallel", "--pipeline-parallel", "2"]),
+    "tp2-spxdp2-zero1": (4, ["--tensor-parallel", "2", "--sequence-parallel", "--zero-stage", "1"]),
+    "tp2-spxdp2-zero3": (4, ["--tensor-parallel", "2", "--sequence-parallel", "--zero-stage", "3"]),
     # the full 3D composition: 8 ranks (slow on a small CPU box: test_parallel marks it `slow`)
     "tp2xpp2xdp2": (8, ["--tensor-parallel", "2", "--pipeline-parallel", "2", "--zero-stage", "1", "--micro-batch", "2"]),
 }
@@ -143,6 +148,7 @@ def layout_run(name: str):
     if name not in _RUNS:
         nproc, args = LAYOUTS[name]
         out = pathlib.Path(session_dir()) / name
-        run_train(out, nproc, "--save-every", str(SAVE_AT), *args, config=layout_config())
+        proc = run_train(out, nproc, "--save-every", str(SAVE_AT), *args, config=layout_config())
+        out.with_suffix(".stdout").write_text(proc.stdout)  # the summary line names the layout it ran
         _RUNS[name] = out
     return _RUNS[name]

@@ -73,9 +73,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """x: [B, T, d]. With a cache, x holds the T positions after the cached ones, whose keys and values
         join the cache; ops.attention then treats the queries as the last T positions."""
-        B, T, _ = x.shape
         qkv = self.c_attn(x)
-        # The head count comes from the projection's width so a tensor-parallel shard (fewer heads) just works.
+        # Shapes come from the projection's output so parallel layers just work: a tensor-parallel shard has fewer
+        # heads, and under sequence parallelism x is a chunk of the positions that c_attn gathers to all of them.
+        B, T = qkv.shape[:2]
         n_head = qkv.shape[-1] // (3 * self.head_dim)
         q, k, v = qkv.view(B, T, 3, n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, Dh]
         if cache is not None:

@@ -48,7 +48,7 @@ def build_module(cfg: Config, layout: Layout):
     soon as it exists."""
     from megapix.model import ImageGPT, lm_loss
     from megapix.parallel.construct import Zero3Partitioner, build_local, is_structure_only, param_dtype
-    from megapix.parallel.tensor import VocabParallelLoss
+    from megapix.parallel.tensor import VocabParallelLoss, apply_sequence_parallel
 
     if cfg.train.activation_checkpointing:
         configure_activation_checkpointing(layout)
@@ -66,6 +66,8 @@ def build_module(cfg: Config, layout: Layout):
         partition = Zero3Partitioner(layout.ds_config, layout.dp_group if mpu is not None else None, mpu)
         dtype = param_dtype(layout.ds_config)
     build_local(model, cfg.model, cfg.train.seed, tp_info, dtype=dtype, partition=partition)
+    if layout.sp:
+        apply_sequence_parallel(model, layout.tp_group)
     loss = lm_loss
     if layout.tp > 1:
         loss = VocabParallelLoss(layout.tp_group, layout.tp_rank, cfg.model.objective == "bert")

@@ -17,6 +17,7 @@ class Layout:
     tp: int = 1
     pp: int = 1
     zero_stage: int = 0
+    sp: bool = False  # sequence parallelism over the TP group (megapix/parallel/sequence.py)
     topology: object = None  # deepspeed PipeModelDataParallelTopology
     grid: object = None  # deepspeed PipelineParallelGrid: the "mpu" DeepSpeed takes for tensor parallelism
     # the DeepSpeed config the engine is built with, when known before construction (the Trainer sets it):
@@ -52,7 +53,8 @@ class Layout:
         return self.grid.get_data_parallel_group() if self.grid is not None else None
 
     def describe(self) -> str:
-        return f"world {self.world} = TP {self.tp} x PP {self.pp} x DP {self.dp}, ZeRO-{self.zero_stage}"
+        sp = "+SP" if self.sp else ""
+        return f"world {self.world} = TP {self.tp}{sp} x PP {self.pp} x DP {self.dp}, ZeRO-{self.zero_stage}"
 
 
 def check_layout(world: int, model: ModelConfig, train: TrainConfig, zero_stage: int) -> None:
@@ -69,6 +71,9 @@ def check_layout(world: int, model: ModelConfig, train: TrainConfig, zero_stage:
     if model.n_head % tp:
         raise ConfigError(f"{model.n_head} attention heads cannot be divided across TP {tp}; "
                           f"use a --tensor-parallel that divides {model.n_head}")
+    if train.sequence_parallel and model.n_ctx % tp:
+        raise ConfigError(f"--sequence-parallel splits the {model.n_ctx} positions over TP {tp}, which does not "
+                          f"divide them; use a --tensor-parallel that divides {model.n_ctx} or drop --sequence-parallel")
     if VOCAB_SIZE % tp:
         raise ConfigError(f"the {VOCAB_SIZE}-way head cannot be divided across TP {tp}; use a power of two")
     if model.n_layer < pp:
@@ -93,4 +98,5 @@ def build_layout(world: int, rank: int, model: ModelConfig, train: TrainConfig, 
         grid.get_tensor_model_parallel_group = grid.get_slice_parallel_group
         grid.get_tensor_model_parallel_world_size = grid.get_slice_parallel_world_size
         grid.get_tensor_model_parallel_rank = grid.get_slice_parallel_rank
-    return Layout(world=world, rank=rank, tp=tp, pp=pp, zero_stage=zero_stage, topology=topology, grid=grid)
+    return Layout(world=world, rank=rank, tp=tp, pp=pp, zero_stage=zero_stage, sp=train.sequence_parallel,
+                  topology=topology, grid=grid)
