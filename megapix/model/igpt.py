@@ -81,8 +81,13 @@ class Attention(nn.Module):
         q, k, v = qkv.view(B, T, 3, n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, Dh]
         if cache is not None:
             k, v = cache.extend(k, v)
-        y = ops.attention(q, k, v, causal=self.causal, backend=self.kernels)
+        y = self.attend(q, k, v)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, n_head * self.head_dim))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T / sqrt(Dh)) v per head. The seam context parallelism fills from outside: it replaces this
+        with ring attention over the ranks that hold the other parts of the sequence (megapix/parallel/context.py)."""
+        return ops.attention(q, k, v, causal=self.causal, backend=self.kernels)
 
 
 class MLP(nn.Module):

@@ -71,6 +71,11 @@ def build_module(cfg: Config, layout: Layout):
     loss = lm_loss
     if layout.tp > 1:
         loss = VocabParallelLoss(layout.tp_group, layout.tp_rank, cfg.model.objective == "bert")
+    if layout.cp > 1:
+        from megapix.parallel.context import ContextParallelLoss, apply_context_parallel
+
+        apply_context_parallel(model, layout.cp_group, cfg.model.n_ctx)
+        loss = ContextParallelLoss(loss, layout.cp_group, cfg.model.n_ctx, cfg.model.objective == "bert")
     if cfg.train.activation_checkpointing:
         checkpoint_blocks(model)
     return LossModel(model, loss), False
