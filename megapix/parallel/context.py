@@ -138,3 +138,18 @@ class ContextParallelLoss:
         else:
             share = local_tokens.numel() / tokens.numel()
         return mean * (share * self.cp)
+
+
+@torch.no_grad()
+def pooled_features(model: nn.Module, tokens: torch.Tensor, layers, group) -> torch.Tensor:
+    """megapix.features' pooled features [B, len(layers) * d] of a context-parallel model (apply_context_parallel):
+    each layer's mean over all positions, from this rank's positions' sums all-reduced over the CP group. Layer 0's
+    normed input is the embedding, which is whole on every rank (the cut is at block 0), so it is pooled as is."""
+    T = tokens.shape[1]
+    pooled = {}
+    for l, x in model.hidden_states(tokens, layers):
+        total = x.float().sum(dim=1)
+        if x.shape[1] != T:
+            dist.all_reduce(total, group=group)
+        pooled[l] = total / T
+    return torch.cat([pooled[l] for l in layers], dim=1)
