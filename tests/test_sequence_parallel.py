@@ -120,3 +120,16 @@ def test_sequence_parallel_matches_single_rank_and_cuts_saved_activations(tmp_pa
                            str(free_port()), str(script)], env=e, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "SP-OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
     print(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("args,needle", [(["--sequence-parallel"], "tensor_parallel is 1"),
+                                         (["--context-parallel", "2"], "not divisible by TP 1 x PP 1 x CP 2")])
+def test_cli_refuses_sequence_splits_it_cannot_run(tmp_path, args, needle):
+    """One line, exit 2, no --out folder: the refusal comes before any data, model or file."""
+    from conftest import run
+
+    out = tmp_path / "run"
+    proc = run(["megapix/train.py", "--out", str(out), *args])
+    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr[-2000:]
+    assert len([l for l in proc.stderr.splitlines() if l.strip()]) == 1, proc.stderr
+    assert not out.exists()
