@@ -208,7 +208,7 @@ class Trainer:
                 sq += p.grad.detach().double().pow(2).sum()
         if self.layout.world > 1:
             dist.all_reduce(sq)
-            sq /= self.layout.dp
+            sq /= self.layout.dp * self.layout.cp  # DeepSpeed's data axis: context-parallel ranks are replicas too
         self._local_grad_norm = float(sq.sqrt())
 
     def grad_norm(self) -> float | None:

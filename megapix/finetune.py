@@ -190,6 +190,10 @@ class ClassifierTask:
         from megapix.parallel.tensor import apply_tensor_parallel
 
         m, seed = cfg.model, cfg.train.seed
+        if cfg.train.sequence_parallel or cfg.train.context_parallel > 1:
+            flag = "--sequence-parallel" if cfg.train.sequence_parallel else "--context-parallel"
+            raise ConfigError(f"fine-tuning does not run with {flag} (its classifier pools over all positions); "
+                              "drop it, tensor parallelism alone works")
         self.bert, self.n_layer = m.objective == "bert", m.n_layer
         tp_info = (layout.tp_group, layout.tp, layout.tp_rank) if layout.tp > 1 else (None, 1, 0)
         if cfg.train.activation_checkpointing:
