@@ -21,8 +21,6 @@ use a head-dim block padded to the next power of two with masked loads.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -306,6 +304,3 @@ def flash_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
     )
     return dq, dk, dv
 
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)

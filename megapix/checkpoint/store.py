@@ -18,8 +18,6 @@ from __future__ import annotations
 import os
 import shutil
 
-import torch.distributed as tdist
-
 from megapix.checkpoint.reshard import resume_resharded
 from megapix.checkpoint.tags import (TAG, check_same_model, layout_record, problem, read_latest, resume_hint,
                                      saved_layout, saved_step, tag_for, tags)
@@ -33,40 +31,11 @@ STAGING = ".saving"
 BEST = "best.json"
 
 
-def _agree(value):
-    """Rank 0's value on every rank (rank 0 decides what the filesystem says, so no two ranks act differently)."""
-    box = [value]
-    if dist.initialized() and dist.world_size() > 1:
-        tdist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _rank0(fn):
-    """fn() on rank 0, its result on every rank. A ConfigError there is raised on every rank with the same one-line
-    message (every rank exits 2, none waits in a collective); any other failure stops every rank too."""
-    result, error, failure = None, None, None
-    if dist.is_rank0():
-        try:
-            result = fn()
-        except ConfigError as e:
-            error = str(e)
-        except Exception as e:
-            failure = e
-    box = _agree((error, None if failure is None else f"{type(failure).__name__}: {failure}", result))
-    if failure is not None:
-        raise failure
-    if box[0] is not None:
-        raise ConfigError(box[0])
-    if box[1] is not None:
-        raise RuntimeError(f"rank 0 failed: {box[1]}")
-    return box[2]
-
-
 def save(engine, ckpt_dir: str, step: int, cfg: Config, layout: Layout) -> str:
     """Save a DeepSpeed checkpoint of `engine` at `step` as global_step<step>; return the tag."""
     tag = tag_for(step)
     final = os.path.join(ckpt_dir, tag)
-    keep = _agree(dist.is_rank0() and read_latest(ckpt_dir) == tag and problem(ckpt_dir, tag) is None
+    keep = dist.from_rank0(dist.is_rank0() and read_latest(ckpt_dir) == tag and problem(ckpt_dir, tag) is None
                   and saved_step(ckpt_dir, tag) == step)
     if keep:  # same step, same state (resume goes from `latest`): rewriting it could only risk the one good copy
         if dist.is_rank0():
@@ -99,7 +68,7 @@ def save(engine, ckpt_dir: str, step: int, cfg: Config, layout: Layout) -> str:
             with open(tmp, "w") as f:
                 f.write(tag)
 
-    _rank0(publish)
+    dist.rank0_decides(publish)
     if dist.is_rank0():
         prune(ckpt_dir, cfg.train.keep_last, step)
     dist.barrier()
@@ -175,7 +144,7 @@ def resumable_tag(ckpt_dir: str, cfg: Config | None = None) -> str | None:
             check_same_model(ckpt_dir, tag, cfg)
         return tag
 
-    tag = _rank0(find)
+    tag = dist.rank0_decides(find)
     if tag is None and dist.is_rank0():
         print(f"megapix: --resume: no checkpoint in {ckpt_dir}; starting from step 0", flush=True)
     return tag
