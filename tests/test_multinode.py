@@ -259,7 +259,8 @@ def launch_across(nodes, out, *extra):
 
 
 def one_line(text: str, *parts: str) -> str:
-    lines = [ln for ln in text.splitlines() if "stopped answering" in ln or "still blocked" in ln]
+    lines = [ln for ln in text.splitlines()  # the trainer's line, not the batch script's quote of it
+             if ln.startswith("megapix: ") and ("stopped answering" in ln or "still blocked" in ln)]
     assert len(lines) == 1 and all(p in lines[0] for p in parts), (parts, text[-3000:])
     return lines[0]
 
