@@ -27,6 +27,7 @@ from megapix.data import load_splits
 from megapix.data.loader import GlobalBatches
 from megapix.dsconfig import make_ds_config, resolve, zero_stage_of
 from megapix.parallel import dist as pdist
+from megapix.parallel import watchdog
 from megapix.parallel.layout import build_layout
 from megapix.parallel.tensor import merge_shards
 from megapix.runlog import RunLog, StopRequest, measured_matmul_tflops, peak_memory
@@ -177,7 +178,7 @@ class Trainer:
                 sq += p.grad.detach().double().pow(2).sum()
         if self.layout.world > 1:
             dist.all_reduce(sq)
-            sq /= self.layout.dp
+            sq /= self.layout.dp * self.layout.cp  # DeepSpeed's data axis: context-parallel ranks are replicas too
         self._local_grad_norm = float(sq.sqrt())
 
     def grad_norm(self) -> float | None:
@@ -299,6 +300,7 @@ class Trainer:
         self.log.begin(desc, t.max_steps, self.step, t.log_every, getattr(self.engine, "monitor", None))
         try:
             while self.step < t.max_steps:
+                watchdog.step_begins(self.step + 1)
                 lr, start = self.engine.get_lr()[0], time.perf_counter()
                 stats = self.train_step(self._next_batches())
                 if stats["loss"] is None or not math.isfinite(stats["loss"]):

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from megapix import runfolder
 from megapix.checkpoint import load_model_and_palette
 from megapix.cliargs import parse_command
 from megapix.config import ConfigError, ExtractConfig
@@ -189,6 +190,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     dist = Dist()
     try:
+        runfolder.claim(args.out, "extract", "megapix extract")  # one writer, and only into an extraction's folder
         job, error = None, None
         try:
             job = _prepare(args, dist)
@@ -263,9 +265,12 @@ def _run(job: dict, args, dist: Dist) -> int:
             if not _usable_partial(part, (len(td), width), dtype):
                 for p in glob.glob(os.path.join(progress, f"{split}.rank*.json")):
                     os.remove(p)
-                mm = np.lib.format.open_memmap(part, mode="w+", dtype=dtype, shape=(len(td), width))
-                mm.flush()
-                del mm
+                with runfolder.disk_errors(part):
+                    mm = np.lib.format.open_memmap(part, mode="w+", dtype=dtype, shape=(len(td), width))
+                    mm.flush()
+                    del mm
+            # every block on disk now: a full disk is one line here, never a SIGBUS in a mapped write
+            runfolder.preallocate(part)
         return "go"
 
     # rank 0 decides: fresh, resume, or already complete; every rank then opens the same files

@@ -220,6 +220,10 @@ class ClassifierTask:
         """Through parallel.build_module, as pre-training: every rank materialises only its share, starting from
         the pre-trained weights (or the initialisation, --from-scratch) cut to its shard, the classifier at zero."""
         m, seed = cfg.model, cfg.train.seed
+        if cfg.train.sequence_parallel or cfg.train.context_parallel > 1:
+            flag = "--sequence-parallel" if cfg.train.sequence_parallel else "--context-parallel"
+            raise ConfigError(f"fine-tuning does not run with {flag} (its classifier pools over all positions); "
+                              "drop it, tensor parallelism alone works")
         self.bert = m.objective == "bert"
 
         def initial(name: str, shape) -> torch.Tensor:
@@ -337,6 +341,11 @@ class FinetuneConfig:
     def __post_init__(self):
         if not self.out:
             raise ConfigError("--out is required: the folder for finetune_results.json, metrics.jsonl, best_model/")
+        for name in ("max_steps", "max_epochs", "eval_every"):  # 0 is a value, not "unset"
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {value} must be >= 1"
+                                  + (" (leave it unset to train --max-epochs)" if name == "max_steps" else ""))
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict, dict]:
@@ -390,6 +399,9 @@ def main(argv=None) -> int:
 
     init_distributed()
     rank0 = is_rank0()
+    from megapix import runfolder
+
+    runfolder.claim(args.out, "finetune", "megapix finetune")  # before anything is read or written
     config, base_state, palette, data_spec = _load(args)
     out = os.path.abspath(args.out)
     base_cfg = Config(model=config, data=DataConfig(source=data_spec, val_fraction=args.val_fraction),
@@ -414,8 +426,8 @@ def main(argv=None) -> int:
     log = RunLog(out, rank0, plot=False)  # this sweep's curves, one file
     log.continue_from(None)
     spe = GlobalBatches(len(data["train"]), args.train.global_batch, args.train.seed).steps_per_epoch()
-    max_steps = args.max_steps or args.max_epochs * spe
-    eval_every = args.eval_every or spe
+    max_steps = args.max_steps if args.max_steps is not None else args.max_epochs * spe
+    eval_every = args.eval_every if args.eval_every is not None else spe
 
     runs, best, best_state = [], None, None
     for lr in lrs:

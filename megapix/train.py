@@ -19,11 +19,13 @@ if __package__ in (None, ""):  # run as a script (deepspeed/torchrun megapix/tra
               "repository (or `make train`)", file=sys.stderr)
         sys.exit(2)
 
-from megapix import dsconfig
+from megapix import dsconfig, runfolder
 from megapix.checkpoint.manager import (STEER_FLAGS, check_resume_config, existing_run_step, refuse_existing_run,
                                         saved_run_config)
 from megapix.cliargs import add_config_args, add_launcher_args, command_parser, config_from_args
 from megapix.config import DEFAULT_RUN, ConfigError, check_kernels_available
+from megapix.parallel.launch import init_distributed
+from megapix.parallel.watchdog import exit_if_peer_lost
 from megapix.utils import read_json, write_json
 
 
@@ -87,9 +89,14 @@ def check_run_record(path: str, cfg) -> None:
     if not os.path.isfile(path):
         return
     rec = read_json(path)
-    old = rec.get("config") if isinstance(rec, dict) else None
-    if not isinstance(old, dict):
+    if not isinstance(rec, dict) or "config" not in rec:
         raise ConfigError(f"{path} exists and is not a megapix run record; choose another --out")
+    old = rec["config"]
+    bad = "config" if not isinstance(old, dict) else next(
+        (f"config.{sec}" for sec in ("model", "data", "train") if not isinstance(old.get(sec, {}), dict)), None)
+    if bad is not None:
+        raise ConfigError(f"{path}: field {bad!r} is not a JSON object; the run record is damaged: move it away "
+                          "(or choose another --out)")
     new = cfg.to_dict()
     if old != new:
         diffs = [f"{sec}.{k}: {old.get(sec, {}).get(k)!r} -> {v!r}" for sec in ("model", "data", "train")
@@ -103,9 +110,8 @@ def main(argv=None) -> int:
     try:
         cfg, ds, resume, notes = run_config(args)
         check_kernels_available(cfg.model.kernels)
-        from megapix.parallel.launch import init_distributed
-
-        init_distributed()
+        init_distributed(cfg.train.collective_timeout)
+        runfolder.claim(os.path.abspath(cfg.train.out), "train", "megapix train")  # one writer per --out
         # lazy: the engine imports deepspeed (seconds), which `--help` and a refused command never need
         from megapix.engine import Trainer
         from megapix.runlog import summary_text
@@ -133,6 +139,16 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"megapix: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        exit_if_peer_lost(e)  # a peer died, hung or went out of reach: one line, exit 75 (requeue)
+        # a full, read-only or forbidden disk: one line, not a traceback
+        problem = runfolder.disk_error(e, vars(args).get("train.out"))
+        if problem is None:
+            raise
+        print(f"megapix: error: {problem}", file=sys.stderr)
+        return 2
+    finally:
+        runfolder.release_all()
 
 
 if __name__ == "__main__":

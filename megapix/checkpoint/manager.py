@@ -25,7 +25,7 @@ import os
 from megapix.checkpoint import store
 from megapix.checkpoint.tags import latest_step, tag_for
 from megapix.config import Config, ConfigError
-from megapix.parallel import dist
+from megapix.parallel import dist, watchdog
 from megapix.parallel.layout import Layout
 from megapix.utils import read_json, read_metrics
 
@@ -97,6 +97,7 @@ class CheckpointManager:
         return step or 0
 
     # ---- saving ----
+    @watchdog.protected  # a SIGTERM while blocked never cuts a save short
     def save(self, engine, step: int) -> None:
         """A checkpoint of this step (store.save: staged, renamed, `latest` moves last, then pruned)."""
         store.save(engine, self.ckpt_dir, step, self.cfg, self.layout)

@@ -8,7 +8,8 @@ from megapix.model import ImageGPT, lm_loss
 from megapix.parallel.construct import Zero3Partitioner, build_local, is_structure_only, param_dtype
 from megapix.parallel.layout import Layout
 from megapix.parallel.pipeline import build_pipeline
-from megapix.parallel.tensor import VocabParallelLoss
+from megapix.parallel.context import ContextParallelLoss, apply_context_parallel
+from megapix.parallel.tensor import VocabParallelLoss, apply_sequence_parallel
 
 
 class LossModel(torch.nn.Module):
@@ -80,10 +81,16 @@ def build_module(cfg: Config, layout: Layout, head=None, initial=None):
                            partition=partition, initial=initial)
 
     build(model)
+    if layout.sp:
+        apply_sequence_parallel(model, layout.tp_group)
+    if layout.cp > 1:
+        apply_context_parallel(model, layout.cp_group, cfg.model.n_ctx)
     if head is None:
         loss = lm_loss
         if layout.tp > 1:
             loss = VocabParallelLoss(layout.tp_group, layout.tp_rank, cfg.model.objective == "bert")
+        if layout.cp > 1:
+            loss = ContextParallelLoss(loss, layout.cp_group, cfg.model.n_ctx, cfg.model.objective == "bert")
         module = LossModel(model, loss)
     else:
         with torch.device("meta"):

@@ -20,7 +20,7 @@ import torch
 from megapix.config import Config, ModelConfig
 from megapix.model.igpt import Block, ImageGPT, lm_loss
 from megapix.parallel.construct import build_local, structure_only
-from megapix.parallel.tensor import VocabParallelLoss
+from megapix.parallel.tensor import VocabParallelLoss, apply_sequence_parallel
 
 
 def _tp_info(layout):
@@ -54,10 +54,13 @@ class EmbedLayer(ImageGPT):
 
 
 class BlockLayer(Block):
-    def __init__(self, config: ModelConfig, seed: int, index: int, tp_info=(None, 1, 0), initial=None):
+    def __init__(self, config: ModelConfig, seed: int, index: int, tp_info=(None, 1, 0), initial=None,
+                 sequence_parallel=False):
         with torch.device("meta"):
             super().__init__(config)
         build_local(self, config, seed, tp_info, prefix=f"blocks.{index}.", initial=initial)
+        if sequence_parallel:  # stages pass this TP rank's chunk of the positions to each other
+            apply_sequence_parallel(self, tp_info[0], prefix=f"blocks.{index}.")
 
 
 class HeadLayer(ImageGPT):
@@ -65,12 +68,15 @@ class HeadLayer(ImageGPT):
     `extra` ({name: factory}) adds a task's own modules (fine-tuning's classifier), built on the meta device and
     materialised with the rest under canonical names "<name>.*"."""
 
-    def __init__(self, config: ModelConfig, seed: int, tp_info=(None, 1, 0), initial=None, extra=None):
+    def __init__(self, config: ModelConfig, seed: int, tp_info=(None, 1, 0), initial=None, extra=None,
+                 sequence_parallel=False):
         with torch.device("meta"):
             super().__init__(config, seed)
             for name, make in (extra or {}).items():
                 setattr(self, name, make())
         _keep_only(self, ("norm_f", "head"), config, seed, tp_info, initial)
+        if sequence_parallel:
+            apply_sequence_parallel(self, tp_info[0])
 
     def forward(self, h):
         return self.head(self.norm_f(h))
@@ -114,10 +120,11 @@ def layer_specs(cfg: Config, layout, head=None, initial=None) -> list:
 
     m, seed = cfg.model, cfg.train.seed
     tp_info = _tp_info(layout)
+    sp = layout.sp
     layers = [LayerSpec(EmbedLayer, m, seed, initial)]
-    layers += [LayerSpec(BlockLayer, m, seed, i, tp_info, initial) for i in range(m.n_layer)]
+    layers += [LayerSpec(BlockLayer, m, seed, i, tp_info, initial, sequence_parallel=sp) for i in range(m.n_layer)]
     layers += [head.pipeline_layer(m, seed, tp_info, initial) if head is not None
-               else LayerSpec(HeadLayer, m, seed, tp_info, initial)]
+               else LayerSpec(HeadLayer, m, seed, tp_info, initial, sequence_parallel=sp)]
     return layers
 
 
