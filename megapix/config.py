@@ -191,8 +191,15 @@ class TrainConfig:
                          default_help="none, or the monitors the DeepSpeed JSON enables")
     log_every: int = opt(10, "steps between plain progress lines on stdout (metrics.jsonl has every step)")
     time_budget: float = opt(0.0, "seconds; save and exit 75 when exceeded (0: none)")
+    collective_timeout: float = opt(1800.0, "seconds a collective (all-reduce, barrier, a checkpoint's sync) waits "
+                                    "for a peer before every rank stops with 75, naming the rank that stopped "
+                                    "answering; long enough for the slowest rank to write a big checkpoint")
     tensor_parallel: int = opt(1, "tensor-parallel ranks (Megatron column/row split)")
+    sequence_parallel: bool = opt(False, "with --tensor-parallel > 1: split the norms, residuals and the inputs of "
+                                  "the column-parallel linears along the sequence over the TP ranks (Megatron SP)")
     pipeline_parallel: int = opt(1, "pipeline stages")
+    context_parallel: int = opt(1, "context-parallel ranks: each holds a head and a tail chunk of every sequence, "
+                                "attention is a ring over them (megapix/parallel/context.py)")
     zero_stage: Literal[0, 1, 2, 3] | None = opt(None, "ZeRO stage (DeepSpeed zero_optimization.stage)",
                                                  default_help="the DeepSpeed JSON's, else 0")
     activation_checkpointing: bool = opt(False, "recompute block activations in the backward pass")
@@ -202,8 +209,11 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_positive(self, "max_steps", "global_batch", "lr", "tensor_parallel", "pipeline_parallel",
-                        "eval_batches")
+                        "context_parallel", "eval_batches", "collective_timeout")
         _check_finite(self)
+        if self.sequence_parallel and self.tensor_parallel == 1:
+            raise ConfigError("train.sequence_parallel splits the sequence over the tensor-parallel ranks, but "
+                              "tensor_parallel is 1; add --tensor-parallel 2 (or more) or drop --sequence-parallel")
         if self.micro_batch is not None and self.micro_batch <= 0:
             raise ConfigError(f"train.micro_batch={self.micro_batch} must be positive")
         if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):

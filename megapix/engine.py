@@ -24,6 +24,7 @@ from megapix.data import load_splits
 from megapix.data.loader import GlobalBatches
 from megapix.dsconfig import make_ds_config, resolve, zero_stage_of
 from megapix.parallel.dist import barrier
+from megapix.parallel import watchdog
 from megapix.parallel.layout import build_layout
 from megapix.runlog import (MetricsLog, StopRequest, measured_matmul_tflops, peak_memory, read_metrics,
                             refuse_existing_run, write_loss_plot)
@@ -158,6 +159,7 @@ class Trainer:
         self.saved_step = None  # the step of the checkpoint this process last wrote or resumed
 
     # ---- checkpoints ----
+    @watchdog.protected  # a SIGTERM while blocked never cuts a save short
     def save(self) -> None:
         """A DeepSpeed checkpoint of this step (megapix.checkpoint.save: staged, renamed, `latest` moves last)."""
         from megapix import checkpoint
@@ -206,7 +208,7 @@ class Trainer:
                 sq += p.grad.detach().double().pow(2).sum()
         if self.layout.world > 1:
             dist.all_reduce(sq)
-            sq /= self.layout.dp
+            sq /= self.layout.dp * self.layout.cp  # DeepSpeed's data axis: context-parallel ranks are replicas too
         self._local_grad_norm = float(sq.sqrt())
 
     def grad_norm(self) -> float | None:
@@ -348,6 +350,7 @@ class Trainer:
         last = time.perf_counter()
         try:  # the bar ends its line before any error is printed
             while self.step < t.max_steps:
+                watchdog.step_begins(self.step + 1)
                 lr = self.engine.get_lr()[0]
                 stats = self.train_step(self._next_batches())
                 loss = stats["loss"]

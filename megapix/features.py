@@ -200,6 +200,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     dist = Dist()
     try:
+        from megapix import runfolder
+
+        runfolder.claim(args.out, "extract", "megapix extract")  # one writer, and only into an extraction's folder
         ok, err = True, None
         try:
             job = _prepare(args, dist)
@@ -247,6 +250,8 @@ def _prepare(args, dist: Dist) -> dict:
 def _run(job: dict, args, dist: Dist) -> int:
     from tqdm import tqdm
 
+    from megapix import runfolder
+
     out = os.path.abspath(args.out)
     progress = os.path.join(out, PROGRESS_DIR)
     run, layers, model = job["run"], job["layers"], job["model"]
@@ -278,16 +283,22 @@ def _run(job: dict, args, dist: Dist) -> int:
         if state == "go":
             os.makedirs(progress, exist_ok=True)
             _atomic_json(run_path, run)
-            for split, td in job["data"].items():
-                part = os.path.join(out, f"{split}_features.npy.partial")
-                if not _usable_partial(part, (len(td), width), dtype):
-                    done = glob.glob(os.path.join(progress, f"{split}.rank*.json"))
-                    for p in done:
-                        os.remove(p)
-                    mm = np.lib.format.open_memmap(part, mode="w+", dtype=dtype, shape=(len(td), width))
-                    mm.flush()
-                    del mm
-    states = ["go", "done", "exists", "mismatch"]
+            try:
+                for split, td in job["data"].items():
+                    part = os.path.join(out, f"{split}_features.npy.partial")
+                    if not _usable_partial(part, (len(td), width), dtype):
+                        done = glob.glob(os.path.join(progress, f"{split}.rank*.json"))
+                        for p in done:
+                            os.remove(p)
+                        with runfolder.disk_errors(part):
+                            mm = np.lib.format.open_memmap(part, mode="w+", dtype=dtype, shape=(len(td), width))
+                            mm.flush()
+                            del mm
+                    # every block on disk now: a full disk is one line here, never a SIGBUS in a mapped write
+                    runfolder.preallocate(part)
+            except ConfigError as e:  # told to every rank below, so none waits for rank 0
+                state, disk_failure = "disk", e
+    states = ["go", "done", "exists", "mismatch", "disk"]
     flag = torch.tensor([float(states.index(state))])
     if dist.on and dist.world > 1:
         if dist.dist.get_backend() == "nccl":
@@ -301,6 +312,8 @@ def _run(job: dict, args, dist: Dist) -> int:
     if state == "exists":
         raise ConfigError(f"{out} already holds a different extraction (manifest.json); pass --overwrite or "
                           "another --out")
+    if state == "disk":
+        raise disk_failure if dist.rank == 0 else ConfigError("rank 0 could not reserve the feature files on disk")
     if state == "mismatch":
         raise ConfigError(f"{out} holds a partial extraction with other settings ({PROGRESS_DIR}/run.json); "
                           "rerun with the same flags to resume, or pass --overwrite")

@@ -190,6 +190,10 @@ class ClassifierTask:
         from megapix.parallel.tensor import apply_tensor_parallel
 
         m, seed = cfg.model, cfg.train.seed
+        if cfg.train.sequence_parallel or cfg.train.context_parallel > 1:
+            flag = "--sequence-parallel" if cfg.train.sequence_parallel else "--context-parallel"
+            raise ConfigError(f"fine-tuning does not run with {flag} (its classifier pools over all positions); "
+                              "drop it, tensor parallelism alone works")
         self.bert, self.n_layer = m.objective == "bert", m.n_layer
         tp_info = (layout.tp_group, layout.tp, layout.tp_rank) if layout.tp > 1 else (None, 1, 0)
         if cfg.train.activation_checkpointing:
@@ -357,6 +361,11 @@ class FinetuneConfig:
     def __post_init__(self):
         if not self.out:
             raise ConfigError("--out is required: the folder for finetune_results.json, metrics.jsonl, best_model/")
+        for name in ("max_steps", "max_epochs", "eval_every"):  # 0 is a value, not "unset"
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {value} must be >= 1"
+                                  + (" (leave it unset to train --max-epochs)" if name == "max_steps" else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -426,6 +435,9 @@ def main(argv=None) -> int:
 
     init_distributed()
     rank0 = is_rank0()
+    from megapix import runfolder
+
+    runfolder.claim(args.out, "finetune", "megapix finetune")  # before anything is read or written
     config, base_state, palette, data_spec = _load(args)
     out = os.path.abspath(args.out)
     base_cfg = Config(model=config, data=DataConfig(source=data_spec, val_fraction=args.val_fraction),
@@ -449,8 +461,8 @@ def main(argv=None) -> int:
     os.makedirs(out, exist_ok=True)
     log = MetricsLog(os.path.join(out, "metrics.jsonl"), rank0, -1)  # this sweep's curves, one file
     spe = GlobalBatches(len(data["train"]), args.global_batch, args.seed).steps_per_epoch()
-    max_steps = args.max_steps or args.max_epochs * spe
-    eval_every = args.eval_every or spe
+    max_steps = args.max_steps if args.max_steps is not None else args.max_epochs * spe
+    eval_every = args.eval_every if args.eval_every is not None else spe
 
     runs, best, best_state = [], None, None
     for lr in lrs:

@@ -94,7 +94,9 @@ def save_png(image: np.ndarray, path: str, scale: int = 4, run_folder: bool = Fa
     img = Image.fromarray(image).resize((image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST)
     info = PngImagePlugin.PngInfo()
     info.add_text("Software", PNG_MARK)
-    with atomic_path(path) as tmp:
+    from megapix.runfolder import disk_errors
+
+    with disk_errors(path), atomic_path(path) as tmp:  # a refused write: one line, and no half-written PNG
         img.save(tmp, format="PNG", pnginfo=info)
 
 
@@ -106,6 +108,9 @@ def main(argv=None) -> int:
         args = parse_command("megapix sample", "Complete held-out images and sample new ones; writes a PNG grid (3 "
                              "completions of each top half, then the original).", SampleConfig, argv)
         check_png_output(args.out)  # before the model is loaded and sampled
+        from megapix.runfolder import claim
+
+        claim(args.out, "sample", "megapix sample", whole=True)  # one writer of this file
         from megapix.checkpoint import load_model_and_palette
 
         model, palette, data = load_model_and_palette(args.checkpoint, args.palette, args.data)

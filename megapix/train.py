@@ -54,6 +54,11 @@ def check_run_record(path: str, cfg, resume: bool) -> None:
             old = json.load(f)["config"]
     except (OSError, ValueError, KeyError, TypeError):
         raise ConfigError(f"{path} exists and is not a megapix run record; choose another --out") from None
+    bad = "config" if not isinstance(old, dict) else next(
+        (f"config.{sec}" for sec in ("model", "data", "train") if not isinstance(old.get(sec, {}), dict)), None)
+    if bad is not None:
+        raise ConfigError(f"{path}: field {bad!r} is not a JSON object; the run record is damaged: move it away "
+                          "(or choose another --out)")
     new = cfg.to_dict()
     if old != new:
         diffs = [f"{sec}.{k}: {old.get(sec, {}).get(k)!r} -> {v!r}" for sec in ("model", "data", "train")
@@ -133,7 +138,10 @@ def main(argv=None) -> int:
         check_run_record(record, effective, args.resume)
         from megapix.parallel.launch import init_distributed
 
-        init_distributed()
+        init_distributed(effective.train.collective_timeout)
+        from megapix import runfolder
+
+        runfolder.claim(out, "train", "megapix train")  # one writer per --out, for this process's life
         from megapix.engine import Trainer
 
         trainer = Trainer(cfg, args.deepspeed_config, resume=args.resume)
@@ -156,6 +164,20 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"megapix: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from megapix.parallel.watchdog import exit_if_peer_lost
+        from megapix.runfolder import disk_error
+
+        exit_if_peer_lost(e)  # a peer died, hung or went out of reach: one line, exit 75 (requeue)
+        problem = disk_error(e, getattr(args, "out", None))  # a full, read-only or forbidden disk: one line, not a traceback
+        if problem is None:
+            raise
+        print(f"megapix: error: {problem}", file=sys.stderr)
+        return 2
+    finally:
+        from megapix.runfolder import release_all
+
+        release_all()
 
 
 if __name__ == "__main__":

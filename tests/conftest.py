@@ -35,8 +35,14 @@ SLOW = {
     "test_checkpoint.py": "*",  # layout runs (up to 4 ranks) and resumes
     "test_parallel_configs.py": "*",
     "test_slurm.py": "*",
+    "test_multinode.py": "*",  # two namespaced nodes: SLURM jobs and faults across nodes
+    "test_faults.py": {"test_killed_rank_is_named_and_resume_is_bit_exact",  # 2-rank runs with a fault injected
+                       "test_hung_rank_bounded_by_the_collective_timeout",
+                       "test_sigterm_ends_a_rank_blocked_in_a_collective"},
     "test_parallel.py": {"test_tensor_parallel_matches_single_rank_and_replicated_grads_agree",
                          "test_layout_reproduces_single_rank_curve", "test_every_layout_finishes_and_writes_samples"},
+    "test_sequence_parallel.py": {"test_sequence_parallel_matches_single_rank_and_cuts_saved_activations"},
+    "test_context_parallel.py": {"test_two_rank_context_parallel_features_equal_one_rank"},  # 2-rank workers
     "test_construct.py": {"test_construction_peak_is_the_rank_share_plus_one_parameter"},  # 2-rank builds of 405M
     "test_launchers.py": {"test_launcher_runs_two_ranks"},
     "test_launch_port.py": {"test_port_in_use_is_one_line"},
@@ -55,6 +61,9 @@ SLOW = {
     "test_one_network.py": {"test_sampling_with_triton_kernels_goes_through_them"},  # an interpreter subprocess
     "test_finetune.py": {"test_finetune_sweep_early_stopping", "test_finetune_layout_reproduces_single_rank_curve"},
     "test_gpu_check.py": {"test_smoke_runs_every_section_on_cpu_and_writes_json_and_markdown"},  # 4 training runs
+    "test_run_folder.py": {"test_two_trainings_started_together_into_one_out_one_refuses",  # training runs
+                           "test_resume_with_keep_last_keeps_copied_in_and_renamed_tags_and_the_best_of_a_torn_best_json",
+                           "test_full_disk_during_training_is_one_line_and_latest_stays_complete"},
 }
 # TRITON_INTERPRET must be set before triton is first imported, and must not reach other tests (nor their
 # subprocesses): these modules run only in a pytest process started with it, the others only without it.

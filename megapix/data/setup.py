@@ -77,6 +77,29 @@ def read_record(out: str) -> dict | None:
     return rec if isinstance(rec, dict) and rec.get("format") == RECORD_FORMAT else None
 
 
+def checked_run_palette(run: str) -> str | None:
+    """<run>/palette.npy, after checking that it is the palette the run was trained with (its sha256 is the one
+    palette.json records); None when the folder holds no palette.npy. Every command that reads a run's palette
+    (sample, extract, export, finetune) goes through here: a swapped or edited file is refused in one line."""
+    saved = os.path.join(run, PALETTE_FILE)
+    if not os.path.isfile(saved):
+        return None
+    path = os.path.join(run, RECORD_FILE)
+    fix = ("restore the palette the run was trained with, or name a palette explicitly with --palette FILE "
+           "(sample, extract, finetune)")
+    rec = read_json(path)
+    if not isinstance(rec, dict) or rec.get("format") != RECORD_FORMAT:
+        state = "is missing" if not os.path.lexists(path) else "is torn or not a megapix palette record"
+        raise ConfigError(f"{path} {state}, so {saved} cannot be checked against the run; {fix}")
+    sha = rec.get("sha256")
+    if not isinstance(sha, str) or len(sha) != 64:
+        raise ConfigError(f"{path}: field 'sha256' is {sha!r}, not a sha256 hex digest; {fix}")
+    if _file_sha256(saved) != sha:
+        raise ConfigError(f"{saved} does not match the sha256 in {path} (swapped or edited since the run wrote "
+                          f"it); {fix}")
+    return saved
+
+
 def _describe(rec: dict) -> str:
     if rec.get("from") != "fit":
         return f"copied from --palette {rec.get('from')!r}"

@@ -48,7 +48,7 @@ def build_module(cfg: Config, layout: Layout):
     soon as it exists."""
     from megapix.model import ImageGPT, lm_loss
     from megapix.parallel.construct import Zero3Partitioner, build_local, is_structure_only, param_dtype
-    from megapix.parallel.tensor import VocabParallelLoss
+    from megapix.parallel.tensor import VocabParallelLoss, apply_sequence_parallel
 
     if cfg.train.activation_checkpointing:
         configure_activation_checkpointing(layout)
@@ -66,9 +66,16 @@ def build_module(cfg: Config, layout: Layout):
         partition = Zero3Partitioner(layout.ds_config, layout.dp_group if mpu is not None else None, mpu)
         dtype = param_dtype(layout.ds_config)
     build_local(model, cfg.model, cfg.train.seed, tp_info, dtype=dtype, partition=partition)
+    if layout.sp:
+        apply_sequence_parallel(model, layout.tp_group)
     loss = lm_loss
     if layout.tp > 1:
         loss = VocabParallelLoss(layout.tp_group, layout.tp_rank, cfg.model.objective == "bert")
+    if layout.cp > 1:
+        from megapix.parallel.context import ContextParallelLoss, apply_context_parallel
+
+        apply_context_parallel(model, layout.cp_group, cfg.model.n_ctx)
+        loss = ContextParallelLoss(loss, layout.cp_group, cfg.model.n_ctx, cfg.model.objective == "bert")
     if cfg.train.activation_checkpointing:
         checkpoint_blocks(model)
     return LossModel(model, loss), False

@@ -20,7 +20,7 @@ import torch
 from megapix.config import Config, ModelConfig
 from megapix.model.igpt import Block, ImageGPT
 from megapix.parallel.construct import build_local, structure_only
-from megapix.parallel.tensor import VocabParallelLoss
+from megapix.parallel.tensor import VocabParallelLoss, apply_sequence_parallel
 
 
 def _tp_info(layout):
@@ -52,19 +52,23 @@ class EmbedLayer(ImageGPT):
 
 
 class BlockLayer(Block):
-    def __init__(self, config: ModelConfig, seed: int, index: int, tp_info=(None, 1, 0)):
+    def __init__(self, config: ModelConfig, seed: int, index: int, tp_info=(None, 1, 0), sequence_parallel=False):
         with torch.device("meta"):
             super().__init__(config)
         build_local(self, config, seed, tp_info, prefix=f"blocks.{index}.")
+        if sequence_parallel:  # stages pass this TP rank's chunk of the positions to each other
+            apply_sequence_parallel(self, tp_info[0], prefix=f"blocks.{index}.")
 
 
 class HeadLayer(ImageGPT):
     """Last layer: the model with only norm_f and its (vocab-parallel under TP) head -> logits [B, T, 512 / TP]."""
 
-    def __init__(self, config: ModelConfig, seed: int, tp_info=(None, 1, 0)):
+    def __init__(self, config: ModelConfig, seed: int, tp_info=(None, 1, 0), sequence_parallel=False):
         with torch.device("meta"):
             super().__init__(config, seed)
         _keep_only(self, ("norm_f", "head"), config, seed, tp_info)
+        if sequence_parallel:
+            apply_sequence_parallel(self, tp_info[0])
 
     def forward(self, h):
         return self.head(self.norm_f(h))
@@ -108,8 +112,9 @@ def layer_specs(cfg: Config, layout) -> list:
     m, seed = cfg.model, cfg.train.seed
     tp_info = _tp_info(layout)
     layers = [LayerSpec(EmbedLayer, m, seed)]
-    layers += [LayerSpec(BlockLayer, m, seed, i, tp_info) for i in range(m.n_layer)]
-    layers += [LayerSpec(HeadLayer, m, seed, tp_info)]
+    sp = layout.sp
+    layers += [LayerSpec(BlockLayer, m, seed, i, tp_info, sequence_parallel=sp) for i in range(m.n_layer)]
+    layers += [LayerSpec(HeadLayer, m, seed, tp_info, sequence_parallel=sp)]
     return layers
 
 
