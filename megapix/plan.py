@@ -49,7 +49,8 @@ max(2, min(p - i, m)) buffers of a received input and an output (1/t of it under
 
 Workspace: a fixed 1.5 GiB (CUDA context, NCCL, cuBLAS workspace, allocator slack) plus DeepSpeed's buckets: the
 ZeRO-1/2 reduce/all-gather buckets (5e7 elements each in our ds_configs) and for ZeRO-3 the gathered full
-parameters of the current and the prefetched layer (2 x largest layer, 16-bit).
+parameters: the current and the prefetched layer (2 x largest layer, 16-bit), or, when more, those DeepSpeed keeps
+gathered from the forward into the backward (zero3_kept_and_regathered: the reuse-distance rule).
 
 Peak = params + master + Adam + max(grads at step, grads in backward + activations + pipe buffers) + workspace.
 
@@ -120,6 +121,8 @@ DEVICES = {
 EFFICIENCY = 0.6  # achieved fraction of peak on the model's matmuls (large bf16 GEMMs reach 0.6-0.75)
 COMM_EFFICIENCY = 0.8  # achieved fraction of link bandwidth by NCCL rings
 LATENCY_S = {"nvlink": 10e-6, "ib": 20e-6}  # per collective / p2p message
+ZERO3_REUSE_DISTANCE = 1e9  # DeepSpeed's stage3_max_reuse_distance default (elements)
+ZERO3_MAX_LIVE = 1e9  # stage3_max_live_parameters default
 ZERO3_BLOCK_OVERHEAD_S = 2e-4  # DeepSpeed ZeRO-3 parameter fetch/release per block and pass
 FULL_WIDTH = 1024  # local GEMM width from which `efficiency` holds
 WORKSPACE_BYTES = int(1.5 * GiB)
@@ -379,8 +382,8 @@ def memory(m: ModelConfig, lay: Layout, global_batch: int, precision: str = "bf1
     workspace = WORKSPACE_BYTES if precision == "bf16" else 0.0
     if lay.zero in (1, 2):
         workspace += 2 * nbytes * min(BUCKET_ELEMENTS, P)
-    elif lay.zero == 3:
-        workspace += 2 * nbytes * max(layer_params(m, lay.tp))
+    elif lay.zero == 3:  # the current and prefetched layer, or what the reuse distance keeps gathered
+        workspace += nbytes * max(2 * max(layer_params(m, lay.tp)), zero3_kept_and_regathered(m, lay.tp)[0])
     return Memory(**st, grads_backward=grads_bwd, activations=ckpt if lay.checkpointing else full,
                   activations_no_ckpt=full, activations_ckpt=ckpt, pipe_buffers=pipe, workspace=workspace)
 
@@ -402,6 +405,23 @@ class Timing:
     tflops_per_gpu: float
 
 
+def zero3_kept_and_regathered(m: ModelConfig, tp: int) -> tuple[float, float]:
+    """(parameters ZeRO-3 keeps gathered from the forward into the backward, parameters it gathers again in the
+    backward) per micro-batch, by DeepSpeed's rule: a module's parameters are not released after its forward when
+    they are used again within stage3_max_reuse_distance elements (default 1e9), which for a layer is roughly the
+    parameters of every later layer, fetched once forward and once backward in between; at most
+    stage3_max_live_parameters (1e9) stay gathered. Counted: a tiny model (all within the distance) gathers once a
+    micro-batch (tests/test_comms.py)."""
+    weights = layer_params(m, tp)
+    kept = regathered = 0.0
+    for k, w in enumerate(weights):
+        if 2 * sum(weights[k + 1:]) < ZERO3_REUSE_DISTANCE and kept + w <= ZERO3_MAX_LIVE:
+            kept += w
+        else:
+            regathered += w
+    return kept, regathered
+
+
 def comm_bytes(m: ModelConfig, lay: Layout, global_batch: int, nbytes: int = 2) -> list[dict]:
     """Payload bytes each rank of every pipeline stage puts into its collectives and p2p messages in one step
     (an all-reduce's tensor, a reduce-scatter's input, an all-gather's output, each message sent or received),
@@ -414,9 +434,9 @@ def comm_bytes(m: ModelConfig, lay: Layout, global_batch: int, nbytes: int = 2) 
           stage and received by the other (1/t of it under pipe_partitioned with TP, as DeepSpeed sends it)
       dp  ZeRO-0/1: the gradients all-reduced once per step (P e); ZeRO-2: reduced every micro-batch; ZeRO-3:
           reduce-scattered every micro-batch; ZeRO-1/2 then all-gather the updated parameters (P e); ZeRO-3
-          gathers the parameters forward and backward every micro-batch (2 P e a micro-batch: stated from
-          DeepSpeed's design, not recorded: the tiny CPU models keep every parameter below the persistence
-          threshold, so nothing is gathered there)
+          gathers every parameter forward and, in the backward, those its reuse distance released
+          (zero3_kept_and_regathered), every micro-batch (recorded with a persistence threshold of 0: the tiny CPU
+          model's parameters are all below DeepSpeed's default one)
     Keys: tp, pp (sent + received), pp_sent, dp_reduce, dp_gather, tp_calls."""
     b, rows, h = lay.micro_batch, lay.micro_batch * m.n_ctx, m.d_model
     act = nbytes * rows * h
@@ -434,7 +454,10 @@ def comm_bytes(m: ModelConfig, lay: Layout, global_batch: int, nbytes: int = 2) 
         dp_reduce = dp_gather = 0.0
         if lay.dp > 1:
             dp_reduce = nbytes * P * (micro if lay.zero >= 2 else 1)
-            dp_gather = nbytes * P * (1 if lay.zero in (1, 2) else 2 * micro if lay.zero == 3 else 0)
+            if lay.zero in (1, 2):
+                dp_gather = nbytes * P
+            elif lay.zero == 3:
+                dp_gather = nbytes * micro * (P + zero3_kept_and_regathered(m, lay.tp)[1])
         out.append(dict(tp=tp, tp_calls=tp_calls, pp=2 * sides * micro * p2p, pp_sent=sides * micro * p2p,
                         dp_reduce=dp_reduce, dp_gather=dp_gather))
     return out
@@ -473,16 +496,17 @@ def step_time(m: ModelConfig, lay: Layout, global_batch: int, nodes: int, gpus_p
     if lay.dp > 1:
         dp_link, dp_lat = (ib, lat_ib) if lay.tp * lay.dp > gpus_per_node else (nv, lat_nv)
         frac = (lay.dp - 1) / lay.dp
-        reduce, gather = busiest["dp_reduce"], busiest["dp_gather"]
+        reduce, gather, nbytes_16 = busiest["dp_reduce"], busiest["dp_gather"], 2
         backward = 2 / 3 * compute
         if lay.zero in (0, 1):  # one ring all-reduce after backward (+ ZeRO-1's all-gather), not overlapped
             dp_comm = 2 * frac * reduce / dp_link + frac * gather / dp_link
         elif lay.zero == 2:  # a reduce-scatter per micro-batch behind its backward, the all-gather after the step
             dp_comm = micro * max(0.0, frac * reduce / micro / dp_link - backward / micro) + frac * gather / dp_link
         else:  # forward all-gather behind the forward, backward all-gather + reduce-scatter behind the backward
-            fwd_gather = frac * gather / 2 / micro / dp_link
+            fwd_gather = frac * nbytes_16 * P / dp_link
+            bwd_gather = frac * gather / micro / dp_link - fwd_gather
             dp_comm = micro * (max(0.0, fwd_gather - compute / micro / 3)
-                               + max(0.0, fwd_gather + frac * reduce / micro / dp_link - backward / micro))
+                               + max(0.0, bwd_gather + frac * reduce / micro / dp_link - backward / micro))
             dp_comm += micro * layers * (2 * ZERO3_BLOCK_OVERHEAD_S + 3 * dp_lat)
     total = per_stage + bubble + pp_comm + dp_comm + opt
     tflops = model_flops / world / total / 1e12
