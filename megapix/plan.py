@@ -90,7 +90,7 @@ import functools
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from megapix import cliargs, dsconfig
 from megapix.config import PRESETS, VOCAB_SIZE, Config, ConfigError, ModelConfig, TrainConfig, model_preset
@@ -429,7 +429,7 @@ def comm_bytes(m: ModelConfig, lay: Layout, global_batch: int, nbytes: int = 2) 
       tp  per micro-batch: 2 all-reduces forward (after the row-parallel projections) and 2 backward (the
           column-parallel inputs) per block, 2 more forward when recomputing; on the last stage the head's
           column-parallel input (1 backward) and the vocab-parallel loss's max, target logit and sum-exp
-          (3 fp32 values a row, forward)
+          (3 fp32 values a row, forward); with PP, DeepSpeed's all-gathers of the partitioned pipe tensors
       pp  per micro-batch and boundary: the activation forward and its gradient backward, each sent by one
           stage and received by the other (1/t of it under pipe_partitioned with TP, as DeepSpeed sends it)
       dp  ZeRO-0/1: the gradients all-reduced once per step (P e); ZeRO-2: reduced every micro-batch; ZeRO-3:
@@ -448,8 +448,13 @@ def comm_bytes(m: ModelConfig, lay: Layout, global_batch: int, nbytes: int = 2) 
         tp = tp_calls = 0.0
         if lay.tp > 1:
             per_block = 4 + (2 if lay.checkpointing else 0)
-            tp = micro * (layers * per_block * act + ((act + 3 * 4 * rows) if last else 0.0))
-            tp_calls = micro * (layers * per_block + (4 if last else 0))
+            # pipe_partitioned + grad_partitioned (our ds_configs and DeepSpeed's default): a stage sends 1/t of its
+            # output and of its input's gradient, and all-gathers them back over the TP group: the input forward
+            # (stages after the first), the output to run its backward and the received gradient (stages before
+            # the last)
+            gathers = ((i > 0) + 2 * (not last)) if lay.pp > 1 else 0
+            tp = micro * (layers * per_block * act + ((act + 3 * 4 * rows) if last else 0.0) + gathers * act)
+            tp_calls = micro * (layers * per_block + (4 if last else 0) + gathers)
         sides = (i > 0) + (not last) if lay.pp > 1 else 0
         dp_reduce = dp_gather = 0.0
         if lay.dp > 1:

@@ -3,16 +3,11 @@ megapix.parallel.comms (every torch.distributed collective and p2p call, DeepSpe
 ZeRO-0/1/2/3, and TP2 x PP2 x DP2, tiny preset in fp32 on CPU, one launch per world size."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
 from megapix.config import model_preset
 from megapix.plan import Layout, comm_bytes
-from test_parallel_helpers import ROOT, env, free_port
+from test_parallel_helpers import launch_layouts
 
 TOLERANCE = 0.05
 
@@ -28,7 +23,7 @@ from megapix.engine import Trainer
 from megapix.parallel.comms import CommsRecorder
 
 rank, world = dist.get_rank(), dist.get_world_size()
-work = os.environ["COMMS_WORK"]
+work = os.environ["WORK"]
 palette = os.path.join(work, "palette.npy")
 if rank == 0 and not os.path.exists(palette):
     np.save(palette, np.random.default_rng(0).uniform(-1, 1, (512, 3)).astype(np.float32))
@@ -36,7 +31,7 @@ if rank == 0 and not os.path.exists(palette):
     with open(os.path.join(work, "zero3_gather_all.json"), "w") as f:
         json.dump({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}, f)
 dist.barrier()
-for spec in json.loads(os.environ["COMMS_LAYOUTS"]):
+for spec in json.loads(os.environ["LAYOUTS"]):
     dp = world // (spec["tp"] * spec["pp"])
     cfg = Config(model=model_preset("tiny", kernels="torch"), data=DataConfig(source="synthetic:32", palette=palette),
                  train=TrainConfig(global_batch=4 * dp, micro_batch=2, max_steps=2, eval_every=0,
@@ -53,7 +48,7 @@ for spec in json.loads(os.environ["COMMS_LAYOUTS"]):
     groups = {axis: next(tuple(g) for g in topo.get_axis_comm_lists(name) if rank in g)
               for axis, name in (("tp", "model"), ("dp", "data"), ("pp", "pipe"))}
     row = dict(spec, rank=rank, stage=tr.layout.pp_rank, groups=groups, calls=rec.summary())
-    with open(os.path.join(work, f"comms-{world}-{rank}.jsonl"), "a") as f:
+    with open(os.path.join(work, f"rows-{world}-{rank}.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
     del tr
 '''
@@ -85,21 +80,7 @@ def measured(row) -> dict:
 
 @pytest.fixture(scope="module")
 def comms_rows(tmp_path_factory):
-    work = tmp_path_factory.mktemp("comms")
-    script = work / "comms_worker.py"
-    script.write_text(WORKER)
-    rows = []
-    for nproc, layouts in LAUNCHES.items():
-        e = env()
-        e.update(MEGAPIX_ROOT=ROOT, COMMS_WORK=str(work), COMMS_LAYOUTS=json.dumps(layouts))
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                               "--master_port", str(free_port()), str(script)], cwd=ROOT, env=e, capture_output=True,
-                              text=True, timeout=1500)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-        for r in range(nproc):
-            with open(work / f"comms-{nproc}-{r}.jsonl") as f:
-                rows += [dict(json.loads(line), world=nproc) for line in f if line.strip()]
-    return rows
+    return launch_layouts(tmp_path_factory.mktemp("comms"), WORKER, LAUNCHES)
 
 
 def planned(row) -> dict:
