@@ -321,10 +321,11 @@ def _ensure_dist(ctx: Ctx) -> None:
 
 def train_run(ctx: Ctx, preset: str, kernels: str, batch: int, steps: int, lr: float, tag: str) -> dict:
     """`steps` steps of Trainer.fit (the training loop itself: DeepSpeed engine, bf16, its metrics records) on
-    synthetic images at the preset's resolution; no checkpoint is written (a shared MetricsLog, as a sweep)."""
+    synthetic images at the preset's resolution; no checkpoint is written (checkpoints=False, as a sweep)."""
     from megapix.config import Config, DataConfig, TrainConfig
     from megapix.engine import Trainer
-    from megapix.runlog import MetricsLog, read_metrics
+    from megapix.runlog import RunLog
+    from megapix.utils import read_metrics
 
     _ensure_dist(ctx)
     out = os.path.join(ctx.work, tag)
@@ -340,7 +341,9 @@ def train_run(ctx: Ctx, preset: str, kernels: str, batch: int, steps: int, lr: f
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    tr = Trainer(cfg, log=MetricsLog(metrics, True, -1))
+    log = RunLog(out, True, plot=False)
+    log.continue_from(None)
+    tr = Trainer(cfg, run_log=log, checkpoints=False)
     build_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     tr.fit(desc=tag)
@@ -449,7 +452,7 @@ def sec_planner_memory(ctx: Ctx, budget: Budget) -> dict:
 
     GiB = 2**30
     rows = []
-    for preset, batch in ctx.models():
+    for preset, _batch in ctx.models():
         m = _model(preset)
         for kernels in ("auto", "torch"):
             r = ctx.runs.get((preset, kernels))

@@ -430,7 +430,7 @@ def main(argv: list[str]) -> int:
     workdir = Path(argv[2]).resolve()
     if argv[1] == "up":
         cluster = SlurmCluster(workdir).start()
-        for name, proc in cluster._procs.items():  # keep them running after we exit
+        for proc in cluster._procs.values():  # keep them running after we exit
             proc.returncode = 0
         print(f"export SLURM_CONF={cluster.conf}")
         print(f"# pids: {cluster.pids} (saved in {workdir / 'pids.json'}); stop with: "

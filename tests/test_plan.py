@@ -190,14 +190,16 @@ for spec in json.loads(os.environ["PLAN_LAYOUTS"]):
         cfg = Config(model=m, data=DataConfig(source="synthetic:32", palette=palette),
                      train=TrainConfig(global_batch=4 * lay.dp, micro_batch=2, max_steps=2, eval_every=0,
                                        zero_stage=lay.zero, tensor_parallel=lay.tp, pipeline_parallel=lay.pp,
-                                       precision=precision, out=os.path.join(work, name)))  # one --out for all ranks, as a real run
+                                       precision=precision,
+                                       out=os.path.join(work, name)))  # one --out for all ranks, as a real run
         tr = Trainer(cfg)  # micro-batch 2: at 1, autograd leaves sos.grad a view of a [1, T, d] gradient (T x more)
         inner = getattr(tr.engine.optimizer, "optimizer", tr.engine.optimizer)
         seen = {}
         inner.register_step_pre_hook(lambda *a: seen.update(engine_state_bytes(tr.engine)))
         tr.train_step(tr._next_batches())
         tr.step += 1
-        tr.train_step(tr._next_batches())  # measured as this second step begins: Adam state from the first, gradients of this one
+        # measured as this second step begins: Adam state from the first, gradients of this one
+        tr.train_step(tr._next_batches())
         P = stage_params(m, lay.tp, lay.pp)[tr.layout.pp_rank]
         pred = state_bytes(P, lay.dp, lay.zero, precision, lay.pp > 1)
         row = {"model": name, "precision": precision, "layout": lay.describe(), "rank": rank, "measured": seen,
