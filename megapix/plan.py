@@ -327,8 +327,8 @@ def stage_activation_bytes(m: ModelConfig, lay: Layout, global_batch: int, nbyte
                            loss_transient: bool = True) -> list[float]:
     """Saved activations of every pipeline stage at its peak: in-flight micro-batches x (its blocks + the
     embedding on the first stage + the head on the last), plus, with checkpointing, one block's full activations
-    during its recompute (less its input, already kept), and on the last stage the loss transient (loss_transient=False: saved tensors only, what
-    tests/test_activations.py counts)."""
+    during its recompute (less its input, already kept), and on the last stage the loss transient
+    (loss_transient=False: saved tensors only, what tests/test_activations.py counts)."""
     ckpt = lay.checkpointing if checkpointing is None else checkpointing
     b, pp = lay.micro_batch, lay.pp
     micro_batches = global_batch // (lay.dp * b)

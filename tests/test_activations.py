@@ -180,7 +180,8 @@ def test_lean_norm_gradients_equal_autograd_through_the_formula(with_residual):
     leaves = [torch.randn(shape, dtype=torch.float64, generator=g, requires_grad=True),
               torch.randn(shape, dtype=torch.float64, generator=g, requires_grad=True) if with_residual else None,
               (1 + 0.1 * torch.randn(16, dtype=torch.float64, generator=g)).requires_grad_()]
-    dy, dres = torch.randn(shape, dtype=torch.float64, generator=g), torch.randn(shape, dtype=torch.float64, generator=g)
+    dy = torch.randn(shape, dtype=torch.float64, generator=g)
+    dres = torch.randn(shape, dtype=torch.float64, generator=g)
     grads = []
     for fn in (add_norm_reference, add_norm_formula):
         y, res = fn(leaves[0], leaves[1], leaves[2], 1e-5)
