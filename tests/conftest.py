@@ -54,6 +54,7 @@ SLOW = {
     "test_checkpoint_safety.py": "*",  # training runs, kills, resumes
     "test_plan.py": {"test_planner_state_bytes_equal_what_the_engine_holds", "test_cli_table_json_and_errors",
                      "test_every_printed_command_runs_scaled_to_tiny"},
+    "test_comms.py": "*",  # 2- and 8-rank DeepSpeed runs
     "test_activations.py": {"test_tp2_shard_saves_what_the_planner_counts",  # 2- and 4-rank DeepSpeed runs
                             "test_pipeline_stages_keep_min_p_minus_i_m_micro_batches_in_flight",
                             "test_activation_checkpointing_keeps_block_inputs_and_one_recompute"},
