@@ -136,6 +136,7 @@ LAYOUTS = {
     "cp2@r16": (2, ["--context-parallel", "2", "--resolution", "16"]),
     "cp2xtp2@r16": (4, ["--context-parallel", "2", "--tensor-parallel", "2", "--resolution", "16"]),
     "cp2xdp2-zero3": (4, ["--context-parallel", "2", "--zero-stage", "3"]),
+    "cp2-zero1": (2, ["--context-parallel", "2", "--zero-stage", "1"]),  # a universal-checkpoint source
     "single@bert": (1, ["--objective", "bert"]),
     "cp2@bert": (2, ["--context-parallel", "2", "--objective", "bert"]),
     # the full 3D composition: 8 ranks (slow on a small CPU box: test_parallel marks it `slow`)
