@@ -30,8 +30,6 @@ delta - dlse (d lse / d s = p, so dS = P * (dP - (delta - dlse))).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -324,6 +322,3 @@ def flash_bwd(do, q, k, v, o, lse, causal: bool, scale: float, dlse=None, q_offs
     )
     return dq, dk, dv
 
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)

@@ -42,11 +42,22 @@ def main(argv=None) -> int:
     module, func, _ = COMMANDS[name]
     from megapix.config import ConfigError
 
+    from megapix.runfolder import disk_error, release_all
+
     try:
         return int(getattr(importlib.import_module(module), func)(rest) or 0)
     except ConfigError as e:
         print(f"megapix {name}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        out = rest[rest.index("--out") + 1] if "--out" in rest[:-1] else None
+        problem = disk_error(e, out)  # a full, read-only or forbidden disk: one line, not a traceback
+        if problem is None:
+            raise
+        print(f"megapix {name}: error: {problem}", file=sys.stderr)
+        return 2
+    finally:
+        release_all()  # the command's output locks (megapix.runfolder)
 
 
 if __name__ == "__main__":

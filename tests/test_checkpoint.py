@@ -57,7 +57,8 @@ def test_latest_moves_last(work, monkeypatch):
 
 
 @pytest.mark.parametrize("src_name,dst_n,dst_args", [("tp2xpp2-zero1", 1, ["--zero-stage", "1"]),
-                                                    ("single-zero1", 2, ["--tensor-parallel", "2", "--zero-stage", "1"]),
+                                                    ("single-zero1", 2,
+                                                     ["--tensor-parallel", "2", "--zero-stage", "1"]),
                                                     ("dp2-zero3", 1, ["--zero-stage", "3"]),
                                                     # sequence parallelism off and on across the resume
                                                     ("tp2-spxdp2-zero1", 1, ["--zero-stage", "1"]),
@@ -69,8 +70,9 @@ def test_latest_moves_last(work, monkeypatch):
 def test_resume_in_a_different_layout_through_universal_checkpoint(work, src_name, dst_n, dst_args):
     """ZeRO-1 -> ZeRO-1 (and ZeRO-3 -> ZeRO-3 at TP 1) in another layout goes through DeepSpeed's universal
     checkpoint: weights, Adam moments and schedule carry over, so every resumed step matches the uninterrupted run.
-    fp32 on CPU: layouts differ only in reduction order (measured max |diff| 5e-7 over steps 4-6; uninterrupted runs of different layouts agree to
-    ~2e-6), while restarting the moments (the fallback below) moves step 5 by ~4e-2. 1e-4 separates the two."""
+    fp32 on CPU: layouts differ only in reduction order (measured max |diff| 5e-7 over steps 4-6; uninterrupted runs
+    of different layouts agree to ~2e-6), while restarting the moments (the fallback below) moves step 5 by ~4e-2.
+    1e-4 separates the two."""
     full = layout_run(src_name)
     dst = work / f"{src_name}-to-universal-{'_'.join(a.lstrip('-') for a in dst_args)}"
     proc = _resume_from(full, dst, dst_n, *dst_args, config=layout_config())

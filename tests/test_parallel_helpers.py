@@ -91,7 +91,8 @@ def run_train(out, nproc: int, *args, config=None, cmd=None, timeout=600, check=
     cmd = (cmd or torchrun_cmd(nproc)) + ["--config", config, "--out", str(out), "--no-samples", *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-5000:]}")
     return proc
 
 
@@ -140,7 +141,8 @@ LAYOUTS = {
     "single@bert": (1, ["--objective", "bert"]),
     "cp2@bert": (2, ["--context-parallel", "2", "--objective", "bert"]),
     # the full 3D composition: 8 ranks (slow on a small CPU box: test_parallel marks it `slow`)
-    "tp2xpp2xdp2": (8, ["--tensor-parallel", "2", "--pipeline-parallel", "2", "--zero-stage", "1", "--micro-batch", "2"]),
+    "tp2xpp2xdp2": (8, ["--tensor-parallel", "2", "--pipeline-parallel", "2", "--zero-stage", "1",
+                        "--micro-batch", "2"]),
 }
 _WORK = None
 _RUNS: dict = {}

@@ -13,10 +13,13 @@ import json
 import os
 
 from megapix.checkpoint.consolidate import has_masters, state_dict
-from megapix.checkpoint.load import checked, locate
+from megapix.checkpoint.load import checked, is_hf_dir, locate
 from megapix.checkpoint.tags import saved_layout, saved_step
+from megapix.config import ConfigError
+from megapix.data.setup import checked_run_palette
 from megapix.model.hf import save_state_dict_pretrained
-from megapix.utils import atomic_path, check_output
+from megapix.runfolder import claim, disk_errors
+from megapix.utils import atomic_path, check_output, read_metrics
 
 MARKER = "megapix_export.json"
 EXPORT_FILES = {"config.json", "model.safetensors", "palette.npy", "preprocessor_config.json", "generation_config.json",
@@ -35,37 +38,31 @@ def is_export(path: str) -> bool:
 
 def _last_loss(run: str, step: int) -> float | None:
     """The train loss the run logged at `step` (metrics.jsonl), for the model card; None when not logged."""
-    path = os.path.join(run, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return None
-    loss = None
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue  # a torn last line
-            if isinstance(rec, dict) and rec.get("step") == step:
-                loss = rec.get("loss")
-    return loss
+    try:
+        records = read_metrics(os.path.join(run, "metrics.jsonl"))
+    except ConfigError:
+        return None  # a damaged log leaves the card without a loss, not the export without a model
+    return next((r.get("loss") for r in reversed(records) if isinstance(r, dict) and r.get("step") == step), None)
 
 
 def export(checkpoint: str, out: str) -> str:
     check_output(out, is_export)  # before any work: never replace a directory that is not an earlier export
+    if is_hf_dir(checkpoint):
+        return _copy_export(checkpoint, out)
     root, tag = locate(checkpoint)
     cfg = checked(root, tag)
     sd = state_dict(root, tag, cfg)
     run = os.path.dirname(root)
-    palette = os.path.join(run, "palette.npy")
+    palette = checked_run_palette(run)  # the run's palette.npy, only when it still matches palette.json
     layout = saved_layout(root, tag) or {}
     card = {"data": cfg.data.source, "steps": saved_step(root, tag), "loss": _last_loss(run, saved_step(root, tag)),
             "layout": ", ".join(f"{k} {v}" for k, v in layout.items()) or None,
             "command": f"megapix export --checkpoint {checkpoint} --out {out}"}
-    with atomic_path(out, is_export) as tmp:
+    with disk_errors(out), atomic_path(out, is_export) as tmp:  # a refused write: one line, nothing half-written
         # HF-native: config, weights, generation config, model card, and with the run's palette the
         # preprocessor_config.json that makes ImageGPTImageProcessor give megapix's ids; megapix.json records the
         # data spec so `megapix sample --checkpoint DIR` needs no flags.
-        save_state_dict_pretrained(sd, cfg.model, tmp, palette=palette if os.path.isfile(palette) else None,
+        save_state_dict_pretrained(sd, cfg.model, tmp, palette=palette,
                                    card=card, provenance={"data": cfg.data.source, "checkpoint_tag": tag})
         with open(os.path.join(tmp, MARKER), "w") as f:
             json.dump({"megapix_export": 1, "checkpoint": os.path.join(root, tag),
@@ -74,12 +71,40 @@ def export(checkpoint: str, out: str) -> str:
     return tag
 
 
+def _copy_export(source: str, out: str) -> str:
+    """An HF/megapix export directory (a fine-tuning's best_model/, say) is exported as it is: its files copied,
+    model.safetensors checked readable, and marked as an export. Returns the source's name."""
+    import shutil
+
+    from safetensors import safe_open
+
+    weights = os.path.join(source, "model.safetensors")
+    if not os.path.isfile(weights):
+        raise ConfigError(f"{source} holds no model.safetensors (only a pickled pytorch_model.bin, which megapix never "
+                          "loads from a user's path); save it with safetensors, or pass a megapix checkpoint")
+    try:
+        with safe_open(weights, "pt") as f:
+            f.keys()
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a torn file
+        raise ConfigError(f"{weights} is not a readable safetensors file ({e}); re-export the model") from None
+    with disk_errors(out), atomic_path(out, is_export) as tmp:
+        os.makedirs(tmp)
+        for name in sorted(EXPORT_FILES - {MARKER}):
+            if os.path.isfile(os.path.join(source, name)):
+                shutil.copyfile(os.path.join(source, name), os.path.join(tmp, name))
+        with open(os.path.join(tmp, MARKER), "w") as f:
+            json.dump({"megapix_export": 1, "checkpoint": os.path.abspath(source), "weights": "copied as is"}, f,
+                      indent=2)
+    return os.path.basename(os.path.abspath(source))
+
+
 def main(argv=None) -> int:
     """`megapix export --checkpoint RUN --out DIR` (the older `megapix export RUN DIR` is still accepted)."""
     from megapix.cliargs import parse_command
     from megapix.config import ExportConfig
 
     args = parse_command("megapix export", __doc__.splitlines()[0], ExportConfig, argv)
+    claim(args.out, "export", "megapix export", whole=True)  # one writer of this directory
     tag = export(args.checkpoint, args.out)
     print(f"megapix export: {tag} -> {os.path.abspath(args.out)}")
     return 0

@@ -10,6 +10,7 @@ from megapix.checkpoint.consolidate import state_dict
 from megapix.checkpoint.tags import problem, read_config, read_latest, resume_hint
 from megapix.config import Config, ConfigError
 from megapix.data.palette import Palette
+from megapix.data.setup import checked_run_palette
 from megapix.model import ImageGPT
 from megapix.model.hf import read_provenance
 
@@ -71,13 +72,14 @@ def load_model_and_palette(path: str, palette: str | None = None, data: str | No
     model, cfg = load_model(path)
     provenance = read_provenance(path) if cfg is None else None  # an export records its data spec
     if palette is None:
-        candidates = [os.path.join(path, "palette.npy")]
+        candidates = [] if cfg is not None else [os.path.join(path, "palette.npy")]  # an export's own copy
         if cfg is not None:
             root, _ = locate(path)
-            candidates += [os.path.join(os.path.dirname(root), "palette.npy")]
+            # the run's palette, checked against its record palette.json (a swapped file is refused)
+            candidates.append(checked_run_palette(os.path.dirname(root)))
             if cfg.data.palette:
                 candidates.append(cfg.data.palette)
-        palette = next((c for c in candidates if os.path.isfile(c)), None)
+        palette = next((c for c in candidates if c is not None and os.path.isfile(c)), None)
     data = data or (cfg.data.source if cfg is not None else (provenance or {}).get("data"))
     if data is None:
         raise ConfigError("no data source known for this model; pass --data")

@@ -5,20 +5,25 @@ megapix's JSON records are in it; `latest` moves after that. So the tag `latest`
 a kill at any moment leaves `latest` on a complete tag. Re-saving the tag `latest` already names at the same step
 (a finished run resumed, or a stop request right after a periodic save) keeps the existing files.
 
-After a save, --keep-last N deletes the older global_step<N> tags megapix wrote here (never the tag `latest` names,
-never the one best.json names, never a tag past the step just saved). best.json names the checkpoint of the best
-validation score: {"tag", "step", "val_loss", ...}; the tag is an ordinary global_step<N> folder, so every command
-that reads a tag folder reads it, and a resume goes on from `latest` as always.
+Every tag megapix saves is recorded, in the same staged save, in checkpoints/saved_tags.json (tag -> a random save
+id) and in the tag's own megapix_saved.json (the same id). After a save, --keep-last N deletes only older tags whose
+two records agree: a tag copied in from another run, restored from a backup of another run or renamed by a user
+(global_step030) is never recorded with its id here, so it is never deleted; nor is the tag `latest` names, the one
+best.json names, or a tag past the step just saved. best.json names the checkpoint of the best validation score:
+{"tag", "step", "score", "val_loss", ...}; the tag is an ordinary global_step<N> folder, so every command that reads
+a tag folder reads it, and a resume goes on from `latest` as always. A torn or malformed best.json is never read as
+"no best": it stops pruning (one warning line naming the file and the field) and is never replaced, until a user
+fixes or removes it.
 
 Resume checks every file of the tag before DeepSpeed opens it (megapix.checkpoint.safe_load): DeepSpeed's loader
 unpickles with weights_only=False, and a truncated file would otherwise surface as a raw traceback.
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
-
-import torch.distributed as tdist
+import uuid
 
 from megapix.checkpoint.reshard import resume_resharded
 from megapix.checkpoint.tags import (TAG, check_same_model, layout_record, problem, read_latest, resume_hint,
@@ -27,46 +32,20 @@ from megapix.checkpoint.universal import resume_universal, universal_checkpoint_
 from megapix.config import Config, ConfigError
 from megapix.parallel import dist
 from megapix.parallel.layout import Layout
+from megapix.runfolder import disk_error, disk_errors
 from megapix.utils import atomic_path, read_json, write_json
 
 STAGING = ".saving"
 BEST = "best.json"
-
-
-def _agree(value):
-    """Rank 0's value on every rank (rank 0 decides what the filesystem says, so no two ranks act differently)."""
-    box = [value]
-    if dist.initialized() and dist.world_size() > 1:
-        tdist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _rank0(fn):
-    """fn() on rank 0, its result on every rank. A ConfigError there is raised on every rank with the same one-line
-    message (every rank exits 2, none waits in a collective); any other failure stops every rank too."""
-    result, error, failure = None, None, None
-    if dist.is_rank0():
-        try:
-            result = fn()
-        except ConfigError as e:
-            error = str(e)
-        except Exception as e:
-            failure = e
-    box = _agree((error, None if failure is None else f"{type(failure).__name__}: {failure}", result))
-    if failure is not None:
-        raise failure
-    if box[0] is not None:
-        raise ConfigError(box[0])
-    if box[1] is not None:
-        raise RuntimeError(f"rank 0 failed: {box[1]}")
-    return box[2]
+SAVED_TAGS = "saved_tags.json"  # checkpoints/: every tag this run saved, with its save id
+SAVED_RECORD = "megapix_saved.json"  # in each tag: the same save id
 
 
 def save(engine, ckpt_dir: str, step: int, cfg: Config, layout: Layout) -> str:
     """Save a DeepSpeed checkpoint of `engine` at `step` as global_step<step>; return the tag."""
     tag = tag_for(step)
     final = os.path.join(ckpt_dir, tag)
-    keep = _agree(dist.is_rank0() and read_latest(ckpt_dir) == tag and problem(ckpt_dir, tag) is None
+    keep = dist.from_rank0(dist.is_rank0() and read_latest(ckpt_dir) == tag and problem(ckpt_dir, tag) is None
                   and saved_step(ckpt_dir, tag) == step)
     if keep:  # same step, same state (resume goes from `latest`): rewriting it could only risk the one good copy
         if dist.is_rank0():
@@ -79,12 +58,19 @@ def save(engine, ckpt_dir: str, step: int, cfg: Config, layout: Layout) -> str:
     dist.barrier()
     client = {"step": step, "megapix_config": cfg.to_dict()}
     client.update(universal_checkpoint_info(cfg))
-    engine.save_checkpoint(ckpt_dir, tag=staging, client_state=client, save_latest=False)
-    dist.barrier()
+    _save_files(engine, ckpt_dir, staging, client)
 
     def publish():
-        write_json(os.path.join(ckpt_dir, staging, "megapix_config.json"), cfg.to_dict())
-        write_json(os.path.join(ckpt_dir, staging, "layout.json"), layout_record(layout, step))
+        save_id = uuid.uuid4().hex
+        with disk_errors(os.path.join(ckpt_dir, staging)):
+            try:
+                write_json(os.path.join(ckpt_dir, staging, "megapix_config.json"), cfg.to_dict())
+                write_json(os.path.join(ckpt_dir, staging, "layout.json"), layout_record(layout, step))
+                write_json(os.path.join(ckpt_dir, staging, SAVED_RECORD), {"save_id": save_id, "step": step})
+                _record_saved(ckpt_dir, tag, save_id)
+            except Exception:
+                shutil.rmtree(os.path.join(ckpt_dir, staging), ignore_errors=True)  # never taken for a checkpoint
+                raise
         # a universal conversion of an earlier tag of this name must not be reused for the new one
         shutil.rmtree(os.path.join(ckpt_dir, f"{tag}_universal"), ignore_errors=True)
         if os.path.exists(final):  # an incomplete or superseded tag of this step (never `latest`'s complete one)
@@ -99,43 +85,135 @@ def save(engine, ckpt_dir: str, step: int, cfg: Config, layout: Layout) -> str:
             with open(tmp, "w") as f:
                 f.write(tag)
 
-    _rank0(publish)
+    dist.rank0_decides(publish)
     if dist.is_rank0():
         prune(ckpt_dir, cfg.train.keep_last, step)
     dist.barrier()
     return tag
 
 
+def _save_files(engine, ckpt_dir: str, staging: str, client: dict) -> None:
+    """DeepSpeed writes every rank's files into the staging tag. A write the disk refuses (full, read-only, no
+    permission) on any rank is one line on every rank, and the staging folder is removed: nothing half-written
+    stays where a later command could take it for a checkpoint."""
+    problem = None
+    try:
+        engine.save_checkpoint(ckpt_dir, tag=staging, client_state=client, save_latest=False)
+    except Exception as e:
+        found = disk_error(e, os.path.join(ckpt_dir, staging))
+        if found is None:
+            raise
+        problem = str(found)
+    first = dist.shared_error(None if problem is None else ConfigError(problem))  # the same line on every rank
+    if first is not None:
+        if dist.is_rank0():
+            shutil.rmtree(os.path.join(ckpt_dir, staging), ignore_errors=True)
+        raise ConfigError(f"{first}; the checkpoint was not saved (earlier ones are intact): resume with --resume "
+                          "once there is room")
+    dist.barrier()
+
+
+def saved_tags(ckpt_dir: str) -> dict:
+    """checkpoints/saved_tags.json's {tag: save id}: the tags this run saved ({} when none or unreadable)."""
+    rec = read_json(os.path.join(ckpt_dir, SAVED_TAGS))
+    tags_ = rec.get("tags") if isinstance(rec, dict) else None
+    return {t: i for t, i in tags_.items() if isinstance(i, str)} if isinstance(tags_, dict) else {}
+
+
+def _record_saved(ckpt_dir: str, tag: str, save_id: str | None) -> None:
+    """Add (or, with save_id None, drop) `tag` in saved_tags.json, atomically (rank 0)."""
+    recorded = saved_tags(ckpt_dir)
+    if save_id is None:
+        recorded.pop(tag, None)
+    else:
+        recorded[tag] = save_id
+    write_json(os.path.join(ckpt_dir, SAVED_TAGS), {"format": "megapix-saved-tags", "tags": recorded})
+
+
+def saved_here(ckpt_dir: str, tag: str) -> bool:
+    """Whether this run saved the tag now at <ckpt_dir>/<tag>: its own record's save id is the one saved_tags.json
+    holds for that name (a copied-in, restored or renamed tag has no such pair)."""
+    want = saved_tags(ckpt_dir).get(tag)
+    own = read_json(os.path.join(ckpt_dir, tag, SAVED_RECORD))
+    return want is not None and isinstance(own, dict) and own.get("save_id") == want
+
+
+def best_problem(ckpt_dir: str) -> str | None:
+    """Why checkpoints/best.json cannot be trusted (torn, not an object, a field of the wrong type), naming the
+    file and the field; None when it is absent or sound."""
+    path = os.path.join(ckpt_dir, BEST)
+    if not os.path.lexists(path):
+        return None
+    rec = read_json(path)
+    if rec is None:
+        return f"{path} is torn or not valid JSON"
+    if not isinstance(rec, dict):
+        return f"{path} does not hold a JSON object"
+    if not isinstance(rec.get("tag"), str) or not TAG.fullmatch(rec["tag"]):
+        return f"{path}: field 'tag' is {rec.get('tag')!r}, not a global_step<N> tag"
+    if not isinstance(rec.get("step"), int) or isinstance(rec.get("step"), bool) or rec["step"] < 0:
+        return f"{path}: field 'step' is {rec.get('step')!r}, not a step number"
+    score = rec.get("score")
+    if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score):
+        return f"{path}: field 'score' is {score!r}, not a finite number"
+    return None
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_best(why: str, what: str) -> None:
+    if why not in _WARNED:
+        _WARNED.add(why)
+        print(f"megapix: warning: {why}; {what} until it is fixed or moved away (it is never read as 'no best')",
+              flush=True)
+
+
 def read_best(ckpt_dir: str) -> dict | None:
-    """best.json's record ({"tag", "step", "val_loss", "score", ...}) when it names a tag that exists, else None."""
+    """best.json's record ({"tag", "step", "score", "val_loss", ...}) when it is sound and names a tag that exists;
+    None otherwise (a torn or malformed one with a warning line: pruning and best tracking stop, see prune)."""
+    why = best_problem(ckpt_dir)
+    if why is not None:
+        _warn_best(why, "not pruning (--keep-last) nor recording a new best")
+        return None
     rec = read_json(os.path.join(ckpt_dir, BEST))
-    if not isinstance(rec, dict) or not isinstance(rec.get("tag"), str) or not TAG.fullmatch(rec["tag"]):
+    if rec is None:
         return None
     return rec if os.path.isdir(os.path.join(ckpt_dir, rec["tag"])) else None
 
 
 def write_best(ckpt_dir: str, tag: str, step: int, metrics: dict, score: float) -> None:
-    """Name `tag` (already saved) as the best checkpoint, atomically (rank 0)."""
-    write_json(os.path.join(ckpt_dir, BEST), {"tag": tag, "step": step, "score": score, **metrics})
+    """Name `tag` (already saved) as the best checkpoint, atomically (rank 0). A torn or malformed best.json is
+    left as it is (with a warning line): it may name the best tag, which pruning must not lose."""
+    why = best_problem(ckpt_dir)
+    if why is not None:
+        _warn_best(why, "not pruning (--keep-last) nor recording a new best")
+        return
+    write_json(os.path.join(ckpt_dir, BEST), {**metrics, "tag": tag, "step": step, "score": score})
 
 
 def prune(ckpt_dir: str, keep_last: int, step: int) -> list[str]:
-    """Delete the global_step<N> tags older than the `keep_last` newest up to `step` (rank 0, after a save). Only
-    megapix's own tags (layout.json and megapix_config.json in them) are candidates; the tag `latest` names and the
-    one best.json names are kept whatever their age, and so is anything newer than `step` (a resume from an
-    older tag does not delete the later ones). A tag's `_universal` conversion goes with it. Returns the deleted
-    tags; a deletion that fails is one warning line, never a failed run."""
+    """Delete the tags older than the `keep_last` newest up to `step` (rank 0, after a save). Only tags this run
+    saved (saved_here: saved_tags.json and the tag's own record agree) are candidates; the tag `latest` names and
+    the one best.json names are kept whatever their age, and so is anything newer than `step` (a resume from an
+    older tag does not delete the later ones). A torn or malformed best.json stops pruning (one warning line). A
+    tag's `_universal` conversion goes with it. Returns the deleted tags; a deletion that fails is one warning
+    line, never a failed run."""
     if keep_last <= 0:
         return []
+    why = best_problem(ckpt_dir)
+    if why is not None:
+        _warn_best(why, "not pruning (--keep-last) nor recording a new best")
+        return []
     keep = {read_latest(ckpt_dir), (read_best(ckpt_dir) or {}).get("tag")}
-    older = [t for t in tags(ckpt_dir) if int(TAG.fullmatch(t).group(1)) <= step]
+    ours = [t for t in tags(ckpt_dir) if int(TAG.fullmatch(t).group(1)) <= step and saved_here(ckpt_dir, t)]
     deleted = []
-    for tag in older[:-keep_last]:
-        folder = os.path.join(ckpt_dir, tag)
-        ours = all(os.path.isfile(os.path.join(folder, f)) for f in ("layout.json", "megapix_config.json"))
-        if tag in keep or not ours:
+    for tag in ours[:-keep_last]:
+        if tag in keep:
             continue
+        folder = os.path.join(ckpt_dir, tag)
         try:
+            _record_saved(ckpt_dir, tag, None)
             shutil.rmtree(folder)
             shutil.rmtree(f"{folder}_universal", ignore_errors=True)
             deleted.append(tag)
@@ -175,7 +253,7 @@ def resumable_tag(ckpt_dir: str, cfg: Config | None = None) -> str | None:
             check_same_model(ckpt_dir, tag, cfg)
         return tag
 
-    tag = _rank0(find)
+    tag = dist.rank0_decides(find)
     if tag is None and dist.is_rank0():
         print(f"megapix: --resume: no checkpoint in {ckpt_dir}; starting from step 0", flush=True)
     return tag

@@ -32,6 +32,7 @@ from megapix.data.files import MANIFEST, SHARDS_FORMAT, open_shard, read_manifes
 from megapix.data.palette import Palette
 from megapix.data import setup as data_setup
 from megapix.data.sources import SPLITS, open_source
+from megapix.runfolder import claim, preallocate
 from megapix.utils import atomic_path, write_json
 
 PALETTE_FILE = "palette.npy"
@@ -99,6 +100,7 @@ def _encode_shard(task) -> tuple:
             if mm is None:
                 T = ids.shape[1]
                 mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint16, shape=(stop - start, T))
+                preallocate(tmp)  # a full disk is one line here, never a SIGBUS in a mapped write
             mm[b - start:b - start + len(ids)] = ids
         if mm is None:  # an empty shard cannot happen (shards cover >= 1 row), but stay total
             raise ConfigError(f"{split} shard {i} is empty")
@@ -279,6 +281,7 @@ def prepare_main(argv=None) -> int:
     from megapix.config import PrepareConfig
 
     a = parse_command("megapix prepare", "Encode images into palette-id token shards.", PrepareConfig, argv)
+    claim(a.out, "prepare", "megapix prepare")  # one writer, and only into a folder of prepared shards
     m = prepare(a.data, a.out, resolution=a.resolution, palette=a.palette, fit_palette=a.fit_palette,
                 shard_size=a.shard_size, workers=a.workers, seed=a.seed, val_fraction=a.val_fraction,
                 progress=a.progress)

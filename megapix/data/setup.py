@@ -16,7 +16,6 @@ import io
 import os
 
 import numpy as np
-import torch
 
 from megapix.config import VOCAB_SIZE, Config, ConfigError
 from megapix.data.loader import TokenData
@@ -75,6 +74,29 @@ def read_record(out: str) -> dict | None:
     """The palette record in `out`, or None when there is none or it is unreadable (torn, edited)."""
     rec = read_json(os.path.join(out, RECORD_FILE))
     return rec if isinstance(rec, dict) and rec.get("format") == RECORD_FORMAT else None
+
+
+def checked_run_palette(run: str) -> str | None:
+    """<run>/palette.npy, after checking that it is the palette the run was trained with (its sha256 is the one
+    palette.json records); None when the folder holds no palette.npy. Every command that reads a run's palette
+    (sample, extract, export, finetune) goes through here: a swapped or edited file is refused in one line."""
+    saved = os.path.join(run, PALETTE_FILE)
+    if not os.path.isfile(saved):
+        return None
+    path = os.path.join(run, RECORD_FILE)
+    fix = ("restore the palette the run was trained with, or name a palette explicitly with --palette FILE "
+           "(sample, extract, finetune)")
+    rec = read_json(path)
+    if not isinstance(rec, dict) or rec.get("format") != RECORD_FORMAT:
+        state = "is missing" if not os.path.lexists(path) else "is torn or not a megapix palette record"
+        raise ConfigError(f"{path} {state}, so {saved} cannot be checked against the run; {fix}")
+    sha = rec.get("sha256")
+    if not isinstance(sha, str) or len(sha) != 64:
+        raise ConfigError(f"{path}: field 'sha256' is {sha!r}, not a sha256 hex digest; {fix}")
+    if _file_sha256(saved) != sha:
+        raise ConfigError(f"{saved} does not match the sha256 in {path} (swapped or edited since the run wrote "
+                          f"it); {fix}")
+    return saved
 
 
 def _describe(rec: dict) -> str:
@@ -144,25 +166,7 @@ def settle_palette(out: str, wanted: str, images=None, *, data: str = "", resolu
     return saved
 
 
-def _on_rank0(is_rank0: bool, fn):
-    """Run fn() on rank 0 while the others wait; a ConfigError there is raised on every rank (one line each)."""
-    error, result = None, None
-    if is_rank0:
-        try:
-            result = fn()
-        except ConfigError as e:
-            error = e
-    if dist.initialized() and dist.world_size() > 1:
-        msg = [None if error is None else str(error)]
-        torch.distributed.broadcast_object_list(msg, src=0)
-        if msg[0] is not None and error is None:
-            raise ConfigError(msg[0])
-    if error is not None:
-        raise error
-    return result
-
-
-def load_splits(cfg: Config, out: str, is_rank0: bool) -> tuple[dict[str, TokenData], Palette | None]:
+def load_splits(cfg: Config, out: str) -> tuple[dict[str, TokenData], Palette | None]:
     """Open cfg.data.source, settle the palette and return ({"train"|"val"|"test": TokenData}, Palette | None).
 
     Image sources: --palette FILE, else a palette fitted (rank 0, once) on the train split by fit_palette's rule;
@@ -187,7 +191,7 @@ def load_splits(cfg: Config, out: str, is_rank0: bool) -> tuple[dict[str, TokenD
     palette = None
     if wanted is not None:
         out = os.path.abspath(out)
-        saved = _on_rank0(is_rank0, lambda: settle_palette(
+        saved = dist.rank0_decides(lambda: settle_palette(
             out, wanted, images, data=d.source, resolution=m.resolution, val_fraction=d.val_fraction,
             seed=cfg.train.seed))
         palette = Palette.load(saved or os.path.join(out, PALETTE_FILE))
