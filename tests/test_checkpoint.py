@@ -30,7 +30,7 @@ def _resume_from(src, dst, nproc, *args, config):
     return run_train(dst, nproc, "--resume", *args, config=config)
 
 
-@pytest.mark.parametrize("name", ["single", "pp2"])
+@pytest.mark.parametrize("name", ["single", "pp2", "cp2@bert"])
 def test_resume_is_bit_exact(work, name):
     nproc, args = LAYOUTS[name]
     full = layout_run(name)
@@ -63,7 +63,11 @@ def test_latest_moves_last(work, monkeypatch):
                                                     # sequence parallelism off and on across the resume
                                                     ("tp2-spxdp2-zero1", 1, ["--zero-stage", "1"]),
                                                     ("single-zero1", 2, ["--tensor-parallel", "2", "--zero-stage", "1",
-                                                                         "--sequence-parallel"])])
+                                                                         "--sequence-parallel"]),
+                                                    # context parallelism off and on across the resume
+                                                    ("cp2-zero1", 1, ["--zero-stage", "1"]),
+                                                    ("single-zero1", 2,
+                                                     ["--context-parallel", "2", "--zero-stage", "1"])])
 def test_resume_in_a_different_layout_through_universal_checkpoint(work, src_name, dst_n, dst_args):
     """ZeRO-1 -> ZeRO-1 (and ZeRO-3 -> ZeRO-3 at TP 1) in another layout goes through DeepSpeed's universal
     checkpoint: weights, Adam moments and schedule carry over, so every resumed step matches the uninterrupted run.

@@ -69,6 +69,18 @@ def env() -> dict:
     return e
 
 
+def run_worker(folder, name: str, source: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    """Run the script `source` (it finds megapix through MEGAPIX_ROOT) on `nproc` gloo ranks under torchrun."""
+    script = os.path.join(str(folder), name)
+    with open(script, "w") as f:
+        f.write(source)
+    e = env()
+    e["MEGAPIX_ROOT"] = ROOT
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                           "--master_port", str(free_port()), script], env=e, capture_output=True, text=True,
+                          timeout=300)
+
+
 def torchrun_cmd(nproc: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
             "--master_port", str(free_port()), TRAIN]
@@ -125,6 +137,7 @@ LAYOUTS = {
     "cp2@r16": (2, ["--context-parallel", "2", "--resolution", "16"]),
     "cp2xtp2@r16": (4, ["--context-parallel", "2", "--tensor-parallel", "2", "--resolution", "16"]),
     "cp2xdp2-zero3": (4, ["--context-parallel", "2", "--zero-stage", "3"]),
+    "cp2-zero1": (2, ["--context-parallel", "2", "--zero-stage", "1"]),  # a universal-checkpoint source
     "single@bert": (1, ["--objective", "bert"]),
     "cp2@bert": (2, ["--context-parallel", "2", "--objective", "bert"]),
     # the full 3D composition: 8 ranks (slow on a small CPU box: test_parallel marks it `slow`)
