@@ -53,10 +53,9 @@ def main(argv=None) -> int:
     work = tempfile.mkdtemp(prefix="bench-layouts-")
     palette = args.palette
     if palette is None:
-        from megapix.data.sources import open_source
-        from megapix.data import fit_palette
-
         from megapix.config import model_preset
+        from megapix.data import fit_palette
+        from megapix.data.sources import open_source
 
         res = model_preset(args.model).resolution
         palette = os.path.join(work, "palette.npy")
@@ -82,8 +81,8 @@ def main(argv=None) -> int:
     base = rows[0][2]
     print(f"\nmodel {args.model}, global batch {args.global_batch}, {args.steps} steps, CPU gloo, "
           f"{os.cpu_count()} cores\n")
-    print(f"| layout | ranks | tokens/s | vs 1 rank | final loss | note |")
-    print(f"|---|---|---|---|---|---|")
+    print("| layout | ranks | tokens/s | vs 1 rank | final loss | note |")
+    print("|---|---|---|---|---|---|")
     for name, n, tok, loss, note in rows:
         if tok is None:
             print(f"| {name} | {n} | - | - | - | {note} |")

@@ -3,6 +3,8 @@
 Public API::
 
     flash_attention(q, k, v, causal=True, backend="auto", scale=None) -> o
+    flash_attention_chunk(q, k, v, causal, q_offset, k_offset, backend="auto", scale=None) -> (o, lse)
+    merge_attention(o_a, lse_a, o_b, lse_b) -> (o, lse)
     add_norm(x, residual, weight, eps=1e-5, backend="auto") -> (y, residual_out)
     rms_norm(x, weight, eps=1e-5, backend="auto") -> y
 
@@ -20,10 +22,11 @@ import torch
 
 from . import _ops  # noqa: F401  (registers torch.ops.megapix_kernels.*)
 from ._dispatch import BACKENDS, resolve_backend, triton_available
-from .reference import add_norm_reference, attention_reference
+from .reference import add_norm_reference, attention_reference, merge_attention
 
 __all__ = [
-    "flash_attention", "add_norm", "rms_norm", "attention_reference", "add_norm_reference",
+    "flash_attention", "flash_attention_chunk", "merge_attention", "add_norm", "rms_norm", "attention_reference",
+    "add_norm_reference",
     "resolve_backend", "triton_available", "BACKENDS",
 ]
 
@@ -42,6 +45,22 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
         return attention_reference(q, k, v, causal=causal, scale=scale)
     o, _ = torch.ops.megapix_kernels.flash_attn_fwd(q, k, v, bool(causal), float(scale))
     return o
+
+
+def flash_attention_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, q_offset: int,
+                          k_offset: int, backend: str = "auto", scale: Optional[float] = None):
+    """Attention of a query chunk over a key/value chunk of the same sequence: q [B, H, Tq, Dh] at global
+    positions q_offset.., k, v [B, H, Tk, Dh] at k_offset..; causal compares global positions.  Returns
+    (o, lse), both differentiable; rows that see no key get o = 0, lse = -inf.  Partial results over
+    disjoint key chunks combine exactly with merge_attention (ring attention).
+    """
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if resolve_backend(backend, q, k, v) == "torch":
+        return attention_reference(q, k, v, causal=causal, scale=scale, return_lse=True, q_offset=q_offset,
+                                   k_offset=k_offset)
+    return torch.ops.megapix_kernels.flash_attn_fwd(q, k, v, bool(causal), float(scale), int(q_offset),
+                                                    int(k_offset))
 
 
 def add_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,

@@ -7,8 +7,10 @@ imported lazily inside the real implementations, so registering the ops needs
 only torch.
 
 Ops:
-  flash_attn_fwd(q, k, v, causal, scale) -> (o, lse)          lse: fp32 [B, H, T], not differentiable
-  flash_attn_bwd(do, q, k, v, o, lse, causal, scale) -> (dq, dk, dv)
+  flash_attn_fwd(q, k, v, causal, scale, q_offset=0, k_offset=0) -> (o, lse)     lse: fp32 [B, H, Tq], differentiable
+  flash_attn_bwd(do, q, k, v, o, lse, causal, scale, dlse=None, q_offset=0, k_offset=0) -> (dq, dk, dv)
+      (q [B, H, Tq, Dh] at global positions q_offset.., k and v [B, H, Tk, Dh] at k_offset..: the causal mask
+      compares global positions; the chunked case of ring attention)
   rms_norm_fwd(x, weight, eps) -> (y, rstd)                    rstd: fp32 x.shape[:-1]
   add_rms_norm_fwd(x, residual, weight, eps) -> (y, h, rstd)   h = x + residual (residual dtype)
   rms_norm_bwd(dy, h, weight, rstd, dh_out, out_dtype) -> (dh, dweight)
@@ -26,46 +28,49 @@ NS = "megapix_kernels"
 # ----------------------------------------------------------------------------- attention
 
 @torch.library.custom_op(f"{NS}::flash_attn_fwd", mutates_args=())
-def flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
+def flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, q_offset: int = 0,
+                   k_offset: int = 0) -> Tuple[Tensor, Tensor]:
     from ._triton_attention import flash_fwd
 
-    return flash_fwd(q, k, v, causal, scale)
+    return flash_fwd(q, k, v, causal, scale, q_offset, k_offset)
 
 
 @flash_attn_fwd.register_fake
-def _flash_attn_fwd_fake(q, k, v, causal, scale):
+def _flash_attn_fwd_fake(q, k, v, causal, scale, q_offset=0, k_offset=0):
     b, h, t, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((b, h, t), dtype=torch.float32)
 
 
 @torch.library.custom_op(f"{NS}::flash_attn_bwd", mutates_args=())
 def flash_attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
-                   causal: bool, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+                   causal: bool, scale: float, dlse: Optional[Tensor] = None, q_offset: int = 0,
+                   k_offset: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
     from ._triton_attention import flash_bwd
 
-    return flash_bwd(do, q, k, v, o, lse, causal, scale)
+    return flash_bwd(do, q, k, v, o, lse, causal, scale, dlse, q_offset, k_offset)
 
 
 @flash_attn_bwd.register_fake
-def _flash_attn_bwd_fake(do, q, k, v, o, lse, causal, scale):
+def _flash_attn_bwd_fake(do, q, k, v, o, lse, causal, scale, dlse=None, q_offset=0, k_offset=0):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _flash_setup(ctx, inputs, output):
-    q, k, v, causal, scale = inputs
+    q, k, v, causal, scale, q_offset, k_offset = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse)
     ctx.causal = causal
     ctx.scale = scale
-    ctx.mark_non_differentiable(lse)
+    ctx.offsets = (q_offset, k_offset)
 
 
 def _flash_backward(ctx, do, dlse):
     q, k, v, o, lse = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(o)
-    dq, dk, dv = torch.ops.megapix_kernels.flash_attn_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None
+    dq, dk, dv = torch.ops.megapix_kernels.flash_attn_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale, dlse,
+                                                          *ctx.offsets)
+    return dq, dk, dv, None, None, None, None
 
 
 flash_attn_fwd.register_autograd(_flash_backward, setup_context=_flash_setup)

@@ -95,15 +95,25 @@ class ModelConfig:
         embeddings = VOCAB_SIZE * d + d + self.n_positions * d  # wte, sos, wpe
         return L * per_block + embeddings + d + VOCAB_SIZE * d  # + norm_f + head
 
-    def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token (forward + backward): 6 per weight plus attention's score/value matmuls.
+    def flops_per_token(self, seq_len: int | None = None, recompute: bool = False, executed: bool = False) -> float:
+        """Training FLOPs per token (forward + backward): 6 per matmul weight plus attention's score and value
+        matmuls, 4 L T d forward and twice that backward: the model FLOPs MFU divides (metrics, planner, GPU check;
+        causal masking not discounted, the convention of Megatron/PaLM's MFU).
 
-        Causal masking is not discounted (the convention of Megatron/PaLM's MFU), so MFU is comparable.
+        recompute: activation checkpointing runs the blocks' forward again (2 per block weight + 4 L T d).
+        executed: also the scores the flash-style backward recomputes instead of storing them (2 L T d; SDPA and
+        megapix's Triton kernel both do), i.e. what the hardware runs and what torch.utils.flop_counter counts
+        (tests/test_flops.py): the planner's compute time uses it.
         """
         T = seq_len or self.n_ctx
         d, L = self.d_model, self.n_layer
         matmul_params = L * 12 * d * d + VOCAB_SIZE * d
-        return 6 * matmul_params + 12 * L * T * d
+        flops = 6 * matmul_params + 12 * L * T * d
+        if recompute:
+            flops += 2 * L * 12 * d * d + 4 * L * T * d
+        if executed:
+            flops += 2 * L * T * d
+        return flops
 
 
 # The paper's presets at their model resolution, plus small ones for CPU work.
@@ -181,8 +191,15 @@ class TrainConfig:
                          default_help="none, or the monitors the DeepSpeed JSON enables")
     log_every: int = opt(10, "steps between plain progress lines on stdout (metrics.jsonl has every step)")
     time_budget: float = opt(0.0, "seconds; save and exit 75 when exceeded (0: none)")
+    collective_timeout: float = opt(1800.0, "seconds a collective (all-reduce, barrier, a checkpoint's sync) waits "
+                                    "for a peer before every rank stops with 75, naming the rank that stopped "
+                                    "answering; long enough for the slowest rank to write a big checkpoint")
     tensor_parallel: int = opt(1, "tensor-parallel ranks (Megatron column/row split)")
+    sequence_parallel: bool = opt(False, "with --tensor-parallel > 1: split the norms, residuals and the inputs of "
+                                  "the column-parallel linears along the sequence over the TP ranks (Megatron SP)")
     pipeline_parallel: int = opt(1, "pipeline stages")
+    context_parallel: int = opt(1, "context-parallel ranks: each holds a head and a tail chunk of every sequence, "
+                                "attention is a ring over them (megapix/parallel/context.py)")
     zero_stage: Literal[0, 1, 2, 3] | None = opt(None, "ZeRO stage (DeepSpeed zero_optimization.stage)",
                                                  default_help="the DeepSpeed JSON's, else 0")
     activation_checkpointing: bool = opt(False, "recompute block activations in the backward pass")
@@ -192,8 +209,11 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_positive(self, "max_steps", "global_batch", "lr", "tensor_parallel", "pipeline_parallel",
-                        "eval_batches")
+                        "context_parallel", "eval_batches", "collective_timeout")
         _check_finite(self)
+        if self.sequence_parallel and self.tensor_parallel == 1:
+            raise ConfigError("train.sequence_parallel splits the sequence over the tensor-parallel ranks, but "
+                              "tensor_parallel is 1; add --tensor-parallel 2 (or more) or drop --sequence-parallel")
         if self.micro_batch is not None and self.micro_batch <= 0:
             raise ConfigError(f"train.micro_batch={self.micro_batch} must be positive")
         if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):

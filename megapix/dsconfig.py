@@ -214,7 +214,7 @@ def resolve(cfg: Config, ds: dict | str | None, world: int | None = None) -> tup
     gas = ds.get("gradient_accumulation_steps")
     if _is_set(gas):
         world = launch_world() if world is None else world
-        dp = max(1, world // max(1, t.tensor_parallel * t.pipeline_parallel))
+        dp = max(1, world // max(1, t.tensor_parallel * t.pipeline_parallel * t.context_parallel))
         global_batch = taken.get("global_batch", t.global_batch)
         micro = taken.get("micro_batch", t.micro_batch)
         global_given = "global_batch" in taken or cfg.is_set("train", "global_batch")
@@ -253,7 +253,9 @@ def make_ds_config(cfg: Config, ds: dict, layout, micro: int) -> dict:
     if accumulation * micro * layout.dp != t.global_batch:
         raise ConfigError(f"global batch {t.global_batch} is not micro batch {micro} x {layout.dp} data-parallel "
                           "rank(s) x an integer; change --global-batch or --micro-batch")
-    want = {"train_batch_size": t.global_batch, "train_micro_batch_size_per_gpu": micro,
+    # DeepSpeed counts the context-parallel ranks as data-parallel ones (its data axis is dp x cp), each with the
+    # same images: its train_batch_size is the global batch times cp
+    want = {"train_batch_size": t.global_batch * getattr(layout, "cp", 1), "train_micro_batch_size_per_gpu": micro,
             "gradient_accumulation_steps": accumulation, "gradient_clipping": float(t.grad_clip)}
     for key, value in want.items():
         if _is_set(ds.get(key)) and ds[key] != value:
@@ -267,6 +269,15 @@ def make_ds_config(cfg: Config, ds: dict, layout, micro: int) -> dict:
         raise ConfigError(f"{_name(named)} sets zero_optimization.stage={zero['stage']} but the layout uses "
                           f"ZeRO-{layout.zero_stage}; make them agree")
     zero["stage"] = layout.zero_stage
+    if getattr(layout, "sp", False) and layout.pp > 1:
+        # DeepSpeed's pipe splits each stage's output over the TP ranks and re-gathers it, which assumes every TP rank
+        # holds the same tensor; under sequence parallelism each holds its own chunk of the positions
+        pipe = ds.setdefault("pipeline", {})
+        for key in ("pipe_partitioned", "grad_partitioned"):
+            if pipe.get(key):
+                raise ConfigError(f"{_name(named)} sets pipeline.{key}=true, which --sequence-parallel cannot use "
+                                  "(each TP rank sends its own chunk of the positions); remove it")
+            pipe[key] = False
     if torch.cuda.is_available() is False and zero.get("offload_optimizer"):
         ds["zero_force_ds_cpu_optimizer"] = False  # torch's Adam on CPU ranks; DeepSpeedCPUAdam needs a build
     bf16 = use_bf16(cfg)

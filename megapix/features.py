@@ -26,8 +26,11 @@ import time
 import numpy as np
 import torch
 
+from megapix import runfolder
 from megapix.config import ConfigError
 from megapix.model import check_tokens
+from megapix.parallel import dist as pdist
+from megapix.utils import read_json
 
 PROGRESS_DIR = ".extract_progress"
 FORMAT = "megapix-features"
@@ -158,16 +161,6 @@ class Dist:
         if self.on and self.world > 1:
             self.dist.barrier()
 
-    def all_ok(self, ok: bool) -> bool:
-        """True when every rank says ok (so a ConfigError on one rank stops all of them together)."""
-        if not self.on or self.world == 1:
-            return ok
-        t = torch.tensor([0.0 if ok else 1.0])
-        if self.dist.get_backend() == "nccl":
-            t = t.cuda()
-        self.dist.all_reduce(t)
-        return t.item() == 0
-
 
 def _atomic_json(path: str, obj) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
@@ -188,11 +181,9 @@ def done_chunks(progress: str, split: str) -> set[int]:
     """Chunks recorded as complete by any rank of any earlier attempt (the world size may have changed)."""
     done: set[int] = set()
     for path in glob.glob(os.path.join(progress, f"{split}.rank*.json")):
-        try:
-            with open(path) as f:
-                done.update(json.load(f)["done"])
-        except (OSError, ValueError, KeyError):
-            continue  # a progress file is only ever replaced atomically; an unreadable one records nothing
+        rec = read_json(path)  # a progress file is only ever replaced atomically; an unreadable one records nothing
+        if isinstance(rec, dict) and isinstance(rec.get("done"), list):
+            done.update(rec["done"])
     return done
 
 
@@ -200,16 +191,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     dist = Dist()
     try:
-        from megapix import runfolder
-
         runfolder.claim(args.out, "extract", "megapix extract")  # one writer, and only into an extraction's folder
-        ok, err = True, None
+        job, error = None, None
         try:
             job = _prepare(args, dist)
         except ConfigError as e:
-            ok, err = False, e
-        if not dist.all_ok(ok):
-            raise err or ConfigError("another rank failed to start the extraction (see its message)")
+            error = e
+        error = pdist.shared_error(error)  # one rank's bad input stops every rank, with the same line
+        if error is not None:
+            raise error
         return _run(job, args, dist)
     finally:
         if dist.started:
@@ -250,8 +240,6 @@ def _prepare(args, dist: Dist) -> dict:
 def _run(job: dict, args, dist: Dist) -> int:
     from tqdm import tqdm
 
-    from megapix import runfolder
-
     out = os.path.abspath(args.out)
     progress = os.path.join(out, PROGRESS_DIR)
     run, layers, model = job["run"], job["layers"], job["model"]
@@ -259,64 +247,44 @@ def _run(job: dict, args, dist: Dist) -> int:
     width = len(layers) * run["d_model"]
     dtype = np.dtype(args.dtype)
 
-    # rank 0 decides: fresh, resume, or already complete; every rank then opens the same files
-    state = "go"
-    if dist.rank == 0:
+    def decide() -> str:
+        """Fresh or resumed ("go"), or already complete ("done"); another run's folder is refused."""
         os.makedirs(out, exist_ok=True)
         if args.overwrite:
             _clear(out, list(job["data"]))
         run_path = os.path.join(progress, "run.json")
         if os.path.isfile(manifest_path):
-            with open(manifest_path) as f:
-                old = json.load(f)
-            same = old.get("complete") and all(old.get(k) == run[k] for k in ("checkpoint", "data", "layers", "dtype"))
-            same = same and all(old.get("counts", {}).get(s) == c for s, c in run["counts"].items())
+            old = read_json(manifest_path)
+            same = (isinstance(old, dict) and old.get("complete")
+                    and all(old.get(k) == run[k] for k in ("checkpoint", "data", "layers", "dtype"))
+                    and all(old.get("counts", {}).get(s) == c for s, c in run["counts"].items()))
             if same:
-                state = "done"
-            else:
-                state = "exists"
-        elif os.path.isfile(run_path):
-            with open(run_path) as f:
-                old = json.load(f)
-            if old != run:
-                state = "mismatch"
-        if state == "go":
-            os.makedirs(progress, exist_ok=True)
-            _atomic_json(run_path, run)
-            try:
-                for split, td in job["data"].items():
-                    part = os.path.join(out, f"{split}_features.npy.partial")
-                    if not _usable_partial(part, (len(td), width), dtype):
-                        done = glob.glob(os.path.join(progress, f"{split}.rank*.json"))
-                        for p in done:
-                            os.remove(p)
-                        with runfolder.disk_errors(part):
-                            mm = np.lib.format.open_memmap(part, mode="w+", dtype=dtype, shape=(len(td), width))
-                            mm.flush()
-                            del mm
-                    # every block on disk now: a full disk is one line here, never a SIGBUS in a mapped write
-                    runfolder.preallocate(part)
-            except ConfigError as e:  # told to every rank below, so none waits for rank 0
-                state, disk_failure = "disk", e
-    states = ["go", "done", "exists", "mismatch", "disk"]
-    flag = torch.tensor([float(states.index(state))])
-    if dist.on and dist.world > 1:
-        if dist.dist.get_backend() == "nccl":
-            flag = flag.cuda()
-        dist.dist.broadcast(flag, 0)
-    state = states[int(flag.item())]
-    if state == "done":
+                return "done"
+            raise ConfigError(f"{out} already holds a different extraction (manifest.json); pass --overwrite or "
+                              "another --out")
+        if os.path.isfile(run_path) and read_json(run_path) != run:
+            raise ConfigError(f"{out} holds a partial extraction with other settings ({PROGRESS_DIR}/run.json); "
+                              "rerun with the same flags to resume, or pass --overwrite")
+        os.makedirs(progress, exist_ok=True)
+        _atomic_json(run_path, run)
+        for split, td in job["data"].items():
+            part = os.path.join(out, f"{split}_features.npy.partial")
+            if not _usable_partial(part, (len(td), width), dtype):
+                for p in glob.glob(os.path.join(progress, f"{split}.rank*.json")):
+                    os.remove(p)
+                with runfolder.disk_errors(part):
+                    mm = np.lib.format.open_memmap(part, mode="w+", dtype=dtype, shape=(len(td), width))
+                    mm.flush()
+                    del mm
+            # every block on disk now: a full disk is one line here, never a SIGBUS in a mapped write
+            runfolder.preallocate(part)
+        return "go"
+
+    # rank 0 decides: fresh, resume, or already complete; every rank then opens the same files
+    if pdist.rank0_decides(decide) == "done":
         if dist.rank == 0:
             print(f"megapix extract: {manifest_path} is already complete for these settings; nothing to do", flush=True)
         return 0
-    if state == "exists":
-        raise ConfigError(f"{out} already holds a different extraction (manifest.json); pass --overwrite or "
-                          "another --out")
-    if state == "disk":
-        raise disk_failure if dist.rank == 0 else ConfigError("rank 0 could not reserve the feature files on disk")
-    if state == "mismatch":
-        raise ConfigError(f"{out} holds a partial extraction with other settings ({PROGRESS_DIR}/run.json); "
-                          "rerun with the same flags to resume, or pass --overwrite")
 
     stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
     chunks_run = 0

@@ -37,9 +37,23 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from megapix.config import Config, ConfigError, DataConfig, TrainConfig, checkpoint_field, opt
+from megapix import parallel
+from megapix.checkpoint import load_model_and_palette
+from megapix.cliargs import add_fields, add_launcher_args, build, command_parser, given
+from megapix.config import Config, ConfigError, DataConfig, TrainConfig, checkpoint_field, model_preset, opt
+from megapix.data import load_splits
+from megapix.data.augment import cifar_augment, image_rng
+from megapix.data.loader import GlobalBatches, TokenData, bert_mask
+from megapix.data.palette import Palette
+from megapix.data.sources import open_source
+from megapix.model.hf import save_classifier_pretrained
+from megapix.model.igpt import draw_parameter, lm_loss
+from megapix.parallel.dist import barrier, is_rank0
+from megapix.parallel.launch import init_distributed
 from megapix.parallel.pipeline import HeadLayer
+from megapix.runlog import RunLog
 from megapix.tasks import Meter
+from megapix.utils import write_json
 
 _TRAIN = TrainConfig()  # the trainer's defaults, shared rather than copied
 
@@ -56,8 +70,6 @@ class Classifier(nn.Module):
         nn.init.zeros_(self.clf.weight)
 
     def forward(self, tokens, labels, mask=None):
-        from megapix.model.igpt import lm_loss
-
         m = self.model
         z = m.hidden(tokens, mask)  # the head's input: norm_f of the last block's output
         l_gen = lm_loss(m.head(z), tokens, mask if m.config.objective == "bert" else None)
@@ -72,8 +84,6 @@ class Classifier(nn.Module):
 def shift_augment(images: np.ndarray, indices, epoch: int, seed: int, max_shift: int = 1) -> np.ndarray:
     """Random translation by up to max_shift pixels (edge padding), no flip: for digits, whose class a mirror
     image can change. Seeded per (seed, epoch, index) like cifar_augment."""
-    from megapix.data.augment import image_rng
-
     images = np.asarray(images)
     n, h, w = images.shape[:3]
     pad = ((0, 0), (max_shift, max_shift), (max_shift, max_shift)) + ((0, 0),) * (images.ndim - 3)
@@ -100,8 +110,6 @@ class LabelledData:
     """A split as (tokens, labels) batches, with an augmentation ('none', 'shift', 'cifar') on request."""
 
     def __init__(self, split, palette, n_ctx: int, name: str, augmentation: str = "cifar"):
-        from megapix.data.loader import TokenData
-
         if split.labels is None:
             raise ConfigError(f"{name} has no labels; fine-tuning needs a labelled source")
         self.td = TokenData(split, n_ctx, palette, name)  # validates sizes and the palette
@@ -113,8 +121,6 @@ class LabelledData:
         return len(self.labels)
 
     def batch(self, idx: np.ndarray, epoch: int = 0, seed: int = 0, augment: bool = False):
-        from megapix.data.augment import cifar_augment
-
         idx = np.asarray(idx, dtype=np.int64)
         y = torch.from_numpy(self.labels[idx])
         s = self.split
@@ -154,14 +160,40 @@ class ClassifierHeadLayer(HeadLayer):
     """Pipeline last layer for fine-tuning: the LM head layer (norm_f, head; canonical names kept) plus the
     classifier on the mean over positions of norm_f's output -> (LM logits, class logits)."""
 
-    def __init__(self, config, seed: int, tp_info, num_classes: int):
-        super().__init__(config, seed, tp_info)
-        self.clf = nn.Linear(config.d_model, num_classes, bias=False)  # as Classifier.clf
-        nn.init.zeros_(self.clf.weight)
+    def __init__(self, config, seed: int, tp_info, num_classes: int, initial):
+        # bias-free, as Classifier.clf; its starting value (zero) comes from `initial`, like every parameter's
+        super().__init__(config, seed, tp_info, initial,
+                         extra={"clf": lambda: nn.Linear(config.d_model, num_classes, bias=False)})
 
     def forward(self, h):
         z = self.norm_f(h)
         return self.head(z), self.clf(z.float().mean(dim=1))
+
+
+class ClassifierHead:
+    """megapix.parallel.build_module's head hook for fine-tuning: Classifier around the model (its LM logits
+    gathered over the TP group for the generative term), ClassifierHeadLayer as the last pipeline layer, and
+    L_gen + L_clf as the last stage's loss."""
+
+    parts = ("clf",)
+
+    def __init__(self, task: "ClassifierTask"):
+        self.task = task
+
+    def module(self, model, layout):
+        module = Classifier(model, self.task.num_classes)
+        if layout.tp > 1:  # the classifier is replicated: its input, norm_f's output, is after the row-parallel reduce
+            group, tp, rank = layout.tp_group, layout.tp, layout.tp_rank
+            model.head.register_forward_hook(lambda mod, args, out: _GatherFromTP.apply(out, group, tp, rank))
+        return module
+
+    def pipeline_layer(self, config, seed: int, tp_info, initial):
+        from deepspeed.pipe import LayerSpec  # lazy, as in parallel/pipeline.py: deepspeed takes seconds to import
+
+        return LayerSpec(ClassifierHeadLayer, config, seed, tp_info, self.task.num_classes, initial)
+
+    def pipeline_loss(self, lm):
+        return _PipeClassifierLoss(self.task, lm)
 
 
 class ClassifierTask:
@@ -185,66 +217,23 @@ class ClassifierTask:
         self.meter.add("acc", (logits.argmax(-1) == y).double().mean(), n)
 
     def build(self, cfg, layout):
-        from megapix import parallel
-        from megapix.model import ImageGPT
-        from megapix.parallel.tensor import apply_tensor_parallel
-
+        """Through parallel.build_module, as pre-training: every rank materialises only its share, starting from
+        the pre-trained weights (or the initialisation, --from-scratch) cut to its shard, the classifier at zero."""
         m, seed = cfg.model, cfg.train.seed
-        self.bert, self.n_layer = m.objective == "bert", m.n_layer
-        tp_info = (layout.tp_group, layout.tp, layout.tp_rank) if layout.tp > 1 else (None, 1, 0)
-        if cfg.train.activation_checkpointing:
-            parallel.configure_activation_checkpointing(layout)
-        if layout.pp > 1:
-            module = self._pipeline(cfg, layout, tp_info)
-            if self.base_state is not None:
-                self._load_pipeline(module, layout)
-            return module, True
-        model = ImageGPT(m, seed=seed)
-        if self.base_state is not None:
-            model.load_state_dict(self.base_state, strict=True)
-        module = Classifier(model, self.num_classes)
-        if layout.tp > 1:  # cut from the full (pre-trained) weights, so every TP layout starts from the same model
-            apply_tensor_parallel(model, *tp_info)
-            group, tp, rank = tp_info
-            model.head.register_forward_hook(lambda mod, args, out: _GatherFromTP.apply(out, group, tp, rank))
-        if cfg.train.activation_checkpointing:
-            parallel.checkpoint_blocks(model)
-        return module, False
+        if cfg.train.sequence_parallel or cfg.train.context_parallel > 1:
+            flag = "--sequence-parallel" if cfg.train.sequence_parallel else "--context-parallel"
+            raise ConfigError(f"fine-tuning does not run with {flag} (its classifier pools over all positions); "
+                              "drop it, tensor parallelism alone works")
+        self.bert = m.objective == "bert"
 
-    def _pipeline(self, cfg, layout, tp_info):
-        from deepspeed.pipe import LayerSpec
+        def initial(name: str, shape) -> torch.Tensor:
+            if name.startswith("clf."):
+                return torch.zeros(shape)
+            if self.base_state is None:
+                return draw_parameter(name, shape, m, seed)
+            return self.base_state[name].float().clone()  # a new tensor: the sweep's next run starts from it too
 
-        from megapix.model import lm_loss
-        from megapix.parallel.pipeline import BlockLayer, EmbedLayer, _pipeline_module_class
-        from megapix.parallel.tensor import VocabParallelLoss
-
-        m, seed = cfg.model, cfg.train.seed
-        group, tp, tp_rank = tp_info
-        layers = [LayerSpec(EmbedLayer, m, seed)]
-        layers += [LayerSpec(BlockLayer, m, seed, i, tp_info) for i in range(m.n_layer)]
-        layers += [LayerSpec(ClassifierHeadLayer, m, seed, tp_info, self.num_classes)]
-        lm = VocabParallelLoss(group, tp_rank, self.bert) if tp > 1 else lm_loss
-        ckpt = {}
-        if cfg.train.activation_checkpointing:
-            import deepspeed
-
-            ckpt = dict(activation_checkpoint_interval=1, activation_checkpoint_func=deepspeed.checkpointing.checkpoint,
-                        checkpointable_layers=["BlockLayer"])
-        pipe = _pipeline_module_class()  # counts layer parameters on meta, not by building every layer everywhere
-        return pipe(layers=layers, topology=layout.topology, loss_fn=_PipeClassifierLoss(self, lm),
-                    partition_method="parameters", **ckpt)
-
-    @torch.no_grad()
-    def _load_pipeline(self, module, layout) -> None:
-        """The pre-trained weights into this stage's layers, cut to this TP rank's shard; clf stays zero."""
-        from megapix.checkpoint.names import canonical_name
-        from megapix.parallel.tensor import shard_tensor
-
-        for name, p in module.named_parameters():
-            key = canonical_name(name, True, self.n_layer)
-            if key.startswith("clf."):
-                continue
-            p.copy_(shard_tensor(key, self.base_state[key], layout.tp, layout.tp_rank).to(p.dtype))
+        return parallel.build_module(cfg, layout, head=ClassifierHead(self), initial=initial)
 
     def setup(self, trainer) -> None:
         lay, t = trainer.layout, trainer.cfg.train
@@ -257,8 +246,6 @@ class ClassifierTask:
         self.n_ctx, self.mask_rate = trainer.cfg.model.n_ctx, trainer.cfg.model.mask_rate
 
     def train_batches(self, step: int):
-        from megapix.data.loader import bert_mask
-
         idx, epochs = self.schedule.indices(step)
         lo = self.dp_rank * self.per_rank
         mask = bert_mask(step, self.global_batch, self.n_ctx, self.mask_rate, self.seed) if self.bert else None
@@ -365,8 +352,6 @@ class FinetuneConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from megapix.cliargs import add_fields, add_launcher_args, command_parser
-
     p = command_parser("megapix finetune", __doc__.splitlines()[0])
     add_fields(p, FinetuneConfig)
     p.add_argument("--no-augment", dest="augment", action="store_const", const="none", default=argparse.SUPPRESS,
@@ -376,8 +361,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> tuple[FinetuneConfig, list[float]]:
-    from megapix.cliargs import build, given
-
     ns = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     args = build(FinetuneConfig, given(ns, {f.name: f.name for f in dataclasses.fields(FinetuneConfig)}))
     try:
@@ -392,19 +375,13 @@ def parse_args(argv=None) -> tuple[FinetuneConfig, list[float]]:
 
 
 def _load(args):
-    from megapix.config import model_preset
-
     if args.checkpoint:
         if not os.path.exists(args.checkpoint):
             raise ConfigError(f"checkpoint {args.checkpoint!r} does not exist")
-        from megapix.checkpoint import load_model_and_palette
-
         model, palette, data = load_model_and_palette(args.checkpoint, args.palette, args.data)
         return model.config, {k: v.detach().float() for k, v in model.state_dict().items()}, palette, data
     if not args.from_scratch:
         raise ConfigError("pass --checkpoint (a pre-trained model), or --from-scratch with --model PRESET")
-    from megapix.data.palette import Palette
-
     config = model_preset(args.model or "tiny")
     palette = Palette.load(args.palette) if args.palette else None
     return config, None, palette, args.data or "digits"
@@ -421,13 +398,7 @@ def train_config(args: FinetuneConfig, lr: float, max_steps: int, eval_every: in
 
 def main(argv=None) -> int:
     args, lrs = parse_args(argv)
-    from megapix.data.loader import GlobalBatches, TokenData
-    from megapix.data.sources import open_source
-    from megapix.data import load_splits
-    from megapix.engine import Trainer
-    from megapix.parallel.dist import barrier, is_rank0
-    from megapix.parallel.launch import init_distributed
-    from megapix.runlog import MetricsLog
+    from megapix.engine import Trainer  # lazy: deepspeed (seconds to import) is not needed for --help
 
     init_distributed()
     rank0 = is_rank0()
@@ -440,7 +411,7 @@ def main(argv=None) -> int:
                       train=TrainConfig(seed=args.seed, out=out))
     if palette is None:  # the trainer's palette path: fitted once on rank 0 into --out, or reused from there
         os.makedirs(out, exist_ok=True)
-        token_data, palette = load_splits(base_cfg, out, rank0)
+        token_data, palette = load_splits(base_cfg, out)
         splits = {s: td.split for s, td in token_data.items()}
     else:
         source = open_source(data_spec, config.resolution, args.val_fraction, args.seed, augment=True)
@@ -455,7 +426,8 @@ def main(argv=None) -> int:
     num_classes = (splits["train"].num_classes
                    or int(max(data["train"].labels.max(), data["val"].labels.max())) + 1)
     os.makedirs(out, exist_ok=True)
-    log = MetricsLog(os.path.join(out, "metrics.jsonl"), rank0, -1)  # this sweep's curves, one file
+    log = RunLog(out, rank0, plot=False)  # this sweep's curves, one file
+    log.continue_from(None)
     spe = GlobalBatches(len(data["train"]), args.global_batch, args.seed).steps_per_epoch()
     max_steps = args.max_steps if args.max_steps is not None else args.max_epochs * spe
     eval_every = args.eval_every if args.eval_every is not None else spe
@@ -464,7 +436,7 @@ def main(argv=None) -> int:
     for lr in lrs:
         cfg = Config(model=config, data=base_cfg.data, train=train_config(args, lr, max_steps, eval_every, out))
         task = ClassifierTask(data, num_classes, None if args.from_scratch else base_state, augmentation != "none")
-        trainer = Trainer(cfg, args.deepspeed_config, task=task, log=log)
+        trainer = Trainer(cfg, args.deepspeed_config, task=task, run_log=log, checkpoints=False)
         rec = {"lr": lr, "from_scratch": args.from_scratch, "best_val_acc": -1.0, "best_step": 0,
                "stopped_early": False}
         kept = {}
@@ -492,9 +464,6 @@ def main(argv=None) -> int:
 
 
 def write_outputs(args, out, config, palette, num_classes, lrs, runs, best, best_state, data_spec, augmentation):
-    from megapix.model.hf import save_classifier_pretrained
-    from megapix.utils import write_json
-
     # One HF directory that transformers' ImageGPTForImageClassification loads with every weight (score.weight
     # included), with the palette's preprocessor_config.json and a model card.
     target = os.path.join(out, "best_model")

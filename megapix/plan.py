@@ -85,10 +85,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 
-from megapix.config import PRESETS, VOCAB_SIZE, ConfigError, ModelConfig, model_preset
+from megapix import cliargs, dsconfig
+from megapix.config import PRESETS, VOCAB_SIZE, Config, ConfigError, ModelConfig, TrainConfig, model_preset
+from megapix.parallel.layout import Layout as ParallelLayout
 
 GiB = 2**30
 
@@ -119,6 +122,10 @@ ZERO3_BLOCK_OVERHEAD_S = 2e-4  # DeepSpeed ZeRO-3 parameter fetch/release per bl
 FULL_WIDTH = 1024  # local GEMM width from which `efficiency` holds
 WORKSPACE_BYTES = int(1.5 * GiB)
 BUCKET_ELEMENTS = 50_000_000  # reduce/all-gather bucket in ds_configs/zero*.json
+ASSUMPTIONS = ("checked against the engine on CPU (tests/test_plan.py, test_flops.py, test_comms.py): model states, "
+               "saved activations per kernel path, FLOPs, bytes per collective; stated device constants: peak "
+               "FLOP/s, matmul efficiency, HBM, NVLink and IB bandwidth, latency, ZeRO-3 hook overhead, workspace "
+               "(`python -c 'import megapix.plan; help(megapix.plan)'`)")
 PAPER_BATCH = {"igpt-s": 128, "igpt-m": 128, "igpt-l": 128, "igpt-xl": 64}
 PAPER_ITERATIONS = {"igpt-s": 1_000_000, "igpt-m": 1_000_000, "igpt-l": 1_000_000, "igpt-xl": 2_000_000}
 
@@ -248,30 +255,125 @@ def state_bytes(P: float, dp: int, zero: int, precision: str, pipeline: bool) ->
     return dict(params=2 * P / dp, grads=6 * P / dp, master=4 * P / dp, optimizer=8 * P / dp)
 
 
-def activation_bytes_per_layer(m: ModelConfig, b: int, tp: int, flash: bool, nbytes: int) -> float:
-    s, h, a = m.n_ctx, m.d_model, m.n_head
-    unit = nbytes / 2  # the formulas are in 16-bit bytes
-    attn = 4 * a * s * b if flash else 2 * a * s * s * b * unit  # fp32 log-sum-exp / 16-bit probabilities
-    return unit * s * b * h * (8 + 24 / tp) + attn / tp
+KERNEL_PATHS = ("triton", "torch")
 
 
-def memory(m: ModelConfig, lay: Layout, global_batch: int, precision: str = "bf16", flash: bool = True) -> Memory:
+def block_activation_bytes(m: ModelConfig, b: int, tp: int = 1, kernels: str = "triton", nbytes: int = 2) -> float:
+    """Bytes one block saves for backward per micro-batch, tensor by tensor (what the test counts with
+    saved_tensors_hooks: unique storages, parameters excluded). rows = s b, e = nbytes (2 in bf16, 4 in fp32):
+      norm_1 input            rows h e      replicated under TP (the norm is replicated)
+      norm_1 rstd             rows 4        fp32, one per row
+      c_attn input            rows h e      replicated (the column-parallel input)
+      q, k, v                 3 rows h e / t  views of the c_attn output
+      attention output        rows h e / t  (Triton only: the kernel writes [B, H, T, Dh], so the [B, T, h] input of
+                                             c_proj is a second copy; SDPA writes it [B, T, H, Dh]-strided and the
+                                             transpose + reshape is a view of the output it saves)
+      c_proj input            rows h e / t
+      log-sum-exp             rows a 4 / t  fp32, per row and head
+      norm_2 input (residual) rows h e, its rstd rows 4
+      c_fc input              rows h e      replicated
+      quick_gelu input        4 rows h e / t  (silu(1.702 x): the scale by a constant keeps nothing)
+      mlp c_proj input        4 rows h e / t
+    = e rows h (4 + 12/t, + 1/t on Triton) + 8 rows + 4 a rows / t: 32 sbh (torch) or 34 sbh (Triton) in bf16 at
+    t = 1, against Korthikanti et al. 2022's 34 sbh with dropout (eq. 1; iGPT has no dropout masks, and the
+    flash-style kernels keep the log-sum-exp instead of the s^2 probabilities)."""
+    if kernels not in KERNEL_PATHS:
+        raise ConfigError(f"kernel path {kernels!r}: choose one of {', '.join(KERNEL_PATHS)}")
+    rows, h, a = m.n_ctx * b, m.d_model, m.n_head
+    sharded = 12 + (1 if kernels == "triton" else 0)
+    return nbytes * rows * h * (4 + sharded / tp) + 8 * rows + 4 * a * rows / tp
+
+
+def checkpointed_block_bytes(m: ModelConfig, b: int, nbytes: int = 2) -> float:
+    """What a block under deepspeed.checkpointing keeps until its recompute: its input (CheckpointFunction saves
+    the tensor arguments; the forward runs under no_grad), replicated under TP."""
+    return nbytes * m.n_ctx * b * m.d_model
+
+
+def embed_activation_bytes(m: ModelConfig, b: int) -> float:
+    """The embedding saves the int64 token ids (its output is the first block's saved norm_1 input)."""
+    return 8 * m.n_ctx * b
+
+
+def head_activation_bytes(m: ModelConfig, b: int, tp: int = 1, nbytes: int = 2, pp: int = 1) -> float:
+    """norm_f input and rstd, the head's input (replicated), and the loss's fp32 log-softmax over the V/t local
+    logits. TP: megapix's vocab-parallel cross-entropy keeps the fp32 softmax, the int64 local targets and a bool
+    mask per row. Without TP cross_entropy keeps the int64 targets: the embedding's own ids when both sit on one
+    rank, the pipeline's labels (8 bytes a row more) on a last stage."""
+    rows, h = m.n_ctx * b, m.d_model
+    kept = 2 * nbytes * rows * h + 4 * rows + 4 * rows * VOCAB_SIZE / tp
+    return kept + (9 * rows if tp > 1 else 8 * rows if pp > 1 else 0)
+
+
+def loss_transient_bytes(m: ModelConfig, b: int, tp: int = 1, nbytes: int = 2) -> float:
+    """Not saved, but alive in the loss at the forward's end beside the saved log-softmax: the model-dtype logits
+    and their fp32 copy (the fp32 logit gradient and its model-dtype cast take the same room at backward's start)."""
+    return (nbytes + 4) * m.n_ctx * b * VOCAB_SIZE / tp
+
+
+def in_flight(pp: int, stage: int, micro_batches: int) -> int:
+    """Micro-batches whose activations stage `stage` holds at once under DeepSpeed's 1F1B TrainSchedule: the
+    forwards it runs before its first backward, min(p - i, m) (counted in a real pipeline in tests/test_plan.py)."""
+    return min(pp - stage, micro_batches) if pp > 1 else 1
+
+
+def stage_activation_bytes(m: ModelConfig, lay: Layout, global_batch: int, nbytes: int = 2,
+                           kernels: str = "triton", checkpointing: bool | None = None,
+                           loss_transient: bool = True) -> list[float]:
+    """Saved activations of every pipeline stage at its peak: in-flight micro-batches x (its blocks + the
+    embedding on the first stage + the head on the last), plus, with checkpointing, one block's full activations
+    during its recompute (less its input, already kept), and on the last stage the loss transient (loss_transient=False: saved tensors only, what
+    tests/test_activations.py counts)."""
+    ckpt = lay.checkpointing if checkpointing is None else checkpointing
+    b, pp = lay.micro_batch, lay.pp
+    micro_batches = global_batch // (lay.dp * b)
+    block = block_activation_bytes(m, b, lay.tp, kernels, nbytes)
+    kept = checkpointed_block_bytes(m, b, nbytes) if ckpt else block
+    out = []
+    rows_h = nbytes * m.n_ctx * b * m.d_model
+    for i, layers in enumerate(stage_layers(m, lay.tp, pp)):
+        n = in_flight(pp, i, micro_batches)
+        per_micro = layers * kept + (embed_activation_bytes(m, b) if i == 0 else 0.0)
+        head = head_activation_bytes(m, b, lay.tp, nbytes, pp) if i == pp - 1 else 0.0
+        act = n * (per_micro + head)
+        if ckpt and layers:
+            # the backward reaches the blocks after the head and loss freed theirs; the recompute of one block
+            # saves its full activations, one of which is the input it already keeps. Counted on a DeepSpeed
+            # pipeline's last stage: the norm_f and head inputs (2 rows h e) are still held then (not in a single
+            # process, where the head's tensors are gone).
+            held = 2 * rows_h if pp > 1 and i == pp - 1 else 0.0
+            act = max(act, n * per_micro + (n - 1) * head + block - kept + held)
+        transient = loss_transient and i == pp - 1
+        out.append(act + (loss_transient_bytes(m, b, lay.tp, nbytes) if transient else 0.0))
+    return out
+
+
+def pipe_buffer_bytes(m: ModelConfig, lay: Layout, global_batch: int, nbytes: int = 2) -> float:
+    """DeepSpeed's pipe buffers on the stage holding the most: max(2, min(p - i, m)) buffers, each a received input
+    (stage i > 0; the stage runs on a clone of it) and an output kept for its backward (1/t of it under
+    pipe_partitioned with TP). Stated from DeepSpeed's PipelineEngine, not counted."""
+    if lay.pp == 1:
+        return 0.0
+    act = nbytes * m.n_ctx * lay.micro_batch * m.d_model
+    micro_batches = global_batch // (lay.dp * lay.micro_batch)
+    sizes = []
+    for i in range(lay.pp):
+        buffers = max(2, in_flight(lay.pp, i, micro_batches))
+        sizes.append(buffers * ((act if i > 0 else 0.0) + (act / lay.tp if i < lay.pp - 1 else 0.0)))
+    return max(sizes)
+
+
+def memory(m: ModelConfig, lay: Layout, global_batch: int, precision: str = "bf16", kernels: str = "triton") -> Memory:
     nbytes = 2 if precision == "bf16" else 4
     P = max(stage_params(m, lay.tp, lay.pp))
-    layers = max(stage_layers(m, lay.tp, lay.pp))
     st = state_bytes(P, lay.dp, lay.zero, precision, lay.pp > 1)
     if lay.zero in (0, 1):
         grads_bwd = nbytes * P
     else:
         grads_bwd = nbytes * min(BUCKET_ELEMENTS, P) + (nbytes * P / lay.dp if lay.zero == 2 else 0.0)
-    s, h, b, V = m.n_ctx, m.d_model, lay.micro_batch, VOCAB_SIZE
-    per_layer = activation_bytes_per_layer(m, b, lay.tp, flash, nbytes)
-    edge = nbytes / 2 * (2 * s * b * h + 10 * s * b * V / lay.tp)  # embedding output; head logits + loss
-    m_count = global_batch // (lay.dp * b)
-    in_flight = min(lay.pp, m_count) if lay.pp > 1 else 1
-    full = in_flight * layers * per_layer + edge
-    ckpt = in_flight * layers * nbytes * s * b * h + per_layer + edge
-    pipe = in_flight * 2 * nbytes * s * b * h if lay.pp > 1 else 0.0
+    full = max(stage_activation_bytes(m, lay, global_batch, nbytes, kernels, checkpointing=False))
+    ckpt = max(stage_activation_bytes(m, lay, global_batch, nbytes, kernels, checkpointing=True))
+    pipe = pipe_buffer_bytes(m, lay, global_batch, nbytes)
     workspace = WORKSPACE_BYTES if precision == "bf16" else 0.0
     if lay.zero in (1, 2):
         workspace += 2 * nbytes * min(BUCKET_ELEMENTS, P)
@@ -302,12 +404,12 @@ def step_time(m: ModelConfig, lay: Layout, global_batch: int, nodes: int, gpus_p
               efficiency: float = EFFICIENCY) -> Timing:
     s, h, L = m.n_ctx, m.d_model, m.n_layer
     tokens = global_batch * s
-    model_flops = tokens * m.flops_per_token()
-    recompute = tokens * (2 * 12 * L * h * h + 4 * L * s * h) if lay.checkpointing else 0.0
+    model_flops = tokens * m.flops_per_token()  # what MFU counts
+    executed = tokens * m.flops_per_token(recompute=lay.checkpointing, executed=True)  # what the GPU runs
     world = lay.world
     peak = dev.peak_tflops * 1e12
     eff = efficiency * min(1.0, h / lay.tp / FULL_WIDTH) ** 0.5
-    compute = (model_flops + recompute) / world / (peak * eff)  # perfectly split over all GPUs
+    compute = executed / world / (peak * eff)  # perfectly split over all GPUs
     elementwise = tokens * L * 40 * h / (lay.dp * lay.tp * lay.pp) / (dev.hbm_gbps * 1e9)
     P = max(stage_params(m, lay.tp, lay.pp))
     local = P / lay.dp if lay.zero >= 1 or lay.pp > 1 else P
@@ -364,6 +466,32 @@ def layout_problem(m: ModelConfig, lay: Layout, global_batch: int, gpus_per_node
     return None
 
 
+def pinned_problem(m: ModelConfig, world: int, gpus_per_node: int, global_batch: int, tp=None, pp=None, zero=None,
+                   micro=None, ckpt=None) -> str | None:
+    """Why no layout at all exists with these pinned axes (None: some do, whether or not they fit in memory)."""
+    if next(candidates(m, world, gpus_per_node, global_batch, tp, pp, zero, micro, ckpt), None) is not None:
+        return None
+    if tp:
+        if gpus_per_node % tp:
+            return (f"--tensor-parallel {tp} does not divide the {gpus_per_node} GPUs of a node (tensor parallelism "
+                    f"stays inside a node); choose one of {', '.join(map(str, _divisors(gpus_per_node)))}")
+        if m.n_head % tp or VOCAB_SIZE % tp:
+            return (f"--tensor-parallel {tp} does not divide the model's {m.n_head} heads and the 512-way head; "
+                    f"choose a common divisor")
+    if pp:
+        if pp > m.n_layer:
+            return f"--pipeline-parallel {pp} exceeds the model's {m.n_layer} layers"
+        if world % (pp * (tp or 1)):
+            return (f"TP {tp or 1} x PP {pp} does not divide the {world} GPUs; choose TP x PP dividing {world}")
+        if zero is not None and zero > 1:
+            return f"DeepSpeed's pipeline engine takes ZeRO-0/1, not --zero-stage {zero}"
+    if micro:
+        return (f"--micro-batch {micro} x the data-parallel size does not divide --global-batch {global_batch} for "
+                "any layout left; choose a smaller micro-batch or another global batch")
+    return (f"no layout divides global batch {global_batch} over {world} GPUs with these pins; pass --global-batch, a "
+            f"multiple of the data-parallel size")
+
+
 def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
@@ -378,54 +506,78 @@ class Plan:
     global_batch: int
     nodes: int
     gpus_per_node: int
-    command: str = ""
-    ds_config: dict = field(default_factory=dict)
+    kernels: str = "triton"
+    precision: str = "bf16"
+
+    @property
+    def command(self) -> str:
+        return train_command(self.model, self.layout, self.global_batch, self.nodes, self.gpus_per_node, self.kernels)
+
+    @property
+    def ds_config(self) -> dict:
+        return ds_config(self.layout, self.global_batch, self.precision)
 
     def to_dict(self) -> dict:
         mem = {k: v / GiB for k, v in asdict(self.memory).items()}
         mem.update(states=self.memory.states / GiB, peak=self.memory.peak / GiB)
         return {"model": self.model, "layout": asdict(self.layout), "world": self.layout.world,
-                "memory_gib": mem, "timing": asdict(self.timing), "fits": self.fits,
+                "kernels": self.kernels, "memory_gib": mem, "timing": asdict(self.timing), "fits": self.fits,
                 "global_batch": self.global_batch, "command": self.command, "ds_config": self.ds_config,
                 "ds_config_file": ds_config_file(self.layout)}
 
 
-def ds_config_file(lay: Layout) -> str:
-    return {0: "ds_configs/bf16.json", 1: "ds_configs/zero1.json", 2: "ds_configs/zero2.json",
-            3: "ds_configs/zero3.json"}[lay.zero] if lay.pp == 1 else "ds_configs/pipeline.json"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def ds_config(lay: Layout, global_batch: int) -> dict:
-    """The DeepSpeed config this plan runs with (megapix's flags set batch, precision and stage on top of it)."""
-    zero: dict = {"stage": lay.zero}
-    if lay.zero in (1, 2):
-        zero.update(reduce_bucket_size=BUCKET_ELEMENTS, allgather_bucket_size=BUCKET_ELEMENTS)
-    if lay.zero == 2:
-        zero.update(overlap_comm=True, contiguous_gradients=True, reduce_scatter=True)
-    if lay.zero == 3:
-        zero.update(overlap_comm=True, contiguous_gradients=True, stage3_prefetch_bucket_size=BUCKET_ELEMENTS,
-                    stage3_param_persistence_threshold=100000)
-    cfg = {"train_batch_size": global_batch, "train_micro_batch_size_per_gpu": lay.micro_batch,
-           "gradient_accumulation_steps": global_batch // (lay.dp * lay.micro_batch), "gradient_clipping": 1.0,
-           "bf16": {"enabled": True}, "zero_optimization": zero}
-    if lay.pp > 1:
-        cfg["pipeline"] = {"pipe_partitioned": True, "grad_partitioned": True}
-    return cfg
+def ds_config_file(lay: Layout) -> str | None:
+    """The ds_configs/ file a row runs with. ZeRO-0 rows take none: every file there sets a stage of 1 or more,
+    and the trainer refuses a JSON whose stage disagrees with --zero-stage; without a JSON DeepSpeed's pipeline
+    defaults (pipe_partitioned, grad_partitioned) and megapix's own bf16/clipping settings apply."""
+    if lay.zero == 0:
+        return None
+    return "ds_configs/pipeline.json" if lay.pp > 1 else f"ds_configs/zero{lay.zero}.json"
 
 
-def train_command(model: str, lay: Layout, global_batch: int, nodes: int, gpus_per_node: int) -> str:
+@functools.lru_cache(maxsize=None)
+def _user_ds_config(path: str | None) -> str:
+    if path is None or not os.path.isfile(os.path.join(ROOT, path)):
+        return "{}"
+    return json.dumps(dsconfig.load_ds_config(os.path.join(ROOT, path)))
+
+
+def ds_config(lay: Layout, global_batch: int, precision: str = "bf16") -> dict:
+    """The DeepSpeed config this row's command runs with, made as the trainer makes it: its ds_config file
+    through megapix.dsconfig.resolve (the same agreement checks) and make_ds_config (the one builder)."""
+    path = ds_config_file(lay)
+    user = dsconfig.UserDSConfig(json.loads(_user_ds_config(path)))
+    user.path = path
+    train = TrainConfig(global_batch=global_batch, micro_batch=lay.micro_batch, tensor_parallel=lay.tp,
+                        pipeline_parallel=lay.pp, zero_stage=lay.zero, precision=precision,
+                        activation_checkpointing=lay.checkpointing)
+    cfg, user = dsconfig.resolve(Config(train=train), user, world=lay.world)
+    engine_layout = ParallelLayout(world=lay.world, rank=0, tp=lay.tp, pp=lay.pp, zero_stage=lay.zero)
+    return dsconfig.make_ds_config(cfg, user, engine_layout, lay.micro_batch)
+
+
+def train_command(model: str, lay: Layout, global_batch: int, nodes: int, gpus_per_node: int,
+                  kernels: str = "auto") -> str:
     cmd = (f"deepspeed --num_nodes {nodes} --num_gpus {gpus_per_node} megapix/train.py --model {model} "
            f"--global-batch {global_batch} --micro-batch {lay.micro_batch} --tensor-parallel {lay.tp} "
-           f"--pipeline-parallel {lay.pp} --zero-stage {lay.zero} --deepspeed-config {ds_config_file(lay)}")
+           f"--pipeline-parallel {lay.pp} --zero-stage {lay.zero}")
+    if ds_config_file(lay):
+        cmd += f" --deepspeed-config {ds_config_file(lay)}"
+    if kernels == "torch":
+        cmd += " --kernels torch"
     return cmd + (" --activation-checkpointing" if lay.checkpointing else "")
 
 
 def plan_one(model: str, m: ModelConfig, lay: Layout, global_batch: int, nodes: int, gpus_per_node: int,
-             dev: Device, memory_gb: float, efficiency: float = EFFICIENCY, precision: str = "bf16") -> Plan:
-    mem = memory(m, lay, global_batch, precision)
+             dev: Device, memory_gb: float, efficiency: float = EFFICIENCY, precision: str = "bf16",
+             kernels: str = "triton") -> Plan:
+    mem = memory(m, lay, global_batch, precision, kernels)
     tim = step_time(m, lay, global_batch, nodes, gpus_per_node, dev, efficiency)
-    return Plan(model, lay, mem, tim, mem.peak <= memory_gb * 1e9, global_batch, nodes, gpus_per_node,
-                train_command(model, lay, global_batch, nodes, gpus_per_node), ds_config(lay, global_batch))
+    return Plan(model, lay, mem, tim, mem.peak <= memory_gb * 1e9, global_batch, nodes, gpus_per_node, kernels,
+                precision)
 
 
 def candidates(m: ModelConfig, world: int, gpus_per_node: int, global_batch: int, tp=None, pp=None, zero=None,
@@ -452,11 +604,12 @@ def candidates(m: ModelConfig, world: int, gpus_per_node: int, global_batch: int
 
 def search(model: str, nodes: int, gpus_per_node: int, memory_gb: float, dev: Device, global_batch: int,
            efficiency: float = EFFICIENCY, best_per_layout: bool = True, precision: str = "bf16",
-           **pins) -> list[Plan]:
+           kernels: str = "triton", **pins) -> list[Plan]:
     """Layouts that fit, fastest first. With best_per_layout, one row per (TP, PP, DP, ZeRO): its fastest
     micro-batch and checkpointing choice."""
     m = model_preset(model) if isinstance(model, str) else model
-    plans = [plan_one(model, m, lay, global_batch, nodes, gpus_per_node, dev, memory_gb, efficiency, precision)
+    plans = [plan_one(model, m, lay, global_batch, nodes, gpus_per_node, dev, memory_gb, efficiency, precision,
+                      kernels)
              for lay in candidates(m, nodes * gpus_per_node, gpus_per_node, global_batch, **pins)]
     fitting = sorted((p for p in plans if p.fits), key=lambda p: -p.timing.tokens_per_s)
     if not best_per_layout:
@@ -640,23 +793,32 @@ def deepspeed_estimate(m: ModelConfig, lay: Layout) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The layout flags are the trainer's (TrainConfig / ModelConfig fields, generated by megapix.cliargs); for the
+# planner an unset one is searched over. The old short spellings stay accepted.
+LAYOUT_FIELDS = {TrainConfig: ("tensor_parallel", "pipeline_parallel", "zero_stage", "micro_batch", "global_batch",
+                               "activation_checkpointing", "precision"), ModelConfig: ("kernels",)}
+OLD_SPELLINGS = {"--tp": "tensor_parallel", "--pp": "pipeline_parallel", "--zero": "zero_stage"}
+PLANNER_DEFAULTS = {"global_batch": "the paper's: 128, 64 for igpt-xl", "precision": "bf16 (auto is bf16: GPUs)",
+                    "kernels": "triton (auto is Triton: GPUs)"}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megapix plan", description="per-GPU memory, step time and MFU of training "
-                                "layouts; with no layout given, every layout that fits, fastest first")
-    p.add_argument("--model", default="igpt-xl", help=f"preset: {', '.join(PRESETS)}")
+    p = cliargs.command_parser("megapix plan", "per-GPU memory, step time and MFU of training layouts; with no "
+                               "layout given, every layout that fits, fastest first")
+    p.add_argument("--model", default="igpt-xl", help=f"preset: {', '.join(PRESETS)} (default: igpt-xl)")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--gpu", choices=sorted(DEVICES), default="h100", help="device model (peak, HBM, links)")
     p.add_argument("--gpu-memory", type=float, help="GB per GPU (default: the device's)")
-    p.add_argument("--tp", type=int)
-    p.add_argument("--pp", type=int)
-    p.add_argument("--zero", type=int, choices=[0, 1, 2, 3])
-    p.add_argument("--micro-batch", type=int)
-    p.add_argument("--global-batch", type=int, help="default: the paper's (128; 64 for igpt-xl)")
-    p.add_argument("--activation-checkpointing", choices=["on", "off"], nargs="?", const="on",
-                   help="pin checkpointing on or off (default: both are considered)")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
-                   help="bf16 mixed precision (GPUs) or fp32 (CPU runs: no 16-bit copies, no workspace)")
+    group = p.add_argument_group("layout (the trainer's flags; each one given pins that axis, the rest are searched)")
+    for cls, names in LAYOUT_FIELDS.items():
+        cliargs.add_fields(group, cls, only=names)
+    for action in group._group_actions:  # the trainer's default is not the planner's: say what an unset flag means
+        if action.dest in LAYOUT_FIELDS[TrainConfig] + LAYOUT_FIELDS[ModelConfig] and action.help:
+            default = PLANNER_DEFAULTS.get(action.dest, "searched")
+            action.help = action.help[:action.help.rfind("(default:")] + f"(default: {default})"
+    for flag, dest in OLD_SPELLINGS.items():
+        p.add_argument(flag, dest=dest, type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--efficiency", type=float, default=EFFICIENCY, help="achieved fraction of peak on matmuls")
     p.add_argument("--top", type=int, default=20, help="rows of the ranked table (0: all)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -677,54 +839,65 @@ def main(argv=None) -> int:
         return 0
     if a.model not in PRESETS:
         raise ConfigError(f"unknown model preset {a.model!r}; choose one of {', '.join(PRESETS)}")
-    for name in ("nodes", "gpus_per_node", "tp", "pp", "micro_batch", "global_batch", "gpu_memory", "efficiency"):
+    pin = {name: getattr(a, name, None) for name in LAYOUT_FIELDS[TrainConfig] + LAYOUT_FIELDS[ModelConfig]}
+    for name in ("nodes", "gpus_per_node", "gpu_memory", "efficiency"):
         v = getattr(a, name)
         if v is not None and v <= 0:
             raise ConfigError(f"--{name.replace('_', '-')}={v} must be positive")
+    for name in ("tensor_parallel", "pipeline_parallel", "micro_batch", "global_batch"):
+        if pin[name] is not None and pin[name] <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')}={pin[name]} must be positive")
     mem_gb = a.gpu_memory or dev.memory_gb
-    gb = a.global_batch or PAPER_BATCH.get(a.model, 64)
-    ckpt = None if a.activation_checkpointing is None else a.activation_checkpointing == "on"
+    gb = pin["global_batch"] or PAPER_BATCH.get(a.model, 64)
+    precision = "bf16" if pin["precision"] in (None, "auto") else pin["precision"]
+    kernels = "triton" if pin["kernels"] in (None, "auto") else pin["kernels"]
+    tp, pp, zero, micro, ckpt = (pin[k] for k in ("tensor_parallel", "pipeline_parallel", "zero_stage", "micro_batch",
+                                                  "activation_checkpointing"))
     m = model_preset(a.model)
     world = a.nodes * a.gpus_per_node
-    pinned = all(v is not None for v in (a.tp, a.pp, a.zero, a.micro_batch)) and ckpt is not None
-    if pinned or (a.tp and a.pp and a.zero is not None):
-        tp, pp = a.tp, a.pp
+    if tp and pp and zero is not None:
         if world % (tp * pp):
             raise ConfigError(f"{world} GPUs are not divisible by TP {tp} x PP {pp}; choose TP x PP dividing {world}")
         dp = world // (tp * pp)
         if gb % dp:
             raise ConfigError(f"global batch {gb} is not divisible by DP {dp}; pass --global-batch, a multiple of {dp}")
-        micro = a.micro_batch or 1
-        lay = Layout(tp, pp, dp, a.zero, micro, bool(ckpt))
+        lay = Layout(tp, pp, dp, zero, micro or 1, bool(ckpt))
         why = layout_problem(m, lay, gb, a.gpus_per_node)
         if why:
             raise ConfigError(f"layout {lay.describe()} cannot run: {why}")
-        p = plan_one(a.model, m, lay, gb, a.nodes, a.gpus_per_node, dev, mem_gb, a.efficiency, a.precision)
+        p = plan_one(a.model, m, lay, gb, a.nodes, a.gpus_per_node, dev, mem_gb, a.efficiency, precision, kernels)
         if a.json:
             print(json.dumps(p.to_dict(), indent=1))
         else:
             print(describe(p))
-            print(f"  fits in {mem_gb:g} GB: {'yes' if p.fits else 'NO'}; ds_config ({ds_config_file(lay)} + flags): "
-                  f"{json.dumps(p.ds_config)}")
+            print(f"  fits in {mem_gb:g} GB: {'yes' if p.fits else 'NO'}; ds_config "
+                  f"({ds_config_file(lay) or 'no file'} + flags): {json.dumps(p.ds_config)}")
+            print(ASSUMPTIONS)
         return 0 if p.fits else 1
-    plans = search(a.model, a.nodes, a.gpus_per_node, mem_gb, dev, gb, a.efficiency, precision=a.precision,
-                   tp=a.tp, pp=a.pp, zero=a.zero, micro=a.micro_batch, ckpt=ckpt)
+    why = pinned_problem(m, world, a.gpus_per_node, gb, tp, pp, zero, micro, ckpt)
+    if why:
+        raise ConfigError(why)
+    plans = search(a.model, a.nodes, a.gpus_per_node, mem_gb, dev, gb, a.efficiency, precision=precision,
+                   kernels=kernels, tp=tp, pp=pp, zero=zero, micro=micro, ckpt=ckpt)
     if a.json:
         print(json.dumps([p.to_dict() for p in plans], indent=1))
         return 0 if plans else 1
     print(f"{a.model} ({m.num_parameters() / 1e6:.0f}M parameters, {m.n_ctx} tokens/image) on {a.nodes} x "
-          f"{a.gpus_per_node} {dev.name} ({mem_gb:g} GB), global batch {gb}, {a.precision}; {len(plans)} layouts fit")
+          f"{a.gpus_per_node} {dev.name} ({mem_gb:g} GB), global batch {gb}, {precision}, {kernels} kernels; "
+          f"{len(plans)} layouts fit")
     if not plans:
-        print("no layout fits: add GPUs, lower --global-batch, or use a GPU with more memory", file=sys.stderr)
+        print("no layout fits in memory: add GPUs, lower --global-batch, or use a GPU with more memory",
+              file=sys.stderr)
         return 1
     print(table(plans, a.top or None))
-    print("\ncommands (the ds_config file is named in each; --json prints the full ds_config of every row):")
+    print("\ncommands (the ds_config file, if any, is named in each; --json prints the full ds_config of every row):")
     for i, p in enumerate(plans[:a.top] if a.top else plans, 1):
         print(f"{i:>3} {p.command}")
     print()
     print("best: " + describe(plans[0]))
-    print(f"  ds_config ({ds_config_file(plans[0].layout)} + the flags above): {json.dumps(plans[0].ds_config)}")
-    print("assumptions: see `python -c 'import megapix.plan; help(megapix.plan)'` (formulas and device model)")
+    print(f"  ds_config ({ds_config_file(plans[0].layout) or 'no file'} + the flags above): "
+          f"{json.dumps(plans[0].ds_config)}")
+    print(ASSUMPTIONS)
     return 0
 
 

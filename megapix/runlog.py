@@ -1,18 +1,21 @@
-"""What a run leaves beside its checkpoints and how it is told to stop: metrics.jsonl, the stop request
-(preemption signal or time budget), peak memory, and the check that an --out does not already hold a run."""
+"""What a run shows and leaves beside its checkpoints, and how it is told to stop: the RunLog (metrics.jsonl, the
+loss curve and loss.png, DeepSpeed's monitors, the progress line, the end-of-run summary), the stop request
+(preemption signal or time budget), peak memory, and the CPU matmul peak that MFU divides by there."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import signal
+import sys
 import time
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
-from megapix.checkpoint import latest_step
-from megapix.config import ConfigError
+from megapix.utils import atomic_path, read_metrics
 
 
 def peak_memory(device: torch.device) -> tuple[str, float]:
@@ -65,42 +68,121 @@ class StopRequest:
         return bool(flag.item())
 
 
-def read_metrics(path: str) -> list[dict]:
-    """The records of a metrics.jsonl. A torn last line (a kill in the middle of a write) is skipped; a bad line
-    anywhere else means the file is not ours to rewrite."""
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        lines = [line for line in f.read().split("\n") if line.strip()]
-    out = []
-    for i, line in enumerate(lines):
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise ConfigError(f"{path} line {i + 1} is not JSON; move the file away and resume again") from None
-    return out
+class RunLog:
+    """What a run shows and leaves for its user besides checkpoints: <out>/metrics.jsonl (one JSON record per step,
+    rank 0 writes), the loss curve and <out>/loss.png, DeepSpeed's monitors (TensorBoard/CSV/W&B, when its config
+    enables one), the progress line (a bar on a terminal; on a log file, SLURM's or a pipe's, one plain line every
+    log_every steps instead of hundreds of carriage-return redraws) and what the end-of-run summary reports.
 
+    The Trainer makes one per run; several runs can share one (a fine-tuning sweep: one metrics.jsonl for every
+    learning rate, `plot=False`). `continue_from` starts the file: a fresh run empties it, a resumed one keeps the
+    records up to the resumed step (megapix.checkpoint.manager calls it on resume)."""
 
-class MetricsLog:
-    """<out>/metrics.jsonl, one JSON record per step (rank 0 writes). On resume, records past the checkpoint
-    (and a torn last line) are dropped, so the file is exactly the curve of the run that continues.
-    `append=True` keeps what is there (several runs of one sweep share a file)."""
+    def __init__(self, out: str, is_rank0: bool, plot: bool = True):
+        self.path = os.path.join(out, "metrics.jsonl")
+        self.png_path = os.path.join(out, "loss.png")
+        self.enabled, self.plotting = is_rank0, plot
+        self.curve: tuple[list, list] = ([], [])  # (step, train loss), (step, val loss)
+        self.loss_png = None  # the path, once written
+        self.summary: dict = {}
+        self.monitor = None
+        self._bar = None
+        self._told: set = set()
 
-    def __init__(self, path: str, enabled: bool, resume_step: int, append: bool = False):
-        self.path, self.enabled = path, enabled
-        if enabled and not append and os.path.isfile(path):
-            kept = [r for r in read_metrics(path) if resume_step >= 0 and r.get("step", 0) <= resume_step]
-            tmp = path + ".tmp"
+    def continue_from(self, step: int | None) -> None:
+        """Rewrite metrics.jsonl as the curve of the run that goes on from `step`: None (a fresh run) keeps
+        nothing; a resumed run keeps the records up to its checkpoint, dropping later ones and a torn last line.
+        The loss curve is reloaded from what is kept."""
+        self.curve = ([], [])
+        if not self.enabled:
+            return
+        if os.path.isfile(self.path):
+            kept = [r for r in read_metrics(self.path) if step is not None and r.get("step", 0) <= step]
+            tmp = self.path + ".tmp"
             with open(tmp, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in kept)
-            os.replace(tmp, path)
+            os.replace(tmp, self.path)
+            for r in kept:
+                self._add_to_curve(r)
 
-    def write(self, record: dict) -> None:
+    # ---- one training run (fit) ----
+    def begin(self, desc: str, total: int, initial: int, log_every: int, monitor=None) -> None:
+        self.desc, self.total, self.log_every, self.monitor = desc, total, max(1, log_every), monitor
+        self.summary = {"first_step": initial}
+        self._last_val = None
+        self._interactive = sys.stdout.isatty()
+        self._bar = tqdm(total=total, initial=initial, disable=not (self.enabled and self._interactive), desc=desc,
+                         dynamic_ncols=True)
+
+    def end(self) -> None:
+        """Close the progress bar (before any message or error is printed); idempotent."""
+        if self._bar is not None:
+            self._bar.close()
+
+    def record(self, rec: dict) -> None:
+        """One step's record: into metrics.jsonl, the curve, the monitor, the summary and the progress line."""
         if self.enabled:
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(rec) + "\n")
+        self._add_to_curve(rec)
+        mon = self.monitor
+        if mon is not None and mon.enabled and self.enabled:
+            mon.write_events([(f"megapix/{k}", v, rec["step"]) for k, v in rec.items()
+                              if isinstance(v, (int, float)) and k != "step"])
+        self._remember(rec)
+        self._progress(rec)
+
+    def plot(self) -> None:
+        """<out>/loss.png (rank 0): at each evaluation and at the end of a run."""
+        if self.enabled and self.plotting:
+            self.loss_png = write_loss_plot(*self.curve, self.png_path)
+
+    def note_once(self, key: str, message: str) -> None:
+        """A line printed once per log (rank 0), e.g. why a metric is null."""
+        if self.enabled and key not in self._told:
+            self._told.add(key)
+            print(f"megapix: {message}", flush=True)
+
+    def _add_to_curve(self, rec: dict) -> None:
+        if isinstance(rec.get("step"), int):
+            for points, key in zip(self.curve, ("loss", "val_loss")):
+                if isinstance(rec.get(key), (int, float)):
+                    points.append((rec["step"], rec[key]))
+
+    def _progress(self, rec: dict) -> None:
+        if rec.get("val_loss") is not None:
+            self._last_val = rec["val_loss"]
+        loss = rec["loss"]
+        self._bar.update(1)
+        self._bar.set_postfix(loss=f"{loss:.4f}",
+                              **({"val": f"{self._last_val:.4f}"} if self._last_val is not None else {}),
+                              tok_s=f"{rec['tokens_per_s']:.0f}")
+        step = rec["step"]
+        if self.enabled and not self._interactive and (step % self.log_every == 0 or step == self.total):
+            bpd = f" ({rec['bpd']:.3f} bits/dim)" if rec.get("bpd") is not None else ""
+            val_bpd = f" ({rec['val_bpd']:.3f} bits/dim)" if rec.get("val_bpd") is not None else ""
+            norm = f", grad_norm {rec['grad_norm']:.3g}" if rec.get("grad_norm") is not None else ""
+            print(f"{self.desc} step {step}/{self.total}: loss {loss:.4f}{bpd}"
+                  + (f", val_loss {rec['val_loss']:.4f}{val_bpd}" if rec.get("val_loss") is not None else "")
+                  + f", lr {rec['lr']:.3g}{norm}, {rec['tokens_per_s']:.0f} tokens/s", flush=True)
+
+    def _remember(self, rec: dict) -> None:
+        """What the end-of-run summary reports: the last train loss and the best validation loss, and a warning
+        when validation loss has risen three evaluations in a row while training goes on (overfitting)."""
+        s = self.summary
+        s["last_step"], s["last_loss"], s["last"] = rec["step"], rec["loss"], rec
+        val = rec.get("val_loss")
+        if val is None:
+            return
+        vals = s.setdefault("val_losses", [])
+        vals.append(val)
+        if s.get("best_val_loss") is None or val < s["best_val_loss"]:
+            s["best_val_loss"], s["best_val_step"] = val, rec["step"]
+        if len(vals) >= 4 and vals[-1] > vals[-2] > vals[-3] > vals[-4] and self.enabled and not s.get("warned"):
+            s["warned"] = True
+            print(f"megapix: warning: val_loss has risen for 3 evaluations ({vals[-4]:.4f} -> {vals[-1]:.4f}; best "
+                  f"{s['best_val_loss']:.4f} at step {s['best_val_step']}): the model is overfitting this data; "
+                  "fewer --max-steps or more data", flush=True)
 
 
 def write_loss_plot(train: list, val: list, png_path: str, points: int = 2000) -> str | None:
@@ -114,12 +196,9 @@ def write_loss_plot(train: list, val: list, png_path: str, points: int = 2000) -
         k = -(-len(train) // points)
         train = [(train[min(i + k, len(train)) - 1][0], sum(v for _, v in train[i:i + k]) / len(train[i:i + k]))
                  for i in range(0, len(train), k)]
-    import math
-
+    # lazy: matplotlib costs ~0.3 s to import and only a run that plots needs it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures are left alone
-
-    from megapix.utils import atomic_path
 
     fig = Figure(figsize=(6.4, 4.0), dpi=100)
     FigureCanvasAgg(fig)
@@ -139,26 +218,48 @@ def write_loss_plot(train: list, val: list, png_path: str, points: int = 2000) -
     return png_path
 
 
-def existing_run_step(out: str) -> int | None:
-    """The step of a run already in `out` (from checkpoints/latest, else the newest global_step* folder, else
-    the last metrics.jsonl record), or None when `out` holds no run."""
-    step = latest_step(os.path.join(out, "checkpoints"))
-    if step is not None:
-        return step
-    path = os.path.join(out, "metrics.jsonl")
-    if os.path.isfile(path) and os.path.getsize(path) > 0:
-        try:
-            recs = read_metrics(path)
-        except ConfigError:
-            recs = []
-        return int(recs[-1].get("step", 0)) if recs else 0
-    return None
-
-
-def refuse_existing_run(out: str, shown: str) -> None:
-    """Training into a folder that holds a run without --resume would cut its metrics and overwrite its
-    checkpoints: refuse, naming both ways out."""
-    step = existing_run_step(out)
-    if step is not None:
-        raise ConfigError(f"{shown} already holds a run at step {step}: pass --resume to continue, or choose "
-                          "another --out")
+def summary_text(log: RunLog, checkpoints, shown_out: str, step: int, peak_tflops: float | None, peak_source: str,
+                 samples: str | None) -> str:
+    """The end of a run, for its user: how it went (loss and bits/dim, best validation, throughput), where
+    everything is (checkpoints, the best one, metrics, loss curve, samples), and what to run next. `checkpoints` is
+    the run's CheckpointManager (latest_tag, best)."""
+    s, out = log.summary, shown_out
+    last = s.get("last", {})
+    bpd = f" ({last['bpd']:.3f} bits/dim)" if last.get("bpd") is not None else ""
+    lines = [f"megapix: done at step {s.get('last_step', step)}: train loss {s['last_loss']:.4f}{bpd}"
+             if "last_loss" in s else f"megapix: done at step {step}"]
+    if s.get("best_val_loss") is not None:
+        last_val = s["val_losses"][-1]
+        ln2 = math.log(2)
+        lines[0] += (f", val_loss {last_val:.4f} ({last_val / ln2:.3f} bits/dim; best {s['best_val_loss']:.4f} = "
+                     f"{s['best_val_loss'] / ln2:.3f} bits/dim at step {s['best_val_step']}"
+                     f"{'; rising since: overfitting' if last_val > s['best_val_loss'] else ''})")
+    ckpt = os.path.join(out, "checkpoints")
+    latest = checkpoints.latest_tag
+    lines.append(f"  checkpoints  {ckpt}" + (f" (latest {latest})" if latest is not None else ""))
+    best = checkpoints.best
+    best_dir = os.path.join(ckpt, best["tag"]) if best else None
+    if best:
+        what = f"val_loss {best['val_loss']:.4f}" if best.get("val_loss") is not None else f"score {best['score']:.4g}"
+        lines.append(f"  best         {best_dir} (step {best['step']}, {what}; {os.path.join(ckpt, 'best.json')})")
+    lines.append(f"  metrics      {os.path.join(out, 'metrics.jsonl')}")
+    if log.loss_png:
+        lines.append(f"  loss curve   {os.path.join(out, 'loss.png')}")
+    if samples:
+        lines.append(f"  samples      {samples}")
+    if last.get("tokens_per_s") is not None:
+        mem = (f", peak device memory {last['peak_mem_gb']:.2f} GiB" if "peak_mem_gb" in last else
+               f", peak RSS {last['peak_rss_gb']:.2f} GiB" if "peak_rss_gb" in last else "")
+        mfu = (f", MFU {100 * last['mfu']:.1f}% of {peak_tflops:.3g} TFLOP/s ({peak_source})"
+               if last.get("mfu") is not None else f", no MFU ({peak_source})")
+        lines.append(f"  last step    {last['tokens_per_s']:.0f} tokens/s, {last['tflops_per_device']:.3g} TFLOP/s "
+                     f"per rank{mfu}{mem}")
+    lines += ["next:",
+              f"  continue     python megapix/train.py --resume --out {out} --max-steps N   (same flags otherwise)",
+              f"  export (HF)  megapix export --checkpoint {out} --out {out}-hf"]
+    if best and best["tag"] != latest:
+        lines.append(f"  export best  megapix export --checkpoint {best_dir} --out {out}-best-hf")
+    lines += [f"  sample       megapix sample --checkpoint {out} --out {os.path.join(out, 'more_samples.png')}",
+              f"  probe        megapix extract --checkpoint {out} --out {out}-features && "
+              f"megapix probe --features {out}-features"]
+    return "\n".join(lines)

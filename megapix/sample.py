@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from megapix.config import ConfigError
+from megapix.model import ImageGPT
 
 
 @torch.no_grad()
@@ -98,6 +99,31 @@ def save_png(image: np.ndarray, path: str, scale: int = 4, run_folder: bool = Fa
 
     with disk_errors(path), atomic_path(path) as tmp:  # a refused write: one line, and no half-written PNG
         img.save(tmp, format="PNG", pnginfo=info)
+
+
+def write_run_samples(trainer, n: int = 8) -> str | None:
+    """<out>/samples.png at the end of a training run: completions of held-out images and unconditional samples
+    (AR models), from a consolidated copy of the weights on rank 0 (Trainer.full_state_dict), so every layout
+    writes them and no rank waits in a collective while rank 0 samples. Collective. Returns the path (rank 0), or
+    None with a line saying why not."""
+    cfg = trainer.cfg
+    if cfg.model.objective != "ar" or trainer.palette is None:
+        if trainer.is_rank0:
+            why = "BERT models do not generate" if cfg.model.objective != "ar" else "token data has no palette"
+            print(f"megapix: no samples.png ({why})", flush=True)
+        return None
+    state = trainer.full_state_dict()
+    if not trainer.is_rank0:
+        return None
+    with torch.device("meta"):
+        model = ImageGPT(cfg.model)
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, assign=True, strict=True)
+    model = model.to(trainer.device).eval()
+    test = trainer.splits["test"]
+    held = test.tokens(np.arange(min(n, len(test)))).to(trainer.device)
+    path = os.path.join(trainer.out, "samples.png")
+    save_png(completion_grid(model, trainer.palette, held, seed=cfg.train.seed), path, run_folder=True)
+    return path
 
 
 def main(argv=None) -> int:

@@ -5,7 +5,6 @@ With no flags it trains the tiny preset on the embedded default (scikit-learn's 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 
@@ -67,57 +66,6 @@ def check_run_record(path: str, cfg, resume: bool) -> None:
                           "pass --resume to continue it, or choose another --out")
 
 
-def tag_for(step) -> str:
-    from megapix.checkpoint.tags import tag_for as tag
-
-    return tag(step)
-
-
-def summary(trainer, samples: str | None) -> str:
-    """The end of a run, for its user: how it went (loss and bits/dim, best validation, throughput), where
-    everything is (checkpoints, the best one, metrics, loss curve, samples), and what to run next."""
-    s, out = trainer.summary, trainer.shown_out
-    last = s.get("last", {})
-    bpd = f" ({last['bpd']:.3f} bits/dim)" if last.get("bpd") is not None else ""
-    lines = [f"megapix: done at step {s.get('last_step', trainer.step)}: train loss {s['last_loss']:.4f}{bpd}"
-             if "last_loss" in s else f"megapix: done at step {trainer.step}"]
-    if s.get("best_val_loss") is not None:
-        last_val = s["val_losses"][-1]
-        ln2 = math.log(2)
-        lines[0] += (f", val_loss {last_val:.4f} ({last_val / ln2:.3f} bits/dim; best {s['best_val_loss']:.4f} = "
-                     f"{s['best_val_loss'] / ln2:.3f} bits/dim at step {s['best_val_step']}"
-                     f"{'; rising since: overfitting' if last_val > s['best_val_loss'] else ''})")
-    ckpt = os.path.join(out, "checkpoints")
-    lines.append(f"  checkpoints  {ckpt}" + (f" (latest {tag_for(trainer.saved_step)})"
-                                             if trainer.saved_step is not None else ""))
-    best = getattr(trainer, "best_checkpoint", None)
-    best_dir = os.path.join(ckpt, best["tag"]) if best else None
-    if best:
-        what = f"val_loss {best['val_loss']:.4f}" if best.get("val_loss") is not None else f"score {best['score']:.4g}"
-        lines.append(f"  best         {best_dir} (step {best['step']}, {what}; {os.path.join(ckpt, 'best.json')})")
-    lines.append(f"  metrics      {os.path.join(out, 'metrics.jsonl')}")
-    if getattr(trainer, "loss_png", None):
-        lines.append(f"  loss curve   {os.path.join(out, 'loss.png')}")
-    if samples:
-        lines.append(f"  samples      {samples}")
-    if last.get("tokens_per_s") is not None:
-        mem = (f", peak device memory {last['peak_mem_gb']:.2f} GiB" if "peak_mem_gb" in last else
-               f", peak RSS {last['peak_rss_gb']:.2f} GiB" if "peak_rss_gb" in last else "")
-        mfu = (f", MFU {100 * last['mfu']:.1f}% of {trainer.peak_tflops:.3g} TFLOP/s ({trainer.peak_source})"
-               if last.get("mfu") is not None else f", no MFU ({trainer.peak_source})")
-        lines.append(f"  last step    {last['tokens_per_s']:.0f} tokens/s, {last['tflops_per_device']:.3g} TFLOP/s "
-                     f"per rank{mfu}{mem}")
-    lines += ["next:",
-              f"  continue     python megapix/train.py --resume --out {out} --max-steps N   (same flags otherwise)",
-              f"  export (HF)  megapix export --checkpoint {out} --out {out}-hf"]
-    if best and best["tag"] != tag_for(trainer.saved_step):
-        lines.append(f"  export best  megapix export --checkpoint {best_dir} --out {out}-best-hf")
-    lines += [f"  sample       megapix sample --checkpoint {out} --out {os.path.join(out, 'more_samples.png')}",
-              f"  probe        megapix extract --checkpoint {out} --out {out}-features && "
-              f"megapix probe --features {out}-features"]
-    return "\n".join(lines)
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from megapix.config import ConfigError, check_kernels_available
@@ -131,14 +79,14 @@ def main(argv=None) -> int:
         effective, _ = dsconfig.resolve(cfg, args.deepspeed_config, dsconfig.launch_world())
         out = os.path.abspath(effective.train.out)
         if not args.resume:  # a run already there is named by its step, before its record is compared
-            from megapix.runlog import refuse_existing_run
+            from megapix.checkpoint.manager import refuse_existing_run
 
             refuse_existing_run(out, effective.train.out)
         record = os.path.join(out, "config.json")
         check_run_record(record, effective, args.resume)
         from megapix.parallel.launch import init_distributed
 
-        init_distributed()
+        init_distributed(effective.train.collective_timeout)
         from megapix import runfolder
 
         runfolder.claim(out, "train", "megapix train")  # one writer per --out, for this process's life
@@ -157,16 +105,22 @@ def main(argv=None) -> int:
                   "--peak-tflops sets it)"
                   if trainer.peak_tflops else f"megapix: no MFU: {trainer.peak_source}", flush=True)
         code = trainer.fit()
-        samples = trainer.write_samples() if code == 0 and not args.no_samples else None
+        from megapix.runlog import summary_text
+        from megapix.sample import write_run_samples
+
+        samples = write_run_samples(trainer) if code == 0 and not args.no_samples else None
         if trainer.is_rank0 and code == 0:
-            print(summary(trainer, samples), flush=True)
+            print(summary_text(trainer.log, trainer.checkpoints, trainer.shown_out, trainer.step, trainer.peak_tflops,
+                               trainer.peak_source, samples), flush=True)
         return code
     except ConfigError as e:
         print(f"megapix: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
+        from megapix.parallel.watchdog import exit_if_peer_lost
         from megapix.runfolder import disk_error
 
+        exit_if_peer_lost(e)  # a peer died, hung or went out of reach: one line, exit 75 (requeue)
         problem = disk_error(e, getattr(args, "out", None))  # a full, read-only or forbidden disk: one line, not a traceback
         if problem is None:
             raise

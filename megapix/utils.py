@@ -72,3 +72,21 @@ def write_json(path: str, obj) -> None:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=True)
             f.write("\n")
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The records of a metrics.jsonl (the one reader of that file). A torn last line (a kill in the middle of a
+    write) is skipped; a bad line anywhere else means the file is not ours to rewrite."""
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        lines = [line for line in f.read().split("\n") if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise ConfigError(f"{path} line {i + 1} is not JSON; move the file away and resume again") from None
+    return out

@@ -1,10 +1,12 @@
 #!/bin/sh
-# Install what tests/test_slurm.py needs for a real one-node SLURM cluster (Debian/Ubuntu, as root):
-# slurmctld, slurmd, the client commands (sbatch/srun/scontrol/...) and munge. No-op when sbatch exists.
+# Install what tests/test_slurm.py and tests/test_multinode.py need (Debian/Ubuntu, as root): slurmctld, slurmd,
+# the client commands (sbatch/srun/scontrol/...) and munge for a real SLURM cluster, and iproute2 + util-linux
+# (ip, nsenter, unshare) for the namespaced two-node one. No-op when all of them are there.
 # The packages' own services are not started (no systemd needed): tests/slurm_cluster.py runs the daemons.
 set -eu
-if command -v sbatch >/dev/null 2>&1 && { command -v slurmd || test -x /usr/sbin/slurmd; } >/dev/null 2>&1; then
-    echo "install_slurm: SLURM already installed: $(command -v sbatch)"
+have() { command -v "$1" >/dev/null 2>&1 || test -x "/usr/sbin/$1" || test -x "/sbin/$1"; }
+if have sbatch && have slurmd && have ip && have nsenter && have unshare; then
+    echo "install_slurm: SLURM and namespace tools already installed: $(command -v sbatch)"
     exit 0
 fi
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
@@ -13,4 +15,4 @@ if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update
-apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge
+apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge iproute2 util-linux

@@ -165,11 +165,11 @@ megapix_launch() {
         # SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID. No --kill-on-bad-exit: ranks leave with 75 one by one
         # after a save, and killing the slower ones could cut a checkpoint short (a crashed rank is caught by
         # the collectives' timeout / TORCH_NCCL_ASYNC_ERROR_HANDLING instead).
-        cmd=(srun "$PYTHON" -u "$@")
+        cmd=(srun ${MEGAPIX_SRUN_WAIT:+--wait="$MEGAPIX_SRUN_WAIT"} "$PYTHON" -u "$@")
         ;;
     torchrun)
         # One torchrun agent per node (all the node's CPUs), c10d rendezvous on the first node.
-        cmd=(srun --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1
+        cmd=(srun ${MEGAPIX_SRUN_WAIT:+--wait="$MEGAPIX_SRUN_WAIT"} --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1
              --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}"
              "$PYTHON" -m torch.distributed.run --nnodes="$nodes" --nproc-per-node="$MEGAPIX_PROCS_PER_NODE"
              --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID"
@@ -182,7 +182,8 @@ megapix_launch() {
         mkdir -p "$MEGAPIX_NODE_TMP"
         scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=$MEGAPIX_PROCS_PER_NODE/" >"$hostfile"
         cmd=("$PYTHON" -u -m deepspeed.launcher.runner --launcher slurm --hostfile "$hostfile" --force_multi
-             --no_ssh_check --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$@")
+             --no_ssh_check --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
+             ${MEGAPIX_SRUN_WAIT:+--launcher_args "--wait=$MEGAPIX_SRUN_WAIT"} "$@")
         ;;
     *)
         megapix_log "unknown LAUNCHER=$launcher (srun, torchrun or deepspeed)"
@@ -221,6 +222,13 @@ megapix_finish_or_requeue() {
         megapix_log "torchrun exited $rc but a checkpoint was saved after the signal: treating it as 75"
         rc=75
     fi
+    if [ "$rc" != 0 ] && [ "$rc" != 75 ] && [ -s "${MEGAPIX_PEER_LOST_FILE:-}" ]; then
+        # A rank died, hung or lost its link: the others said so (parallel/watchdog.py) and exited 75; the
+        # launcher's own code is the dead or killed rank's. Nothing new was saved; the rerun resumes from the
+        # last complete checkpoint.
+        megapix_log "ranks lost a peer ($(head -n 1 "$MEGAPIX_PEER_LOST_FILE")): treating exit $rc as 75"
+        rc=75
+    fi
     if [ "$rc" = 138 ] && [ "$MEGAPIX_GOT_USR1" = 1 ]; then
         # 128 + SIGUSR1: the signal came while the trainer was still starting, before its handler was
         # installed. Nothing new to save; the previous checkpoint (if any) is where the rerun starts.
@@ -256,12 +264,19 @@ megapix_finish_or_requeue() {
 # ---------------------------------------------------------------------------------------------------
 # megapix_train: megapix/train.py from the variables below (unset ones are left to --config/the defaults).
 #   MODEL DATA CONFIG DS_CONFIG MAX_STEPS GLOBAL_BATCH MICRO_BATCH SEED OUT SAVE_EVERY TIME_BUDGET
-#   TP PP ZERO_STAGE RESUME(=1) EXTRA_ARGS
+#   TP PP ZERO_STAGE RESUME(=1) EXTRA_ARGS EXIT_WAIT(=600)
 # ---------------------------------------------------------------------------------------------------
 megapix_train() {
     local -a args=()
     : "${OUT:=runs/${SLURM_JOB_NAME:-megapix}-${SLURM_JOB_ID}}"  # the job id survives requeues
     : "${RESUME:=1}"
+    # A hung rank never exits: srun ends the tasks still running EXIT_WAIT s after the first one exited (the
+    # others exit 75 once --collective-timeout runs out). Ranks that save together exit seconds apart; at the end
+    # of a run rank 0 alone writes samples.png (raise EXIT_WAIT if that takes longer).
+    : "${EXIT_WAIT:=600}"
+    MEGAPIX_SRUN_WAIT=$EXIT_WAIT
+    # Where a rank that lost a peer says so (one line each): megapix_finish_or_requeue reads it.
+    export MEGAPIX_PEER_LOST_FILE="$OUT/.peer-lost-$SLURM_JOB_ID-${SLURM_RESTART_COUNT:-0}"
     [ -n "${CONFIG:-}" ] && args+=(--config "$CONFIG")
     [ -n "${MODEL:-}" ] && args+=(--model "$MODEL")
     [ -n "${DATA:-}" ] && args+=(--data "$DATA")

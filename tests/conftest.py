@@ -35,8 +35,14 @@ SLOW = {
     "test_checkpoint.py": "*",  # layout runs (up to 4 ranks) and resumes
     "test_parallel_configs.py": "*",
     "test_slurm.py": "*",
+    "test_multinode.py": "*",  # two namespaced nodes: SLURM jobs and faults across nodes
+    "test_faults.py": {"test_killed_rank_is_named_and_resume_is_bit_exact",  # 2-rank runs with a fault injected
+                       "test_hung_rank_bounded_by_the_collective_timeout",
+                       "test_sigterm_ends_a_rank_blocked_in_a_collective"},
     "test_parallel.py": {"test_tensor_parallel_matches_single_rank_and_replicated_grads_agree",
                          "test_layout_reproduces_single_rank_curve", "test_every_layout_finishes_and_writes_samples"},
+    "test_sequence_parallel.py": {"test_sequence_parallel_matches_single_rank_and_cuts_saved_activations"},
+    "test_context_parallel.py": {"test_two_rank_context_parallel_features_equal_one_rank"},  # 2-rank workers
     "test_construct.py": {"test_construction_peak_is_the_rank_share_plus_one_parameter"},  # 2-rank builds of 405M
     "test_launchers.py": {"test_launcher_runs_two_ranks"},
     "test_launch_port.py": {"test_port_in_use_is_one_line"},
@@ -46,7 +52,11 @@ SLOW = {
                      "test_load_splits_two_ranks_fit_once_and_share_errors",
                      "test_microbatches_same_for_any_workers_and_across_resume"},
     "test_checkpoint_safety.py": "*",  # training runs, kills, resumes
-    "test_plan.py": {"test_planner_state_bytes_equal_what_the_engine_holds", "test_cli_table_json_and_errors"},
+    "test_plan.py": {"test_planner_state_bytes_equal_what_the_engine_holds", "test_cli_table_json_and_errors",
+                     "test_every_printed_command_runs_scaled_to_tiny"},
+    "test_activations.py": {"test_tp2_shard_saves_what_the_planner_counts",  # 2- and 4-rank DeepSpeed runs
+                            "test_pipeline_stages_keep_min_p_minus_i_m_micro_batches_in_flight",
+                            "test_activation_checkpointing_keeps_block_inputs_and_one_recompute"},
     "test_one_network.py": {"test_sampling_with_triton_kernels_goes_through_them"},  # an interpreter subprocess
     "test_finetune.py": {"test_finetune_sweep_early_stopping", "test_finetune_layout_reproduces_single_rank_curve"},
     "test_gpu_check.py": {"test_smoke_runs_every_section_on_cpu_and_writes_json_and_markdown"},  # 4 training runs

@@ -57,15 +57,21 @@ def test_latest_moves_last(work, monkeypatch):
 
 
 @pytest.mark.parametrize("src_name,dst_n,dst_args", [("tp2xpp2-zero1", 1, ["--zero-stage", "1"]),
-                                                    ("single-zero1", 2, ["--tensor-parallel", "2", "--zero-stage", "1"]),
-                                                    ("dp2-zero3", 1, ["--zero-stage", "3"])])
+                                                    ("single-zero1", 2,
+                                                     ["--tensor-parallel", "2", "--zero-stage", "1"]),
+                                                    ("dp2-zero3", 1, ["--zero-stage", "3"]),
+                                                    # sequence parallelism off and on across the resume
+                                                    ("tp2-spxdp2-zero1", 1, ["--zero-stage", "1"]),
+                                                    ("single-zero1", 2, ["--tensor-parallel", "2", "--zero-stage", "1",
+                                                                         "--sequence-parallel"])])
 def test_resume_in_a_different_layout_through_universal_checkpoint(work, src_name, dst_n, dst_args):
     """ZeRO-1 -> ZeRO-1 (and ZeRO-3 -> ZeRO-3 at TP 1) in another layout goes through DeepSpeed's universal
     checkpoint: weights, Adam moments and schedule carry over, so every resumed step matches the uninterrupted run.
-    fp32 on CPU: layouts differ only in reduction order (measured max |diff| 5e-7 over steps 4-6; uninterrupted runs of different layouts agree to
-    ~2e-6), while restarting the moments (the fallback below) moves step 5 by ~4e-2. 1e-4 separates the two."""
+    fp32 on CPU: layouts differ only in reduction order (measured max |diff| 5e-7 over steps 4-6; uninterrupted runs
+    of different layouts agree to ~2e-6), while restarting the moments (the fallback below) moves step 5 by ~4e-2.
+    1e-4 separates the two."""
     full = layout_run(src_name)
-    dst = work / f"{src_name}-to-universal-{'x'.join(dst_args[1::2])}"
+    dst = work / f"{src_name}-to-universal-{'_'.join(a.lstrip('-') for a in dst_args)}"
     proc = _resume_from(full, dst, dst_n, *dst_args, config=layout_config())
     assert "through DeepSpeed's universal checkpoint" in proc.stdout, proc.stdout
     assert (dst / "checkpoints" / f"global_step{STOP}_universal" / "zero" / "optimizer_state.pt").is_file()
@@ -98,7 +104,7 @@ def test_resume_in_a_different_layout(work, src_name, dst_n, dst_args, why):
     assert all(abs(r["loss"] - x) < 5e-2 for r, x in zip(recs, a[STOP:]))
 
 
-@pytest.mark.parametrize("name", ["tp2xpp2", "single", "pp2"])
+@pytest.mark.parametrize("name", ["tp2xpp2", "single", "pp2", "tp2-sp"])
 def test_export_any_layout_loads_in_transformers(work, name, tmp_path):
     from transformers import ImageGPTForCausalImageModeling
 

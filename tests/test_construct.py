@@ -62,6 +62,7 @@ from megapix.parallel.layout import build_layout
 
 tp, pp, zero = (int(a) for a in sys.argv[1:4])
 model = ModelConfig(**json.loads(sys.argv[4]))
+task = sys.argv[5]
 cfg = Config(model=model, train=TrainConfig(global_batch=2, tensor_parallel=tp, pipeline_parallel=pp,
                                             zero_stage=zero, precision="fp32"))
 world, rank = dist.get_world_size(), dist.get_rank()
@@ -71,8 +72,13 @@ micro = cfg.train.global_batch // layout.dp
 layout.ds_config = make_ds_config(cfg, ds, layout, micro)  # what the Trainer does before task.build
 gc.collect()
 dist.barrier()
+if task == "finetune":  # fine-tuning's build: the same build_module, with its classifier head hook
+    from megapix.finetune import ClassifierTask
+
+    builder = ClassifierTask({}, num_classes=10, base_state=None, augment=False)
+gc.collect()
 rss0, peak0 = rss(), peak()
-module, is_pipeline = build_module(cfg, layout)
+module, is_pipeline = builder.build(cfg, layout) if task == "finetune" else build_module(cfg, layout)
 peak1, rss1 = peak(), rss()
 params = list(module.parameters())
 partitioned = all(hasattr(p, "ds_tensor") and p.numel() == 0 for p in params)  # ZeRO-3 parameters
@@ -91,32 +97,34 @@ print("MEM " + json.dumps(rec), flush=True)
 '''
 
 
-def _run_memory(tmp_path, tp, pp, zero):
+def _run_memory(tmp_path, tp, pp, zero, task):
     script = tmp_path / "mem_worker.py"
     script.write_text(MEMORY_WORKER)
     e = env()
     e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), str(script), str(tp), str(pp), str(zero), json.dumps(WIDE)]
+           str(free_port()), str(script), str(tp), str(pp), str(zero), json.dumps(WIDE), task]
     proc = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("MEM ")]
 
 
+@pytest.mark.parametrize("task", ["pretrain", "finetune"])
 @pytest.mark.parametrize("tp,pp,zero", [(2, 1, 0), (1, 2, 0), (1, 1, 3)], ids=["tp2", "pp2", "dp2-zero3"])
-def test_construction_peak_is_the_rank_share_plus_one_parameter(tmp_path, tp, pp, zero):
+def test_construction_peak_is_the_rank_share_plus_one_parameter(tmp_path, tp, pp, zero, task):
+    """Pre-training's module, and fine-tuning's (the same build with the classifier head hook, from scratch)."""
     from megapix.config import ModelConfig
 
     model = ModelConfig(**WIDE)
     total = model.num_parameters() * 4  # fp32 bytes
     largest = 4 * model.d_model * model.d_model * 4  # mlp.c_fc.weight, drawn whole before its shard is cut
-    recs = _run_memory(tmp_path, tp, pp, zero)
+    recs = _run_memory(tmp_path, tp, pp, zero, task)
     assert sorted(r["rank"] for r in recs) == [0, 1]
     MB = 1 << 20
     for r in recs:
         growth = r["maxrss_after"] - r["rss_before"]  # peak over construction, from what was resident before it
         bound = r["held"] + largest + ALLOWANCE
-        print(f"tp{tp} pp{pp} zero{zero} rank {r['rank']}: ru_maxrss {r['maxrss_before'] / MB:.0f} -> "
+        print(f"{task} tp{tp} pp{pp} zero{zero} rank {r['rank']}: ru_maxrss {r['maxrss_before'] / MB:.0f} -> "
               f"{r['maxrss_after'] / MB:.0f} MB (resident before {r['rss_before'] / MB:.0f} MB), peak growth "
               f"{growth / MB:.0f} MB; holds {r['held'] / MB:.0f} MB of {total / MB:.0f} MB; bound {bound / MB:.0f} MB"
               + (f"; after deepspeed.initialize {r['maxrss_after_initialize'] / MB:.0f} MB"

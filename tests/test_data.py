@@ -247,7 +247,8 @@ def test_malformed_specs_name_the_grammar(spec):
         assert "needs a path: 'cifar10:PATH'" in msg
     else:
         assert repr(spec) in msg
-        assert "digits | digits-shifted[:COPIES] | synthetic[:N] | cifar10:PATH" in msg and "npy:IMAGES.npy[,LABELS.npy]" in msg
+        assert "digits | digits-shifted[:COPIES] | synthetic[:N] | cifar10:PATH" in msg
+        assert "npy:IMAGES.npy[,LABELS.npy]" in msg
 
 
 def test_cifar_augment_deterministic():
@@ -544,7 +545,7 @@ def test_load_splits_fits_once_and_reuses_only_a_matching_palette(tmp_path, pale
     from megapix.data.setup import FIT_PIXELS, read_record
 
     out = str(tmp_path / "run")
-    splits, pal = load_splits(_cfg(), out, True)
+    splits, pal = load_splits(_cfg(), out)
     assert set(splits) == {"train", "val", "test"} and pal.centres.shape == (512, 3)
     rec = read_record(out)
     assert rec["from"] == "fit" and rec["data"] == "synthetic:64" and rec["seed"] == 0
@@ -557,21 +558,21 @@ def test_load_splits_fits_once_and_reuses_only_a_matching_palette(tmp_path, pale
     assert len(np.unique(splits["train"].tokens(np.arange(8)))) > 1
 
     before = open(saved, "rb").read(), os.path.getmtime(saved)
-    _, again = load_splits(_cfg(), out, True)  # same spec and settings: reused, not rewritten
+    _, again = load_splits(_cfg(), out)  # same spec and settings: reused, not rewritten
     assert np.array_equal(again.centres, pal.centres) and (open(saved, "rb").read(), os.path.getmtime(saved)) == before
 
     for cfg, words in ((_cfg("synthetic:80"), "'synthetic:64'.*'synthetic:80'"), (_cfg(seed=1), "seed 0.*seed 1"),
                        (_cfg(palette=palette_file), "differs from --palette")):
         with pytest.raises(ConfigError, match=words) as e:
-            load_splits(cfg, out, True)
+            load_splits(cfg, out)
         assert "choose another --out" in str(e.value) and "--palette" in str(e.value) and "\n" not in str(e.value)
         assert open(saved, "rb").read() == before[0]  # never overwritten
 
     # an edited palette.npy no longer matches its record: refused; passing it explicitly accepts it as it is
     Palette(np.zeros((512, 3), np.float32)).save(saved)
     with pytest.raises(ConfigError, match="no matching record"):
-        load_splits(_cfg(), out, True)
-    _, used = load_splits(_cfg(palette=saved), out, True)
+        load_splits(_cfg(), out)
+    _, used = load_splits(_cfg(palette=saved), out)
     assert not used.centres.any() and read_record(out)["from"] == saved
 
 
@@ -580,24 +581,24 @@ def test_load_splits_palette_file_and_leftovers(tmp_path, palette_file):
     from megapix.data.setup import read_record
 
     out = tmp_path / "run"
-    _, pal = load_splits(_cfg(palette=palette_file), str(out), True)  # copied into the run with its record
+    _, pal = load_splits(_cfg(palette=palette_file), str(out))  # copied into the run with its record
     assert open(out / "palette.npy", "rb").read() == open(palette_file, "rb").read()
     assert read_record(str(out))["from"] == palette_file
     with pytest.raises(ConfigError, match="copied from --palette.*this run would fit"):
-        load_splits(_cfg(), str(out), True)
+        load_splits(_cfg(), str(out))
     # a palette.npy with no record (an older run, another tool): refused, named, left alone
     old = tmp_path / "old"
     old.mkdir()
     Palette.load(palette_file).save(str(old / "palette.npy"))
     with pytest.raises(ConfigError, match=r"no matching record.*old/palette.npy to train on the palette already there"):
-        load_splits(_cfg(), str(old), True)
+        load_splits(_cfg(), str(old))
     # token sources need no palette and write nothing
     d = _igpt_dir(tmp_path)
-    splits, none = load_splits(_cfg(f"igpt:{d}/cifar10"), str(tmp_path / "tok"), True)
+    splits, none = load_splits(_cfg(f"igpt:{d}/cifar10"), str(tmp_path / "tok"))
     assert none is None and not (tmp_path / "tok").exists() and len(splits["train"]) == 30
     # a data error leaves no --out behind
     with pytest.raises(ConfigError):
-        load_splits(_cfg(f"npy:{tmp_path}/missing.npy"), str(tmp_path / "bad"), True)
+        load_splits(_cfg(f"npy:{tmp_path}/missing.npy"), str(tmp_path / "bad"))
     assert not (tmp_path / "bad").exists()
 
 
@@ -610,7 +611,7 @@ def _two_ranks(rank, out, port, results):
     try:
         for data in ("synthetic:64", "synthetic:80"):  # the second run's data differs from the saved palette's
             try:
-                _, pal = load_splits(_cfg(data), out, rank == 0)
+                _, pal = load_splits(_cfg(data), out)
                 results[(data, rank)] = ("ok", pal.centres.tobytes())
             except ConfigError as e:
                 results[(data, rank)] = ("ConfigError", str(e))

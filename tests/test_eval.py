@@ -100,7 +100,8 @@ def test_probe_plot_has_chance_line_integer_ticks_labels_and_control(tmp_path, m
 
     monkeypatch.setattr(plt, "close", keep)
     path = str(tmp_path / "p.png")
-    out = probe.plot(_summary([0.2, 0.4, 0.5, 0.45, 0.3], [0, 1, 2, 3, 4]), path, control=_summary([0.15, 0.2, 0.2, 0.18, 0.16]))
+    out = probe.plot(_summary([0.2, 0.4, 0.5, 0.45, 0.3], [0, 1, 2, 3, 4]), path,
+                     control=_summary([0.15, 0.2, 0.2, 0.18, 0.16]))
     assert out == path and open(path, "rb").read(4) == b"\x89PNG"
     assert seen["ticks"] == [0, 1, 2, 3, 4]
     assert seen["ylim"] == (0.0, 100.0)
@@ -244,7 +245,8 @@ def test_study_report_tables_and_figure(tmp_path):
     import importlib.util
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("small_scale_probe", os.path.join(root, "examples", "small_scale_probe.py"))
+    spec = importlib.util.spec_from_file_location("small_scale_probe",
+                                                  os.path.join(root, "examples", "small_scale_probe.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
 

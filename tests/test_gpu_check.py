@@ -53,6 +53,8 @@ def test_smoke_runs_every_section_on_cpu_and_writes_json_and_markdown(tmp_path):
     h = rep["header"]
     assert h["mode"] == "smoke (CPU)" and h["torch"] == torch.__version__ and h["deepspeed"] and h["triton"]
     assert list(rep["sections"]) == SECTIONS
+    assert h["kernel_path"] == "torch"  # what "auto" resolved to on this CPU, not a hard-coded "triton"
+    assert set(rep["goals"]) == {"attention_tflops", "add_norm_gbps", "planner_memory"}
     for name, sec in rep["sections"].items():
         assert sec["status"] in ("pass", "info", "n/a (smoke)"), (name, sec.get("error"), sec.get("summary"))
         assert sec["wall_s"] >= 0 and sec["budget_s"] > 0 and sec["rows"], name
@@ -67,10 +69,12 @@ def test_smoke_runs_every_section_on_cpu_and_writes_json_and_markdown(tmp_path):
     assert attn["ratio_vs_sdpa-math (CPU)"] > 0
     (norm,) = s["add_norm_gbps"]["rows"]
     assert norm["gbps"]["copy"] > 0 and norm["fraction_of_copy"] > 0
+    assert norm["backward_gbps"]["torch"] > 0  # the norm backward, timed beside the forward
     mfu = s["mfu"]["rows"]
     assert [(r["model"], r["kernels"]) for r in mfu] == [("tiny", "auto"), ("tiny", "torch")]
     for r in mfu:
         assert r["tflops"] > 0 and r["tokens_per_s"] > 0 and r["mfu"] == "n/a on CPU" and r["steps_timed"] == 2
+        assert r["kernel_path"] == "torch"
     for r in s["planner_memory"]["rows"]:
         assert r["planner_peak_gib"] > r["planner_allocator_gib"] > 0
         assert r["measured_max_allocated_gib"] == "n/a on CPU" and r["ratio"] == "n/a on CPU"
@@ -130,3 +134,24 @@ def test_a_failing_section_or_item_is_recorded_and_the_rest_still_runs(monkeypat
     md = gpu_check.markdown(rep)
     assert "simulated section failure" in md and "| attention_tflops | error |" in md
     assert "| kernels_correct | error |" in md
+
+
+@pytest.mark.parametrize("failing,code", [("attention_tflops", 0), ("planner_memory", 0), ("kernels_correct", 1),
+                                          ("training_curves", 1)])
+def test_a_missed_goal_is_reported_and_only_a_wrong_number_exits_1(tmp_path, monkeypatch, failing, code):
+    """Sections stubbed to a verdict (the real ones run in the smoke test): a speed or planner goal missed is "goal
+    missed" in the table and the JSON with exit 0; kernels outside tolerance or curves apart exit 1."""
+    monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))
+    import gpu_check
+
+    def verdict(name):
+        return lambda ctx, budget: {"status": "fail" if name == failing else "pass", "rows": [{"x": 1}],
+                                    "summary": name}
+
+    monkeypatch.setattr(gpu_check, "FUNCS", {name: verdict(name) for name in SECTIONS})
+    assert gpu_check.main(["--smoke", "--out", str(tmp_path)]) == code
+    rep, md = _report(tmp_path)
+    expected = "goal missed" if code == 0 else "fail"
+    assert rep["sections"][failing]["status"] == expected and f"| {failing} | {expected} |" in md
+    if code == 0:
+        assert rep["goals"][failing] == "goal missed"

@@ -179,6 +179,78 @@ def test_flash_attention_fp16_inputs():
         assert_close(g, gr, 1e-2, name + " fp16")
 
 
+# ----------------------------------------------------------------------------- chunked attention (ring)
+
+def _assert_lse_close(lse, ref, rtol, name):
+    """lse: -inf exactly where the reference is (rows that see no key), close elsewhere."""
+    none = torch.isinf(ref)
+    assert torch.equal(torch.isinf(lse) & (lse < 0), none), name
+    if (~none).any():
+        assert_close(lse[~none], ref[~none], rtol, name)
+
+
+# (Tq, Tk, q_offset, k_offset, causal): a query chunk after its key chunk (all visible), on the diagonal, a key
+# chunk partly in the future (rows with no visible key), offsets not multiples of the block, and bidirectional
+CHUNK_CASES = [
+    (16, 16, 32, 0, True),
+    (24, 24, 24, 24, True),
+    (20, 36, 5, 13, True),
+    (33, 17, 40, 0, True),
+    (17, 40, 0, 9, False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("TQ,TK,q_off,k_off,causal", CHUNK_CASES)
+def test_chunked_attention_offset_mask_and_lse(TQ, TK, q_off, k_off, causal, dtype):
+    """The kernel's offset causal mask and its differentiable lse against the fp64 reference (the same values):
+    forward o and lse, and dq, dk, dv of a loss that uses both o and lse."""
+    g = torch.Generator().manual_seed(TQ * 100 + TK)
+    q64 = torch.randn(2, 2, TQ, 32, generator=g, dtype=torch.float64)
+    k64, v64 = (torch.randn(2, 2, TK, 32, generator=g, dtype=torch.float64) for _ in range(2))
+    do = torch.randn(2, 2, TQ, 32, generator=g, dtype=torch.float64)
+    dl = torch.randn(2, 2, TQ, generator=g, dtype=torch.float64)
+    q, k, v = (t.to(dtype).requires_grad_() for t in (q64, k64, v64))
+    o, lse = kernels.flash_attention_chunk(q, k, v, causal, q_off, k_off, backend="triton")
+    assert o.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (2, 2, TQ)
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    o_ref, lse_ref = kernels.flash_attention_chunk(*ref_in, causal, q_off, k_off, backend="torch")
+    fwd, bwd = (FWD_RTOL, BWD_RTOL) if dtype == torch.float32 else (2e-3, 1e-2)
+    assert_close(o, o_ref, fwd, "o")
+    _assert_lse_close(lse, lse_ref, fwd, "lse")
+    seen = ~torch.isinf(lse_ref)  # -inf rows carry no gradient through lse
+    ((o.double() * do).sum() + (lse.double().where(seen, 0.0) * dl).sum()).backward()
+    ((o_ref * do).sum() + (lse_ref.where(seen, 0.0) * dl).sum()).backward()
+    for name, a, b in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), (t.grad for t in ref_in)):
+        assert_close(a, b, bwd, name)
+
+
+def test_ring_partials_merge_to_full_causal_attention():
+    """Ring attention's arithmetic: a causal sequence of 4 chunks, each query chunk attended over every key
+    chunk separately (the invisible ones give lse = -inf) and merged with merge_attention, equals full causal
+    attention in o and in every gradient (through the merge's dependence on each partial lse)."""
+    g = torch.Generator().manual_seed(7)
+    T, C = 48, 12
+    q64, k64, v64, do = (torch.randn(1, 2, T, 16, generator=g, dtype=torch.float64) for _ in range(4))
+    q, k, v = (t.float().requires_grad_() for t in (q64, k64, v64))
+    outs = []
+    for i in range(0, T, C):
+        o_i, lse_i = None, None
+        for j in range(0, T, C):
+            o, lse = kernels.flash_attention_chunk(q[:, :, i:i + C], k[:, :, j:j + C], v[:, :, j:j + C], True, i, j,
+                                                   backend="triton")
+            o_i, lse_i = (o, lse) if o_i is None else kernels.merge_attention(o_i, lse_i, o, lse)
+        outs.append(o_i)
+    out = torch.cat(outs, dim=2)
+    out.backward(do.float())
+    ref_in = [t.detach().clone().requires_grad_() for t in (q64, k64, v64)]
+    ref = attention_reference(*ref_in, causal=True)
+    ref.backward(do)
+    assert_close(out, ref, FWD_RTOL, "o")
+    for name, a, b in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), (t.grad for t in ref_in)):
+        assert_close(a, b, BWD_RTOL, name)
+
+
 # ----------------------------------------------------------------------------- add_norm
 
 NORM_CASES = [

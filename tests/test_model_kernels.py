@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -46,3 +47,29 @@ def test_model_with_triton_kernels_matches_reference():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "KERNELS_MATCH" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
+
+
+# ---- the planner's accounting on the Triton path (in this process: TRITON_INTERPRET=1 is set for this module) ----
+def test_triton_path_saves_what_the_planner_counts_tiny_and_small():
+    """The Triton kernels' autograd functions under the interpreter (fp32: its bf16 dot is not trusted on CPU; the
+    same save_for_backward runs in bf16)."""
+    from megapix.config import model_preset
+    from megapix.plan import block_activation_bytes
+    from test_activations import planned_model, saved_by_block, saved_by_model
+
+    for name in ("tiny", "small"):
+        m = model_preset(name, kernels="triton")
+        assert saved_by_block(m, 2, torch.float32) == pytest.approx(block_activation_bytes(m, 2, 1, "triton", 4),
+                                                                    rel=0.03)
+        if name == "tiny":
+            assert saved_by_model(m, 2, torch.float32) == pytest.approx(planned_model(m, 2, "triton", 4), rel=0.03)
+
+
+def test_flop_counter_sees_the_triton_attention():
+    """megapix's Triton custom ops get torch's SDPA formulas: the same count as the torch path (a 1-layer d=32
+    model: the interpreter under FlopCounterMode's dispatch mode is slow)."""
+    from megapix.config import ModelConfig
+    from test_flops import model_flops_per_token
+
+    m = ModelConfig(n_layer=1, d_model=32, n_head=2, resolution=4, kernels="triton")
+    assert model_flops_per_token(m, 1, False) == pytest.approx(m.flops_per_token(executed=True), rel=0.01)

@@ -10,7 +10,7 @@ import torch
 from megapix.config import ConfigError, ModelConfig, TrainConfig
 from megapix.parallel.layout import check_layout
 from test_parallel_helpers import (EVAL_EVERY, LAYOUTS, ROOT, STEPS, env, free_port, layout_run, losses, records,
-                                   torchrun_cmd, write_config)
+                                   reference_of, torchrun_cmd, write_config)
 
 TOL = 1e-4  # fp32, absolute, per step
 VAL_TOL = 1e-5  # val_loss: a fixed set, token-weighted, sharded over data-parallel ranks and all-reduced
@@ -112,23 +112,29 @@ def test_tensor_parallel_matches_single_rank_and_replicated_grads_agree(tmp_path
 
 # ---- the core equivalence test: same seed, data and global batch -> the same per-step losses ----
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if LAYOUTS[n][0] >= 8 else n
-                                  for n in LAYOUTS if n != "single"])  # 8 ranks: `-m "not slow"` skips them
+                                  for n in LAYOUTS if reference_of(n) != n])  # 8 ranks: `-m "not slow"` skips them
 def test_layout_reproduces_single_rank_curve(name):
-    reference = losses(layout_run("single"))
+    single = reference_of(name)
+    reference = losses(layout_run(single))
     curve = losses(layout_run(name))
+    summary = layout_run(name).with_suffix(".stdout").read_text()
+    if "--sequence-parallel" in LAYOUTS[name][1]:  # it ran sequence-parallel, not silently plain TP
+        assert "TP 2+SP" in summary
+    if "--context-parallel" in LAYOUTS[name][1]:
+        assert "x CP 2 x" in summary
     assert len(curve) == len(reference) == STEPS
     diffs = [abs(a - b) for a, b in zip(curve, reference)]
     print(f"{name}: max |loss - single| = {max(diffs):.2e} over {len(diffs)} steps")
     assert max(diffs) < TOL, (name, curve, reference)
     assert reference[-1] != reference[0]  # the curve moves, so equality is not trivial
-    val_ref = [(r["step"], r["val_loss"]) for r in records(layout_run("single")) if "val_loss" in r]
+    val_ref = [(r["step"], r["val_loss"]) for r in records(layout_run(single)) if "val_loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records(layout_run(name)) if "val_loss" in r]
     assert [s for s, _ in val] == [s for s, _ in val_ref] == list(range(EVAL_EVERY, STEPS + 1, EVAL_EVERY))
     vdiff = max(abs(a - b) for (_, a), (_, b) in zip(val, val_ref))
     print(f"{name}: max |val_loss - single| = {vdiff:.2e}")
     assert vdiff < VAL_TOL, (name, val, val_ref)
     # grad_norm (DeepSpeed's under ZeRO-1/2/3, megapix's own under ZeRO-0) is the global norm in every layout
-    norms_ref = [r["grad_norm"] for r in records(layout_run("single"))]
+    norms_ref = [r["grad_norm"] for r in records(layout_run(single))]
     norms = [r["grad_norm"] for r in records(layout_run(name))]
     ndiff = max(abs(a - b) / b for a, b in zip(norms, norms_ref))
     print(f"{name}: max relative |grad_norm - single| = {ndiff:.2e}")

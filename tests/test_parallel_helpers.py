@@ -79,7 +79,8 @@ def run_train(out, nproc: int, *args, config=None, cmd=None, timeout=600, check=
     cmd = (cmd or torchrun_cmd(nproc)) + ["--config", config, "--out", str(out), "--no-samples", *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-5000:]}")
     return proc
 
 
@@ -113,11 +114,31 @@ LAYOUTS = {
     "pp2-actckpt": (2, ["--pipeline-parallel", "2", "--activation-checkpointing"]),
     # TP inside ZeRO-3 data parallelism: the layout `megapix plan` picks for iGPT-XL on 8 x 8 GPUs
     "tp2xdp2-zero3": (4, ["--tensor-parallel", "2", "--zero-stage", "3"]),
+    # Megatron sequence parallelism over the TP group (megapix/parallel/sequence.py), alone and composed
+    "tp2-sp": (2, ["--tensor-parallel", "2", "--sequence-parallel"]),
+    "tp2-spxpp2": (4, ["--tensor-parallel", "2", "--sequence-parallel", "--pipeline-parallel", "2"]),
+    "tp2-spxdp2-zero1": (4, ["--tensor-parallel", "2", "--sequence-parallel", "--zero-stage", "1"]),
+    "tp2-spxdp2-zero3": (4, ["--tensor-parallel", "2", "--sequence-parallel", "--zero-stage", "3"]),
+    # context parallelism (ring attention, head + tail chunks per rank): at 16x16 alone and with TP (against
+    # single@r16), with DP / ZeRO-3, and with the BERT objective (token-weighted masked loss, against single@bert)
+    "single@r16": (1, ["--resolution", "16"]),
+    "cp2@r16": (2, ["--context-parallel", "2", "--resolution", "16"]),
+    "cp2xtp2@r16": (4, ["--context-parallel", "2", "--tensor-parallel", "2", "--resolution", "16"]),
+    "cp2xdp2-zero3": (4, ["--context-parallel", "2", "--zero-stage", "3"]),
+    "single@bert": (1, ["--objective", "bert"]),
+    "cp2@bert": (2, ["--context-parallel", "2", "--objective", "bert"]),
     # the full 3D composition: 8 ranks (slow on a small CPU box: test_parallel marks it `slow`)
-    "tp2xpp2xdp2": (8, ["--tensor-parallel", "2", "--pipeline-parallel", "2", "--zero-stage", "1", "--micro-batch", "2"]),
+    "tp2xpp2xdp2": (8, ["--tensor-parallel", "2", "--pipeline-parallel", "2", "--zero-stage", "1",
+                        "--micro-batch", "2"]),
 }
 _WORK = None
 _RUNS: dict = {}
+
+
+def reference_of(name: str) -> str:
+    """The single-rank run a layout is compared with: "single", or "single@<variant>" for "<layout>@<variant>"
+    (another resolution or objective)."""
+    return "single@" + name.partition("@")[2] if "@" in name else "single"
 
 
 def session_dir() -> str:
@@ -143,6 +164,7 @@ def layout_run(name: str):
     if name not in _RUNS:
         nproc, args = LAYOUTS[name]
         out = pathlib.Path(session_dir()) / name
-        run_train(out, nproc, "--save-every", str(SAVE_AT), *args, config=layout_config())
+        proc = run_train(out, nproc, "--save-every", str(SAVE_AT), *args, config=layout_config())
+        out.with_suffix(".stdout").write_text(proc.stdout)  # the summary line names the layout it ran
         _RUNS[name] = out
     return _RUNS[name]

@@ -303,7 +303,7 @@ def _extract_available() -> bool:
 
 
 def test_extract_matches_local_run(cluster, trained, tmp_path):
-    np = pytest.importorskip("numpy")
+    pytest.importorskip("numpy")
     if not _extract_available():
         pytest.skip("`python -m megapix extract` is not available yet")
     out, _, train_proc, _ = trained
@@ -312,8 +312,15 @@ def test_extract_matches_local_run(cluster, trained, tmp_path):
     args = dict(CHECKPOINT=str(out), DATA="digits", LAYERS="0,1")
     job, proc = submit(cluster, "extract.sbatch", log, wait=True, FEATURES=str(slurm_feats), **args)
     assert proc.returncode == 0, f"{proc.returncode}\n{read(log)[-4000:]}"
+    assert_same_features_as_one_rank(out, slurm_feats, local_feats)
+
+
+def assert_same_features_as_one_rank(checkpoint, slurm_feats: Path, local_feats: Path) -> None:
+    """A local one-rank `python -m megapix extract` of `checkpoint` into local_feats writes what the job wrote."""
+    import numpy as np
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    local = subprocess.run([PYTHON, "-m", "megapix", "extract", "--checkpoint", str(out), "--data", "digits",
+    local = subprocess.run([PYTHON, "-m", "megapix", "extract", "--checkpoint", str(checkpoint), "--data", "digits",
                             "--layers", "0,1", "--out", str(local_feats)], cwd=ROOT, capture_output=True, text=True,
                            env=dict(env, PYTHONPATH=str(ROOT)), timeout=JOB_TIMEOUT)
     assert local.returncode == 0, local.stderr[-4000:]

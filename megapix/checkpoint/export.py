@@ -14,12 +14,12 @@ import os
 
 from megapix.checkpoint.consolidate import has_masters, state_dict
 from megapix.checkpoint.load import checked, is_hf_dir, locate
+from megapix.checkpoint.tags import saved_layout, saved_step
 from megapix.config import ConfigError
 from megapix.data.setup import checked_run_palette
-from megapix.checkpoint.tags import saved_layout, saved_step
 from megapix.model.hf import save_state_dict_pretrained
 from megapix.runfolder import claim, disk_errors
-from megapix.utils import atomic_path, check_output
+from megapix.utils import atomic_path, check_output, read_metrics
 
 MARKER = "megapix_export.json"
 EXPORT_FILES = {"config.json", "model.safetensors", "palette.npy", "preprocessor_config.json", "generation_config.json",
@@ -38,19 +38,11 @@ def is_export(path: str) -> bool:
 
 def _last_loss(run: str, step: int) -> float | None:
     """The train loss the run logged at `step` (metrics.jsonl), for the model card; None when not logged."""
-    path = os.path.join(run, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return None
-    loss = None
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue  # a torn last line
-            if isinstance(rec, dict) and rec.get("step") == step:
-                loss = rec.get("loss")
-    return loss
+    try:
+        records = read_metrics(os.path.join(run, "metrics.jsonl"))
+    except ConfigError:
+        return None  # a damaged log leaves the card without a loss, not the export without a model
+    return next((r.get("loss") for r in reversed(records) if isinstance(r, dict) and r.get("step") == step), None)
 
 
 def export(checkpoint: str, out: str) -> str:

@@ -25,8 +25,6 @@ import os
 import shutil
 import uuid
 
-import torch.distributed as tdist
-
 from megapix.checkpoint.reshard import resume_resharded
 from megapix.checkpoint.tags import (TAG, check_same_model, layout_record, problem, read_latest, resume_hint,
                                      saved_layout, saved_step, tag_for, tags)
@@ -43,40 +41,11 @@ SAVED_TAGS = "saved_tags.json"  # checkpoints/: every tag this run saved, with i
 SAVED_RECORD = "megapix_saved.json"  # in each tag: the same save id
 
 
-def _agree(value):
-    """Rank 0's value on every rank (rank 0 decides what the filesystem says, so no two ranks act differently)."""
-    box = [value]
-    if dist.initialized() and dist.world_size() > 1:
-        tdist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _rank0(fn):
-    """fn() on rank 0, its result on every rank. A ConfigError there is raised on every rank with the same one-line
-    message (every rank exits 2, none waits in a collective); any other failure stops every rank too."""
-    result, error, failure = None, None, None
-    if dist.is_rank0():
-        try:
-            result = fn()
-        except ConfigError as e:
-            error = str(e)
-        except Exception as e:
-            failure = e
-    box = _agree((error, None if failure is None else f"{type(failure).__name__}: {failure}", result))
-    if failure is not None:
-        raise failure
-    if box[0] is not None:
-        raise ConfigError(box[0])
-    if box[1] is not None:
-        raise RuntimeError(f"rank 0 failed: {box[1]}")
-    return box[2]
-
-
 def save(engine, ckpt_dir: str, step: int, cfg: Config, layout: Layout) -> str:
     """Save a DeepSpeed checkpoint of `engine` at `step` as global_step<step>; return the tag."""
     tag = tag_for(step)
     final = os.path.join(ckpt_dir, tag)
-    keep = _agree(dist.is_rank0() and read_latest(ckpt_dir) == tag and problem(ckpt_dir, tag) is None
+    keep = dist.from_rank0(dist.is_rank0() and read_latest(ckpt_dir) == tag and problem(ckpt_dir, tag) is None
                   and saved_step(ckpt_dir, tag) == step)
     if keep:  # same step, same state (resume goes from `latest`): rewriting it could only risk the one good copy
         if dist.is_rank0():
@@ -116,7 +85,7 @@ def save(engine, ckpt_dir: str, step: int, cfg: Config, layout: Layout) -> str:
             with open(tmp, "w") as f:
                 f.write(tag)
 
-    _rank0(publish)
+    dist.rank0_decides(publish)
     if dist.is_rank0():
         prune(ckpt_dir, cfg.train.keep_last, step)
     dist.barrier()
@@ -135,11 +104,7 @@ def _save_files(engine, ckpt_dir: str, staging: str, client: dict) -> None:
         if found is None:
             raise
         problem = str(found)
-    problems = [problem]
-    if dist.initialized() and dist.world_size() > 1:
-        problems = [None] * dist.world_size()
-        tdist.all_gather_object(problems, problem)
-    first = next((p for p in problems if p is not None), None)
+    first = dist.shared_error(None if problem is None else ConfigError(problem))  # the same line on every rank
     if first is not None:
         if dist.is_rank0():
             shutil.rmtree(os.path.join(ckpt_dir, staging), ignore_errors=True)
@@ -288,7 +253,7 @@ def resumable_tag(ckpt_dir: str, cfg: Config | None = None) -> str | None:
             check_same_model(ckpt_dir, tag, cfg)
         return tag
 
-    tag = _rank0(find)
+    tag = dist.rank0_decides(find)
     if tag is None and dist.is_rank0():
         print(f"megapix: --resume: no checkpoint in {ckpt_dir}; starting from step 0", flush=True)
     return tag

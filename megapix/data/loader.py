@@ -188,16 +188,3 @@ class MicroBatches:
         lo = self.dp_rank * self.per_rank
         return [(t, None if mask is None else mask[lo + i * self.micro_batch:lo + (i + 1) * self.micro_batch])
                 for i, t in enumerate(tokens)]
-
-
-def fixed_batches(data: TokenData, n_batches: int, batch: int, bert_rate: float | None, seed: int):
-    """Deterministic evaluation batches: the first n_batches * batch examples of a split, in order."""
-    out = []
-    for b in range(n_batches):
-        lo = b * batch
-        if lo >= len(data):
-            break
-        idx = np.arange(lo, min(lo + batch, len(data)))
-        mask = None if bert_rate is None else bert_mask(-1 - b, len(idx), data.n_ctx, bert_rate, seed)
-        out.append((data.tokens(idx), mask))
-    return out

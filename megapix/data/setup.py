@@ -16,7 +16,6 @@ import io
 import os
 
 import numpy as np
-import torch
 
 from megapix.config import VOCAB_SIZE, Config, ConfigError
 from megapix.data.loader import TokenData
@@ -167,25 +166,7 @@ def settle_palette(out: str, wanted: str, images=None, *, data: str = "", resolu
     return saved
 
 
-def _on_rank0(is_rank0: bool, fn):
-    """Run fn() on rank 0 while the others wait; a ConfigError there is raised on every rank (one line each)."""
-    error, result = None, None
-    if is_rank0:
-        try:
-            result = fn()
-        except ConfigError as e:
-            error = e
-    if dist.initialized() and dist.world_size() > 1:
-        msg = [None if error is None else str(error)]
-        torch.distributed.broadcast_object_list(msg, src=0)
-        if msg[0] is not None and error is None:
-            raise ConfigError(msg[0])
-    if error is not None:
-        raise error
-    return result
-
-
-def load_splits(cfg: Config, out: str, is_rank0: bool) -> tuple[dict[str, TokenData], Palette | None]:
+def load_splits(cfg: Config, out: str) -> tuple[dict[str, TokenData], Palette | None]:
     """Open cfg.data.source, settle the palette and return ({"train"|"val"|"test": TokenData}, Palette | None).
 
     Image sources: --palette FILE, else a palette fitted (rank 0, once) on the train split by fit_palette's rule;
@@ -210,7 +191,7 @@ def load_splits(cfg: Config, out: str, is_rank0: bool) -> tuple[dict[str, TokenD
     palette = None
     if wanted is not None:
         out = os.path.abspath(out)
-        saved = _on_rank0(is_rank0, lambda: settle_palette(
+        saved = dist.rank0_decides(lambda: settle_palette(
             out, wanted, images, data=d.source, resolution=m.resolution, val_fraction=d.val_fraction,
             seed=cfg.train.seed))
         palette = Palette.load(saved or os.path.join(out, PALETTE_FILE))

@@ -73,15 +73,21 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """x: [B, T, d]. With a cache, x holds the T positions after the cached ones, whose keys and values
         join the cache; ops.attention then treats the queries as the last T positions."""
-        B, T, _ = x.shape
         qkv = self.c_attn(x)
-        # The head count comes from the projection's width so a tensor-parallel shard (fewer heads) just works.
+        # Shapes come from the projection's output so parallel layers just work: a tensor-parallel shard has fewer
+        # heads, and under sequence parallelism x is a chunk of the positions that c_attn gathers to all of them.
+        B, T = qkv.shape[:2]
         n_head = qkv.shape[-1] // (3 * self.head_dim)
         q, k, v = qkv.view(B, T, 3, n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, Dh]
         if cache is not None:
             k, v = cache.extend(k, v)
-        y = ops.attention(q, k, v, causal=self.causal, backend=self.kernels)
+        y = self.attend(q, k, v)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, n_head * self.head_dim))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T / sqrt(Dh)) v per head. The seam context parallelism fills from outside: it replaces this
+        with ring attention over the ranks that hold the other parts of the sequence (megapix/parallel/context.py)."""
+        return ops.attention(q, k, v, causal=self.causal, backend=self.kernels)
 
 
 class MLP(nn.Module):

@@ -1,12 +1,15 @@
 """The model's one dispatch point for attention and the iGPT norm.
 
-"torch" is the plain PyTorch path (SDPA, which picks its own fused CPU/GPU implementation); "triton" forces
-the fused kernels in kernels/; "auto" uses the Triton kernels on CUDA tensors and torch elsewhere.
+"torch" is the plain PyTorch path (SDPA, which picks its own fused CPU/GPU implementation, and the reference norm,
+an autograd.Function that saves what the Triton kernel saves: the 16-bit input and an fp32 rstd per row); "triton"
+forces the fused kernels in kernels/; "auto" uses the Triton kernels on CUDA tensors and torch elsewhere.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+import megapix.kernels as kernels
 
 
 def _use_triton(x: torch.Tensor, backend: str) -> bool:
@@ -24,7 +27,6 @@ def _kernels_available() -> bool:
     global _KERNELS
     if _KERNELS is None:
         try:
-            import megapix.kernels  # noqa: F401
             import triton  # noqa: F401
 
             _KERNELS = True
@@ -45,8 +47,6 @@ def attention(q, k, v, causal: bool, backend: str = "auto") -> torch.Tensor:
         visible = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(diagonal=t_k - t_q)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
     if _use_triton(q, backend):
-        import megapix.kernels as kernels
-
         return kernels.flash_attention(q, k, v, causal=causal, backend="triton")
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
@@ -54,17 +54,12 @@ def attention(q, k, v, causal: bool, backend: str = "auto") -> torch.Tensor:
 def norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto") -> torch.Tensor:
     """iGPT's uncentred, bias-free norm: x / sqrt(mean(x^2) + eps) * weight, computed in float32."""
     if _use_triton(x, backend):
-        import megapix.kernels as kernels
-
         return kernels.add_norm(x, None, weight, eps, backend="triton")[0]
-    return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
+    return kernels.add_norm_reference(x, None, weight, eps)[0]
 
 
 def add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto"):
     """(norm(x + residual), x + residual): the residual add fused with the norm on the Triton path."""
     if _use_triton(x, backend):
-        import megapix.kernels as kernels
-
         return kernels.add_norm(x, residual, weight, eps, backend="triton")
-    h = x + residual
-    return norm(h, weight, eps, "torch"), h
+    return kernels.add_norm_reference(x, residual, weight, eps)

@@ -24,6 +24,7 @@ import threading
 import torch
 from torch import nn
 
+from megapix.model.igpt import draw_parameter
 from megapix.parallel.tensor import apply_tensor_parallel, shard_tensor
 
 _STATE = threading.local()
@@ -45,25 +46,31 @@ def is_structure_only() -> bool:
 
 
 def build_local(module: nn.Module, config, seed: int, tp_info=(None, 1, 0), prefix: str = "",
-                dtype: torch.dtype | None = None, partition=None) -> nn.Module:
+                dtype: torch.dtype | None = None, partition=None, initial=None) -> nn.Module:
     """`module` (built on the meta device, canonical names after `prefix`) -> this rank's share of it.
 
     tp_info: (TP group, TP size, TP rank); dtype: the parameters' dtype (default fp32); partition: called with
-    each materialised parameter (ZeRO-3 partitions it there, see `zero3_partitioner`)."""
+    each materialised parameter (ZeRO-3 partitions it there, see `Zero3Partitioner`); initial: (canonical name,
+    full shape) -> a new full fp32 tensor, the parameter's starting value (default: `draw_parameter`, the
+    initialisation; fine-tuning passes its pre-trained weights)."""
     full_shapes = {prefix + n: tuple(p.shape) for n, p in module.named_parameters()}
     group, tp, rank = tp_info
     apply_tensor_parallel(module, group, tp, rank, prefix=prefix)  # on meta: the structure only
     if not is_structure_only():
-        materialize(module, config, seed, full_shapes, tp, rank, prefix=prefix, dtype=dtype, partition=partition)
+        materialize(module, config, seed, full_shapes, tp, rank, prefix=prefix, dtype=dtype, partition=partition,
+                    initial=initial)
     return module
 
 
 @torch.no_grad()
 def materialize(module: nn.Module, config, seed: int, full_shapes: dict, tp: int = 1, rank: int = 0,
-                prefix: str = "", dtype: torch.dtype | None = None, partition=None) -> None:
+                prefix: str = "", dtype: torch.dtype | None = None, partition=None, initial=None) -> None:
     """Replace each meta parameter of `module` by this rank's tensor, one parameter at a time: draw the full
-    parameter by its canonical name, cut this TP rank's shard, copy it into a fresh parameter, free the draw."""
-    from megapix.model.igpt import draw_parameter
+    parameter by its canonical name (or take it from `initial`), cut this TP rank's shard, copy it into a fresh
+    parameter, free the full tensor."""
+    if initial is None:
+        def initial(name, shape):
+            return draw_parameter(name, shape, config, seed)
 
     for mod_name, mod in module.named_modules():
         for leaf, p in list(mod.named_parameters(recurse=False)):
@@ -72,12 +79,12 @@ def materialize(module: nn.Module, config, seed: int, full_shapes: dict, tp: int
             name = prefix + (f"{mod_name}.{leaf}" if mod_name else leaf)
             want = dtype or p.dtype
             if tuple(p.shape) == full_shapes[name] and want == torch.float32:
-                data = draw_parameter(name, p.shape, config, seed)  # unsharded fp32: the draw is the parameter
+                data = initial(name, p.shape)  # unsharded fp32: the full tensor is the parameter
             else:
                 # the long-lived tensor first, the temporaries after it: freed last-in, they leave no hole
                 # below it in the heap (measured: ~130 MB less retained RSS for the 405M model under TP 2)
                 data = torch.empty(p.shape, dtype=want)
-                full = draw_parameter(name, full_shapes[name], config, seed)
+                full = initial(name, full_shapes[name])
                 data.copy_(shard_tensor(name, full, tp, rank))
                 del full
             new = nn.Parameter(data, requires_grad=p.requires_grad)

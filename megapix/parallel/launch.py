@@ -79,10 +79,15 @@ def discover() -> str:
     return "single"
 
 
-def init_distributed() -> str:
-    """Start torch.distributed through DeepSpeed: nccl on GPUs, gloo on CPU. Returns the launcher's name."""
+def init_distributed(collective_timeout: float | None = None) -> str:
+    """Start torch.distributed through DeepSpeed: nccl on GPUs, gloo on CPU. Returns the launcher's name.
+
+    `collective_timeout` (seconds) bounds every process group's waits and starts the watchdog that names a rank
+    that stopped answering (megapix/parallel/watchdog.py); None keeps torch's defaults and no watchdog."""
     import deepspeed
     import torch
+
+    from megapix.parallel import watchdog
 
     launcher = discover()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -91,9 +96,10 @@ def init_distributed() -> str:
     if not torch.cuda.is_available():
         set_cpu_threads()
         skip_cpu_shm_op()
+    timeout = {} if collective_timeout is None else {"timeout": watchdog.set_collective_timeout(collective_timeout)}
     if not torch.distributed.is_initialized():
         try:
-            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, **timeout)
         except RuntimeError as e:  # torch's DistNetworkError is one
             if not port_in_use(e):
                 raise
@@ -102,6 +108,8 @@ def init_distributed() -> str:
             raise ConfigError(f"port {port} on {addr} is already in use (another run on this machine?): launch with "
                               f"a free one, e.g. `deepspeed --master_port {free} ...` (torchrun takes the same flag; "
                               f"`make train PORT={free}`)") from None
+    if collective_timeout is not None:
+        watchdog.start(collective_timeout)
     return launcher
 
 

@@ -17,6 +17,9 @@ class Layout:
     tp: int = 1
     pp: int = 1
     zero_stage: int = 0
+    sp: bool = False  # sequence parallelism over the TP group (megapix/parallel/sequence.py)
+    cp: int = 1  # context parallelism (megapix/parallel/context.py): part of DeepSpeed's data axis, see dp
+    cp_group: object = None
     topology: object = None  # deepspeed PipeModelDataParallelTopology
     grid: object = None  # deepspeed PipelineParallelGrid: the "mpu" DeepSpeed takes for tensor parallelism
     # the DeepSpeed config the engine is built with, when known before construction (the Trainer sets it):
@@ -25,7 +28,9 @@ class Layout:
 
     @property
     def dp(self) -> int:
-        return self.world // (self.tp * self.pp)
+        """Data-parallel shards of the batch. DeepSpeed's data axis is dp x cp: the CP ranks of one shard hold the
+        same images (different positions) and, to DeepSpeed, are data-parallel replicas."""
+        return self.world // (self.tp * self.pp * self.cp)
 
     @property
     def coord(self):
@@ -33,7 +38,11 @@ class Layout:
 
     @property
     def dp_rank(self) -> int:
-        return self.coord.data
+        return self.coord.data // self.cp
+
+    @property
+    def cp_rank(self) -> int:
+        return self.coord.data % self.cp
 
     @property
     def tp_rank(self) -> int:
@@ -52,16 +61,31 @@ class Layout:
         return self.grid.get_data_parallel_group() if self.grid is not None else None
 
     def describe(self) -> str:
-        return f"world {self.world} = TP {self.tp} x PP {self.pp} x DP {self.dp}, ZeRO-{self.zero_stage}"
+        sp = "+SP" if self.sp else ""
+        cp = f" x CP {self.cp}" if self.cp > 1 else ""
+        return f"world {self.world} = TP {self.tp}{sp} x PP {self.pp}{cp} x DP {self.dp}, ZeRO-{self.zero_stage}"
 
 
 def check_layout(world: int, model: ModelConfig, train: TrainConfig, zero_stage: int) -> None:
     """Refuse layouts DeepSpeed or the model cannot run, naming one that would work."""
-    tp, pp = train.tensor_parallel, train.pipeline_parallel
-    if world % (tp * pp):
-        raise ConfigError(f"world size {world} is not divisible by TP {tp} x PP {pp}; "
-                          f"launch a multiple of {tp * pp} ranks or change --tensor-parallel/--pipeline-parallel")
-    dp = world // (tp * pp)
+    tp, pp, cp = train.tensor_parallel, train.pipeline_parallel, train.context_parallel
+    if world % (tp * pp * cp):
+        with_cp = f" x CP {cp}" if cp > 1 else ""
+        raise ConfigError(f"world size {world} is not divisible by TP {tp} x PP {pp}{with_cp}; launch a multiple of "
+                          f"{tp * pp * cp} ranks or change --tensor-parallel/--pipeline-parallel/--context-parallel")
+    dp = world // (tp * pp * cp)
+    if cp > 1:
+        if model.n_ctx % (2 * cp):
+            raise ConfigError(f"--context-parallel {cp} cuts the {model.n_ctx} positions into 2 x {cp} chunks (a head "
+                              f"and a tail per rank), which does not divide them; use a degree whose double divides "
+                              f"{model.n_ctx}")
+        if pp > 1:
+            raise ConfigError(f"--context-parallel {cp} does not run with --pipeline-parallel {pp} (DeepSpeed's "
+                              "pipeline engine sends whole activations between stages); use TP x CP x DP with "
+                              "--pipeline-parallel 1")
+        if train.sequence_parallel:
+            raise ConfigError("--context-parallel with --sequence-parallel is not supported yet; use one of them "
+                              "(each splits the sequence: SP over the TP ranks, CP over its own group)")
     if pp > 1 and zero_stage > 1:
         raise ConfigError(f"DeepSpeed's pipeline engine does not support ZeRO-{zero_stage}; use --zero-stage 1 with "
                           f"--pipeline-parallel {pp}, or --pipeline-parallel 1 with ZeRO-{zero_stage} "
@@ -69,6 +93,9 @@ def check_layout(world: int, model: ModelConfig, train: TrainConfig, zero_stage:
     if model.n_head % tp:
         raise ConfigError(f"{model.n_head} attention heads cannot be divided across TP {tp}; "
                           f"use a --tensor-parallel that divides {model.n_head}")
+    if train.sequence_parallel and model.n_ctx % tp:
+        raise ConfigError(f"--sequence-parallel splits the {model.n_ctx} positions over TP {tp}, which does not "
+                          f"divide them; use a --tensor-parallel that divides {model.n_ctx} or drop --sequence-parallel")
     if VOCAB_SIZE % tp:
         raise ConfigError(f"the {VOCAB_SIZE}-way head cannot be divided across TP {tp}; use a power of two")
     if model.n_layer < pp:
@@ -86,11 +113,30 @@ def build_layout(world: int, rank: int, model: ModelConfig, train: TrainConfig, 
     check_layout(world, model, train, zero_stage)
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology, PipelineParallelGrid
 
-    tp, pp = train.tensor_parallel, train.pipeline_parallel
+    tp, pp, cp = train.tensor_parallel, train.pipeline_parallel, train.context_parallel
     topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=world // (tp * pp))
     grid = PipelineParallelGrid(topology=topology) if world > 1 else None
+    cp_group = context_parallel_group(topology, rank, cp) if cp > 1 else None
     if grid is not None:  # the Megatron-style names some DeepSpeed parts (activation checkpointing) ask the mpu for
         grid.get_tensor_model_parallel_group = grid.get_slice_parallel_group
         grid.get_tensor_model_parallel_world_size = grid.get_slice_parallel_world_size
         grid.get_tensor_model_parallel_rank = grid.get_slice_parallel_rank
-    return Layout(world=world, rank=rank, tp=tp, pp=pp, zero_stage=zero_stage, topology=topology, grid=grid)
+    return Layout(world=world, rank=rank, tp=tp, pp=pp, zero_stage=zero_stage, sp=train.sequence_parallel,
+                  cp=cp, cp_group=cp_group, topology=topology, grid=grid)
+
+
+def context_parallel_group(topology, rank: int, cp: int):
+    """This rank's CP group: along DeepSpeed's data axis (size dp x cp), data coordinates d with the same d // cp
+    (and the same pipe and model coordinates). Every rank creates every group, in the same order."""
+    import torch.distributed as dist
+
+    mine = None
+    dims = dict(zip(topology.get_axis_names(), topology.dims))
+    for pipe in range(dims["pipe"]):
+        for model in range(dims["model"]):
+            for shard in range(dims["data"] // cp):
+                members = [topology.get_rank(pipe=pipe, data=shard * cp + c, model=model) for c in range(cp)]
+                group = dist.new_group(members)
+                if rank in members:
+                    mine = group
+    return mine

@@ -18,9 +18,9 @@ import functools
 import torch
 
 from megapix.config import Config, ModelConfig
-from megapix.model.igpt import Block, ImageGPT
+from megapix.model.igpt import Block, ImageGPT, lm_loss
 from megapix.parallel.construct import build_local, structure_only
-from megapix.parallel.tensor import VocabParallelLoss
+from megapix.parallel.tensor import VocabParallelLoss, apply_sequence_parallel
 
 
 def _tp_info(layout):
@@ -28,23 +28,25 @@ def _tp_info(layout):
     return (layout.tp_group, layout.tp, layout.tp_rank) if layout.tp > 1 else (None, 1, 0)
 
 
-def _keep_only(layer: ImageGPT, keep: tuple[str, ...], config: ModelConfig, seed: int, tp_info=(None, 1, 0)):
+def _keep_only(layer: ImageGPT, keep: tuple[str, ...], config: ModelConfig, seed: int, tp_info=(None, 1, 0),
+               initial=None):
     """torchtitan's pipeline split: from the whole model built on the meta device (no memory, no init), drop
-    the pieces this layer does not hold, then build this rank's share of the rest (TP shard, canonical names)."""
+    the pieces this layer does not hold, then build this rank's share of the rest (TP shard, canonical names;
+    `initial` as for construct.build_local)."""
     for name in ("wte", "sos", "wpe", "blocks", "norm_f", "head"):
         if name not in keep:
             delattr(layer, name)
-    build_local(layer, config, seed, tp_info)
+    build_local(layer, config, seed, tp_info, initial=initial)
 
 
 class EmbedLayer(ImageGPT):
     """Pipeline layer 0: the model with only its embedding (wte, sos, wpe); tokens (or (tokens, mask) for BERT)
     -> input embeddings [B, T, d] through the model's own `embed`."""
 
-    def __init__(self, config: ModelConfig, seed: int):
+    def __init__(self, config: ModelConfig, seed: int, initial=None):
         with torch.device("meta"):
             super().__init__(config, seed)
-        _keep_only(self, ("wte", "sos", "wpe"), config, seed)
+        _keep_only(self, ("wte", "sos", "wpe"), config, seed, initial=initial)
 
     def forward(self, inputs):
         tokens, mask = inputs if isinstance(inputs, (tuple, list)) else (inputs, None)
@@ -52,19 +54,29 @@ class EmbedLayer(ImageGPT):
 
 
 class BlockLayer(Block):
-    def __init__(self, config: ModelConfig, seed: int, index: int, tp_info=(None, 1, 0)):
+    def __init__(self, config: ModelConfig, seed: int, index: int, tp_info=(None, 1, 0), initial=None,
+                 sequence_parallel=False):
         with torch.device("meta"):
             super().__init__(config)
-        build_local(self, config, seed, tp_info, prefix=f"blocks.{index}.")
+        build_local(self, config, seed, tp_info, prefix=f"blocks.{index}.", initial=initial)
+        if sequence_parallel:  # stages pass this TP rank's chunk of the positions to each other
+            apply_sequence_parallel(self, tp_info[0], prefix=f"blocks.{index}.")
 
 
 class HeadLayer(ImageGPT):
-    """Last layer: the model with only norm_f and its (vocab-parallel under TP) head -> logits [B, T, 512 / TP]."""
+    """Last layer: the model with only norm_f and its (vocab-parallel under TP) head -> logits [B, T, 512 / TP].
+    `extra` ({name: factory}) adds a task's own modules (fine-tuning's classifier), built on the meta device and
+    materialised with the rest under canonical names "<name>.*"."""
 
-    def __init__(self, config: ModelConfig, seed: int, tp_info=(None, 1, 0)):
+    def __init__(self, config: ModelConfig, seed: int, tp_info=(None, 1, 0), initial=None, extra=None,
+                 sequence_parallel=False):
         with torch.device("meta"):
             super().__init__(config, seed)
-        _keep_only(self, ("norm_f", "head"), config, seed, tp_info)
+            for name, make in (extra or {}).items():
+                setattr(self, name, make())
+        _keep_only(self, ("norm_f", "head"), config, seed, tp_info, initial)
+        if sequence_parallel:
+            apply_sequence_parallel(self, tp_info[0])
 
     def forward(self, h):
         return self.head(self.norm_f(h))
@@ -101,24 +113,25 @@ def canonical_prefix(layer_index: int, n_layer: int) -> str:
     return f"blocks.{layer_index - 1}." if 1 <= layer_index <= n_layer else ""
 
 
-def layer_specs(cfg: Config, layout) -> list:
-    """The pipeline's layers as DeepSpeed LayerSpecs (each built only by the stage that holds it)."""
+def layer_specs(cfg: Config, layout, head=None, initial=None) -> list:
+    """The pipeline's layers as DeepSpeed LayerSpecs (each built only by the stage that holds it); `head` and
+    `initial` as for megapix.parallel.build_module."""
     from deepspeed.pipe import LayerSpec
 
     m, seed = cfg.model, cfg.train.seed
     tp_info = _tp_info(layout)
-    layers = [LayerSpec(EmbedLayer, m, seed)]
-    layers += [LayerSpec(BlockLayer, m, seed, i, tp_info) for i in range(m.n_layer)]
-    layers += [LayerSpec(HeadLayer, m, seed, tp_info)]
+    sp = layout.sp
+    layers = [LayerSpec(EmbedLayer, m, seed, initial)]
+    layers += [LayerSpec(BlockLayer, m, seed, i, tp_info, initial, sequence_parallel=sp) for i in range(m.n_layer)]
+    layers += [head.pipeline_layer(m, seed, tp_info, initial) if head is not None
+               else LayerSpec(HeadLayer, m, seed, tp_info, initial, sequence_parallel=sp)]
     return layers
 
 
-def build_pipeline(cfg: Config, layout):
-    from megapix.model import lm_loss
-
+def build_pipeline(cfg: Config, layout, head=None, initial=None):
     m = cfg.model
     group, tp, tp_rank = _tp_info(layout)
-    base = VocabParallelLoss(group, tp_rank, m.objective == "bert") if tp > 1 else (
+    lm = VocabParallelLoss(group, tp_rank, m.objective == "bert") if tp > 1 else (
         lambda logits, tokens, mask: lm_loss(logits, tokens, mask if m.objective == "bert" else None))
     ckpt = {}
     if cfg.train.activation_checkpointing:
@@ -126,24 +139,6 @@ def build_pipeline(cfg: Config, layout):
 
         ckpt = dict(activation_checkpoint_interval=1, activation_checkpoint_func=deepspeed.checkpointing.checkpoint,
                     checkpointable_layers=["BlockLayer"])
-    return _pipeline_module_class()(layers=layer_specs(cfg, layout), topology=layout.topology,
-                                    loss_fn=PipeLoss(base), partition_method="parameters", **ckpt)
-
-
-def pipeline_inputs(micro, device):
-    """DeepSpeed's pipe wants (inputs, labels) per micro-batch; BERT passes its mask through both."""
-    out = []
-    for tokens, mask in micro:
-        tokens = tokens.to(device)
-        if mask is None:
-            out.append((tokens, tokens))
-        else:
-            mask = mask.to(device)
-            out.append(((tokens, mask), (tokens, mask)))
-    return out
-
-
-@torch.no_grad()
-def pipeline_eval(engine, batches, device) -> float:
-    loss = engine.eval_batch(iter(pipeline_inputs(batches, device)), num_micro_batches=len(batches))
-    return float(loss)
+    loss_fn = PipeLoss(lm) if head is None else head.pipeline_loss(lm)
+    return _pipeline_module_class()(layers=layer_specs(cfg, layout, head, initial), topology=layout.topology,
+                                    loss_fn=loss_fn, partition_method="parameters", **ckpt)

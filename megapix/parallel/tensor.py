@@ -11,6 +11,10 @@ attributes (tensor_model_parallel, partition_dim, partition_stride), which DeepS
 ZeRO read through `is_model_parallel_parameter`. Norm weights, embeddings, sos and row-parallel biases are
 replicated: their gradients are computed identically on every TP rank because every column-parallel input
 passes through `copy_to_tp` (all-reduce of the input gradient in backward).
+
+With sequence parallelism (`apply_sequence_parallel`, the communication in megapix/parallel/sequence.py) the
+same layers all-gather a sequence chunk instead of copying a replicated input, and reduce-scatter instead of
+all-reducing their output.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from megapix.parallel.sequence import all_reduce_grad, gathered_linear, reduce_scatter_from_sp, scatter_to_sp
 
 
 # THE table of the split: (canonical module name suffix, how its weight is split). Biases follow their weight,
@@ -89,7 +95,11 @@ class ColumnParallelLinear(nn.Module):
         if self.bias is not None:
             _mark(self.bias, 0)
 
+    sequence_parallel = False  # set by apply_sequence_parallel: x is this rank's chunk of the positions
+
     def forward(self, x):
+        if self.sequence_parallel:
+            return gathered_linear(x, self.weight, self.bias, self.group)
         return F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
 
 
@@ -103,8 +113,11 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(bias.contiguous()) if bias is not None else None
         _mark(self.weight, 1)
 
+    sequence_parallel = False  # set by apply_sequence_parallel: the output is reduce-scattered over positions
+
     def forward(self, x):
-        y = reduce_from_tp(F.linear(x, self.weight), self.group)
+        y = F.linear(x, self.weight)
+        y = reduce_scatter_from_sp(y, self.group) if self.sequence_parallel else reduce_from_tp(y, self.group)
         return y + self.bias if self.bias is not None else y
 
 
@@ -187,6 +200,27 @@ def apply_tensor_parallel(module: nn.Module, group, tp: int, rank: int, prefix: 
         parent_name, _, child = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         setattr(parent, child, new)
+    return module
+
+
+def apply_sequence_parallel(module: nn.Module, group, prefix: str = "") -> nn.Module:
+    """Switch the TP layers of `module` (after apply_tensor_parallel and materialisation: the gradient hooks go
+    on the final parameters; canonical names after `prefix`) to sequence parallelism (megapix/parallel/
+    sequence.py): column-parallel layers gather their input chunk, row-parallel ones reduce-scatter their output,
+    block 0 cuts its input to this rank's chunk, and the parameters applied to a chunk (norm weights, row-parallel
+    biases) all-reduce their gradients over the TP group."""
+    for name, mod in module.named_modules():
+        if isinstance(mod, (ColumnParallelLinear, RowParallelLinear)):
+            mod.sequence_parallel = True
+        if (prefix + name).rstrip(".") == "blocks.0":
+            mod.register_forward_pre_hook(lambda m, args: (scatter_to_sp(args[0], group), *args[1:]))
+    for name, p in module.named_parameters():
+        full = prefix + name
+        module_name, _, leaf = full.rpartition(".")
+        on_chunk = ".norm_" in "." + module_name or (module_kind(module_name) == "row" and leaf == "bias")
+        if on_chunk and p.requires_grad:
+            p.sequence_parallel = True  # Megatron's mark: its gradient is the TP sum of the chunks' gradients
+            p.register_hook(all_reduce_grad(group))
     return module
 
 

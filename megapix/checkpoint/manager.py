@@ -1,0 +1,144 @@
+"""The run's checkpoint policy in one place: what is saved when, and what a resume restores.
+
+The training loop calls `after_step` once per step and `finish` once at the end (torchtitan's
+`checkpointer.save(step, last_step)`); the mechanics (staged tags, `latest`, allow-listed loading, any-layout
+resume, keep-last pruning, best.json) stay in store.py.
+
+Saved, never twice at one step:
+- every `save_every` steps (not at max_steps: the end saves then);
+- on a new best validation score (`save_best`; the task's score, higher is better), named in best.json;
+- when the run stops early: a stop request (preemption signal, time budget), a data error (`save_before_error`);
+- at the end of the run.
+Each save prunes to `keep_last` tags (store.prune, which keeps `latest`'s and best.json's tags).
+
+A resume (`restore`) brings back: the latest complete tag (weights, optimizer, schedule, in any layout:
+store.resume), the best record of the steps up to it (best.json; a best from later steps no longer counts), and
+the run log cut to that step (metrics.jsonl, the loss curve: RunLog.continue_from).
+
+Rolling back to the last good checkpoint (the fault handling of a later issue) belongs here: it is
+`restore(engine, is_pipeline, log, tag=manager.latest_tag)`, the tag this manager last saved or resumed.
+"""
+from __future__ import annotations
+
+import os
+
+from megapix.checkpoint import store
+from megapix.checkpoint.tags import latest_step, tag_for
+from megapix.config import Config, ConfigError
+from megapix.parallel import dist, watchdog
+from megapix.parallel.layout import Layout
+from megapix.utils import read_metrics
+
+
+def existing_run_step(out: str) -> int | None:
+    """The step of a run already in `out` (from checkpoints/latest, else the newest global_step* folder, else
+    the last metrics.jsonl record), or None when `out` holds no run."""
+    step = latest_step(os.path.join(out, "checkpoints"))
+    if step is not None:
+        return step
+    path = os.path.join(out, "metrics.jsonl")
+    if os.path.isfile(path) and os.path.getsize(path) > 0:
+        try:
+            recs = read_metrics(path)
+        except ConfigError:
+            recs = []
+        return int(recs[-1].get("step", 0)) if recs else 0
+    return None
+
+
+def refuse_existing_run(out: str, shown: str) -> None:
+    """Training into a folder that holds a run without --resume would cut its metrics and overwrite its
+    checkpoints: refuse, naming both ways out."""
+    step = existing_run_step(out)
+    if step is not None:
+        raise ConfigError(f"{shown} already holds a run at step {step}: pass --resume to continue, or choose "
+                          "another --out")
+
+
+class CheckpointManager:
+    """The checkpoints of one run in <out>/checkpoints. Built before anything is written into --out: with
+    `resume`, the checkpoint to continue is checked (complete, nothing but allowed types, the same model) now,
+    not after the data is loaded; without it, a run already in --out is refused. `enabled=False` (a sweep's
+    runs, a benchmark) writes and restores nothing."""
+
+    def __init__(self, out: str, shown_out: str, cfg: Config, layout: Layout, resume: bool = False,
+                 enabled: bool = True):
+        self.ckpt_dir = os.path.join(out, "checkpoints")
+        self.cfg, self.layout, self.enabled = cfg, layout, enabled
+        self.saved_step: int | None = None  # the step this process last saved or resumed
+        self.best: dict | None = None  # best.json's record: the checkpoint of the best validation score so far
+        self.resume_tag = None
+        if enabled:
+            if resume:
+                self.resume_tag = store.resumable_tag(self.ckpt_dir, cfg)
+            else:
+                refuse_existing_run(out, shown_out)
+            dist.barrier()
+
+    @property
+    def latest_tag(self) -> str | None:
+        return None if self.saved_step is None else tag_for(self.saved_step)
+
+    # ---- resume ----
+    def restore(self, engine, is_pipeline: bool, log=None, tag: str | None = None) -> int:
+        """Load `tag` (default: the one checked at construction) into `engine` and return its step; 0 when there
+        is nothing to resume. The best record of the steps up to it is kept, and `log` (the run's RunLog, None
+        for a shared one) continues from that step: records after it are dropped, the loss curve reloaded."""
+        tag = tag or self.resume_tag
+        step = None
+        if self.enabled and tag is not None:
+            step = store.resume(engine, self.ckpt_dir, self.cfg, self.layout, is_pipeline, tag=tag)
+            self.saved_step = step
+        if step is not None:  # the best of the steps before the resumed one stays the one to beat
+            best = dist.from_rank0(store.read_best(self.ckpt_dir) if dist.is_rank0() else None)
+            self.best = best if best and best.get("step", 1 << 62) <= step else None
+        if log is not None and self.enabled:
+            log.continue_from(step)
+        return step or 0
+
+    # ---- saving ----
+    @watchdog.protected  # a SIGTERM while blocked never cuts a save short
+    def save(self, engine, step: int) -> None:
+        """A checkpoint of this step (store.save: staged, renamed, `latest` moves last, then pruned)."""
+        store.save(engine, self.ckpt_dir, step, self.cfg, self.layout)
+        self.saved_step = step
+
+    def after_step(self, engine, step: int, metrics: dict | None = None, score: float | None = None,
+                   stopping: bool = False) -> None:
+        """The loop's call after each step: `metrics` and `score` when it evaluated (a new best is saved and named
+        in best.json), `stopping` when the run stops here (saved so that --resume continues from it)."""
+        if not self.enabled:
+            return
+        t = self.cfg.train
+        if metrics is not None and t.save_best:
+            self._save_if_best(engine, step, metrics, score)
+        periodic = t.save_every and step % t.save_every == 0 and step < t.max_steps
+        if (periodic or stopping) and self.saved_step != step:
+            self.save(engine, step)
+
+    def finish(self, engine, step: int) -> None:
+        """The end of the run: its last step saved (once)."""
+        if self.enabled and self.saved_step != step:
+            self.save(engine, step)
+
+    def save_before_error(self, engine, step: int) -> bool:
+        """Save the last completed step before the run raises (a data error every rank shares); True when saved."""
+        if self.enabled and step > 0 and self.saved_step != step:
+            self.save(engine, step)
+            return True
+        return False
+
+    def _save_if_best(self, engine, step: int, metrics: dict, score: float | None) -> None:
+        """A new best score saves this step's checkpoint (if not saved already) and names it in best.json.
+        Collective: rank 0's decision is every rank's."""
+        best = self.best
+        if not dist.from_rank0(score is not None and (best is None or score > best["score"])):
+            return
+        if self.saved_step != step:
+            self.save(engine, step)
+        tag = tag_for(step)
+        self.best = {"tag": tag, "step": step, "score": score, **metrics}
+        if dist.is_rank0():
+            store.write_best(self.ckpt_dir, tag, step, metrics, score)
+            store.prune(self.ckpt_dir, self.cfg.train.keep_last, step)  # the previous best is an ordinary tag now
+        dist.barrier()

@@ -1,0 +1,79 @@
+"""Context parallelism (megapix/parallel/context.py): refusals, the load-balanced split, and a 2-rank feature
+extraction equal to one rank's. The training-curve equivalence of CP layouts is in test_parallel.py."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megapix.config import ConfigError, ModelConfig, TrainConfig
+from megapix.parallel.context import local_positions
+from megapix.parallel.layout import check_layout
+from test_parallel_helpers import ROOT, env, free_port
+
+
+@pytest.mark.parametrize("world,model,train,zero,needle", [
+    (3, {}, dict(context_parallel=2), 0, "not divisible by TP 1 x PP 1 x CP 2"),
+    (2, dict(resolution=5), dict(context_parallel=2), 0, "cuts the 25 positions into 2 x 2 chunks"),
+    (4, {}, dict(context_parallel=2, pipeline_parallel=2), 1, "does not run with --pipeline-parallel 2"),
+    (4, {}, dict(context_parallel=2, tensor_parallel=2, sequence_parallel=True), 0, "with --sequence-parallel"),
+])
+def test_check_layout_refuses_context_parallel(world, model, train, zero, needle):
+    m = ModelConfig(**{"n_layer": 2, "d_model": 64, "n_head": 4, **model})
+    with pytest.raises(ConfigError, match=needle):
+        check_layout(world, m, TrainConfig(**{"global_batch": 8, **train}), zero)
+
+
+def test_context_parallel_degree_must_be_positive():
+    with pytest.raises(ConfigError, match="context_parallel"):
+        TrainConfig(context_parallel=0)
+
+
+def test_load_balanced_chunks_cover_the_sequence_once():
+    """Rank r holds chunks r and 2cp-1-r: a head and a tail, so every rank has the same causal work."""
+    assert local_positions(16, 2, 0).tolist() == [0, 1, 2, 3, 12, 13, 14, 15]
+    assert local_positions(16, 2, 1).tolist() == [4, 5, 6, 7, 8, 9, 10, 11]
+    for cp in (2, 4):
+        held = torch.cat([local_positions(64, cp, r) for r in range(cp)])
+        assert sorted(held.tolist()) == list(range(64))
+        work = [sum(int(p) + 1 for p in local_positions(64, cp, r)) for r in range(cp)]  # keys seen, causal
+        assert len(set(work)) == 1, work
+
+
+CP_WORKER = r'''
+import os, sys, torch, torch.distributed as dist
+sys.path.insert(0, os.environ["MEGAPIX_ROOT"])
+from megapix.config import ModelConfig
+from megapix.features import extract
+from megapix.model import ImageGPT
+from megapix.parallel.context import apply_context_parallel, pooled_features
+dist.init_process_group("gloo")
+group = dist.new_group([0, 1])
+for objective in ("ar", "bert"):
+    cfg = ModelConfig(n_layer=3, d_model=32, n_head=4, resolution=16, kernels="torch", objective=objective)
+    tokens = torch.randint(0, 512, (3, 256), generator=torch.Generator().manual_seed(1))
+    layers = [0, 1, 3]
+    ref = extract(ImageGPT(cfg, seed=3).eval(), tokens, layers)
+    model = apply_context_parallel(ImageGPT(cfg, seed=3).eval(), group, cfg.n_ctx)
+    got = pooled_features(model, tokens, layers, group)
+    err = (got - ref).abs().max().item()
+    assert err < 1e-5, (objective, err)
+dist.barrier()
+if dist.get_rank() == 0:
+    print("CP-FEATURES-OK", err)
+dist.destroy_process_group()
+'''
+
+
+def test_two_rank_context_parallel_features_equal_one_rank(tmp_path):
+    """16x16 images (256 positions), each rank holding a head and a tail chunk: the pooled features of layers
+    0, 1 and 3 (after norm_f) equal megapix.features.extract on one rank, AR and BERT."""
+    script = tmp_path / "cp_worker.py"
+    script.write_text(CP_WORKER)
+    e = env()
+    e["MEGAPIX_ROOT"] = ROOT
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(script)], env=e, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "CP-FEATURES-OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
