@@ -291,7 +291,7 @@ megapix_train() {
     [ -n "${TP:-}" ] && args+=(--tensor-parallel "$TP")
     [ -n "${PP:-}" ] && args+=(--pipeline-parallel "$PP")
     [ -n "${ZERO_STAGE:-}" ] && args+=(--zero-stage "$ZERO_STAGE")
-    [ "$RESUME" = 1 ] && args+=(--resume)  # continues from OUT's latest checkpoint, or starts fresh
+    [ "$RESUME" = 1 ] && args+=(--resume-if-exists)  # continues the run in OUT if there is one, or starts it
     args+=(--out "$OUT")
     # shellcheck disable=SC2206  # EXTRA_ARGS is split on spaces on purpose
     [ -n "${EXTRA_ARGS:-}" ] && args+=($EXTRA_ARGS)
