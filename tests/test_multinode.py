@@ -178,7 +178,7 @@ def test_xl_torchrun_tp2_signal_before_time_limit(cluster, tmp_path_factory, tmp
     slow = ["--eval-every", "3", "--eval-batches", "24", "--lr", "1e-3"]
     want = single_rank_curve(tmp_path_factory, MAX_STEPS, "--grad-clip", "1.0", *slow)  # ds_configs/zero3.json's clip
     out, log = tmp_path / "run", tmp_path / "xl.log"
-    # the script's layout (ZeRO-3, its ds_config, micro-batch 4) with TP 2 instead of 4 and the tiny preset
+    # the script's layout (TP 2, ZeRO-3 with its ds_config, its micro-batch) at the tiny preset
     job, _ = submit(cluster, "train_xl.sbatch", log, opts=TWO_NODES, OUT=str(out), LAUNCHER="torchrun", TP="2",
                     MAX_STEPS=str(MAX_STEPS), **dict(TRAIN, EXTRA_ARGS=TRAIN["EXTRA_ARGS"] + " " + " ".join(slow)))
     wait_for("the first training steps", lambda: len(metrics(out)) >= 2, JOB_TIMEOUT, interval=0.2,
