@@ -117,6 +117,12 @@ def main(argv=None) -> int:
         print(f"megapix: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
+        from megapix.divergence import EXIT_NONFINITE, NonFiniteStop
+
+        if isinstance(e, NonFiniteStop):  # every rank saw it at the same step; rank 0 says it
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"megapix: error: {e}", file=sys.stderr, flush=True)
+            return EXIT_NONFINITE
         from megapix.parallel.watchdog import exit_if_peer_lost
         from megapix.runfolder import disk_error
 
