@@ -5,7 +5,8 @@ DeepSpeed owns the optimizer wrapping (ZeRO), the pipeline schedule, gradient ac
 the monitor (TensorBoard/CSV); this module decides the batch geometry, feeds the task's batches and measures each
 step (loss and bits/dim, lr, gradient norm, tokens/s, TFLOP/s, MFU, peak memory). What is saved when and what a
 resume restores is megapix.checkpoint.manager.CheckpointManager; metrics.jsonl, loss.png, the progress line and
-the summary are megapix.runlog.RunLog. What is trained (the module, its loss, its evaluation) is a task
+the summary are megapix.runlog.RunLog; what a non-finite or spiking step does (stop, roll back), and the ranks'
+time spread, is megapix.divergence.StepGuard. What is trained (the module, its loss, its evaluation) is a task
 (megapix/tasks.py): pre-training and fine-tuning run this same loop.
 """
 from __future__ import annotations
