@@ -27,7 +27,7 @@ setup(
     extras_require={
         "mpi": ["mpi4py", "mpich"],
         "gpu": ["triton"],
-        "test": ["pytest", "pytest-timeout", "transformers", "triton", "mpi4py", "mpich"],
+        "test": ["pytest", "pytest-timeout", "ruff", "transformers", "triton", "mpi4py", "mpich"],
     },
     entry_points={"console_scripts": ["megapix=megapix.cli:main"]},
 )

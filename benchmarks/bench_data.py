@@ -30,7 +30,7 @@ from PIL import Image
 
 from megapix.data.loader import GlobalBatches, MicroBatches, TokenData
 from megapix.data.palette import Palette
-from megapix.data.setup import fit_palette
+from megapix.data.splits import fit_palette
 from megapix.data.sources import open_source
 from megapix.plan import DEVICES, PAPER_BATCH, search
 

@@ -10,7 +10,6 @@ communication and bookkeeping overhead more than any speed-up.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import statistics
@@ -18,6 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from megapix.utils import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,8 +75,7 @@ def main(argv=None) -> int:
             rows.append((name, n, None, None, f"failed ({proc.returncode})"))
             print(proc.stderr[-2000:], file=sys.stderr)
             continue
-        with open(os.path.join(out, "metrics.jsonl")) as f:
-            recs = [json.loads(line) for line in f]
+        recs = read_metrics(os.path.join(out, "metrics.jsonl"))
         tok = statistics.median(r["tokens_per_s"] for r in recs[2:] or recs)
         rows.append((name, n, tok, recs[-1]["loss"], f"{time.time() - t0:.0f}s wall"))
     base = rows[0][2]

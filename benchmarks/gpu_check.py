@@ -27,11 +27,11 @@ whose functions sections 1-3 import; section 4 replaces the former gpu_mfu.py.
 
 Exit status: 1 only for a crash or a wrong number (a section that raised; kernels outside tolerance; curves of the two
 kernel paths apart), else 0; the speed and planner goals (sections 2, 3, 5) are reported as "goal met" / "goal
-missed" in the table and under "goals" in the JSON, never as an exit status (the report is written either way). Without CUDA
-(and without --smoke) it prints one line and exits 0, writing nothing. --smoke runs every section's code on CPU, in
-seconds, for CI (tests/test_gpu_check.py): the tiny preset instead of igpt-s/l, megapix's torch kernel path instead
-of Triton, SDPA's math backend instead of flash/cuDNN, "n/a on CPU" for max_memory_allocated and for MFU (no
-peak for a CPU); every substitution is labelled in the report, and the report goes to a temporary folder unless
+missed" in the table and under "goals" in the JSON, never as an exit status (the report is written either way).
+Without CUDA (and without --smoke) it prints one line and exits 0, writing nothing. --smoke runs every section's code
+on CPU, in seconds, for CI (tests/test_gpu_check.py): the tiny preset instead of igpt-s/l, megapix's torch kernel
+path instead of Triton, SDPA's math backend instead of flash/cuDNN, "n/a on CPU" for max_memory_allocated and for
+MFU (no peak for a CPU); every substitution is labelled in the report, and the report goes to a temporary folder unless
 --out is given. Its numbers say the code runs, nothing about speed.
 """
 from __future__ import annotations

@@ -29,6 +29,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from megapix.utils import read_metrics  # noqa: E402 (after the repository is on sys.path)
+
 MODEL = {"preset": "tiny", "n_layer": 8, "d_model": 64, "n_head": 4, "resolution": 10}
 L2_GRID = [1e-4, 1e-3, 1e-2, 1e-1]
 
@@ -60,7 +62,7 @@ def pretrain(out: str, objectives, palette: str, args) -> dict[str, str]:
                        "train": {"global_batch": args.batch, "lr": args.lr, "seed": args.seed}}, f)
         runs[objective] = run = os.path.join(out, f"pretrain_{objective}")
         cmd = [sys.executable, "megapix/train.py", "--config", cfg, "--max-steps", str(args.steps), "--out", run,
-               "--no-samples", "--eval-every", str(args.ckpt_every), "--save-every", str(args.ckpt_every), "--resume"]
+               "--no-samples", "--eval-every", str(args.ckpt_every), "--save-every", str(args.ckpt_every), "--resume-if-exists"]
         print("+", " ".join(cmd), f"> {run}.log", flush=True)
         log = open(run + ".log", "a")
         procs.append((objective, subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log))
@@ -73,13 +75,8 @@ def pretrain(out: str, objectives, palette: str, args) -> dict[str, str]:
 
 
 def val_losses(run: str) -> dict[int, float]:
-    out = {}
-    with open(os.path.join(run, "metrics.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
-            if row.get("val_loss") is not None:
-                out[int(row["step"])] = float(row["val_loss"])
-    return out
+    return {int(row["step"]): float(row["val_loss"]) for row in read_metrics(os.path.join(run, "metrics.jsonl"))
+            if row.get("val_loss") is not None}
 
 
 def checkpoint_tags(run: str) -> list[tuple[int, str]]:

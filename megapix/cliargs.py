@@ -8,7 +8,9 @@ positional spelling still accepted for an older interface, and `kind="out"` for 
 time when a parent is a regular file, before anything is created). Every help line ends with its default.
 
 Parsed values are the flags the user gave (argparse default SUPPRESS), so callers can layer them over a config
-file (defaults < --config file < flags) and know which fields were set by the user.
+file and know which fields were set by the user. A run's config follows one rule, field by field (a flag
+overrides a field, never a whole section): defaults (or a resumed run's saved config) < model preset < --config
+file < flags (`config_from_args`).
 
 Convention for a command (how `megapix <cmd>` uses this; finetune adopts it the same way):
     @dataclass class FooConfig: fields with opt(...) metadata, validation in __post_init__ (ConfigError)
@@ -27,8 +29,8 @@ import types
 import typing
 from typing import Any, Literal
 
-from megapix.config import (PRESETS, Config, ConfigError, DataConfig, ModelConfig, TrainConfig,  # noqa: F401
-                            opt, read_config_file)
+from megapix import __version__
+from megapix.config import PRESETS, Config, ConfigError, DataConfig, ModelConfig, TrainConfig, read_config_file
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 
@@ -130,8 +132,6 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 def command_parser(prog: str, description: str) -> Parser:
-    from megapix import __version__
-
     p = Parser(prog=prog, description=description, formatter_class=_Formatter)
     p.add_argument("--version", action="version", version=f"megapix {__version__}")
     return p
@@ -228,8 +228,8 @@ def add_config_args(p: argparse.ArgumentParser, exclude: dict[str, tuple] | None
     exclude = exclude or {}
     p.add_argument("--config", metavar="FILE", help="YAML/JSON config with sections model/data/train; flags override "
                    "it (default: none)")
-    p.add_argument("--model", metavar="PRESET", help=f"model preset: {', '.join(PRESETS)}; replaces the config "
-                   "file's model section, the model flags override it (default: tiny)")
+    p.add_argument("--model", metavar="PRESET", help=f"model preset: {', '.join(PRESETS)}; its fields lie beneath the "
+                   "config file's model fields and the model flags (replaces the file's `preset:`) (default: tiny)")
     p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", metavar="JSON",
                    help="DeepSpeed JSON (ds_configs/); authoritative: its settings are taken in, a conflicting "
                    "megapix setting is an error (default: none)")
@@ -238,17 +238,41 @@ def add_config_args(p: argparse.ArgumentParser, exclude: dict[str, tuple] | None
                    exclude=tuple(exclude.get(sec, ())))
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    """defaults < --config file < flags, as one validated Config; Config.explicit records what the file and the
-    flags set (the DeepSpeed JSON rules need to know)."""
-    raw = dict(read_config_file(args.config)) if getattr(args, "config", None) else {}
-    for sec in SECTIONS:
-        raw[sec] = dict(raw.get(sec) or {})
-    if getattr(args, "model", None):
-        raw["model"] = {"preset": args.model}
+def given_settings(args: argparse.Namespace) -> dict[str, dict]:
+    """What the user set, by section: a model preset's fields (--model, else the file's `preset:`), then the
+    --config file's fields (the whole file validated first, even where flags override it), then the flags: a flag
+    overrides a field, never a whole section."""
+    path = getattr(args, "config", None)
+    raw = dict(read_config_file(path)) if path else {}
+    if path:
+        Config.from_dict(raw, where=path)  # every value of the file valid on its own
+    given = {sec: dict(raw.get(sec) or {}) for sec in SECTIONS}
+    preset = given["model"].pop("preset", None)
+    preset = getattr(args, "model", None) or preset
     for dest, value in vars(args).items():
         sec, _, name = dest.partition(".")
         if sec in SECTIONS and name:
-            raw[sec][name] = value
+            given[sec][name] = value
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        given["model"] = {**PRESETS[preset], **given["model"]}
+    return given
+
+
+def config_from_args(args: argparse.Namespace, base: dict | None = None) -> Config:
+    """One validated Config by one rule, field by field: base < what the user set (given_settings: preset <
+    --config file < flags). `base` is a config dict: the dataclass defaults when None, the train command's default
+    run without --config (config.DEFAULT_RUN), a saved run's config (Config.to_dict) when resuming it.
+    Config.explicit records what the user set (the DeepSpeed JSON rules and a resume's checks need to know)."""
+    given = given_settings(args)
+    base = dict(base or {})
+    base_model = dict(base.get("model") or {})
+    if "preset" in base_model:  # a base written as a config file (the default run): its preset as fields
+        base_model = {**PRESETS[base_model.pop("preset")], **base_model}
+    base["model"] = base_model
+    raw = {sec: {**(base.get(sec) or {}), **given[sec]} for sec in SECTIONS}
     where = f"{args.config} (with flags)" if getattr(args, "config", None) else "arguments"
-    return Config.from_dict(raw, where=where)
+    cfg = Config.from_dict(raw, where=where)
+    cfg.explicit = frozenset(f"{sec}.{k}" for sec in SECTIONS for k in given[sec])
+    return cfg

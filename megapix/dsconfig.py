@@ -24,7 +24,9 @@ import os
 
 import torch
 
+from megapix import __version__
 from megapix.config import Config, ConfigError
+from megapix.parallel import dist as pdist
 
 # --report-to name -> DeepSpeed monitor section
 MONITOR_SECTIONS = {"tensorboard": "tensorboard", "csv": "csv_monitor"}
@@ -292,8 +294,6 @@ def make_ds_config(cfg: Config, ds: dict, layout, micro: int) -> dict:
             ds[MONITOR_SECTIONS[name]] = {**ds.get(MONITOR_SECTIONS[name], {}), "enabled": True}
     if ds.get("tensorboard", {}).get("enabled") and not _tensorboard_available():
         ds["tensorboard"]["enabled"] = False  # the csv monitor still writes; install tensorboard for event files
-        from megapix.parallel import dist as pdist
-
         if pdist.is_rank0():
             asked = (f"{_name(named)}'s tensorboard section" if "report_to" in cfg.from_deepspeed
                      else "--report-to tensorboard")
@@ -331,8 +331,6 @@ def describe(cfg: Config, ds_final: dict | None, ds_path: str | None) -> str:
 def run_record(cfg: Config, ds_final: dict | None, ds_path: str | None) -> dict:
     """<out>/config.json: what this run trains with (megapix's config and the final DeepSpeed config), and where
     settings came from."""
-    from megapix import __version__
-
     return {"megapix_version": __version__, "config": cfg.to_dict(), "deepspeed": ds_final,
             "deepspeed_config_path": ds_path and os.path.abspath(ds_path),
             "set_by_user": sorted(cfg.explicit), "taken_from_deepspeed": sorted(cfg.from_deepspeed)}

@@ -379,7 +379,7 @@ class Trainer:
         if not self.is_rank0:
             return None
         shards: dict[str, dict[int, torch.Tensor]] = {}
-        for dp_rank, tp_rank, sd in parts:
+        for _dp_rank, tp_rank, sd in parts:
             for name, v in sd.items():
                 shards.setdefault(name, {})[tp_rank] = v
         return {name: merge_shards(name, [by[r] for r in sorted(by)]) for name, by in shards.items()}

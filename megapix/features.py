@@ -25,11 +25,17 @@ import time
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from megapix import runfolder
-from megapix.config import ConfigError
+from megapix.checkpoint import load_model_and_palette
+from megapix.cliargs import parse_command
+from megapix.config import ConfigError, ExtractConfig
+from megapix.data.loader import TokenData
+from megapix.data.sources import SPLITS, open_source
 from megapix.model import check_tokens
 from megapix.parallel import dist as pdist
+from megapix.parallel.launch import MPI_RANK_VARS, init_distributed
 from megapix.utils import read_json
 
 PROGRESS_DIR = ".extract_progress"
@@ -126,15 +132,10 @@ def parse_layers(spec: str | None, n_layer: int, center: int | None = None, span
 # ----------------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     """The options of `megapix extract` (flags generated from config.ExtractConfig): a validated ExtractConfig."""
-    from megapix.cliargs import parse_command
-    from megapix.config import ExtractConfig
-
     return parse_command("megapix extract", __doc__.splitlines()[0], ExtractConfig, argv, launcher=True)
 
 
 def _launched() -> bool:
-    from megapix.parallel.launch import MPI_RANK_VARS
-
     env = os.environ
     return (("RANK" in env and "WORLD_SIZE" in env) or ("SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env)
             or any(v in env for v in MPI_RANK_VARS))
@@ -150,8 +151,6 @@ class Dist:
         self.started = False
         if _launched() and not dist.is_initialized():
             self.started = True
-            from megapix.parallel.launch import init_distributed
-
             init_distributed()
         self.on = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.on else 0
@@ -207,10 +206,6 @@ def main(argv=None) -> int:
 
 
 def _prepare(args, dist: Dist) -> dict:
-    from megapix.checkpoint import load_model_and_palette
-    from megapix.data.loader import TokenData
-    from megapix.data.sources import SPLITS, open_source
-
     if not os.path.exists(args.checkpoint):
         raise ConfigError(f"checkpoint {args.checkpoint!r} does not exist; pass a training --out folder, "
                           "a checkpoint tag folder or an HF/megapix export directory")
@@ -238,8 +233,6 @@ def _prepare(args, dist: Dist) -> dict:
 
 
 def _run(job: dict, args, dist: Dist) -> int:
-    from tqdm import tqdm
-
     out = os.path.abspath(args.out)
     progress = os.path.join(out, PROGRESS_DIR)
     run, layers, model = job["run"], job["layers"], job["model"]

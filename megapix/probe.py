@@ -17,7 +17,6 @@ Writes DIR/probe_results.json, DIR/probe_results.md and DIR/probe_accuracy.png.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -27,8 +26,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from megapix.cliargs import parse_command
 from megapix.config import PROBE_L2_GRID as DEFAULT_GRID
-from megapix.config import ConfigError
+from megapix.config import ConfigError, ProbeConfig
+from megapix.features import parse_layers
+from megapix.utils import read_json, read_record, write_json
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -59,12 +61,10 @@ def load_split(path: str, split: str):
     man_path = os.path.join(path, "manifest.json")
     if not os.path.isfile(man_path):
         raise ConfigError(f"{path} has no manifest.json; run `megapix extract` (to completion) first")
-    try:
-        with open(man_path) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{man_path} is not readable JSON ({type(e).__name__}); {_redo(path)}") from None
-    files = manifest.get("files") if isinstance(manifest, dict) else None
+    manifest = read_json(man_path)
+    if not isinstance(manifest, dict):
+        raise ConfigError(f"{man_path} is not readable JSON; {_redo(path)}")
+    files = manifest.get("files")
     if manifest.get("format") != FEATURES_FORMAT or not manifest.get("complete") or not isinstance(files, dict):
         raise ConfigError(f"{man_path} is not a complete megapix feature dump; {_redo(path)}")
     if split not in files:
@@ -210,9 +210,6 @@ def _apply(std: Standardizer, X: torch.Tensor, device, solver: str) -> torch.Ten
 # ----------------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     """The options of `megapix probe` (flags generated from config.ProbeConfig): a validated ProbeConfig."""
-    from megapix.cliargs import parse_command
-    from megapix.config import ProbeConfig
-
     return parse_command("megapix probe", __doc__.splitlines()[0], ProbeConfig, argv)
 
 
@@ -240,8 +237,6 @@ def main(argv=None) -> int:
     layers, d = man["layers"], man["d_model"]
     chosen = layers
     if args.layers:
-        from megapix.features import parse_layers
-
         chosen = parse_layers(args.layers, man["model"]["n_layer"])
         missing = [l for l in chosen if l not in layers]
         if missing:
@@ -289,16 +284,13 @@ def main(argv=None) -> int:
                "num_classes": num_classes, "results": results}
     singles = [r for r in results if r["name"].startswith("layer ")]
     summary["best_layer_by_val"] = max(singles, key=lambda r: r["val_acc"])["layers"][0]
-    from megapix.utils import write_json
-
     control = None
     if args.control:
         cpath = os.path.join(args.control, "probe_results.json")
         if not os.path.isfile(cpath):
             raise ConfigError(f"--control {args.control}: no probe_results.json there; run `megapix probe "
                               f"--features {args.control}` on the random-init dump first")
-        with open(cpath) as f:
-            control = json.load(f)
+        control = read_record(cpath)
     out = args.out or args.dir
     os.makedirs(out, exist_ok=True)
     written = [os.path.join(out, n) for n in ("probe_results.json", "probe_results.md", "probe_accuracy.png")]
@@ -320,7 +312,8 @@ def markdown_table(summary: dict) -> str:
     for r in summary["results"]:
         test = f"{100 * r['test_acc']:.2f}" if "test_acc" in r else "-"
         ls = r["layers"]
-        lstr = str(ls[0]) if len(ls) == 1 else f"{ls[0]}..{ls[-1]}" if ls == list(range(ls[0], ls[-1] + 1)) else ",".join(map(str, ls))
+        contiguous = ls == list(range(ls[0], ls[-1] + 1))
+        lstr = str(ls[0]) if len(ls) == 1 else f"{ls[0]}..{ls[-1]}" if contiguous else ",".join(map(str, ls))
         lines.append(f"| {r['name']} | {lstr} | {r['dim']} | {r['l2']:g} | {100 * r['val_acc']:.2f} | {test} |")
     return "\n".join(lines) + "\n"
 
@@ -335,13 +328,18 @@ def probe_label(layers) -> str:
 
 
 def plot(summary: dict, path: str, control: dict | None = None) -> str:
-    """Accuracy against layer (the paper's figure 3 shape) on a 0-100% axis with a chance line; concatenations
-    as horizontal lines; `control` (the probe_results of a random-init model's dump) as a second curve.
-    Returns the path written."""
-    import matplotlib
+    """Accuracy against layer (the paper's figure 3 shape, `figure`) written to `path`; returns the path."""
+    figure(summary, control).savefig(path)
+    return path
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def figure(summary: dict, control: dict | None = None):
+    """Accuracy against layer on a 0-100% axis with a chance line; concatenations as horizontal lines; `control`
+    (the probe_results of a random-init model's dump) as a second curve. A matplotlib Figure drawn without pyplot,
+    so the caller's backend and figures are left alone."""
+    # lazy: matplotlib costs ~0.3 s to import and only a probe that plots needs it
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     def singles_of(s):
         rs = sorted((r for r in s["results"] if len(r["layers"]) == 1), key=lambda r: r["layers"][0])
@@ -350,7 +348,9 @@ def plot(summary: dict, path: str, control: dict | None = None) -> str:
     xs, singles = singles_of(summary)
     key = "test_acc" if singles and all("test_acc" in r for r in singles) else "val_acc"
     split = key[:-4]
-    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
+    fig = Figure(figsize=(6.5, 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     ax.plot(xs, [100 * r["val_acc"] for r in singles], "o-", label="pretrained, val (train-only fit)")
     if key == "test_acc":
         ax.plot(xs, [100 * r["test_acc"] for r in singles], "s-", label="pretrained, test (train+val refit)")
@@ -379,9 +379,7 @@ def plot(summary: dict, path: str, control: dict | None = None) -> str:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return fig
 
 
 if __name__ == "__main__":

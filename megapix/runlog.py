@@ -244,10 +244,11 @@ def write_loss_plot(train: list, val: list, png_path: str, points: int = 2000) -
 
 
 def summary_text(log: RunLog, checkpoints, shown_out: str, step: int, peak_tflops: float | None, peak_source: str,
-                 samples: str | None) -> str:
+                 samples: str | None, notes: list[str] = ()) -> str:
     """The end of a run, for its user: how it went (loss and bits/dim, best validation, throughput), where
-    everything is (checkpoints, the best one, metrics, loss curve, samples), and what to run next. `checkpoints` is
-    the run's CheckpointManager (latest_tag, best)."""
+    everything is (checkpoints, the best one, metrics, loss curve, samples), what a resume changed (`notes`), and
+    what to run next: every command as it runs, copied (tests/test_train.py runs them). `checkpoints` is the run's
+    CheckpointManager (latest_tag, best)."""
     s, out = log.summary, shown_out
     last = s.get("last", {})
     bpd = f" ({last['bpd']:.3f} bits/dim)" if last.get("bpd") is not None else ""
@@ -288,8 +289,10 @@ def summary_text(log: RunLog, checkpoints, shown_out: str, step: int, peak_tflop
                if last.get("mfu") is not None else f", no MFU ({peak_source})")
         lines.append(f"  last step    {last['tokens_per_s']:.0f} tokens/s, {last['tflops_per_device']:.3g} TFLOP/s "
                      f"per rank{mfu}{mem}")
+    lines += [f"  note         {note}" for note in notes]
+    more = max(2 * step, step + 1)
     lines += ["next:",
-              f"  continue     python megapix/train.py --resume --out {out} --max-steps N   (same flags otherwise)",
+              f"  continue     python megapix/train.py --resume --out {out} --max-steps {more}",
               f"  export (HF)  megapix export --checkpoint {out} --out {out}-hf"]
     if best and best["tag"] != latest:
         lines.append(f"  export best  megapix export --checkpoint {best_dir} --out {out}-best-hf")

@@ -11,8 +11,14 @@ import sys
 import numpy as np
 import torch
 
-from megapix.config import ConfigError
+from megapix.checkpoint import load_model_and_palette
+from megapix.cliargs import parse_command
+from megapix.config import ConfigError, SampleConfig
+from megapix.data.loader import TokenData
+from megapix.data.sources import open_source
 from megapix.model import ImageGPT
+from megapix.runfolder import claim
+from megapix.utils import atomic_path
 
 
 @torch.no_grad()
@@ -88,7 +94,6 @@ def save_png(image: np.ndarray, path: str, scale: int = 4, run_folder: bool = Fa
     or when `path` lies in a run folder this run owns (`run_folder`: a training run's samples.png)."""
     from PIL import Image, PngImagePlugin
 
-    from megapix.utils import atomic_path
 
     if not run_folder:
         check_png_output(path, "output")
@@ -127,22 +132,12 @@ def write_run_samples(trainer, n: int = 8) -> str | None:
 
 
 def main(argv=None) -> int:
-    from megapix.cliargs import parse_command
-    from megapix.config import SampleConfig
-
     try:
         args = parse_command("megapix sample", "Complete held-out images and sample new ones; writes a PNG grid (3 "
                              "completions of each top half, then the original).", SampleConfig, argv)
         check_png_output(args.out)  # before the model is loaded and sampled
-        from megapix.runfolder import claim
-
         claim(args.out, "sample", "megapix sample", whole=True)  # one writer of this file
-        from megapix.checkpoint import load_model_and_palette
-
         model, palette, data = load_model_and_palette(args.checkpoint, args.palette, args.data)
-        from megapix.data.loader import TokenData
-        from megapix.data.sources import open_source
-
         split = open_source(data, model.config.resolution).split("test")
         held = TokenData(split, model.config.n_ctx, palette).tokens(np.arange(min(args.n, len(split))))
         grid = completion_grid(model.eval(), palette, held, seed=args.seed, temperature=args.temperature)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from megapix import parallel
 from megapix.data.loader import MicroBatches, bert_mask
 from megapix.parallel import dist as pdist
 
@@ -88,8 +89,6 @@ class LMTask:
         return len(self.splits["train"])
 
     def build(self, cfg, layout):
-        from megapix import parallel
-
         self.bert = cfg.model.objective == "bert"
         module, is_pipeline = parallel.build_module(cfg, layout)
         if is_pipeline:  # DeepSpeed calls module.loss_fn on the last stage

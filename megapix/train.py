@@ -1,6 +1,7 @@
 """Train an iGPT: `deepspeed megapix/train.py [flags]` (also torchrun, mpiexec, srun, or plain python).
 
-With no flags it trains the tiny preset on the embedded default (scikit-learn's digits) on CPU.
+With no flags it trains what `make train` trains (configs/tiny_digits.yaml: the tiny preset at 10x10 on the
+embedded digits-shifted, into runs/digits) on CPU.
 """
 from __future__ import annotations
 
@@ -18,41 +19,80 @@ if __package__ in (None, ""):  # run as a script (deepspeed/torchrun megapix/tra
               "repository (or `make train`)", file=sys.stderr)
         sys.exit(2)
 
+from megapix import dsconfig, runfolder
+from megapix.checkpoint.manager import (STEER_FLAGS, check_resume_config, existing_run_step, refuse_existing_run,
+                                        saved_run_config)
+from megapix.cliargs import add_config_args, add_launcher_args, command_parser, config_from_args
+from megapix.config import DEFAULT_RUN, ConfigError, check_kernels_available
+from megapix.divergence import EXIT_NONFINITE, NonFiniteStop
+from megapix.parallel.launch import init_distributed
+from megapix.parallel.watchdog import exit_if_peer_lost
+from megapix.utils import read_json, write_json
+
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags generated from ModelConfig, DataConfig and TrainConfig (megapix.cliargs), plus the run's own."""
-    from megapix.cliargs import add_config_args, add_launcher_args, command_parser
-
-    p = command_parser("megapix train", __doc__.splitlines()[0] + "\n\nPrecedence: defaults < --config file < "
-                       "flags. A DeepSpeed JSON's settings are taken in where megapix's are not set; a value set in "
-                       "both that disagrees is an error (megapix/dsconfig.py).")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out (default: off)")
+    p = command_parser("megapix train", __doc__.splitlines()[0] + "\n\nPrecedence, field by field (a flag overrides "
+                       "a field, never a whole section): defaults (without --config: the `make train` run; with "
+                       "--resume: the saved run's config) < --model preset < --config file < flags. A DeepSpeed "
+                       "JSON's settings are taken in where megapix's are not set; a value set in both that "
+                       "disagrees is an error (megapix/dsconfig.py).")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its latest checkpoint, with its saved config (<out>/config."
+                   "json): no other flag is needed. Flags that only steer it from here on may change: "
+                   f"{', '.join(STEER_FLAGS)}; any other setting that differs from the saved run's is an error "
+                   "unless --allow-changed. A folder with no run is an error unless --resume-if-exists "
+                   "(default: off)")
+    p.add_argument("--resume-if-exists", action="store_true",
+                   help="--resume when --out holds a run, else start one there (requeued batch jobs) (default: off)")
+    p.add_argument("--allow-changed", action="store_true",
+                   help="with --resume: continue even where the settings contradict the saved run's (the log and the "
+                   "summary say what changed) (default: off)")
     p.add_argument("--no-samples", action="store_true", help="skip the PNG of samples at the end (default: off)")
     add_config_args(p)
     add_launcher_args(p)  # deepspeed's launcher appends --local_rank
     return p
 
 
-def config_from_args(args):
-    from megapix.cliargs import config_from_args
+def requested_config(args, saved: dict | None = None):
+    """The one precedence rule (config_from_args) over the right base: a resumed run's saved config, else (no
+    --config) the `make train` run, else the defaults."""
+    return config_from_args(args, base=saved if saved is not None else None if args.config else DEFAULT_RUN)
 
-    return config_from_args(args)
+
+def run_config(args) -> tuple:
+    """(the run's config, its DeepSpeed JSON as a dict, whether it resumes, what the resume changes): the one
+    precedence rule (config_from_args) over the right base, the DeepSpeed JSON resolved once, and a resume's
+    settings checked against the saved run's, all before any process group starts or file is written."""
+    cfg = requested_config(args)
+    out, shown = os.path.abspath(cfg.train.out), cfg.train.out
+    has_run = existing_run_step(out) is not None
+    if args.resume and not args.resume_if_exists and not has_run:
+        raise ConfigError(f"--resume: {shown} holds no run to continue; drop --resume to start one there, or pass "
+                          "--resume-if-exists (resume when there is a run, start one otherwise)")
+    resume = has_run and (args.resume or args.resume_if_exists)
+    saved = saved_run_config(out) if resume else None
+    if saved is not None:
+        cfg = requested_config(args, saved)
+    effective, ds = dsconfig.resolve(cfg, args.deepspeed_config, dsconfig.launch_world())
+    notes = []
+    if saved is not None:
+        notes = check_resume_config(saved, effective, shown, args.allow_changed)
+    elif not resume:
+        refuse_existing_run(out, shown)
+        check_run_record(os.path.join(out, "config.json"), effective)
+    return effective, ds, resume, notes
 
 
-def check_run_record(path: str, cfg, resume: bool) -> None:
-    """<out>/config.json belongs to the run in --out: refuse to replace a different run's record unless resuming
-    it (where the new settings, e.g. a later --max-steps, are what the continued run trains with)."""
-    import json
-
-    from megapix.config import ConfigError
-
-    if resume or not os.path.isfile(path):
+def check_run_record(path: str, cfg) -> None:
+    """<out>/config.json belongs to the run in --out: refuse to replace a different run's record (a resume compares
+    its settings with it instead, manager.check_resume_config)."""
+    if not os.path.isfile(path):
         return
-    try:
-        with open(path) as f:
-            old = json.load(f)["config"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ConfigError(f"{path} exists and is not a megapix run record; choose another --out") from None
+    rec = read_json(path)
+    if not isinstance(rec, dict) or "config" not in rec:
+        raise ConfigError(f"{path} exists and is not a megapix run record; choose another --out")
+    old = rec["config"]
     bad = "config" if not isinstance(old, dict) else next(
         (f"config.{sec}" for sec in ("model", "data", "train") if not isinstance(old.get(sec, {}), dict)), None)
     if bad is not None:
@@ -68,36 +108,23 @@ def check_run_record(path: str, cfg, resume: bool) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from megapix.config import ConfigError, check_kernels_available
-
     try:
-        cfg = config_from_args(args)
+        cfg, ds, resume, notes = run_config(args)
         check_kernels_available(cfg.model.kernels)
-        from megapix import dsconfig
-
-        # the JSON agrees with the flags (or says where not) before any process group starts or file is written
-        effective, _ = dsconfig.resolve(cfg, args.deepspeed_config, dsconfig.launch_world())
-        out = os.path.abspath(effective.train.out)
-        if not args.resume:  # a run already there is named by its step, before its record is compared
-            from megapix.checkpoint.manager import refuse_existing_run
-
-            refuse_existing_run(out, effective.train.out)
-        record = os.path.join(out, "config.json")
-        check_run_record(record, effective, args.resume)
-        from megapix.parallel.launch import init_distributed
-
-        init_distributed(effective.train.collective_timeout)
-        from megapix import runfolder
-
-        runfolder.claim(out, "train", "megapix train")  # one writer per --out, for this process's life
+        init_distributed(cfg.train.collective_timeout)
+        runfolder.claim(os.path.abspath(cfg.train.out), "train", "megapix train")  # one writer per --out
+        # lazy: the engine imports deepspeed (seconds), which `--help` and a refused command never need
         from megapix.engine import Trainer
+        from megapix.runlog import summary_text
+        from megapix.sample import write_run_samples
 
-        trainer = Trainer(cfg, args.deepspeed_config, resume=args.resume)
+        trainer = Trainer(cfg, ds, resume=resume)
         if trainer.is_rank0:
-            from megapix.utils import write_json
-
             print(dsconfig.describe(trainer.cfg, trainer.ds_config, args.deepspeed_config), flush=True)
-            write_json(record, dsconfig.run_record(trainer.cfg, trainer.ds_config, args.deepspeed_config))
+            for line in notes:
+                print(f"megapix: {line}", flush=True)
+            write_json(os.path.join(trainer.out, "config.json"),
+                       dsconfig.run_record(trainer.cfg, trainer.ds_config, args.deepspeed_config))
             print(f"megapix: {cfg.model.num_parameters() / 1e6:.2f}M parameters, {trainer.layout.describe()}, "
                   f"global batch {trainer.cfg.train.global_batch} (micro {trainer.micro_batch}), out {trainer.out}",
                   flush=True)
@@ -105,37 +132,28 @@ def main(argv=None) -> int:
                   "--peak-tflops sets it)"
                   if trainer.peak_tflops else f"megapix: no MFU: {trainer.peak_source}", flush=True)
         code = trainer.fit()
-        from megapix.runlog import summary_text
-        from megapix.sample import write_run_samples
-
         samples = write_run_samples(trainer) if code == 0 and not args.no_samples else None
         if trainer.is_rank0 and code == 0:
             print(summary_text(trainer.log, trainer.checkpoints, trainer.shown_out, trainer.step, trainer.peak_tflops,
-                               trainer.peak_source, samples), flush=True)
+                               trainer.peak_source, samples, notes), flush=True)
         return code
     except ConfigError as e:
         print(f"megapix: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        from megapix.divergence import EXIT_NONFINITE, NonFiniteStop
-
         if isinstance(e, NonFiniteStop):  # every rank saw it at the same step; rank 0 says it
             if int(os.environ.get("RANK", "0")) == 0:
                 print(f"megapix: error: {e}", file=sys.stderr, flush=True)
             return EXIT_NONFINITE
-        from megapix.parallel.watchdog import exit_if_peer_lost
-        from megapix.runfolder import disk_error
-
         exit_if_peer_lost(e)  # a peer died, hung or went out of reach: one line, exit 75 (requeue)
-        problem = disk_error(e, getattr(args, "out", None))  # a full, read-only or forbidden disk: one line, not a traceback
+        # a full, read-only or forbidden disk: one line, not a traceback
+        problem = runfolder.disk_error(e, vars(args).get("train.out"))
         if problem is None:
             raise
         print(f"megapix: error: {problem}", file=sys.stderr)
         return 2
     finally:
-        from megapix.runfolder import release_all
-
-        release_all()
+        runfolder.release_all()
 
 
 if __name__ == "__main__":

@@ -59,12 +59,28 @@ def atomic_path(path: str, replace=None):
 
 def read_json(path: str):
     """The JSON value in `path`, or None when it is missing or unreadable (torn, edited): for records megapix
-    wrote itself and checks before trusting."""
+    wrote itself and checks before trusting. (read_record is the strict reading, for records that must be there;
+    these two are the readers of megapix's own JSON records.)"""
     try:
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError):
         return None
+
+
+def read_record(path: str) -> dict:
+    """The JSON object in `path`, a record that must be there (a checkpoint's layout.json, megapix_config.json):
+    a ConfigError naming the file and what is wrong with it otherwise."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is truncated or not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path} does not hold a JSON object")
+    return value
 
 
 def write_json(path: str, obj) -> None:

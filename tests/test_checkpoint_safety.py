@@ -154,6 +154,14 @@ def test_corrupt_checkpoint_names_the_file_and_the_previous_complete_tag(tmp_pat
 
 
 def test_resume_with_no_checkpoint_says_it_starts_fresh(tmp_path):
+    """A run folder with a metrics log but no checkpoint (killed before its first save) resumes from step 0, and
+    says so; --resume into a folder with no run at all is an error unless --resume-if-exists."""
+    line = error_line(train(tmp_path / "new", "--resume", "--max-steps", "1"))
+    assert "holds no run to continue" in line and "--resume-if-exists" in line, line
+    assert not (tmp_path / "new").exists()
+    proc = train(tmp_path / "new", "--resume-if-exists", "--max-steps", "1")
+    assert proc.returncode == 0 and "resum" not in proc.stdout.lower(), proc.stdout[-2000:] + proc.stderr[-3000:]
+    shutil.rmtree(tmp_path / "new" / "checkpoints")
     proc = train(tmp_path / "new", "--resume", "--max-steps", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "no checkpoint in" in proc.stdout and "starting from step 0" in proc.stdout, proc.stdout
@@ -315,6 +323,12 @@ def test_resume_with_another_model_names_what_wrote_the_checkpoint(tmp_path):
     another --kernels is not another model."""
     run = copy_run("single", tmp_path / "run")
     before = tree_hash(run)
-    line = error_line(train(run, "--resume", "--model", "tiny"))
+    # the saved run's config is the resume's: a contradicting model flag names both values
+    line = error_line(train(run, "--resume", "--n-layer", "4", "--d-model", "128"))
+    assert "model.n_layer 2 -> 4" in line and "model.d_model 64 -> 128" in line and "--allow-changed" in line, line
+    assert tree_hash(run) == before
+    # --allow-changed cannot make a checkpoint another model: the check of the checkpoint itself still refuses
+    line = error_line(train(run, "--resume", "--model", "tiny", "--n-layer", "4", "--d-model", "128",
+                            "--n-head", "4", "--allow-changed"))
     assert "was written for a custom model (2 layers, d 64" in line and "this run builds preset tiny" in line, line
     assert tree_hash(run) == before

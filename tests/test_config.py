@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -54,6 +55,7 @@ def test_unknown_section():
     ("train", {"precision": "fp16"}, "train.precision='fp16' is not one of auto, bf16, fp32"),
     ("train", {"save_every": -5}, "train.save_every=-5 must be >= 0"),
     ("train", {"time_budget": -1.0}, "train.time_budget=-1.0 must be >= 0"),
+    ("train", {"collective_timeout": 0}, "train.collective_timeout=0 must be a positive number"),
     ("data", {"val_fraction": 1.0}, "data.val_fraction=1.0 must lie in [0, 1)"),
     ("data", {"source": ""}, "data.source must be a non-empty string"),
 ])
@@ -216,10 +218,48 @@ def test_precedence_defaults_then_file_then_flags(tmp_path):
     assert (cfg.train.lr, cfg.train.max_steps, cfg.train.global_batch) == (0.002, 7, 64)  # flag, file, default
     assert {"train.lr", "train.max_steps", "model.n_layer", "model.d_model"} <= cfg.explicit
     assert "train.global_batch" not in cfg.explicit
+    # --model replaces the file's preset, beneath the file's model fields: a flag never replaces a section
     cfg = config_from_args(build_parser().parse_args(["--config", str(path), "--model", "small"]))
-    assert cfg.model.n_layer == 8  # --model replaces the file's model section with the preset
+    assert (cfg.model.n_layer, cfg.model.d_model, cfg.model.resolution) == (3, 256, 16)
     with pytest.raises(ConfigError, match="unknown model preset 'huge'.*igpt-s"):
         config_from_args(build_parser().parse_args(["--model", "huge"]))
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_DIGITS = os.path.join(ROOT, "configs", "tiny_digits.yaml")
+
+
+def test_model_flag_keeps_the_config_files_resolution():
+    """The trap of issue 16: `--config configs/tiny_digits.yaml --model tiny` keeps the file's 10x10."""
+    from megapix.train import requested_config
+
+    cfg = requested_config(build_parser().parse_args(["--config", TINY_DIGITS, "--model", "tiny"]))
+    assert cfg.model.resolution == 10 and cfg.data.source == "digits-shifted"
+
+
+def test_bare_train_is_make_train():
+    """`deepspeed megapix/train.py` with no flags trains what `make train` trains (configs/tiny_digits.yaml), and
+    a preset flag alone takes its own resolution."""
+    from megapix.config import DEFAULT_RUN
+    from megapix.train import requested_config
+
+    make_train = load_config(TINY_DIGITS)
+    assert requested_config(build_parser().parse_args([])) == make_train == Config.from_dict(DEFAULT_RUN)
+    assert "--config configs/tiny_digits.yaml" in open(os.path.join(ROOT, "Makefile")).read()
+    assert requested_config(build_parser().parse_args(["--model", "igpt-s"])).model.resolution == 32
+
+
+def test_config_file_is_validated_whole_even_where_a_flag_overrides_it(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train: {lr: -1}\n")
+    with pytest.raises(ConfigError, match="train.lr=-1 must be a positive number"):
+        config_from_args(build_parser().parse_args(["--config", str(path), "--lr", "0.01"]))
+
+
+def test_explicit_is_per_instance():
+    a = Config.from_dict({"train": {"lr": 0.01}})
+    assert a.explicit == {"train.lr"} and Config().explicit == frozenset()
+    assert "explicit" not in a.to_dict() and a == Config(train=TrainConfig(lr=0.01))
 
 
 @pytest.mark.parametrize("raw,fragment", [
@@ -269,3 +309,30 @@ def test_kernels_triton_needs_cuda_or_the_interpreter(monkeypatch):
     check_kernels_available("auto")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     check_kernels_available("triton")
+
+
+def test_resume_checks_name_contradictions_and_allow_steering():
+    """A resume's settings against the saved run's (checkpoint.manager): model/data/batch/optimiser/seed changes
+    contradict it (one line naming each with both values, or --allow-changed); steer-from-here flags pass, and a
+    new --max-steps says where the schedule now ends."""
+    from megapix.checkpoint.manager import STEER_FLAGS, check_resume_config
+
+    saved = Config().to_dict()
+    assert check_resume_config(saved, Config(), "runs/x", allow_changed=False) == []
+    steer = Config(train=TrainConfig(max_steps=600, save_every=5, zero_stage=1))
+    notes = check_resume_config(saved, steer, "runs/x", allow_changed=False)
+    assert any("the schedule now ends at step 600 (the saved run's ended at 300)" in n for n in notes)
+    assert any("train.save_every 0 -> 5" in n and "train.zero_stage None -> 1" in n for n in notes)
+    changed = Config(train=TrainConfig(seed=4, global_batch=32), data=DataConfig(source="synthetic"))
+    with pytest.raises(ConfigError) as e:
+        check_resume_config(saved, changed, "runs/x", allow_changed=False)
+    msg = str(e.value)
+    for words in ("train.seed 0 -> 4", "train.global_batch 64 -> 32", "data.source 'digits' -> 'synthetic'",
+                  "runs/x/config.json", "--allow-changed"):
+        assert words in msg, msg
+    notes = check_resume_config(saved, changed, "runs/x", allow_changed=True)
+    assert notes and notes[0].startswith("--allow-changed: continuing runs/x with") and "train.seed 0 -> 4" in notes[0]
+    assert "--max-steps" in STEER_FLAGS and "--save-every" in STEER_FLAGS and "--time-budget" in STEER_FLAGS
+    assert "--seed" not in STEER_FLAGS and "--global-batch" not in STEER_FLAGS
+    help_text = " ".join(build_parser().format_help().split())
+    assert "--allow-changed" in help_text and "--resume-if-exists" in help_text and "--time-budget, " in help_text

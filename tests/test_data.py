@@ -20,7 +20,7 @@ from megapix.data.augment import cifar_augment
 from megapix.data.files import FILE_SOURCES, ConcatArray, ImageFolderImages, Subset
 from megapix.data.palette import Palette
 from megapix.data.prepare import prepare, prepare_main
-from megapix.data.setup import fit_sample
+from megapix.data.splits import fit_sample
 from megapix.data.sources import open_source
 
 RNG = np.random.default_rng(0)
@@ -542,7 +542,7 @@ def _cfg(data="synthetic:64", seed=0, palette=None):
 
 def test_load_splits_fits_once_and_reuses_only_a_matching_palette(tmp_path, palette_file):
     from megapix.data import fit_palette, load_splits
-    from megapix.data.setup import FIT_PIXELS, read_record
+    from megapix.data.splits import FIT_PIXELS, read_record
 
     out = str(tmp_path / "run")
     splits, pal = load_splits(_cfg(), out)
@@ -578,7 +578,7 @@ def test_load_splits_fits_once_and_reuses_only_a_matching_palette(tmp_path, pale
 
 def test_load_splits_palette_file_and_leftovers(tmp_path, palette_file):
     from megapix.data import load_splits
-    from megapix.data.setup import read_record
+    from megapix.data.splits import read_record
 
     out = tmp_path / "run"
     _, pal = load_splits(_cfg(palette=palette_file), str(out))  # copied into the run with its record

@@ -185,15 +185,15 @@ def test_run_record_of_another_run_is_not_replaced(tmp_path):
 
     path = str(tmp_path / "config.json")
     first = user(max_steps=10)
-    check_run_record(path, first, resume=False)  # nothing there yet
+    check_run_record(path, first)  # nothing there yet
     write_json(path, run_record(first, None, None))
-    check_run_record(path, first, resume=False)  # the same run again (e.g. it failed before its first checkpoint)
+    check_run_record(path, first)  # the same run again (e.g. it failed before its first checkpoint)
     with pytest.raises(ConfigError, match=r"holds another run .*train\.max_steps: 10 -> 20.*--resume"):
-        check_run_record(path, user(max_steps=20), resume=False)
-    check_run_record(path, user(max_steps=20), resume=True)  # continuing it with a later --max-steps
+        check_run_record(path, user(max_steps=20))
+    # a resume compares its settings with the record instead (checkpoint.manager.check_resume_config)
     (tmp_path / "config.json").write_text("not json")
     with pytest.raises(ConfigError, match="not a megapix run record"):
-        check_run_record(path, first, resume=False)
+        check_run_record(path, first)
 
 
 def test_report_to_sets_deepspeed_monitors_and_agrees_with_the_json(tmp_path, monkeypatch, capsys):

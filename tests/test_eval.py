@@ -83,26 +83,19 @@ def _summary(accs, concat=None):
 def test_probe_plot_has_chance_line_integer_ticks_labels_and_control(tmp_path, monkeypatch):
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from megapix import probe
 
-    seen = {}
-    real_close = plt.close
+    def refuse(*a, **k):
+        raise AssertionError("probe changed the caller's matplotlib backend")
 
-    def keep(fig):  # inspect the figure before it is closed
-        ax = fig.axes[0]
-        seen["ticks"] = list(ax.get_xticks())
-        seen["ylim"] = ax.get_ylim()
-        seen["labels"] = [t.get_text() for t in ax.get_legend().get_texts()]
-        real_close(fig)
-
-    monkeypatch.setattr(plt, "close", keep)
+    monkeypatch.setattr(matplotlib, "use", refuse)
+    summary, control = _summary([0.2, 0.4, 0.5, 0.45, 0.3], [0, 1, 2, 3, 4]), _summary([0.15, 0.2, 0.2, 0.18, 0.16])
     path = str(tmp_path / "p.png")
-    out = probe.plot(_summary([0.2, 0.4, 0.5, 0.45, 0.3], [0, 1, 2, 3, 4]), path,
-                     control=_summary([0.15, 0.2, 0.2, 0.18, 0.16]))
+    out = probe.plot(summary, path, control=control)
     assert out == path and open(path, "rb").read(4) == b"\x89PNG"
+    ax = probe.figure(summary, control).axes[0]
+    seen = {"ticks": list(ax.get_xticks()), "ylim": ax.get_ylim(),
+            "labels": [t.get_text() for t in ax.get_legend().get_texts()]}
     assert seen["ticks"] == [0, 1, 2, 3, 4]
     assert seen["ylim"] == (0.0, 100.0)
     assert any(l.startswith("chance (10%)") for l in seen["labels"])

@@ -106,8 +106,9 @@ def test_defaults_agree_with_the_trainer():
     from megapix.finetune import FinetuneConfig, parse_args
 
     t, (args, _) = TrainConfig(), parse_args(["--out", "x"])
-    assert (args.grad_clip, args.beta1, args.beta2, args.weight_decay) == (t.grad_clip, t.beta1, t.beta2,
-                                                                           t.weight_decay)
+    assert args.train == t  # FinetuneConfig nests the trainer's TrainConfig: one definition of each setting
+    args, _ = parse_args(["--out", "x", "--grad-clip", "0.5", "--seed", "3", "--tensor-parallel", "2"])
+    assert (args.train.grad_clip, args.train.seed, args.train.tensor_parallel) == (0.5, 3, 2)
     import dataclasses
 
     for f in dataclasses.fields(FinetuneConfig):  # every option has help text (the CLI generator reads it)

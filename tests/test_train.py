@@ -30,7 +30,8 @@ def metrics(out):
 
 
 def ok(proc, code=0):
-    assert proc.returncode == code, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert proc.returncode == code, (f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
+                                     f"stderr:\n{proc.stderr[-3000:]}")
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
@@ -164,7 +165,8 @@ def test_report_to_writes_deepspeed_monitor_csv(tiny_config, tmp_path):
     import importlib.util
 
     out = tmp_path / "run"
-    proc = train(tiny_config, out, "--max-steps", 3, "--no-samples", "--eval-every", 0, "--report-to", "csv,tensorboard")
+    proc = train(tiny_config, out, "--max-steps", 3, "--no-samples", "--eval-every", 0,
+                 "--report-to", "csv,tensorboard")
     ok(proc)
     csvs = [os.path.basename(p) for p in glob.glob(str(out / "monitor" / "**" / "*.csv"), recursive=True)]
     assert any("loss" in c for c in csvs) and any("grad_norm" in c for c in csvs), csvs
@@ -263,11 +265,67 @@ def test_rerun_into_a_run_refuses_and_changes_nothing(tiny_config, tmp_path):
         assert line == (f"megapix: error: {out} already holds a run at step 3: pass --resume to continue, or "
                         "choose another --out"), (damage, proc.stderr[-2000:])
         assert tree_hash(out) == before, damage
-    # --resume on a folder without checkpoints says it starts fresh instead of passing silently
+    # --resume into a folder with no run is an error (a typo in --out must not start a new run silently);
+    # --resume-if-exists (what the slurm/ scripts pass) starts one
     fresh = tmp_path / "fresh"
     proc = train(tiny_config, fresh, "--max-steps", 1, "--resume", *common)
+    assert proc.returncode == 2 and "holds no run to continue" in proc.stderr and not fresh.exists(), proc.stderr
+    ok(train(tiny_config, fresh, "--max-steps", 1, "--resume-if-exists", *common))
+    assert [r["step"] for r in metrics(fresh)] == [1]
+
+
+def test_resume_restores_the_saved_config_and_refuses_what_contradicts_it(tiny_config, tmp_path):
+    """`--resume --out DIR` alone continues the run with its saved config; a flag that contradicts the saved run
+    (here the seed) is one line naming both values and changes nothing, unless --allow-changed, which the log and
+    the summary then say; --max-steps only steers it (the log says where the schedule now ends)."""
+    out = tmp_path / "run"
+    ok(train(tiny_config, out, "--max-steps", 2, "--no-samples", "--eval-every", 0, "--seed", 3, "--lr", 0.002))
+    before = tree_hash(out)
+    proc = run([TRAIN, "--resume", "--out", str(out), "--seed", "4", "--lr", "0.002"], timeout=TIMEOUT)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "train.seed 3 -> 4" in line and "--allow-changed" in line and "train.lr" not in line, line
+    assert tree_hash(out) == before
+
+    proc = run([TRAIN, "--resume", "--out", str(out), "--max-steps", "3", "--no-samples"], timeout=TIMEOUT)
     ok(proc)
-    assert "no checkpoint" in proc.stdout and "starting from step 0" in proc.stdout
+    assert "the schedule now ends at step 3 (the saved run's ended at 2)" in proc.stdout, proc.stdout[-3000:]
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3]
+    record = json.loads((out / "config.json").read_text())["config"]
+    assert record["train"]["seed"] == 3 and record["train"]["lr"] == 0.002 and record["model"]["n_layer"] == 2
+
+    proc = run([TRAIN, "--resume", "--out", str(out), "--max-steps", "4", "--seed", "4", "--allow-changed",
+                "--no-samples"], timeout=TIMEOUT)
+    ok(proc)
+    said = [ln for ln in proc.stdout.splitlines() if "--allow-changed" in ln and "train.seed 3 -> 4" in ln]
+    assert len(said) == 2, proc.stdout[-3000:]  # the log line, and the summary's
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
+
+
+def test_every_command_the_summary_prints_runs_as_printed(tiny_config, tmp_path):
+    """Each command under the end-of-run summary's "next:" is copied and run as printed, from the repository root
+    with this interpreter's environment first on PATH (where `pip install -e .` puts `python` and `megapix`)."""
+    import shlex
+    import sys
+
+    out = tmp_path / "run"
+    proc = train(tiny_config, out, "--max-steps", 4, "--eval-every", 2)
+    ok(proc)
+    lines = proc.stdout.splitlines()
+    commands = []
+    for line in lines[lines.index("next:") + 1:]:
+        if not line.startswith("  "):
+            break
+        label, command = [part.strip() for part in line.strip().split("  ", 1)]
+        commands.append((label, command))
+    assert {"continue", "export (HF)", "sample", "probe"} <= {label for label, _ in commands}, commands
+    env = subprocess_env(PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    for label, command in commands:
+        assert shlex.split(command), command
+        done = subprocess.run(command, shell=True, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+        assert done.returncode == 0, (label, command, done.stdout[-2000:], done.stderr[-3000:])
+    assert [r["step"] for r in metrics(out)][-1] > 4  # the continue line resumed the run and trained further
+    assert (out / "more_samples.png").is_file() and (tmp_path / "run-hf" / "config.json").is_file()
 
 
 def test_resume_tolerates_a_torn_last_metrics_line(tiny_config, tmp_path):

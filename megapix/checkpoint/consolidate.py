@@ -31,6 +31,7 @@ from megapix.checkpoint.universal import convert, fp32_state_dict
 from megapix.config import Config, ConfigError
 from megapix.parallel.pipeline import canonical_prefix
 from megapix.parallel.tensor import merge_shards, shard_tensor
+from megapix.utils import read_record
 
 
 def _strip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -63,7 +64,7 @@ def zero_stage(folder: str, cfg: Config) -> int:
     when the DeepSpeed JSON chose it)."""
     layout = os.path.join(folder, "layout.json")
     if os.path.isfile(layout):
-        return int(safe_load.read_json(layout).get("zero_stage") or 0)
+        return int(read_record(layout).get("zero_stage") or 0)
     return cfg.train.zero_stage or 0
 
 

@@ -15,11 +15,13 @@ import os
 from megapix.checkpoint.consolidate import has_masters, state_dict
 from megapix.checkpoint.load import checked, is_hf_dir, locate
 from megapix.checkpoint.tags import saved_layout, saved_step
-from megapix.config import ConfigError
-from megapix.data.setup import checked_run_palette
+from megapix.cliargs import parse_command
+from megapix.config import ConfigError, ExportConfig
+from megapix.data.palette import Palette
+from megapix.data.splits import checked_run_palette
 from megapix.model.hf import save_state_dict_pretrained
 from megapix.runfolder import claim, disk_errors
-from megapix.utils import atomic_path, check_output, read_metrics
+from megapix.utils import atomic_path, check_output, read_json, read_metrics
 
 MARKER = "megapix_export.json"
 EXPORT_FILES = {"config.json", "model.safetensors", "palette.npy", "preprocessor_config.json", "generation_config.json",
@@ -28,12 +30,8 @@ EXPORT_FILES = {"config.json", "model.safetensors", "palette.npy", "preprocessor
 
 def is_export(path: str) -> bool:
     """A directory a previous `megapix export` wrote, holding nothing else: the only kind export replaces."""
-    try:
-        with open(os.path.join(path, MARKER)) as f:
-            marked = json.load(f).get("megapix_export") == 1
-    except (OSError, ValueError, AttributeError):
-        return False
-    return marked and set(os.listdir(path)) <= EXPORT_FILES
+    marker = read_json(os.path.join(path, MARKER))
+    return isinstance(marker, dict) and marker.get("megapix_export") == 1 and set(os.listdir(path)) <= EXPORT_FILES
 
 
 def _last_loss(run: str, step: int) -> float | None:
@@ -62,7 +60,7 @@ def export(checkpoint: str, out: str) -> str:
         # HF-native: config, weights, generation config, model card, and with the run's palette the
         # preprocessor_config.json that makes ImageGPTImageProcessor give megapix's ids; megapix.json records the
         # data spec so `megapix sample --checkpoint DIR` needs no flags.
-        save_state_dict_pretrained(sd, cfg.model, tmp, palette=palette,
+        save_state_dict_pretrained(sd, cfg.model, tmp, palette=None if palette is None else Palette.load(palette),
                                    card=card, provenance={"data": cfg.data.source, "checkpoint_tag": tag})
         with open(os.path.join(tmp, MARKER), "w") as f:
             json.dump({"megapix_export": 1, "checkpoint": os.path.join(root, tag),
@@ -100,9 +98,6 @@ def _copy_export(source: str, out: str) -> str:
 
 def main(argv=None) -> int:
     """`megapix export --checkpoint RUN --out DIR` (the older `megapix export RUN DIR` is still accepted)."""
-    from megapix.cliargs import parse_command
-    from megapix.config import ExportConfig
-
     args = parse_command("megapix export", __doc__.splitlines()[0], ExportConfig, argv)
     claim(args.out, "export", "megapix export", whole=True)  # one writer of this directory
     tag = export(args.checkpoint, args.out)

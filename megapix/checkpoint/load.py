@@ -10,7 +10,7 @@ from megapix.checkpoint.consolidate import state_dict
 from megapix.checkpoint.tags import problem, read_config, read_latest, resume_hint
 from megapix.config import Config, ConfigError
 from megapix.data.palette import Palette
-from megapix.data.setup import checked_run_palette
+from megapix.data.splits import checked_run_palette
 from megapix.model import ImageGPT
 from megapix.model.hf import read_provenance
 

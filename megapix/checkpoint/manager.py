@@ -31,12 +31,11 @@ import torch
 import torch.distributed as torch_dist
 
 from megapix.checkpoint import store
-from megapix.checkpoint.safe_load import read_json
 from megapix.checkpoint.tags import latest_step, tag_for
 from megapix.config import Config, ConfigError
 from megapix.parallel import dist, watchdog
 from megapix.parallel.layout import Layout
-from megapix.utils import read_metrics
+from megapix.utils import read_json, read_metrics, read_record
 
 SKIPPED_BATCHES = "skipped_batches.json"  # in a tag: the global batches the run skipped up to that step
 
@@ -132,7 +131,7 @@ class CheckpointManager:
         path = os.path.join(self.ckpt_dir, tag, SKIPPED_BATCHES)
         if not os.path.isfile(path):  # saved before any rollback, or by an older megapix
             return []
-        batches = read_json(path).get("batches")
+        batches = read_record(path).get("batches")
         if not isinstance(batches, list) or not all(isinstance(b, int) for b in batches):
             raise ConfigError(f"{path}: 'batches' is not a list of global-batch indices; the checkpoint is damaged")
         return sorted(batches)
@@ -188,3 +187,61 @@ class CheckpointManager:
             store.write_best(self.ckpt_dir, tag, step, metrics, score)
             store.prune(self.ckpt_dir, self.cfg.train.keep_last, step)  # the previous best is an ordinary tag now
         dist.barrier()
+
+
+# ---- the config a resume continues with ----
+RUN_RECORD = "config.json"  # <out>/config.json: the run's effective config (dsconfig.run_record), rewritten each start
+
+# Settings a resume may change without an error: they steer the run from the resumed step on (where it ends,
+# when it saves, evaluates and prints, how it is laid out and computed), while the curve up to that step stays the
+# saved run's. Every other setting (model, data, batch, optimiser, seed, schedule shape, precision) defines the
+# curve: a resume that changes one is refused unless --allow-changed.
+STEER_FIELDS = {
+    "model": ("kernels",),
+    "data": ("num_workers",),
+    "train": ("max_steps", "save_every", "time_budget", "keep_last", "save_best", "eval_every", "log_every",
+              "report_to", "peak_tflops", "tensor_parallel", "pipeline_parallel", "zero_stage",
+              "micro_batch", "activation_checkpointing", "on_nonfinite", "spike_factor"),
+}
+STEER_FLAGS = ["--" + name.replace("_", "-") for sec in STEER_FIELDS.values() for name in sec]
+
+
+def saved_run_config(out: str) -> dict | None:
+    """The effective config the run in `out` last started with (its config.json), or None when it has none."""
+    rec = read_json(os.path.join(out, RUN_RECORD))
+    config = rec.get("config") if isinstance(rec, dict) else None
+    return config if isinstance(config, dict) and all(isinstance(config.get(s), dict) for s in STEER_FIELDS) else None
+
+
+def resume_changes(saved: dict, cfg: Config) -> tuple[list[str], list[str]]:
+    """(changes that contradict the saved run, changes that only steer it), each "section.field saved -> now"."""
+    now = cfg.to_dict()
+    contradicting, steering = [], []
+    for sec, fields in now.items():
+        for name, value in fields.items():
+            old = saved.get(sec, {}).get(name, value)
+            if old != value and (sec, name) != ("train", "out"):  # the folder is the run, however it is spelled
+                (steering if name in STEER_FIELDS[sec] else contradicting).append(f"{sec}.{name} {old!r} -> {value!r}")
+    return contradicting, steering
+
+
+def check_resume_config(saved: dict, cfg: Config, shown_out: str, allow_changed: bool) -> list[str]:
+    """Refuse a resume whose settings contradict the saved run's (one line naming every field with both values),
+    unless `allow_changed`; returns the lines to print (and put in the summary) about what the resume changes."""
+    contradicting, steering = resume_changes(saved, cfg)
+    record = os.path.join(shown_out, RUN_RECORD)
+    if contradicting and not allow_changed:
+        raise ConfigError(f"--resume: {'; '.join(contradicting)} contradicts the run in {shown_out} ({record}): drop "
+                          "those settings to continue it as it was, or pass --allow-changed to continue with them")
+    notes = []
+    if contradicting:
+        notes.append(f"--allow-changed: continuing {shown_out} with {'; '.join(contradicting)}: from the resumed "
+                     "step on, the curve is not the saved run's")
+    old_end = saved.get("train", {}).get("max_steps")
+    if old_end is not None and old_end != cfg.train.max_steps:
+        notes.append(f"--resume: the schedule now ends at step {cfg.train.max_steps} (the saved run's ended at "
+                     f"{old_end}): the cosine decay from the resumed step on follows the new end")
+    other = [s for s in steering if not s.startswith("train.max_steps ")]
+    if other:
+        notes.append(f"--resume: changed from here on: {'; '.join(other)}")
+    return notes

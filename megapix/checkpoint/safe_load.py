@@ -12,7 +12,6 @@ and on the universal checkpoint made from them).
 """
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -50,19 +49,6 @@ def load(path: str, mmap: bool = False):
             raise ConfigError(f"{path} references code outside the checkpoint allow-list ({first[:200]}); "
                               "refusing to load it: it was not written by megapix/DeepSpeed") from None
         raise ConfigError(f"{path} is truncated or not a torch checkpoint file ({first[:200]})") from None
-
-
-def read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            value = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{path} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is truncated or not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise ConfigError(f"{path} does not hold a JSON object")
-    return value
 
 
 def checked_files(folder: str) -> list[str]:

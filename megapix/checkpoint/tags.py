@@ -10,6 +10,7 @@ import zipfile
 from megapix.checkpoint import safe_load
 from megapix.config import PRESETS, Config, ConfigError
 from megapix.parallel.layout import Layout
+from megapix.utils import read_record
 
 TAG = re.compile(r"global_step(\d+)")
 
@@ -60,8 +61,8 @@ def problem(ckpt_dir: str, tag: str, deep: bool = False) -> str | None:
     if not os.path.isdir(folder):
         return f"{folder} does not exist"
     try:
-        rec = safe_load.read_json(os.path.join(folder, "layout.json"))
-        safe_load.read_json(os.path.join(folder, "megapix_config.json"))
+        rec = read_record(os.path.join(folder, "layout.json"))
+        read_record(os.path.join(folder, "megapix_config.json"))
         for name in _expected_files(rec):
             if not os.path.isfile(os.path.join(folder, name)):
                 return f"{os.path.join(folder, name)} is missing"
@@ -110,7 +111,7 @@ def latest_step(ckpt_dir: str) -> int | None:
 def saved_step(ckpt_dir: str, tag: str) -> int:
     path = os.path.join(ckpt_dir, tag, "layout.json")
     if os.path.isfile(path):
-        step = safe_load.read_json(path).get("step")
+        step = read_record(path).get("step")
         if isinstance(step, int):
             return step
     m = TAG.fullmatch(tag)
@@ -123,7 +124,7 @@ def saved_layout(ckpt_dir: str, tag: str) -> dict | None:
     path = os.path.join(ckpt_dir, tag, "layout.json")
     if not os.path.isfile(path):
         return None
-    rec = safe_load.read_json(path)
+    rec = read_record(path)
     rec.pop("step", None)
     return rec
 
@@ -132,7 +133,7 @@ def read_config(root: str, tag: str) -> Config:
     cfg_path = os.path.join(root, tag, "megapix_config.json")
     if not os.path.isfile(cfg_path):
         raise ConfigError(f"{cfg_path} is missing; the checkpoint {tag} is incomplete")
-    return Config.from_dict(safe_load.read_json(cfg_path), where=cfg_path)
+    return Config.from_dict(read_record(cfg_path), where=cfg_path)
 
 
 def describe_model(m) -> str:

@@ -42,7 +42,8 @@ def hues(n: int = N_HUES) -> np.ndarray:
     return h / h.max(1, keepdims=True)
 
 
-def render_shifted(digits: np.ndarray, canvas: int, copies: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def render_shifted(digits: np.ndarray, canvas: int, copies: int,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """digits [N, 8, 8] in [0, 1] -> (uint8 RGB [N * copies, canvas, canvas, 3], source index [N * copies]).
 
     Each rendering: a background level and a stroke level (each one of 3), one of 8 hues, the digit at a random

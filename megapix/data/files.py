@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 import io
-import json
 import os
 import pickle
 import tarfile
@@ -26,6 +25,7 @@ import numpy as np
 from megapix.config import VOCAB_SIZE, ConfigError
 from megapix.data import augment as aug
 from megapix.data.base import SPLITS, ArraySource, Source, Split, holdout
+from megapix.utils import read_json
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
 MANIFEST = "manifest.json"
@@ -169,7 +169,8 @@ class ImageFolderImages(LazyArray):
 def _frac(val_fraction, default: float) -> float:
     f = default if val_fraction is None else float(val_fraction)
     if not 0.0 <= f < 1.0:
-        raise ConfigError(f"data.val_fraction={val_fraction} must lie in [0, 1); the paper holds out 0.1 (0.04 ImageNet)")
+        raise ConfigError(f"data.val_fraction={val_fraction} must lie in [0, 1); the paper holds out 0.1 "
+                          "(0.04 ImageNet)")
     return f
 
 
@@ -210,7 +211,7 @@ def _check_size(h: int, w: int, resolution: int, what: str, fix: str) -> None:
 
 
 class _LazySource(Source):
-    """A source whose splits are read on demand (the palette fit samples them: megapix.data.setup)."""
+    """A source whose splits are read on demand (the palette fit samples them: megapix.data.splits)."""
 
     seed = 0
 
@@ -294,7 +295,8 @@ def _unpickle_cifar(raw: bytes, where: str, spec: dict) -> tuple[np.ndarray, np.
         raise ConfigError(f"{where} is not a CIFAR batch: it references {e}, which a CIFAR batch never holds "
                           "(refused without running it); re-download the tarball") from None
     except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"{where} is not a readable CIFAR batch ({type(e).__name__}); re-download the tarball") from None
+        raise ConfigError(f"{where} is not a readable CIFAR batch ({type(e).__name__}); "
+                          "re-download the tarball") from None
     if not isinstance(d, dict) or b"data" not in d or spec["key"] not in d:
         raise ConfigError(f"{where} is not a CIFAR batch (expected a dict with b'data' and {spec['key']!r}); "
                           "re-download the tarball")
@@ -333,7 +335,8 @@ def _read_cifar(path: str, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarra
                     try:
                         info = tf.getmember(member)
                     except KeyError:
-                        raise ConfigError(f"{kind}: {path!r} has no member {member!r}; is this {spec['tar']}?") from None
+                        raise ConfigError(f"{kind}: {path!r} has no member {member!r}; "
+                                          f"is this {spec['tar']}?") from None
                     fh = tf.extractfile(info) if info.isfile() else None
                     if fh is None:
                         raise ConfigError(f"{kind}: {member!r} in {path!r} is not a regular file; re-download it")
@@ -344,7 +347,8 @@ def _read_cifar(path: str, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarra
             raise ConfigError(f"{kind}: cannot read {path!r} as a tarball ({type(e).__name__}: {e}); "
                               f"re-download {spec['tar']}") from None
     else:
-        raise ConfigError(f"{kind}: {path!r} does not exist; pass {spec['tar']} or its extracted {spec['dir']}/ directory")
+        raise ConfigError(f"{kind}: {path!r} does not exist; pass {spec['tar']} or its extracted {spec['dir']}/ "
+                          "directory")
     xs, ys = {}, {}
     for n in names:
         xs[n], ys[n] = _unpickle_cifar(blobs.pop(n), f"{kind}: {n} in {path!r}", spec)
@@ -531,11 +535,9 @@ def read_manifest(root: str) -> dict:
     mf = os.path.join(root, MANIFEST)
     if not os.path.isfile(mf):
         raise ConfigError(f"shards: {root!r} has no {MANIFEST}; create it with `megapix prepare --out {root}`")
-    try:
-        with open(mf) as f:
-            m = json.load(f)
-    except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"shards: {mf!r} is not valid JSON ({e}); re-run `megapix prepare` into a new --out") from None
+    m = read_json(mf)
+    if m is None:
+        raise ConfigError(f"shards: {mf!r} is not valid JSON; re-run `megapix prepare` into a new --out")
     if not isinstance(m, dict) or m.get("format") != SHARDS_FORMAT or not isinstance(m.get("splits"), dict):
         raise ConfigError(f"shards: {mf!r} is not a megapix shard manifest; re-run `megapix prepare`")
     return m

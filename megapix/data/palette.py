@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from megapix.config import VOCAB_SIZE, ConfigError
+from megapix.utils import atomic_path
 
 
 # HF ImageGPTImageProcessor as installed without torchvision (its numpy/PIL backend, and every transformers 4.x):
@@ -225,8 +226,6 @@ class Palette:
         return cls(centres, f"palette file {path!r}", lut_path=os.path.splitext(path)[0] + ".lut.npz")
 
     def save(self, path: str) -> None:
-        from megapix.utils import atomic_path
-
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, self.centres)

@@ -27,10 +27,11 @@ import sys
 
 import numpy as np
 
-from megapix.config import VOCAB_SIZE, ConfigError
+from megapix.cliargs import parse_command
+from megapix.config import VOCAB_SIZE, ConfigError, PrepareConfig
 from megapix.data.files import MANIFEST, SHARDS_FORMAT, open_shard, read_manifest
 from megapix.data.palette import Palette
-from megapix.data import setup as data_setup
+from megapix.data import splits as data_splits
 from megapix.data.sources import SPLITS, open_source
 from megapix.runfolder import claim, preallocate
 from megapix.utils import atomic_path, write_json
@@ -149,7 +150,7 @@ def _resolve_palette(src, spec, out, palette, fit, seed, old, tokens_only):
         train = src.split("train")
         if train.images is None:
             raise ConfigError(f"{spec}: holds tokens, not images; it needs no palette (drop --fit-palette)")
-        pal = data_setup.fit_palette(train.images, seed)  # the one fit rule, the same as training
+        pal = data_splits.fit_palette(train.images, seed)  # the one fit rule, the same as training
         pal.save(dst)
         return pal, {"file": PALETTE_FILE, "sha256": sha256_file(dst), "from": "fit"}
     if tokens_only:
@@ -277,9 +278,6 @@ def prepare(spec: str, out: str, *, resolution: int, palette: str | None = None,
 
 def prepare_main(argv=None) -> int:
     """Entry point of `megapix prepare`. Raises ConfigError (one line, with the fix) on bad input."""
-    from megapix.cliargs import parse_command
-    from megapix.config import PrepareConfig
-
     a = parse_command("megapix prepare", "Encode images into palette-id token shards.", PrepareConfig, argv)
     claim(a.out, "prepare", "megapix prepare")  # one writer, and only into a folder of prepared shards
     m = prepare(a.data, a.out, resolution=a.resolution, palette=a.palette, fit_palette=a.fit_palette,

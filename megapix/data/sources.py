@@ -62,7 +62,8 @@ _ARG_FORMS = {"cifar10": "PATH", "cifar100": "PATH", "imagefolder": "DIR", "npy"
 
 def spec_grammar() -> str:
     """The data spec grammar, for error messages: every kind with the argument it takes."""
-    return " | ".join(["digits", "digits-shifted[:COPIES]", "synthetic[:N]"] + [f"{k}:{_ARG_FORMS.get(k, 'PATH')}" for k in files.FILE_SOURCES])
+    return " | ".join(["digits", "digits-shifted[:COPIES]", "synthetic[:N]"]
+                      + [f"{k}:{_ARG_FORMS.get(k, 'PATH')}" for k in files.FILE_SOURCES])
 
 
 def open_source(spec: str, resolution: int, val_fraction=None, seed: int = 0, augment: bool = True) -> Source:

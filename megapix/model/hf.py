@@ -235,16 +235,12 @@ def model_card(config: ModelConfig, card: dict | None, provenance: dict | None) 
 
 
 def _palette_centres(palette):
-    """A Palette, an array of centres [k, 3], or a path to a kmeans_centers.npy -> float32 centres."""
-    import numpy as np
-
-    from megapix.data.palette import Palette
-
-    if isinstance(palette, Palette):
-        return palette.centres
-    if isinstance(palette, (str, os.PathLike)):
-        return Palette.load(os.fspath(palette)).centres
-    return Palette(np.asarray(palette)).centres
+    """A Palette (megapix.data.palette, checked when it was made: the model package does not import the data
+    package) -> its float32 centres [k, 3]."""
+    centres = getattr(palette, "centres", None)
+    if centres is None:
+        raise TypeError(f"palette must be a megapix Palette (Palette.load(path) reads a file), not {type(palette)}")
+    return centres
 
 
 def _write_dir(path: str, files: dict, tensors: dict[str, torch.Tensor], palette) -> None:
@@ -290,7 +286,7 @@ def save_state_dict_pretrained(state_dict: dict[str, torch.Tensor], config: Mode
     README.md (model card), megapix.json (provenance) and, with a palette, palette.npy and
     preprocessor_config.json (so ImageGPTImageProcessor.from_pretrained(path) gives the palette's ids).
 
-    palette: a Palette, centres [k, 3] or a kmeans_centers.npy path. card: model-card fields (preset, data,
+    palette: a megapix Palette (Palette.load reads a kmeans_centers.npy). card: model-card fields (preset, data,
     steps, loss, layout, command, ...). provenance: extra megapix.json fields, e.g. {"data": "digits-shifted"}
     (the data spec lets `megapix sample PATH` run without flags).
     """
@@ -317,7 +313,8 @@ def save_classifier_pretrained(state_dict: dict[str, torch.Tensor], config: Mode
     """
     weight = weight.detach().float().cpu()
     if weight.ndim != 2 or weight.shape[1] != config.d_model:
-        raise ConfigError(f"classifier weight has shape {tuple(weight.shape)}; expected [num_classes, {config.d_model}]")
+        raise ConfigError(f"classifier weight has shape {tuple(weight.shape)}; "
+                          f"expected [num_classes, {config.d_model}]")
     if bias is not None and bias.detach().abs().max() > 0:
         raise ConfigError("the classifier head has a non-zero bias, which transformers' "
                           "ImageGPTForImageClassification (score: Linear without bias) cannot hold; fine-tune "

@@ -95,7 +95,8 @@ def check_layout(world: int, model: ModelConfig, train: TrainConfig, zero_stage:
                           f"use a --tensor-parallel that divides {model.n_head}")
     if train.sequence_parallel and model.n_ctx % tp:
         raise ConfigError(f"--sequence-parallel splits the {model.n_ctx} positions over TP {tp}, which does not "
-                          f"divide them; use a --tensor-parallel that divides {model.n_ctx} or drop --sequence-parallel")
+                          f"divide them; use a --tensor-parallel that divides {model.n_ctx} or drop "
+                          "--sequence-parallel")
     if VOCAB_SIZE % tp:
         raise ConfigError(f"the {VOCAB_SIZE}-way head cannot be divided across TP {tp}; use a power of two")
     if model.n_layer < pp:
