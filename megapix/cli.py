@@ -50,6 +50,11 @@ def main(argv=None) -> int:
         print(f"megapix {name}: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
+        from megapix.divergence import EXIT_NONFINITE, NonFiniteStop
+
+        if isinstance(e, NonFiniteStop):  # fine-tuning diverged (--on-nonfinite stop): one line, not a traceback
+            print(f"megapix {name}: error: {e}", file=sys.stderr)
+            return EXIT_NONFINITE
         out = rest[rest.index("--out") + 1] if "--out" in rest[:-1] else None
         problem = disk_error(e, out)  # a full, read-only or forbidden disk: one line, not a traceback
         if problem is None:

@@ -194,6 +194,15 @@ class TrainConfig:
     collective_timeout: float = opt(1800.0, "seconds a collective (all-reduce, barrier, a checkpoint's sync) waits "
                                     "for a peer before every rank stops with 75, naming the rank that stopped "
                                     "answering; long enough for the slowest rank to write a big checkpoint")
+    on_nonfinite: Literal["stop", "rollback"] = opt(
+        "stop", "a non-finite loss or gradient norm on any rank (or a --spike-factor spike): stop = exit 1 naming the "
+        "step, saving nothing new; rollback = reload the last checkpoint (--save-every makes them) and go on past "
+        "that global batch, recorded in metrics.jsonl and the checkpoints. Stop is the default: a divergence is "
+        "usually a setting (the lr) that rollback would only meet again, and without --save-every there is no "
+        "checkpoint to roll back to. No skip: DeepSpeed has applied the update before the loss and norm are known "
+        "(bf16/fp32 steps never skip), so rollback is the exact way to drop a batch")
+    spike_factor: float = opt(0.0, "treat a loss above this many times the median of the previous 20 steps' losses "
+                              "like a non-finite one (--on-nonfinite decides what happens; 0: off)")
     tensor_parallel: int = opt(1, "tensor-parallel ranks (Megatron column/row split)")
     sequence_parallel: bool = opt(False, "with --tensor-parallel > 1: split the norms, residuals and the inputs of "
                                   "the column-parallel linears along the sequence over the TP ranks (Megatron SP)")
@@ -219,6 +228,9 @@ class TrainConfig:
         if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"train.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
         _check_choice(self, "precision")
+        _check_choice(self, "on_nonfinite")
+        if self.spike_factor != 0 and not self.spike_factor > 1:
+            raise ConfigError(f"train.spike_factor={self.spike_factor} must be 0 (off) or above 1, e.g. 3")
         monitors = [m.strip() for m in self.report_to.split(",")]
         if not set(monitors) <= set(MONITORS) or ("none" in monitors and len(monitors) > 1):
             raise ConfigError(f"train.report_to={self.report_to!r}: use tensorboard, csv, tensorboard,csv or none")

@@ -5,7 +5,8 @@ DeepSpeed owns the optimizer wrapping (ZeRO), the pipeline schedule, gradient ac
 the monitor (TensorBoard/CSV); this module decides the batch geometry, feeds the task's batches and measures each
 step (loss and bits/dim, lr, gradient norm, tokens/s, TFLOP/s, MFU, peak memory). What is saved when and what a
 resume restores is megapix.checkpoint.manager.CheckpointManager; metrics.jsonl, loss.png, the progress line and
-the summary are megapix.runlog.RunLog. What is trained (the module, its loss, its evaluation) is a task
+the summary are megapix.runlog.RunLog; what a non-finite or spiking step does (stop, roll back), and the ranks'
+time spread, is megapix.divergence.StepGuard. What is trained (the module, its loss, its evaluation) is a task
 (megapix/tasks.py): pre-training and fine-tuning run this same loop.
 """
 from __future__ import annotations
@@ -20,11 +21,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megapix.checkpoint.manager import CheckpointManager
+from megapix.checkpoint.manager import CheckpointManager, NonFiniteWeights
 from megapix.checkpoint.names import canonical_name
 from megapix.config import Config, ConfigError
 from megapix.data import load_splits
 from megapix.data.loader import GlobalBatches
+from megapix.divergence import NonFiniteStep, StepGuard, batch_index
 from megapix.dsconfig import make_ds_config, resolve, zero_stage_of
 from megapix.parallel import dist as pdist
 from megapix.parallel import watchdog
@@ -79,7 +81,9 @@ class Trainer:
             torch.bfloat16 if self.ds_config["bf16"]["enabled"] else torch.float32)
         self.owns_log = run_log is None
         self.log = RunLog(self.out, self.is_rank0) if run_log is None else run_log
-        self.step = 0
+        self.guard = StepGuard(self.cfg.train.on_nonfinite, self.cfg.train.spike_factor, self.layout.rank,
+                               self.layout.world, self.device)
+        self.step, self.batch, self.busy_s = 0, 0, 0.0  # the step, its global-batch index, this rank's busy time
 
     # ---- construction, in order ----
     def _resolve(self, cfg: Config, ds_config_path: str | None) -> None:
@@ -195,15 +199,21 @@ class Trainer:
 
     # ---- one step ----
     def train_step(self, micro) -> dict:
-        """One global batch; returns the task's metrics for it (token-weighted over every rank)."""
+        """One global batch; returns the task's metrics for it (token-weighted over every rank). Adds this rank's
+        forward time to self.busy_s (the straggler measure: data-parallel forwards wait on no peer, backwards
+        all-reduce; a pipeline's stages wait on each other, there it is the whole step)."""
         task = self.task
         task.meter.reset()
         self._local_grad_norm = None
         if self.is_pipeline:
+            t0 = time.perf_counter()
             self.engine.train_batch(data_iter=iter([self._to_device(task.pipe_batch(b)) for b in micro]))
+            self.busy_s += time.perf_counter() - t0
         else:
             for b in micro:
+                t0 = time.perf_counter()
                 loss = task.forward(self.engine, self._to_device(b))
+                self.busy_s += time.perf_counter() - t0
                 self.engine.backward(loss)
                 self.engine.step()
         return task.meter.reduce(self.device)
@@ -217,10 +227,13 @@ class Trainer:
         """This rank's micro-batches of the next step. A data error on any rank (a corrupt image) is shared with
         every rank before anyone enters a collective: all save the last completed step, then all raise it."""
         error, micro = None, None
+        t0 = time.perf_counter()
         try:
-            micro = self.task.train_batches(self.step)
+            self.guard.slow_down()
+            micro = self.task.train_batches(self.batch)
         except ConfigError as e:
             error = e
+        self.busy_s = time.perf_counter() - t0  # this rank's own fetch, before the shared error check waits
         error = pdist.shared_error(error)
         if error is not None:
             if self.checkpoints.save_before_error(self.engine, self.step):
@@ -299,39 +312,45 @@ class Trainer:
         self.best_score, self.best_step, self.stopped_early, evals_since_best = None, 0, False, 0
         self.log.begin(desc, t.max_steps, self.step, t.log_every, getattr(self.engine, "monitor", None))
         try:
-            while self.step < t.max_steps:
-                watchdog.step_begins(self.step + 1)
-                lr, start = self.engine.get_lr()[0], time.perf_counter()
-                stats = self.train_step(self._next_batches())
-                if stats["loss"] is None or not math.isfinite(stats["loss"]):
-                    raise FloatingPointError(f"loss became {stats['loss']} at step {self.step + 1}; lower --lr")
-                self.step += 1
-                rec = self._step_record(stats, lr, time.perf_counter() - start, extra)
-                metrics = score = None
-                if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps):
-                    metrics = self.evaluate()
-                    rec.update(metrics)
-                    score = self.task.score(metrics)
-                    if score is not None and (self.best_score is None or score > self.best_score):
-                        self.best_score, self.best_step, evals_since_best = score, self.step, 0
-                        if on_best is not None:
-                            on_best(self, rec)
-                    else:
-                        evals_since_best += 1
-                self._add_bits_per_dim(rec)
-                self.log.record(rec)
-                stopping = self.step < t.max_steps and stop.should_stop()
-                self.checkpoints.after_step(self.engine, self.step, metrics, score, stopping=stopping)
-                if metrics is not None:
-                    self.log.plot()
-                if metrics is not None and patience and evals_since_best >= patience:
-                    self.stopped_early = True
-                    break
-                if stopping:
-                    return self._stopped_by_request()
+            while True:
+                try:  # a bad step (non-finite loss or gradient norm, a spike, non-finite weights at a save)
+                    if self.step >= t.max_steps or self.stopped_early:
+                        self.checkpoints.finish(self.engine, self.step)
+                        break
+                    watchdog.step_begins(self.step + 1)
+                    lr, start = self.engine.get_lr()[0], time.perf_counter()
+                    self.batch = batch_index(self.step, self.checkpoints.skipped_batches)
+                    stats = self.train_step(self._next_batches())
+                    spread = self.guard.check(self.step + 1, self.batch, stats["loss"], self.grad_norm(),
+                                              self.busy_s, [v for _, v in self.log.curve[0]])
+                    self.step += 1
+                    rec = {**self._step_record(stats, lr, time.perf_counter() - start, extra), **spread,
+                           "global_batch_index": self.batch, **self.guard.take_events(self.step)}
+                    metrics = score = None
+                    if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps):
+                        metrics = self.evaluate()
+                        rec.update(metrics)
+                        score = self.task.score(metrics)
+                        if score is not None and (self.best_score is None or score > self.best_score):
+                            self.best_score, self.best_step, evals_since_best = score, self.step, 0
+                            if on_best is not None:
+                                on_best(self, rec)
+                        else:
+                            evals_since_best += 1
+                    self._add_bits_per_dim(rec)
+                    self.log.record(rec)
+                    stopping = self.step < t.max_steps and stop.should_stop()
+                    self.checkpoints.after_step(self.engine, self.step, metrics, score, stopping=stopping)
+                    if metrics is not None:
+                        self.log.plot()
+                    if metrics is not None and patience and evals_since_best >= patience:
+                        self.stopped_early = True
+                    if stopping and not self.stopped_early:
+                        return self._stopped_by_request()
+                except (NonFiniteStep, NonFiniteWeights) as bad:
+                    self.step = self.guard.recover(self, bad)  # the step rolled back to; or NonFiniteStop
         finally:
             self.log.end()
-        self.checkpoints.finish(self.engine, self.step)
         self.log.plot()
         return 0
 

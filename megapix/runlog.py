@@ -88,12 +88,15 @@ class RunLog:
         self.monitor = None
         self._bar = None
         self._told: set = set()
+        self.rollbacks: dict = {}  # (step, batch) -> the rollback event, over the whole run (resumes included)
+        self.slowest: dict = {}  # rank -> [steps it was the slowest, sum of its time, sum of the median], this process
+
 
     def continue_from(self, step: int | None) -> None:
         """Rewrite metrics.jsonl as the curve of the run that goes on from `step`: None (a fresh run) keeps
         nothing; a resumed run keeps the records up to its checkpoint, dropping later ones and a torn last line.
         The loss curve is reloaded from what is kept."""
-        self.curve = ([], [])
+        self.curve, self.rollbacks = ([], []), {}
         if not self.enabled:
             return
         if os.path.isfile(self.path):
@@ -102,8 +105,10 @@ class RunLog:
             with open(tmp, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in kept)
             os.replace(tmp, self.path)
+            self.rollbacks = {}
             for r in kept:
                 self._add_to_curve(r)
+                self._add_rollbacks(r)
 
     # ---- one training run (fit) ----
     def begin(self, desc: str, total: int, initial: int, log_every: int, monitor=None) -> None:
@@ -125,6 +130,12 @@ class RunLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
         self._add_to_curve(rec)
+        self._add_rollbacks(rec)
+        if "slowest_rank" in rec:
+            counts = self.slowest.setdefault(rec["slowest_rank"], [0, 0.0, 0.0])
+            counts[0] += 1
+            counts[1] += rec["rank_time_max_s"]
+            counts[2] += rec["rank_time_median_s"]
         mon = self.monitor
         if mon is not None and mon.enabled and self.enabled:
             mon.write_events([(f"megapix/{k}", v, rec["step"]) for k, v in rec.items()
@@ -142,6 +153,20 @@ class RunLog:
         if self.enabled and key not in self._told:
             self._told.add(key)
             print(f"megapix: {message}", flush=True)
+
+    def _add_rollbacks(self, rec: dict) -> None:
+        for event in rec.get("rolled_back") or []:
+            self.rollbacks[(event["step"], event["batch"])] = event
+
+    def persistent_straggler(self, share: float = 0.75, excess: float = 1.2, min_steps: int = 3) -> str | None:
+        """A line naming the rank that was the slowest in at least `share` of this process's steps (and at least
+        `min_steps`), with a busy time `excess` times the median's on average; None when no rank was."""
+        steps = sum(c[0] for c in self.slowest.values())
+        for rank, (n, slow_sum, median_sum) in self.slowest.items():
+            if n >= min_steps and n >= share * steps and slow_sum >= excess * median_sum:
+                return (f"rank {rank} was the slowest in {n} of {steps} steps (busy {slow_sum / n:.3g} s per step "
+                        f"against a median of {median_sum / n:.3g} s): look at its node")
+        return None
 
     def _add_to_curve(self, rec: dict) -> None:
         if isinstance(rec.get("step"), int):
@@ -244,6 +269,15 @@ def summary_text(log: RunLog, checkpoints, shown_out: str, step: int, peak_tflop
         what = f"val_loss {best['val_loss']:.4f}" if best.get("val_loss") is not None else f"score {best['score']:.4g}"
         lines.append(f"  best         {best_dir} (step {best['step']}, {what}; {os.path.join(ckpt, 'best.json')})")
     lines.append(f"  metrics      {os.path.join(out, 'metrics.jsonl')}")
+    if log.rollbacks:
+        events = [log.rollbacks[k] for k in sorted(log.rollbacks)]
+        lines.append(f"  rollbacks    {len(events)}: " + "; ".join(
+            f"step {e['step']} ({e['reason']}, global batch {e['batch']}) -> step {e['rolled_back_to']}"
+            for e in events) + f"; skipped global batches {sorted(e['batch'] for e in events)} (metrics.jsonl: "
+            "rolled_back)")
+    straggler = log.persistent_straggler()
+    if straggler:
+        lines.append(f"  straggler    {straggler}")
     if log.loss_png:
         lines.append(f"  loss curve   {os.path.join(out, 'loss.png')}")
     if samples:

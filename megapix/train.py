@@ -24,6 +24,7 @@ from megapix.checkpoint.manager import (STEER_FLAGS, check_resume_config, existi
                                         saved_run_config)
 from megapix.cliargs import add_config_args, add_launcher_args, command_parser, config_from_args
 from megapix.config import DEFAULT_RUN, ConfigError, check_kernels_available
+from megapix.divergence import EXIT_NONFINITE, NonFiniteStop
 from megapix.parallel.launch import init_distributed
 from megapix.parallel.watchdog import exit_if_peer_lost
 from megapix.utils import read_json, write_json
@@ -140,6 +141,10 @@ def main(argv=None) -> int:
         print(f"megapix: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
+        if isinstance(e, NonFiniteStop):  # every rank saw it at the same step; rank 0 says it
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"megapix: error: {e}", file=sys.stderr, flush=True)
+            return EXIT_NONFINITE
         exit_if_peer_lost(e)  # a peer died, hung or went out of reach: one line, exit 75 (requeue)
         # a full, read-only or forbidden disk: one line, not a traceback
         problem = runfolder.disk_error(e, vars(args).get("train.out"))

@@ -15,19 +15,48 @@ A resume (`restore`) brings back: the latest complete tag (weights, optimizer, s
 store.resume), the best record of the steps up to it (best.json; a best from later steps no longer counts), and
 the run log cut to that step (metrics.jsonl, the loss curve: RunLog.continue_from).
 
-Rolling back to the last good checkpoint (the fault handling of a later issue) belongs here: it is
-`restore(engine, is_pipeline, log, tag=manager.latest_tag)`, the tag this manager last saved or resumed.
+Rolling back to the last good checkpoint (megapix.divergence, --on-nonfinite rollback) is
+`restore(engine, is_pipeline, log, tag=manager.latest_tag)`, the tag this manager last saved or resumed. The
+global batches a rollback skipped are saved with every checkpoint (skipped_batches.json in the tag) and come back
+with it, so a resumed run draws the same batches as the run that never stopped.
+
+Non-finite weights are never saved: `save` checks every rank's parameters first (one all-reduce) and raises
+NonFiniteWeights instead, so neither `latest` nor best.json can name them.
 """
 from __future__ import annotations
 
 import os
+
+import torch
+import torch.distributed as torch_dist
 
 from megapix.checkpoint import store
 from megapix.checkpoint.tags import latest_step, tag_for
 from megapix.config import Config, ConfigError
 from megapix.parallel import dist, watchdog
 from megapix.parallel.layout import Layout
-from megapix.utils import read_json, read_metrics
+from megapix.utils import read_json, read_metrics, read_record
+
+SKIPPED_BATCHES = "skipped_batches.json"  # in a tag: the global batches the run skipped up to that step
+
+
+class NonFiniteWeights(Exception):
+    """The weights about to be saved are not finite; nothing was saved."""
+
+    def __init__(self, step: int, tensors: int):
+        super().__init__(f"non-finite weights ({tensors} tensors on some rank) after step {step}")
+        self.step, self.tensors = step, tensors
+
+
+def nonfinite_tensors(engine) -> int:
+    """Collective: how many parameter tensors hold a NaN or inf, on the rank with the most (each rank checks its
+    own: its ZeRO-3 partition, TP shard or pipeline stage)."""
+    bad = sum(int(not torch.isfinite(getattr(p, "ds_tensor", p).detach()).all()) for p in engine.module.parameters())
+    if dist.world_size() == 1:
+        return bad
+    flag = torch.tensor([float(bad)], device=engine.device)
+    torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+    return int(flag.item())
 
 
 def existing_run_step(out: str) -> int | None:
@@ -68,6 +97,7 @@ class CheckpointManager:
         self.saved_step: int | None = None  # the step this process last saved or resumed
         self.best: dict | None = None  # best.json's record: the checkpoint of the best validation score so far
         self.resume_tag = None
+        self.skipped_batches: list[int] = []  # global batches skipped by rollbacks, in checkpoints from now on
         if enabled:
             if resume:
                 self.resume_tag = store.resumable_tag(self.ckpt_dir, cfg)
@@ -89,6 +119,7 @@ class CheckpointManager:
         if self.enabled and tag is not None:
             step = store.resume(engine, self.ckpt_dir, self.cfg, self.layout, is_pipeline, tag=tag)
             self.saved_step = step
+            self.skipped_batches = dist.from_rank0(self._read_skipped(tag) if dist.is_rank0() else None)
         if step is not None:  # the best of the steps before the resumed one stays the one to beat
             best = dist.from_rank0(store.read_best(self.ckpt_dir) if dist.is_rank0() else None)
             self.best = best if best and best.get("step", 1 << 62) <= step else None
@@ -96,11 +127,25 @@ class CheckpointManager:
             log.continue_from(step)
         return step or 0
 
+    def _read_skipped(self, tag: str) -> list[int]:
+        path = os.path.join(self.ckpt_dir, tag, SKIPPED_BATCHES)
+        if not os.path.isfile(path):  # saved before any rollback, or by an older megapix
+            return []
+        batches = read_record(path).get("batches")
+        if not isinstance(batches, list) or not all(isinstance(b, int) for b in batches):
+            raise ConfigError(f"{path}: 'batches' is not a list of global-batch indices; the checkpoint is damaged")
+        return sorted(batches)
+
     # ---- saving ----
     @watchdog.protected  # a SIGTERM while blocked never cuts a save short
     def save(self, engine, step: int) -> None:
-        """A checkpoint of this step (store.save: staged, renamed, `latest` moves last, then pruned)."""
-        store.save(engine, self.ckpt_dir, step, self.cfg, self.layout)
+        """A checkpoint of this step (store.save: staged, renamed, `latest` moves last, then pruned), with the
+        global batches skipped so far. Raises NonFiniteWeights, saving nothing, when any weight is NaN or inf."""
+        bad = nonfinite_tensors(engine)
+        if bad:
+            raise NonFiniteWeights(step, bad)
+        store.save(engine, self.ckpt_dir, step, self.cfg, self.layout,
+                   records={SKIPPED_BATCHES: {"batches": self.skipped_batches}})
         self.saved_step = step
 
     def after_step(self, engine, step: int, metrics: dict | None = None, score: float | None = None,
@@ -156,7 +201,7 @@ STEER_FIELDS = {
     "data": ("num_workers",),
     "train": ("max_steps", "save_every", "time_budget", "keep_last", "save_best", "eval_every", "log_every",
               "report_to", "peak_tflops", "tensor_parallel", "pipeline_parallel", "zero_stage",
-              "micro_batch", "activation_checkpointing"),
+              "micro_batch", "activation_checkpointing", "on_nonfinite", "spike_factor"),
 }
 STEER_FLAGS = ["--" + name.replace("_", "-") for sec in STEER_FIELDS.values() for name in sec]
 

@@ -41,8 +41,9 @@ SAVED_TAGS = "saved_tags.json"  # checkpoints/: every tag this run saved, with i
 SAVED_RECORD = "megapix_saved.json"  # in each tag: the same save id
 
 
-def save(engine, ckpt_dir: str, step: int, cfg: Config, layout: Layout) -> str:
-    """Save a DeepSpeed checkpoint of `engine` at `step` as global_step<step>; return the tag."""
+def save(engine, ckpt_dir: str, step: int, cfg: Config, layout: Layout, records: dict | None = None) -> str:
+    """Save a DeepSpeed checkpoint of `engine` at `step` as global_step<step>; return the tag. `records`: more
+    JSON files for the tag ({file name: JSON object}), written with megapix's own before it is published."""
     tag = tag_for(step)
     final = os.path.join(ckpt_dir, tag)
     keep = dist.from_rank0(dist.is_rank0() and read_latest(ckpt_dir) == tag and problem(ckpt_dir, tag) is None
@@ -66,6 +67,8 @@ def save(engine, ckpt_dir: str, step: int, cfg: Config, layout: Layout) -> str:
             try:
                 write_json(os.path.join(ckpt_dir, staging, "megapix_config.json"), cfg.to_dict())
                 write_json(os.path.join(ckpt_dir, staging, "layout.json"), layout_record(layout, step))
+                for name, record in (records or {}).items():
+                    write_json(os.path.join(ckpt_dir, staging, name), record)
                 write_json(os.path.join(ckpt_dir, staging, SAVED_RECORD), {"save_id": save_id, "step": step})
                 _record_saved(ckpt_dir, tag, save_id)
             except Exception:
