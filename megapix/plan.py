@@ -30,48 +30,51 @@ alive when the optimizer steps (after backward), measured by walking the engine 
   freed into the partition at the step), ZeRO-2 the reduce bucket (reduce_bucket_size elements) and the 16-bit
   partition (2P/d), ZeRO-3 the bucket.
 
-Activations per layer and micro-batch (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
-Transformer Models", eq. 1 and 2: 34sbh + 5as^2b bytes at 16 bits with dropout, no sequence parallelism). iGPT has
-no dropout, so the two sbh dropout masks and the attention-probability mask/dropout output (3as^2b) go:
-  32 sbh + 2 a s^2 b        (16-bit; softmax probabilities kept for backward: the math/SDPA path without flash)
-  32 sbh + 4 a s b          (FlashAttention or our Triton kernel: only the fp32 log-sum-exp per row is kept)
-which we count as: norm_1 input 2, c_attn input 2, q/k/v 6, attention output (c_proj input) 2, norm_2 input 2,
-c_fc input 2, quick_gelu input 8 (silu(1.702x)), c_proj input 8 = 32 sbh. The norm is bias-free and not centred
-(its saved input counts; there is no mean or bias). Under TP without sequence parallelism the two norm inputs and
-the two column-parallel inputs (8 sbh) are replicated and the rest is divided: 8 sbh + 24 sbh/t (+ s^2 term / t).
-fp32 doubles every term. With activation checkpointing (every block) a layer keeps only its input, 2 sbh, and one
-block's full activations live during its recompute. The head adds b s V/t (16-bit logits + fp32 copy + fp32
-softmax in the loss): 10 b s V / t bytes, and the embedding output 2 sbh.
+Activations: the tensors autograd saves, per kernel path (`--kernels triton|torch`; auto = Triton, as on a GPU),
+counted exactly with saved_tensors_hooks in tests/test_activations.py. Per block and micro-batch (see
+block_activation_bytes for the tensor list): e s b h (4 + 12/t) on the torch path, e s b h (4 + 13/t) on Triton's
+(its [B, H, T, Dh] attention output beside c_proj's [B, T, h] input), + 8 s b (two fp32 rstd per row) + 4 a s b / t
+(the fp32 log-sum-exp), e = 2 in bf16 and 4 in fp32: 32 / 34 sbh in bf16 at t = 1, against Korthikanti et al. 2022
+("Reducing Activation Recomputation", eq. 1) 34 sbh + 5 a s^2 b with dropout, which iGPT does not have. Under TP the
+two norm inputs and the two column-parallel inputs are replicated. The embedding saves the int64 ids (8 s b); the
+head its input, norm_f's, and the loss's fp32 log-softmax over V/t (head_activation_bytes); the loss also holds the
+model-dtype logits and their fp32 copy for a moment (loss_transient_bytes, stated). Activation checkpointing
+(deepspeed.checkpointing, every block): a block keeps its input (e s b h) and one block's full activations live
+during its recompute (less its input, already kept), after the head's were freed.
 
-Pipeline (DeepSpeed's 1F1B TrainSchedule): stage i keeps the activations of min(p - i, m) micro-batches in flight,
-so the first stage (the largest by activations) holds min(p, m) micro-batches of its L/p layers, and as many pipe
-buffers, each an input and an output activation of 2 sbh bytes (16-bit) of its micro-batch.
+Pipeline (DeepSpeed's 1F1B TrainSchedule): stage i keeps min(p - i, m) micro-batches in flight (counted in 2- and
+4-stage DeepSpeed runs), each its blocks' activations, the embedding's on the first stage and the head's on the
+last; the planner reports the stage with the most. Pipe buffers (stated from DeepSpeed's PipelineEngine):
+max(2, min(p - i, m)) buffers of a received input and an output (1/t of it under pipe_partitioned with TP).
 
 Workspace: a fixed 1.5 GiB (CUDA context, NCCL, cuBLAS workspace, allocator slack) plus DeepSpeed's buckets: the
 ZeRO-1/2 reduce/all-gather buckets (5e7 elements each in our ds_configs) and for ZeRO-3 the gathered full
-parameters of the current and the prefetched layer (2 x largest layer, 16-bit).
+parameters: the current and the prefetched layer (2 x largest layer, 16-bit), or, when more, those DeepSpeed keeps
+gathered from the forward into the backward (zero3_kept_and_regathered: the reuse-distance rule).
 
 Peak = params + master + Adam + max(grads at step, grads in backward + activations + pipe buffers) + workspace.
 
-Step time (per GPU; everything below is stated, not measured: see DEVICES and `efficiency`)
-  compute   = tokens per GPU per step x FLOPs per token / (peak x efficiency); FLOPs per token = ModelConfig.
-              flops_per_token (6 per weight + 12 L s h attention) plus one more forward of the blocks
-              (2 per block weight + 4 L s h) when activations are recomputed. MFU counts model FLOPs only.
+Step time (per GPU). Measured on CPU: the FLOPs (FlopCounterMode, tests/test_flops.py) and the bytes of every
+collective and p2p message (comm_bytes against megapix.parallel.comms, tests/test_comms.py). Stated: the device
+constants they are divided by (DEVICES: peak, HBM, NVLink, IB; `efficiency`, COMM_EFFICIENCY, LATENCY_S,
+ZERO3_BLOCK_OVERHEAD_S), and which communication overlaps compute.
+  compute   = tokens per GPU per step x ModelConfig.flops_per_token(recompute=checkpointing, executed=True) /
+              (peak x efficiency): 6 per weight + 14 L s h (the flash-style backward recomputes the scores), one
+              more forward of the blocks when recomputing. MFU counts model FLOPs, flops_per_token() (12 L s h).
   elementwise = HBM traffic of norms, activation, residuals and softmax statistics: ~40 h bytes per token and
               layer (forward + backward, 16-bit) over HBM bandwidth; the Adam step reads and writes ~30 bytes per
               local parameter (grads, master, m, v, 16-bit copy).
-  TP        = 4 all-reduces of b s h (16-bit) per layer and micro-batch (2 forward after the row-parallel
-              projections, 2 backward for the column-parallel inputs; 2 more when recomputing), ring time
-              2 (t-1)/t x bytes / NVLink bandwidth; TP stays inside a node; not overlapped (on the critical path).
+  TP        = the TP all-reduce payload of comm_bytes (4 of b s h per block and micro-batch, 6 recomputing, plus the
+              head's), ring time 2 (t-1)/t x bytes / NVLink bandwidth; TP stays inside a node; on the critical path.
   PP        = bubble: the step takes (m + p - 1) micro-batch slots of one stage: compute / p x (m + p - 1) / m;
-              p2p sends of b s h 16-bit forward and backward per micro-batch and boundary (IB when the stages of a
-              pipeline sit on different nodes, else NVLink).
-  DP        = ZeRO-0/1: all-reduce of the 16-bit grads once per step, 2 (d-1)/d x 2P bytes, after backward (not
-              overlapped), + ZeRO-1's all-gather of the updated 16-bit partitions, (d-1)/d x 2P.
-              ZeRO-2: reduce-scatter every micro-batch, (d-1)/d x 2P, overlapped with backward (only what exceeds
-              the backward time shows) + the same all-gather after the step (not overlapped).
-              ZeRO-3: per micro-batch all-gather forward and backward (2 x (d-1)/d x 2P, prefetched: overlapped
-              with compute) + reduce-scatter (overlapped with backward).
+              the busiest stage's p2p sends (b s h forward and backward per micro-batch and boundary) over IB when
+              the stages of a pipeline sit on different nodes, else NVLink.
+  DP        = comm_bytes' payloads over the ring: ZeRO-0/1 all-reduce 2 (d-1)/d x 2P once per step after backward (not
+              overlapped), + ZeRO-1's all-gather of the updated partitions, (d-1)/d x 2P.
+              ZeRO-2: reduce-scatter every micro-batch, overlapped with backward (only what exceeds the backward time
+              shows) + the same all-gather after the step (not overlapped).
+              ZeRO-3: per micro-batch all-gather forward and backward (prefetched: overlapped with compute) +
+              reduce-scatter (overlapped with backward).
               Bandwidth: NVLink when the DP group sits in one node, else the per-GPU IB bandwidth.
   latency   = every collective and p2p message also pays LATENCY_S (NCCL small-message latency, 10 us in a node,
               20 us across nodes), and ZeRO-3 pays ZERO3_BLOCK_OVERHEAD_S per block per forward and per backward of
@@ -118,6 +121,8 @@ DEVICES = {
 EFFICIENCY = 0.6  # achieved fraction of peak on the model's matmuls (large bf16 GEMMs reach 0.6-0.75)
 COMM_EFFICIENCY = 0.8  # achieved fraction of link bandwidth by NCCL rings
 LATENCY_S = {"nvlink": 10e-6, "ib": 20e-6}  # per collective / p2p message
+ZERO3_REUSE_DISTANCE = 1e9  # DeepSpeed's stage3_max_reuse_distance default (elements)
+ZERO3_MAX_LIVE = 1e9  # stage3_max_live_parameters default
 ZERO3_BLOCK_OVERHEAD_S = 2e-4  # DeepSpeed ZeRO-3 parameter fetch/release per block and pass
 FULL_WIDTH = 1024  # local GEMM width from which `efficiency` holds
 WORKSPACE_BYTES = int(1.5 * GiB)
@@ -377,8 +382,8 @@ def memory(m: ModelConfig, lay: Layout, global_batch: int, precision: str = "bf1
     workspace = WORKSPACE_BYTES if precision == "bf16" else 0.0
     if lay.zero in (1, 2):
         workspace += 2 * nbytes * min(BUCKET_ELEMENTS, P)
-    elif lay.zero == 3:
-        workspace += 2 * nbytes * max(layer_params(m, lay.tp))
+    elif lay.zero == 3:  # the current and prefetched layer, or what the reuse distance keeps gathered
+        workspace += nbytes * max(2 * max(layer_params(m, lay.tp)), zero3_kept_and_regathered(m, lay.tp)[0])
     return Memory(**st, grads_backward=grads_bwd, activations=ckpt if lay.checkpointing else full,
                   activations_no_ckpt=full, activations_ckpt=ckpt, pipe_buffers=pipe, workspace=workspace)
 
@@ -400,6 +405,69 @@ class Timing:
     tflops_per_gpu: float
 
 
+def zero3_kept_and_regathered(m: ModelConfig, tp: int) -> tuple[float, float]:
+    """(parameters ZeRO-3 keeps gathered from the forward into the backward, parameters it gathers again in the
+    backward) per micro-batch, by DeepSpeed's rule: a module's parameters are not released after its forward when
+    they are used again within stage3_max_reuse_distance elements (default 1e9), which for a layer is roughly the
+    parameters of every later layer, fetched once forward and once backward in between; at most
+    stage3_max_live_parameters (1e9) stay gathered. Counted: a tiny model (all within the distance) gathers once a
+    micro-batch (tests/test_comms.py)."""
+    weights = layer_params(m, tp)
+    kept = regathered = 0.0
+    for k, w in enumerate(weights):
+        if 2 * sum(weights[k + 1:]) < ZERO3_REUSE_DISTANCE and kept + w <= ZERO3_MAX_LIVE:
+            kept += w
+        else:
+            regathered += w
+    return kept, regathered
+
+
+def comm_bytes(m: ModelConfig, lay: Layout, global_batch: int, nbytes: int = 2) -> list[dict]:
+    """Payload bytes each rank of every pipeline stage puts into its collectives and p2p messages in one step
+    (an all-reduce's tensor, a reduce-scatter's input, an all-gather's output, each message sent or received),
+    per group kind; recorded from the engine by megapix.parallel.comms in tests/test_comms.py. act = b s h e:
+      tp  per micro-batch: 2 all-reduces forward (after the row-parallel projections) and 2 backward (the
+          column-parallel inputs) per block, 2 more forward when recomputing; on the last stage the head's
+          column-parallel input (1 backward) and the vocab-parallel loss's max, target logit and sum-exp
+          (3 fp32 values a row, forward); with PP, DeepSpeed's all-gathers of the partitioned pipe tensors
+      pp  per micro-batch and boundary: the activation forward and its gradient backward, each sent by one
+          stage and received by the other (1/t of it under pipe_partitioned with TP, as DeepSpeed sends it)
+      dp  ZeRO-0/1: the gradients all-reduced once per step (P e); ZeRO-2: reduced every micro-batch; ZeRO-3:
+          reduce-scattered every micro-batch; ZeRO-1/2 then all-gather the updated parameters (P e); ZeRO-3
+          gathers every parameter forward and, in the backward, those its reuse distance released
+          (zero3_kept_and_regathered), every micro-batch (recorded with a persistence threshold of 0: the tiny CPU
+          model's parameters are all below DeepSpeed's default one)
+    Keys: tp, pp (sent + received), pp_sent, dp_reduce, dp_gather, tp_calls."""
+    b, rows, h = lay.micro_batch, lay.micro_batch * m.n_ctx, m.d_model
+    act = nbytes * rows * h
+    micro = global_batch // (lay.dp * b)
+    p2p = act / lay.tp if lay.tp > 1 else act
+    out = []
+    for i, (P, layers) in enumerate(zip(stage_params(m, lay.tp, lay.pp), stage_layers(m, lay.tp, lay.pp))):
+        last = i == lay.pp - 1
+        tp = tp_calls = 0.0
+        if lay.tp > 1:
+            per_block = 4 + (2 if lay.checkpointing else 0)
+            # pipe_partitioned + grad_partitioned (our ds_configs and DeepSpeed's default): a stage sends 1/t of its
+            # output and of its input's gradient, and all-gathers them back over the TP group: the input forward
+            # (stages after the first), the output to run its backward and the received gradient (stages before
+            # the last)
+            gathers = ((i > 0) + 2 * (not last)) if lay.pp > 1 else 0
+            tp = micro * (layers * per_block * act + ((act + 3 * 4 * rows) if last else 0.0) + gathers * act)
+            tp_calls = micro * (layers * per_block + (4 if last else 0) + gathers)
+        sides = (i > 0) + (not last) if lay.pp > 1 else 0
+        dp_reduce = dp_gather = 0.0
+        if lay.dp > 1:
+            dp_reduce = nbytes * P * (micro if lay.zero >= 2 else 1)
+            if lay.zero in (1, 2):
+                dp_gather = nbytes * P
+            elif lay.zero == 3:
+                dp_gather = nbytes * micro * (P + zero3_kept_and_regathered(m, lay.tp)[1])
+        out.append(dict(tp=tp, tp_calls=tp_calls, pp=2 * sides * micro * p2p, pp_sent=sides * micro * p2p,
+                        dp_reduce=dp_reduce, dp_gather=dp_gather))
+    return out
+
+
 def step_time(m: ModelConfig, lay: Layout, global_batch: int, nodes: int, gpus_per_node: int, dev: Device,
               efficiency: float = EFFICIENCY) -> Timing:
     s, h, L = m.n_ctx, m.d_model, m.n_layer
@@ -416,32 +484,34 @@ def step_time(m: ModelConfig, lay: Layout, global_batch: int, nodes: int, gpus_p
     opt = 30 * local / (dev.hbm_gbps * 1e9)
     nv, ib = dev.nvlink_gbps * 1e9 * COMM_EFFICIENCY, dev.ib_gbps * 1e9 * COMM_EFFICIENCY
     micro = global_batch // (lay.dp * lay.micro_batch)  # micro-batches per step per pipeline
-    act = 2 * lay.micro_batch * s * h  # one 16-bit activation of a micro-batch
     layers = max(stage_layers(m, lay.tp, lay.pp))
     lat_nv, lat_ib = LATENCY_S["nvlink"], LATENCY_S["ib"]
+    comm = comm_bytes(m, lay, global_batch, 2)  # 16-bit
+    busiest = {key: max(c[key] for c in comm) for key in comm[0]}
     tp_comm = 0.0
-    if lay.tp > 1:
-        n_ar = 4 + (2 if lay.checkpointing else 0)
-        tp_comm = micro * layers * n_ar * (2 * (lay.tp - 1) / lay.tp * act / nv + lat_nv)
+    if lay.tp > 1:  # ring all-reduces inside the node, on the critical path
+        tp_comm = 2 * (lay.tp - 1) / lay.tp * busiest["tp"] / nv + busiest["tp_calls"] * lat_nv
     # Ranks are numbered TP fastest, then DP, then PP (DeepSpeed's topology: pipe, data, model).
     cross = lay.tp * lay.dp >= gpus_per_node and nodes > 1
     pp_link, pp_lat = (ib, lat_ib) if cross else (nv, lat_nv)
-    pp_comm = 2 * micro * (act / pp_link + pp_lat) if lay.pp > 1 else 0.0
+    pp_comm = busiest["pp_sent"] / pp_link + 2 * micro * pp_lat if lay.pp > 1 else 0.0
     per_stage = compute + elementwise + tp_comm
     bubble = per_stage * (lay.pp - 1) / micro if lay.pp > 1 else 0.0
     dp_comm = 0.0
     if lay.dp > 1:
         dp_link, dp_lat = (ib, lat_ib) if lay.tp * lay.dp > gpus_per_node else (nv, lat_nv)
         frac = (lay.dp - 1) / lay.dp
-        g = 2 * P  # 16-bit
+        reduce, gather, nbytes_16 = busiest["dp_reduce"], busiest["dp_gather"], 2
         backward = 2 / 3 * compute
-        if lay.zero in (0, 1):
-            dp_comm = 2 * frac * g / dp_link + (frac * g / dp_link if lay.zero == 1 else 0.0)
-        elif lay.zero == 2:
-            dp_comm = micro * max(0.0, frac * g / dp_link - backward / micro) + frac * g / dp_link
+        if lay.zero in (0, 1):  # one ring all-reduce after backward (+ ZeRO-1's all-gather), not overlapped
+            dp_comm = 2 * frac * reduce / dp_link + frac * gather / dp_link
+        elif lay.zero == 2:  # a reduce-scatter per micro-batch behind its backward, the all-gather after the step
+            dp_comm = micro * max(0.0, frac * reduce / micro / dp_link - backward / micro) + frac * gather / dp_link
         else:  # forward all-gather behind the forward, backward all-gather + reduce-scatter behind the backward
-            gather = frac * g / dp_link
-            dp_comm = micro * (max(0.0, gather - compute / micro / 3) + max(0.0, 2 * gather - backward / micro))
+            fwd_gather = frac * nbytes_16 * P / dp_link
+            bwd_gather = frac * gather / micro / dp_link - fwd_gather
+            dp_comm = micro * (max(0.0, fwd_gather - compute / micro / 3)
+                               + max(0.0, bwd_gather + frac * reduce / micro / dp_link - backward / micro))
             dp_comm += micro * layers * (2 * ZERO3_BLOCK_OVERHEAD_S + 3 * dp_lat)
     total = per_stage + bubble + pp_comm + dp_comm + opt
     tflops = model_flops / world / total / 1e12

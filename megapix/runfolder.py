@@ -94,26 +94,6 @@ def _acquire(out: str, command: str, whole: bool) -> None:
     _HELD[path] = (fd, made)
 
 
-def _rank0_decides(fn) -> None:
-    """fn() on rank 0; its ConfigError raised on every rank (so no rank goes on alone, none waits in a collective)."""
-    from megapix.parallel import dist
-
-    error = None
-    if dist.is_rank0():
-        try:
-            fn()
-        except ConfigError as e:
-            error = str(e)
-    if dist.initialized() and dist.world_size() > 1:
-        import torch.distributed as tdist
-
-        box = [error]
-        tdist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error is not None:
-        raise ConfigError(error)
-
-
 def claim(out: str, kind: str, command: str, whole: bool = False) -> None:
     """Take `out` for this process's life (every rank: rank 0 holds the lock): refuse, in one line on every rank, a
     folder another process writes, or (for a run folder) one that holds another kind's output (check_kind). A
@@ -125,7 +105,9 @@ def claim(out: str, kind: str, command: str, whole: bool = False) -> None:
         if not whole:
             check_kind(out, kind, command)  # again under the lock: nothing was added by a writer before us
 
-    _rank0_decides(take)
+    from megapix.parallel import dist
+
+    dist.rank0_decides(take)
 
 
 def release_all() -> None:

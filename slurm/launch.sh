@@ -183,7 +183,7 @@ megapix_launch() {
         scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=$MEGAPIX_PROCS_PER_NODE/" >"$hostfile"
         cmd=("$PYTHON" -u -m deepspeed.launcher.runner --launcher slurm --hostfile "$hostfile" --force_multi
              --no_ssh_check --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
-             ${MEGAPIX_SRUN_WAIT:+--launcher_args "--wait=$MEGAPIX_SRUN_WAIT"} "$@")
+             ${MEGAPIX_SRUN_WAIT:+"--launcher_args=--wait=$MEGAPIX_SRUN_WAIT"} "$@")
         ;;
     *)
         megapix_log "unknown LAUNCHER=$launcher (srun, torchrun or deepspeed)"
@@ -222,10 +222,11 @@ megapix_finish_or_requeue() {
         megapix_log "torchrun exited $rc but a checkpoint was saved after the signal: treating it as 75"
         rc=75
     fi
-    if [ "$rc" != 0 ] && [ "$rc" != 75 ] && [ -s "${MEGAPIX_PEER_LOST_FILE:-}" ]; then
-        # A rank died, hung or lost its link: the others said so (parallel/watchdog.py) and exited 75; the
-        # launcher's own code is the dead or killed rank's. Nothing new was saved; the rerun resumes from the
-        # last complete checkpoint.
+    if [ "$rc" -gt 128 ] && [ -s "${MEGAPIX_PEER_LOST_FILE:-}" ]; then
+        # A rank was killed (OOM killer, a node going away) or hung and srun ended it: the others said so
+        # (parallel/watchdog.py) and exited 75; srun's own code is the killed rank's. Nothing new was saved; the
+        # rerun resumes from the last complete checkpoint. (A rank that failed with an error exits 1: no
+        # requeue, the same error would come back. torchrun reports any worker's failure as 1 too.)
         megapix_log "ranks lost a peer ($(head -n 1 "$MEGAPIX_PEER_LOST_FILE")): treating exit $rc as 75"
         rc=75
     fi

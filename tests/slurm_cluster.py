@@ -130,7 +130,9 @@ class SlurmCluster:
     # -- munge ---------------------------------------------------------------------------------
     def _start_munge(self) -> None:
         if _munge_works():
-            return  # a munged is already running (system one or a previous bring-up): reuse it
+            # a munged is already running (system one or another bring-up): reuse it. The bring-up that started it
+            # stops it, so two test sessions at once on one machine can pull munge from under each other's jobs.
+            return
         munge_user = pwd.getpwnam("munge")
         uid, gid = munge_user.pw_uid, munge_user.pw_gid
         for path, mode in (("/etc/munge", 0o700), ("/var/log/munge", 0o700), ("/var/lib/munge", 0o711),

@@ -4,10 +4,6 @@ a real DeepSpeed pipeline keeps in flight on each stage. The Triton path (interp
 in tests/test_model_kernels.py."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -17,7 +13,7 @@ from megapix.model import ImageGPT
 from megapix.model.igpt import Block
 from megapix.plan import (Layout, block_activation_bytes, embed_activation_bytes, head_activation_bytes, in_flight,
                           stage_activation_bytes)
-from test_parallel_helpers import ROOT, env, free_port
+from test_parallel_helpers import launch_layouts
 
 TOLERANCE = 0.03
 
@@ -95,12 +91,12 @@ def forward(ctx, run_function, all_outputs, *args):
 ds_checkpointing.CheckpointFunction.forward = staticmethod(forward)
 
 rank, world = dist.get_rank(), dist.get_world_size()
-work = os.environ["ACT_WORK"]
+work = os.environ["WORK"]
 palette = os.path.join(work, "palette.npy")
 if rank == 0 and not os.path.exists(palette):
     np.save(palette, np.random.default_rng(0).uniform(-1, 1, (512, 3)).astype(np.float32))
 dist.barrier()
-for spec in json.loads(os.environ["ACT_LAYOUTS"]):
+for spec in json.loads(os.environ["LAYOUTS"]):
     m = model_preset("tiny", kernels="torch")
     cfg = Config(model=m, data=DataConfig(source="synthetic:32", palette=palette),
                  train=TrainConfig(global_batch=8, micro_batch=2, max_steps=2, eval_every=0, zero_stage=0,
@@ -116,7 +112,7 @@ for spec in json.loads(os.environ["ACT_LAYOUTS"]):
         counting.clear()
     row = dict(spec, rank=rank, stage=tr.layout.pp_rank, micro_batches=len(batches), total=saved.total,
                peak=saved.peak)
-    with open(os.path.join(work, f"act-{world}-{rank}.jsonl"), "a") as f:
+    with open(os.path.join(work, f"rows-{world}-{rank}.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
     del tr
 '''
@@ -129,21 +125,7 @@ LAUNCHES = {  # world size -> layouts counted in that one launch (tiny, fp32, mi
 
 @pytest.fixture(scope="module")
 def layout_rows(tmp_path_factory):
-    work = tmp_path_factory.mktemp("activations")
-    script = work / "act_worker.py"
-    script.write_text(WORKER)
-    rows = []
-    for nproc, layouts in LAUNCHES.items():
-        e = env()
-        e.update(MEGAPIX_ROOT=ROOT, ACT_WORK=str(work), ACT_LAYOUTS=json.dumps(layouts))
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                               "--master_port", str(free_port()), str(script)], cwd=ROOT, env=e, capture_output=True,
-                              text=True, timeout=900)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-        for r in range(nproc):
-            with open(work / f"act-{nproc}-{r}.jsonl") as f:
-                rows += [dict(json.loads(line), world=nproc) for line in f if line.strip()]
-    return rows
+    return launch_layouts(tmp_path_factory.mktemp("activations"), WORKER, LAUNCHES)
 
 
 def _planned(row):

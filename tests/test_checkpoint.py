@@ -30,7 +30,7 @@ def _resume_from(src, dst, nproc, *args, config):
     return run_train(dst, nproc, "--resume", *args, config=config)
 
 
-@pytest.mark.parametrize("name", ["single", "pp2"])
+@pytest.mark.parametrize("name", ["single", "pp2", "cp2@bert"])
 def test_resume_is_bit_exact(work, name):
     nproc, args = LAYOUTS[name]
     full = layout_run(name)
@@ -63,7 +63,11 @@ def test_latest_moves_last(work, monkeypatch):
                                                     # sequence parallelism off and on across the resume
                                                     ("tp2-spxdp2-zero1", 1, ["--zero-stage", "1"]),
                                                     ("single-zero1", 2, ["--tensor-parallel", "2", "--zero-stage", "1",
-                                                                         "--sequence-parallel"])])
+                                                                         "--sequence-parallel"]),
+                                                    # context parallelism off and on across the resume
+                                                    ("cp2-zero1", 1, ["--zero-stage", "1"]),
+                                                    ("single-zero1", 2,
+                                                     ["--context-parallel", "2", "--zero-stage", "1"])])
 def test_resume_in_a_different_layout_through_universal_checkpoint(work, src_name, dst_n, dst_args):
     """ZeRO-1 -> ZeRO-1 (and ZeRO-3 -> ZeRO-3 at TP 1) in another layout goes through DeepSpeed's universal
     checkpoint: weights, Adam moments and schedule carry over, so every resumed step matches the uninterrupted run.
@@ -165,18 +169,20 @@ def test_universal_patterns_classify_every_parameter_once():
 
 def test_keep_last_prunes_only_old_megapix_tags(tmp_path):
     """--keep-last N after a save: the N newest global_step tags up to the saved step stay, and so do `latest`'s tag,
-    best.json's tag and any later tag; a folder megapix did not write (no layout.json) and non-tag names are
-    never touched; a tag's _universal conversion goes with it."""
-    from megapix.checkpoint.store import prune, read_best, write_best
+    best.json's tag and any later tag; a folder this run did not record (same shape, no entry in saved_tags.json)
+    and non-tag names are never touched; a tag's _universal conversion goes with it."""
+    from megapix.checkpoint.store import SAVED_RECORD, _record_saved, prune, read_best, write_best
 
     ck = tmp_path / "checkpoints"
 
     def tag(step, ours=True):
         d = ck / f"global_step{step}"
         d.mkdir(parents=True)
-        if ours:
-            (d / "layout.json").write_text(json.dumps({"step": step}))
-            (d / "megapix_config.json").write_text("{}")
+        (d / "layout.json").write_text(json.dumps({"step": step}))
+        (d / "megapix_config.json").write_text("{}")
+        (d / SAVED_RECORD).write_text(json.dumps({"save_id": f"id{step}", "step": step}))
+        if ours:  # what a save records
+            _record_saved(str(ck), d.name, f"id{step}")
         return d
 
     for s in (1, 2, 3, 4, 5, 6, 9):
@@ -192,7 +198,7 @@ def test_keep_last_prunes_only_old_megapix_tags(tmp_path):
     assert sorted(prune(str(ck), 2, 6)) == ["global_step1", "global_step3", "global_step4"]
     left = sorted(os.listdir(ck))
     assert left == ["best.json", "global_step0", "global_step2", "global_step2.replaced-1", "global_step5",
-                    "global_step6", "global_step9", "latest", "notes"], left
+                    "global_step6", "global_step9", "latest", "notes", "saved_tags.json"], left
     # `latest` on an old tag (a resume from it) keeps that tag too
     (ck / "latest").write_text("global_step5")
     assert prune(str(ck), 1, 6) == []

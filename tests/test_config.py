@@ -55,6 +55,7 @@ def test_unknown_section():
     ("train", {"precision": "fp16"}, "train.precision='fp16' is not one of auto, bf16, fp32"),
     ("train", {"save_every": -5}, "train.save_every=-5 must be >= 0"),
     ("train", {"time_budget": -1.0}, "train.time_budget=-1.0 must be >= 0"),
+    ("train", {"collective_timeout": 0}, "train.collective_timeout=0 must be a positive number"),
     ("data", {"val_fraction": 1.0}, "data.val_fraction=1.0 must lie in [0, 1)"),
     ("data", {"source": ""}, "data.source must be a non-empty string"),
 ])

@@ -170,9 +170,9 @@ def _xl_meta_non_pipeline(tp, dp, zero):
 
 
 def test_igpt_xl_tp4_dp16_zero3_on_meta_counts_add_up():
-    """configs/igpt_xl_imagenet.yaml: TP 4 x DP 16, ZeRO-3. Each TP rank's shard, counted from build_module's
-    meta structure, adds up to the preset's 6.81B over the TP group (replicated pieces counted once), and each
-    rank keeps 1/16 of its shard under ZeRO-3."""
+    """iGPT-XL at TP 4 x DP 16, ZeRO-3 (the runner-up of configs/igpt_xl_imagenet.yaml). Each TP rank's shard,
+    counted from build_module's meta structure, adds up to the preset's 6.81B over the TP group (replicated pieces
+    counted once), and each rank keeps 1/16 of its shard under ZeRO-3."""
     from megapix.config import model_preset
     from megapix.parallel.tensor import kind_of
 

@@ -2,16 +2,13 @@
 extraction equal to one rank's. The training-curve equivalence of CP layouts is in test_parallel.py."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from megapix.config import ConfigError, ModelConfig, TrainConfig
 from megapix.parallel.context import local_positions
 from megapix.parallel.layout import check_layout
-from test_parallel_helpers import ROOT, env, free_port
+from test_parallel_helpers import run_worker
 
 
 @pytest.mark.parametrize("world,model,train,zero,needle", [
@@ -70,10 +67,5 @@ dist.destroy_process_group()
 def test_two_rank_context_parallel_features_equal_one_rank(tmp_path):
     """16x16 images (256 positions), each rank holding a head and a tail chunk: the pooled features of layers
     0, 1 and 3 (after norm_f) equal megapix.features.extract on one rank, AR and BERT."""
-    script = tmp_path / "cp_worker.py"
-    script.write_text(CP_WORKER)
-    e = env()
-    e["MEGAPIX_ROOT"] = ROOT
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(free_port()), str(script)], env=e, capture_output=True, text=True, timeout=300)
+    proc = run_worker(tmp_path, "cp_worker.py", CP_WORKER)
     assert proc.returncode == 0 and "CP-FEATURES-OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]

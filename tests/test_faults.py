@@ -110,6 +110,27 @@ def test_exit_code_is_the_requeue_code():
     assert watchdog.EXIT_REQUEUE == EXIT_PREEMPTED == 75
 
 
+def test_collective_timeout_is_what_new_group_takes(monkeypatch):
+    """DeepSpeed makes its groups with new_group(ranks), no timeout: torch then takes _get_default_timeout."""
+    from datetime import timedelta
+
+    import torch.distributed.distributed_c10d as c10d
+
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+        monkeypatch.setattr(c10d, name, getattr(c10d, name))  # put back after the test
+    assert watchdog.set_collective_timeout(7) == timedelta(seconds=7)
+    assert c10d._get_default_timeout(c10d.Backend("gloo")) == timedelta(seconds=7)
+    assert c10d.default_pg_nccl_timeout == timedelta(seconds=7)
+
+
+def test_peer_failures_are_told_from_other_errors():
+    assert watchdog.is_peer_failure(RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer"))
+    assert watchdog.is_peer_failure(RuntimeError("[../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting "
+                                                 "20000ms for recv operation to complete"))
+    assert not watchdog.is_peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not watchdog.is_peer_failure(ValueError("Timed out"))
+
+
 def test_killed_rank_is_named_and_resume_is_bit_exact(tmp_path, reference):
     out = tmp_path / "run"
     procs = launch(out, "--collective-timeout", "60")
@@ -132,7 +153,7 @@ def test_killed_rank_is_named_and_resume_is_bit_exact(tmp_path, reference):
 
 
 def test_hung_rank_bounded_by_the_collective_timeout(tmp_path):
-    out, timeout = tmp_path / "run", 20
+    out, timeout = tmp_path / "run", 60  # above the longest one-sided setup (rank 0 prepares data) on a loaded machine
     procs = launch(out, "--collective-timeout", str(timeout))
     try:
         wait_steps(procs, out, 7)

@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 import torch
 
 from megapix.config import ConfigError, ModelConfig, TrainConfig
 from megapix.parallel.layout import check_layout
-from test_parallel_helpers import (EVAL_EVERY, LAYOUTS, ROOT, STEPS, env, free_port, layout_run, losses, records,
-                                   reference_of, torchrun_cmd, write_config)
+from test_parallel_helpers import (EVAL_EVERY, LAYOUTS, ROOT, STEPS, env, layout_run, losses, records,
+                                   reference_of, run_worker, torchrun_cmd, write_config)
 
 TOL = 1e-4  # fp32, absolute, per step
 VAL_TOL = 1e-5  # val_loss: a fixed set, token-weighted, sharded over data-parallel ranks and all-reduced
@@ -59,12 +58,13 @@ import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, os.environ["MEGAPIX_ROOT"])
 from megapix.config import ModelConfig
 from megapix.model import ImageGPT, lm_loss
-from megapix.parallel.tensor import apply_tensor_parallel, VocabParallelLoss, kind_of, merge_shards
+from megapix.parallel.tensor import (apply_sequence_parallel, apply_tensor_parallel, VocabParallelLoss, kind_of,
+                                     merge_shards)
 dist.init_process_group("gloo")
 rank, tp = dist.get_rank(), dist.get_world_size()
 group = dist.new_group(list(range(tp)))
 torch.manual_seed(0)
-for objective in ("ar", "bert"):
+for objective, sp in (("ar", False), ("bert", False), ("ar", True), ("bert", True)):
     cfg = ModelConfig(n_layer=2, d_model=64, n_head=4, resolution=8, kernels="torch", objective=objective, bias=True)
     tokens = torch.randint(0, 512, (3, 64), generator=torch.Generator().manual_seed(1))
     mask = (torch.rand(3, 64, generator=torch.Generator().manual_seed(2)) < 0.3) if objective == "bert" else None
@@ -78,6 +78,8 @@ for objective in ("ar", "bert"):
     par = ImageGPT(cfg, seed=5)
     par.load_state_dict(ref.state_dict())
     apply_tensor_parallel(par, group, tp, rank)
+    if sp:  # Megatron sequence parallelism on top: the same loss and gradients
+        apply_sequence_parallel(par, group)
     loss = VocabParallelLoss(group, rank, objective == "bert")(par(tokens, mask), tokens, mask)
     loss.backward()
     assert abs(loss.item() - loss_ref.item()) < 1e-5, (loss.item(), loss_ref.item())
@@ -88,8 +90,9 @@ for objective in ("ar", "bert"):
             continue
         gathered = [torch.empty_like(p.grad) for _ in range(tp)]
         dist.all_gather(gathered, p.grad.contiguous(), group=group)
-        if kind_of(n) == "replicated":  # identical on every TP rank, bit for bit
+        if kind_of(n) == "replicated":  # identical on every TP rank, bit for bit (SP: all-reduced gradients)
             assert all(torch.equal(g, gathered[0]) for g in gathered), n
+            assert getattr(p, "sequence_parallel", False) == (sp and (".norm_" in "." + n or n.endswith("c_proj.bias")))
         full = merge_shards(n, gathered)
         assert torch.allclose(full, ref_grads[n], atol=2e-5, rtol=1e-4), (n, (full - ref_grads[n]).abs().max())
         assert getattr(p, "tensor_model_parallel", False) == (kind_of(n) != "replicated"), n
@@ -99,14 +102,10 @@ if rank == 0:
 
 
 def test_tensor_parallel_matches_single_rank_and_replicated_grads_agree(tmp_path):
-    """TP 2 on gloo without DeepSpeed: loss and every gradient equal the plain model's (merged shards);
-    replicated parameters (norms, embeddings, sos, row biases) get bit-identical gradients on both ranks."""
-    script = tmp_path / "tp_worker.py"
-    script.write_text(TP_WORKER)
-    e = env()
-    e["MEGAPIX_ROOT"] = ROOT
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(free_port()), str(script)], env=e, capture_output=True, text=True, timeout=300)
+    """TP 2 on gloo without DeepSpeed, plain and with sequence parallelism: loss and every gradient equal the
+    plain model's (merged shards); replicated parameters (norms, embeddings, sos, row biases) get bit-identical
+    gradients on both ranks."""
+    proc = run_worker(tmp_path, "tp_worker.py", TP_WORKER)
     assert proc.returncode == 0 and "TP-OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 

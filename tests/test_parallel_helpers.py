@@ -69,6 +69,18 @@ def env() -> dict:
     return e
 
 
+def run_worker(folder, name: str, source: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    """Run the script `source` (it finds megapix through MEGAPIX_ROOT) on `nproc` gloo ranks under torchrun."""
+    script = os.path.join(str(folder), name)
+    with open(script, "w") as f:
+        f.write(source)
+    e = env()
+    e["MEGAPIX_ROOT"] = ROOT
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                           "--master_port", str(free_port()), script], env=e, capture_output=True, text=True,
+                          timeout=300)
+
+
 def torchrun_cmd(nproc: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
             "--master_port", str(free_port()), TRAIN]
@@ -125,6 +137,7 @@ LAYOUTS = {
     "cp2@r16": (2, ["--context-parallel", "2", "--resolution", "16"]),
     "cp2xtp2@r16": (4, ["--context-parallel", "2", "--tensor-parallel", "2", "--resolution", "16"]),
     "cp2xdp2-zero3": (4, ["--context-parallel", "2", "--zero-stage", "3"]),
+    "cp2-zero1": (2, ["--context-parallel", "2", "--zero-stage", "1"]),  # a universal-checkpoint source
     "single@bert": (1, ["--objective", "bert"]),
     "cp2@bert": (2, ["--context-parallel", "2", "--objective", "bert"]),
     # the full 3D composition: 8 ranks (slow on a small CPU box: test_parallel marks it `slow`)
@@ -168,3 +181,24 @@ def layout_run(name: str):
         out.with_suffix(".stdout").write_text(proc.stdout)  # the summary line names the layout it ran
         _RUNS[name] = out
     return _RUNS[name]
+
+
+def launch_layouts(work, worker: str, launches: dict, timeout: float = 1500) -> list[dict]:
+    """Run `worker` (a script's text) once per world size in `launches` (world -> list of layout dicts, passed as
+    LAYOUTS in the environment, with WORK=work and MEGAPIX_ROOT); each rank appends JSON rows to
+    WORK/rows-<world>-<rank>.jsonl. Returns every row, with its world size."""
+    script = os.path.join(str(work), "layouts_worker.py")
+    with open(script, "w") as f:
+        f.write(worker)
+    rows = []
+    for nproc, layouts in launches.items():
+        e = env()
+        e.update(MEGAPIX_ROOT=ROOT, WORK=str(work), LAYOUTS=json.dumps(layouts))
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                               "--master_port", str(free_port()), script], cwd=ROOT, env=e, capture_output=True,
+                              text=True, timeout=timeout)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        for r in range(nproc):
+            with open(os.path.join(str(work), f"rows-{nproc}-{r}.jsonl")) as f:
+                rows += [dict(json.loads(line), world=nproc) for line in f if line.strip()]
+    return rows

@@ -1,0 +1,119 @@
+"""The planner's communication terms (megapix.plan.comm_bytes) against what the engine sends in one step, recorded by
+megapix.parallel.comms (every torch.distributed collective and p2p call, DeepSpeed's included): TP2, PP2, DP2 under
+ZeRO-0/1/2/3, and TP2 x PP2 x DP2, tiny preset in fp32 on CPU, one launch per world size."""
+from __future__ import annotations
+
+import pytest
+
+from megapix.config import model_preset
+from megapix.plan import Layout, comm_bytes
+from test_parallel_helpers import launch_layouts
+
+TOLERANCE = 0.05
+
+WORKER = r'''
+import json, os, sys
+sys.path.insert(0, os.environ["MEGAPIX_ROOT"])
+import numpy as np
+from megapix.parallel.launch import init_distributed
+init_distributed()
+import torch.distributed as dist
+from megapix.config import Config, DataConfig, TrainConfig, model_preset
+from megapix.engine import Trainer
+from megapix.parallel.comms import CommsRecorder
+
+rank, world = dist.get_rank(), dist.get_world_size()
+work = os.environ["WORK"]
+palette = os.path.join(work, "palette.npy")
+if rank == 0 and not os.path.exists(palette):
+    np.save(palette, np.random.default_rng(0).uniform(-1, 1, (512, 3)).astype(np.float32))
+    # ZeRO-3 with every parameter partitioned: tiny's are all below DeepSpeed's default persistence threshold
+    with open(os.path.join(work, "zero3_gather_all.json"), "w") as f:
+        json.dump({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}, f)
+dist.barrier()
+for spec in json.loads(os.environ["LAYOUTS"]):
+    dp = world // (spec["tp"] * spec["pp"])
+    cfg = Config(model=model_preset("tiny", kernels="torch"), data=DataConfig(source="synthetic:32", palette=palette),
+                 train=TrainConfig(global_batch=4 * dp, micro_batch=2, max_steps=2, eval_every=0,
+                                   zero_stage=spec["zero"], tensor_parallel=spec["tp"], pipeline_parallel=spec["pp"],
+                                   precision="fp32", out=os.path.join(work, "run")))
+    ds = os.path.join(work, "zero3_gather_all.json") if spec["zero"] == 3 else None
+    tr = Trainer(cfg, ds)
+    tr.train_step(tr._next_batches())  # the first step builds DeepSpeed's buffers; record the second
+    tr.step += 1
+    batches = tr._next_batches()
+    with CommsRecorder() as rec:
+        tr.train_step(batches)
+    topo = tr.layout.topology
+    groups = {axis: next(tuple(g) for g in topo.get_axis_comm_lists(name) if rank in g)
+              for axis, name in (("tp", "model"), ("dp", "data"), ("pp", "pipe"))}
+    row = dict(spec, rank=rank, stage=tr.layout.pp_rank, groups=groups, calls=rec.summary())
+    with open(os.path.join(work, f"rows-{world}-{rank}.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+    del tr
+'''
+
+LAUNCHES = {  # world size -> layouts (data-parallel first: DeepSpeed keeps the last engine's mpu in a global)
+    2: [dict(tp=1, pp=1, zero=z) for z in (0, 1, 2, 3)] + [dict(tp=2, pp=1, zero=0), dict(tp=1, pp=2, zero=0)],
+    8: [dict(tp=2, pp=2, zero=1)],
+}
+SCALAR = 64  # bytes: loss and meter all-reduces (a few fp32 scalars a step) are not the planner's business
+
+
+def measured(row) -> dict:
+    """Bytes per group kind: p2p messages are pp; collectives are classified by their group's ranks."""
+    out = {"tp": 0, "pp": 0, "dp_reduce": 0, "dp_gather": 0}
+    by_ranks = {tuple(g): axis for axis, g in row["groups"].items() if len(g) > 1}
+    for c in row["calls"]:
+        if c["op"] in ("send", "recv", "isend", "irecv"):
+            out["pp"] += c["bytes"]
+            continue
+        axis = by_ranks.get(tuple(c["ranks"]))
+        if axis is None or c["bytes"] <= SCALAR * c["calls"]:
+            continue  # groups of one rank, or scalars
+        if axis == "dp":
+            out["dp_gather" if "gather" in c["op"] else "dp_reduce"] += c["bytes"]
+        else:
+            out[axis] += c["bytes"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def comms_rows(tmp_path_factory):
+    return launch_layouts(tmp_path_factory.mktemp("comms"), WORKER, LAUNCHES)
+
+
+def planned(row) -> dict:
+    lay = Layout(tp=row["tp"], pp=row["pp"], dp=row["world"] // (row["tp"] * row["pp"]), zero=row["zero"],
+                 micro_batch=2)
+    stage = comm_bytes(model_preset("tiny"), lay, 4 * lay.dp, nbytes=4)[row["stage"]]
+    return {key: stage[key] for key in ("tp", "pp", "dp_reduce", "dp_gather")}
+
+
+def check(rows):
+    assert rows
+    for r in rows:
+        got, want = measured(r), planned(r)
+        for key in want:
+            assert got[key] == pytest.approx(want[key], rel=TOLERANCE, abs=1), (r["tp"], r["pp"], r["zero"],
+                                                                               r["rank"], key, got, want)
+
+
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
+def test_dp2_bytes_per_step_equal_the_planners(comms_rows, zero):
+    check([r for r in comms_rows if r["world"] == 2 and r["tp"] == r["pp"] == 1 and r["zero"] == zero])
+
+
+def test_tp2_and_pp2_bytes_per_step_equal_the_planners(comms_rows):
+    rows = [r for r in comms_rows if r["world"] == 2 and (r["tp"] == 2 or r["pp"] == 2)]
+    assert {(r["tp"], r["pp"]) for r in rows} == {(2, 1), (1, 2)}
+    check(rows)
+    # the TP all-reduces split between forward (row-parallel outputs) and backward (column-parallel inputs)
+    tp = next(r for r in rows if r["tp"] == 2)
+    assert {c["in_backward"] for c in tp["calls"] if c["op"] == "all_reduce"} == {True, False}
+
+
+def test_tp2_pp2_dp2_bytes_per_step_equal_the_planners(comms_rows):
+    rows = [r for r in comms_rows if r["world"] == 8]
+    assert len(rows) == 8
+    check(rows)
