@@ -204,13 +204,20 @@ STEER_FIELDS = {
               "micro_batch", "activation_checkpointing", "on_nonfinite", "spike_factor"),
 }
 STEER_FLAGS = ["--" + name.replace("_", "-") for sec in STEER_FIELDS.values() for name in sec]
+# Settings of one invocation, not of the run: a resume does not inherit them from the saved config (a time
+# budget that stopped the last job would stop the requeued one at once).
+PER_INVOCATION = {"train": ("time_budget",)}
 
 
 def saved_run_config(out: str) -> dict | None:
-    """The effective config the run in `out` last started with (its config.json), or None when it has none."""
+    """The effective config the run in `out` last started with (its config.json), less the settings of one
+    invocation (PER_INVOCATION), or None when it has none."""
     rec = read_json(os.path.join(out, RUN_RECORD))
     config = rec.get("config") if isinstance(rec, dict) else None
-    return config if isinstance(config, dict) and all(isinstance(config.get(s), dict) for s in STEER_FIELDS) else None
+    if not (isinstance(config, dict) and all(isinstance(config.get(s), dict) for s in STEER_FIELDS)):
+        return None
+    return {sec: {k: v for k, v in fields.items() if k not in PER_INVOCATION.get(sec, ())}
+            for sec, fields in config.items()}
 
 
 def resume_changes(saved: dict, cfg: Config) -> tuple[list[str], list[str]]:
