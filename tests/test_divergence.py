@@ -129,6 +129,7 @@ def test_stragglers_are_named_and_a_fault_on_one_rank_is_seen_by_all(tmp_path):
     assert [r["global_batch_index"] for r in recs] == [0, 1, 3, 4, 5]
     assert recs[2]["rolled_back"][0]["reason"] == "a non-finite loss on rank 1"
     for r in recs[1:]:  # the first step is a warm-up on every rank
-        assert r["slowest_rank"] == 1 and r["rank_time_max_s"] - r["rank_time_min_s"] >= 0.25  # measured: 0.24-0.30 at 0.3 s
+        # measured spread: 0.24-0.30 s with a 0.3 s sleep; this run sleeps 0.5 s
+        assert r["slowest_rank"] == 1 and r["rank_time_max_s"] - r["rank_time_min_s"] >= 0.25
         assert r["rank_time_min_s"] <= r["rank_time_median_s"] <= r["rank_time_max_s"]
     assert "  straggler    rank 1 was the slowest in " in logs[0], logs[0][-3000:]
