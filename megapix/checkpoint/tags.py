@@ -103,7 +103,13 @@ def latest_step(ckpt_dir: str) -> int | None:
     checkpoint at all."""
     tag = read_latest(ckpt_dir)
     if tag is not None and os.path.isdir(os.path.join(ckpt_dir, tag)):
-        return saved_step(ckpt_dir, tag)
+        try:
+            return saved_step(ckpt_dir, tag)
+        except ConfigError:  # a torn layout.json: the run is there; the resume's own check names the good tags
+            m = TAG.fullmatch(tag)
+            if m:
+                return int(m.group(1))
+            raise
     found = tags(ckpt_dir)
     return int(TAG.fullmatch(found[-1]).group(1)) if found else None
 
