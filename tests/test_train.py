@@ -217,7 +217,7 @@ def bad_runs(tmp_path_factory):
     np.save(d / "imgs8.npy", np.random.default_rng(0).integers(0, 256, (20, 8, 8, 3), dtype=np.uint8))
     (d / "tok").mkdir()
     for s in ("tr", "va", "te"):
-        x = np.random.default_rng(1).integers(0, 512, (10, 64))
+        x = np.random.default_rng(1).integers(0, 512, (10, 100))  # 10x10: the default run's resolution
         x[3, 5] = 600
         np.save(d / "tok" / f"cifar10_{s}X.npy", x)
         np.save(d / "tok" / f"cifar10_{s}Y.npy", np.eye(10)[np.arange(10) % 10])
