@@ -267,11 +267,12 @@ def run_seed(seed: int, args) -> dict:
 # over seeds: mean and spread, and the claims checked
 # ----------------------------------------------------------------------------------------------------------
 def mean_sd(xs) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value) of the non-None values; (nan, nan) for none."""
+    """Mean and sample standard deviation of the non-None values; the sd is nan for one value (no spread
+    measured, not a spread of 0), both are nan for none."""
     xs = [float(x) for x in xs if x is not None]
     if not xs:
         return float("nan"), float("nan")
-    return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+    return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else float("nan")
 
 
 def aggregate(per_seed: list[dict]) -> dict:
@@ -349,7 +350,9 @@ def claims(agg: dict, per_seed: list[dict], n: int) -> list[dict]:
 
 
 def _pm(a: dict) -> str:
-    return "-" if a["mean"] != a["mean"] else f"{100 * a['mean']:.1f} ± {100 * a['sd']:.1f}"
+    if a["mean"] != a["mean"]:
+        return "-"
+    return f"{100 * a['mean']:.1f}" + ("" if a["sd"] != a["sd"] else f" ± {100 * a['sd']:.1f}")  # one seed: no sd
 
 
 def write_report(per_seed: list[dict], config: dict, folder: str) -> list[str]:
@@ -365,9 +368,10 @@ def write_report(per_seed: list[dict], config: dict, folder: str) -> list[str]:
     lines = [f"# The paper's probe claims at CPU scale ({config['data']}, seeds {seeds})", "",
              f"Model: {n} layers, d={m['d_model']}, {m['n_head']} heads, {m['resolution']}x{m['resolution']} pixels; "
              f"{config['steps']} steps of batch {config['batch']}, lr {config['lr']}. Rows: {r0['counts']}. "
-             f"Chance {100 * r0['chance']:.0f}%. Every figure: test accuracy in %, mean ± standard deviation over "
-             f"{agg['n_seeds']} seeds (the seed sets the palette fit, the val holdout, the initialisation and the "
-             "batch order; the data is fixed). Probes: L-BFGS logistic regression, l2 picked on val, test from a "
+             f"Chance {100 * r0['chance']:.0f}%. Every figure: test accuracy in %, mean ± sample standard "
+             f"deviation over {agg['n_seeds']} seed(s), no ± with one seed (the seed sets the palette fit, the val "
+             "holdout, the initialisation and the batch order; the data is fixed). Probes: L-BFGS logistic "
+             "regression, l2 picked on val, test from a "
              f"train+val refit. Layer l = the mean-pooled input of block l after its first norm; {n} = after the "
              "final norm.", "", f"Command: `{config['command']}`", "", "## The claims", "",
              "| claim | measured | holds |", "|---|---|---|"]
@@ -387,7 +391,8 @@ def write_report(per_seed: list[dict], config: dict, folder: str) -> list[str]:
               "| step | val loss (nats/token) | best layer's test % |", "|---|---|---|"]
     for c in agg["checkpoints"]:
         v = c["val_loss"]
-        lines.append(f"| {c['step']} | {v['mean']:.3f} ± {v['sd']:.3f} | {_pm(c['best'])} |")
+        lines.append(f"| {c['step']} | {v['mean']:.3f}" + ("" if v["sd"] != v["sd"] else f" ± {v['sd']:.3f}")
+                     + f" | {_pm(c['best'])} |")
     if "finetune" in agg:
         ft = agg["finetune"]
         lines += ["", "## Fine-tuning (`megapix finetune`, L_gen + L_clf) from the AR model vs from scratch", "",
@@ -423,7 +428,7 @@ def plot_study(agg: dict, per_seed: list[dict], path: str) -> None:
     ax, bx = axes[0], axes[1]
     n = len(agg["ar"]["layers"]) - 1
     xs = np.arange(n + 1)
-    pc = lambda a: (100 * a["mean"], 100 * a["sd"])
+    pc = lambda a: (100 * a["mean"], 100 * np.nan_to_num(a["sd"]))  # one seed: no error bar
     for key, label, style in (("ar", "AR pretrained", "o-"), ("bert", "BERT pretrained", "s-"),
                               ("random_init", "random init (control)", "^--")):
         if key in agg:
@@ -447,7 +452,8 @@ def plot_study(agg: dict, per_seed: list[dict], path: str) -> None:
     ax.legend(fontsize=7)
     ck = agg["checkpoints"]
     bx.errorbar([c["val_loss"]["mean"] for c in ck], [100 * c["best"]["mean"] for c in ck],
-                xerr=[c["val_loss"]["sd"] for c in ck], yerr=[100 * c["best"]["sd"] for c in ck], fmt="o-", capsize=3)
+                xerr=np.nan_to_num([c["val_loss"]["sd"] for c in ck]),
+                yerr=100 * np.nan_to_num([c["best"]["sd"] for c in ck]), fmt="o-", capsize=3)
     for c in ck:
         bx.annotate(f"step {c['step']}", (c["val_loss"]["mean"], 100 * c["best"]["mean"]), textcoords="offset points",
                     xytext=(4, 4), fontsize=7)
