@@ -310,13 +310,11 @@ def block_activation_bytes(m: ModelConfig, b: int, tp: int = 1, kernels: str = "
 
 def ring_pairs(m: ModelConfig, cp: int, rank: int) -> list[int]:
     """Partial results per query chunk of CP rank `rank` in megapix.parallel.context.ring_attention: the key chunks
-    (of the 2 cp) not wholly in that query chunk's future (causal), or all of them (BERT)."""
-    from megapix.parallel.context import chunk_starts
-
-    c = m.n_ctx // (2 * cp)
-    causal = m.objective == "ar"
-    keys = [k0 for r in range(cp) for k0 in chunk_starts(m.n_ctx, cp, r)]
-    return [sum(1 for k0 in keys if not (causal and k0 > q0 + c - 1)) for q0 in chunk_starts(m.n_ctx, cp, rank)]
+    (of the 2 cp) not wholly in that query chunk's future (causal), or all of them (BERT). Rank r holds chunks r and
+    2 cp - 1 - r (megapix.parallel.context.chunk_starts), and causal chunk j sees the j + 1 chunks up to itself."""
+    if m.objective != "ar":
+        return [2 * cp, 2 * cp]
+    return [rank + 1, 2 * cp - rank]
 
 
 def ring_block_bytes(m: ModelConfig, b: int, tp: int, cp: int, kernels: str = "triton", nbytes: int = 2) -> float:

@@ -32,11 +32,12 @@ if rank == 0 and not os.path.exists(palette):
         json.dump({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}, f)
 dist.barrier()
 for spec in json.loads(os.environ["LAYOUTS"]):
-    dp = world // (spec["tp"] * spec["pp"])
+    dp = world // (spec["tp"] * spec["pp"] * spec.get("cp", 1))
     cfg = Config(model=model_preset("tiny", kernels="torch"), data=DataConfig(source="synthetic:32", palette=palette),
                  train=TrainConfig(global_batch=4 * dp, micro_batch=2, max_steps=2, eval_every=0,
                                    zero_stage=spec["zero"], tensor_parallel=spec["tp"], pipeline_parallel=spec["pp"],
-                                   precision="fp32", out=os.path.join(work, "run")))
+                                   precision="fp32", sequence_parallel=spec.get("sp", False),
+                                   context_parallel=spec.get("cp", 1), out=os.path.join(work, "run")))
     ds = os.path.join(work, "zero3_gather_all.json") if spec["zero"] == 3 else None
     tr = Trainer(cfg, ds)
     tr.train_step(tr._next_batches())  # the first step builds DeepSpeed's buffers; record the second
@@ -47,6 +48,8 @@ for spec in json.loads(os.environ["LAYOUTS"]):
     topo = tr.layout.topology
     groups = {axis: next(tuple(g) for g in topo.get_axis_comm_lists(name) if rank in g)
               for axis, name in (("tp", "model"), ("dp", "data"), ("pp", "pipe"))}
+    if tr.layout.cp > 1:
+        groups["cp"] = dist.get_process_group_ranks(tr.layout.cp_group)
     row = dict(spec, rank=rank, stage=tr.layout.pp_rank, groups=groups, calls=rec.summary())
     with open(os.path.join(work, f"rows-{world}-{rank}.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -54,7 +57,9 @@ for spec in json.loads(os.environ["LAYOUTS"]):
 '''
 
 LAUNCHES = {  # world size -> layouts (data-parallel first: DeepSpeed keeps the last engine's mpu in a global)
-    2: [dict(tp=1, pp=1, zero=z) for z in (0, 1, 2, 3)] + [dict(tp=2, pp=1, zero=0), dict(tp=1, pp=2, zero=0)],
+    2: [dict(tp=1, pp=1, zero=z) for z in (0, 1, 2, 3)] + [dict(tp=1, pp=1, zero=1, cp=2), dict(tp=2, pp=1, zero=0),
+                                                           dict(tp=1, pp=2, zero=0),
+                                                           dict(tp=2, pp=1, zero=0, sp=True)],
     8: [dict(tp=2, pp=2, zero=1)],
 }
 SCALAR = 64  # bytes: loss and meter all-reduces (a few fp32 scalars a step) are not the planner's business
@@ -62,11 +67,11 @@ SCALAR = 64  # bytes: loss and meter all-reduces (a few fp32 scalars a step) are
 
 def measured(row) -> dict:
     """Bytes per group kind: p2p messages are pp; collectives are classified by their group's ranks."""
-    out = {"tp": 0, "pp": 0, "dp_reduce": 0, "dp_gather": 0}
-    by_ranks = {tuple(g): axis for axis, g in row["groups"].items() if len(g) > 1}
+    out = {"tp": 0, "pp": 0, "dp_reduce": 0, "dp_gather": 0, "cp": 0}
+    by_ranks = {tuple(g): axis for axis, g in row["groups"].items() if len(g) > 1 and axis != "cp"}
     for c in row["calls"]:
         if c["op"] in ("send", "recv", "isend", "irecv"):
-            out["pp"] += c["bytes"]
+            out["cp" if row.get("cp", 1) > 1 else "pp"] += c["bytes"]  # CP runs without a pipeline: its ring
             continue
         axis = by_ranks.get(tuple(c["ranks"]))
         if axis is None or c["bytes"] <= SCALAR * c["calls"]:
@@ -84,10 +89,11 @@ def comms_rows(tmp_path_factory):
 
 
 def planned(row) -> dict:
-    lay = Layout(tp=row["tp"], pp=row["pp"], dp=row["world"] // (row["tp"] * row["pp"]), zero=row["zero"],
-                 micro_batch=2)
+    cp = row.get("cp", 1)
+    lay = Layout(tp=row["tp"], pp=row["pp"], dp=row["world"] // (row["tp"] * row["pp"] * cp), zero=row["zero"],
+                 micro_batch=2, sp=row.get("sp", False), cp=cp)
     stage = comm_bytes(model_preset("tiny"), lay, 4 * lay.dp, nbytes=4)[row["stage"]]
-    return {key: stage[key] for key in ("tp", "pp", "dp_reduce", "dp_gather")}
+    return {key: stage[key] for key in ("tp", "pp", "dp_reduce", "dp_gather", "cp")}
 
 
 def check(rows):
@@ -101,11 +107,12 @@ def check(rows):
 
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])
 def test_dp2_bytes_per_step_equal_the_planners(comms_rows, zero):
-    check([r for r in comms_rows if r["world"] == 2 and r["tp"] == r["pp"] == 1 and r["zero"] == zero])
+    check([r for r in comms_rows if r["world"] == 2 and r["tp"] == r["pp"] == 1 and r["zero"] == zero
+           and r.get("cp", 1) == 1])
 
 
 def test_tp2_and_pp2_bytes_per_step_equal_the_planners(comms_rows):
-    rows = [r for r in comms_rows if r["world"] == 2 and (r["tp"] == 2 or r["pp"] == 2)]
+    rows = [r for r in comms_rows if r["world"] == 2 and (r["tp"] == 2 or r["pp"] == 2) and not r.get("sp")]
     assert {(r["tp"], r["pp"]) for r in rows} == {(2, 1), (1, 2)}
     check(rows)
     # the TP all-reduces split between forward (row-parallel outputs) and backward (column-parallel inputs)
@@ -117,3 +124,25 @@ def test_tp2_pp2_dp2_bytes_per_step_equal_the_planners(comms_rows):
     rows = [r for r in comms_rows if r["world"] == 8]
     assert len(rows) == 8
     check(rows)
+
+
+def test_tp2_sequence_parallel_bytes_per_step_equal_the_planners(comms_rows):
+    """SP's all-gathers and reduce-scatters (gloo has no reduce_scatter: an all-reduce of the same input, so the same
+    payload) and the chunk-applied parameters' gradient all-reduces, against comm_bytes; more bytes than TP's
+    all-reduces (the backward re-gathers each column-parallel input), each half an all-reduce's ring cost."""
+    rows = [r for r in comms_rows if r.get("sp")]
+    assert len(rows) == 2
+    check(rows)
+    ops = {c["op"] for c in rows[0]["calls"]}
+    assert "all_gather" in ops
+    tp_only = next(r for r in comms_rows if r["tp"] == 2 and not r.get("sp") and r["rank"] == rows[0]["rank"])
+    assert measured(rows[0])["tp"] > measured(tp_only)["tp"]
+
+
+def test_context_parallel_ring_bytes_per_step_equal_the_planners(comms_rows):
+    """CP2 with ZeRO-1 over DeepSpeed's data axis (DP x CP = 2 ranks): the ring's K/V sends and receives forward and
+    backward, and the gradient all-reduce and parameter all-gather over both CP ranks."""
+    rows = [r for r in comms_rows if r.get("cp", 1) == 2]
+    assert len(rows) == 2
+    check(rows)
+    assert all(measured(r)["cp"] > 0 and measured(r)["dp_reduce"] > 0 for r in rows)

@@ -69,3 +69,21 @@ def test_two_rank_context_parallel_features_equal_one_rank(tmp_path):
     0, 1 and 3 (after norm_f) equal megapix.features.extract on one rank, AR and BERT."""
     proc = run_worker(tmp_path, "cp_worker.py", CP_WORKER)
     assert proc.returncode == 0 and "CP-FEATURES-OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def test_planner_ring_pairs_follow_the_ring():
+    """megapix.plan.ring_pairs (closed form) against the ring's own chunk positions: per query chunk, the key chunks
+    not wholly in its future (causal) or all (BERT)."""
+    from megapix.config import ModelConfig
+    from megapix.parallel.context import chunk_starts
+    from megapix.plan import ring_pairs
+
+    for objective in ("ar", "bert"):
+        m = ModelConfig(n_layer=1, d_model=32, n_head=2, resolution=16, objective=objective)
+        for cp in (2, 4, 8):
+            c = m.n_ctx // (2 * cp)
+            keys = [k0 for r in range(cp) for k0 in chunk_starts(m.n_ctx, cp, r)]
+            for rank in range(cp):
+                want = [sum(1 for k0 in keys if not (objective == "ar" and k0 > q0 + c - 1))
+                        for q0 in chunk_starts(m.n_ctx, cp, rank)]
+                assert ring_pairs(m, cp, rank) == want, (objective, cp, rank)

@@ -97,7 +97,7 @@ def test_search_returns_runnable_fitting_layouts_fastest_first():
         assert layout_problem(model_preset("igpt-xl"), L, 64, 8) is None
         assert not (L.pp > 1 and L.zero > 1)
         assert f"--tensor-parallel {L.tp} --pipeline-parallel {L.pp} --zero-stage {L.zero}" in p.command
-        assert p.ds_config["train_batch_size"] == 64
+        assert p.ds_config["train_batch_size"] == 64 * L.cp  # DeepSpeed counts the CP ranks as data-parallel
         assert p.ds_config["gradient_accumulation_steps"] * L.micro_batch * L.dp == 64
     # XL does not fit on one 80 GB GPU (6.8B parameters x 16 bytes of states alone)
     assert search("igpt-xl", 1, 1, 80, H100, 64) == []
@@ -284,7 +284,7 @@ def test_every_printed_command_runs_scaled_to_tiny(tmp_path):
     tiny preset, runs 2 steps on CPU: through train.main in one 2-rank launch (a 1-GPU row's shape is always also a
     2-GPU row; data-parallel rows first: DeepSpeed keeps the last engine's mpu in a module global), and the 1-GPU
     best row, the first command a single-GPU user copies, through the deepspeed launcher exactly as printed."""
-    rows, first = {}, None
+    rows, first, split = {}, None, {}
     for gpus in (2, 1):
         out = run_cli("--model", "igpt-s", "--nodes", "1", "--gpus-per-node", str(gpus), "--top", "0", "--json")
         assert out.returncode == 0, out.stderr
@@ -292,12 +292,20 @@ def test_every_printed_command_runs_scaled_to_tiny(tmp_path):
         for p in plans:
             L = p["layout"]
             key = (L["tp"], L["pp"], L["zero"], p["ds_config_file"])
+            if L["sp"] or L["cp"] > 1:  # one SP row and one CP row beside the rest (the first of each)
+                split.setdefault("sp" if L["sp"] else "cp", p["command"])
+                continue
             assert gpus == 2 or key in rows, f"a 1-GPU row with no 2-GPU twin: {key}"
             rows.setdefault(key, p["command"])
         first = plans[0]["command"]
     assert any(key[2] == 0 and key[3] is None for key in rows) and len(rows) >= 10
     keys = sorted(rows, key=lambda k: (k[0] > 1 or k[1] > 1, k[0], k[1], k[2]))
     commands = [scaled_to_tiny(rows[k], str(tmp_path / f"run-{i}")) for i, k in enumerate(keys)]
+    assert "--sequence-parallel" in split["sp"] and "--context-parallel 2" in split["cp"]
+    # the CP row (no TP) among the data-parallel ones, before any engine leaves an mpu behind; the SP row last
+    n_dp = sum(1 for k in keys if k[0] == k[1] == 1)
+    commands.insert(n_dp, scaled_to_tiny(split["cp"], str(tmp_path / "run-cp")))
+    commands.append(scaled_to_tiny(split["sp"], str(tmp_path / "run-sp")))
     script = tmp_path / "commands_worker.py"
     script.write_text(COMMANDS_WORKER)
     e = env()

@@ -10,7 +10,8 @@ It wraps the torch.distributed functions in place for its lifetime: megapix's TP
 DeepSpeed's deepspeed.comm both call them by attribute at call time. DeepSpeed's torch backend caches two
 functions when it starts (its all-gather and reduce-scatter into a flat tensor); those are wrapped on the backend
 too, so nothing DeepSpeed sends escapes the record. Payload: the bytes of the tensor(s) a rank contributes
-(all_reduce: the tensor; reduce_scatter: its input; all_gather: its output; send/recv/broadcast: the tensor).
+(all_reduce: the tensor; reduce_scatter: its input; all_gather: its output; send/recv/broadcast: the tensor;
+batch_isend_irecv: each of its ops as an isend or irecv).
 """
 from __future__ import annotations
 
@@ -84,10 +85,28 @@ class CommsRecorder:
         self._saved.append((owner, attr, fn))
         setattr(owner, attr, recorded)
 
+    def _wrap_batch(self):
+        """batch_isend_irecv (the CP ring's): one isend or irecv per P2POp in the list, each with its peer."""
+        fn = dist.batch_isend_irecv
+        recorder = self
+
+        def recorded(p2p_op_list):
+            for op in p2p_op_list:
+                name = "isend" if op.op is dist.distributed_c10d.isend else "irecv"
+                peer = dist.get_global_rank(op.group, op.group_peer) if getattr(op, "group_peer", None) is not None \
+                    and op.group is not None else op.peer
+                recorder.calls.append(Call(name, tuple(sorted({dist.get_rank(), peer})), _nbytes(op.tensor),
+                                           _in_backward()))
+            return fn(p2p_op_list)
+
+        self._saved.append((dist, "batch_isend_irecv", fn))
+        dist.batch_isend_irecv = recorded
+
     def __enter__(self):
         for name in WRAPPED:
             if hasattr(dist, name):
                 self._wrap(dist, name, name)
+        self._wrap_batch()
         try:
             from deepspeed import comm as ds_comm
 
