@@ -312,9 +312,11 @@ def ring_pairs(m: ModelConfig, cp: int, rank: int) -> list[int]:
     """Partial results per query chunk of CP rank `rank` in megapix.parallel.context.ring_attention: the key chunks
     (of the 2 cp) not wholly in that query chunk's future (causal), or all of them (BERT). Rank r holds chunks r and
     2 cp - 1 - r (megapix.parallel.context.chunk_starts), and causal chunk j sees the j + 1 chunks up to itself."""
-    if m.objective != "ar":
-        return [2 * cp, 2 * cp]
-    return [rank + 1, 2 * cp - rank]
+    return _ring_pairs(m.objective == "ar", cp, rank)
+
+
+def _ring_pairs(causal: bool, cp: int, rank: int) -> list[int]:
+    return [rank + 1, 2 * cp - rank] if causal else [2 * cp, 2 * cp]
 
 
 def ring_block_bytes(m: ModelConfig, b: int, tp: int, cp: int, kernels: str = "triton", nbytes: int = 2) -> float:
@@ -331,21 +333,27 @@ def ring_block_bytes(m: ModelConfig, b: int, tp: int, cp: int, kernels: str = "t
       merges     k - 1 per query chunk (kernels.merge_attention): the isinf mask and two fp32 weights (9 ch); the
                  k - 2 intermediate results' lse (4 ch) and, in fp32, their o (4 chd); in bf16 the fp32 copies of
                  both inputs (8 chd)"""
-    h = m.d_model
-    c = m.n_ctx // (2 * cp)
-    ch = b * (m.n_head // tp) * c
+    return _ring_block_bytes(m.n_ctx, m.d_model, m.n_head, m.objective, b, tp, cp, kernels, nbytes)
+
+
+@functools.lru_cache(maxsize=4096)
+def _ring_block_bytes(n_ctx: int, h: int, n_head: int, objective: str, b: int, tp: int, cp: int, kernels: str,
+                      nbytes: int) -> float:
+    causal = objective == "ar"
+    c = n_ctx // (2 * cp)
+    ch = b * (n_head // tp) * c
     chd = b * c * h / tp
     f32, triton = nbytes == 4, kernels == "triton"
     common = nbytes * 2 * c * b * h * (4 + 9 / tp) + 8 * 2 * c * b
     worst = 0.0
     for rank in range(cp):
         att = (6 * chd * nbytes + 4 * cp * chd * nbytes) if (triton or f32) else 0.0
-        for k in ring_pairs(m, cp, rank):
+        for k in _ring_pairs(causal, cp, rank):
             att += 4 * ch * k
             if triton:
                 att += chd * nbytes * k
             else:
-                att += 8 * ch * c * k + ch * k + (1 if m.objective == "ar" else 0) * c * c
+                att += 8 * ch * c * k + ch * k + (c * c if causal else 0)
                 att += 12 * chd * k if not f32 else (4 * chd * k if k > 1 else 0.0)
             merges, inter = max(0, k - 1), max(0, k - 2)
             att += 9 * ch * merges + 4 * ch * inter + (4 * chd * inter if f32 else 8 * chd * merges)
@@ -736,7 +744,8 @@ def ds_config_file(lay: Layout) -> str | None:
     defaults (pipe_partitioned, grad_partitioned) and megapix's own bf16/clipping settings apply."""
     if lay.zero == 0:
         return None
-    return "ds_configs/pipeline.json" if lay.pp > 1 else f"ds_configs/zero{lay.zero}.json"
+    # pipeline.json partitions the pipe tensors over the TP ranks, which SP's per-rank chunks cannot use
+    return "ds_configs/pipeline.json" if lay.pp > 1 and not lay.sp else f"ds_configs/zero{lay.zero}.json"
 
 
 @functools.lru_cache(maxsize=None)
