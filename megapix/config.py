@@ -378,10 +378,12 @@ class ExtractConfig:
     precision: Literal["fp32", "bf16"] = opt("fp32", "bf16 autocast (GPUs; also CPUs with AMX/AVX512-BF16)")
     device: str | None = opt(None, "cpu, cuda, cuda:N", default_help="cuda:LOCAL_RANK when available, else cpu")
     overwrite: bool = opt(False, "discard an existing or partial extraction in --out")
+    context_parallel: int = opt(1, "ranks sharing each image's positions (ring attention, as in training); "
+                                "consecutive ranks form a group, the groups share the rows")
 
     def __post_init__(self):
         _check_finite(self)
-        _check_min1("extract", self, "batch_size", "chunk_size", "span")
+        _check_min1("extract", self, "batch_size", "chunk_size", "span", "context_parallel")
         _check_nonneg_int("extract", self, "seed")
         _check_fraction(self)
 
