@@ -94,7 +94,6 @@ def test_two_rank_context_parallel_extract_command_equals_one_rank(tmp_path):
     """`megapix extract --context-parallel 2` on 2 ranks (one CP group: both ranks hold a head and a tail chunk of
     every image, rank 0 writes the rows) dumps the features one rank dumps, AR at 8x8 (64 positions, 4 chunks)."""
     import json
-    import os
     import subprocess
     import sys
 
