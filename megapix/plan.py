@@ -42,6 +42,11 @@ model-dtype logits and their fp32 copy for a moment (loss_transient_bytes, state
 (deepspeed.checkpointing, every block): a block keeps its input (e s b h) and one block's full activations live
 during its recompute (less its input, already kept), after the head's were freed.
 
+Sequence parallelism (--sequence-parallel) cuts the replicated part (the two norm and two column-parallel inputs,
+the norms' rstd) by t; context parallelism (--context-parallel) holds s / cp positions everywhere plus the ring's
+K/V and partial results (ring_block_bytes), and puts its ranks on DeepSpeed's data axis: ZeRO and the gradient
+traffic span DP x CP (Layout.data). Both counted like the rest in tests/test_activations.py and test_comms.py.
+
 Pipeline (DeepSpeed's 1F1B TrainSchedule): stage i keeps min(p - i, m) micro-batches in flight (counted in 2- and
 4-stage DeepSpeed runs), each its blocks' activations, the embedding's on the first stage and the head's on the
 last; the planner reports the stage with the most. Pipe buffers (stated from DeepSpeed's PipelineEngine):
@@ -967,7 +972,8 @@ def readme_table(dev: Device, efficiency: float = EFFICIENCY, gpus=(1, 8, 64, 25
                 continue
             p = plans[0]
             L = p.layout
-            rows.append(f"| {model} | {n} | TP{L.tp} x PP{L.pp} x DP{L.dp}, ZeRO-{L.zero} | {L.micro_batch} | "
+            rows.append(f"| {model} | {n} | TP{L.tp}{'+SP' if L.sp else ''} x PP{L.pp}"
+                        f"{f' x CP{L.cp}' if L.cp > 1 else ''} x DP{L.dp}, ZeRO-{L.zero} | {L.micro_batch} | "
                         f"{'yes' if L.checkpointing else 'no'} | {p.memory.peak / GiB:.1f} | {p.timing.step:.3f} | "
                         f"{p.timing.tokens_per_s:,.0f} | {p.timing.mfu:.0%} | "
                         f"{days_to(p, PAPER_ITERATIONS[model]):.1f} |")
