@@ -265,7 +265,9 @@ class CommsProfile:
         write_json(path, {"steps": self.steps, "layout": layout.describe(), "notes": notes, "ranks": parts,
                           "about": "bytes: the payload a rank puts into each call (all_reduce: the tensor; "
                                    "reduce_scatter: its input; all_gather: its output; send/recv: the tensor), "
-                                   "summed over the steps; *_per_step divide by their number. "
+                                   "summed over the steps; *_per_step divide by their number. group: the planner's "
+                                   "kind (tp, pp, dp_reduce, dp_gather; other: scalars and groups of one rank, "
+                                   "which it leaves out). "
                                    "deepspeed_comms_logger: deepspeed.comm's own record of its calls (sizes in "
                                    "its convention), with latencies; megapix's TP and p2p calls bypass it."})
         self._print(parts, path, notes)
@@ -281,6 +283,7 @@ class CommsProfile:
             plans = [p["planned_per_step"][kind] for p in parts if p["planned_per_step"] and kind in KINDS]
             if got or any(plans):
                 plan = f", planned {_mib(max(plans))}" if plans else ""
-                print(f"megapix:   {kind:<10} {_mib(got)}{plan}", flush=True)
+                label = "other (scalars, groups of one rank)" if kind == "other" else kind
+                print(f"megapix:   {label:<10} {_mib(got)}{plan}", flush=True)
         for note in notes:
             print(f"megapix:   note: {note}", flush=True)
