@@ -135,10 +135,11 @@ def layout_groups(topology, rank: int) -> dict:
 
 
 def kind_of(row: dict, groups: dict) -> str:
-    """A summary row's kind: p2p messages are pp; a collective is classified by its group's ranks (a DP one by
-    gather or reduce); scalars and groups that are no layout axis (one rank, a CP ring) are "other"."""
+    """A summary row's kind: p2p messages within the rank's pipeline are pp; a collective is classified by its
+    group's ranks (a DP one by gather or reduce); scalars, groups that are no layout axis (one rank) and other
+    p2p (a context-parallel ring's) are "other"."""
     if row["op"] in P2P:
-        return "pp"
+        return "pp" if set(row["ranks"]) <= set(groups["pp"]) else "other"
     by_ranks = {tuple(g): axis for axis, g in groups.items() if len(g) > 1}
     axis = by_ranks.get(tuple(row["ranks"]))
     if axis is None or row["bytes"] <= SCALAR * row["calls"]:
