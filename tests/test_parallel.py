@@ -99,11 +99,23 @@ if rank == 0:
 '''
 
 
+_TP_SP_RUN: list = []
+
+
+def tp_and_sp_workers(folder):
+    """TP_WORKER, then test_sequence_parallel's SP_WORKER, in one 2-rank launch (once per session)."""
+    if not _TP_SP_RUN:
+        from test_sequence_parallel import SP_WORKER
+
+        _TP_SP_RUN.append(run_worker(folder, "tp_sp_worker.py", TP_WORKER + SP_WORKER))
+    return _TP_SP_RUN[0]
+
+
 def test_tensor_parallel_matches_single_rank_and_replicated_grads_agree(tmp_path):
     """TP 2 on gloo without DeepSpeed, plain and with sequence parallelism: loss and every gradient equal the
     plain model's (merged shards); replicated parameters (norms, embeddings, sos, row biases) get bit-identical
     gradients on both ranks."""
-    proc = run_worker(tmp_path, "tp_worker.py", TP_WORKER)
+    proc = tp_and_sp_workers(tmp_path)
     assert proc.returncode == 0 and "TP-OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
