@@ -1,21 +1,23 @@
-"""The paper's linear-probe findings at CPU scale, from one command.
+"""The paper's linear-probe and fine-tuning findings at CPU scale, over several seeds, from one command.
 
-    python examples/small_scale_probe.py --out runs/probe_study --report docs/probe_study [--seed 0]
+    python examples/small_scale_probe.py --out runs/probe_study --report docs/probe_study --seeds 0,1,2
 
-On the embedded `digits-shifted:2` data (two placements of each digit at random offsets on a 10x10 canvas, with
-clutter; no download):
-1. fits one palette, then pre-trains (300 steps, batch 32) an 8-layer, d=64 iGPT with the AR objective and, side by side with the
-   same settings, with BERT (megapix/train.py, one thread each; rerunning resumes finished runs), saving a
-   checkpoint (and measuring validation loss) every --ckpt-every steps;
-2. extracts every layer's pooled feature (0..8; 8 = after the final norm) of the AR model, the BERT model,
-   the same architecture at random init (the control) and every saved AR checkpoint;
-3. fits L-BFGS logistic probes (megapix.probe.probe: l2 picked on val, test from a train+val refit), on raw
-   pixels too, and on the 3- and 5-layer concatenations centred on the AR model's best layer (by val);
-4. writes REPORT/probe_study.md (tables), REPORT/probe_study.json and REPORT/probe_study.png (accuracy by depth
-   against the control, raw pixels and chance; probe accuracy of each checkpoint against its validation loss).
-
-The paper's questions: is probe accuracy unimodal in depth with the best layer in the middle; does a
-concatenation around the best layer beat it; does lower generative loss go with better features; AR vs BERT.
+On the embedded `shapes` data (megapix/data/embedded.py: 4 outlines, square / ring / plus / cross, small, at
+random places and in random colours on a 16x16 canvas, with a clutter bar; no download), for each seed:
+1. fits the seed's palette, then pre-trains (400 steps, batch 32) an 8-layer d64 iGPT with the AR objective and,
+   side by side with the same settings, with BERT (megapix/train.py, one thread each; a rerun resumes finished
+   runs), saving a checkpoint and measuring validation loss every --ckpt-every steps;
+2. extracts every layer's mean-pooled feature (megapix.features.extract, what `megapix extract` writes: layers
+   0..8, 8 = after the final norm) of the AR model, the BERT model, the same architecture at random init (the
+   control) and every saved AR checkpoint;
+3. fits L-BFGS logistic probes (megapix.probe.probe: l2 picked on val, test from a train+val refit) on every layer,
+   on raw pixels, and on the 3- and 5-layer concatenations centred on the best layer (by val);
+4. fine-tunes (`megapix finetune`, L_gen + L_clf) the final AR model and, side by side, the same architecture from
+   scratch, for the same number of steps, and counts the steps the pre-trained run needs to reach the scratch
+   run's final validation accuracy.
+Each seed's numbers go to OUT/seed<S>/result.json (a rerun skips finished seeds). Then REPORT/probe_study.md
+(mean +- standard deviation over the seeds, the paper's claims checked one by one), probe_study.json and
+probe_study.png (error bars: one standard deviation over seeds).
 """
 from __future__ import annotations
 
@@ -26,52 +28,104 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from megapix.utils import read_metrics  # noqa: E402 (after the repository is on sys.path)
+from megapix.utils import read_json, read_metrics, write_json  # noqa: E402 (after the repository is on sys.path)
 
-MODEL = {"preset": "tiny", "n_layer": 8, "d_model": 64, "n_head": 4, "resolution": 10}
 L2_GRID = [1e-4, 1e-3, 1e-2, 1e-1]
 
 
-def fit_palette(out: str, data: str, seed: int) -> str:
-    """One palette for both runs (k-means on the training pixels, as training would fit it), so that the AR and
-    BERT models read the same ids and can train side by side."""
+def model_spec(args) -> dict:
+    return {"preset": "tiny", "n_layer": args.layers, "d_model": args.d_model, "n_head": args.heads,
+            "resolution": args.resolution}
+
+
+def fit_palette(out: str, data: str, resolution: int, seed: int) -> str:
+    """One palette for both runs of a seed (k-means on the training pixels, as training would fit it), so that the
+    AR and BERT models read the same ids and can train side by side."""
     from megapix.data.palette import Palette
     from megapix.data.sources import open_source
 
     path = os.path.join(out, "palette.npy")
     if not os.path.isfile(path):
         t0 = time.perf_counter()
-        images = open_source(data, MODEL["resolution"], None, seed, augment=False).split("train").images
+        images = open_source(data, resolution, None, seed, augment=False).split("train").images
         Palette.fit(images.reshape(-1, 3), k=512, seed=seed).save(path)
-        print(f"palette: fitted on {len(images)} training images in {time.perf_counter() - t0:.0f}s -> {path}", flush=True)
+        print(f"palette: fitted on {len(images)} training images in {time.perf_counter() - t0:.0f}s -> {path}",
+              flush=True)
     return path
 
 
-def pretrain(out: str, objectives, palette: str, args) -> dict[str, str]:
-    """Train one model per objective, side by side (one thread each: two cores, two runs)."""
+def _env() -> dict:
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.setdefault("OMP_NUM_THREADS", "1")
-    runs, procs = {}, []
-    for objective in objectives:
-        cfg = os.path.join(out, f"config_{objective}.json")
-        with open(cfg, "w") as f:
-            json.dump({"model": {**MODEL, "objective": objective}, "data": {"source": args.data, "palette": palette},
-                       "train": {"global_batch": args.batch, "lr": args.lr, "seed": args.seed}}, f)
-        runs[objective] = run = os.path.join(out, f"pretrain_{objective}")
-        cmd = [sys.executable, "megapix/train.py", "--config", cfg, "--max-steps", str(args.steps), "--out", run,
-               "--no-samples", "--eval-every", str(args.ckpt_every), "--save-every", str(args.ckpt_every), "--resume-if-exists"]
-        print("+", " ".join(cmd), f"> {run}.log", flush=True)
-        log = open(run + ".log", "a")
-        procs.append((objective, subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log))
-    for objective, proc, log in procs:
+    env["OMP_NUM_THREADS"] = "1"  # two runs side by side on two cores
+    return env
+
+
+def run_side_by_side(jobs: list[tuple[str, list[str], str]]) -> None:
+    """jobs: (name, argv, log path); all start at once, each on one thread; any failure ends the study."""
+    procs = []
+    for name, cmd, log_path in jobs:
+        print("+", " ".join(cmd), f"> {log_path}", flush=True)
+        log = open(log_path, "a")
+        procs.append((name, subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log,
+                      log_path))
+    for name, proc, log, log_path in procs:
         rc = proc.wait()
         log.close()
         if rc != 0:
-            sys.exit(f"small_scale_probe: the {objective} pre-training failed (exit {rc}); see {runs[objective]}.log")
+            sys.exit(f"small_scale_probe: {name} failed (exit {rc}); see {log_path}")
+
+
+def pretrain(out: str, objectives, palette: str, seed: int, args) -> dict[str, str]:
+    """Train one model per objective with megapix/train.py, side by side."""
+    runs, jobs = {}, []
+    for objective in objectives:
+        cfg = os.path.join(out, f"config_{objective}.json")
+        with open(cfg, "w") as f:
+            json.dump({"model": {**model_spec(args), "objective": objective},
+                       "data": {"source": args.data, "palette": palette},
+                       "train": {"global_batch": args.batch, "lr": args.lr, "seed": seed}}, f)
+        runs[objective] = run = os.path.join(out, f"pretrain_{objective}")
+        jobs.append((f"the {objective} pre-training",
+                     [sys.executable, "megapix/train.py", "--config", cfg, "--max-steps", str(args.steps), "--out", run,
+                      "--no-samples", "--eval-every", str(args.ckpt_every), "--save-every", str(args.ckpt_every),
+                      "--resume-if-exists"], run + ".log"))
+    run_side_by_side(jobs)
     return runs
+
+
+def finetune_pair(out: str, checkpoint: str, seed: int, args) -> dict:
+    """`megapix finetune` from the pre-trained AR model and from scratch (same architecture and palette), side by
+    side, the same steps, rate and evaluation period; returns both validation curves and the steps ratio."""
+    runs, jobs = {}, []
+    for name in ("pretrained", "scratch"):
+        runs[name] = run = os.path.join(out, f"finetune_{name}")
+        if os.path.isfile(os.path.join(run, "finetune_results.json")):
+            continue
+        if os.path.isdir(run):  # an interrupted fine-tune: start it again (a fine-tune does not resume)
+            import shutil
+
+            shutil.rmtree(run)
+        cmd = [sys.executable, "-m", "megapix", "finetune", "--checkpoint", checkpoint, "--out", run,
+               "--lr", str(args.ft_lr), "--max-steps", str(args.ft_steps), "--eval-every", str(args.ft_eval_every),
+               "--patience", str(10 ** 6), "--global-batch", str(args.batch), "--seed", str(seed), "--augment", "none"]
+        jobs.append((f"the {name} fine-tune", cmd + (["--from-scratch"] if name == "scratch" else []), run + ".log"))
+    run_side_by_side(jobs)
+    curves = {}
+    for name, run in runs.items():
+        rows = [r for r in read_metrics(os.path.join(run, "metrics.jsonl")) if r.get("val_acc") is not None]
+        curves[name] = [(int(r["step"]), float(r["val_acc"])) for r in rows]
+        curves[name + "_test"] = read_json(os.path.join(run, "finetune_results.json")).get("test_acc")
+    target = curves["scratch"][-1][1]  # the scratch run's final validation accuracy
+    reached = next((s for s, a in curves["pretrained"] if a >= target), None)
+    return {"curves": {k: curves[k] for k in ("pretrained", "scratch")}, "scratch_final_val": target,
+            "pretrained_final_val": curves["pretrained"][-1][1], "scratch_test": curves["scratch_test"],
+            "pretrained_test": curves["pretrained_test"], "steps": args.ft_steps, "steps_to_scratch_final": reached,
+            "fraction": None if reached is None else reached / args.ft_steps, "lr": args.ft_lr}
 
 
 def val_losses(run: str) -> dict[int, float]:
@@ -85,9 +139,17 @@ def checkpoint_tags(run: str) -> list[tuple[int, str]]:
     return sorted((int(t.removeprefix("global_step")), os.path.join(ck, t)) for t in tags)
 
 
+def centred_span(best: int, span: int, n_layer: int) -> list[int]:
+    """`span` contiguous layers centred on `best`, clipped to 0..n_layer (megapix extract's --center/--span)."""
+    from megapix.features import parse_layers
+
+    return parse_layers(None, n_layer, center=best, span=span)
+
+
 class Study:
-    def __init__(self, data: str, palette_path: str, seed: int, device: str):
-        import numpy as np
+    """One seed's data, palette ids and labels; probes of pooled features (megapix.features / megapix.probe)."""
+
+    def __init__(self, data: str, resolution: int, palette_path: str, seed: int, device: str):
         import torch
 
         from megapix.data.loader import TokenData
@@ -95,10 +157,10 @@ class Study:
         from megapix.data.sources import open_source
 
         self.palette = Palette.load(palette_path)
-        src = open_source(data, MODEL["resolution"], None, seed, augment=False)
-        n_ctx = MODEL["resolution"] ** 2
+        src = open_source(data, resolution, None, seed, augment=False)
         self.splits = {s: src.split(s) for s in ("train", "val", "test")}
-        self.tokens = {s: TokenData(sp, n_ctx, self.palette).tokens(np.arange(len(sp))) for s, sp in self.splits.items()}
+        self.tokens = {s: TokenData(sp, resolution ** 2, self.palette).tokens(np.arange(len(sp)))
+                       for s, sp in self.splits.items()}
         self.labels = {s: torch.from_numpy(np.asarray(sp.labels, dtype=np.int64)) for s, sp in self.splits.items()}
         self.num_classes = src.num_classes
         self.device = device
@@ -127,11 +189,12 @@ class Study:
         out = {"layers": layers, "best_layer": best["layer"]}
         if concat:
             for span in (3, 5):
-                lo = max(0, min(best["layer"] - span // 2, n + 1 - span))
-                ls = list(range(lo, lo + span))
+                ls = centred_span(best["layer"], span, n)
                 out[f"concat{span}"] = self.probe(sl(ls)) | {"layers": ls}
         print(f"  {label}: best layer {best['layer']} of 0..{n}: val {100 * best['val_acc']:.1f} test "
-              f"{100 * best['test_acc']:.1f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+              f"{100 * best['test_acc']:.1f}" + "".join(f", {s}-layer concat {100 * out[f'concat{s}']['test_acc']:.1f}"
+                                                         for s in (3, 5) if f"concat{s}" in out)
+              + f" ({time.perf_counter() - t0:.0f}s)", flush=True)
         return out
 
     def raw_pixels(self) -> dict:
@@ -141,33 +204,30 @@ class Study:
         return self.probe(f)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="runs/probe_study", help="working folder (training runs, checkpoints)")
-    p.add_argument("--report", default=None, help="folder for probe_study.{md,json,png} (default: --out)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", default="digits-shifted:2", help="source spec (default: 2 placements per digit)")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--ckpt-every", type=int, default=100, help="checkpoint (and val loss) interval")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--no-bert", action="store_true", help="skip the BERT run")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2, help="torch threads for extraction and probes (after training)")
-    args = p.parse_args(argv)
+def run_seed(seed: int, args) -> dict:
+    """Everything for one seed; cached in OUT/seed<S>/result.json."""
     import torch
 
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
-    torch.manual_seed(args.seed)
-    out = os.path.abspath(args.out)
-    report = os.path.abspath(args.report or out)
+    out = os.path.join(os.path.abspath(args.out), f"seed{seed}")
+    cached = os.path.join(out, "result.json")
+    if os.path.isfile(cached):
+        print(f"seed {seed}: done before, read {cached}", flush=True)
+        return read_json(cached)
     os.makedirs(out, exist_ok=True)
-    os.makedirs(report, exist_ok=True)
+    print(f"=== seed {seed} ===", flush=True)
     t_start = time.perf_counter()
     timings = {}
-    palette = fit_palette(out, args.data, args.seed)
-    runs = pretrain(out, ["ar"] if args.no_bert else ["ar", "bert"], palette, args)
+    palette = fit_palette(out, args.data, args.resolution, seed)
+    runs = pretrain(out, ["ar"] if args.no_bert else ["ar", "bert"], palette, seed, args)
     timings["pretrain_s"] = round(time.perf_counter() - t_start, 1)
+    res = {"seed": seed}
+    if not args.no_finetune:
+        t0 = time.perf_counter()
+        res["finetune"] = ft = finetune_pair(out, runs["ar"], seed, args)
+        timings["finetune_s"] = round(time.perf_counter() - t0, 1)
+        print(f"  fine-tune: scratch reaches {100 * ft['scratch_final_val']:.1f}% val in {ft['steps']} steps; from "
+              f"pre-trained {100 * ft['pretrained_final_val']:.1f}%, scratch's final reached at step "
+              f"{ft['steps_to_scratch_final']}", flush=True)
 
     from megapix.checkpoint import load_model
     from megapix.config import ModelConfig
@@ -175,15 +235,13 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(max(1, args.threads))  # training is over: the probes may use every core given
     t0 = time.perf_counter()
-    study = Study(args.data, palette, args.seed, args.device)
-    res = {"command": " ".join(["python", "examples/small_scale_probe.py"] + list(sys.argv[1:] if argv is None else argv)),
-           "seed": args.seed, "data": args.data, "model": MODEL, "steps": args.steps, "batch": args.batch,
-           "lr": args.lr, "counts": {s: len(v) for s, v in study.labels.items()}, "l2_grid": L2_GRID,
-           "chance": 1.0 / study.num_classes}
+    study = Study(args.data, args.resolution, palette, seed, args.device)
+    res.update(counts={s: len(v) for s, v in study.labels.items()}, chance=1.0 / study.num_classes)
     res["raw_pixels"] = study.raw_pixels()
     print(f"  raw pixels: test {100 * res['raw_pixels']['test_acc']:.1f}", flush=True)
-    torch.manual_seed(args.seed)
-    rnd = ImageGPT(ModelConfig(**{k: v for k, v in MODEL.items() if k != "preset"}))
+    torch.manual_seed(seed)
+    spec = model_spec(args)
+    rnd = ImageGPT(ModelConfig(**{k: v for k, v in spec.items() if k != "preset"}))
     res["random_init"] = study.layer_probes(rnd, "random init", concat=True)
     vl = val_losses(runs["ar"])
     res["checkpoints"] = []
@@ -201,103 +259,283 @@ def main(argv=None) -> int:
     timings["total_s"] = round(time.perf_counter() - t_start, 1)
     res["timings"] = timings
     res["threads"] = torch.get_num_threads()
-    paths = write_report(res, report)
-    for path in paths:
-        print(f"wrote {path}")
-    return 0
+    write_json(cached, res)
+    return res
 
 
-def _pct(x):
-    return "-" if x is None else f"{100 * x:.1f}"
+# ----------------------------------------------------------------------------------------------------------
+# over seeds: mean and spread, and the claims checked
+# ----------------------------------------------------------------------------------------------------------
+def mean_sd(xs) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value) of the non-None values; (nan, nan) for none."""
+    xs = [float(x) for x in xs if x is not None]
+    if not xs:
+        return float("nan"), float("nan")
+    return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
 
 
-def write_report(res: dict, folder: str) -> list[str]:
-    from megapix.utils import write_json
+def aggregate(per_seed: list[dict]) -> dict:
+    """Per-figure mean and standard deviation over seeds (accuracies as fractions), and the claims."""
+    agg = {"n_seeds": len(per_seed), "seeds": [r["seed"] for r in per_seed], "chance": per_seed[0]["chance"]}
+    acc = lambda rows: dict(zip(("mean", "sd"), mean_sd(rows)))
+    agg["raw_pixels"] = acc([r["raw_pixels"]["test_acc"] for r in per_seed])
+    n = len(per_seed[0]["ar"]["layers"]) - 1
+    for key in ("ar", "bert", "random_init"):
+        if key not in per_seed[0]:
+            continue
+        m = {"layers": [acc([r[key]["layers"][l]["test_acc"] for r in per_seed]) for l in range(n + 1)],
+             "best_layers": [r[key]["best_layer"] for r in per_seed],
+             "best": acc([r[key]["layers"][r[key]["best_layer"]]["test_acc"] for r in per_seed])}
+        for span in (3, 5):
+            m[f"concat{span}"] = acc([r[key][f"concat{span}"]["test_acc"] for r in per_seed])
+            m[f"concat{span}_gain"] = acc([r[key][f"concat{span}"]["test_acc"]
+                                           - r[key]["layers"][r[key]["best_layer"]]["test_acc"] for r in per_seed])
+        agg[key] = m
+    steps = [c["step"] for c in per_seed[0]["checkpoints"]]
+    agg["checkpoints"] = [{"step": s, "val_loss": acc([r["checkpoints"][i]["val_loss"] for r in per_seed]),
+                           "best": acc([r["checkpoints"][i]["layers"][r["checkpoints"][i]["best_layer"]]["test_acc"]
+                                        for r in per_seed])} for i, s in enumerate(steps)]
+    if "finetune" in per_seed[0]:
+        fts = [r["finetune"] for r in per_seed]
+        agg["finetune"] = {"steps": fts[0]["steps"], "lr": fts[0]["lr"],
+                           "scratch_final_val": acc([f["scratch_final_val"] for f in fts]),
+                           "pretrained_final_val": acc([f["pretrained_final_val"] for f in fts]),
+                           "scratch_test": acc([f["scratch_test"] for f in fts]),
+                           "pretrained_test": acc([f["pretrained_test"] for f in fts]),
+                           "steps_to_scratch_final": [f["steps_to_scratch_final"] for f in fts],
+                           "fraction": acc([f["fraction"] for f in fts])}
+    agg["claims"] = claims(agg, per_seed, n)
+    return agg
 
+
+def claims(agg: dict, per_seed: list[dict], n: int) -> list[dict]:
+    """The issue's goals, each measured on the seed means (and, where it is per seed, on every seed)."""
+    ar, pix, ctl = agg["ar"], agg["raw_pixels"], agg["random_init"]
+    pts = lambda x: 100 * x
+    inside = lambda l: n / 4 <= l <= 3 * n / 4  # not in the first or last quarter of 0..n
+    out = [
+        {"claim": "best AR layer >= 5 points above raw pixels",
+         "measured": f"{pts(ar['best']['mean'] - pix['mean']):+.1f} points",
+         "holds": ar["best"]["mean"] - pix["mean"] >= 0.05},
+        {"claim": "best AR layer >= 10 points above the random-init control's best layer",
+         "measured": f"{pts(ar['best']['mean'] - ctl['best']['mean']):+.1f} points",
+         "holds": ar["best"]["mean"] - ctl["best"]["mean"] >= 0.10},
+        {"claim": f"best AR layer strictly inside the network (in {int(np.ceil(n / 4))}..{int(3 * n // 4)} of 0..{n})"
+                  " for every seed", "measured": f"best layers {ar['best_layers']}",
+         "holds": all(inside(l) for l in ar["best_layers"])},
+        {"claim": "3- and 5-layer concatenations centred on the best layer >= the best single layer",
+         "measured": f"{pts(ar['concat3_gain']['mean']):+.1f} / {pts(ar['concat5_gain']['mean']):+.1f} points",
+         "holds": ar["concat3_gain"]["mean"] >= 0 and ar["concat5_gain"]["mean"] >= 0},
+    ]
+    if "bert" in agg:
+        out.append({"claim": "AR above BERT under linear probes (best layer)",
+                    "measured": f"{pts(ar['best']['mean'] - agg['bert']['best']['mean']):+.1f} points",
+                    "holds": ar["best"]["mean"] > agg["bert"]["best"]["mean"]})
+    ck = agg["checkpoints"]
+    loss = [c["val_loss"]["mean"] for c in ck]
+    probe = [c["best"]["mean"] for c in ck]
+    out.append({"claim": f"probe accuracy rises as validation loss falls over the {len(ck)} checkpoints (seed means)",
+                "measured": " -> ".join(f"{lo:.3f}: {pts(p):.1f}%" for lo, p in zip(loss, probe)),
+                "holds": len(ck) >= 4 and all(b < a for a, b in zip(loss, loss[1:]))
+                and all(b > a for a, b in zip(probe, probe[1:]))})
+    if "finetune" in agg:
+        ft = agg["finetune"]
+        reached = ft["steps_to_scratch_final"]
+        out.append({"claim": "fine-tuning from the pre-trained model reaches the from-scratch run's final accuracy "
+                             "in a fraction of its steps (every seed)",
+                    "measured": f"steps {reached} of {ft['steps']}",
+                    "holds": all(s is not None and s < ft["steps"] for s in reached)})
+    return out
+
+
+def _pm(a: dict) -> str:
+    return "-" if a["mean"] != a["mean"] else f"{100 * a['mean']:.1f} ± {100 * a['sd']:.1f}"
+
+
+def write_report(per_seed: list[dict], config: dict, folder: str) -> list[str]:
+    agg = aggregate(per_seed)
     paths = [os.path.join(folder, n) for n in ("probe_study.json", "probe_study.md", "probe_study.png")]
-    write_json(paths[0], res)
-    models = [("AR (pretrained)", res["ar"]), ("random init", res["random_init"])]
-    if "bert" in res:
-        models.insert(1, ("BERT (pretrained)", res["bert"]))
-    n = len(res["ar"]["layers"]) - 1
-    lines = [f"# Linear probes at CPU scale ({res['data']}, seed {res['seed']})", "",
-             f"Model: {res['model']['n_layer']} layers, d={res['model']['d_model']}, "
-             f"{res['model']['resolution']}x{res['model']['resolution']} pixels; {res['steps']} steps of batch "
-             f"{res['batch']}, lr {res['lr']}. Rows: {res['counts']}. Chance {_pct(res['chance'])}%, raw-pixel "
-             f"probe {_pct(res['raw_pixels']['test_acc'])}% test. Accuracy in % (test, from a train+val refit; "
-             "val in brackets, which picks l2 and the best layer). Layer l = input of block l, normed; "
-             f"{n} = after the final norm.", "", f"Command: `{res.get('command', '?')}`", "",
-             "| layer | " + " | ".join(name for name, _ in models) + " |", "|---" * (len(models) + 1) + "|"]
+    write_json(paths[0], {"config": config, "summary": agg, "per_seed": per_seed})
+    m = config["model"]
+    n = m["n_layer"]
+    models = [(name, agg[k]) for k, name in (("ar", "AR (pretrained)"), ("bert", "BERT (pretrained)"),
+                                              ("random_init", "random init")) if k in agg]
+    r0 = per_seed[0]
+    seeds = ", ".join(map(str, agg["seeds"]))
+    lines = [f"# The paper's probe claims at CPU scale ({config['data']}, seeds {seeds})", "",
+             f"Model: {n} layers, d={m['d_model']}, {m['n_head']} heads, {m['resolution']}x{m['resolution']} pixels; "
+             f"{config['steps']} steps of batch {config['batch']}, lr {config['lr']}. Rows: {r0['counts']}. "
+             f"Chance {100 * r0['chance']:.0f}%. Every figure: test accuracy in %, mean ± standard deviation over "
+             f"{agg['n_seeds']} seeds (the seed sets the palette fit, the val holdout, the initialisation and the "
+             "batch order; the data is fixed). Probes: L-BFGS logistic regression, l2 picked on val, test from a "
+             f"train+val refit. Layer l = the mean-pooled input of block l after its first norm; {n} = after the "
+             "final norm.", "", f"Command: `{config['command']}`", "", "## The claims", "",
+             "| claim | measured | holds |", "|---|---|---|"]
+    lines += [f"| {c['claim']} | {c['measured']} | {'yes' if c['holds'] else '**no**'} |" for c in agg["claims"]]
+    lines += ["", "## Probe accuracy by layer", "", f"Raw pixels: {_pm(agg['raw_pixels'])}.", "",
+              "| layer | " + " | ".join(name for name, _ in models) + " |", "|---" * (len(models) + 1) + "|"]
     for l in range(n + 1):
-        lines.append(f"| {l} | " + " | ".join(f"{_pct(m['layers'][l]['test_acc'])} ({_pct(m['layers'][l]['val_acc'])})"
-                                              for _, m in models) + " |")
+        lines.append(f"| {l} | " + " | ".join(_pm(a["layers"][l]) for _, a in models) + " |")
+    lines.append("| best layer (by val), per seed | " + " | ".join(", ".join(map(str, a["best_layers"]))
+                                                                  for _, a in models) + " |")
+    lines.append("| best layer's test accuracy | " + " | ".join(_pm(a["best"]) for _, a in models) + " |")
     for span in (3, 5):
-        cells = []
-        for _, m in models:
-            c = m.get(f"concat{span}")
-            cells.append("-" if c is None else f"{_pct(c['test_acc'])} ({_pct(c['val_acc'])}), layers "
-                         f"{c['layers'][0]}-{c['layers'][-1]}")
-        lines.append(f"| {span} layers concatenated | " + " | ".join(cells) + " |")
-    lines.append("| best layer (by val) | " + " | ".join(f"{m['best_layer']} of 0..{n}" for _, m in models) + " |")
-    lines += ["", "Checkpoints of the AR run: validation loss (nats/token) against the best layer's probe.", "",
-              "| step | val loss | best layer | test % | val % |", "|---|---|---|---|---|"]
-    for c in res["checkpoints"]:
-        b = c["layers"][c["best_layer"]]
-        vl = "-" if c["val_loss"] is None else f"{c['val_loss']:.3f}"
-        lines.append(f"| {c['step']} | {vl} | {c['best_layer']} | {_pct(b['test_acc'])} | {_pct(b['val_acc'])} |")
-    t = res["timings"]
-    lines += ["", f"Wall time: {t['total_s']:.0f}s ({t['pretrain_s']:.0f}s pre-training, {t['probe_s']:.0f}s "
-              f"extraction and probes), {res['threads']} thread(s)."]
+        lines.append(f"| {span} layers centred on the best, concatenated | "
+                     + " | ".join(f"{_pm(a[f'concat{span}'])} (gain {_pm(a[f'concat{span}_gain'])})"
+                                  for _, a in models) + " |")
+    lines += ["", "## AR checkpoints: validation loss against the best layer's probe", "",
+              "| step | val loss (nats/token) | best layer's test % |", "|---|---|---|"]
+    for c in agg["checkpoints"]:
+        v = c["val_loss"]
+        lines.append(f"| {c['step']} | {v['mean']:.3f} ± {v['sd']:.3f} | {_pm(c['best'])} |")
+    if "finetune" in agg:
+        ft = agg["finetune"]
+        lines += ["", "## Fine-tuning (`megapix finetune`, L_gen + L_clf) from the AR model vs from scratch", "",
+                  f"{ft['steps']} steps each at lr {ft['lr']}, batch {config['batch']}, no augmentation; validation "
+                  f"every {config['ft_eval_every']} steps.", "",
+                  "| | final val % | test % (at the best val step) |", "|---|---|---|",
+                  f"| from scratch | {_pm(ft['scratch_final_val'])} | {_pm(ft['scratch_test'])} |",
+                  f"| from the pre-trained AR model | {_pm(ft['pretrained_final_val'])} | "
+                  f"{_pm(ft['pretrained_test'])} |",
+                  "", f"Steps the pre-trained run needs to reach the scratch run's final val accuracy, per seed: "
+                  f"{ft['steps_to_scratch_final']} of {ft['steps']} (fraction {_pm(ft['fraction'])} %)."]
+    t = [r["timings"] for r in per_seed]
+    lines += ["", "Wall time per seed (s): " + "; ".join(
+        f"seed {r['seed']}: {x['total_s']:.0f} ({x['pretrain_s']:.0f} pre-training, {x.get('finetune_s', 0):.0f} "
+        f"fine-tuning, {x['probe_s']:.0f} extraction and probes)" for r, x in zip(per_seed, t))
+        + f"; {r0['threads']} thread(s) for the probes, one per training run."]
+    if config.get("load"):
+        lines.append(f"Load average while it ran (1 min, at the start of each seed): {config['load']}.")
     with open(paths[1], "w") as f:
         f.write("\n".join(lines) + "\n")
-    plot_study(res, paths[2])
+    plot_study(agg, per_seed, paths[2])
     return paths
 
 
-def plot_study(res: dict, path: str) -> None:
+def plot_study(agg: dict, per_seed: list[dict], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
-    n = len(res["ar"]["layers"]) - 1
-    xs = list(range(n + 1))
+    panels = 3 if "finetune" in agg else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.4), dpi=110)
+    ax, bx = axes[0], axes[1]
+    n = len(agg["ar"]["layers"]) - 1
+    xs = np.arange(n + 1)
+    pc = lambda a: (100 * a["mean"], 100 * a["sd"])
     for key, label, style in (("ar", "AR pretrained", "o-"), ("bert", "BERT pretrained", "s-"),
                               ("random_init", "random init (control)", "^--")):
-        if key in res:
-            ax.plot(xs, [100 * r["test_acc"] for r in res[key]["layers"]], style, label=label)
+        if key in agg:
+            mu, sd = np.array([pc(a) for a in agg[key]["layers"]]).T
+            ax.errorbar(xs, mu, yerr=sd, fmt=style, capsize=3, label=label)
+    best = int(np.argmax([a["mean"] for a in agg["ar"]["layers"]]))
     for span, marker in ((3, "D"), (5, "*")):
-        c = res["ar"].get(f"concat{span}")
-        if c:
-            ax.plot([res["ar"]["best_layer"]], [100 * c["test_acc"]], marker, markersize=10, linestyle="none",
-                    label=f"AR layers {c['layers'][0]}-{c['layers'][-1]} concatenated")
-    ax.axhline(100 * res["raw_pixels"]["test_acc"], color="gray", linestyle="-.", label="raw pixels")
-    ax.axhline(100 * res["chance"], color="black", linestyle=":", label=f"chance ({100 * res['chance']:.0f}%)")
+        mu, sd = pc(agg["ar"][f"concat{span}"])
+        ax.errorbar([best + 0.15 * (span - 4)], [mu], yerr=[sd], fmt=marker, markersize=9, capsize=3,
+                    label=f"AR, {span} layers around the best, concatenated")
+    mu, sd = pc(agg["raw_pixels"])
+    ax.axhspan(mu - sd, mu + sd, color="gray", alpha=0.2)
+    ax.axhline(mu, color="gray", linestyle="-.", label="raw pixels (± sd)")
+    ax.axhline(100 * agg["chance"], color="black", linestyle=":", label=f"chance ({100 * agg['chance']:.0f}%)")
     ax.set_xticks(xs)
     ax.set_xlabel(f"layer (0 = embeddings, {n} = after the final norm)")
     ax.set_ylabel("linear probe test accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title("probe accuracy by depth")
+    ax.set_title(f"probe accuracy by depth ({agg['n_seeds']} seeds, ± 1 sd)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    pts = [(c["val_loss"], 100 * c["layers"][c["best_layer"]]["test_acc"], c["step"]) for c in res["checkpoints"]
-           if c["val_loss"] is not None]
-    if pts:
-        bx.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
-        for vl, acc, step in pts:
-            bx.annotate(f"step {step}", (vl, acc), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    bx.axhline(100 * res["chance"], color="black", linestyle=":", label=f"chance ({100 * res['chance']:.0f}%)")
-    bx.axhline(100 * res["raw_pixels"]["test_acc"], color="gray", linestyle="-.", label="raw pixels")
+    ck = agg["checkpoints"]
+    bx.errorbar([c["val_loss"]["mean"] for c in ck], [100 * c["best"]["mean"] for c in ck],
+                xerr=[c["val_loss"]["sd"] for c in ck], yerr=[100 * c["best"]["sd"] for c in ck], fmt="o-", capsize=3)
+    for c in ck:
+        bx.annotate(f"step {c['step']}", (c["val_loss"]["mean"], 100 * c["best"]["mean"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=7)
+    bx.axhline(100 * agg["raw_pixels"]["mean"], color="gray", linestyle="-.", label="raw pixels")
     bx.set_ylim(0, 100)  # the same scale as the depth curve: noise must not look like a trend
     bx.set_xlabel("validation loss (nats/token)")
     bx.set_ylabel("best layer's probe test accuracy (%)")
     bx.set_title("AR checkpoints: generative loss vs probe")
     bx.grid(alpha=0.3)
     bx.legend(fontsize=7)
+    if panels == 3:
+        cx = axes[2]
+        for name, style in (("pretrained", "o-"), ("scratch", "s--")):
+            curves = [r["finetune"]["curves"][name] for r in per_seed]
+            steps = [s for s, _ in curves[0]]
+            accs = np.array([[a for _, a in c[:len(steps)]] for c in curves if len(c) >= len(steps)])
+            cx.errorbar(steps, 100 * accs.mean(0), yerr=100 * (accs.std(0, ddof=1) if len(accs) > 1 else 0 * accs[0]),
+                        fmt=style, capsize=3, label="fine-tune from " + ("the AR model" if name == "pretrained"
+                                                                         else "scratch"))
+        cx.set_ylim(0, 100)
+        cx.set_xlabel("fine-tuning step")
+        cx.set_ylabel("validation accuracy (%)")
+        cx.set_title("fine-tuning: pre-trained vs from scratch")
+        cx.grid(alpha=0.3)
+        cx.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/probe_study",
+                   help="working folder (training runs, checkpoints, per-seed results)")
+    p.add_argument("--report", default=None, help="folder for probe_study.{md,json,png} (default: --out)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    p.add_argument("--data", default="shapes", help="source spec")
+    p.add_argument("--resolution", type=int, default=16)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--ckpt-every", type=int, default=100, help="checkpoint (and val loss) interval")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--no-bert", action="store_true", help="skip the BERT run")
+    p.add_argument("--no-finetune", action="store_true", help="skip the fine-tuning comparison")
+    p.add_argument("--ft-steps", type=int, default=300, help="fine-tuning steps, each of the two runs")
+    p.add_argument("--ft-eval-every", type=int, default=25)
+    p.add_argument("--ft-lr", type=float, default=1e-3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2, help="torch threads for extraction and probes")
+    args = p.parse_args(argv)
+    try:
+        args.seed_list = [int(s) for s in args.seeds.split(",") if s]
+    except ValueError:
+        p.error(f"--seeds {args.seeds!r}: a comma-separated list of integers, e.g. 0,1,2")
+    if not args.seed_list:
+        p.error("--seeds names no seed")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    out = os.path.abspath(args.out)
+    report = os.path.abspath(args.report or out)
+    os.makedirs(out, exist_ok=True)
+    os.makedirs(report, exist_ok=True)
+    t0 = time.perf_counter()
+    per_seed, loads = [], []
+    for seed in args.seed_list:
+        loads.append(f"{os.getloadavg()[0]:.1f}")
+        per_seed.append(run_seed(seed, args))
+        torch.set_num_threads(1)
+    config = {"command": " ".join(["python", "examples/small_scale_probe.py"]
+                                  + list(sys.argv[1:] if argv is None else argv)),
+              "data": args.data, "model": {**model_spec(args)}, "steps": args.steps, "batch": args.batch,
+              "lr": args.lr, "ckpt_every": args.ckpt_every, "ft_eval_every": args.ft_eval_every, "l2_grid": L2_GRID,
+              "wall_s": round(time.perf_counter() - t0, 1), "load": ", ".join(loads)}
+    paths = write_report(per_seed, config, report)
+    for path in paths:
+        print(f"wrote {path}")
+    for c in aggregate(per_seed)["claims"]:
+        print(f"  [{'holds' if c['holds'] else 'FAILS'}] {c['claim']}: {c['measured']}")
+    return 0
 
 
 if __name__ == "__main__":

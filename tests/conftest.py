@@ -59,6 +59,7 @@ SLOW = {
                             "test_pipeline_stages_keep_min_p_minus_i_m_micro_batches_in_flight",
                             "test_activation_checkpointing_keeps_block_inputs_and_one_recompute"},
     "test_one_network.py": {"test_sampling_with_triton_kernels_goes_through_them"},  # an interpreter subprocess
+    "test_eval.py": {"test_reduced_study_pretrained_beats_control_and_raw_pixels"},  # a training run, probes
     "test_finetune.py": {"test_finetune_sweep_early_stopping", "test_finetune_layout_reproduces_single_rank_curve"},
     "test_gpu_check.py": {"test_smoke_runs_every_section_on_cpu_and_writes_json_and_markdown"},  # 4 training runs
     "test_run_folder.py": {"test_two_trainings_started_together_into_one_out_one_refuses",  # training runs

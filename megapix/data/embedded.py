@@ -122,4 +122,91 @@ def digits_shifted_source(resolution: int, arg: str = "", val_fraction=None, see
                          labels[src[~train]], 10, val_fraction, seed)
 
 
-__all__ = ["ArraySource", "GroupedSource", "digits_shifted_source", "render_shifted"]
+# ----------------------------------------------------------------------------------------------------------
+# shapes: the class is an outline's shape, not its colour, size or place
+# ----------------------------------------------------------------------------------------------------------
+SHAPES = ("square", "ring", "plus", "cross")  # hollow square, hollow circle, +, x
+SHAPES_DEFAULT_N = 3000  # images in train+val; a fifth as many again are the test set
+SHAPES_MAX = 50_000  # generated in memory (drawn in chunks of 1000)
+HALF_RANGE = (0.12, 0.22)  # of the canvas: small outlines, so that the place varies widely (raw pixels weak)
+SHAPE_INK = ((1.0, 1.0), (1.13, 1.13), (1.43, 1.4), (1.2, 1.18))  # (size, stroke) factors: equal ink per class
+N_BARS = 1  # clutter bars per image
+SUPERSAMPLE = 4  # drawn at 4x and area-averaged down: soft edges, so the palette has intermediate colours to fit
+
+
+def _shape_masks(kind: np.ndarray, cy, cx, half, width, canvas: int) -> np.ndarray:
+    """Coverage in [0, 1], float32 [N, canvas, canvas]: each image's outline (kind index into SHAPES) centred at
+    (cy, cx) with half-size `half` and stroke width `width` (canvas pixels), drawn at SUPERSAMPLE x, averaged."""
+    s = SUPERSAMPLE
+    g = ((np.arange(canvas * s) + 0.5) / s).astype(np.float32)  # sample centres in canvas pixels
+    out = np.empty((len(kind), canvas, canvas), dtype=np.float32)
+    for k in range(len(SHAPES)):  # each image draws only its own shape
+        i = np.flatnonzero(kind == k)
+        y = g[None, :, None] - cy[i, None, None].astype(np.float32)
+        x = g[None, None, :] - cx[i, None, None].astype(np.float32)
+        h, w = half[i, None, None].astype(np.float32), width[i, None, None].astype(np.float32) / 2
+        ay, ax = np.abs(y), np.abs(x)
+        if SHAPES[k] == "square":
+            m = np.abs(np.maximum(ay, ax) - h) <= w
+        elif SHAPES[k] == "ring":
+            m = np.abs(np.sqrt(y * y + x * x) - h) <= w
+        elif SHAPES[k] == "plus":
+            m = (ay <= h) & (ax <= h) & ((ay <= w) | (ax <= w))
+        else:  # cross: the two diagonals of the square, the same stroke width measured across the stroke
+            m = (ay <= h) & (ax <= h) & (np.abs(np.abs(y) - np.abs(x)) <= w * np.float32(np.sqrt(2)))
+        out[i] = m.reshape(len(i), canvas, s, canvas, s).mean((2, 4), dtype=np.float32)
+    return out
+
+
+def render_shapes(n: int, canvas: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """n images (uint8 RGB [n, canvas, canvas, 3]) and their classes (int64 [n], index into SHAPES).
+
+    Each image: one of 4 outlines (balanced classes) of a random half-size (18-32% of the canvas) at a random
+    place (anywhere it fits), stroke about one pixel wide; one background and one stroke level (each one of 3,
+    as digits-shifted) and one of its 8 hues for the whole image; one fainter short bar (horizontal or vertical,
+    random place) as clutter, so that no single pixel or colour count gives the class away."""
+    if canvas < 8:
+        raise ConfigError(f"shapes needs a canvas of at least 8 pixels; got {canvas}")
+    kind = np.arange(n) % len(SHAPES)
+    rng.shuffle(kind)
+    size, thick = np.array(SHAPE_INK).T[:, kind]
+    half = rng.uniform(*HALF_RANGE, n) * canvas * size
+    width = rng.uniform(0.9, 1.3, n) * thick
+    half = np.minimum(half, canvas / 2 - width / 2 - 0.5)  # always fits
+    margin = half + width / 2 + 0.5
+    cy, cx = (rng.uniform(margin, canvas - margin) for _ in range(2))
+    shape = np.concatenate([_shape_masks(kind[i:i + 1000], cy[i:i + 1000], cx[i:i + 1000], half[i:i + 1000],
+                                         width[i:i + 1000], canvas) for i in range(0, n, 1000)])  # bounded memory
+    # clutter: a 1-pixel bar, 2-4 pixels long, at a random place and orientation, at 45-75% of the stroke level
+    bar = np.zeros(shape.shape)
+    for _ in range(N_BARS):
+        length = rng.integers(2, 5, n)
+        vertical = rng.random(n) < 0.5
+        for i in range(n):
+            hh, ww = (length[i], 1) if vertical[i] else (1, length[i])
+            py, px = rng.integers(0, canvas - hh + 1), rng.integers(0, canvas - ww + 1)
+            bar[i, py:py + hh, px:px + ww] = np.maximum(bar[i, py:py + hh, px:px + ww], rng.uniform(0.45, 0.75))
+    bg = rng.choice(BG_LEVELS, n)[:, None, None]
+    fg = rng.choice(FG_LEVELS, n)[:, None, None]
+    tint = hues()[rng.integers(N_HUES, size=n)]
+    img = bg + (fg - bg) * np.maximum(shape, bar)  # float64: the same rounding everywhere
+    rgb = np.clip(np.rint(255.0 * img[..., None] * tint[:, None, None, :]), 0, 255).astype(np.uint8)
+    return rgb, kind.astype(np.int64)
+
+
+def shapes_source(resolution: int, arg: str = "", val_fraction=None, seed: int = 0) -> Source:
+    """`shapes[:N]`: N images (default 3000) for train+val and N/5 for test, drawn on a canvas of the model's
+    resolution from a fixed seed (the same data for every run and seed; the seed picks the val holdout)."""
+    if arg and (not arg.isdigit() or not 20 <= int(arg) <= SHAPES_MAX):
+        raise ConfigError(f"shapes:{arg}: N is the number of train+val images, an integer in "
+                          f"[20, {SHAPES_MAX}], e.g. shapes:3000")
+    n = int(arg) if arg else SHAPES_DEFAULT_N
+    rgb, y = render_shapes(n + n // 5, max(resolution, 8), np.random.default_rng(2021))
+    rgb = resize(rgb, resolution)
+    return ArraySource("shapes", rgb[:n], y[:n], rgb[n:], y[n:], len(SHAPES), val_fraction, seed)
+
+
+
+
+__all__ = ["SHAPES", "ArraySource", "GroupedSource", "digits_shifted_source", "render_shapes", "render_shifted",
+           "shapes_source"]
