@@ -110,11 +110,13 @@ def norm_config(n: int, element_size: int, interpret: bool) -> NormConfig:
     return NormConfig(block_n, num_warps, 1)
 
 
-def norm_bwd_programs(n_rows: int, device: torch.device, interpret: bool) -> int:
-    """Number of programs of the norm backward (= rows of the dW partial buffer)."""
+def norm_bwd_programs(n_rows: int, device: torch.device, interpret: bool, sms: int | None = None) -> int:
+    """Number of programs of the norm backward (= rows of the dW partial buffer): two per SM. `sms`: the SM count
+    (default: the device's; the compile check passes its target's)."""
     if interpret:
         return max(1, min(n_rows, 4))
-    if device.type == "cuda":
+    if sms is None and device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if sms:
         return max(1, min(n_rows, 2 * sms))
     return max(1, min(n_rows, 8))

@@ -215,6 +215,10 @@ class TrainConfig:
     peak_tflops: float | None = opt(None, "device peak TFLOP/s for MFU", default_help="from a table of GPUs")
     precision: Literal["auto", "bf16", "fp32"] = opt(
         "auto", "auto: bf16 on GPU, fp32 on CPU (or what the DeepSpeed JSON's bf16 section says)")
+    profile_comms: int = opt(0, "diagnostic: record every collective and p2p message of this many steps on every rank "
+                             "(those after the first this process runs, which builds DeepSpeed's buffers) and write "
+                             "their calls and bytes per op and group, beside the planner's bytes, to "
+                             "<out>/comms_profile.json (0: off)", metavar="N")
 
     def __post_init__(self):
         _check_positive(self, "max_steps", "global_batch", "lr", "tensor_parallel", "pipeline_parallel",
@@ -236,7 +240,7 @@ class TrainConfig:
             raise ConfigError(f"train.report_to={self.report_to!r}: use tensorboard, csv, tensorboard,csv or none")
         self.report_to = ",".join(m for m in MONITORS if m in monitors)  # one spelling: the record compares it
         for name in ("eval_every", "save_every", "keep_last", "log_every", "time_budget", "weight_decay", "grad_clip",
-                     "seed"):
+                     "seed", "profile_comms"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 0")
         for name in ("beta1", "beta2"):
@@ -378,10 +382,12 @@ class ExtractConfig:
     precision: Literal["fp32", "bf16"] = opt("fp32", "bf16 autocast (GPUs; also CPUs with AMX/AVX512-BF16)")
     device: str | None = opt(None, "cpu, cuda, cuda:N", default_help="cuda:LOCAL_RANK when available, else cpu")
     overwrite: bool = opt(False, "discard an existing or partial extraction in --out")
+    context_parallel: int = opt(1, "ranks sharing each image's positions (ring attention, as in training); "
+                                "consecutive ranks form a group, the groups share the rows")
 
     def __post_init__(self):
         _check_finite(self)
-        _check_min1("extract", self, "batch_size", "chunk_size", "span")
+        _check_min1("extract", self, "batch_size", "chunk_size", "span", "context_parallel")
         _check_nonneg_int("extract", self, "seed")
         _check_fraction(self)
 

@@ -30,6 +30,7 @@ from megapix.divergence import NonFiniteStep, StepGuard, batch_index
 from megapix.dsconfig import make_ds_config, resolve, zero_stage_of
 from megapix.parallel import dist as pdist
 from megapix.parallel import watchdog
+from megapix.parallel.comms import CommsProfile, planned_bytes
 from megapix.parallel.layout import build_layout
 from megapix.parallel.tensor import merge_shards
 from megapix.runlog import RunLog, StopRequest, measured_matmul_tflops, peak_memory
@@ -311,6 +312,7 @@ class Trainer:
         stop = StopRequest(t.time_budget)
         self.best_score, self.best_step, self.stopped_early, evals_since_best = None, 0, False, 0
         self.log.begin(desc, t.max_steps, self.step, t.log_every, getattr(self.engine, "monitor", None))
+        profile = CommsProfile(t.profile_comms, self.step) if t.profile_comms else None  # a diagnostic, default off
         try:
             while True:
                 try:  # a bad step (non-finite loss or gradient norm, a spike, non-finite weights at a save)
@@ -320,7 +322,9 @@ class Trainer:
                     watchdog.step_begins(self.step + 1)
                     lr, start = self.engine.get_lr()[0], time.perf_counter()
                     self.batch = batch_index(self.step, self.checkpoints.skipped_batches)
-                    stats = self.train_step(self._next_batches())
+                    micro = self._next_batches()
+                    with profile.step(self.step + 1) if profile is not None else contextlib.nullcontext():
+                        stats = self.train_step(micro)
                     spread = self.guard.check(self.step + 1, self.batch, stats["loss"], self.grad_norm(),
                                               self.busy_s, [v for _, v in self.log.curve[0]])
                     self.step += 1
@@ -345,14 +349,27 @@ class Trainer:
                         self.log.plot()
                     if metrics is not None and patience and evals_since_best >= patience:
                         self.stopped_early = True
+                    if profile is not None and profile.complete:
+                        self._write_comms_profile(profile)
+                        profile = None
                     if stopping and not self.stopped_early:
                         return self._stopped_by_request()
                 except (NonFiniteStep, NonFiniteWeights) as bad:
                     self.step = self.guard.recover(self, bad)  # the step rolled back to; or NonFiniteStop
+            if profile is not None:  # the run ended before the profiled steps did: what was recorded
+                self._write_comms_profile(profile)
         finally:
             self.log.end()
         self.log.plot()
         return 0
+
+    def _write_comms_profile(self, profile: CommsProfile) -> None:
+        """<out>/comms_profile.json (collective: every rank calls it at the same step)."""
+        planned, notes = planned_bytes(self.cfg, self.layout, self.micro_batch, self.ds_config)
+        if len(profile.steps) < profile.wanted:
+            notes = [f"--profile-comms {profile.wanted} asked for {profile.wanted} step(s) from step {profile.first}"
+                     f"; the run recorded {len(profile.steps)}", *notes]
+        profile.write(self.out, self.layout, planned, notes)
 
     def _stopped_by_request(self) -> int:
         self.log.plot()

@@ -59,11 +59,12 @@ def check_layers(layers, n_layer: int) -> list[int]:
 
 @torch.inference_mode()
 def extract(model, tokens, layers, batch_size: int = 256, device=None, autocast_dtype=None,
-            out_dtype=torch.float32) -> torch.Tensor:
+            out_dtype=torch.float32, cp_group=None) -> torch.Tensor:
     """Pooled, normed features: float tensor [N, len(layers) * d_model] (see the module docstring).
 
     tokens: palette ids [N, T] (tensor or array). BERT models see the unmasked input. The result stays on
-    the model's device; `batch_size` rows are processed at a time.
+    the model's device; `batch_size` rows are processed at a time. cp_group: the model is context-parallel
+    (megapix.parallel.context.apply_context_parallel over that group; every rank of it passes the same rows).
     """
     layers = check_layers(layers, model.config.n_layer)
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -73,14 +74,19 @@ def extract(model, tokens, layers, batch_size: int = 256, device=None, autocast_
     out = torch.empty((n, len(layers) * d), dtype=out_dtype, device=device)
     for lo in range(0, n, batch_size):
         batch = tokens[lo:lo + batch_size].to(device, non_blocking=True).long()
-        out[lo:lo + len(batch)] = _pooled(model, batch, layers, autocast_dtype).to(out_dtype)
+        out[lo:lo + len(batch)] = _pooled(model, batch, layers, autocast_dtype, cp_group).to(out_dtype)
     return out
 
 
-def _pooled(model, tokens: torch.Tensor, layers: list[int], autocast_dtype=None) -> torch.Tensor:
+def _pooled(model, tokens: torch.Tensor, layers: list[int], autocast_dtype=None, cp_group=None) -> torch.Tensor:
     """[B, len(layers) * d] float32 for one batch; blocks beyond max(layers) are never run."""
     ctx = (torch.autocast(tokens.device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else torch.autocast(tokens.device.type, enabled=False))
+    if cp_group is not None:  # each rank's positions' sums, all-reduced over the CP group
+        from megapix.parallel.context import pooled_features
+
+        with ctx:
+            return pooled_features(model, tokens, layers, cp_group)
     with ctx:
         # no mask: the paper's features of unmasked input (BERT too); each layer is pooled as soon as it exists
         pooled = {l: x.float().mean(dim=1) for l, x in model.hidden_states(tokens, layers)}
@@ -213,7 +219,15 @@ def _prepare(args, dist: Dist) -> dict:
     for s in splits:
         if s not in SPLITS:
             raise ConfigError(f"unknown split {s!r} in --splits; choose from {', '.join(SPLITS)}")
+    cp = args.context_parallel
+    if dist.world % cp:
+        raise ConfigError(f"--context-parallel {cp} does not divide the {dist.world} ranks; launch a multiple of {cp} "
+                          "ranks or change --context-parallel")
     model, palette, data = load_model_and_palette(args.checkpoint, args.palette, args.data)
+    if cp > 1 and model.config.n_ctx % (2 * cp):
+        raise ConfigError(f"--context-parallel {cp} cuts the {model.config.n_ctx} positions into 2 x {cp} chunks (a "
+                          f"head and a tail per rank), which does not divide them; use a degree whose double divides "
+                          f"{model.config.n_ctx}")
     layers = parse_layers(args.layers, model.config.n_layer, args.center, args.span)
     source = open_source(data, model.config.resolution, args.val_fraction, args.seed, augment=False)
     token_data = {s: TokenData(source.split(s), model.config.n_ctx, palette, f"{data} [{s}]") for s in splits}
@@ -230,6 +244,19 @@ def _prepare(args, dist: Dist) -> dict:
            "counts": {s: len(t) for s, t in token_data.items()}}
     return {"model": model, "device": device, "layers": layers, "data": token_data, "run": run,
             "autocast": torch.bfloat16 if args.precision == "bf16" else None}
+
+
+def _context_parallel(job: dict, cp: int, dist: Dist):
+    """Groups of cp consecutive ranks (every rank creates every group, in order), this rank's group and its model
+    made context-parallel; (group, group index, groups). cp = 1: (None, rank, world)."""
+    if cp == 1:
+        return None, dist.rank, dist.world
+    from megapix.parallel.context import apply_context_parallel
+
+    groups = [dist.dist.new_group(list(range(g * cp, (g + 1) * cp))) for g in range(dist.world // cp)]
+    mine = groups[dist.rank // cp]
+    apply_context_parallel(job["model"], mine, job["model"].config.n_ctx)
+    return mine, dist.rank // cp, dist.world // cp
 
 
 def _run(job: dict, args, dist: Dist) -> int:
@@ -279,6 +306,8 @@ def _run(job: dict, args, dist: Dist) -> int:
             print(f"megapix extract: {manifest_path} is already complete for these settings; nothing to do", flush=True)
         return 0
 
+    cp_group, shard, shards = _context_parallel(job, args.context_parallel, dist)
+    writer = dist.rank % args.context_parallel == 0  # one rank of each CP group writes its group's rows
     stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
     chunks_run = 0
     t0 = time.perf_counter()
@@ -287,23 +316,27 @@ def _run(job: dict, args, dist: Dist) -> int:
         n, C = len(td), args.chunk_size
         n_chunks = -(-n // C)
         part = os.path.join(out, f"{split}_features.npy.partial")
-        mine = chunk_ranges(n_chunks, dist.world, dist.rank)
+        mine = chunk_ranges(n_chunks, shards, shard)
         done = done_chunks(progress, split)
         todo = [c for c in mine if c not in done]
         my_done = sorted(c for c in mine if c in done)
+        if cp_group is not None:  # a CP group's ranks must agree on their chunks: read before any rank records more
+            dist.barrier()
         prog_file = os.path.join(progress, f"{split}.rank{dist.rank}of{dist.world}.json")
         bar = tqdm(total=sum(min(C, n - c * C) for c in mine), initial=sum(min(C, n - c * C) for c in my_done),
                    desc=f"extract {split}", disable=dist.rank != 0, dynamic_ncols=True, unit="img")
         if todo:
-            mm = np.lib.format.open_memmap(part, mode="r+")
+            mm = np.lib.format.open_memmap(part, mode="r+") if writer else None
             for c in todo:
                 lo, hi = c * C, min(n, (c + 1) * C)
                 tokens = td.tokens(np.arange(lo, hi))
-                feats = extract(model, tokens, layers, args.batch_size, job["device"], job["autocast"])
-                mm[lo:hi] = feats.cpu().numpy().astype(dtype, copy=False)
-                mm.flush()  # the rows are on disk before the chunk is recorded
+                feats = extract(model, tokens, layers, args.batch_size, job["device"], job["autocast"],
+                                cp_group=cp_group)
                 my_done.append(c)
-                _atomic_json(prog_file, {"done": sorted(my_done), "rank": dist.rank, "world": dist.world})
+                if writer:
+                    mm[lo:hi] = feats.cpu().numpy().astype(dtype, copy=False)
+                    mm.flush()  # the rows are on disk before the chunk is recorded
+                    _atomic_json(prog_file, {"done": sorted(my_done), "rank": dist.rank, "world": dist.world})
                 rows_done += hi - lo
                 bar.update(hi - lo)
                 chunks_run += 1
@@ -343,7 +376,7 @@ def _run(job: dict, args, dist: Dist) -> int:
                     "layer_slices": {str(l): [i * run["d_model"], (i + 1) * run["d_model"]]
                                      for i, l in enumerate(layers)},
                     "feature": "mean over positions of blocks[l].norm_1(h_l); l = n_layer: norm_f(h_L)",
-                    "world_size": dist.world}
+                    "world_size": dist.world, "context_parallel": args.context_parallel}
         _atomic_json(manifest_path, manifest)
         import shutil
 

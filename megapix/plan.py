@@ -42,6 +42,11 @@ model-dtype logits and their fp32 copy for a moment (loss_transient_bytes, state
 (deepspeed.checkpointing, every block): a block keeps its input (e s b h) and one block's full activations live
 during its recompute (less its input, already kept), after the head's were freed.
 
+Sequence parallelism (--sequence-parallel) cuts the replicated part (the two norm and two column-parallel inputs,
+the norms' rstd) by t; context parallelism (--context-parallel) holds s / cp positions everywhere plus the ring's
+K/V and partial results (ring_block_bytes), and puts its ranks on DeepSpeed's data axis: ZeRO and the gradient
+traffic span DP x CP (Layout.data). Both counted like the rest in tests/test_activations.py and test_comms.py.
+
 Pipeline (DeepSpeed's 1F1B TrainSchedule): stage i keeps min(p - i, m) micro-batches in flight (counted in 2- and
 4-stage DeepSpeed runs), each its blocks' activations, the embedding's on the first stage and the head's on the
 last; the planner reports the stage with the most. Pipe buffers (stated from DeepSpeed's PipelineEngine):
@@ -143,14 +148,27 @@ class Layout:
     zero: int = 0
     micro_batch: int = 1
     checkpointing: bool = False
+    sp: bool = False  # sequence parallelism over the TP group (--sequence-parallel)
+    cp: int = 1  # context-parallel degree (--context-parallel): ranks sharing each image's positions
 
     @property
     def world(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.pp * self.cp * self.dp
+
+    @property
+    def data(self) -> int:
+        """DeepSpeed's data axis: the DP shards of the batch times the CP ranks of each (megapix.parallel.layout puts
+        CP there), the group ZeRO partitions over and gradients are averaged over."""
+        return self.dp * self.cp
+
+    @property
+    def seq_split(self) -> int:
+        """How many ranks share the positions the norms and residuals see: t under SP, cp under CP."""
+        return (self.tp if self.sp else 1) * self.cp
 
     def describe(self) -> str:
-        return (f"TP{self.tp} x PP{self.pp} x DP{self.dp} ZeRO-{self.zero} mb{self.micro_batch}"
-                f"{' ckpt' if self.checkpointing else ''}")
+        return (f"TP{self.tp}{'+SP' if self.sp else ''} x PP{self.pp}{f' x CP{self.cp}' if self.cp > 1 else ''} x "
+                f"DP{self.dp} ZeRO-{self.zero} mb{self.micro_batch}{' ckpt' if self.checkpointing else ''}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -263,7 +281,8 @@ def state_bytes(P: float, dp: int, zero: int, precision: str, pipeline: bool) ->
 KERNEL_PATHS = ("triton", "torch")
 
 
-def block_activation_bytes(m: ModelConfig, b: int, tp: int = 1, kernels: str = "triton", nbytes: int = 2) -> float:
+def block_activation_bytes(m: ModelConfig, b: int, tp: int = 1, kernels: str = "triton", nbytes: int = 2,
+                           sp: bool = False, cp: int = 1) -> float:
     """Bytes one block saves for backward per micro-batch, tensor by tensor (what the test counts with
     saved_tensors_hooks: unique storages, parameters excluded). rows = s b, e = nbytes (2 in bf16, 4 in fp32):
       norm_1 input            rows h e      replicated under TP (the norm is replicated)
@@ -281,39 +300,102 @@ def block_activation_bytes(m: ModelConfig, b: int, tp: int = 1, kernels: str = "
       mlp c_proj input        4 rows h e / t
     = e rows h (4 + 12/t, + 1/t on Triton) + 8 rows + 4 a rows / t: 32 sbh (torch) or 34 sbh (Triton) in bf16 at
     t = 1, against Korthikanti et al. 2022's 34 sbh with dropout (eq. 1; iGPT has no dropout masks, and the
-    flash-style kernels keep the log-sum-exp instead of the s^2 probabilities)."""
+    flash-style kernels keep the log-sum-exp instead of the s^2 probabilities).
+    Sequence parallelism (sp, Korthikanti et al. section 4.2.2) cuts the four replicated tensors and the two rstd
+    rows by t: e rows h (4 + 12/t) / ... becomes e rows h (4/t + 12/t). Context parallelism: ring_block_bytes."""
     if kernels not in KERNEL_PATHS:
         raise ConfigError(f"kernel path {kernels!r}: choose one of {', '.join(KERNEL_PATHS)}")
+    if cp > 1:
+        return ring_block_bytes(m, b, tp, cp, kernels, nbytes)
     rows, h, a = m.n_ctx * b, m.d_model, m.n_head
     sharded = 12 + (1 if kernels == "triton" else 0)
-    return nbytes * rows * h * (4 + sharded / tp) + 8 * rows + 4 * a * rows / tp
+    rep = tp if sp else 1  # the replicated part: split over the TP ranks under SP
+    return nbytes * rows * h * (4 / rep + sharded / tp) + 8 * rows / rep + 4 * a * rows / tp
 
 
-def checkpointed_block_bytes(m: ModelConfig, b: int, nbytes: int = 2) -> float:
+def ring_pairs(m: ModelConfig, cp: int, rank: int) -> list[int]:
+    """Partial results per query chunk of CP rank `rank` in megapix.parallel.context.ring_attention: the key chunks
+    (of the 2 cp) not wholly in that query chunk's future (causal), or all of them (BERT). Rank r holds chunks r and
+    2 cp - 1 - r (megapix.parallel.context.chunk_starts), and causal chunk j sees the j + 1 chunks up to itself."""
+    return _ring_pairs(m.objective == "ar", cp, rank)
+
+
+def _ring_pairs(causal: bool, cp: int, rank: int) -> list[int]:
+    return [rank + 1, 2 * cp - rank] if causal else [2 * cp, 2 * cp]
+
+
+def ring_block_bytes(m: ModelConfig, b: int, tp: int, cp: int, kernels: str = "triton", nbytes: int = 2) -> float:
+    """A block's saved bytes per micro-batch on the CP rank holding the most, under ring attention
+    (megapix/parallel/context.py), tensor by tensor. Everything outside attention holds rows = s b / cp positions:
+    e rows h (4 + 9/t) + 8 rows (the norms, the column-parallel inputs, c_proj's input: a copy, as the ring's output
+    is [B, H, L, Dh], the MLP). Attention, with c = s / (2 cp) positions a chunk, ch = b (a/t) c rows of one chunk
+    and head, chd = ch x head width, k partials for a query chunk (ring_pairs), e = nbytes:
+      Triton     q k v: the c_attn output (6 chd e), this rank's K/V stack and the cp - 1 received ones (4 cp chd e:
+                 the whole sequence's K/V, as an all-gather would keep); per partial its o (chd e) and fp32 lse (4 ch)
+      torch      the CPU reference: per partial the fp32 scores and probabilities (8 ch c) and lse (4 ch), and the
+                 bool causal mask of a diagonal chunk pair (c^2); in fp32 q, k, v are views (as on Triton) and the
+                 partials' o are kept by the merges; in bf16 each partial makes fp32 copies of its q, k, v (12 chd)
+      merges     k - 1 per query chunk (kernels.merge_attention): the isinf mask and two fp32 weights (9 ch); the
+                 k - 2 intermediate results' lse (4 ch) and, in fp32, their o (4 chd); in bf16 the fp32 copies of
+                 both inputs (8 chd)"""
+    return _ring_block_bytes(m.n_ctx, m.d_model, m.n_head, m.objective, b, tp, cp, kernels, nbytes)
+
+
+@functools.lru_cache(maxsize=4096)
+def _ring_block_bytes(n_ctx: int, h: int, n_head: int, objective: str, b: int, tp: int, cp: int, kernels: str,
+                      nbytes: int) -> float:
+    causal = objective == "ar"
+    c = n_ctx // (2 * cp)
+    ch = b * (n_head // tp) * c
+    chd = b * c * h / tp
+    f32, triton = nbytes == 4, kernels == "triton"
+    common = nbytes * 2 * c * b * h * (4 + 9 / tp) + 8 * 2 * c * b
+    worst = 0.0
+    for rank in range(cp):
+        att = (6 * chd * nbytes + 4 * cp * chd * nbytes) if (triton or f32) else 0.0
+        for k in _ring_pairs(causal, cp, rank):
+            att += 4 * ch * k
+            if triton:
+                att += chd * nbytes * k
+            else:
+                att += 8 * ch * c * k + ch * k + (c * c if causal else 0)
+                att += 12 * chd * k if not f32 else (4 * chd * k if k > 1 else 0.0)
+            merges, inter = max(0, k - 1), max(0, k - 2)
+            att += 9 * ch * merges + 4 * ch * inter + (4 * chd * inter if f32 else 8 * chd * merges)
+        worst = max(worst, att)
+    return common + worst
+
+
+def checkpointed_block_bytes(m: ModelConfig, b: int, nbytes: int = 2, seq_split: int = 1) -> float:
     """What a block under deepspeed.checkpointing keeps until its recompute: its input (CheckpointFunction saves
-    the tensor arguments; the forward runs under no_grad), replicated under TP."""
-    return nbytes * m.n_ctx * b * m.d_model
+    the tensor arguments; the forward runs under no_grad), replicated under TP; this rank's positions under SP or
+    CP (seq_split: Layout.seq_split)."""
+    return nbytes * m.n_ctx * b * m.d_model / seq_split
 
 
-def embed_activation_bytes(m: ModelConfig, b: int) -> float:
-    """The embedding saves the int64 token ids (its output is the first block's saved norm_1 input)."""
-    return 8 * m.n_ctx * b
+def embed_activation_bytes(m: ModelConfig, b: int, cp: int = 1) -> float:
+    """The embedding saves the int64 token ids (its output is the first block's saved norm_1 input); under CP it runs
+    on the whole sequence, and the cut to this rank's positions keeps its int64 index (s / cp)."""
+    return 8 * m.n_ctx * b + (8 * m.n_ctx / cp if cp > 1 else 0.0)
 
 
-def head_activation_bytes(m: ModelConfig, b: int, tp: int = 1, nbytes: int = 2, pp: int = 1) -> float:
-    """norm_f input and rstd, the head's input (replicated), and the loss's fp32 log-softmax over the V/t local
-    logits. TP: megapix's vocab-parallel cross-entropy keeps the fp32 softmax, the int64 local targets and a bool
-    mask per row. Without TP cross_entropy keeps the int64 targets: the embedding's own ids when both sit on one
-    rank, the pipeline's labels (8 bytes a row more) on a last stage."""
-    rows, h = m.n_ctx * b, m.d_model
-    kept = 2 * nbytes * rows * h + 4 * rows + 4 * rows * VOCAB_SIZE / tp
-    return kept + (9 * rows if tp > 1 else 8 * rows if pp > 1 else 0)
+def head_activation_bytes(m: ModelConfig, b: int, tp: int = 1, nbytes: int = 2, pp: int = 1, sp: bool = False,
+                          cp: int = 1) -> float:
+    """norm_f input and rstd, the head's input (replicated; this rank's chunk under SP, which the vocab-parallel head
+    gathers like any column-parallel input), and the loss's fp32 log-softmax over the V/t local logits. TP:
+    megapix's vocab-parallel cross-entropy keeps the fp32 softmax, the int64 local targets and a bool mask per row.
+    Without TP cross_entropy keeps the int64 targets: the embedding's own ids when both sit on one rank, the
+    pipeline's labels or CP's own positions' targets (8 bytes a row more) otherwise. CP: rows = s b / cp."""
+    rows, h = m.n_ctx * b / cp, m.d_model
+    rep = tp if sp else 1
+    kept = 2 * nbytes * rows * h / rep + 4 * rows / rep + 4 * rows * VOCAB_SIZE / tp
+    return kept + (9 * rows if tp > 1 else 8 * rows if pp > 1 or cp > 1 else 0)
 
 
-def loss_transient_bytes(m: ModelConfig, b: int, tp: int = 1, nbytes: int = 2) -> float:
+def loss_transient_bytes(m: ModelConfig, b: int, tp: int = 1, nbytes: int = 2, cp: int = 1) -> float:
     """Not saved, but alive in the loss at the forward's end beside the saved log-softmax: the model-dtype logits
     and their fp32 copy (the fp32 logit gradient and its model-dtype cast take the same room at backward's start)."""
-    return (nbytes + 4) * m.n_ctx * b * VOCAB_SIZE / tp
+    return (nbytes + 4) * m.n_ctx * b * VOCAB_SIZE / (tp * cp)
 
 
 def in_flight(pp: int, stage: int, micro_batches: int) -> int:
@@ -332,14 +414,14 @@ def stage_activation_bytes(m: ModelConfig, lay: Layout, global_batch: int, nbyte
     ckpt = lay.checkpointing if checkpointing is None else checkpointing
     b, pp = lay.micro_batch, lay.pp
     micro_batches = global_batch // (lay.dp * b)
-    block = block_activation_bytes(m, b, lay.tp, kernels, nbytes)
-    kept = checkpointed_block_bytes(m, b, nbytes) if ckpt else block
+    block = block_activation_bytes(m, b, lay.tp, kernels, nbytes, lay.sp, lay.cp)
+    kept = checkpointed_block_bytes(m, b, nbytes, lay.seq_split) if ckpt else block
     out = []
-    rows_h = nbytes * m.n_ctx * b * m.d_model
+    rows_h = nbytes * m.n_ctx * b * m.d_model / lay.seq_split
     for i, layers in enumerate(stage_layers(m, lay.tp, pp)):
         n = in_flight(pp, i, micro_batches)
-        per_micro = layers * kept + (embed_activation_bytes(m, b) if i == 0 else 0.0)
-        head = head_activation_bytes(m, b, lay.tp, nbytes, pp) if i == pp - 1 else 0.0
+        per_micro = layers * kept + (embed_activation_bytes(m, b, lay.cp) if i == 0 else 0.0)
+        head = head_activation_bytes(m, b, lay.tp, nbytes, pp, lay.sp, lay.cp) if i == pp - 1 else 0.0
         act = n * (per_micro + head)
         if ckpt and layers:
             # the backward reaches the blocks after the head and loss freed theirs; the recompute of one block
@@ -349,33 +431,36 @@ def stage_activation_bytes(m: ModelConfig, lay: Layout, global_batch: int, nbyte
             held = 2 * rows_h if pp > 1 and i == pp - 1 else 0.0
             act = max(act, n * per_micro + (n - 1) * head + block - kept + held)
         transient = loss_transient and i == pp - 1
-        out.append(act + (loss_transient_bytes(m, b, lay.tp, nbytes) if transient else 0.0))
+        out.append(act + (loss_transient_bytes(m, b, lay.tp, nbytes, lay.cp) if transient else 0.0))
     return out
 
 
 def pipe_buffer_bytes(m: ModelConfig, lay: Layout, global_batch: int, nbytes: int = 2) -> float:
     """DeepSpeed's pipe buffers on the stage holding the most: max(2, min(p - i, m)) buffers, each a received input
     (stage i > 0; the stage runs on a clone of it) and an output kept for its backward (1/t of it under
-    pipe_partitioned with TP). Stated from DeepSpeed's PipelineEngine, not counted."""
+    pipe_partitioned with TP). Under SP a stage's input and output are this TP rank's chunk (act / t) and
+    megapix.dsconfig turns pipe_partitioned off (each TP rank sends its own chunk). Stated from DeepSpeed's
+    PipelineEngine, not counted."""
     if lay.pp == 1:
         return 0.0
     act = nbytes * m.n_ctx * lay.micro_batch * m.d_model
     micro_batches = global_batch // (lay.dp * lay.micro_batch)
+    received = act / lay.tp if lay.sp else act
     sizes = []
     for i in range(lay.pp):
         buffers = max(2, in_flight(lay.pp, i, micro_batches))
-        sizes.append(buffers * ((act if i > 0 else 0.0) + (act / lay.tp if i < lay.pp - 1 else 0.0)))
+        sizes.append(buffers * ((received if i > 0 else 0.0) + (act / lay.tp if i < lay.pp - 1 else 0.0)))
     return max(sizes)
 
 
 def memory(m: ModelConfig, lay: Layout, global_batch: int, precision: str = "bf16", kernels: str = "triton") -> Memory:
     nbytes = 2 if precision == "bf16" else 4
     P = max(stage_params(m, lay.tp, lay.pp))
-    st = state_bytes(P, lay.dp, lay.zero, precision, lay.pp > 1)
+    st = state_bytes(P, lay.data, lay.zero, precision, lay.pp > 1)  # ZeRO partitions over DP x CP
     if lay.zero in (0, 1):
         grads_bwd = nbytes * P
     else:
-        grads_bwd = nbytes * min(BUCKET_ELEMENTS, P) + (nbytes * P / lay.dp if lay.zero == 2 else 0.0)
+        grads_bwd = nbytes * min(BUCKET_ELEMENTS, P) + (nbytes * P / lay.data if lay.zero == 2 else 0.0)
     full = max(stage_activation_bytes(m, lay, global_batch, nbytes, kernels, checkpointing=False))
     ckpt = max(stage_activation_bytes(m, lay, global_batch, nbytes, kernels, checkpointing=True))
     pipe = pipe_buffer_bytes(m, lay, global_batch, nbytes)
@@ -403,6 +488,7 @@ class Timing:
     tokens_per_s: float
     mfu: float
     tflops_per_gpu: float
+    cp_comm: float = 0.0  # the ring's K/V passes, on the critical path
 
 
 def zero3_kept_and_regathered(m: ModelConfig, tp: int) -> tuple[float, float]:
@@ -437,7 +523,20 @@ def comm_bytes(m: ModelConfig, lay: Layout, global_batch: int, nbytes: int = 2) 
           gathers every parameter forward and, in the backward, those its reuse distance released
           (zero3_kept_and_regathered), every micro-batch (recorded with a persistence threshold of 0: the tiny CPU
           model's parameters are all below DeepSpeed's default one)
-    Keys: tp, pp (sent + received), pp_sent, dp_reduce, dp_gather, tp_calls."""
+      sp  (TP with SP, in the tp key) per block and micro-batch: forward 2 all-gathers (before the column-parallel
+          linears) + 2 reduce-scatters (after the row-parallel ones), backward the 2 reduce-scatters of the gathered
+          linears' input gradients, their 2 re-gathers of the input chunk and the 2 all-gathers of the row-parallel
+          outputs' gradients: 10 x act (4 more recomputing) where TP's all-reduces move 4 x act, but an all-gather
+          or reduce-scatter costs half an all-reduce on a ring; plus the all-reduce of the chunk-applied
+          parameters' gradients (2 norm weights, and the row-parallel biases: h each) every micro-batch; the head
+          gathers forward and backward and reduce-scatters (3 x act), block 0's cut all-gathers its gradient
+          (1 x act); the pipe sends this rank's chunk unpartitioned (act / t)
+      cp  per block and micro-batch: cp - 1 ring passes of this rank's K/V (2 x act / (t cp)) forward, their
+          gradients the other way round backward, one more forward pass recomputing; each pass one send and one
+          receive (DeepSpeed's data axis, DP x CP, averages the gradients: the dp terms' group)
+    Keys: tp, pp (sent + received), pp_sent, dp_reduce, dp_gather, tp_calls, tp_ring (bytes a ring moves, in units
+    of an all-gather's: 2 per all-reduce byte, 1 per all-gather or reduce-scatter byte), cp (sent + received),
+    cp_sent, cp_calls."""
     b, rows, h = lay.micro_batch, lay.micro_batch * m.n_ctx, m.d_model
     act = nbytes * rows * h
     micro = global_batch // (lay.dp * b)
@@ -445,8 +544,17 @@ def comm_bytes(m: ModelConfig, lay: Layout, global_batch: int, nbytes: int = 2) 
     out = []
     for i, (P, layers) in enumerate(zip(stage_params(m, lay.tp, lay.pp), stage_layers(m, lay.tp, lay.pp))):
         last = i == lay.pp - 1
-        tp = tp_calls = 0.0
-        if lay.tp > 1:
+        tp = tp_calls = tp_ring = 0.0
+        if lay.tp > 1 and lay.sp:
+            per_block = 10 + (4 if lay.checkpointing else 0)
+            chunk_params = nbytes * h * (2 + (2 if m.bias else 0))  # norm weights (+ row-parallel biases)
+            head = 3 * act + 3 * 4 * rows + nbytes * h if last else 0.0  # + the loss's scalars, norm_f's gradient
+            first = act if i == 0 else 0.0
+            tp = micro * (layers * (per_block * act + chunk_params) + head + first)
+            tp_ring = micro * (layers * (per_block * act + 2 * chunk_params) + (head + 3 * 4 * rows + nbytes * h
+                                                                                 if last else 0.0) + first)
+            tp_calls = micro * (layers * (per_block + 2 + (2 if m.bias else 0)) + (7 if last else 0) + (i == 0))
+        elif lay.tp > 1:
             per_block = 4 + (2 if lay.checkpointing else 0)
             # pipe_partitioned + grad_partitioned (our ds_configs and DeepSpeed's default): a stage sends 1/t of its
             # output and of its input's gradient, and all-gathers them back over the TP group: the input forward
@@ -455,16 +563,20 @@ def comm_bytes(m: ModelConfig, lay: Layout, global_batch: int, nbytes: int = 2) 
             gathers = ((i > 0) + 2 * (not last)) if lay.pp > 1 else 0
             tp = micro * (layers * per_block * act + ((act + 3 * 4 * rows) if last else 0.0) + gathers * act)
             tp_calls = micro * (layers * per_block + (4 if last else 0) + gathers)
+            tp_ring = 2 * tp
         sides = (i > 0) + (not last) if lay.pp > 1 else 0
+        passes = micro * layers * (lay.cp - 1) * (2 + (1 if lay.checkpointing else 0))
+        kv = 2 * act / (lay.tp * lay.cp)
         dp_reduce = dp_gather = 0.0
-        if lay.dp > 1:
+        if lay.data > 1:
             dp_reduce = nbytes * P * (micro if lay.zero >= 2 else 1)
             if lay.zero in (1, 2):
                 dp_gather = nbytes * P
             elif lay.zero == 3:
                 dp_gather = nbytes * micro * (P + zero3_kept_and_regathered(m, lay.tp)[1])
-        out.append(dict(tp=tp, tp_calls=tp_calls, pp=2 * sides * micro * p2p, pp_sent=sides * micro * p2p,
-                        dp_reduce=dp_reduce, dp_gather=dp_gather))
+        out.append(dict(tp=tp, tp_calls=tp_calls, tp_ring=tp_ring, pp=2 * sides * micro * p2p,
+                        pp_sent=sides * micro * p2p, dp_reduce=dp_reduce, dp_gather=dp_gather, cp=2 * passes * kv,
+                        cp_sent=passes * kv, cp_calls=passes))
     return out
 
 
@@ -478,9 +590,9 @@ def step_time(m: ModelConfig, lay: Layout, global_batch: int, nodes: int, gpus_p
     peak = dev.peak_tflops * 1e12
     eff = efficiency * min(1.0, h / lay.tp / FULL_WIDTH) ** 0.5
     compute = executed / world / (peak * eff)  # perfectly split over all GPUs
-    elementwise = tokens * L * 40 * h / (lay.dp * lay.tp * lay.pp) / (dev.hbm_gbps * 1e9)
+    elementwise = tokens * L * 40 * h / world / (dev.hbm_gbps * 1e9)
     P = max(stage_params(m, lay.tp, lay.pp))
-    local = P / lay.dp if lay.zero >= 1 or lay.pp > 1 else P
+    local = P / lay.data if lay.zero >= 1 or lay.pp > 1 else P
     opt = 30 * local / (dev.hbm_gbps * 1e9)
     nv, ib = dev.nvlink_gbps * 1e9 * COMM_EFFICIENCY, dev.ib_gbps * 1e9 * COMM_EFFICIENCY
     micro = global_batch // (lay.dp * lay.micro_batch)  # micro-batches per step per pipeline
@@ -489,18 +601,22 @@ def step_time(m: ModelConfig, lay: Layout, global_batch: int, nodes: int, gpus_p
     comm = comm_bytes(m, lay, global_batch, 2)  # 16-bit
     busiest = {key: max(c[key] for c in comm) for key in comm[0]}
     tp_comm = 0.0
-    if lay.tp > 1:  # ring all-reduces inside the node, on the critical path
-        tp_comm = 2 * (lay.tp - 1) / lay.tp * busiest["tp"] / nv + busiest["tp_calls"] * lat_nv
+    if lay.tp > 1:  # ring all-reduces (SP: all-gathers and reduce-scatters) inside the node, on the critical path
+        tp_comm = (lay.tp - 1) / lay.tp * busiest["tp_ring"] / nv + busiest["tp_calls"] * lat_nv
+    cp_comm = 0.0
+    if lay.cp > 1:  # CP ranks sit tp apart on DeepSpeed's data axis: one node while tp x cp GPUs fit in it
+        cp_link, cp_lat = (ib, lat_ib) if lay.tp * lay.cp > gpus_per_node else (nv, lat_nv)
+        cp_comm = busiest["cp_sent"] / cp_link + busiest["cp_calls"] * cp_lat
     # Ranks are numbered TP fastest, then DP, then PP (DeepSpeed's topology: pipe, data, model).
     cross = lay.tp * lay.dp >= gpus_per_node and nodes > 1
     pp_link, pp_lat = (ib, lat_ib) if cross else (nv, lat_nv)
     pp_comm = busiest["pp_sent"] / pp_link + 2 * micro * pp_lat if lay.pp > 1 else 0.0
-    per_stage = compute + elementwise + tp_comm
+    per_stage = compute + elementwise + tp_comm + cp_comm
     bubble = per_stage * (lay.pp - 1) / micro if lay.pp > 1 else 0.0
     dp_comm = 0.0
-    if lay.dp > 1:
-        dp_link, dp_lat = (ib, lat_ib) if lay.tp * lay.dp > gpus_per_node else (nv, lat_nv)
-        frac = (lay.dp - 1) / lay.dp
+    if lay.data > 1:  # DeepSpeed's data axis: DP x CP ranks
+        dp_link, dp_lat = (ib, lat_ib) if lay.tp * lay.data > gpus_per_node else (nv, lat_nv)
+        frac = (lay.data - 1) / lay.data
         reduce, gather, nbytes_16 = busiest["dp_reduce"], busiest["dp_gather"], 2
         backward = 2 / 3 * compute
         if lay.zero in (0, 1):  # one ring all-reduce after backward (+ ZeRO-1's all-gather), not overlapped
@@ -516,7 +632,7 @@ def step_time(m: ModelConfig, lay: Layout, global_batch: int, nodes: int, gpus_p
     total = per_stage + bubble + pp_comm + dp_comm + opt
     tflops = model_flops / world / total / 1e12
     return Timing(compute, elementwise, opt, tp_comm, pp_comm, bubble, dp_comm, total, tokens / total,
-                  tflops / dev.peak_tflops, tflops)
+                  tflops / dev.peak_tflops, tflops, cp_comm)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -525,6 +641,17 @@ def layout_problem(m: ModelConfig, lay: Layout, global_batch: int, gpus_per_node
     """Why DeepSpeed or the model cannot run this layout (None: it can). The rules of megapix.parallel.layout."""
     if lay.pp > 1 and lay.zero > 1:
         return f"DeepSpeed's pipeline engine takes ZeRO-0/1, not ZeRO-{lay.zero}"
+    if lay.sp and lay.tp == 1:
+        return "sequence parallelism splits the sequence over the TP ranks: it needs TP > 1"
+    if lay.sp and m.n_ctx % lay.tp:
+        return f"SP over TP {lay.tp} must divide the {m.n_ctx} positions"
+    if lay.cp > 1:
+        if m.n_ctx % (2 * lay.cp):
+            return f"CP {lay.cp} cuts the {m.n_ctx} positions into 2 x {lay.cp} chunks (a head and a tail per rank)"
+        if lay.pp > 1:
+            return "CP does not run with a DeepSpeed pipeline (its stages send whole activations)"
+        if lay.sp:
+            return "CP with SP is not built (each splits the sequence)"
     if m.n_head % lay.tp or VOCAB_SIZE % lay.tp:
         return f"TP {lay.tp} must divide the {m.n_head} heads and the 512-way head"
     if lay.tp > gpus_per_node or gpus_per_node % lay.tp:
@@ -537,9 +664,9 @@ def layout_problem(m: ModelConfig, lay: Layout, global_batch: int, gpus_per_node
 
 
 def pinned_problem(m: ModelConfig, world: int, gpus_per_node: int, global_batch: int, tp=None, pp=None, zero=None,
-                   micro=None, ckpt=None) -> str | None:
+                   micro=None, ckpt=None, sp=None, cp=None) -> str | None:
     """Why no layout at all exists with these pinned axes (None: some do, whether or not they fit in memory)."""
-    if next(candidates(m, world, gpus_per_node, global_batch, tp, pp, zero, micro, ckpt), None) is not None:
+    if next(candidates(m, world, gpus_per_node, global_batch, tp, pp, zero, micro, ckpt, sp, cp), None) is not None:
         return None
     if tp:
         if gpus_per_node % tp:
@@ -555,6 +682,20 @@ def pinned_problem(m: ModelConfig, world: int, gpus_per_node: int, global_batch:
             return (f"TP {tp or 1} x PP {pp} does not divide the {world} GPUs; choose TP x PP dividing {world}")
         if zero is not None and zero > 1:
             return f"DeepSpeed's pipeline engine takes ZeRO-0/1, not --zero-stage {zero}"
+    if sp and (tp == 1 or (tp is None and not any(m.n_head % t == 0 and t > 1 and gpus_per_node % t == 0
+                                                   for t in range(2, gpus_per_node + 1)))):
+        return "--sequence-parallel needs --tensor-parallel > 1 (it splits the sequence over the TP ranks)"
+    if cp and cp > 1:
+        if m.n_ctx % (2 * cp):
+            return (f"--context-parallel {cp} cuts the {m.n_ctx} positions into 2 x {cp} chunks (a head and a tail "
+                    f"per rank), which does not divide them; use a degree whose double divides {m.n_ctx}")
+        if pp and pp > 1:
+            return (f"--context-parallel {cp} does not run with --pipeline-parallel {pp} (DeepSpeed's pipeline engine "
+                    "sends whole activations between stages); use --pipeline-parallel 1")
+        if sp:
+            return "--context-parallel with --sequence-parallel is not supported; use one of them"
+        if world % cp:
+            return f"--context-parallel {cp} does not divide the {world} GPUs"
     if micro:
         return (f"--micro-batch {micro} x the data-parallel size does not divide --global-batch {global_batch} for "
                 "any layout left; choose a smaller micro-batch or another global batch")
@@ -578,10 +719,12 @@ class Plan:
     gpus_per_node: int
     kernels: str = "triton"
     precision: str = "bf16"
+    resolution: int | None = None  # the model's (None: the preset's)
 
     @property
     def command(self) -> str:
-        return train_command(self.model, self.layout, self.global_batch, self.nodes, self.gpus_per_node, self.kernels)
+        return train_command(self.model, self.layout, self.global_batch, self.nodes, self.gpus_per_node, self.kernels,
+                             self.resolution)
 
     @property
     def ds_config(self) -> dict:
@@ -590,7 +733,8 @@ class Plan:
     def to_dict(self) -> dict:
         mem = {k: v / GiB for k, v in asdict(self.memory).items()}
         mem.update(states=self.memory.states / GiB, peak=self.memory.peak / GiB)
-        return {"model": self.model, "layout": asdict(self.layout), "world": self.layout.world,
+        return {"model": self.model, "resolution": self.resolution, "layout": asdict(self.layout),
+                "world": self.layout.world,
                 "kernels": self.kernels, "memory_gib": mem, "timing": asdict(self.timing), "fits": self.fits,
                 "global_batch": self.global_batch, "command": self.command, "ds_config": self.ds_config,
                 "ds_config_file": ds_config_file(self.layout)}
@@ -605,7 +749,8 @@ def ds_config_file(lay: Layout) -> str | None:
     defaults (pipe_partitioned, grad_partitioned) and megapix's own bf16/clipping settings apply."""
     if lay.zero == 0:
         return None
-    return "ds_configs/pipeline.json" if lay.pp > 1 else f"ds_configs/zero{lay.zero}.json"
+    # pipeline.json partitions the pipe tensors over the TP ranks, which SP's per-rank chunks cannot use
+    return "ds_configs/pipeline.json" if lay.pp > 1 and not lay.sp else f"ds_configs/zero{lay.zero}.json"
 
 
 @functools.lru_cache(maxsize=None)
@@ -623,17 +768,25 @@ def ds_config(lay: Layout, global_batch: int, precision: str = "bf16") -> dict:
     user.path = path
     train = TrainConfig(global_batch=global_batch, micro_batch=lay.micro_batch, tensor_parallel=lay.tp,
                         pipeline_parallel=lay.pp, zero_stage=lay.zero, precision=precision,
-                        activation_checkpointing=lay.checkpointing)
+                        activation_checkpointing=lay.checkpointing, sequence_parallel=lay.sp,
+                        context_parallel=lay.cp)
     cfg, user = dsconfig.resolve(Config(train=train), user, world=lay.world)
-    engine_layout = ParallelLayout(world=lay.world, rank=0, tp=lay.tp, pp=lay.pp, zero_stage=lay.zero)
+    engine_layout = ParallelLayout(world=lay.world, rank=0, tp=lay.tp, pp=lay.pp, zero_stage=lay.zero, sp=lay.sp,
+                                   cp=lay.cp)
     return dsconfig.make_ds_config(cfg, user, engine_layout, lay.micro_batch)
 
 
 def train_command(model: str, lay: Layout, global_batch: int, nodes: int, gpus_per_node: int,
-                  kernels: str = "auto") -> str:
-    cmd = (f"deepspeed --num_nodes {nodes} --num_gpus {gpus_per_node} megapix/train.py --model {model} "
-           f"--global-batch {global_batch} --micro-batch {lay.micro_batch} --tensor-parallel {lay.tp} "
-           f"--pipeline-parallel {lay.pp} --zero-stage {lay.zero}")
+                  kernels: str = "auto", resolution: int | None = None) -> str:
+    cmd = f"deepspeed --num_nodes {nodes} --num_gpus {gpus_per_node} megapix/train.py --model {model} "
+    if resolution is not None and resolution != PRESETS.get(model, {}).get("resolution"):
+        cmd += f"--resolution {resolution} "
+    cmd += (f"--global-batch {global_batch} --micro-batch {lay.micro_batch} --tensor-parallel {lay.tp} "
+            f"--pipeline-parallel {lay.pp} --zero-stage {lay.zero}")
+    if lay.sp:
+        cmd += " --sequence-parallel"
+    if lay.cp > 1:
+        cmd += f" --context-parallel {lay.cp}"
     if ds_config_file(lay):
         cmd += f" --deepspeed-config {ds_config_file(lay)}"
     if kernels == "torch":
@@ -647,37 +800,42 @@ def plan_one(model: str, m: ModelConfig, lay: Layout, global_batch: int, nodes: 
     mem = memory(m, lay, global_batch, precision, kernels)
     tim = step_time(m, lay, global_batch, nodes, gpus_per_node, dev, efficiency)
     return Plan(model, lay, mem, tim, mem.peak <= memory_gb * 1e9, global_batch, nodes, gpus_per_node, kernels,
-                precision)
+                precision, m.resolution)
 
 
 def candidates(m: ModelConfig, world: int, gpus_per_node: int, global_batch: int, tp=None, pp=None, zero=None,
-               micro=None, ckpt=None):
-    """Every layout DeepSpeed can run for this world (optionally pinned on some axes)."""
+               micro=None, ckpt=None, sp=None, cp=None):
+    """Every layout DeepSpeed and megapix can run for this world (optionally pinned on some axes): TP x PP x CP x
+    DP, SP on or off where TP > 1."""
     for t in _divisors(world):
         for p in _divisors(world // t):
-            d = world // (t * p)
-            if (tp and t != tp) or (pp and p != pp) or global_batch % d:
-                continue
-            for z in (0, 1) if p > 1 else (0, 1, 2, 3):
-                if zero is not None and z != zero:
+            for k in _divisors(world // (t * p)):
+                d = world // (t * p * k)
+                if (tp and t != tp) or (pp and p != pp) or (cp and k != cp) or global_batch % d:
                     continue
-                for mb in _divisors(global_batch // d):
-                    if micro and mb != micro:
+                for s in (False, True) if t > 1 else (False,):
+                    if sp is not None and s != sp:
                         continue
-                    for c in (False, True):
-                        if ckpt is not None and c != ckpt:
+                    for z in (0, 1) if p > 1 else (0, 1, 2, 3):
+                        if zero is not None and z != zero:
                             continue
-                        lay = Layout(t, p, d, z, mb, c)
-                        if layout_problem(m, lay, global_batch, gpus_per_node) is None:
-                            yield lay
+                        for mb in _divisors(global_batch // d):
+                            if micro and mb != micro:
+                                continue
+                            for c in (False, True):
+                                if ckpt is not None and c != ckpt:
+                                    continue
+                                lay = Layout(t, p, d, z, mb, c, s, k)
+                                if layout_problem(m, lay, global_batch, gpus_per_node) is None:
+                                    yield lay
 
 
 def search(model: str, nodes: int, gpus_per_node: int, memory_gb: float, dev: Device, global_batch: int,
            efficiency: float = EFFICIENCY, best_per_layout: bool = True, precision: str = "bf16",
-           kernels: str = "triton", **pins) -> list[Plan]:
-    """Layouts that fit, fastest first. With best_per_layout, one row per (TP, PP, DP, ZeRO): its fastest
-    micro-batch and checkpointing choice."""
-    m = model_preset(model) if isinstance(model, str) else model
+           kernels: str = "triton", resolution: int | None = None, **pins) -> list[Plan]:
+    """Layouts that fit, fastest first. With best_per_layout, one row per (TP, PP, CP, DP, ZeRO, SP): its fastest
+    micro-batch and checkpointing choice. `resolution`: the preset at another image side."""
+    m = model_preset(model, **({"resolution": resolution} if resolution else {})) if isinstance(model, str) else model
     plans = [plan_one(model, m, lay, global_batch, nodes, gpus_per_node, dev, memory_gb, efficiency, precision,
                       kernels)
              for lay in candidates(m, nodes * gpus_per_node, gpus_per_node, global_batch, **pins)]
@@ -686,7 +844,7 @@ def search(model: str, nodes: int, gpus_per_node: int, memory_gb: float, dev: De
         return fitting
     seen, out = set(), []
     for p in fitting:
-        key = (p.layout.tp, p.layout.pp, p.layout.dp, p.layout.zero)
+        key = (p.layout.tp, p.layout.pp, p.layout.dp, p.layout.zero, p.layout.sp, p.layout.cp)
         if key not in seen:
             seen.add(key)
             out.append(p)
@@ -761,13 +919,15 @@ def fmt_gib(x: float) -> str:
 
 
 def table(plans: list[Plan], limit: int | None = None) -> str:
-    head = (f"{'#':>3} {'TP':>3} {'PP':>3} {'DP':>4} {'Z':>2} {'mb':>3} {'ckpt':>4} | {'params':>7} {'grads':>7} "
+    head = (f"{'#':>3} {'TP':>3} {'SP':>3} {'PP':>3} {'CP':>3} {'DP':>4} {'Z':>2} {'mb':>3} {'ckpt':>4} | "
+            f"{'params':>7} {'grads':>7} "
             f"{'master':>7} {'adam':>7} {'act':>7} {'pipe':>6} {'wksp':>6} {'peak':>7} GiB | {'step s':>8} "
             f"{'tok/s':>9} {'MFU':>5}")
     rows = [head, "-" * len(head)]
     for i, p in enumerate(plans[:limit] if limit else plans, 1):
         L, M, T = p.layout, p.memory, p.timing
-        rows.append(f"{i:>3} {L.tp:>3} {L.pp:>3} {L.dp:>4} {L.zero:>2} {L.micro_batch:>3} "
+        rows.append(f"{i:>3} {L.tp:>3} {'yes' if L.sp else 'no':>3} {L.pp:>3} {L.cp:>3} {L.dp:>4} {L.zero:>2} "
+                    f"{L.micro_batch:>3} "
                     f"{'yes' if L.checkpointing else 'no':>4} | {fmt_gib(M.params)} {fmt_gib(M.grads)} "
                     f"{fmt_gib(M.master)} {fmt_gib(M.optimizer)} {fmt_gib(M.activations)} "
                     f"{M.pipe_buffers / GiB:6.2f} {M.workspace / GiB:6.2f} {fmt_gib(M.peak)}     | "
@@ -784,7 +944,8 @@ def describe(p: Plan) -> str:
              f"{M.activations_ckpt / GiB:.2f}), pipe buffers {M.pipe_buffers / GiB:.2f}, workspace "
              f"{M.workspace / GiB:.2f} -> peak {M.peak / GiB:.2f}",
              f"  step {T.step:.3f} s = compute {T.compute:.3f} + elementwise {T.elementwise:.3f} + TP "
-             f"{T.tp_comm:.3f} + PP bubble {T.bubble:.3f} + p2p {T.pp_comm:.3f} + DP exposed {T.dp_comm:.3f} + "
+             f"{T.tp_comm:.3f} + CP ring {T.cp_comm:.3f} + PP bubble {T.bubble:.3f} + p2p {T.pp_comm:.3f} + DP "
+             f"exposed {T.dp_comm:.3f} + "
              f"Adam {T.optimizer:.3f}; {T.tokens_per_s:,.0f} tokens/s, {T.tflops_per_gpu:.0f} TFLOP/s per GPU, "
              f"MFU {T.mfu:.1%}",
              f"  run: {p.command}"]
@@ -811,10 +972,48 @@ def readme_table(dev: Device, efficiency: float = EFFICIENCY, gpus=(1, 8, 64, 25
                 continue
             p = plans[0]
             L = p.layout
-            rows.append(f"| {model} | {n} | TP{L.tp} x PP{L.pp} x DP{L.dp}, ZeRO-{L.zero} | {L.micro_batch} | "
+            rows.append(f"| {model} | {n} | TP{L.tp}{'+SP' if L.sp else ''} x PP{L.pp}"
+                        f"{f' x CP{L.cp}' if L.cp > 1 else ''} x DP{L.dp}, ZeRO-{L.zero} | {L.micro_batch} | "
                         f"{'yes' if L.checkpointing else 'no'} | {p.memory.peak / GiB:.1f} | {p.timing.step:.3f} | "
                         f"{p.timing.tokens_per_s:,.0f} | {p.timing.mfu:.0%} | "
                         f"{days_to(p, PAPER_ITERATIONS[model]):.1f} |")
+    return "\n".join(rows)
+
+
+def layout_name(L: Layout) -> str:
+    return (f"TP{L.tp}{'+SP' if L.sp else ''}{f' x CP{L.cp}' if L.cp > 1 else ''}{f' x PP{L.pp}' if L.pp > 1 else ''}"
+            f" x DP{L.dp}, ZeRO-{L.zero}, mb {L.micro_batch}{', ckpt' if L.checkpointing else ''}")
+
+
+def largest_resolution(model: str, gpus: int, memory_gb: float, dev: Device, efficiency: float = EFFICIENCY,
+                       sp_cp: bool = True) -> Plan | None:
+    """The fastest plan at the largest side in RESOLUTIONS at which some layout fits (sp_cp=False: with neither SP
+    nor CP), on `gpus` GPUs (nodes of 8 beyond 8), at the paper's batch; None when none fits even at 32."""
+    nodes, g = (1, gpus) if gpus <= 8 else (gpus // 8, 8)
+    pins = {} if sp_cp else {"sp": False, "cp": 1}
+    for r in sorted(RESOLUTIONS, reverse=True):
+        plans = search(model, nodes, g, memory_gb, dev, PAPER_BATCH[model], efficiency, resolution=r, **pins)
+        if plans:
+            return plans[0]
+    return None
+
+
+def max_resolution_table(dev: Device, memory_gb: float, efficiency: float = EFFICIENCY) -> str:
+    """Markdown: per preset and GPU count, the largest resolution that fits without and with SP/CP, the layout the
+    planner picks there and its speed (`megapix plan --max-resolution`)."""
+    rows = [f"Largest model resolution (of {', '.join(map(str, RESOLUTIONS))}) that fits on {dev.name} "
+            f"({memory_gb:g} GB; nodes of 8), the paper's batch, the planner's fastest layout there; "
+            "`megapix plan --max-resolution`; estimates, not measurements:", "",
+            "| model | GPUs | without SP/CP: side | layout | tokens/s | with SP/CP: side | layout | tokens/s |",
+            "|---|---|---|---|---|---|---|---|"]
+    for model in ("igpt-s", "igpt-m", "igpt-l", "igpt-xl"):
+        for n in TABLE_GPUS:
+            cells = [model, str(n)]
+            for sp_cp in (False, True):
+                p = largest_resolution(model, n, memory_gb, dev, efficiency, sp_cp)
+                cells += (["does not fit", "", ""] if p is None else
+                          [f"{p.resolution}^2", layout_name(p.layout), f"{p.timing.tokens_per_s:,.0f}"])
+            rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -866,10 +1065,13 @@ def deepspeed_estimate(m: ModelConfig, lay: Layout) -> float | None:
 # The layout flags are the trainer's (TrainConfig / ModelConfig fields, generated by megapix.cliargs); for the
 # planner an unset one is searched over. The old short spellings stay accepted.
 LAYOUT_FIELDS = {TrainConfig: ("tensor_parallel", "pipeline_parallel", "zero_stage", "micro_batch", "global_batch",
-                               "activation_checkpointing", "precision"), ModelConfig: ("kernels",)}
+                               "activation_checkpointing", "precision", "sequence_parallel", "context_parallel"),
+                 ModelConfig: ("kernels", "resolution")}
 OLD_SPELLINGS = {"--tp": "tensor_parallel", "--pp": "pipeline_parallel", "--zero": "zero_stage"}
 PLANNER_DEFAULTS = {"global_batch": "the paper's: 128, 64 for igpt-xl", "precision": "bf16 (auto is bf16: GPUs)",
-                    "kernels": "triton (auto is Triton: GPUs)"}
+                    "kernels": "triton (auto is Triton: GPUs)", "resolution": "the preset's"}
+RESOLUTIONS = (32, 48, 64, 96, 128)  # the --max-resolution table's sides
+TABLE_GPUS = (8, 64, 256)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -893,6 +1095,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=20, help="rows of the ranked table (0: all)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--table", action="store_true", help="the README table: igpt-s/m/l/xl on 1, 8, 64, 256 GPUs")
+    p.add_argument("--max-resolution", action="store_true",
+                   help=f"the README table: the largest of {', '.join(map(str, RESOLUTIONS))} each preset fits at on "
+                        f"{', '.join(map(str, TABLE_GPUS))} GPUs, with and without SP/CP, and the layout")
     p.add_argument("--check", action="store_true",
                    help="planner model-state bytes next to DeepSpeed's estimators for tiny/small/bench")
     return p
@@ -906,6 +1111,9 @@ def main(argv=None) -> int:
         return 0
     if a.check:
         print(check_table())
+        return 0
+    if a.max_resolution:
+        print(max_resolution_table(dev, a.gpu_memory or dev.memory_gb, a.efficiency))
         return 0
     if a.model not in PRESETS:
         raise ConfigError(f"unknown model preset {a.model!r}; choose one of {', '.join(PRESETS)}")
@@ -921,17 +1129,22 @@ def main(argv=None) -> int:
     gb = pin["global_batch"] or PAPER_BATCH.get(a.model, 64)
     precision = "bf16" if pin["precision"] in (None, "auto") else pin["precision"]
     kernels = "triton" if pin["kernels"] in (None, "auto") else pin["kernels"]
-    tp, pp, zero, micro, ckpt = (pin[k] for k in ("tensor_parallel", "pipeline_parallel", "zero_stage", "micro_batch",
-                                                  "activation_checkpointing"))
-    m = model_preset(a.model)
+    tp, pp, zero, micro, ckpt, sp, cp = (pin[k] for k in ("tensor_parallel", "pipeline_parallel", "zero_stage",
+                                                          "micro_batch", "activation_checkpointing",
+                                                          "sequence_parallel", "context_parallel"))
+    if cp is not None and cp <= 0:
+        raise ConfigError(f"--context-parallel={cp} must be positive")
+    m = model_preset(a.model, **({"resolution": pin["resolution"]} if pin["resolution"] else {}))
     world = a.nodes * a.gpus_per_node
     if tp and pp and zero is not None:
-        if world % (tp * pp):
-            raise ConfigError(f"{world} GPUs are not divisible by TP {tp} x PP {pp}; choose TP x PP dividing {world}")
-        dp = world // (tp * pp)
+        k = cp or 1
+        if world % (tp * pp * k):
+            raise ConfigError(f"{world} GPUs are not divisible by TP {tp} x PP {pp} x CP {k}; choose TP x PP x CP "
+                              f"dividing {world}")
+        dp = world // (tp * pp * k)
         if gb % dp:
             raise ConfigError(f"global batch {gb} is not divisible by DP {dp}; pass --global-batch, a multiple of {dp}")
-        lay = Layout(tp, pp, dp, zero, micro or 1, bool(ckpt))
+        lay = Layout(tp, pp, dp, zero, micro or 1, bool(ckpt), bool(sp), k)
         why = layout_problem(m, lay, gb, a.gpus_per_node)
         if why:
             raise ConfigError(f"layout {lay.describe()} cannot run: {why}")
@@ -944,11 +1157,12 @@ def main(argv=None) -> int:
                   f"({ds_config_file(lay) or 'no file'} + flags): {json.dumps(p.ds_config)}")
             print(ASSUMPTIONS)
         return 0 if p.fits else 1
-    why = pinned_problem(m, world, a.gpus_per_node, gb, tp, pp, zero, micro, ckpt)
+    why = pinned_problem(m, world, a.gpus_per_node, gb, tp, pp, zero, micro, ckpt, sp, cp)
     if why:
         raise ConfigError(why)
     plans = search(a.model, a.nodes, a.gpus_per_node, mem_gb, dev, gb, a.efficiency, precision=precision,
-                   kernels=kernels, tp=tp, pp=pp, zero=zero, micro=micro, ckpt=ckpt)
+                   kernels=kernels, resolution=pin["resolution"], tp=tp, pp=pp, zero=zero, micro=micro, ckpt=ckpt,
+                   sp=sp, cp=cp)
     if a.json:
         print(json.dumps([p.to_dict() for p in plans], indent=1))
         return 0 if plans else 1

@@ -101,7 +101,8 @@ for spec in json.loads(os.environ["LAYOUTS"]):
     cfg = Config(model=m, data=DataConfig(source="synthetic:32", palette=palette),
                  train=TrainConfig(global_batch=8, micro_batch=2, max_steps=2, eval_every=0, zero_stage=0,
                                    tensor_parallel=spec["tp"], pipeline_parallel=spec["pp"], precision="fp32",
-                                   activation_checkpointing=spec["ckpt"], out=os.path.join(work, "run")))
+                                   activation_checkpointing=spec["ckpt"], sequence_parallel=spec.get("sp", False),
+                                   context_parallel=spec.get("cp", 1), out=os.path.join(work, "run")))
     tr = Trainer(cfg)
     tr.train_step(tr._next_batches())  # the first step builds DeepSpeed's buffers; count the second
     tr.step += 1
@@ -118,7 +119,8 @@ for spec in json.loads(os.environ["LAYOUTS"]):
 '''
 
 LAUNCHES = {  # world size -> layouts counted in that one launch (tiny, fp32, micro-batch 2, 4 micro-batches a step)
-    2: [dict(tp=2, pp=1, ckpt=False), dict(tp=1, pp=2, ckpt=False), dict(tp=1, pp=2, ckpt=True)],
+    2: [dict(tp=1, pp=1, ckpt=False, cp=2), dict(tp=2, pp=1, ckpt=False), dict(tp=1, pp=2, ckpt=False),
+        dict(tp=1, pp=2, ckpt=True), dict(tp=2, pp=1, ckpt=False, sp=True)],  # no mpu first: DeepSpeed keeps the last
     4: [dict(tp=1, pp=4, ckpt=False)],
 }
 
@@ -130,14 +132,15 @@ def layout_rows(tmp_path_factory):
 
 def _planned(row):
     m = model_preset("tiny", kernels="torch")
-    lay = Layout(tp=row["tp"], pp=row["pp"], dp=row["world"] // (row["tp"] * row["pp"]), micro_batch=2,
-                 checkpointing=row["ckpt"])
+    cp = row.get("cp", 1)
+    lay = Layout(tp=row["tp"], pp=row["pp"], dp=row["world"] // (row["tp"] * row["pp"] * cp), micro_batch=2,
+                 checkpointing=row["ckpt"], sp=row.get("sp", False), cp=cp)
     stages = stage_activation_bytes(m, lay, 8, nbytes=4, kernels="torch", loss_transient=False)
     return m, lay, stages[row["stage"]]
 
 
 def test_tp2_shard_saves_what_the_planner_counts(layout_rows):
-    rows = [r for r in layout_rows if r["tp"] == 2]
+    rows = [r for r in layout_rows if r["tp"] == 2 and not r.get("sp")]
     assert len(rows) == 2
     for r in rows:
         m, lay, planned = _planned(r)
@@ -149,7 +152,8 @@ def test_tp2_shard_saves_what_the_planner_counts(layout_rows):
 @pytest.mark.parametrize("pp", [2, 4])
 def test_pipeline_stages_keep_min_p_minus_i_m_micro_batches_in_flight(layout_rows, pp):
     """DeepSpeed's 1F1B schedule, counted: stage i's peak of saved bytes over one micro-batch's is min(p - i, m)."""
-    rows = sorted((r for r in layout_rows if r["pp"] == pp and not r["ckpt"]), key=lambda r: r["stage"])
+    rows = sorted((r for r in layout_rows if r["pp"] == pp and not r["ckpt"] and r["tp"] == 1),
+                  key=lambda r: r["stage"])
     assert [r["stage"] for r in rows] == list(range(pp))
     for r in rows:
         per_micro = r["total"] / r["micro_batches"]
@@ -167,6 +171,27 @@ def test_activation_checkpointing_keeps_block_inputs_and_one_recompute(layout_ro
         assert r["peak"] == pytest.approx(planned, rel=TOLERANCE), r
         full = next(x for x in layout_rows if x["pp"] == 2 and not x["ckpt"] and x["stage"] == r["stage"])
         assert r["peak"] < full["peak"]
+
+
+def test_sequence_and_context_parallel_save_what_the_planner_counts(layout_rows):
+    """TP2 + SP: the replicated norm and column-parallel inputs (and the norms' rstd) are cut by t, ~8 sbh / t per block
+    instead of 8 sbh; CP2: every activation holds s / cp positions, plus the ring's K/V of the whole sequence and
+    the partial results (the planner's ring_block_bytes). Per rank, one micro-batch at a time."""
+    tp_rows = {r["rank"]: r for r in layout_rows if r["tp"] == 2 and not r.get("sp")}
+    for key in ("sp", "cp"):
+        rows = [r for r in layout_rows if r.get(key)]
+        assert len(rows) == 2
+        for r in rows:
+            m, lay, planned = _planned(r)
+            assert r["peak"] == pytest.approx(planned, rel=TOLERANCE), r
+            assert r["total"] == pytest.approx(r["micro_batches"] * r["peak"], rel=TOLERANCE), r
+            if key == "sp":
+                assert r["peak"] < tp_rows[r["rank"]]["peak"]  # SP measurably cuts TP's saved bytes
+    # the SP block term against the TP one: 4 e rows h (the replicated tensors) and 8 rows (rstd) shrink by t
+    m = model_preset("tiny", kernels="torch")
+    rows = 2 * m.n_ctx
+    cut = block_activation_bytes(m, 2, 2, "torch", 4) - block_activation_bytes(m, 2, 2, "torch", 4, sp=True)
+    assert cut == 4 * rows * m.d_model * 4 / 2 + 8 * rows / 2
 
 
 @pytest.mark.parametrize("with_residual", [False, True])

@@ -47,6 +47,18 @@ ROWS = [
      ["optimizer section", "--lr 0.0001"]),
     ("train-ds-fp16", ["train", "--deepspeed_config", "{tmp}/fp16.json", "--out", "{tmp}/run"], 2,
      ["fp16", "bf16"]),
+    # train: sequence and context parallelism (issue 19), refused before anything is allocated
+    ("train-sp-without-tp", ["train", "--sequence-parallel", "--out", "{tmp}/run"], 2,
+     ["sequence_parallel", "--tensor-parallel 2"]),
+    ("train-cp-world", ["train", "--context-parallel", "2", "--out", "{tmp}/run"], 2,
+     ["not divisible by TP 1 x PP 1 x CP 2", "--context-parallel"]),
+    ("train-cp-zero", ["train", "--context-parallel", "0", "--out", "{tmp}/run"], 2, ["context_parallel"]),
+    ("plan-sp-without-tp", ["plan", "--model", "igpt-s", "--tensor-parallel", "1", "--sequence-parallel"], 2,
+     ["--sequence-parallel needs --tensor-parallel > 1"]),
+    ("plan-cp-chunks", ["plan", "--model", "igpt-s", "--context-parallel", "3"], 2,
+     ["--context-parallel 3 cuts the 1024 positions into 2 x 3 chunks"]),
+    ("plan-cp-with-pp", ["plan", "--model", "igpt-s", "--context-parallel", "2", "--pipeline-parallel", "2"], 2,
+     ["--context-parallel 2 does not run with --pipeline-parallel 2"]),
     # sample
     ("sample-n-0", ["sample", "--checkpoint", "{tmp}/model", "--n", "0", "--out", "{tmp}/s.png"], 2, ["--n=0", ">= 1"]),
     ("sample-out-is-a-users-file", ["sample", "--checkpoint", "{tmp}/model", "--out", "{tmp}/list.json"], 2,

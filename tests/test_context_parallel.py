@@ -69,3 +69,66 @@ def test_two_rank_context_parallel_features_equal_one_rank(tmp_path):
     0, 1 and 3 (after norm_f) equal megapix.features.extract on one rank, AR and BERT."""
     proc = run_worker(tmp_path, "cp_worker.py", CP_WORKER)
     assert proc.returncode == 0 and "CP-FEATURES-OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def test_planner_ring_pairs_follow_the_ring():
+    """megapix.plan.ring_pairs (closed form) against the ring's own chunk positions: per query chunk, the key chunks
+    not wholly in its future (causal) or all (BERT)."""
+    from megapix.config import ModelConfig
+    from megapix.parallel.context import chunk_starts
+    from megapix.plan import ring_pairs
+
+    for objective in ("ar", "bert"):
+        m = ModelConfig(n_layer=1, d_model=32, n_head=2, resolution=16, objective=objective)
+        for cp in (2, 4, 8):
+            c = m.n_ctx // (2 * cp)
+            keys = [k0 for r in range(cp) for k0 in chunk_starts(m.n_ctx, cp, r)]
+            for rank in range(cp):
+                want = [sum(1 for k0 in keys if not (objective == "ar" and k0 > q0 + c - 1))
+                        for q0 in chunk_starts(m.n_ctx, cp, rank)]
+                assert ring_pairs(m, cp, rank) == want, (objective, cp, rank)
+
+
+@pytest.mark.slow
+def test_two_rank_context_parallel_extract_command_equals_one_rank(tmp_path):
+    """`megapix extract --context-parallel 2` on 2 ranks (one CP group: both ranks hold a head and a tail chunk of
+    every image, rank 0 writes the rows) dumps the features one rank dumps, AR at 8x8 (64 positions, 4 chunks)."""
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from megapix.cli import main
+    from test_features import export
+    from test_parallel_helpers import ROOT, env, free_port
+
+    export(tmp_path / "m")
+    args = ["extract", "--checkpoint", str(tmp_path / "m"), "--data", "synthetic:24", "--layers", "0,2,3",
+            "--chunk-size", "8", "--batch-size", "5", "--splits", "train,test"]
+    assert main(args + ["--out", str(tmp_path / "one")]) == 0
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), "-m", "megapix", *args, "--out", str(tmp_path / "cp"),
+                           "--context-parallel", "2"], cwd=ROOT, env={**env(), "PYTHONPATH": ROOT},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    man = json.loads((tmp_path / "cp" / "manifest.json").read_text())
+    assert man["complete"] and man["context_parallel"] == 2 and man["world_size"] == 2
+    for split in ("train", "test"):
+        a = np.load(tmp_path / "one" / f"{split}_features.npy")
+        b = np.load(tmp_path / "cp" / f"{split}_features.npy")
+        assert a.shape == b.shape and not np.all(b == 0, axis=1).any()
+        np.testing.assert_allclose(b, a, atol=1e-5)
+
+
+def test_extract_refuses_a_context_parallel_degree_the_ranks_do_not_fill(tmp_path, capsys):
+    """One line, exit 2, before the model is loaded and before any feature file exists."""
+    from megapix.cli import main
+    from test_features import export
+
+    export(tmp_path / "m")
+    code = main(["extract", "--checkpoint", str(tmp_path / "m"), "--data", "synthetic:16", "--context-parallel", "2",
+                 "--out", str(tmp_path / "f")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--context-parallel 2 does not divide the 1 ranks" in err
+    assert not list((tmp_path / "f").glob("*_features.npy*"))

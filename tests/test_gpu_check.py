@@ -155,3 +155,34 @@ def test_a_missed_goal_is_reported_and_only_a_wrong_number_exits_1(tmp_path, mon
     assert rep["sections"][failing]["status"] == expected and f"| {failing} | {expected} |" in md
     if code == 0:
         assert rep["goals"][failing] == "goal missed"
+
+
+def test_compile_check_specialises_launches_as_triton_does_at_the_models_strides():
+    """kernels/_compile_check.py compiles what will launch: the launchers' own launches, captured at igpt-l's bf16
+    shapes as on sm90, specialised by Triton's JIT binder: bf16 pointers for the norm's residual and weight (not
+    fp32), the sm90 table's tiles, and tt.divisibility=16 on every pointer and on every int (the model's strides
+    3d = 4608 and 96, the head dim 96, T = 1024), never on the fp32 scale."""
+    pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+
+    from megapix.kernels import _compile_check as cc
+
+    target = GPUTarget("cuda", 90, 32)
+    attn = cc.attention_launches(90, torch.bfloat16, "igpt-l", True)
+    norm = cc.norm_launches(90, torch.bfloat16, "igpt-l", True)
+    names = [launch.kernel.__name__ for launch in attn + norm]
+    assert names == ["_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq", "_add_norm_fwd",
+                     "_add_norm_bwd"]
+    assert (attn[0].kwargs["BLOCK_M"], attn[0].kwargs["BLOCK_N"], attn[0].kwargs["num_warps"]) == (128, 64, 8)
+    fwd = dict(zip(cc.specialise(attn[0], target)[0].arg_names, attn[0].args))
+    assert (fwd["sqt"], fwd["sqh"], fwd["HEAD_DIM"], fwd["H"]) == (4608, 96, 96, 16)  # views of c_attn's output
+    for launch in attn + norm:
+        jit, signature, constexprs, attrs, _ = cc.specialise(launch, target)
+        hinted = {jit.arg_names[p[0]] for p, a in attrs.items() if ["tt.divisibility", 16] in a}
+        pointers = {n for n, t in signature.items() if t.startswith("*")}
+        ints = {n for n, t in signature.items() if t in ("i32", "i64")}
+        assert pointers and hinted == pointers | ints, launch.kernel.__name__
+        assert all(signature[n] == "fp32" for n in ("qk_scale", "sm_scale", "eps") if n in signature)
+    _, fwd_sig, *_ = cc.specialise(norm[0], target)
+    assert (fwd_sig["X"], fwd_sig["R"], fwd_sig["W"], fwd_sig["HOUT"], fwd_sig["RSTD"]) == (
+        "*bf16", "*bf16", "*bf16", "*bf16", "*fp32")

@@ -23,6 +23,7 @@ with RTOL = 2e-5 for forward outputs, 1e-4 for gradients, ATOL = 1e-6
 """
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -177,6 +178,105 @@ def test_flash_attention_fp16_inputs():
     assert_close(o, o_ref, 2e-3, "o fp16")
     for name, g, gr in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), (q64.grad, k64.grad, v64.grad)):
         assert_close(g, gr, 1e-2, name + " fp16")
+
+
+# ----------------------------------------------------------------------------- bf16 attention, emulated
+# The interpreter's bf16 tl.dot is wrong on CPU, so bf16 is checked in two steps: (1) a PyTorch emulation of the
+# kernels' arithmetic (fp32 math, the forward's online softmax over BLOCK_N keys, and a rounding to the storage
+# dtype exactly where the kernels cast: P before P@V and dV, dS before dK and dQ, the outputs) equals the kernels
+# run in fp16 through the interpreter (whose fp16 dot is right); (2) the same emulation in bf16 stays within error
+# bounds derived from bf16's unit roundoff against float64 attention on the same bf16 inputs.
+LOG2E = 1.4426950408889634
+
+
+def _emulate_flash(q, k, v, do, causal, dtype, round_p=True, block_n=16):
+    """(o, dq, dk, dv) of the Triton kernels' algorithm on q, k, v, do holding `dtype` values (see above);
+    round_p=False keeps P and dS in fp32 (what the test shows the kernels do not do)."""
+    q, k, v, do = (t.float() for t in (q, k, v, do))
+    T, scale = q.shape[-2], q.shape[-1] ** -0.5
+    s_all = (q @ k.transpose(-1, -2)) * (scale * LOG2E)
+    if causal:
+        s_all = s_all.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    rnd = (lambda x: x.to(dtype).float()) if round_p else (lambda x: x)
+    m = torch.full(q.shape[:-1], float("-inf"))
+    l_sum, acc = torch.zeros(q.shape[:-1]), torch.zeros_like(q)
+    for start in range(0, T, block_n):  # _attn_fwd's loop: running max, rescaled sum and accumulator
+        s = s_all[..., start:start + block_n]
+        m_new = torch.maximum(m, s.amax(-1))
+        p = torch.exp2(s - m_new[..., None])
+        alpha = torch.exp2(m - m_new)
+        l_sum = l_sum * alpha + p.sum(-1)
+        acc = acc * alpha[..., None] + rnd(p) @ v[..., start:start + block_n, :]
+        m = m_new
+    o = (acc / l_sum[..., None]).to(dtype)
+    p = torch.exp2(s_all - (m + torch.log2(l_sum))[..., None])  # the backward recomputes P from the lse
+    delta = (o.float() * do).sum(-1)  # _attn_bwd_preprocess: from the stored (rounded) output
+    ds = p * (do @ v.transpose(-1, -2) - delta[..., None])
+    dv = (rnd(p).transpose(-1, -2) @ do).to(dtype)
+    dk = ((rnd(ds).transpose(-1, -2) @ q) * scale).to(dtype)
+    dq = ((rnd(ds) @ k) * scale).to(dtype)
+    return o, dq, dk, dv
+
+
+def _ulp(x, dtype):
+    """One unit in the last place of `dtype` at |x|."""
+    return 2.0 ** math.floor(math.log2(abs(x))) * torch.finfo(dtype).eps
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_flash_attention_rounding_points_equal_the_emulation_in_fp16(causal):
+    g = torch.Generator().manual_seed(7)
+    q, k, v, do = (torch.randn(1, 2, 40, 64, generator=g).half() for _ in range(4))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    o = flash_attention(*leaves, causal=causal, backend="triton")
+    o.backward(do)
+    kernel = (o.detach(), *(t.grad for t in leaves))
+    emulated = _emulate_flash(q, k, v, do, causal, torch.float16)
+    unrounded = _emulate_flash(q, k, v, do, causal, torch.float16, round_p=False)
+    for name, a, b, c in zip(("o", "dq", "dk", "dv"), kernel, emulated, unrounded):
+        # bit-equal but where fp32 summation order moved a value across a rounding boundary: an output's last
+        # bit, or (in dq, dk: sums that cancel) one dS's, at most one ulp at the tensor's scale
+        assert (a == b).double().mean() >= 0.98, name
+        assert (a.double() - b.double()).abs().max() <= _ulp(b.abs().max().item(), torch.float16), name
+        assert (a == c).double().mean() < 0.9, name  # where P and dS round matters, and is found
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_bf16_attention_algorithm_within_its_rounding_bounds(causal):
+    """The kernels' bf16 arithmetic (the emulation) against float64 attention on the same bf16 inputs, each
+    element within the bound its roundings allow (u = 2^-8, bf16's unit roundoff; fp32 sums add a 1e-5 slack):
+      o:  u max|v| (P rounded, normalised by the unrounded sum) + u |o| (output cast)
+      dv: u sum_i P_ij |dO_i| + u |dv|
+      dk, dq: scale sum (P |d delta| + u |dS|) |q| (resp. |k|) + u |dk| (resp. |dq|), with d delta =
+          rowsum((o - o_ref) dO), the forward's error carried into the backward by delta = rowsum(o dO)."""
+    u = 2.0**-8
+    g = torch.Generator().manual_seed(8)
+    q, k, v, do = (torch.randn(2, 2, 128, 96, generator=g).bfloat16() for _ in range(4))
+    emulated = _emulate_flash(q, k, v, do, causal, torch.bfloat16)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    do64 = do.double()
+    o64 = attention_reference(q64, k64, v64, causal=causal)
+    o64.backward(do64)
+    scale = q.shape[-1] ** -0.5
+    s = (q64 @ k64.transpose(-1, -2)).detach() * scale
+    if causal:
+        s = s.masked_fill(torch.ones(128, 128, dtype=torch.bool).triu(1), float("-inf"))
+    p = torch.softmax(s, -1)
+    o64 = o64.detach()
+    ds = p * (do64 @ v64.detach().transpose(-1, -2) - (o64 * do64).sum(-1, keepdim=True))
+    bound_o = u * v64.detach().abs().amax((-2, -1), keepdim=True) + u * o64.abs()
+    d_delta = ((emulated[0].double() - o64) * do64).sum(-1, keepdim=True).abs()  # o's error, carried by delta
+    err_ds = p * d_delta + u * ds.abs()
+    bounds = {"o": bound_o, "dv": u * p.transpose(-1, -2) @ do64.abs() + u * v64.grad.abs(),
+              "dk": scale * err_ds.transpose(-1, -2) @ q64.detach().abs() + u * k64.grad.abs(),
+              "dq": scale * err_ds @ k64.detach().abs() + u * q64.grad.abs()}
+    refs = {"o": o64, "dq": q64.grad, "dk": k64.grad, "dv": v64.grad}
+    for name, got in zip(("o", "dq", "dk", "dv"), emulated):
+        err = (got.double() - refs[name]).abs()
+        slack = 1e-5 * refs[name].abs().max()
+        ratio = (err / (bounds[name] + slack)).max().item()
+        assert 0.1 < ratio <= 1, (name, ratio)  # within the bound, and the bound is not vacuous (0.17-0.77 seen)
+        assert err.max() / refs[name].abs().max() < 2e-2 / 2, name  # gpu_check's BF16_TOL, with margin
 
 
 # ----------------------------------------------------------------------------- chunked attention (ring)

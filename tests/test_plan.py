@@ -97,7 +97,7 @@ def test_search_returns_runnable_fitting_layouts_fastest_first():
         assert layout_problem(model_preset("igpt-xl"), L, 64, 8) is None
         assert not (L.pp > 1 and L.zero > 1)
         assert f"--tensor-parallel {L.tp} --pipeline-parallel {L.pp} --zero-stage {L.zero}" in p.command
-        assert p.ds_config["train_batch_size"] == 64
+        assert p.ds_config["train_batch_size"] == 64 * L.cp  # DeepSpeed counts the CP ranks as data-parallel
         assert p.ds_config["gradient_accumulation_steps"] * L.micro_batch * L.dp == 64
     # XL does not fit on one 80 GB GPU (6.8B parameters x 16 bytes of states alone)
     assert search("igpt-xl", 1, 1, 80, H100, 64) == []
@@ -160,7 +160,7 @@ def test_every_row_has_a_ds_config_the_trainer_accepts():
         for p in search("igpt-s", 1, gpus, 80, H100, 128, best_per_layout=False):
             cfg = p.ds_config
             assert cfg["zero_optimization"]["stage"] == p.layout.zero
-            assert cfg["train_batch_size"] == 128 and cfg["bf16"]["enabled"] is True
+            assert cfg["train_batch_size"] == 128 * p.layout.cp and cfg["bf16"]["enabled"] is True
             assert (ds_config_file(p.layout) is None) == (p.layout.zero == 0)
             assert ("--deepspeed-config" in p.command) == (p.layout.zero > 0)
 
@@ -284,7 +284,7 @@ def test_every_printed_command_runs_scaled_to_tiny(tmp_path):
     tiny preset, runs 2 steps on CPU: through train.main in one 2-rank launch (a 1-GPU row's shape is always also a
     2-GPU row; data-parallel rows first: DeepSpeed keeps the last engine's mpu in a module global), and the 1-GPU
     best row, the first command a single-GPU user copies, through the deepspeed launcher exactly as printed."""
-    rows, first = {}, None
+    rows, first, split = {}, None, {}
     for gpus in (2, 1):
         out = run_cli("--model", "igpt-s", "--nodes", "1", "--gpus-per-node", str(gpus), "--top", "0", "--json")
         assert out.returncode == 0, out.stderr
@@ -292,12 +292,20 @@ def test_every_printed_command_runs_scaled_to_tiny(tmp_path):
         for p in plans:
             L = p["layout"]
             key = (L["tp"], L["pp"], L["zero"], p["ds_config_file"])
+            if L["sp"] or L["cp"] > 1:  # one SP row and one CP row beside the rest (the first of each)
+                split.setdefault("sp" if L["sp"] else "cp", p["command"])
+                continue
             assert gpus == 2 or key in rows, f"a 1-GPU row with no 2-GPU twin: {key}"
             rows.setdefault(key, p["command"])
         first = plans[0]["command"]
     assert any(key[2] == 0 and key[3] is None for key in rows) and len(rows) >= 10
     keys = sorted(rows, key=lambda k: (k[0] > 1 or k[1] > 1, k[0], k[1], k[2]))
     commands = [scaled_to_tiny(rows[k], str(tmp_path / f"run-{i}")) for i, k in enumerate(keys)]
+    assert "--sequence-parallel" in split["sp"] and "--context-parallel 2" in split["cp"]
+    # the CP row (no TP) among the data-parallel ones, before any engine leaves an mpu behind; the SP row last
+    n_dp = sum(1 for k in keys if k[0] == k[1] == 1)
+    commands.insert(n_dp, scaled_to_tiny(split["cp"], str(tmp_path / "run-cp")))
+    commands.append(scaled_to_tiny(split["sp"], str(tmp_path / "run-sp")))
     script = tmp_path / "commands_worker.py"
     script.write_text(COMMANDS_WORKER)
     e = env()
@@ -313,3 +321,40 @@ def test_every_printed_command_runs_scaled_to_tiny(tmp_path):
            *scaled_to_tiny(first, str(tmp_path / "launcher"))]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_readme_max_resolution_table_is_the_planners(capsys):
+    """The README's model-resolution table is `megapix plan --max-resolution --gpu h100`'s output, as printed."""
+    from megapix import plan
+
+    assert plan.main(["--max-resolution", "--gpu", "h100"]) == 0
+    printed = capsys.readouterr().out.strip()
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    assert printed.count("| igpt-") == 12 and printed in readme
+
+
+def test_planner_rules_for_sequence_and_context_parallelism():
+    """SP needs TP > 1 and a TP that divides the positions; CP needs 2 x cp chunks of the sequence, no pipeline and no
+    SP; ZeRO partitions over DP x CP (DeepSpeed's data axis)."""
+    m = model_preset("igpt-s")  # 1024 positions, 8 heads
+    assert "TP > 1" in layout_problem(m, Layout(sp=True), 128, 8)
+    assert layout_problem(m, Layout(tp=2, sp=True, dp=4), 128, 8) is None
+    assert "2 x 3 chunks" in layout_problem(m, Layout(cp=3), 126, 8)
+    assert "pipeline" in layout_problem(m, Layout(pp=2, cp=2), 128, 8)
+    assert "SP" in layout_problem(m, Layout(tp=2, sp=True, cp=2), 128, 8)
+    lays = list(candidates(m, 8, 8, 128))
+    assert any(L.sp for L in lays) and any(L.cp > 1 for L in lays)
+    assert all(L.tp > 1 for L in lays if L.sp) and all(L.pp == 1 and not L.sp for L in lays if L.cp > 1)
+    one, cp2 = memory(m, Layout(dp=2, zero=3), 128), memory(m, Layout(dp=1, cp=2, zero=3), 128)
+    assert cp2.params == one.params and cp2.optimizer == one.optimizer  # both partition over 2 data-axis ranks
+    # each CP rank holds half the positions, plus the ring's K/V of the whole sequence and, in bf16, the merges' fp32
+    # copies of the partial outputs (megapix.kernels.merge_attention): 84% of DP2's at igpt-s
+    assert cp2.activations < 0.9 * one.activations
+    # the CLI: a pin no layout can take is named
+    bad = run_cli("--model", "igpt-s", "--tensor-parallel", "1", "--sequence-parallel")
+    assert bad.returncode == 2 and "--sequence-parallel needs --tensor-parallel > 1" in bad.stderr, bad.stderr
+    bad = run_cli("--model", "igpt-s", "--context-parallel", "2", "--pipeline-parallel", "2")
+    assert bad.returncode == 2 and "--context-parallel 2 does not run with --pipeline-parallel 2" in bad.stderr
+    ok = run_cli("--model", "igpt-xl", "--resolution", "128", "--nodes", "8", "--context-parallel", "2", "--top", "1")
+    assert ok.returncode == 0 and "--resolution 128" in ok.stdout and "--context-parallel 2" in ok.stdout, ok.stderr

@@ -201,12 +201,12 @@ STEER_FIELDS = {
     "data": ("num_workers",),
     "train": ("max_steps", "save_every", "time_budget", "keep_last", "save_best", "eval_every", "log_every",
               "report_to", "peak_tflops", "tensor_parallel", "pipeline_parallel", "zero_stage",
-              "micro_batch", "activation_checkpointing", "on_nonfinite", "spike_factor"),
+              "micro_batch", "activation_checkpointing", "on_nonfinite", "spike_factor", "profile_comms"),
 }
 STEER_FLAGS = ["--" + name.replace("_", "-") for sec in STEER_FIELDS.values() for name in sec]
 # Settings of one invocation, not of the run: a resume does not inherit them from the saved config (a time
-# budget that stopped the last job would stop the requeued one at once).
-PER_INVOCATION = {"train": ("time_budget",)}
+# budget that stopped the last job would stop the requeued one at once; a diagnostic asked of one job).
+PER_INVOCATION = {"train": ("time_budget", "profile_comms")}
 
 
 def saved_run_config(out: str) -> dict | None:
