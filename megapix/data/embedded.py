@@ -14,10 +14,10 @@ hues for the whole image, and at most one fainter fragment cut from another digi
 image holds a handful of colours (about 16 palette ids), and the ~3000 distinct colours over the set give the
 512-colour palette something to fit while each id still means "background", "stroke" or an edge between them.
 Class evidence is the digit's shape wherever it sits, so a linear probe on raw pixels is far from the ceiling
-while features that pool stroke detectors over positions could do better. Measured at 10x10 (docs/probe_study_digits_shifted, the study before it moved to shapes):
-raw-pixel logistic regression 51% test, a random-init model's pooled features 13-14%, an 8-layer d64 AR model
-trained 300 steps (1.59 nats/token) 15-19% per layer and 25% for layers 0-4 concatenated: above the control,
-still far below raw pixels.
+while features that pool stroke detectors over positions could do better. Measured at 10x10
+(docs/probe_study_digits_shifted, the study before it moved to shapes): raw-pixel logistic regression 51% test,
+a random-init model's pooled features 13-14%, an 8-layer d64 AR model trained 300 steps (1.59 nats/token)
+15-19% per layer and 25% for layers 0-4 concatenated: above the control, still far below raw pixels.
 
 Earlier renderings that did not work, kept as lessons: the colourised `digits` (a random foreground and
 background colour per image) put every probe at chance (raw pixels 19%); plain grey 8x8 digits saturate every
