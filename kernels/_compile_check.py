@@ -83,10 +83,27 @@ def captured_launches(cap: int):
         yield launches
 
 
-def _shape(preset: str):
-    from megapix.config import model_preset
+@dataclass(frozen=True)
+class _Dims:
+    """The presets' dimensions (megapix/config.py's presets; kernels/ imports nothing from megapix, and
+    tests/test_compile_check compares these with the presets)."""
 
-    m = model_preset(preset)
+    n_head: int
+    d_model: int
+    n_ctx: int
+    norm_eps: float = 1e-5
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+
+PRESET_DIMS = {"igpt-s": _Dims(8, 512, 1024), "igpt-m": _Dims(8, 1024, 1024), "igpt-l": _Dims(16, 1536, 1024),
+               "igpt-xl": _Dims(24, 3072, 4096)}
+
+
+def _shape(preset: str):
+    m = PRESET_DIMS[preset]
     tp, b = SHAPES[preset]
     return m, tp, b
 

@@ -99,3 +99,13 @@ def test_wheel_installs_kernels_as_megapix_kernels(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert {"megapix/kernels/__init__.py", "megapix/kernels/_ops.py", "megapix/model/ops.py"} <= set(names)
     assert not [n for n in names if n.startswith("kernels/")], names
+
+
+def test_compile_check_dims_are_the_presets():
+    from kernels._compile_check import PRESET_DIMS
+    from megapix.config import model_preset
+
+    for name, dims in PRESET_DIMS.items():
+        m = model_preset(name)
+        assert (dims.n_head, dims.d_model, dims.n_ctx, dims.head_dim, dims.norm_eps) == (
+            m.n_head, m.d_model, m.n_ctx, m.head_dim, m.norm_eps), name
