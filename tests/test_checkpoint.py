@@ -10,7 +10,8 @@ import shutil
 import pytest
 import torch
 
-from test_parallel_helpers import LAYOUTS, SAVE_AT, STEPS, layout_config, layout_run, losses, records, run_train
+from test_parallel_helpers import (LAYOUTS, SAVE_AT, STEPS, layout_config, layout_run, losses, records,
+                                   train_in_one_launch)
 
 STOP = SAVE_AT
 
@@ -19,29 +20,60 @@ STOP = SAVE_AT
 def work(tmp_path_factory):
     return tmp_path_factory.mktemp("ckpt")
 
+# Every resume below: (source layout, ranks, arguments) -> its folder's name. They run in one launch per world size
+# (tests/test_parallel_helpers.py: train_in_one_launch), each from a fresh --out holding only the source's step-3
+# checkpoint (latest -> global_step3), to STEPS.
+BIT_EXACT = ["single", "pp2", "cp2@bert"]
+UNIVERSAL = [("tp2xpp2-zero1", 1, ["--zero-stage", "1"]),
+             ("single-zero1", 2, ["--tensor-parallel", "2", "--zero-stage", "1"]),
+             ("dp2-zero3", 1, ["--zero-stage", "3"]),
+             # sequence parallelism off and on across the resume
+             ("tp2-spxdp2-zero1", 1, ["--zero-stage", "1"]),
+             ("single-zero1", 2, ["--tensor-parallel", "2", "--zero-stage", "1", "--sequence-parallel"]),
+             # context parallelism off and on across the resume
+             ("cp2-zero1", 1, ["--zero-stage", "1"]),
+             ("single-zero1", 2, ["--context-parallel", "2", "--zero-stage", "1"])]
+FALLBACK = [("tp2xpp2", 1, [], "the checkpoint was written with ZeRO-0"),
+            ("single", 2, ["--tensor-parallel", "2"], "the checkpoint was written with ZeRO-0"),
+            ("dp2-zero3", 1, ["--zero-stage", "1"], "ZeRO-3 -> ZeRO-1")]
 
-def _resume_from(src, dst, nproc, *args, config):
-    """A fresh --out holding only src's step-3 checkpoint (latest -> global_step3), resumed to STEPS."""
-    ck = dst / "checkpoints"
-    ck.mkdir(parents=True)
-    shutil.copytree(src / "checkpoints" / f"global_step{STOP}", ck / f"global_step{STOP}")
-    (ck / "latest").write_text(f"global_step{STOP}")
-    shutil.copy(src / "palette.npy", dst / "palette.npy") if (src / "palette.npy").exists() else None
-    return run_train(dst, nproc, "--resume", *args, config=config)
+
+def resumes() -> dict[str, tuple[str, int, list[str]]]:
+    out = {f"{name}-resumed": (name, *LAYOUTS[name]) for name in BIT_EXACT}
+    out.update((f"{src}-to-universal-{'_'.join(a.lstrip('-') for a in args)}", (src, n, args))
+               for src, n, args in UNIVERSAL)
+    out.update((f"{src}-to-{'x'.join(args[1::2]) or 'single'}", (src, n, args)) for src, n, args, _ in FALLBACK)
+    return out
 
 
-@pytest.mark.parametrize("name", ["single", "pp2", "cp2@bert"])
-def test_resume_is_bit_exact(work, name):
-    nproc, args = LAYOUTS[name]
+@pytest.fixture(scope="module")
+def resumed(work) -> dict[str, tuple[object, str]]:
+    """dst name -> (its folder, rank 0's stdout), every resume run once."""
+    by_world: dict[int, list] = {}
+    for dst_name, (src_name, n, args) in resumes().items():
+        src, dst = layout_run(src_name), work / dst_name
+        ck = dst / "checkpoints"
+        ck.mkdir(parents=True)
+        shutil.copytree(src / "checkpoints" / f"global_step{STOP}", ck / f"global_step{STOP}")
+        (ck / "latest").write_text(f"global_step{STOP}")
+        shutil.copy(src / "palette.npy", dst / "palette.npy") if (src / "palette.npy").exists() else None
+        argv = ["train", "--config", layout_config(), "--out", str(dst), "--no-samples", "--resume", *args]
+        by_world.setdefault(n, []).append((dst_name, argv, str(dst) + ".stdout"))
+    for n, runs in by_world.items():
+        train_in_one_launch(n, runs, work)
+    return {name: (work / name, (work / f"{name}.stdout").read_text()) for name in resumes()}
+
+
+@pytest.mark.parametrize("name", BIT_EXACT)
+def test_resume_is_bit_exact(resumed, name):
     full = layout_run(name)
     ck = full / "checkpoints"
     assert (ck / "latest").read_text().strip() == f"global_step{STEPS}"
     for tag in (f"global_step{STOP}", f"global_step{STEPS}"):
         assert (ck / tag / "megapix_config.json").is_file() and (ck / tag / "layout.json").is_file()
-    resumed = work / f"{name}-resumed"
-    _resume_from(full, resumed, nproc, *args, config=layout_config())
-    a, b = losses(full), losses(resumed)
-    assert [r["step"] for r in records(resumed)] == list(range(STOP + 1, STEPS + 1))
+    resumed_out = resumed[f"{name}-resumed"][0]
+    a, b = losses(full), losses(resumed_out)
+    assert [r["step"] for r in records(resumed_out)] == list(range(STOP + 1, STEPS + 1))
     assert b == a[STOP:], (a, b)  # bit for bit on CPU
 
 
@@ -56,28 +88,16 @@ def test_latest_moves_last(work, monkeypatch):
     assert src.index("_save_files(") < src.index("layout.json") < src.index('"latest"')
 
 
-@pytest.mark.parametrize("src_name,dst_n,dst_args", [("tp2xpp2-zero1", 1, ["--zero-stage", "1"]),
-                                                    ("single-zero1", 2,
-                                                     ["--tensor-parallel", "2", "--zero-stage", "1"]),
-                                                    ("dp2-zero3", 1, ["--zero-stage", "3"]),
-                                                    # sequence parallelism off and on across the resume
-                                                    ("tp2-spxdp2-zero1", 1, ["--zero-stage", "1"]),
-                                                    ("single-zero1", 2, ["--tensor-parallel", "2", "--zero-stage", "1",
-                                                                         "--sequence-parallel"]),
-                                                    # context parallelism off and on across the resume
-                                                    ("cp2-zero1", 1, ["--zero-stage", "1"]),
-                                                    ("single-zero1", 2,
-                                                     ["--context-parallel", "2", "--zero-stage", "1"])])
-def test_resume_in_a_different_layout_through_universal_checkpoint(work, src_name, dst_n, dst_args):
+@pytest.mark.parametrize("src_name,dst_n,dst_args", UNIVERSAL)
+def test_resume_in_a_different_layout_through_universal_checkpoint(resumed, src_name, dst_n, dst_args):
     """ZeRO-1 -> ZeRO-1 (and ZeRO-3 -> ZeRO-3 at TP 1) in another layout goes through DeepSpeed's universal
     checkpoint: weights, Adam moments and schedule carry over, so every resumed step matches the uninterrupted run.
     fp32 on CPU: layouts differ only in reduction order (measured max |diff| 5e-7 over steps 4-6; uninterrupted runs
     of different layouts agree to ~2e-6), while restarting the moments (the fallback below) moves step 5 by ~4e-2.
     1e-4 separates the two."""
     full = layout_run(src_name)
-    dst = work / f"{src_name}-to-universal-{'_'.join(a.lstrip('-') for a in dst_args)}"
-    proc = _resume_from(full, dst, dst_n, *dst_args, config=layout_config())
-    assert "through DeepSpeed's universal checkpoint" in proc.stdout, proc.stdout
+    dst, stdout = resumed[f"{src_name}-to-universal-{'_'.join(a.lstrip('-') for a in dst_args)}"]
+    assert "through DeepSpeed's universal checkpoint" in stdout, stdout
     assert (dst / "checkpoints" / f"global_step{STOP}_universal" / "zero" / "optimizer_state.pt").is_file()
     a, recs = losses(full), records(dst)
     assert [r["step"] for r in recs] == list(range(STOP + 1, STEPS + 1))
@@ -88,19 +108,14 @@ def test_resume_in_a_different_layout_through_universal_checkpoint(work, src_nam
     assert all(abs(r["lr"] - f["lr"]) < 1e-12 for r, f in zip(recs, records(full)[STOP:]))
 
 
-@pytest.mark.parametrize("src_name,dst_n,dst_args,why", [
-    ("tp2xpp2", 1, [], "the checkpoint was written with ZeRO-0"),
-    ("single", 2, ["--tensor-parallel", "2"], "the checkpoint was written with ZeRO-0"),
-    ("dp2-zero3", 1, ["--zero-stage", "1"], "ZeRO-3 -> ZeRO-1"),
-])
-def test_resume_in_a_different_layout(work, src_name, dst_n, dst_args, why):
+@pytest.mark.parametrize("src_name,dst_n,dst_args,why", FALLBACK)
+def test_resume_in_a_different_layout(resumed, src_name, dst_n, dst_args, why):
     """The fallback where DeepSpeed's universal checkpoint does not apply: weights are resharded into the new layout
     (megapix's own path), the schedule continues: the first resumed step's loss equals the uninterrupted run's
     (Adam moments restart, so later steps may drift slightly)."""
     full = layout_run(src_name)
-    dst = work / f"{src_name}-to-{'x'.join(dst_args[1::2]) or 'single'}"
-    proc = _resume_from(full, dst, dst_n, *dst_args, config=layout_config())
-    assert "weights resharded" in proc.stdout and f"not universal: {why}" in proc.stdout, proc.stdout
+    dst, stdout = resumed[f"{src_name}-to-{'x'.join(dst_args[1::2]) or 'single'}"]
+    assert "weights resharded" in stdout and f"not universal: {why}" in stdout, stdout
     a, recs = losses(full), records(dst)
     assert recs[0]["step"] == STOP + 1
     assert abs(recs[0]["loss"] - a[STOP]) < 1e-4, (recs[0]["loss"], a[STOP])

@@ -145,7 +145,9 @@ _FT = {}
 
 
 def finetune_run(name, tmp_root):
-    from test_parallel_helpers import env, free_port
+    """The metrics of fine-tuning layout `name`, run on first use; the 2-rank layouts share one launch
+    (test_parallel_helpers.train_in_one_launch)."""
+    from test_parallel_helpers import env, train_in_one_launch
 
     if name not in _FT:
         model = tmp_root / "model"
@@ -156,18 +158,25 @@ def finetune_run(name, tmp_root):
                 str(model))
             Palette(np.random.default_rng(0).uniform(-1, 1, (512, 3)).astype(np.float32)).save(
                 str(model / "palette.npy"))
-        nproc, extra = FT_LAYOUTS.get(name, (1, []))
-        out = tmp_root / name
-        launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-                   str(free_port()), "--module", "megapix"] if nproc > 1 else [sys.executable, "-m", "megapix"])
-        cmd = launch + ["finetune", "--checkpoint", str(model), "--data", "synthetic:48", "--out", str(out),
-                        "--lr", "1e-2", "--max-steps", "5", "--eval-every", "2", "--patience", "10",
-                        "--global-batch", "8", "--seed", "1", *extra]
-        e = env()
-        e["PYTHONPATH"] = ROOT
-        proc = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-        _FT[name] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+        def argv(n):
+            return ["finetune", "--checkpoint", str(model), "--data", "synthetic:48", "--out", str(tmp_root / n),
+                    "--lr", "1e-2", "--max-steps", "5", "--eval-every", "2", "--patience", "10", "--global-batch", "8",
+                    "--seed", "1", *FT_LAYOUTS.get(n, (1, []))[1]]
+
+        if name in FT_LAYOUTS:
+            nproc = FT_LAYOUTS[name][0]
+            batch = [n for n in FT_LAYOUTS if FT_LAYOUTS[n][0] == nproc and n not in _FT]
+            train_in_one_launch(nproc, [(n, argv(n), str(tmp_root / f"{n}.stdout")) for n in batch], tmp_root)
+        else:
+            batch = [name]
+            e = env()
+            e["PYTHONPATH"] = ROOT
+            proc = subprocess.run([sys.executable, "-m", "megapix", *argv(name)], cwd=ROOT, env=e, capture_output=True,
+                                  text=True, timeout=600)
+            assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        for n in batch:
+            _FT[n] = [json.loads(line) for line in (tmp_root / n / "metrics.jsonl").read_text().splitlines()]
     return _FT[name]
 
 

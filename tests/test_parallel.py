@@ -1,15 +1,13 @@
 """Layouts: refusals, tensor-parallel pieces, and the core equivalence test (same loss curve in every layout)."""
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 import torch
 
 from megapix.config import ConfigError, ModelConfig, TrainConfig
 from megapix.parallel.layout import check_layout
-from test_parallel_helpers import (EVAL_EVERY, LAYOUTS, ROOT, STEPS, env, layout_run, losses, records,
-                                   reference_of, run_worker, torchrun_cmd, write_config)
+from test_parallel_helpers import (EVAL_EVERY, LAYOUTS, SAMPLED, STEPS, layout_run, losses, records, reference_of,
+                                   run_worker)
 
 TOL = 1e-4  # fp32, absolute, per step
 VAL_TOL = 1e-5  # val_loss: a fixed set, token-weighted, sharded over data-parallel ranks and all-reduced
@@ -101,11 +99,23 @@ if rank == 0:
 '''
 
 
+_TP_SP_RUN: list = []
+
+
+def tp_and_sp_workers(folder):
+    """TP_WORKER, then test_sequence_parallel's SP_WORKER, in one 2-rank launch (once per session)."""
+    if not _TP_SP_RUN:
+        from test_sequence_parallel import SP_WORKER
+
+        _TP_SP_RUN.append(run_worker(folder, "tp_sp_worker.py", TP_WORKER + SP_WORKER))
+    return _TP_SP_RUN[0]
+
+
 def test_tensor_parallel_matches_single_rank_and_replicated_grads_agree(tmp_path):
     """TP 2 on gloo without DeepSpeed, plain and with sequence parallelism: loss and every gradient equal the
     plain model's (merged shards); replicated parameters (norms, embeddings, sos, row biases) get bit-identical
     gradients on both ranks."""
-    proc = run_worker(tmp_path, "tp_worker.py", TP_WORKER)
+    proc = tp_and_sp_workers(tmp_path)
     assert proc.returncode == 0 and "TP-OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
@@ -140,15 +150,11 @@ def test_layout_reproduces_single_rank_curve(name):
     assert ndiff < 1e-3 and min(norms_ref) > 0, (name, norms, norms_ref)  # measured: < 1e-5
 
 
-@pytest.mark.parametrize("nproc,args", [(2, ["--zero-stage", "3"]), (2, ["--tensor-parallel", "2"]),
-                                        (2, ["--pipeline-parallel", "2", "--micro-batch", "2"])],
-                         ids=["dp2-zero3", "tp2", "pp2"])
-def test_every_layout_finishes_and_writes_samples(tmp_path, nproc, args):
+@pytest.mark.parametrize("name", SAMPLED)
+def test_every_layout_finishes_and_writes_samples(name):
     """ZeRO-3 used to hang here (rank 0 sampled through partitioned weights while rank 1 sat in a barrier);
-    TP/PP skipped samples.png silently. Now the weights are consolidated onto rank 0 and it samples alone."""
-    out = tmp_path / "run"
-    cmd = torchrun_cmd(nproc) + ["--config", write_config(tmp_path, max_steps=2, eval_every=0), "--out", str(out),
-                                 *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    TP/PP skipped samples.png silently. Now the weights are consolidated onto rank 0 and it samples alone.
+    (The layout runs of the equivalence test write the samples: no launch of its own.)"""
+    out = layout_run(name)
     assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert str(out / "samples.png") in out.with_suffix(".stdout").read_text()  # the summary names it

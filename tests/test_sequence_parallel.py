@@ -6,7 +6,6 @@ import pytest
 
 from megapix.config import ConfigError, ModelConfig, TrainConfig
 from megapix.parallel.layout import check_layout
-from test_parallel_helpers import run_worker
 
 
 def test_sequence_parallel_without_tp_is_refused():
@@ -27,7 +26,8 @@ sys.path.insert(0, os.environ["MEGAPIX_ROOT"])
 from megapix.config import ModelConfig
 from megapix.model import ImageGPT
 from megapix.parallel.tensor import apply_sequence_parallel, apply_tensor_parallel
-dist.init_process_group("gloo")
+if not dist.is_initialized():  # it runs after test_parallel's TP worker, in the same launch
+    dist.init_process_group("gloo")
 rank, tp = dist.get_rank(), dist.get_world_size()
 group = dist.new_group(list(range(tp)))
 B, T, D = 3, 64, 48  # T != D, so a saved tensor's last dim tells width d from positions
@@ -77,8 +77,10 @@ dist.destroy_process_group()
 def test_sequence_parallel_cuts_saved_activations(tmp_path):
     """TP 2 + SP on gloo: one block's saved per-position activations (norm and column-parallel inputs, the norms'
     rstd) drop by t = 2 (Korthikanti et al.'s 8 sbh -> 8 sbh / t in bf16 bytes), and nothing else saved grows.
-    (SP's loss and gradients equal one rank's: test_parallel.py's TP worker runs it too.)"""
-    proc = run_worker(tmp_path, "sp_worker.py", SP_WORKER)
+    (SP's loss and gradients equal one rank's: test_parallel.py's TP worker runs it too, in the same launch.)"""
+    from test_parallel import tp_and_sp_workers
+
+    proc = tp_and_sp_workers(tmp_path)
     assert proc.returncode == 0 and "SP-OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
     print(proc.stdout.strip().splitlines()[-1])
 
