@@ -189,7 +189,8 @@ for name, argv, stdout in json.loads(os.environ["TRAININGS"]):
     with open(stdout if rank0 else os.devnull, "w") as f, contextlib.redirect_stdout(f):
         code = cli.main(argv)
     assert code == 0, (name, code, open(stdout).read()[-3000:] if rank0 else "")
-    print("RAN", name, flush=True)
+    sys.stdout.flush()
+    os.write(1, f"RAN {name}\n".encode())  # one write(2) per marker: ranks share the pipe, and print() may split
 '''
 
 

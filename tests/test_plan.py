@@ -265,7 +265,8 @@ from megapix import train
 for argv in json.loads(os.environ["PLAN_COMMANDS"]):
     code = train.main(argv)
     assert code == 0, (argv, code)
-    print("RAN", shlex.join(argv), flush=True)
+    sys.stdout.flush()
+    os.write(1, f"RAN {shlex.join(argv)}\n".encode())  # one write(2): ranks share the pipe, print() may split
 '''
 
 
