@@ -4,7 +4,7 @@
 
 On the embedded `shapes` data (megapix/data/embedded.py: 4 outlines, square / ring / plus / cross, small, at
 random places and in random colours on a 16x16 canvas, with a clutter bar; no download), for each seed:
-1. fits the seed's palette, then pre-trains (400 steps, batch 32) an 8-layer d64 iGPT with the AR objective and,
+1. fits the seed's palette, then pre-trains (300 steps, batch 32) an 8-layer d64 iGPT with the AR objective and,
    side by side with the same settings, with BERT (megapix/train.py, one thread each; a rerun resumes finished
    runs), saving a checkpoint and measuring validation loss every --ckpt-every steps;
 2. extracts every layer's mean-pooled feature (megapix.features.extract, what `megapix extract` writes: layers
@@ -13,8 +13,8 @@ random places and in random colours on a 16x16 canvas, with a clutter bar; no do
 3. fits L-BFGS logistic probes (megapix.probe.probe: l2 picked on val, test from a train+val refit) on every layer,
    on raw pixels, and on the 3- and 5-layer concatenations centred on the best layer (by val);
 4. fine-tunes (`megapix finetune`, L_gen + L_clf) the final AR model and, side by side, the same architecture from
-   scratch, for the same number of steps, and counts the steps the pre-trained run needs to reach the scratch
-   run's final validation accuracy.
+   scratch, for the same number of steps (200, lr 3e-3), and counts the steps the pre-trained run needs to reach
+   the scratch run's final validation accuracy.
 Each seed's numbers go to OUT/seed<S>/result.json (a rerun skips finished seeds). Then REPORT/probe_study.md
 (mean +- standard deviation over the seeds, the paper's claims checked one by one), probe_study.json and
 probe_study.png (error bars: one standard deviation over seeds).
@@ -93,7 +93,7 @@ def pretrain(out: str, objectives, palette: str, seed: int, args) -> dict[str, s
         jobs.append((f"the {objective} pre-training",
                      [sys.executable, "megapix/train.py", "--config", cfg, "--max-steps", str(args.steps), "--out", run,
                       "--no-samples", "--eval-every", str(args.ckpt_every), "--save-every", str(args.ckpt_every),
-                      "--resume-if-exists"], run + ".log"))
+                      "--keep-last", "0", "--resume-if-exists"], run + ".log"))  # every checkpoint is probed
     run_side_by_side(jobs)
     return runs
 
@@ -495,15 +495,15 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--ckpt-every", type=int, default=100, help="checkpoint (and val loss) interval")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--ckpt-every", type=int, default=75, help="checkpoint (and val loss) interval")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--no-bert", action="store_true", help="skip the BERT run")
     p.add_argument("--no-finetune", action="store_true", help="skip the fine-tuning comparison")
-    p.add_argument("--ft-steps", type=int, default=300, help="fine-tuning steps, each of the two runs")
-    p.add_argument("--ft-eval-every", type=int, default=25)
-    p.add_argument("--ft-lr", type=float, default=1e-3)
+    p.add_argument("--ft-steps", type=int, default=200, help="fine-tuning steps, each of the two runs")
+    p.add_argument("--ft-eval-every", type=int, default=20)
+    p.add_argument("--ft-lr", type=float, default=3e-3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2, help="torch threads for extraction and probes")
     args = p.parse_args(argv)

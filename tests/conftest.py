@@ -61,6 +61,7 @@ SLOW = {
     "test_one_network.py": {"test_sampling_with_triton_kernels_goes_through_them"},  # an interpreter subprocess
     "test_finetune.py": {"test_finetune_sweep_early_stopping", "test_finetune_layout_reproduces_single_rank_curve"},
     "test_gpu_check.py": {"test_smoke_runs_every_section_on_cpu_and_writes_json_and_markdown"},  # 4 training runs
+    "test_eval.py": {"test_study_guard_pretrained_layers_beat_the_random_init_control"},  # the reduced study, ~4 min
     "test_run_folder.py": {"test_two_trainings_started_together_into_one_out_one_refuses",  # training runs
                            "test_resume_with_keep_last_keeps_copied_in_and_renamed_tags_and_the_best_of_a_torn_best_json",
                            "test_full_disk_during_training_is_one_line_and_latest_stays_complete"},

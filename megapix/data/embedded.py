@@ -7,6 +7,11 @@ down, so the palette has intermediate colours to fit). Only the outline's shape 
 on raw pixels gets 47.5% test at 16x16 (4 classes), where the class is plain to the eye. Tried first: outlines at
 18-32% of the canvas gave raw pixels 78% (12x12) and 75% (16x16), and equal ink at that size 91% (the plus's
 size gave it away); 12-22% with equal ink: 58% at 12x12, 47.5% at 16x16.
+Tried after it (seed 0, an in-process AR loop of the study's shape, 8 layers x d64, 400 steps, not the study
+command): hard edges (no supersampling) take the colour-histogram cue away, the random-init control falls from 40% to
+25-31% per layer, but raw pixels rise to 51.5% and the AR model's layers give only 28-36% (val loss 0.32 nats: it
+learns the background); 3 or 5 copies of the outline per image (each its own size and place) lift raw pixels to 71%
+and 77% (a linear template summed over places). Neither was kept.
 
 `digits-shifted`: each 8x8 digit is drawn at a random offset on a canvas of the model's resolution (10x10 in
 configs/tiny_digits.yaml and the probe study), with one of 3 background levels, one of 3 stroke levels, one of 8
