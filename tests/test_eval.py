@@ -318,6 +318,8 @@ def test_study_report_means_spreads_claims_and_figure(tmp_path):
     claims = {c["claim"]: c for c in json.load(open(paths[0]))["summary"]["claims"]}
     assert claims["best AR layer >= 5 points above raw pixels"]["holds"]
     assert claims["AR above BERT under linear probes (best layer)"]["holds"]
+    deep = next(c for k, c in claims.items() if k.startswith("(not a paper claim"))
+    assert deep["measured"] == "+31.0 ± 0.0 points" and deep["holds"]  # (.5+.65+.5+.4)/4 - (.22+.2+.2+.19)/4
     assert not any(c["holds"] for k, c in claims.items() if k.startswith("probe accuracy rises"))  # 2 checkpoints
     assert ("| best AR layer strictly inside the network (in 1..3 of 0..4) for every seed | best layers [2, 2] | yes |"
             in md)
