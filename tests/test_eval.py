@@ -353,9 +353,8 @@ def test_study_guard_pretrained_layers_beat_the_random_init_control(tmp_path):
                            *GUARD_ARGS], cwd=root, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     r = json.load(open(out / "seed0" / "result.json"))
-    ar = [x["test_acc"] for x in r["ar"]["layers"][1:]]
-    ctl = [x["test_acc"] for x in r["random_init"]["layers"][1:]]
-    gain = 100 * (np.mean(ar) - np.mean(ctl))
+    gain = study_module().deep_layer_gain(r)  # the report's row, computed once
+    ar, ctl = ([x["test_acc"] for x in r[k]["layers"][1:]] for k in ("ar", "random_init"))
     assert gain > GUARD_MARGIN, (f"pre-trained layers 1..4 only {gain:+.1f} points above the random-init control "
                                  f"(AR {ar}, control {ctl}); expected > {GUARD_MARGIN} (measured {GUARD_MEASURED})")
     assert (out / "probe_study.md").is_file() and (out / "probe_study.png").is_file()
