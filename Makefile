@@ -1,27 +1,39 @@
 # Two entry points a new user needs: `make train` (the main job on the embedded default) and `make test`.
-# Both create .venv on first use: `make train` installs only what training needs, `make test` adds the test
-# extras (triton, transformers, mpich, pytest). CPU installs pin torch (a bare `torch` pulls a multi-GB CUDA
-# build); on a GPU machine install your CUDA torch first and set TORCH_SPEC accordingly.
+# Both create .venv on first use from the lock in requirements/ (exact versions: a new release of a dependency
+# cannot change what these commands install). `make train` installs requirements/train.txt, `make test` adds the
+# test extras (requirements/test.txt: Triton, transformers, torchvision, MPI, pytest). `make lock` refreshes the lock.
+# The lock's torch is the CPU build; on a GPU machine set TORCH_SPEC to your cluster's CUDA torch, or install
+# megapix into your own environment with setup.py's ranges (pip install -e '.[gpu,mpi]').
 VENV ?= .venv
 PY := $(VENV)/bin/python
-TORCH_SPEC ?= torch==2.13.0
+# Installed over the lock's torch when set, e.g. TORCH_SPEC=torch==2.13.0 PIP_ARGS="--index-url <your CUDA wheels>"
+TORCH_SPEC ?=
+# Extra pip flags for every install (an index or a wheel folder of your own)
+PIP_ARGS ?=
 OUT ?= runs/digits
 # A second run on the same machine needs its own rendezvous port: make train PORT=29600
 PORT ?=
 RUN := PATH=$(abspath $(VENV))/bin:$$PATH
+PIP := $(PY) -m pip install -q $(PIP_ARGS)
 
-.PHONY: train test test-fast clean
+.PHONY: train test test-fast venv venv-test lock clean
 
-$(VENV)/.installed-train: setup.py
+# pip itself comes from the lock first; megapix installs editable without build isolation (setuptools is locked).
+$(VENV)/.installed-train: requirements/train.txt setup.py
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e .
+	$(PIP) "$$(grep '^pip==' requirements/train.txt)"
+	$(PIP) -r requirements/train.txt
+	$(if $(TORCH_SPEC),$(PIP) "$(TORCH_SPEC)")
+	$(PIP) --no-deps --no-build-isolation -e .
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed-train
-	$(PY) -m pip install -q -e '.[test]'
+$(VENV)/.installed-test: $(VENV)/.installed-train requirements/test.txt
+	$(PIP) -r requirements/test.txt
+	$(if $(TORCH_SPEC),$(PIP) "$(TORCH_SPEC)")
 	touch $@
+
+venv: $(VENV)/.installed-train
+venv-test: $(VENV)/.installed-test
 
 train: $(VENV)/.installed-train
 	$(RUN) deepspeed $(if $(PORT),--master_port $(PORT)) megapix/train.py --config configs/tiny_digits.yaml --out $(OUT)
@@ -36,6 +48,10 @@ test: $(VENV)/.installed-test
 # The unit tests only (no multi-process or subprocess training runs): the edit-test loop.
 test-fast: $(VENV)/.installed-test
 	$(RUN) $(PY) -m pytest -q -m "not slow and not triton_interp" tests
+
+# Refresh the lock to the newest releases and run the fast tests on it in a fresh venv (scripts/lock.sh).
+lock:
+	bash scripts/lock.sh
 
 clean:
 	rm -rf runs .pytest_cache

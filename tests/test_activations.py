@@ -139,6 +139,7 @@ def _planned(row):
     return m, lay, stages[row["stage"]]
 
 
+@pytest.mark.slow
 def test_tp2_shard_saves_what_the_planner_counts(layout_rows):
     rows = [r for r in layout_rows if r["tp"] == 2 and not r.get("sp")]
     assert len(rows) == 2
@@ -149,6 +150,7 @@ def test_tp2_shard_saves_what_the_planner_counts(layout_rows):
         assert r["total"] == pytest.approx(r["micro_batches"] * r["peak"], rel=TOLERANCE), r
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pp", [2, 4])
 def test_pipeline_stages_keep_min_p_minus_i_m_micro_batches_in_flight(layout_rows, pp):
     """DeepSpeed's 1F1B schedule, counted: stage i's peak of saved bytes over one micro-batch's is min(p - i, m)."""
@@ -163,6 +165,7 @@ def test_pipeline_stages_keep_min_p_minus_i_m_micro_batches_in_flight(layout_row
         assert r["peak"] == pytest.approx(planned, rel=TOLERANCE), r
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_keeps_block_inputs_and_one_recompute(layout_rows):
     rows = [r for r in layout_rows if r["ckpt"]]
     assert len(rows) == 2

@@ -13,6 +13,8 @@ import torch
 from test_parallel_helpers import (LAYOUTS, SAVE_AT, STEPS, layout_config, layout_run, losses, records,
                                    train_in_one_launch)
 
+pytestmark = pytest.mark.slow  # every test here starts training runs
+
 STOP = SAVE_AT
 
 

@@ -20,6 +20,8 @@ import torch
 from test_parallel_helpers import ROOT, SAVE_AT, STEPS, TRAIN, env, layout_config, layout_run, losses, micro_config
 from conftest import tree_hash
 
+pytestmark = pytest.mark.slow  # every test here starts training runs
+
 PY = sys.executable
 
 

@@ -13,6 +13,8 @@ from megapix.parallel.comms import bytes_by_kind
 from megapix.plan import Layout, comm_bytes
 from test_parallel_helpers import launch_layouts, run_train, torchrun_cmd
 
+pytestmark = pytest.mark.slow  # every test here starts training runs
+
 TOLERANCE = 0.05
 
 WORKER = r'''

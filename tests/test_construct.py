@@ -109,6 +109,7 @@ def _run_memory(tmp_path, tp, pp, zero, task):
     return [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("MEM ")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["pretrain", "finetune"])
 @pytest.mark.parametrize("tp,pp,zero", [(2, 1, 0), (1, 2, 0), (1, 1, 3)], ids=["tp2", "pp2", "dp2-zero3"])
 def test_construction_peak_is_the_rank_share_plus_one_parameter(tmp_path, tp, pp, zero, task):

@@ -64,6 +64,7 @@ dist.destroy_process_group()
 '''
 
 
+@pytest.mark.slow
 def test_two_rank_context_parallel_features_equal_one_rank(tmp_path):
     """16x16 images (256 positions), each rank holding a head and a tail chunk: the pooled features of layers
     0, 1 and 3 (after norm_f) equal megapix.features.extract on one rank, AR and BERT."""

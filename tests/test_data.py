@@ -414,6 +414,7 @@ def _shard_stats(out):
             for f in os.listdir(out) if f[:1] != "." and f.endswith(".npy") and "labels" not in f}
 
 
+@pytest.mark.slow
 def test_prepare_roundtrip_resume_and_workers(tmp_path, palette_file):
     x = RNG.integers(0, 256, (70, 8, 8, 3), dtype=np.uint8)
     spec = f"npy:{_npy(tmp_path, 'x.npy', x)},{_npy(tmp_path, 'y.npy', RNG.integers(0, 3, 70))}"
@@ -620,6 +621,7 @@ def _two_ranks(rank, out, port, results):
         tdist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_load_splits_two_ranks_fit_once_and_share_errors(tmp_path):
     """Rank 0 fits while rank 1 waits and reads the same file; a refusal on rank 0 is a one-line ConfigError on
     every rank (no rank left waiting)."""
@@ -641,6 +643,7 @@ def test_load_splits_two_ranks_fit_once_and_share_errors(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # the DataLoader path
 # ---------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_microbatches_same_for_any_workers_and_across_resume(imagefolder, palette_file):
     """ImageFolder with the paper's random crops, encoded in DataLoader workers: the same (tokens, mask) for 0
     and 2 workers, for a fresh loader started at step k (resume), and after a jump back."""

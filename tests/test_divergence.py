@@ -41,6 +41,7 @@ def test_config_checks_the_policy_and_the_spike_factor():
         TrainConfig(spike_factor=0.5)
 
 
+@pytest.mark.slow
 def test_stop_names_the_step_and_saves_nothing_new(tiny_config, tmp_path):
     out = tmp_path / "stop"
     proc = train(tiny_config, out, "--max-steps", 6, *COMMON, env={"MEGAPIX_TEST_BAD_BATCH": "2"})
@@ -52,6 +53,7 @@ def test_stop_names_the_step_and_saves_nothing_new(tiny_config, tmp_path):
     assert [r["step"] for r in metrics(out)] == [1, 2]
 
 
+@pytest.mark.slow
 def test_rollback_skips_the_batch_and_a_resume_reproduces_the_curve(tiny_config, tmp_path):
     """Uninterrupted run a (6 steps) and run b (4 steps, then resumed to 6 without the fault): both roll back
     from step 4 (global batch 3 gives inf) to step 2 and skip batch 3; their curves are equal bit for bit."""
@@ -74,6 +76,7 @@ def test_rollback_skips_the_batch_and_a_resume_reproduces_the_curve(tiny_config,
     assert "rolled back to global_step2 (step 2); global batch 3 is skipped from now on" in ra.stdout
 
 
+@pytest.mark.slow
 def test_spike_rule_rolls_back_and_rollback_without_a_checkpoint_stops(tiny_config, tmp_path):
     spike, early = tmp_path / "spike", tmp_path / "early"
     rs, re_ = parallel(
@@ -90,6 +93,7 @@ def test_spike_rule_rolls_back_and_rollback_without_a_checkpoint_stops(tiny_conf
             "yet (nothing was saved): pass --save-every N") in re_.stderr
 
 
+@pytest.mark.slow
 def test_a_diverging_lr_never_saves_nonfinite_weights(tmp_path):
     """--lr 1e4 at full strength from step 1 (the issue's case: before, `latest` named NaN weights), a checkpoint
     every step: the run stops at the first bad step, and the last checkpoint is the step before it, finite."""
@@ -106,6 +110,7 @@ def test_a_diverging_lr_never_saves_nonfinite_weights(tmp_path):
     assert state and all(torch.isfinite(v).all() for v in state.values()), tag
 
 
+@pytest.mark.slow
 def test_stragglers_are_named_and_a_fault_on_one_rank_is_seen_by_all(tmp_path):
     """2 ranks: rank 1 sleeps 0.5 s fetching each batch and sees global batch 2's loss as inf; both ranks roll
     back at the same step, and the summary names rank 1 as the straggler."""

@@ -336,6 +336,7 @@ GUARD_MEASURED = {"gains": [9.0, 6.3, 6.0], "mean": 7.1, "sd": 1.6}
 GUARD_MARGIN = 3.0  # about the mean minus 2.5 sd, twice the sd: an untrained model (gain ~0) fails it
 
 
+@pytest.mark.slow
 def test_study_guard_pretrained_layers_beat_the_random_init_control(tmp_path):
     """The reduced study (4 layers x d64, 16x16 shapes, 150 AR steps, seed 0; ~4 min on 2 cores): its pre-trained
     layers 1..4 probe above the same layers of the random-init control by more than the spread over seeds.

@@ -131,6 +131,7 @@ def test_peer_failures_are_told_from_other_errors():
     assert not watchdog.is_peer_failure(ValueError("Timed out"))
 
 
+@pytest.mark.slow
 def test_killed_rank_is_named_and_resume_is_bit_exact(tmp_path, reference):
     out = tmp_path / "run"
     procs = launch(out, "--collective-timeout", "60")
@@ -152,6 +153,7 @@ def test_killed_rank_is_named_and_resume_is_bit_exact(tmp_path, reference):
     assert got == reference, {s: (got[s], reference[s]) for s in got if got[s] != reference[s]}
 
 
+@pytest.mark.slow
 def test_hung_rank_bounded_by_the_collective_timeout(tmp_path):
     out, timeout = tmp_path / "run", 60  # above the longest one-sided setup (rank 0 prepares data) on a loaded machine
     procs = launch(out, "--collective-timeout", str(timeout))
@@ -168,6 +170,7 @@ def test_hung_rank_bounded_by_the_collective_timeout(tmp_path):
     assert len(line) == 1 and "rank 1 (host" in line[0] and "quiet for" in line[0], text[-3000:]
 
 
+@pytest.mark.slow
 def test_sigterm_ends_a_rank_blocked_in_a_collective(tmp_path):
     """The peer hangs, the collective timeout is long: SIGTERM still ends the blocked rank within seconds."""
     out = tmp_path / "run"

@@ -141,6 +141,7 @@ def _extract_cmd(nproc, ckpt, out):
             str(29500 + os.getpid() % 2000), *args]
 
 
+@pytest.mark.slow
 def test_kill_and_resume_two_ranks(tmp_path):
     export(tmp_path / "m")
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}

@@ -55,6 +55,7 @@ def test_augmentation_before_encoding():
     assert np.array_equal(aug.numpy(), expect)
 
 
+@pytest.mark.slow
 def test_finetune_sweep_early_stopping(tmp_path):
     export(tmp_path / "m")
     out = tmp_path / "ft"
@@ -185,6 +186,7 @@ def ft_root(tmp_path_factory):
     return tmp_path_factory.mktemp("ft-layouts")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(FT_LAYOUTS))
 def test_finetune_layout_reproduces_single_rank_curve(name, ft_root):
     ref, got = finetune_run("single", ft_root), finetune_run(name, ft_root)

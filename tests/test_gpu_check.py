@@ -46,6 +46,7 @@ def test_without_cuda_it_says_so_exits_0_and_writes_nothing(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_smoke_runs_every_section_on_cpu_and_writes_json_and_markdown(tmp_path):
     proc = run([SCRIPT, "--smoke", "--out", str(tmp_path)], timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

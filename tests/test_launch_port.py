@@ -20,6 +20,7 @@ def taken_port():
         yield s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_port_in_use_is_one_line(taken_port, tiny_config, tmp_path):
     """Rank 0 of a 2-rank launch (what deepspeed/torchrun export) finds its port taken: exit 2, one line."""
     env = subprocess_env(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",

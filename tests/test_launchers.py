@@ -26,6 +26,7 @@ def curves(tmp_path_factory):
     return {}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed", "mpiexec"])
 def test_launcher_runs_two_ranks(launcher, tmp_path, curves):
     if launcher == "torchrun":

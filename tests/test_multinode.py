@@ -38,7 +38,7 @@ import test_faults as faults  # noqa: E402
 from test_slurm import (_squeue_state, assert_same_features_as_one_rank, job_gone, job_info, metrics,  # noqa: E402
                         read, wait_for)
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]  # every test here starts SLURM jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable

@@ -154,6 +154,7 @@ TRITON_SAMPLING = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sampling_with_triton_kernels_goes_through_them():
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT}

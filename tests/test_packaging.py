@@ -1,6 +1,6 @@
 """Packaging rules: kernels/ (installed as megapix.kernels) imports nothing from the rest of megapix, the package
-and benchmarks never edit sys.path, the wheel holds megapix/kernels/ and no top-level `kernels`, and every
-integration test that tests/conftest.py marks `slow` still exists."""
+and benchmarks never edit sys.path, the wheel holds megapix/kernels/ and no top-level `kernels`, and transformers gets
+Hugging Face's `kernels` package in processes started from the repository root."""
 from __future__ import annotations
 
 import ast
@@ -10,7 +10,9 @@ import subprocess
 import sys
 import zipfile
 
-from conftest import REPO, SLOW
+import pytest
+
+from conftest import REPO
 
 
 def foreign_imports(source: str, filename: str = "<src>") -> list[str]:
@@ -59,18 +61,6 @@ def test_kernels_import_nothing_from_the_rest_of_megapix():
     assert not bad, "kernels/ must stay standalone:\n" + "\n".join(bad)
 
 
-def test_every_slow_test_named_in_conftest_exists():
-    for module, names in SLOW.items():
-        path = os.path.join(REPO, "tests", module)
-        assert os.path.exists(path), f"conftest SLOW names {module}, which does not exist"
-        if names == "*":
-            continue
-        with open(path) as f:
-            defined = {n.name for n in ast.walk(ast.parse(f.read())) if isinstance(n, ast.FunctionDef)}
-        missing = set(names) - defined
-        assert not missing, f"conftest SLOW names tests that {module} no longer has: {sorted(missing)}"
-
-
 def test_no_sys_path_insert_in_the_package_or_benchmarks():
     """They import the installed package (pip install -e .), never whatever folder they happen to sit in."""
     found = []
@@ -84,6 +74,7 @@ def test_no_sys_path_insert_in_the_package_or_benchmarks():
     assert not found, found
 
 
+@pytest.mark.slow
 def test_wheel_installs_kernels_as_megapix_kernels(tmp_path):
     """`pip install .` (non-editable): the wheel holds megapix/kernels/ and no top-level `kernels` package."""
     src = tmp_path / "src"  # a copy of the tracked files, so no build/ or egg-info lands in the checkout
@@ -102,10 +93,58 @@ def test_wheel_installs_kernels_as_megapix_kernels(tmp_path):
 
 
 def test_compile_check_dims_are_the_presets():
-    from kernels._compile_check import PRESET_DIMS
+    from megapix.kernels._compile_check import PRESET_DIMS
     from megapix.config import model_preset
 
     for name, dims in PRESET_DIMS.items():
         m = model_preset(name)
         assert (dims.n_head, dims.d_model, dims.n_ctx, dims.head_dim, dims.norm_eps) == (
             m.n_head, m.d_model, m.n_ctx, m.head_dim, m.norm_eps), name
+
+
+# What transformers' hub-kernel integration imports from Hugging Face's `kernels` distribution; the folder kernels/
+# has none of it, so the import fails if the folder shadows the package.
+HUB_KERNELS_CHECK = (
+    "import os, kernels, transformers.integrations.hub_kernels as hk\n"
+    "assert hasattr(kernels, 'CUDAProperties'), kernels.__file__\n"
+    "print('HUB_KERNELS_OK', os.path.realpath(kernels.__file__))\n")
+
+
+def hub_kernels_or_skip():
+    import importlib.metadata
+    import importlib.util
+
+    pytest.importorskip("transformers")
+    try:
+        importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("Hugging Face's `kernels` package is not installed (transformers < 5 does not need it)")
+    if importlib.util.find_spec("transformers.integrations.hub_kernels") is None:
+        pytest.skip("this transformers has no hub-kernel integration")
+
+
+def test_hub_kernels_import_in_this_pytest_process():
+    """make test starts pytest from the repository root: the tests still get Hugging Face's `kernels`."""
+    hub_kernels_or_skip()
+    exec(HUB_KERNELS_CHECK, {})
+    import kernels
+
+    assert not os.path.realpath(kernels.__file__).startswith(os.path.join(REPO, "kernels") + os.sep)
+
+
+@pytest.mark.parametrize("launch", ["python -m pytest", "python -m megapix"])
+def test_hub_kernels_import_in_a_process_started_from_the_repository_root(launch):
+    hub_kernels_or_skip()
+    if launch == "python -m pytest":
+        args = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-s",
+                "tests/test_packaging.py::test_hub_kernels_import_in_this_pytest_process"]
+    else:
+        # What `python -m megapix --version` does (runpy, the working directory first on sys.path), then the import
+        # a user's code or a library would make in the same process.
+        args = ["-c", "import os, runpy, sys\nsys.path[0] = os.getcwd()\nsys.argv = ['megapix', '--version']\n"
+                      "try:\n    runpy.run_module('megapix', run_name='__main__', alter_sys=True)\n"
+                      "except SystemExit as e:\n    assert e.code in (0, None), e.code\n" + HUB_KERNELS_CHECK]
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    if launch == "python -m megapix":
+        assert "HUB_KERNELS_OK" in proc.stdout and REPO + "/kernels/" not in proc.stdout, proc.stdout

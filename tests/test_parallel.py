@@ -111,6 +111,7 @@ def tp_and_sp_workers(folder):
     return _TP_SP_RUN[0]
 
 
+@pytest.mark.slow
 def test_tensor_parallel_matches_single_rank_and_replicated_grads_agree(tmp_path):
     """TP 2 on gloo without DeepSpeed, plain and with sequence parallelism: loss and every gradient equal the
     plain model's (merged shards); replicated parameters (norms, embeddings, sos, row biases) get bit-identical
@@ -120,6 +121,7 @@ def test_tensor_parallel_matches_single_rank_and_replicated_grads_agree(tmp_path
 
 
 # ---- the core equivalence test: same seed, data and global batch -> the same per-step losses ----
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if LAYOUTS[n][0] >= 8 else n
                                   for n in LAYOUTS if reference_of(n) != n])  # 8 ranks: `-m "not slow"` skips them
 def test_layout_reproduces_single_rank_curve(name):
@@ -150,6 +152,7 @@ def test_layout_reproduces_single_rank_curve(name):
     assert ndiff < 1e-3 and min(norms_ref) > 0, (name, norms, norms_ref)  # measured: < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SAMPLED)
 def test_every_layout_finishes_and_writes_samples(name):
     """ZeRO-3 used to hang here (rank 0 sampled through partitioned weights while rank 1 sat in a barrier);

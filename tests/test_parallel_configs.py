@@ -9,6 +9,9 @@ import subprocess
 import sys
 
 from test_parallel_helpers import ROOT, env, free_port, micro_config
+import pytest
+
+pytestmark = pytest.mark.slow  # every test here starts training runs
 
 WORKER = r'''
 import glob, json, math, os, sys

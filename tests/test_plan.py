@@ -126,6 +126,7 @@ def run_cli(*args):
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_table_json_and_errors():
     out = run_cli("--model", "igpt-s", "--nodes", "1", "--gpus-per-node", "8", "--gpu", "a100", "--json")
     assert out.returncode == 0, out.stderr
@@ -220,6 +221,7 @@ CHECKS = {  # world size -> layouts measured in that one launch
 }
 
 
+@pytest.mark.slow
 def test_planner_state_bytes_equal_what_the_engine_holds(tmp_path):
     """CPU: for tiny/small/bench (fp32) and tiny (bf16) in 1 rank, TP2, PP2, DP2 ZeRO-1/2/3 and TP2 x PP2, the
     planner's parameter, gradient, master and Adam bytes per rank equal the engine's tensors (walked at the optimizer
@@ -280,6 +282,7 @@ def scaled_to_tiny(command: str, out: str) -> list[str]:
     return args + ["--max-steps", "2", "--eval-every", "0", "--no-samples", "--out", out]
 
 
+@pytest.mark.slow
 def test_every_printed_command_runs_scaled_to_tiny(tmp_path):
     """Every distinct (TP, PP, ZeRO, ds_config) row `megapix plan` prints for igpt-s on 1 and on 2 GPUs, scaled to the
     tiny preset, runs 2 steps on CPU: through train.main in one 2-rank launch (a 1-GPU row's shape is always also a

@@ -129,6 +129,7 @@ def test_every_writing_command_refuses_a_held_out(tmp_path, trained, capsys, mon
             p.wait()
 
 
+@pytest.mark.slow
 def test_two_trainings_started_together_into_one_out_one_refuses(tmp_path):
     out = tmp_path / "run"
     cmd = [PYTHON, TRAIN, "--config", layout_config(), "--out", str(out), "--no-samples"]
@@ -319,6 +320,7 @@ def test_a_torn_or_malformed_best_json_stops_pruning_with_a_warning(tmp_path, tr
         warnings[0], out
 
 
+@pytest.mark.slow
 def test_resume_with_keep_last_keeps_copied_in_and_renamed_tags_and_the_best_of_a_torn_best_json(tmp_path, trained):
     run = copy_run(trained, tmp_path / "run")
     ckpt = os.path.join(run, "checkpoints")
@@ -435,6 +437,7 @@ def test_full_disk_extract_is_one_line_not_sigbus(small_disk, trained, tmp_path)
     assert not [n for n in os.listdir(small_disk / "f") if n.endswith("_features.npy") or n == "manifest.json"]
 
 
+@pytest.mark.slow
 def test_full_disk_during_training_is_one_line_and_latest_stays_complete(small_disk):
     from megapix.checkpoint.tags import problem, read_latest
 

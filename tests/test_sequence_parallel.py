@@ -74,6 +74,7 @@ dist.destroy_process_group()
 '''
 
 
+@pytest.mark.slow
 def test_sequence_parallel_cuts_saved_activations(tmp_path):
     """TP 2 + SP on gloo: one block's saved per-position activations (norm and column-parallel inputs, the norms'
     rstd) drop by t = 2 (Korthikanti et al.'s 8 sbh -> 8 sbh / t in bf16 bytes), and nothing else saved grows.

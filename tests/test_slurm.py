@@ -23,7 +23,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import slurm_cluster  # noqa: E402
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]  # every test here starts SLURM jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable

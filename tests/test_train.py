@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from conftest import PYTHON, REPO, run, subprocess_env, tree_hash, wait_for_first_metrics
 
+pytestmark = pytest.mark.slow  # every test here starts training runs
+
 TRAIN = "megapix/train.py"
 EXIT_PREEMPTED = 75
 TIMEOUT = 400
