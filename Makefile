@@ -18,13 +18,14 @@ PIP := $(PY) -m pip install -q $(PIP_ARGS)
 
 .PHONY: train test test-fast venv venv-test lock clean
 
-# pip itself comes from the lock first; megapix installs editable without build isolation (setuptools is locked).
+# pip itself comes from the lock first; megapix's editable install builds with the locked setuptools (in isolation:
+# the venv's own packages stay out of the build).
 $(VENV)/.installed-train: requirements/train.txt setup.py
 	python3 -m venv $(VENV)
 	$(PIP) "$$(grep '^pip==' requirements/train.txt)"
 	$(PIP) -r requirements/train.txt
 	$(if $(TORCH_SPEC),$(PIP) "$(TORCH_SPEC)")
-	$(PIP) --no-deps --no-build-isolation -e .
+	$(PIP) --no-deps --build-constraint requirements/train.txt -e .
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed-train requirements/test.txt

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from megapix.utils import atomic_path, read_metrics
+from megapix.utils import atomic_path, read_metrics, shell_program
 
 
 def peak_memory(device: torch.device) -> tuple[str, float]:
@@ -291,12 +291,14 @@ def summary_text(log: RunLog, checkpoints, shown_out: str, step: int, peak_tflop
                      f"per rank{mfu}{mem}")
     lines += [f"  note         {note}" for note in notes]
     more = max(2 * step, step + 1)
+    python, megapix = shell_program("python"), shell_program("megapix")
+    train_py = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"))
     lines += ["next:",
-              f"  continue     python megapix/train.py --resume --out {out} --max-steps {more}",
-              f"  export (HF)  megapix export --checkpoint {out} --out {out}-hf"]
+              f"  continue     {python} {train_py} --resume --out {out} --max-steps {more}",
+              f"  export (HF)  {megapix} export --checkpoint {out} --out {out}-hf"]
     if best and best["tag"] != latest:
-        lines.append(f"  export best  megapix export --checkpoint {best_dir} --out {out}-best-hf")
-    lines += [f"  sample       megapix sample --checkpoint {out} --out {os.path.join(out, 'more_samples.png')}",
-              f"  probe        megapix extract --checkpoint {out} --out {out}-features && "
-              f"megapix probe --features {out}-features"]
+        lines.append(f"  export best  {megapix} export --checkpoint {best_dir} --out {out}-best-hf")
+    lines += [f"  sample       {megapix} sample --checkpoint {out} --out {os.path.join(out, 'more_samples.png')}",
+              f"  probe        {megapix} extract --checkpoint {out} --out {out}-features && "
+              f"{megapix} probe --features {out}-features"]
     return "\n".join(lines)

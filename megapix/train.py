@@ -15,8 +15,16 @@ if __package__ in (None, ""):  # run as a script (deepspeed/torchrun megapix/tra
     except ModuleNotFoundError as e:
         if e.name != "megapix":
             raise
-        print("megapix: error: the megapix package is not installed in this Python: run `pip install -e .` in the "
-              "repository (or `make train`)", file=sys.stderr)
+        import shlex
+
+        venv = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv", "bin", "python")
+        if not os.path.relpath(venv).startswith(".."):
+            venv = os.path.relpath(venv)
+        fix = (f"run it with the repository's venv, {shlex.join([venv, *sys.argv])} (or `source "
+               f"{os.path.dirname(venv)}/activate` first)" if os.path.exists(venv) else
+               "run `make train` in the repository (it builds .venv), or `pip install -e .` into this Python")
+        print(f"megapix: error: the megapix package is not installed in this Python ({sys.executable}): {fix}",
+              file=sys.stderr)
         sys.exit(2)
 
 from megapix import dsconfig, runfolder

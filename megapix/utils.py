@@ -106,3 +106,19 @@ def read_metrics(path: str) -> list[dict]:
                 break
             raise ConfigError(f"{path} line {i + 1} is not JSON; move the file away and resume again") from None
     return out
+
+
+def shell_program(name: str) -> str:
+    """How the user's shell runs `name` (python, megapix) of the environment this process runs in, as a command
+    prefix. A venv's bin/ is on PATH only inside `make` or an activated shell, so a venv's program is named by its
+    path (relative to the working directory when under it); elsewhere (a system or conda install) by its name."""
+    import shlex
+    import sys
+
+    if sys.prefix == sys.base_prefix:
+        return name
+    path = os.path.join(os.path.dirname(sys.executable), name)
+    if not os.path.exists(path):
+        return name
+    rel = os.path.relpath(path)
+    return shlex.quote(rel if not rel.startswith("..") else path)

@@ -306,8 +306,8 @@ def test_resume_restores_the_saved_config_and_refuses_what_contradicts_it(tiny_c
 
 
 def test_every_command_the_summary_prints_runs_as_printed(tiny_config, tmp_path):
-    """Each command under the end-of-run summary's "next:" is copied and run as printed, from the repository root
-    with this interpreter's environment first on PATH (where `pip install -e .` puts `python` and `megapix`)."""
+    """Each command under the end-of-run summary's "next:" is copied and run as printed, from the repository root,
+    in a shell whose PATH does not hold this venv's bin/: the shell the user typed `make train` in."""
     import shlex
     import sys
 
@@ -322,7 +322,9 @@ def test_every_command_the_summary_prints_runs_as_printed(tiny_config, tmp_path)
         label, command = [part.strip() for part in line.strip().split("  ", 1)]
         commands.append((label, command))
     assert {"continue", "export (HF)", "sample", "probe"} <= {label for label, _ in commands}, commands
-    env = subprocess_env(PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    venv_bin = os.path.dirname(sys.executable)
+    env = subprocess_env(PATH=os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                                              if p and os.path.realpath(p) != os.path.realpath(venv_bin)))
     for label, command in commands:
         assert shlex.split(command), command
         done = subprocess.run(command, shell=True, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
@@ -407,3 +409,19 @@ def test_loss_plot_is_atomic_and_bounded(tmp_path, monkeypatch):
     with Image.open(png) as img:
         img.verify()
     assert sorted(os.listdir(tmp_path)) == ["loss.png"]  # no temp files left behind
+
+
+def test_train_py_under_a_python_without_megapix_names_the_venv_to_use():
+    """`python megapix/train.py` with an interpreter that lacks megapix (the venv's base Python): one line naming the
+    repository's venv command that works, exit 2."""
+    import sys
+
+    base = os.path.join(sys.base_prefix, "bin", "python3")
+    has_megapix = subprocess.run([base, "-c", "import megapix"], cwd="/", capture_output=True).returncode == 0
+    if sys.prefix == sys.base_prefix or has_megapix:
+        pytest.skip("needs a venv whose base Python has no megapix")
+    proc = subprocess.run([base, "megapix/train.py", "--max-steps", "3"], cwd=REPO, capture_output=True, text=True,
+                          timeout=60, env=subprocess_env())
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    venv_python = os.path.relpath(sys.executable, REPO)
+    assert f"{venv_python} megapix/train.py --max-steps 3" in proc.stderr, proc.stderr
