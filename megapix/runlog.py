@@ -116,6 +116,7 @@ class RunLog:
         self.summary = {"first_step": initial}
         self._last_val = None
         self._interactive = sys.stdout.isatty()
+        self._started = time.monotonic()
         self._bar = tqdm(total=total, initial=initial, disable=not (self.enabled and self._interactive), desc=desc,
                          dynamic_ncols=True)
 
@@ -189,7 +190,20 @@ class RunLog:
             norm = f", grad_norm {rec['grad_norm']:.3g}" if rec.get("grad_norm") is not None else ""
             print(f"{self.desc} step {step}/{self.total}: loss {loss:.4f}{bpd}"
                   + (f", val_loss {rec['val_loss']:.4f}{val_bpd}" if rec.get("val_loss") is not None else "")
-                  + f", lr {rec['lr']:.3g}{norm}, {rec['tokens_per_s']:.0f} tokens/s", flush=True)
+                  + f", lr {rec['lr']:.3g}{norm}, {rec['tokens_per_s']:.0f} tokens/s" + self._pace(rec), flush=True)
+
+    def _pace(self, rec: dict) -> str:
+        """ms per step and MFU of this step, then the wall time since this process began training and the time
+        left at that pace (evaluations and saves included, so the estimate is what the user will wait)."""
+        pace = f", {1000 * rec['step_time_s']:.0f} ms/step" if rec.get("step_time_s") is not None else ""
+        if rec.get("mfu") is not None:
+            pace += f", MFU {100 * rec['mfu']:.1f}%"
+        done = rec["step"] - self.summary.get("first_step", 0)
+        elapsed = time.monotonic() - self._started
+        if done > 0:
+            left = elapsed / done * max(0, self.total - rec["step"])
+            pace += f", {_clock(elapsed)} elapsed, {_clock(left)} left"
+        return pace
 
     def _remember(self, rec: dict) -> None:
         """What the end-of-run summary reports: the last train loss and the best validation loss, and a warning
@@ -208,6 +222,13 @@ class RunLog:
             print(f"megapix: warning: val_loss has risen for 3 evaluations ({vals[-4]:.4f} -> {vals[-1]:.4f}; best "
                   f"{s['best_val_loss']:.4f} at step {s['best_val_step']}): the model is overfitting this data; "
                   "fewer --max-steps or more data", flush=True)
+
+
+def _clock(seconds: float) -> str:
+    """h:mm:ss (m:ss under an hour)."""
+    seconds = int(round(seconds))
+    h, m, sec = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
 
 
 def write_loss_plot(train: list, val: list, png_path: str, points: int = 2000) -> str | None:
@@ -289,6 +310,11 @@ def summary_text(log: RunLog, checkpoints, shown_out: str, step: int, peak_tflop
                if last.get("mfu") is not None else f", no MFU ({peak_source})")
         lines.append(f"  last step    {last['tokens_per_s']:.0f} tokens/s, {last['tflops_per_device']:.3g} TFLOP/s "
                      f"per rank{mfu}{mem}")
+    first, started = s.get("first_step"), getattr(log, "_started", None)
+    if started is not None and first is not None and s.get("last_step", first) > first:
+        wall, steps = time.monotonic() - started, s["last_step"] - first
+        lines.append(f"  wall time    {_clock(wall)} for steps {first + 1}-{s['last_step']} ({1000 * wall / steps:.0f} "
+                     "ms/step with evaluations and saves)")
     lines += [f"  note         {note}" for note in notes]
     more = max(2 * step, step + 1)
     python, megapix = shell_program("python"), shell_program("megapix")

@@ -1,0 +1,35 @@
+"""The step lines a user reads while training: what each says, and when."""
+from __future__ import annotations
+
+import re
+
+from megapix.runlog import RunLog, _clock
+
+
+def step_record(step: int, **extra) -> dict:
+    return {"step": step, "loss": 2.0, "bpd": 2.885, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 1000.0,
+            "step_time_s": 0.25, "mfu": 0.031, **extra}
+
+
+def test_step_lines_carry_ms_per_step_mfu_elapsed_and_time_left(tmp_path, capsys, monkeypatch):
+    clock = iter([100.0, 110.0, 120.0])  # begin, then two steps 10 s apart
+    monkeypatch.setattr("megapix.runlog.time.monotonic", lambda: next(clock))
+    log = RunLog(str(tmp_path), is_rank0=True, plot=False)
+    log.begin("train", total=10, initial=4, log_every=1)  # a resumed run: steps 5..10 in this process
+    log._interactive = False  # as under make/CI (stdout is not a terminal)
+    log.record(step_record(5))
+    log.record(step_record(6, mfu=None))
+    log.end()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("train step")]
+    assert len(lines) == 2, lines
+    # step 5: one step done in 10 s since begin, 5 steps left -> 50 s
+    assert lines[0].endswith("1000 tokens/s, 250 ms/step, MFU 3.1%, 0:10 elapsed, 0:50 left"), lines[0]
+    # step 6: two steps in 20 s, 4 left -> 40 s; no MFU when the device's peak is unknown
+    assert lines[1].endswith("250 ms/step, 0:20 elapsed, 0:40 left"), lines[1]
+    assert "MFU" not in lines[1]
+    assert re.match(r"train step 6/10: loss 2\.0000 \(2\.885 bits/dim\), lr 0\.001, grad_norm 0\.5", lines[1])
+
+
+def test_clock_format():
+    assert [_clock(s) for s in (0, 59.6, 61, 3599, 3600, 86399)] == ["0:00", "1:00", "1:01", "59:59", "1:00:00",
+                                                                     "23:59:59"]
