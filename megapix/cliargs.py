@@ -144,9 +144,10 @@ def add_launcher_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_fields(p: argparse.ArgumentParser, cls, *, prefix: str = "", title: str | None = None,
-               exclude: tuple = (), only: tuple | None = None) -> dict[str, str]:
+               exclude: tuple = (), only: tuple | None = None, run_defaults: dict | None = None) -> dict[str, str]:
     """Add one flag per field of dataclass `cls`; returns dest -> field name. Values the user does not give are
-    absent from the parsed namespace (default SUPPRESS). Positional spellings go in field order."""
+    absent from the parsed namespace (default SUPPRESS). Positional spellings go in field order. `run_defaults`
+    (field -> value): what a run without --config uses where it differs from the field's own default."""
     group = p.add_argument_group(title) if title else p
     hints = typing.get_type_hints(cls)
     dests = {}
@@ -157,8 +158,11 @@ def add_fields(p: argparse.ArgumentParser, cls, *, prefix: str = "", title: str 
         flag = flag_name(f)
         dest = prefix + f.name
         text = f.metadata.get("help", "")
+        default = _describe_default(f)
+        if run_defaults and f.name in run_defaults and str(run_defaults[f.name]) != default:
+            default = f"{run_defaults[f.name]}; {default} under a --config file"
         kw: dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS,
-                                  help=f"{text} (default: {_describe_default(f)})".lstrip().replace("%", "%%"))
+                                  help=f"{text} (default: {default})".lstrip().replace("%", "%%"))
         names = [flag, *f.metadata.get("aliases", ())]
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
@@ -172,7 +176,7 @@ def add_fields(p: argparse.ArgumentParser, cls, *, prefix: str = "", title: str 
             else:
                 kw["type"] = {int: _int, float: _finite_float}.get(tp, str)
             if choices is None:
-                kw["metavar"] = f.metadata.get("metavar") or {int: "N", float: "X"}.get(tp, "TEXT")
+                kw["metavar"] = f.metadata.get("metavar") or {int: "N", float: "X"}.get(tp, f.name.upper())
         group.add_argument(*names, **kw)
         if f.metadata.get("positional"):
             # the older positional spelling, still accepted; --flag is the documented one
@@ -222,10 +226,12 @@ def parse_command(prog: str, description: str, cls, argv=None, *, launcher: bool
 
 
 # ---- a run's configuration (train; finetune adopts the same) ----
-def add_config_args(p: argparse.ArgumentParser, exclude: dict[str, tuple] | None = None) -> None:
+def add_config_args(p: argparse.ArgumentParser, exclude: dict[str, tuple] | None = None,
+                    run_defaults: dict | None = None) -> None:
     """--config FILE, --model PRESET, --deepspeed_config JSON, and one flag per field of ModelConfig, DataConfig
-    and TrainConfig (dest "section.field"; `exclude` drops fields a command defines differently)."""
-    exclude = exclude or {}
+    and TrainConfig (dest "section.field"; `exclude` drops fields a command defines differently; `run_defaults`, a
+    config dict such as config.DEFAULT_RUN: what the command runs without --config, shown as the defaults)."""
+    exclude, run_defaults = exclude or {}, run_defaults or {}
     p.add_argument("--config", metavar="FILE", help="YAML/JSON config with sections model/data/train; flags override "
                    "it (default: none)")
     p.add_argument("--model", metavar="PRESET", help=f"model preset: {', '.join(PRESETS)}; its fields lie beneath the "
@@ -234,8 +240,9 @@ def add_config_args(p: argparse.ArgumentParser, exclude: dict[str, tuple] | None
                    help="DeepSpeed JSON (ds_configs/); authoritative: its settings are taken in, a conflicting "
                    "megapix setting is an error (default: none)")
     for sec, cls in SECTIONS.items():
+        shown = {k: v for k, v in run_defaults.get(sec, {}).items() if k != "preset"}
         add_fields(p, cls, prefix=f"{sec}.", title=f"{sec} (config file section {sec})",
-                   exclude=tuple(exclude.get(sec, ())))
+                   exclude=tuple(exclude.get(sec, ())), run_defaults=shown)
 
 
 def given_settings(args: argparse.Namespace) -> dict[str, dict]:

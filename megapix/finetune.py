@@ -320,11 +320,15 @@ class FinetuneConfig:
     out: str | None = opt(None, "output folder: finetune_results.json, metrics.jsonl, best_model/", kind="out",
                           metavar="DIR", default_help="required")
     checkpoint: str | None = checkpoint_field(required=False)
-    model: str | None = opt(None, "preset for --from-scratch without a --checkpoint (e.g. tiny)", default_help="none")
+    model: str | None = opt(None, "preset for --from-scratch without a --checkpoint (e.g. tiny)", metavar="PRESET",
+                              default_help="none")
     from_scratch: bool = opt(False, "random initialisation (same architecture and palette): the baseline")
-    data: str | None = opt(None, "labelled source: digits, cifar10:PATH, ...", default_help="the checkpoint's")
-    palette: str | None = opt(None, "kmeans_centers.npy", default_help="the checkpoint's; fitted when there is none")
-    lr: str = opt("3e-4,1e-4,3e-5", "one learning rate or a comma-separated sweep (one early-stopped run each)")
+    data: str | None = opt(None, "labelled source: digits, cifar10:PATH, ...", metavar="SPEC",
+                             default_help="the checkpoint's")
+    palette: str | None = opt(None, "kmeans_centers.npy", metavar="PATH",
+                                default_help="the checkpoint's; fitted when there is none")
+    lr: str = opt("3e-4,1e-4,3e-5", "one learning rate or a comma-separated sweep (one early-stopped run each)",
+                  metavar="LRS")
     max_epochs: int = opt(10, "epochs per run")
     max_steps: int | None = opt(None, "steps per run; overrides --max-epochs", default_help="from --max-epochs")
     patience: int = opt(3, "evaluations without a validation-accuracy gain before a run stops")

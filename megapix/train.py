@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --resume: continue even where the settings contradict the saved run's (the log and the "
                    "summary say what changed) (default: off)")
     p.add_argument("--no-samples", action="store_true", help="skip the PNG of samples at the end (default: off)")
-    add_config_args(p)
+    add_config_args(p, run_defaults=DEFAULT_RUN)
     add_launcher_args(p)  # deepspeed's launcher appends --local_rank
     return p
 

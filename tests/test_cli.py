@@ -58,3 +58,21 @@ def test_every_model_reading_command_takes_checkpoint(capsys):
         with pytest.raises(SystemExit):
             main([name, "--help"])
         assert "--checkpoint PATH" in capsys.readouterr().out, name
+
+
+def test_train_help_shows_the_defaults_a_run_without_flags_uses():
+    """`megapix train --help` names what a no-flag run trains (config.DEFAULT_RUN: 10x10 digits-shifted into
+    runs/digits), and the dataclass default where a --config file starts from it instead."""
+    import re
+
+    from megapix.config import DEFAULT_RUN
+    from megapix.data.sources import spec_grammar
+    from megapix.train import build_parser
+
+    text = re.sub(r"-\s+", "-", " ".join(build_parser().format_help().split()))  # argparse breaks after hyphens
+    assert "(default: 10; 8 under a --config file)" in text
+    assert f"(default: {DEFAULT_RUN['data']['source']}; digits under a --config file)" in text
+    assert "(default: runs/digits; runs/default under a --config file)" in text
+    data_help = re.search(r"--data SPEC (.*?)\(default", text).group(1)
+    for kind in spec_grammar().split(" | "):  # every kind of source, with its argument form
+        assert kind.split(":")[0] in data_help, (kind, data_help)
