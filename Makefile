@@ -1,7 +1,7 @@
 # Two entry points a new user needs: `make train` (the main job on the embedded default) and `make test`.
 # Both create .venv on first use from the lock in requirements/ (exact versions: a new release of a dependency
 # cannot change what these commands install). `make train` installs requirements/train.txt, `make test` adds the
-# test extras (requirements/test.txt: Triton, transformers, torchvision, MPI, pytest). `make lock` refreshes the lock.
+# test extras (requirements/test.txt: Triton, transformers, MPI, pytest). `make lock` refreshes the lock.
 # The lock's torch is the CPU build; on a GPU machine set TORCH_SPEC to your cluster's CUDA torch, or install
 # megapix into your own environment with setup.py's ranges (pip install -e '.[gpu,mpi]').
 VENV ?= .venv
