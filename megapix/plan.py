@@ -1094,9 +1094,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--efficiency", type=float, default=EFFICIENCY, help="achieved fraction of peak on matmuls")
     p.add_argument("--top", type=int, default=20, help="rows of the ranked table (0: all)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    p.add_argument("--table", action="store_true", help="the README table: igpt-s/m/l/xl on 1, 8, 64, 256 GPUs")
+    p.add_argument("--table", action="store_true", help="docs/planner.md's table: igpt-s/m/l/xl on 1, 8, 64, 256 GPUs")
     p.add_argument("--max-resolution", action="store_true",
-                   help=f"the README table: the largest of {', '.join(map(str, RESOLUTIONS))} each preset fits at on "
+                   help=f"docs/planner.md: the largest of {', '.join(map(str, RESOLUTIONS))} each preset fits at on "
                         f"{', '.join(map(str, TABLE_GPUS))} GPUs, with and without SP/CP, and the layout")
     p.add_argument("--check", action="store_true",
                    help="planner model-state bytes next to DeepSpeed's estimators for tiny/small/bench")

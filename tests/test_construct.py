@@ -4,7 +4,7 @@
   PP 2 and DP 2 ZeRO-3 (the Trainer's path: DeepSpeed config on the layout, then deepspeed.initialize) with 2
   ranks each; each rank's peak RSS growth over construction is bounded by its share of the parameter bytes + the
   largest single parameter + a fixed allowance;
-- meta: the whole iGPT-XL built for the README's layouts with fake rank info under `structure_only()` (nothing
+- meta: the whole iGPT-XL built for docs/parallelism.md's layouts with fake rank info under `structure_only()` (nothing
   allocated): per-rank parameter counts add up to the preset's total, pipeline stages hold the expected layers;
 - equality: a TP shard built on meta and materialised equals the shard cut from the single-rank model.
 """
@@ -179,7 +179,7 @@ def test_igpt_xl_tp4_dp16_zero3_on_meta_counts_add_up():
 
     model, ranks = _xl_meta_non_pipeline(4, 16, 3)
     total = model.num_parameters()
-    assert round(total / 1e7) == 681  # README: 6.81B (6810M) with the 4096-row position table
+    assert round(total / 1e7) == 681  # docs/training.md: 6.81B (6810M) with the 4096-row position table
     sharded = sum(p.numel() for r in ranks.values() for n, p in r.items() if kind_of(n) != "replicated")
     replicated = sum(p.numel() for n, p in ranks[0].items() if kind_of(n) == "replicated")
     assert sharded + replicated == total

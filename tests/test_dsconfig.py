@@ -148,7 +148,7 @@ def test_zero_stage_of():
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "ds_configs", "*.json"))), ids=os.path.basename)
 def test_shipped_json_combines_with_shipped_configs(path):
-    """README: `--config configs/igpt_s_cifar10.yaml --deepspeed_config ds_configs/zero2.json` must not conflict."""
+    """docs/training.md's `--config configs/igpt_s_cifar10.yaml --deepspeed_config ds_configs/zero2.json` is valid."""
     for yaml_path in glob.glob(os.path.join(ROOT, "configs", "*.yaml")):
         cfg = load_config(yaml_path)
         if "pipeline" in os.path.basename(path) or cfg.train.pipeline_parallel > 1:

@@ -328,12 +328,12 @@ def test_every_printed_command_runs_scaled_to_tiny(tmp_path):
 
 
 def test_readme_max_resolution_table_is_the_planners(capsys):
-    """The README's model-resolution table is `megapix plan --max-resolution --gpu h100`'s output, as printed."""
+    """docs/planner.md's model-resolution table is `megapix plan --max-resolution --gpu h100`'s output, as printed."""
     from megapix import plan
 
     assert plan.main(["--max-resolution", "--gpu", "h100"]) == 0
     printed = capsys.readouterr().out.strip()
-    with open(os.path.join(ROOT, "README.md")) as f:
+    with open(os.path.join(ROOT, "docs", "planner.md")) as f:
         readme = f.read()
     assert printed.count("| igpt-") == 12 and printed in readme
 
