@@ -430,12 +430,13 @@ class SampleConfig:
     palette: str | None = opt(None, "kmeans_centers.npy", metavar="PATH", default_help="the run's palette.npy")
     n: int = opt(8, "held-out images to complete (3 completions of each top half, then the original)")
     temperature: float = opt(1.0, "softmax temperature")
-    seed: int = opt(0, "sampling seed")
+    seed: int | None = opt(None, "sampling seed", default_help="a new one each call, printed")
 
     def __post_init__(self):
         _check_finite(self)
         _check_min1("sample", self, "n")
-        _check_nonneg_int("sample", self, "seed")
+        if self.seed is not None:
+            _check_nonneg_int("sample", self, "seed")
         if self.temperature <= 0:
             raise ConfigError(f"--temperature={self.temperature} must be positive")
         if os.path.isdir(self.out):  # a file output never replaces a directory

@@ -137,3 +137,42 @@ def test_png_replaces_only_its_own_pictures(tmp_path):
     with pytest.raises(ConfigError, match="not written by megapix"):
         save_png(grid, str(theirs))
     assert theirs.read_bytes() == before
+
+
+def test_annotated_grid_has_captions_and_half_marks():
+    from megapix.sample import annotated
+
+    res, pad, rows, cols = 8, 1, 3, 4
+    grid = np.full((rows * (res + pad) + pad, cols * (res + pad) + pad, 3), 128, np.uint8)
+    img = annotated(grid, res)
+    scale, band = 8, 14  # tiles scaled to at least 64 px
+    assert img.shape == (grid.shape[0] * scale + 2 * band, grid.shape[1] * scale, 3)
+    assert (img[:band] < 100).any()  # the column captions' ink above the first row
+    # a red tick in the gutter left of the first completion where the given top half ends
+    y = band + pad * scale + (res // 2) * scale
+    assert tuple(img[y, 0]) == (255, 0, 0) and tuple(img[y - 3 * scale, 0]) != (255, 0, 0)
+
+
+@pytest.mark.slow
+def test_sample_draws_a_new_picture_each_call_and_a_resume_without_steps_keeps_samples_png(tiny_config, tmp_path):
+    import re
+
+    from conftest import run
+
+    out = tmp_path / "run"
+    train = ["megapix/train.py", "--config", tiny_config, "--out", str(out), "--max-steps", "2", "--eval-every", "0"]
+    first = run(train)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "megapix: sampling" in first.stdout and "megapix: wrote" in first.stdout  # not silent
+    before = (out / "samples.png").read_bytes()
+    again = run([*train, "--resume"])  # a finished run: no step to train, the picture stays
+    assert again.returncode == 0 and "already shows step 2; not sampled again" in again.stdout, again.stdout[-2000:]
+    assert (out / "samples.png").read_bytes() == before
+    pngs, seeds = [], []
+    for i, extra in enumerate(([], [], ["--seed", None])):
+        extra = [x if x is not None else seeds[0] for x in extra]
+        proc = run(["-m", "megapix", "sample", "--checkpoint", str(out), "--out", str(tmp_path / f"s{i}.png"), *extra])
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        seeds.append(re.search(r"--seed (\d+) draws it again", proc.stdout).group(1))
+        pngs.append((tmp_path / f"s{i}.png").read_bytes())
+    assert pngs[0] != pngs[1] and pngs[2] == pngs[0] and seeds[2] == seeds[0]
