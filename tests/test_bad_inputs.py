@@ -34,6 +34,11 @@ ROWS = [
     ("train-lr-nan", ["train", "--lr", "nan", "--out", "{tmp}/run"], 2, ["--lr", "not a finite number"]),
     ("train-lr-inf", ["train", "--lr", "inf", "--out", "{tmp}/run"], 2, ["--lr", "not a finite number"]),
     ("train-seed-negative", ["train", "--seed", "-1", "--out", "{tmp}/run"], 2, ["seed=-1", ">= 0"]),
+    # a missing file is named before the size mismatch that a 10x10 default would also report
+    ("train-cifar-missing", ["train", "--data", "cifar10:{tmp}/missing.tar.gz", "--out", "{tmp}/run"], 2,
+     ["missing.tar.gz", "does not exist"]),
+    ("prepare-cifar-resolution", ["prepare", "--data", "cifar10:{tmp}/afile", "--resolution", "16", "--out",
+                                  "{tmp}/shards"], 2, ["32x32", "pass --resolution 32"]),
     ("train-kernels-triton-no-cuda", ["train", "--kernels", "triton", "--out", "{tmp}/run"], 2,
      ["--kernels triton", "CUDA", "TRITON_INTERPRET=1"]),
     # train: the DeepSpeed JSON

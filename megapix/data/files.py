@@ -314,6 +314,13 @@ def _unpickle_cifar(raw: bytes, where: str, spec: dict) -> tuple[np.ndarray, np.
     return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), y
 
 
+def _require_cifar_path(path: str, kind: str) -> None:
+    if not os.path.exists(path):
+        spec = _CIFAR[kind]
+        raise ConfigError(f"{kind}: {path!r} does not exist; pass {spec['tar']} or its extracted {spec['dir']}/ "
+                          "directory")
+
+
 def _read_cifar(path: str, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     spec = _CIFAR[kind]
     names = spec["train"] + spec["test"]
@@ -347,8 +354,7 @@ def _read_cifar(path: str, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarra
             raise ConfigError(f"{kind}: cannot read {path!r} as a tarball ({type(e).__name__}: {e}); "
                               f"re-download {spec['tar']}") from None
     else:
-        raise ConfigError(f"{kind}: {path!r} does not exist; pass {spec['tar']} or its extracted {spec['dir']}/ "
-                          "directory")
+        _require_cifar_path(path, kind)
     xs, ys = {}, {}
     for n in names:
         xs[n], ys[n] = _unpickle_cifar(blobs.pop(n), f"{kind}: {n} in {path!r}", spec)
@@ -363,7 +369,8 @@ def _cifar(kind: str):
         Images are handed out as plain arrays; the CIFAR fine-tuning augmentation (pad 4, crop, flip) is
         `megapix.data.augment.cifar_augment`, applied by whoever trains.
         """
-        _check_size(32, 32, resolution, "CIFAR", "use a 32x32 preset such as igpt-s (resolution 32)")
+        _require_cifar_path(path, kind)  # a missing file first: it is the first thing to fix
+        _check_size(32, 32, resolution, "CIFAR", "pass --resolution 32 (or a 32x32 preset such as igpt-s)")
         frac = _frac(val_fraction, 0.1)
         trx, try_, tex, tey = _read_cifar(path, kind)
         return ArraySource(kind, trx, try_, tex, tey, _CIFAR[kind]["classes"], frac, seed)
