@@ -51,9 +51,9 @@ from megapix.model.igpt import draw_parameter, lm_loss
 from megapix.parallel.dist import barrier, is_rank0
 from megapix.parallel.launch import init_distributed
 from megapix.parallel.pipeline import HeadLayer
-from megapix.runlog import RunLog
+from megapix.runlog import RunLog, write_finetune_plot
 from megapix.tasks import Meter
-from megapix.utils import write_json
+from megapix.utils import read_metrics, shell_program, write_json
 
 _TRAIN = TrainConfig()  # the trainer's defaults, shared rather than copied
 
@@ -486,6 +486,15 @@ def write_outputs(args, out, config, palette, num_classes, lrs, runs, best, best
     for r in runs:
         print(f"  lr {r['lr']:<8g} best val {100 * r['best_val_acc']:6.2f}% at step {r['best_step']}/{r['steps']}"
               + (" (early stop)" if r["stopped_early"] else ""), flush=True)
+    curves = write_finetune_plot(read_metrics(os.path.join(out, "metrics.jsonl")),
+                                 os.path.join(out, "finetune_curves.png"))
+    megapix = shell_program("megapix")
+    print("  results      " + os.path.join(out, "finetune_results.json")
+          + (f"\n  curves       {curves}" if curves else "")
+          + f"\n  best model   {target} (transformers: ImageGPTForImageClassification.from_pretrained)"
+          + "\nnext:"
+          + f"\n  features     {megapix} extract --checkpoint {target} --out {out}-features && "
+          + f"{megapix} probe --features {out}-features", flush=True)
 
 
 if __name__ == "__main__":

@@ -184,12 +184,14 @@ class RunLog:
                               **({"val": f"{self._last_val:.4f}"} if self._last_val is not None else {}),
                               tok_s=f"{rec['tokens_per_s']:.0f}")
         step = rec["step"]
-        if self.enabled and not self._interactive and (step % self.log_every == 0 or step == self.total):
+        evaluated = rec.get("val_loss") is not None or rec.get("val_acc") is not None  # every evaluation is shown
+        if self.enabled and not self._interactive and (step % self.log_every == 0 or step == self.total or evaluated):
             bpd = f" ({rec['bpd']:.3f} bits/dim)" if rec.get("bpd") is not None else ""
             val_bpd = f" ({rec['val_bpd']:.3f} bits/dim)" if rec.get("val_bpd") is not None else ""
             norm = f", grad_norm {rec['grad_norm']:.3g}" if rec.get("grad_norm") is not None else ""
             print(f"{self.desc} step {step}/{self.total}: loss {loss:.4f}{bpd}"
                   + (f", val_loss {rec['val_loss']:.4f}{val_bpd}" if rec.get("val_loss") is not None else "")
+                  + (f", val_acc {100 * rec['val_acc']:.2f}%" if rec.get("val_acc") is not None else "")
                   + f", lr {rec['lr']:.3g}{norm}, {rec['tokens_per_s']:.0f} tokens/s" + self._pace(rec), flush=True)
 
     def _pace(self, rec: dict) -> str:
@@ -258,6 +260,41 @@ def write_loss_plot(train: list, val: list, png_path: str, points: int = 2000) -
     ax.secondary_yaxis("right", functions=(lambda x: x / math.log(2), lambda b: b * math.log(2))).set_ylabel("bits/dim")
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, format="png")
+    return png_path
+
+
+def write_finetune_plot(records: list[dict], png_path: str) -> str | None:
+    """<out>/finetune_curves.png: for each learning rate of a fine-tuning sweep, train loss against the step (left)
+    and validation accuracy at each evaluation (right). `records`: metrics.jsonl's rows (with "lr_run")."""
+    runs: dict = {}
+    for r in records:
+        if isinstance(r.get("step"), int) and "lr_run" in r:
+            loss, acc = runs.setdefault(r["lr_run"], ([], []))
+            if isinstance(r.get("loss"), (int, float)):
+                loss.append((r["step"], r["loss"]))
+            if isinstance(r.get("val_acc"), (int, float)):
+                acc.append((r["step"], 100 * r["val_acc"]))
+    if not runs:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9.6, 4.0), dpi=100)
+    FigureCanvasAgg(fig)
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    for lr, (loss, acc) in sorted(runs.items()):
+        if loss:
+            ax_loss.plot(*zip(*loss), lw=1, label=f"lr {lr:g}")
+        if acc:
+            ax_acc.plot(*zip(*acc), "o-", lw=1.5, ms=3, label=f"lr {lr:g}")
+    for ax, label in ((ax_loss, "train loss (L_gen + L_clf)"), (ax_acc, "val accuracy (%)")):
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     with atomic_path(png_path) as tmp:
         fig.savefig(tmp, format="png")

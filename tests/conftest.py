@@ -118,3 +118,25 @@ def wait_for_first_metrics(proc: subprocess.Popen, out, timeout: float) -> None:
         assert proc.poll() is None, proc.communicate()
         assert time.time() < deadline, "no metrics line appeared"
         time.sleep(0.2)
+
+
+def next_commands(stdout: str) -> list[tuple[str, str]]:
+    """(label, command) for each line under a summary's "next:" (two-space indent, label, two spaces, command)."""
+    lines = stdout.splitlines()
+    found = []
+    for line in lines[lines.index("next:") + 1:]:
+        if not line.startswith("  "):
+            break
+        label, command = [part.strip() for part in line.strip().split("  ", 1)]
+        found.append((label, command))
+    return found
+
+
+def run_as_printed(command: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a command megapix printed, as the user would paste it: a shell in the repository root whose PATH does
+    not hold this venv's bin/ (the shell `make train` was typed in)."""
+    venv_bin = os.path.realpath(os.path.dirname(sys.executable))
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                           if p and os.path.realpath(p) != venv_bin)
+    return subprocess.run(command, shell=True, cwd=REPO, env=subprocess_env(PATH=path), capture_output=True,
+                          text=True, timeout=timeout)

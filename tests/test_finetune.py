@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import next_commands, run_as_printed, subprocess_env
+
 from megapix.config import model_preset
 from megapix.model import ImageGPT
 
@@ -59,14 +61,17 @@ def test_augmentation_before_encoding():
 def test_finetune_sweep_early_stopping(tmp_path):
     export(tmp_path / "m")
     out = tmp_path / "ft"
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(k, None)
     cmd = [sys.executable, "-m", "megapix", "finetune", "--checkpoint", str(tmp_path / "m"), "--data", "synthetic:48",
            "--out", str(out), "--lr", "3e-2,1e-6", "--max-steps", "4", "--eval-every", "1", "--patience", "1",
            "--global-batch", "8", "--zero-stage", "1"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "val_acc" in proc.stdout  # the step lines carry the accuracy of each evaluation
+    assert (out / "finetune_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for label, command in next_commands(proc.stdout):  # runs as printed, in the user's shell
+        done = run_as_printed(command)
+        assert done.returncode == 0, (label, command, done.stderr[-3000:])
+    assert (tmp_path / "ft-features" / "manifest.json").is_file()
     res = json.loads((out / "finetune_results.json").read_text())
     assert [r["lr"] for r in res["runs"]] == [3e-2, 1e-6]
     best = max(res["runs"], key=lambda r: r["best_val_acc"])

@@ -33,3 +33,15 @@ def test_step_lines_carry_ms_per_step_mfu_elapsed_and_time_left(tmp_path, capsys
 def test_clock_format():
     assert [_clock(s) for s in (0, 59.6, 61, 3599, 3600, 86399)] == ["0:00", "1:00", "1:01", "59:59", "1:00:00",
                                                                      "23:59:59"]
+
+
+def test_every_evaluation_gets_a_line_between_log_every_steps(tmp_path, capsys):
+    log = RunLog(str(tmp_path), is_rank0=True, plot=False)
+    log.begin("finetune", total=30, initial=0, log_every=10)
+    log._interactive = False
+    for step in range(1, 13):
+        log.record(step_record(step, **({"val_loss": 1.5, "val_acc": 0.4321} if step == 3 else {})))
+    log.end()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("finetune step")]
+    assert [line.split(":")[0] for line in lines] == ["finetune step 3/30", "finetune step 10/30"]
+    assert "val_loss 1.5000, val_acc 43.21%" in lines[0] and "val_acc" not in lines[1]

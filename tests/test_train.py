@@ -13,7 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import PYTHON, REPO, run, subprocess_env, tree_hash, wait_for_first_metrics
+from conftest import (PYTHON, REPO, next_commands, run, run_as_printed, subprocess_env, tree_hash,
+                      wait_for_first_metrics)
 
 pytestmark = pytest.mark.slow  # every test here starts training runs
 
@@ -309,25 +310,15 @@ def test_every_command_the_summary_prints_runs_as_printed(tiny_config, tmp_path)
     """Each command under the end-of-run summary's "next:" is copied and run as printed, from the repository root,
     in a shell whose PATH does not hold this venv's bin/: the shell the user typed `make train` in."""
     import shlex
-    import sys
 
     out = tmp_path / "run"
     proc = train(tiny_config, out, "--max-steps", 4, "--eval-every", 2)
     ok(proc)
-    lines = proc.stdout.splitlines()
-    commands = []
-    for line in lines[lines.index("next:") + 1:]:
-        if not line.startswith("  "):
-            break
-        label, command = [part.strip() for part in line.strip().split("  ", 1)]
-        commands.append((label, command))
+    commands = next_commands(proc.stdout)
     assert {"continue", "export (HF)", "sample", "probe"} <= {label for label, _ in commands}, commands
-    venv_bin = os.path.dirname(sys.executable)
-    env = subprocess_env(PATH=os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
-                                              if p and os.path.realpath(p) != os.path.realpath(venv_bin)))
     for label, command in commands:
         assert shlex.split(command), command
-        done = subprocess.run(command, shell=True, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+        done = run_as_printed(command, timeout=TIMEOUT)
         assert done.returncode == 0, (label, command, done.stdout[-2000:], done.stderr[-3000:])
     assert [r["step"] for r in metrics(out)][-1] > 4  # the continue line resumed the run and trained further
     assert (out / "more_samples.png").is_file() and (tmp_path / "run-hf" / "config.json").is_file()
