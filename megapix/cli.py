@@ -43,6 +43,9 @@ def main(argv=None) -> int:
     from megapix.config import ConfigError
 
     from megapix.runfolder import disk_error, release_all
+    from megapix.utils import drop_deepspeed_cpu_notice
+
+    drop_deepspeed_cpu_notice()
 
     try:
         return int(getattr(importlib.import_module(module), func)(rest) or 0)

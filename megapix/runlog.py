@@ -255,11 +255,18 @@ def write_loss_plot(train: list, val: list, png_path: str, points: int = 2000) -
         ax.plot(*zip(*train), lw=1, alpha=0.8, label="train loss")
     if val:
         ax.plot(*zip(*val), "o-", lw=1.5, ms=3, label="val loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
     ax.secondary_yaxis("right", functions=(lambda x: x / math.log(2), lambda b: b * math.log(2))).set_ylabel("bits/dim")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    return _save_figure(fig, [(ax, "loss (nats/token)")], png_path)
+
+
+def _save_figure(fig, axes_labels, png_path: str) -> str:
+    """Label each (axes, y label) against the step, grid and legend, and write the figure atomically (a reader
+    never sees half a PNG)."""
+    for ax, label in axes_labels:
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     with atomic_path(png_path) as tmp:
         fig.savefig(tmp, format="png")
@@ -290,15 +297,7 @@ def write_finetune_plot(records: list[dict], png_path: str) -> str | None:
             ax_loss.plot(*zip(*loss), lw=1, label=f"lr {lr:g}")
         if acc:
             ax_acc.plot(*zip(*acc), "o-", lw=1.5, ms=3, label=f"lr {lr:g}")
-    for ax, label in ((ax_loss, "train loss (L_gen + L_clf)"), (ax_acc, "val accuracy (%)")):
-        ax.set_xlabel("step")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    with atomic_path(png_path) as tmp:
-        fig.savefig(tmp, format="png")
-    return png_path
+    return _save_figure(fig, [(ax_loss, "train loss (L_gen + L_clf)"), (ax_acc, "val accuracy (%)")], png_path)
 
 
 def summary_text(log: RunLog, checkpoints, shown_out: str, step: int, peak_tflops: float | None, peak_source: str,

@@ -35,7 +35,7 @@ from megapix.config import DEFAULT_RUN, ConfigError, check_kernels_available
 from megapix.divergence import EXIT_NONFINITE, NonFiniteStop
 from megapix.parallel.launch import init_distributed
 from megapix.parallel.watchdog import exit_if_peer_lost
-from megapix.utils import read_json, write_json
+from megapix.utils import drop_deepspeed_cpu_notice, read_json, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +115,7 @@ def check_run_record(path: str, cfg) -> None:
 
 
 def main(argv=None) -> int:
+    drop_deepspeed_cpu_notice()
     args = build_parser().parse_args(argv)
     try:
         cfg, ds, resume, notes = run_config(args)

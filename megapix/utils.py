@@ -122,3 +122,22 @@ def shell_program(name: str) -> str:
         return name
     rel = os.path.relpath(path)
     return shlex.quote(rel if not rel.startswith("..") else path)
+
+
+class _DropCpuNotice:
+    """A logging filter (any object with .filter(record) is one)."""
+
+    @staticmethod
+    def filter(record) -> bool:
+        return "Setting accelerator to CPU" not in record.getMessage()
+
+
+def drop_deepspeed_cpu_notice() -> None:
+    """DeepSpeed logs "Setting accelerator to CPU..." in every process that imports it on a machine without a GPU.
+    megapix's start-up line already says the ranks run on CPU, so its commands drop that one record (the library
+    leaves the logger alone; only the entry points call this, before DeepSpeed is imported)."""
+    import logging
+
+    logger = logging.getLogger("DeepSpeed")  # DeepSpeed's own logger keeps the filters it finds
+    if not any(isinstance(f, _DropCpuNotice) for f in logger.filters):
+        logger.addFilter(_DropCpuNotice())

@@ -314,12 +314,14 @@ def test_every_command_the_summary_prints_runs_as_printed(tiny_config, tmp_path)
     out = tmp_path / "run"
     proc = train(tiny_config, out, "--max-steps", 4, "--eval-every", 2)
     ok(proc)
+    assert "Setting accelerator to CPU" not in proc.stdout + proc.stderr  # megapix's own line says CPU
     commands = next_commands(proc.stdout)
     assert {"continue", "export (HF)", "sample", "probe"} <= {label for label, _ in commands}, commands
     for label, command in commands:
         assert shlex.split(command), command
         done = run_as_printed(command, timeout=TIMEOUT)
         assert done.returncode == 0, (label, command, done.stdout[-2000:], done.stderr[-3000:])
+        assert "Setting accelerator to CPU" not in done.stdout + done.stderr, (label, done.stderr[-2000:])
     assert [r["step"] for r in metrics(out)][-1] > 4  # the continue line resumed the run and trained further
     assert (out / "more_samples.png").is_file() and (tmp_path / "run-hf" / "config.json").is_file()
 
