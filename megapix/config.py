@@ -399,7 +399,7 @@ PROBE_L2_GRID = "1e-6,1e-5,1e-4,1e-3,1e-2,1e-1"
 @dataclass
 class ProbeConfig:
     dir: str | None = opt(None, "the --out folder of `megapix extract`", flag="--features", metavar="DIR",
-                          positional=True, default_help="required")
+                          positional=True, default_help="required without --attentive")
     out: str | None = opt(None, "folder for probe_results.json/.md and probe_accuracy.png", metavar="DIR",
                           kind="out", default_help="the features folder")
     solver: Literal["auto", "lbfgs", "sgd"] = opt("auto", "auto: SGD at or above --sgd-threshold train rows")
@@ -414,12 +414,44 @@ class ProbeConfig:
     device: str | None = opt(None, "cpu or cuda", default_help="cuda when available")
     control: str | None = opt(None, "a random-init model's probed feature dump: its probe_results.json is drawn "
                               "as the control curve", metavar="FEATURES_DIR", default_help="none")
+    # the attentive probe (megapix/attentive.py): trained over the model itself, not over a features folder
+    attentive: bool = opt(False, "an attention-pooling probe trained over the frozen model of --checkpoint (AIM's "
+                          "design); its rows join the linear ones in --out")
+    checkpoint: str | None = checkpoint_field(required=False)
+    data: str | None = opt(None, "labelled data source for --attentive (splits as in extract)", metavar="SPEC",
+                           default_help="the checkpoint's")
+    palette: str | None = opt(None, "kmeans_centers.npy for --attentive", metavar="PATH",
+                              default_help="the checkpoint's palette.npy")
+    val_fraction: float | None = opt(None, "held-out share of train (--attentive)", default_help="the source's")
+    seed: int = opt(0, "seed of the holdout, the probe's initialisation and its batch order (--attentive)")
+    attentive_epochs: int = opt(10, "epochs of each attentive probe; val accuracy picks the epoch")
+    attentive_lr: str = opt("1e-3,3e-3", "comma-separated AdamW learning rates; val accuracy picks one per layer",
+                            metavar="LRS")
+    attentive_batch_size: int = opt(64, "images per attentive step, over all ranks")
+    queries: int = opt(1, "learned queries of the attention pooling (their outputs are averaged)")
 
     def __post_init__(self):
         _check_finite(self)
-        _check_min1("probe", self, "max_iter", "epochs", "batch_size")
+        _check_min1("probe", self, "max_iter", "epochs", "batch_size", "attentive_epochs", "attentive_batch_size",
+                    "queries")
         if self.sgd_lr <= 0:
             raise ConfigError(f"--sgd-lr={self.sgd_lr} must be positive")
+        _check_fraction(self)
+        if self.attentive:
+            if self.dir is not None:
+                raise ConfigError(f"--attentive trains over the model, not over features ({self.dir}): pass "
+                                  "--checkpoint RUN instead of a features folder")
+            if self.checkpoint is None:
+                raise ConfigError("--attentive needs the model: pass --checkpoint RUN (a training --out folder, a "
+                                  "checkpoint tag or an export)")
+            return
+        given = [f for f in ("checkpoint", "data", "palette") if getattr(self, f) is not None]
+        if given:
+            raise ConfigError(f"--{given[0]} is for --attentive; a linear probe reads a features folder: "
+                              f"megapix probe --features DIR, or add --attentive")
+        if self.dir is None:
+            raise ConfigError("a linear probe needs a features folder: megapix probe --features DIR (the --out of "
+                              "megapix extract), or --attentive --checkpoint RUN")
 
 
 @dataclass

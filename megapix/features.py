@@ -371,7 +371,7 @@ def _run(job: dict, args, dist: Dist) -> int:
                 os.replace(tmp, lab)
             files[split] = {"features": os.path.basename(feat), "labels": lab and os.path.basename(lab)}
         src = next(iter(job["data"].values())).split
-        manifest = {**run, "model": _model_summary(model), "dims": {str(l): run["d_model"] for l in layers},
+        manifest = {**run, "model": model_summary(model), "dims": {str(l): run["d_model"] for l in layers},
                     "width": width, "files": files, "num_classes": src.num_classes, "complete": True,
                     "layer_slices": {str(l): [i * run["d_model"], (i + 1) * run["d_model"]]
                                      for i, l in enumerate(layers)},
@@ -410,7 +410,8 @@ def _clear(out: str, splits) -> None:
             os.remove(p)
 
 
-def _model_summary(model) -> dict:
+def model_summary(model) -> dict:
+    """The model fields a probe's results record."""
     c = model.config
     return {"n_layer": c.n_layer, "d_model": c.d_model, "n_head": c.n_head, "resolution": c.resolution,
             "objective": c.objective, "parameters": sum(p.numel() for p in model.parameters())}

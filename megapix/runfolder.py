@@ -128,12 +128,13 @@ def release_all() -> None:
 
 KIND_NAMES = {"train": "a training run", "finetune": "a fine-tuning output", "extract": "a feature extraction",
               "prepare": "prepared token shards", "export": "an export", "palette": "a run's palette",
-              "user": "files megapix did not write"}
+              "probe": "probe results", "user": "files megapix did not write"}
 _PALETTE = {"palette.npy", "palette.json", "palette.lut.npz"}
 _OURS = re.compile(r"\.megapix\.lock|\..+\.tmp-.*|.*\.tmp\d+")  # the lock, atomic_path's and extract's temp names
 _SHARD = re.compile(r"(train|val|test)-(\d{5}|labels)\.npy")
 _FEATURES = re.compile(r"(train|val|test)_(features\.npy(\.partial)?|labels\.npy)")
 # what each kind writes, beyond its defining records (a killed run of the kind may have left only these)
+_PROBE = {"probe_results.json", "probe_results.md", "probe_accuracy.png"}
 _WRITES = {
     "finetune": _PALETTE | {"metrics.jsonl", "finetune_results.json", "best_model"},
     "extract": {"manifest.json", ".extract_progress"},
@@ -176,6 +177,8 @@ def folder_kind(path: str) -> str | None:
         return "train"
     if names <= _PALETTE:
         return "palette"
+    if names <= _PROBE and isinstance(_json(os.path.join(path, "probe_results.json")), dict):
+        return "probe"
     if all(n in _WRITES["prepare"] or _SHARD.fullmatch(n) for n in names) and "palette.json" not in names:
         return "prepare"
     if all(n in _WRITES["extract"] or _FEATURES.fullmatch(n) for n in names):
@@ -185,7 +188,7 @@ def folder_kind(path: str) -> str | None:
 
 # the kinds each command writes into besides a new or empty folder
 ACCEPTS = {"train": {"train", "palette", "user"}, "finetune": {"finetune", "palette"}, "extract": {"extract"},
-           "prepare": {"prepare"}}
+           "prepare": {"prepare"}, "probe": {"probe", "extract"}}
 
 
 def check_kind(out: str, kind: str, command: str) -> None:

@@ -105,6 +105,8 @@ ENTRY_POINTS = {
                                  str(tmp / "feats")],
     "finetune": lambda run, tmp: ["finetune", "--checkpoint", str(run), "--data", "synthetic:16", "--out",
                                   str(tmp / "ft")],
+    "probe --attentive": lambda run, tmp: ["probe", "--attentive", "--checkpoint", str(run), "--data",
+                                           "synthetic:16", "--out", str(tmp / "att")],
 }
 
 

@@ -1,0 +1,304 @@
+"""Attentive probes: `megapix probe --attentive --checkpoint RUN`.
+
+AIM's evaluation (El-Nouby et al. 2024, `AttentionPoolingClassifier`): a layer's token states, standardised per
+channel (BatchNorm without affine parameters), one learned query cross-attending over them, and a linear classifier
+on the pooled vector. The trunk stays frozen and runs forward for every batch; no token dump is written. One trunk
+pass feeds every (layer, learning rate) head at once. The docs: docs/evaluation.md, "Attentive probe".
+
+- The standardisation uses statistics from one pass over (up to STATS_ROWS) training rows rather than per-batch
+  statistics, so the probe does not depend on how the rows are spread over ranks.
+- Data-parallel: each global batch is dealt out over the ranks, gradients are summed over ranks (one all-reduce
+  for all heads), so every rank holds the same heads and 2 ranks train what 1 rank trains.
+- Selection: val accuracy picks each layer's learning rate and epoch; test accuracy is that head's.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from megapix import runfolder
+from megapix.checkpoint import load_model_and_palette
+from megapix.config import ConfigError
+from megapix.data.loader import TokenData
+from megapix.data.sources import open_source
+from megapix.features import Dist, model_summary, parse_layers
+from megapix.parallel import dist as pdist
+
+STATS_ROWS = 2048  # training rows whose token states give the per-channel mean and variance
+WEIGHT_DECAY = 0.05
+DEFAULT_CANDIDATES = 4  # layers tried without --layers, spread over depth
+
+
+class AttentionPoolingHead(nn.Module):
+    """[B, T, d] token states -> [B, classes] logits: standardise, pool with learned queries, classify."""
+
+    def __init__(self, d: int, num_classes: int, queries: int = 1, heads: int = 1, seed: int = 0):
+        super().__init__()
+        if d % heads:
+            raise ValueError(f"{heads} heads do not divide the width {d}")
+        self.heads = heads
+        self.register_buffer("mean", torch.zeros(d))
+        self.register_buffer("inv_std", torch.ones(d))
+        gen = torch.Generator().manual_seed(seed)
+        self.query = nn.Parameter(0.02 * torch.randn(1, queries, d, generator=gen))
+        self.k, self.v, self.linear = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False), nn.Linear(d, num_classes)
+        for layer in (self.k, self.v, self.linear):  # seeded, so every rank starts from the same head
+            nn.init.normal_(layer.weight, std=d ** -0.5, generator=gen)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x.float() - self.mean) * self.inv_std
+        b, t, d = x.shape
+        split = lambda y: y.view(b, -1, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        q = split(self.query.expand(b, -1, -1))
+        pooled = F.scaled_dot_product_attention(q, split(self.k(x)), split(self.v(x)))
+        return self.linear(pooled.transpose(1, 2).reshape(b, -1, d).mean(dim=1))
+
+
+def default_layers(n_layer: int, count: int = DEFAULT_CANDIDATES) -> list[int]:
+    """`count` layers spread over depth, the last one n_layer (after the final norm)."""
+    return sorted({max(1, round(i * n_layer / count)) for i in range(1, count + 1)})
+
+
+class _Rows:
+    """One split's tokens and labels, dealt out over ranks batch by batch."""
+
+    def __init__(self, data: TokenData, dist: Dist, device):
+        self.data, self.dist, self.device = data, dist, device
+        self.labels = torch.from_numpy(np.asarray(data.labels, dtype=np.int64))
+
+    def __len__(self):
+        return len(self.data)
+
+    def batches(self, order: np.ndarray, batch_size: int):
+        """(tokens, labels, global batch size) of this rank's share of each global batch of `order`."""
+        for lo in range(0, len(order), batch_size):
+            batch = order[lo:lo + batch_size]
+            mine = batch[self.dist.rank::self.dist.world]
+            yield (self.data.tokens(mine).to(self.device), self.labels[mine].to(self.device), len(batch))
+
+
+def _states(model, tokens: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+    with torch.no_grad():  # not inference_mode: the heads save these states for their backward
+        return {l: x.float() for l, x in model.hidden_states(tokens, layers)} if len(tokens) else {}
+
+
+def _all_sum(dist: Dist, values: list[torch.Tensor]) -> list[torch.Tensor]:
+    if dist.on and dist.world > 1:
+        flat = torch.cat([v.reshape(-1).double() for v in values])
+        dist.dist.all_reduce(flat)
+        out, i = [], 0
+        for v in values:
+            out.append(flat[i:i + v.numel()].view_as(v).to(v.dtype))
+            i += v.numel()
+        return out
+    return values
+
+
+def channel_stats(model, rows: _Rows, layers: list[int], batch_size: int) -> dict[int, tuple]:
+    """Per layer, the mean and 1/std of every channel over all positions of the first STATS_ROWS training rows."""
+    d = model.config.d_model
+    sums = {l: [torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)] for l in layers}
+    count = torch.zeros(1, dtype=torch.float64)
+    for tokens, _, _ in rows.batches(np.arange(min(len(rows), STATS_ROWS)), batch_size):
+        for l, x in _states(model, tokens, layers).items():
+            x = x.double().reshape(-1, d).cpu()
+            sums[l][0] += x.sum(0)
+            sums[l][1] += (x * x).sum(0)
+        count += tokens.shape[0] * tokens.shape[1]
+    flat = _all_sum(rows.dist, [count] + [s for l in layers for s in sums[l]])
+    n, stats = flat[0], {}
+    for i, l in enumerate(layers):
+        mean = flat[1 + 2 * i] / n
+        var = (flat[2 + 2 * i] / n - mean * mean).clamp_min(0)
+        stats[l] = (mean.float(), (var + 1e-6).rsqrt().float())
+    return stats
+
+
+def _cosine(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+class Probes:
+    """Every (layer, lr) head, trained together over one trunk pass per batch."""
+
+    def __init__(self, model, layers, lrs, num_classes, stats, args, device):
+        d = model.config.d_model
+        heads = max(1, d // 64) if d % 64 == 0 else 1
+        self.keys = [(l, lr) for l in layers for lr in lrs]
+        self.heads = {}
+        for i, (l, lr) in enumerate(self.keys):
+            head = AttentionPoolingHead(d, num_classes, args.queries, heads, seed=args.seed + i).to(device)
+            head.mean.copy_(stats[l][0]), head.inv_std.copy_(stats[l][1])
+            self.heads[l, lr] = head
+        self.opts = {k: torch.optim.AdamW(h.parameters(), lr=k[1], weight_decay=WEIGHT_DECAY)
+                     for k, h in self.heads.items()}
+        self.layers = list(layers)
+
+    def step(self, model, tokens, labels, global_n: int, dist: Dist, lr_scale: float) -> None:
+        states = _states(model, tokens, self.layers)
+        for k, head in self.heads.items():
+            self.opts[k].zero_grad(set_to_none=False)
+            if len(tokens):  # the loss is a mean over the global batch: summing over ranks gives 1 rank's gradient
+                (F.cross_entropy(head(states[k[0]]), labels, reduction="sum") / global_n).backward()
+        grads = [p.grad for h in self.heads.values() for p in h.parameters()]
+        for g, total in zip(grads, _all_sum(dist, grads)):
+            g.copy_(total)
+        for k, opt in self.opts.items():
+            for group in opt.param_groups:
+                group["lr"] = k[1] * lr_scale
+            opt.step()
+
+    @torch.no_grad()
+    def correct(self, model, rows: _Rows, batch_size: int) -> dict:
+        """Correctly classified rows of a split, per head, summed over ranks."""
+        hits = {k: torch.zeros(1, dtype=torch.float64) for k in self.heads}
+        for tokens, labels, _ in rows.batches(np.arange(len(rows)), batch_size):
+            states = _states(model, tokens, self.layers)
+            for k, head in self.heads.items():
+                hits[k] += (head(states[k[0]]).argmax(-1) == labels).sum().cpu()
+        total = _all_sum(rows.dist, list(hits.values()))
+        return {k: float(v) / len(rows) for k, v in zip(hits, total)}
+
+
+def train_probes(model, splits: dict[str, _Rows], layers, lrs, num_classes: int, args, device) -> list[dict]:
+    """Train every (layer, lr) head; val picks each head's epoch, then each layer's lr. Rows, one per layer."""
+    train, dist, bs = splits["train"], splits["train"].dist, args.attentive_batch_size
+    stats = channel_stats(model, train, layers, bs)
+    probes = Probes(model, layers, lrs, num_classes, stats, args, device)
+    steps_per_epoch = math.ceil(len(train) / bs)
+    total, warmup = args.attentive_epochs * steps_per_epoch, steps_per_epoch
+    best = {k: (-1.0, 0, None) for k in probes.keys}  # val acc, epoch, state
+    step, t0 = 0, time.perf_counter()
+    for epoch in range(1, args.attentive_epochs + 1):
+        order = np.random.default_rng([args.seed, epoch]).permutation(len(train))
+        batches = tqdm(train.batches(order, bs), total=steps_per_epoch, leave=False, desc=f"epoch {epoch}",
+                       disable=dist.rank != 0 or not sys.stderr.isatty())
+        for tokens, labels, n in batches:
+            probes.step(model, tokens, labels, n, dist, _cosine(step, total, warmup))
+            step += 1
+        val = probes.correct(model, splits["val"], bs)
+        for k, acc in val.items():
+            if acc > best[k][0]:
+                best[k] = (acc, epoch, copy.deepcopy(probes.heads[k].state_dict()))
+        top = max(val, key=val.get)
+        _say(dist, f"epoch {epoch}/{args.attentive_epochs}: val {100 * val[top]:.2f}% best (layer {top[0]}, lr "
+                   f"{top[1]:g}), {time.perf_counter() - t0:.1f} s")
+    for k, (_, _, state) in best.items():
+        probes.heads[k].load_state_dict(state)
+    test = probes.correct(model, splits["test"], bs) if "test" in splits else {}
+    rows = []
+    for l in layers:
+        k = max(((l, lr) for lr in lrs), key=lambda k: best[k][0])
+        row = {"probe": "attentive", "name": f"attentive {l}", "layers": [l], "lr": k[1], "epoch": best[k][1],
+               "val_acc": best[k][0], "queries": args.queries,
+               "lr_val_acc": {f"{lr:g}": best[l, lr][0] for lr in lrs}}
+        if k in test:
+            row["test_acc"] = test[k]
+        rows.append(row)
+    return rows
+
+
+def _say(dist: Dist, line: str) -> None:
+    if dist.rank == 0:
+        print(f"megapix probe --attentive: {line}", flush=True)
+
+
+def _open(args, dist: Dist):
+    """(model, {split: _Rows}, num classes, device, data spec), with the bad inputs refused first."""
+    if not os.path.exists(args.checkpoint):
+        raise ConfigError(f"checkpoint {args.checkpoint!r} does not exist; pass a training --out folder, a "
+                          "checkpoint tag folder or an HF/megapix export directory")
+    if runfolder.folder_kind(args.checkpoint) == "extract":
+        raise ConfigError(f"{args.checkpoint} is a feature extraction, not a model: an attentive probe needs "
+                          f"--checkpoint RUN; for these features drop --attentive (megapix probe --features "
+                          f"{args.checkpoint})")
+    model, palette, data = load_model_and_palette(args.checkpoint, args.palette, args.data)
+    source = open_source(data, model.config.resolution, args.val_fraction, args.seed, augment=False)
+    device = torch.device(args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+                                          if torch.cuda.is_available() else "cpu"))
+    splits = {}
+    for name in ("train", "val", "test"):
+        try:
+            split = source.split(name)
+        except ConfigError:
+            if name != "test":
+                raise
+            continue
+        if split.labels is None:
+            raise ConfigError(f"the {name} split of {data} has no labels; an attentive probe needs labelled "
+                              f"data: pass --data with labels (e.g. cifar10:PATH or imagefolder:DIR)")
+        if len(split) == 0 and name != "test":
+            raise ConfigError(f"the {name} split of {data} is empty; pass --val-fraction above 0 or more data")
+        if len(split):
+            splits[name] = _Rows(TokenData(split, model.config.n_ctx, palette, f"{data} [{name}]"), dist, device)
+    labels = np.concatenate([np.asarray(r.data.labels) for r in splits.values()])
+    num_classes = int(getattr(source, "num_classes", None) or labels.max() + 1)
+    return model.to(device).eval(), splits, num_classes, device, data
+
+
+def parse_lrs(text: str) -> list[float]:
+    try:
+        lrs = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        lrs = []
+    if not lrs or any(not (math.isfinite(x) and x > 0) for x in lrs):
+        raise ConfigError(f"--attentive-lr {text!r} needs one or more positive numbers, e.g. 1e-3,3e-3")
+    return lrs
+
+
+def default_out(checkpoint: str) -> str:
+    """Beside the model, never inside a run or an export (those folders belong to their own commands)."""
+    return os.path.abspath(checkpoint).rstrip(os.sep) + "_attentive_probe"
+
+
+def run(args) -> int:
+    """The command body of `megapix probe --attentive` (megapix.probe.main dispatches here)."""
+    from megapix.probe import merge_results, write_outputs
+
+    dist = Dist()
+    out = args.out or default_out(args.checkpoint)
+    try:
+        runfolder.claim(out, "probe", "megapix probe --attentive")
+        prepared, error = None, None
+        try:
+            lrs = parse_lrs(args.attentive_lr)
+            model, splits, num_classes, device, data = _open(args, dist)
+            n_layer = model.config.n_layer
+            layers = parse_layers(args.layers, n_layer) if args.layers else default_layers(n_layer)
+            prepared = (model, splits, num_classes, device, data, layers, lrs)
+        except ConfigError as e:
+            error = e
+        error = pdist.shared_error(error)  # one rank's bad input stops every rank, with the same line
+        if error is not None:
+            raise error
+        model, splits, num_classes, device, data, layers, lrs = prepared
+        how = "--layers" if args.layers else f"val accuracy among {len(layers)} layers spread over depth"
+        _say(dist, f"{args.checkpoint} ({n_layer} layers, d={model.config.d_model}) on {data}: "
+                   f"{len(splits['train'])} train / {len(splits['val'])} val / "
+                   f"{len(splits['test']) if 'test' in splits else 0} test rows, {num_classes} classes, layers "
+                   f"{layers} (by {how}), lrs {lrs}, {args.attentive_epochs} epochs, {dist.world} rank(s) on {device}")
+        rows = train_probes(model, splits, layers, lrs, num_classes, args, device)
+        if dist.rank == 0:
+            best = max(rows, key=lambda r: r["val_acc"])
+            info = {"checkpoint": os.path.abspath(args.checkpoint), "data": data, "model": model_summary(model), "num_classes": num_classes,
+                    "attentive": {"selection": how, "best_layer_by_val": best["layers"][0], "lrs": lrs,
+                                  "epochs": args.attentive_epochs, "batch_size": args.attentive_batch_size,
+                                  "weight_decay": WEIGHT_DECAY, "world_size": dist.world, "seed": args.seed}}
+            summary = merge_results(out, rows, info)
+            write_outputs(out, summary, None, prefix="megapix probe --attentive")
+        return 0
+    finally:
+        if dist.started:
+            dist.dist.destroy_process_group()
