@@ -292,7 +292,8 @@ def run(args) -> int:
         rows = train_probes(model, splits, layers, lrs, num_classes, args, device)
         if dist.rank == 0:
             best = max(rows, key=lambda r: r["val_acc"])
-            info = {"checkpoint": os.path.abspath(args.checkpoint), "data": data, "model": model_summary(model), "num_classes": num_classes,
+            info = {"checkpoint": os.path.abspath(args.checkpoint), "data": data, "model": model_summary(model),
+                    "num_classes": num_classes,
                     "attentive": {"selection": how, "best_layer_by_val": best["layers"][0], "lrs": lrs,
                                   "epochs": args.attentive_epochs, "batch_size": args.attentive_batch_size,
                                   "weight_decay": WEIGHT_DECAY, "world_size": dist.world, "seed": args.seed}}
