@@ -50,7 +50,8 @@ class AttentionPoolingHead(nn.Module):
         self.register_buffer("inv_std", torch.ones(d))
         gen = torch.Generator().manual_seed(seed)
         self.query = nn.Parameter(0.02 * torch.randn(1, queries, d, generator=gen))
-        self.k, self.v, self.linear = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False), nn.Linear(d, num_classes)
+        self.k, self.v = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
+        self.linear = nn.Linear(d, num_classes)
         for layer in (self.k, self.v, self.linear):  # seeded, so every rank starts from the same head
             nn.init.normal_(layer.weight, std=d ** -0.5, generator=gen)
         nn.init.zeros_(self.linear.bias)
