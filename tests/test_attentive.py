@@ -35,6 +35,21 @@ def test_the_pooling_head_ignores_token_order_and_standardises():
     assert all(torch.equal(a, b) for a, b in zip(same.parameters(), AttentionPoolingHead(32, 5, 2, 2, 1).parameters()))
 
 
+@pytest.mark.parametrize("queries,heads", [(1, 1), (1, 4), (3, 2)])
+def test_the_reordered_pooling_equals_aims_direct_form_with_gradients(queries, heads):
+    head = AttentionPoolingHead(32, 7, queries=queries, heads=heads, seed=2).double()
+    head.mean.normal_()
+    head.inv_std.uniform_(0.5, 2.0)
+    x = torch.randn(5, 12, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    out = head(x)
+    grads = torch.autograd.grad(out.square().sum(), list(head.parameters()))
+    ref = head.reference_forward(x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), list(head.parameters()))
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-10)
+
+
 def test_channel_stats_are_the_mean_and_std_over_every_position():
     from megapix.data.base import Split
     from megapix.data.loader import TokenData
