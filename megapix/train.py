@@ -79,13 +79,13 @@ def run_config(args) -> tuple:
         raise ConfigError(f"--resume: {shown} holds no run to continue; drop --resume to start one there, or pass "
                           "--resume-if-exists (resume when there is a run, start one otherwise)")
     resume = has_run and (args.resume or args.resume_if_exists)
-    saved = saved_run_config(out) if resume else None
+    saved, source = saved_run_config(out, shown) if resume else (None, None)
     if saved is not None:
         cfg = requested_config(args, saved)
     effective, ds = dsconfig.resolve(cfg, args.deepspeed_config, dsconfig.launch_world())
-    notes = []
+    notes = [source] if source else []
     if saved is not None:
-        notes = check_resume_config(saved, effective, shown, args.allow_changed)
+        notes += check_resume_config(saved, effective, shown, args.allow_changed)
     elif not resume:
         refuse_existing_run(out, shown)
         check_run_record(os.path.join(out, "config.json"), effective)

@@ -31,11 +31,11 @@ import torch
 import torch.distributed as torch_dist
 
 from megapix.checkpoint import store
-from megapix.checkpoint.tags import latest_step, tag_for
-from megapix.config import Config, ConfigError
+from megapix.checkpoint.tags import TAG, latest_step, read_latest, tag_for
+from megapix.config import Config, ConfigError, check_record_config
 from megapix.parallel import dist, watchdog
 from megapix.parallel.layout import Layout
-from megapix.utils import read_json, read_metrics, read_record
+from megapix.utils import read_metrics, read_record
 
 SKIPPED_BATCHES = "skipped_batches.json"  # in a tag: the global batches the run skipped up to that step
 
@@ -98,6 +98,7 @@ class CheckpointManager:
         self.best: dict | None = None  # best.json's record: the checkpoint of the best validation score so far
         self.resume_tag = None
         self.skipped_batches: list[int] = []  # global batches skipped by rollbacks, in checkpoints from now on
+        self.lr_schedule = None  # the current settings' Schedule (the trainer's): every restore applies it
         if enabled:
             if resume:
                 self.resume_tag = store.resumable_tag(self.ckpt_dir, cfg)
@@ -119,6 +120,9 @@ class CheckpointManager:
         if self.enabled and tag is not None:
             step = store.resume(engine, self.ckpt_dir, self.cfg, self.layout, is_pipeline, tag=tag)
             self.saved_step = step
+            changed = self.lr_schedule.apply(engine, step) if self.lr_schedule is not None else None
+            if changed and dist.is_rank0():
+                print(f"megapix: resumed {tag}: {changed}", flush=True)
             self.skipped_batches = dist.from_rank0(self._read_skipped(tag) if dist.is_rank0() else None)
         if step is not None:  # the best of the steps before the resumed one stays the one to beat
             best = dist.from_rank0(store.read_best(self.ckpt_dir) if dist.is_rank0() else None)
@@ -209,15 +213,44 @@ STEER_FLAGS = ["--" + name.replace("_", "-") for sec in STEER_FIELDS.values() fo
 PER_INVOCATION = {"train": ("time_budget", "profile_comms")}
 
 
-def saved_run_config(out: str) -> dict | None:
-    """The effective config the run in `out` last started with (its config.json), less the settings of one
-    invocation (PER_INVOCATION), or None when it has none."""
-    rec = read_json(os.path.join(out, RUN_RECORD))
-    config = rec.get("config") if isinstance(rec, dict) else None
-    if not (isinstance(config, dict) and all(isinstance(config.get(s), dict) for s in STEER_FIELDS)):
-        return None
+def _whole_config(path: str, key: str | None = None) -> tuple[dict | None, str | None]:
+    """(the config in the JSON record at `path`, under `key` when given; or None and why it is not whole)."""
+    try:
+        rec = read_record(path)
+        raw = rec.get(key) if key else rec
+        if key and raw is None:
+            raise ConfigError(f"{path}: field {key!r} is missing")
+        check_record_config(raw, f"{path}" + (f" ({key!r})" if key else ""))
+        return raw, None
+    except ConfigError as e:
+        return None, str(e)
+
+
+def saved_run_config(out: str, shown_out: str | None = None) -> tuple[dict, str | None]:
+    """(the effective config the run in `out` last started with, less the settings of one invocation
+    (PER_INVOCATION); a line to print when it came from elsewhere). Its config.json is trusted only when whole
+    (config.check_record_config); a damaged or missing one is replaced by the latest checkpoint's own
+    megapix_config.json, said in the line; never by defaults: one ConfigError when neither is whole."""
+    shown_out = shown_out or out
+    config, why = _whole_config(os.path.join(out, RUN_RECORD), "config")
+    if config is None:
+        ckpt_dir = os.path.join(out, "checkpoints")
+        tag = read_latest(ckpt_dir)
+        if tag is None or not TAG.fullmatch(tag):
+            raise ConfigError(f"{why}; no checkpoint holds the run's settings either: restore "
+                              f"{os.path.join(shown_out, RUN_RECORD)} from a backup (a resume never continues "
+                              "with default settings), or start a new run in another --out")
+        config, tag_why = _whole_config(os.path.join(ckpt_dir, tag, "megapix_config.json"))
+        if config is None:
+            raise ConfigError(f"{why}; and {tag_why}: restore {os.path.join(shown_out, RUN_RECORD)} from a backup "
+                              "(a resume never continues with default settings)")
+        why = (f"warning: {why}; continuing with the settings saved in the checkpoint, "
+               f"{os.path.join(shown_out, 'checkpoints', tag, 'megapix_config.json')} ({RUN_RECORD} is rewritten "
+               "from them)")
+    else:
+        why = None
     return {sec: {k: v for k, v in fields.items() if k not in PER_INVOCATION.get(sec, ())}
-            for sec, fields in config.items()}
+            for sec, fields in config.items()}, why
 
 
 def resume_changes(saved: dict, cfg: Config) -> tuple[list[str], list[str]]:
