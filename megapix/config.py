@@ -160,7 +160,8 @@ class DataConfig:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must lie in [0, 1)")
 
 
-MONITORS = ("tensorboard", "csv", "none")  # --report-to; DeepSpeed's "tensorboard" and "csv_monitor" sections
+MONITORS = ("tensorboard", "csv", "none")
+MIN_COLLECTIVE_TIMEOUT = 10.0  # seconds: below it a rendezvous or a checkpoint's sync times out on a healthy job  # --report-to; DeepSpeed's "tensorboard" and "csv_monitor" sections
 
 
 @dataclass
@@ -225,6 +226,10 @@ class TrainConfig:
         _check_positive(self, "max_steps", "global_batch", "lr", "tensor_parallel", "pipeline_parallel",
                         "context_parallel", "eval_batches", "collective_timeout")
         _check_finite(self)
+        if self.collective_timeout < MIN_COLLECTIVE_TIMEOUT:
+            raise ConfigError(f"train.collective_timeout={self.collective_timeout:g} is below the floor of "
+                              f"{MIN_COLLECTIVE_TIMEOUT:g} seconds (no rendezvous nor checkpoint sync is that fast): "
+                              f"pass --collective-timeout {MIN_COLLECTIVE_TIMEOUT:g} or more (default 1800)")
         if self.sequence_parallel and self.tensor_parallel == 1:
             raise ConfigError("train.sequence_parallel splits the sequence over the tensor-parallel ranks, but "
                               "tensor_parallel is 1; add --tensor-parallel 2 (or more) or drop --sequence-parallel")

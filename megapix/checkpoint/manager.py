@@ -31,7 +31,7 @@ import torch
 import torch.distributed as torch_dist
 
 from megapix.checkpoint import store
-from megapix.checkpoint.tags import TAG, latest_step, read_latest, tag_for
+from megapix.checkpoint.tags import TAG, latest_step, read_latest, resume_hint, tag_for
 from megapix.config import Config, ConfigError, check_record_config
 from megapix.parallel import dist, watchdog
 from megapix.parallel.layout import Layout
@@ -102,6 +102,8 @@ class CheckpointManager:
         if enabled:
             if resume:
                 self.resume_tag = store.resumable_tag(self.ckpt_dir, cfg)
+                if self.resume_tag is not None:  # refused now, before anything is written
+                    dist.rank0_decides(lambda: self._read_skipped(self.resume_tag))
             else:
                 refuse_existing_run(out, shown_out)
             dist.barrier()
@@ -136,8 +138,14 @@ class CheckpointManager:
         if not os.path.isfile(path):  # saved before any rollback, or by an older megapix
             return []
         batches = read_record(path).get("batches")
-        if not isinstance(batches, list) or not all(isinstance(b, int) for b in batches):
-            raise ConfigError(f"{path}: 'batches' is not a list of global-batch indices; the checkpoint is damaged")
+        if not isinstance(batches, list):
+            raise ConfigError(f"{path}: field 'batches' is not a list of global-batch indices; the checkpoint is "
+                              f"damaged: {resume_hint(self.ckpt_dir, tag)}")
+        bad = next((b for b in batches if isinstance(b, bool) or not isinstance(b, int) or b < 0), None)
+        if bad is not None or len(set(batches)) != len(batches):
+            what = f"holds {bad!r}" if bad is not None else "repeats an index"
+            raise ConfigError(f"{path}: field 'batches' {what}, not a list of distinct global-batch indices >= 0; "
+                              f"the checkpoint is damaged: {resume_hint(self.ckpt_dir, tag)}")
         return sorted(batches)
 
     # ---- saving ----
@@ -197,7 +205,8 @@ class CheckpointManager:
 RUN_RECORD = "config.json"  # <out>/config.json: the run's effective config (dsconfig.run_record), rewritten each start
 
 # Settings a resume may change without an error: they steer the run from the resumed step on (where it ends,
-# when it saves, evaluates and prints, how it is laid out and computed), while the curve up to that step stays the
+# when it saves, evaluates and prints, how it is laid out (TP, PP, CP, SP, ZeRO) and computed, how long a collective
+# may wait), while the curve up to that step stays the
 # saved run's. Every other setting (model, data, batch, optimiser, seed, schedule shape, precision) defines the
 # curve: a resume that changes one is refused unless --allow-changed.
 STEER_FIELDS = {
@@ -205,7 +214,8 @@ STEER_FIELDS = {
     "data": ("num_workers",),
     "train": ("max_steps", "save_every", "time_budget", "keep_last", "save_best", "eval_every", "log_every",
               "report_to", "peak_tflops", "tensor_parallel", "pipeline_parallel", "zero_stage",
-              "micro_batch", "activation_checkpointing", "on_nonfinite", "spike_factor", "profile_comms"),
+              "micro_batch", "activation_checkpointing", "on_nonfinite", "spike_factor", "profile_comms",
+              "collective_timeout", "context_parallel", "sequence_parallel"),
 }
 STEER_FLAGS = ["--" + name.replace("_", "-") for sec in STEER_FIELDS.values() for name in sec]
 # Settings of one invocation, not of the run: a resume does not inherit them from the saved config (a time
