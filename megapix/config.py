@@ -160,8 +160,8 @@ class DataConfig:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must lie in [0, 1)")
 
 
-MONITORS = ("tensorboard", "csv", "none")
-MIN_COLLECTIVE_TIMEOUT = 10.0  # seconds: below it a rendezvous or a checkpoint's sync times out on a healthy job  # --report-to; DeepSpeed's "tensorboard" and "csv_monitor" sections
+MONITORS = ("tensorboard", "csv", "none")  # --report-to; DeepSpeed's "tensorboard" and "csv_monitor" sections
+MIN_COLLECTIVE_TIMEOUT = 10.0  # seconds: below it a rendezvous or a checkpoint's sync times out on a healthy job
 
 
 @dataclass

@@ -159,7 +159,8 @@ def main(argv=None) -> int:
         samples = write_run_samples(trainer) if code == 0 and not args.no_samples else None
         if trainer.is_rank0 and code == 0:
             print(summary_text(trainer.log, trainer.checkpoints, trainer.shown_out, trainer.step, trainer.peak_tflops,
-                               trainer.peak_source, samples, notes), flush=True)
+                               trainer.peak_source, samples,
+                               notes + dsconfig.monitor_notes(trainer.cfg, trainer.ds_config)), flush=True)
         return code
     except ConfigError as e:
         print(f"megapix: error: {e}", file=sys.stderr)
