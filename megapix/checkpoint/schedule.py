@@ -44,6 +44,8 @@ class Schedule:
         for group, lr in zip(groups, want):
             group["lr"], group["initial_lr"] = lr, self.lr
         sched.base_lrs = [self.lr] * len(groups)
+        if hasattr(sched, "lr_lambdas"):  # a LambdaLR (the engine's): its later steps follow this schedule too
+            sched.lr_lambdas = [self.factor] * len(groups)
         sched.last_epoch = step
         sched._last_lr = list(want)
         return (f"the lr schedule follows the current settings (peak {self.lr:g}, warm-up {self.warmup}, ends at "
