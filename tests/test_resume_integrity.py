@@ -127,10 +127,12 @@ def test_allow_changed_lr_and_a_longer_max_steps_follow_the_new_schedule(finishe
 
 @pytest.mark.slow
 def test_a_huge_allowed_lr_really_trains_at_it(finished, tmp_path):
-    """--allow-changed --lr 1e30 diverges at once (it used to train on at the old lr): exit 1 naming the step."""
+    """--allow-changed --lr 1e30 diverges at once (it used to train on at the old lr, and no rollback ever fired):
+    step 7 trains at it, step 8 is non-finite, exit 1 naming the step."""
     out = copy_of(finished, tmp_path)
     proc = resume(out, "--max-steps", 8, "--lr", 1e30, "--allow-changed")
-    assert proc.returncode == 1 and "non-finite" in proc.stderr and "step 7" in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 1 and "non-finite" in proc.stderr and "at step 8" in proc.stderr, proc.stderr[-3000:]
+    assert lrs(out)[7] == pytest.approx(cosine_lr(1e30, 2, 8, 7), rel=1e-12)
 
 
 @pytest.mark.slow
@@ -163,10 +165,18 @@ def test_a_damaged_or_missing_config_json_uses_the_checkpoints_own_never_default
     line = refused(resume(both), "config.json does not hold a JSON object", "megapix_config.json",
                    "restore", "never continues with default settings")
     assert tree_hash(both) == before, line
-    # the hint: restore config.json (here from the copy it was made from); the run then continues as it was
+    # its hint: restore config.json (here from the copy it was made from). The damaged tag is then refused on its
+    # own, and that error's hint (write the newest complete tag into `latest`) resumes from step 4 as it was
     shutil.copy(finished[0] / "config.json", both / "config.json")
+    before = tree_hash(both)
+    line = refused(resume(both, "--max-steps", 8), "cannot resume global_step6", "megapix_config.json")
+    assert "write 'global_step4' into" in line and tree_hash(both) == before, line
+    (both / "checkpoints" / "latest").write_text("global_step4")
     ok(resume(both, "--max-steps", 8))
     assert record(both)["train"]["seed"] == 3 and [r["step"] for r in metrics(both)] == list(range(1, 9))
+    reference = lrs(copy_of(finished, tmp_path, "reference"))
+    assert all(lrs(both)[s] == reference[s] for s in range(1, 5))
+    assert all(lrs(both)[s] == pytest.approx(cosine_lr(0.002, 2, 8, s), rel=1e-12) for s in range(5, 9))
 
 
 @pytest.mark.slow
