@@ -116,17 +116,25 @@ def _save_files(engine, ckpt_dir: str, staging: str, client: dict) -> None:
     dist.barrier()
 
 
+def _record_object(path: str) -> tuple[dict | None, str | None]:
+    """(the JSON object of a checkpoint record megapix keeps, or None; why it is not one: None when absent)."""
+    if not os.path.lexists(path):
+        return None, None
+    rec = read_json(path)
+    if rec is None:
+        return None, f"{path} is torn or not valid JSON"
+    if not isinstance(rec, dict):
+        return None, f"{path} does not hold a JSON object"
+    return rec, None
+
+
 def saved_tags_problem(ckpt_dir: str) -> str | None:
     """Why checkpoints/saved_tags.json cannot be trusted (torn, not an object, a field of the wrong type), naming
     the file and the field; None when it is absent or sound."""
     path = os.path.join(ckpt_dir, SAVED_TAGS)
-    if not os.path.lexists(path):
-        return None
-    rec = read_json(path)
+    rec, why = _record_object(path)
     if rec is None:
-        return f"{path} is torn or not valid JSON"
-    if not isinstance(rec, dict):
-        return f"{path} does not hold a JSON object"
+        return why
     if not isinstance(rec.get("tags"), dict):
         return f"{path}: field 'tags' is {rec.get('tags')!r}, not an object of tag -> save id"
     bad = next((t for t, i in rec["tags"].items() if not isinstance(i, str)), None)
@@ -168,13 +176,9 @@ def best_problem(ckpt_dir: str) -> str | None:
     """Why checkpoints/best.json cannot be trusted (torn, not an object, a field of the wrong type), naming the
     file and the field; None when it is absent or sound."""
     path = os.path.join(ckpt_dir, BEST)
-    if not os.path.lexists(path):
-        return None
-    rec = read_json(path)
+    rec, why = _record_object(path)
     if rec is None:
-        return f"{path} is torn or not valid JSON"
-    if not isinstance(rec, dict):
-        return f"{path} does not hold a JSON object"
+        return why
     if not isinstance(rec.get("tag"), str) or not TAG.fullmatch(rec["tag"]):
         return f"{path}: field 'tag' is {rec.get('tag')!r}, not a global_step<N> tag"
     if not isinstance(rec.get("step"), int) or isinstance(rec.get("step"), bool) or rec["step"] < 0:
