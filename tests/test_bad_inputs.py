@@ -139,6 +139,8 @@ ROWS = [
      ["--resume:", "files megapix did not write"]),
     ("train-resume-if-exists-user-files", ["train", "--resume-if-exists", "--out", "{tmp}/userfiles"], 2,
      ["--resume-if-exists", "userfiles holds files megapix did not write"]),
+    ("train-resume-if-exists-metrics-link", ["train", "--resume-if-exists", "--out", "{tmp}/metricslink"], 2,
+     ["--resume-if-exists", "metricslink holds files megapix did not write"]),
     # locks and records are never written through a link; a lock that is a directory is one line
     ("train-lock-is-a-symlink", ["train", "--out", "{tmp}/linked"], 2,
      [".megapix.lock is a symbolic link megapix did not make", "remove it"]),
