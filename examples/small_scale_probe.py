@@ -204,15 +204,64 @@ class Study:
         return self.probe(f)
 
 
+class StudyError(Exception):
+    """A bad input of the study: main prints it as one line and exits 2."""
+
+
+def fail(line: str):
+    raise StudyError(line)
+
+
+def result_problem(res, seed: int, args) -> str | None:
+    """Why a cached OUT/seed<S>/result.json cannot be reused for this study (torn, partial, another seed or other
+    settings), or None."""
+    if not isinstance(res, dict):
+        return "is torn or not a JSON object"
+    want = ["seed", "chance", "counts", "raw_pixels", "random_init", "checkpoints", "ar", "timings"]
+    want += [] if args.no_bert else ["bert"]
+    want += [] if args.no_finetune else ["finetune"]
+    missing = [k for k in want if k not in res]
+    if missing:
+        return f"is partial (no {', '.join(map(repr, missing))})"
+    ar = res["ar"] if isinstance(res["ar"], dict) else {}
+    if res["seed"] != seed or ar.get("step") != args.steps or len(ar.get("layers") or []) != args.layers + 1:
+        return (f"was written by other settings (seed {res['seed']!r}, last step {ar.get('step')!r}, "
+                f"{len(ar.get('layers') or [])} layer probes; this study: seed {seed}, --steps {args.steps}, "
+                f"--layers {args.layers})")
+    return None
+
+
+def cached_result(seed: int, args) -> dict | None:
+    """OUT/seed<S>/result.json of an earlier run of this study, or None; one line when it cannot be reused."""
+    cached = os.path.join(os.path.abspath(args.out), f"seed{seed}", "result.json")
+    if not os.path.lexists(cached):
+        return None
+    res = read_json(cached)
+    why = result_problem(res, seed, args)
+    if why is not None:
+        fail(f"{cached} {why}: move it away to rerun seed {seed} (its finished training runs are reused)")
+    return res
+
+
+def check_folder(flag: str, path: str) -> None:
+    """--out and --report name folders: one line when the path, or a folder above it, is a file."""
+    probe = path
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if probe and not os.path.isdir(probe):
+        fail(f"{flag} {path}: {probe} is a file, not a folder; choose another {flag}")
+
+
 def run_seed(seed: int, args) -> dict:
     """Everything for one seed; cached in OUT/seed<S>/result.json."""
     import torch
 
     out = os.path.join(os.path.abspath(args.out), f"seed{seed}")
     cached = os.path.join(out, "result.json")
-    if os.path.isfile(cached):
+    res = cached_result(seed, args)
+    if res is not None:
         print(f"seed {seed}: done before, read {cached}", flush=True)
-        return read_json(cached)
+        return res
     os.makedirs(out, exist_ok=True)
     print(f"=== seed {seed} ===", flush=True)
     t_start = time.perf_counter()
@@ -520,21 +569,36 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2, help="torch threads for extraction and probes")
     args = p.parse_args(argv)
     try:
-        args.seed_list = [int(s) for s in args.seeds.split(",") if s]
+        args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
-        p.error(f"--seeds {args.seeds!r}: a comma-separated list of integers, e.g. 0,1,2")
-    if not args.seed_list:
-        p.error("--seeds names no seed")
+        fail(f"--seeds {args.seeds!r}: a comma-separated list of integers >= 0, e.g. 0,1,2")
+    if not args.seed_list or min(args.seed_list) < 0 or len(set(args.seed_list)) != len(args.seed_list):
+        fail(f"--seeds {args.seeds!r}: name one or more distinct seeds >= 0, e.g. 0,1,2")
+    for name in ("steps", "layers", "batch", "ckpt_every", "ft_steps", "ft_eval_every", "threads", "resolution",
+                 "d_model", "heads"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} {getattr(args, name)}: must be 1 or more")
     return args
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    try:
+        return study(parse_args(argv), argv)
+    except StudyError as e:
+        print(f"small_scale_probe.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+def study(args, argv) -> int:
     import torch
 
     torch.set_num_threads(1)
     out = os.path.abspath(args.out)
     report = os.path.abspath(args.report or out)
+    check_folder("--out", out)
+    check_folder("--report", report)
+    for seed in args.seed_list:  # a cached result that cannot be reused is refused before any seed runs
+        cached_result(seed, args)
     os.makedirs(out, exist_ok=True)
     os.makedirs(report, exist_ok=True)
     t0 = time.perf_counter()

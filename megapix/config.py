@@ -161,6 +161,7 @@ class DataConfig:
 
 
 MONITORS = ("tensorboard", "csv", "none")  # --report-to; DeepSpeed's "tensorboard" and "csv_monitor" sections
+MIN_COLLECTIVE_TIMEOUT = 10.0  # seconds: below it a rendezvous or a checkpoint's sync times out on a healthy job
 
 
 @dataclass
@@ -225,6 +226,10 @@ class TrainConfig:
         _check_positive(self, "max_steps", "global_batch", "lr", "tensor_parallel", "pipeline_parallel",
                         "context_parallel", "eval_batches", "collective_timeout")
         _check_finite(self)
+        if self.collective_timeout < MIN_COLLECTIVE_TIMEOUT:
+            raise ConfigError(f"train.collective_timeout={self.collective_timeout:g} is below the floor of "
+                              f"{MIN_COLLECTIVE_TIMEOUT:g} seconds (no rendezvous nor checkpoint sync is that fast): "
+                              f"pass --collective-timeout {MIN_COLLECTIVE_TIMEOUT:g} or more (default 1800)")
         if self.sequence_parallel and self.tensor_parallel == 1:
             raise ConfigError("train.sequence_parallel splits the sequence over the tensor-parallel ranks, but "
                               "tensor_parallel is 1; add --tensor-parallel 2 (or more) or drop --sequence-parallel")
@@ -301,6 +306,44 @@ class Config:
         )
         cfg.explicit = frozenset(f"{sec}.{k}" for sec in ("model", "data", "train") for k in (raw.get(sec) or {}))
         return cfg
+
+
+def _fits(value, tp) -> bool:
+    """Whether a JSON value has a field's type (bool is not a number here; an int is a float)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if args and origin is not None:  # X | None, Optional[X]
+        return any(_fits(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+
+
+def check_record_config(raw, where: str) -> Config:
+    """A config megapix wrote (a run's config.json "config", a checkpoint's megapix_config.json), trusted only when
+    whole: an object with the three sections, every field present with a value of its type and nothing else, and
+    valid. Otherwise one ConfigError naming `where` and the field."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} does not hold a JSON object of sections model/data/train")
+    for sec, cls in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig)):
+        section = raw.get(sec)
+        if not isinstance(section, dict):
+            raise ConfigError(f"{where}: field {sec!r} is {'missing' if section is None else 'not a JSON object'}")
+        hints = typing.get_type_hints(cls)
+        for name in sorted(set(section) - set(hints)):
+            raise ConfigError(f"{where}: field '{sec}.{name}' is not a megapix setting")
+        for name, tp in hints.items():
+            if name not in section:
+                raise ConfigError(f"{where}: field '{sec}.{name}' is missing")
+            if not _fits(section[name], tp):
+                shown = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+                raise ConfigError(f"{where}: field '{sec}.{name}' is {section[name]!r}, not of type {shown}")
+    for name in sorted(set(raw) - set(SECTION_NAMES)):
+        raise ConfigError(f"{where}: field {name!r} is not a section (model, data, train)")
+    return Config.from_dict(raw, where=where)
 
 
 def load_config(path: str) -> Config:

@@ -306,6 +306,16 @@ def make_ds_config(cfg: Config, ds: dict, layout, micro: int) -> dict:
     return ds
 
 
+def monitor_notes(cfg: Config, ds_final: dict) -> list[str]:
+    """Lines for the end-of-run summary about monitors asked for but not written (the start-up warning, again)."""
+    asked = "tensorboard" in cfg.train.report_to.split(",")
+    if asked and not ds_final.get("tensorboard", {}).get("enabled"):
+        return ["warning: TensorBoard was asked for (--report-to tensorboard or the DeepSpeed JSON) but the "
+                "tensorboard package is not installed: no TensorBoard events were written (pip install tensorboard); "
+                "metrics.jsonl has every step"]
+    return []
+
+
 def _tensorboard_available() -> bool:
     try:
         from torch.utils.tensorboard import SummaryWriter  # noqa: F401

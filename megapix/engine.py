@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from megapix.checkpoint.manager import CheckpointManager, NonFiniteWeights
 from megapix.checkpoint.names import canonical_name
+from megapix.checkpoint.schedule import Schedule
 from megapix.config import Config, ConfigError
 from megapix.data import load_splits
 from megapix.data.loader import GlobalBatches
@@ -121,6 +122,8 @@ class Trainer:
         self.micro_batch = t.micro_batch or t.global_batch // self.layout.dp
         self.warmup = (t.warmup_steps if t.warmup_steps is not None
                        else min(self.schedule.steps_per_epoch(), max(1, t.max_steps // 10)))
+        self.lr_schedule = Schedule(t.lr, self.warmup, t.max_steps)
+        self.checkpoints.lr_schedule = self.lr_schedule  # every restore applies it (checkpoint.schedule)
 
     def _build_module(self):
         """The DeepSpeed config before the module (under ZeRO-3, construction partitions with it), then the
@@ -133,21 +136,15 @@ class Trainer:
 
     def _build_engine(self, module):
         """AdamW with linear warm-up then cosine decay to 0 (the paper), wrapped by deepspeed.initialize."""
-        t, warmup = self.cfg.train, self.warmup
+        t = self.cfg.train
         params = [p for p in module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay,
                                       **({"fused": True} if torch.cuda.is_available() else {"foreach": True}))
 
-        def lr_factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, t.max_steps - warmup))
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-
         mpu = self.layout.grid if (self.layout.tp > 1 and not self.is_pipeline) else None
         engine, _, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, config=self.ds_config, mpu=mpu,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor))
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, self.lr_schedule.factor))
         self.grad_norm_note = None  # why grad_norm is null, once known
         self._local_grad_norm = None
         if self.layout.zero_stage == 0 and not self.ds_config["bf16"]["enabled"]:

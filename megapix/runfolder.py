@@ -54,6 +54,24 @@ def _holder(path: str) -> str:
         return "another megapix process (pid and host not yet written)"
 
 
+def _open_lock(path: str) -> int:
+    """The lock file's descriptor, opened without following a symbolic link (O_NOFOLLOW): a link, a directory or
+    a file megapix may not write at the lock's path is one line (ConfigError), never a write into what it names."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            why = "is a symbolic link megapix did not make (a lock is never written through a link)"
+        elif e.errno == errno.EISDIR or os.path.isdir(path):
+            why = "is a directory, where megapix keeps its lock file"
+        elif e.errno in (errno.EACCES, errno.EPERM) and os.path.lexists(path):  # else disk_error names the folder
+            why = f"cannot be written ({os.strerror(e.errno)})"
+        else:
+            raise
+        raise ConfigError(f"the lock {path} {why}: remove it (megapix makes it again), or choose another "
+                          "--out") from None
+
+
 def _acquire(out: str, command: str, whole: bool) -> None:
     path = lock_path(out, whole)
     if path in _HELD:
@@ -66,7 +84,7 @@ def _acquire(out: str, command: str, whole: bool) -> None:
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = _open_lock(path)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

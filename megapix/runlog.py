@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from megapix.utils import atomic_path, read_metrics, shell_program
+from megapix.utils import append_line, atomic_path, read_metrics, shell_program
 
 
 def peak_memory(device: torch.device) -> tuple[str, float]:
@@ -101,10 +101,8 @@ class RunLog:
             return
         if os.path.isfile(self.path):
             kept = [r for r in read_metrics(self.path) if step is not None and r.get("step", 0) <= step]
-            tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
+            with atomic_path(self.path) as tmp, open(tmp, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in kept)
-            os.replace(tmp, self.path)
             self.rollbacks = {}
             for r in kept:
                 self._add_to_curve(r)
@@ -128,8 +126,7 @@ class RunLog:
     def record(self, rec: dict) -> None:
         """One step's record: into metrics.jsonl, the curve, the monitor, the summary and the progress line."""
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            append_line(self.path, json.dumps(rec))
         self._add_to_curve(rec)
         self._add_rollbacks(rec)
         if "slowest_rank" in rec:

@@ -28,8 +28,8 @@ if __package__ in (None, ""):  # run as a script (deepspeed/torchrun megapix/tra
         sys.exit(2)
 
 from megapix import dsconfig, runfolder
-from megapix.checkpoint.manager import (STEER_FLAGS, check_resume_config, existing_run_step, refuse_existing_run,
-                                        saved_run_config)
+from megapix.checkpoint.manager import (RUN_RECORD, STEER_FLAGS, check_resume_config, existing_run_step,
+                                        refuse_existing_run, saved_run_config)
 from megapix.cliargs import add_config_args, add_launcher_args, command_parser, config_from_args
 from megapix.config import DEFAULT_RUN, ConfigError, check_kernels_available
 from megapix.divergence import EXIT_NONFINITE, NonFiniteStop
@@ -68,24 +68,39 @@ def requested_config(args, saved: dict | None = None):
     return config_from_args(args, base=saved if saved is not None else None if args.config else DEFAULT_RUN)
 
 
+def resumes(args, out: str, shown: str) -> bool:
+    """Whether this start continues the run in `out`: --resume needs a run there; --resume-if-exists continues one
+    or starts one in a new or empty folder. A folder of files megapix did not write (a metrics.jsonl of the
+    user's, without megapix's config.json or checkpoints/) is neither: one line, nothing touched."""
+    if not (args.resume or args.resume_if_exists):
+        return False
+    has_run = existing_run_step(out) is not None
+    ours = os.path.isdir(os.path.join(out, "checkpoints")) or os.path.lexists(os.path.join(out, RUN_RECORD))
+    if (has_run and not ours) or (args.resume_if_exists and not has_run and runfolder.folder_kind(out) == "user"):
+        flag = "--resume-if-exists" if args.resume_if_exists else "--resume"
+        raise ConfigError(f"{flag}: {shown} holds files megapix did not write (no {RUN_RECORD} nor checkpoints/ of "
+                          "a run): it continues a megapix run or starts one in a new or empty folder; choose "
+                          "another --out")
+    if args.resume and not args.resume_if_exists and not has_run:
+        raise ConfigError(f"--resume: {shown} holds no run to continue; drop --resume to start one there, or pass "
+                          "--resume-if-exists (resume when there is a run, start one otherwise)")
+    return has_run
+
+
 def run_config(args) -> tuple:
     """(the run's config, its DeepSpeed JSON as a dict, whether it resumes, what the resume changes): the one
     precedence rule (config_from_args) over the right base, the DeepSpeed JSON resolved once, and a resume's
     settings checked against the saved run's, all before any process group starts or file is written."""
     cfg = requested_config(args)
     out, shown = os.path.abspath(cfg.train.out), cfg.train.out
-    has_run = existing_run_step(out) is not None
-    if args.resume and not args.resume_if_exists and not has_run:
-        raise ConfigError(f"--resume: {shown} holds no run to continue; drop --resume to start one there, or pass "
-                          "--resume-if-exists (resume when there is a run, start one otherwise)")
-    resume = has_run and (args.resume or args.resume_if_exists)
-    saved = saved_run_config(out) if resume else None
+    resume = resumes(args, out, shown)
+    saved, source = saved_run_config(out, shown) if resume else (None, None)
     if saved is not None:
         cfg = requested_config(args, saved)
     effective, ds = dsconfig.resolve(cfg, args.deepspeed_config, dsconfig.launch_world())
-    notes = []
+    notes = [source] if source else []
     if saved is not None:
-        notes = check_resume_config(saved, effective, shown, args.allow_changed)
+        notes += check_resume_config(saved, effective, shown, args.allow_changed)
     elif not resume:
         refuse_existing_run(out, shown)
         check_run_record(os.path.join(out, "config.json"), effective)
@@ -144,7 +159,8 @@ def main(argv=None) -> int:
         samples = write_run_samples(trainer) if code == 0 and not args.no_samples else None
         if trainer.is_rank0 and code == 0:
             print(summary_text(trainer.log, trainer.checkpoints, trainer.shown_out, trainer.step, trainer.peak_tflops,
-                               trainer.peak_source, samples, notes), flush=True)
+                               trainer.peak_source, samples,
+                               notes + dsconfig.monitor_notes(trainer.cfg, trainer.ds_config)), flush=True)
         return code
     except ConfigError as e:
         print(f"megapix: error: {e}", file=sys.stderr)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -26,6 +27,25 @@ def check_output(path: str, replace=None) -> None:
                           "to replace it: choose a new output path (or an earlier output of this command)")
 
 
+def refuse_link(path: str) -> None:
+    """megapix never writes through, nor over, a symbolic link it did not make (it makes none): one line."""
+    if os.path.islink(path):
+        raise ConfigError(f"{path} is a symbolic link megapix did not make; it never writes through or over one: "
+                          "remove the link (or replace it with the file it names), or choose another output path")
+
+
+def append_line(path: str, line: str) -> None:
+    """Append one line to a record megapix writes (metrics.jsonl), never through a symbolic link (O_NOFOLLOW)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            refuse_link(path)
+        raise
+    with os.fdopen(fd, "a") as f:
+        f.write(line + "\n")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str, replace=None):
     """Yield a temporary sibling path; on success rename it onto `path` (file or directory), so readers never
@@ -33,6 +53,7 @@ def atomic_path(path: str, replace=None):
     may not (see check_output; `replace` marks earlier outputs of the caller), and a file never replaces a
     directory nor a directory a file."""
     path = os.path.abspath(path)
+    refuse_link(path)
     check_output(path, replace)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)

@@ -8,6 +8,7 @@ SUBPROCESS also run as a real process, as a user would launch them.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ import pytest
 from conftest import PYTHON, REPO, subprocess_env
 
 from megapix.cli import main
+from megapix.config import Config
 
 FINETUNE_GENERATED = "cliargs" in open(os.path.join(REPO, "megapix", "finetune.py")).read()
 
@@ -27,6 +29,52 @@ def fixtures(tmp) -> None:
     (tmp / "batch64.json").write_text('{"train_batch_size": 64}')
     (tmp / "adamw.json").write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}))
     (tmp / "fp16.json").write_text('{"fp16": {"enabled": true}}')
+    # issue 33: folders of user files, locks that are links or directories, damaged run records
+    (tmp / "userdir").mkdir()
+    (tmp / "userdir" / "metrics.jsonl").write_text('{"step": 7, "loss": 1.5}\n')  # the user's own, not megapix's
+    (tmp / "userfiles").mkdir()
+    (tmp / "userfiles" / "notes.txt").write_text("mine\n")
+    (tmp / "linked").mkdir()
+    os.symlink(tmp / "afile", tmp / "linked" / ".megapix.lock")
+    os.symlink(tmp / "afile", tmp / ".hf.megapix.lock")  # export's sibling lock of {tmp}/hf
+    (tmp / "lockdir" / ".megapix.lock").mkdir(parents=True)
+    (tmp / "metricslink").mkdir()
+    os.symlink(tmp / "afile", tmp / "metricslink" / "metrics.jsonl")
+    whole = {"config": Config().to_dict()}
+    for name, damage in RECORD_DAMAGE.items():
+        run = tmp / name
+        run.mkdir()
+        (run / "metrics.jsonl").write_text('{"step": 1, "loss": 6.0}\n')
+        (run / "config.json").write_text(damage(copy.deepcopy(whole)))
+
+
+def _set(rec, path, value):
+    inner = rec
+    for key in path[:-1]:
+        inner = inner[key]
+    inner[path[-1]] = value
+    return json.dumps(rec)
+
+
+def _drop(rec, path):
+    inner = rec
+    for key in path[:-1]:
+        inner = inner[key]
+    del inner[path[-1]]
+    return json.dumps(rec)
+
+
+# damaged <run>/config.json of a run with no checkpoint: nothing whole to continue from, never defaults
+RECORD_DAMAGE = {
+    "torn": lambda rec: json.dumps(rec)[:120],
+    "listrec": lambda rec: "[1, 2]",
+    "noconfig": lambda rec: json.dumps({"megapix_version": "0"}),
+    "wrongtype": lambda rec: _set(rec, ("config", "train", "lr"), "fast"),
+    "boolseed": lambda rec: _set(rec, ("config", "train", "seed"), True),
+    "unknownkey": lambda rec: _set(rec, ("config", "train", "lr_typo"), 0.1),
+    "missingkey": lambda rec: _drop(rec, ("config", "train", "max_steps")),
+    "sectionlist": lambda rec: _set(rec, ("config", "model"), [1]),
+}
 
 
 ROWS = [
@@ -84,6 +132,42 @@ ROWS = [
     pytest.param("finetune-out-under-file", ["finetune", "--checkpoint", "{tmp}/model", "--out", "{tmp}/afile/ft"], 2,
                  ["--out", "regular file"],
                  marks=pytest.mark.skipif(not FINETUNE_GENERATED, reason="finetune's flags are not generated yet")),
+    # issue 33: --resume-if-exists starts a run only in a new or empty folder or continues a megapix run
+    ("train-resume-if-exists-user-metrics", ["train", "--resume-if-exists", "--out", "{tmp}/userdir"], 2,
+     ["--resume-if-exists", "userdir holds files megapix did not write", "choose another --out"]),
+    ("train-resume-user-metrics", ["train", "--resume", "--out", "{tmp}/userdir"], 2,
+     ["--resume:", "files megapix did not write"]),
+    ("train-resume-if-exists-user-files", ["train", "--resume-if-exists", "--out", "{tmp}/userfiles"], 2,
+     ["--resume-if-exists", "userfiles holds files megapix did not write"]),
+    ("train-resume-if-exists-metrics-link", ["train", "--resume-if-exists", "--out", "{tmp}/metricslink"], 2,
+     ["--resume-if-exists", "metricslink holds files megapix did not write"]),
+    # locks and records are never written through a link; a lock that is a directory is one line
+    ("train-lock-is-a-symlink", ["train", "--out", "{tmp}/linked"], 2,
+     [".megapix.lock is a symbolic link megapix did not make", "remove it"]),
+    ("export-sibling-lock-is-a-symlink", ["export", "--checkpoint", "{tmp}/model", "--out", "{tmp}/hf"], 2,
+     [".hf.megapix.lock is a symbolic link megapix did not make"]),
+    ("train-lock-is-a-directory", ["train", "--out", "{tmp}/lockdir"], 2,
+     [".megapix.lock is a directory", "remove it"]),
+    # the collective timeout has a floor (a rendezvous cannot finish in 1 ms)
+    ("train-collective-timeout-tiny", ["train", "--collective-timeout", "0.001", "--out", "{tmp}/run"], 2,
+     ["collective_timeout=0.001", "floor of 10 seconds", "--collective-timeout 10"]),
+    # a damaged config.json with --resume: one line naming the file and the field, never defaults
+    ("train-resume-config-torn", ["train", "--resume", "--out", "{tmp}/torn"], 2,
+     ["torn/config.json is truncated or not valid JSON", "restore", "never continues with default settings"]),
+    ("train-resume-config-list", ["train", "--resume", "--out", "{tmp}/listrec"], 2,
+     ["listrec/config.json does not hold a JSON object", "restore"]),
+    ("train-resume-config-no-config", ["train", "--resume", "--out", "{tmp}/noconfig"], 2,
+     ["noconfig/config.json: field 'config' is missing"]),
+    ("train-resume-config-wrong-type", ["train", "--resume", "--out", "{tmp}/wrongtype"], 2,
+     ["wrongtype/config.json", "field 'train.lr' is 'fast', not of type float"]),
+    ("train-resume-config-bool-seed", ["train", "--resume", "--out", "{tmp}/boolseed"], 2,
+     ["field 'train.seed' is True, not of type int"]),
+    ("train-resume-config-unknown-key", ["train", "--resume", "--out", "{tmp}/unknownkey"], 2,
+     ["field 'train.lr_typo' is not a megapix setting"]),
+    ("train-resume-config-missing-key", ["train", "--resume", "--out", "{tmp}/missingkey"], 2,
+     ["field 'train.max_steps' is missing"]),
+    ("train-resume-config-section-list", ["train", "--resume", "--out", "{tmp}/sectionlist"], 2,
+     ["field 'model' is not a JSON object"]),
 ]
 SUBPROCESS = {"train-lr-inf", "sample-n-0"}
 

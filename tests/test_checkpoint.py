@@ -48,6 +48,15 @@ def resumes() -> dict[str, tuple[str, int, list[str]]]:
     return out
 
 
+def whole_layout(args: list[str]) -> list[str]:
+    """The destination's layout flags, every one named: only the tag is copied (no config.json), so the resume
+    continues with the settings saved in the tag's megapix_config.json (never defaults), the source's layout
+    among them; a layout setting the destination does not name is its default, said explicitly."""
+    defaults = [x for flag in ("--tensor-parallel", "--pipeline-parallel", "--context-parallel") if flag not in args
+                for x in (flag, "1")]
+    return [*args, *defaults, *([] if "--sequence-parallel" in args else ["--no-sequence-parallel"])]
+
+
 @pytest.fixture(scope="module")
 def resumed(work) -> dict[str, tuple[object, str]]:
     """dst name -> (its folder, rank 0's stdout), every resume run once."""
@@ -59,7 +68,8 @@ def resumed(work) -> dict[str, tuple[object, str]]:
         shutil.copytree(src / "checkpoints" / f"global_step{STOP}", ck / f"global_step{STOP}")
         (ck / "latest").write_text(f"global_step{STOP}")
         shutil.copy(src / "palette.npy", dst / "palette.npy") if (src / "palette.npy").exists() else None
-        argv = ["train", "--config", layout_config(), "--out", str(dst), "--no-samples", "--resume", *args]
+        argv = ["train", "--config", layout_config(), "--out", str(dst), "--no-samples", "--resume",
+                *whole_layout(args)]
         by_world.setdefault(n, []).append((dst_name, argv, str(dst) + ".stdout"))
     for n, runs in by_world.items():
         train_in_one_launch(n, runs, work)

@@ -195,8 +195,12 @@ for name, argv, stdout in json.loads(os.environ["TRAININGS"]):
 
 
 def launch_order(args) -> tuple[bool, bool, bool]:
-    return ("--tensor-parallel" in args or "--pipeline-parallel" in args, "--tensor-parallel" in args,
-            "--activation-checkpointing" in args)
+    """By the values, not the flags' presence (a run may name --tensor-parallel 1)."""
+    def size(flag):
+        return int(args[args.index(flag) + 1]) if flag in args else 1
+
+    tp, pp = size("--tensor-parallel"), size("--pipeline-parallel")
+    return tp > 1 or pp > 1, tp > 1, "--activation-checkpointing" in args
 
 
 def train_in_one_launch(nproc: int, runs: list[tuple[str, list[str], str]], work) -> None:

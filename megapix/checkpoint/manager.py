@@ -31,11 +31,11 @@ import torch
 import torch.distributed as torch_dist
 
 from megapix.checkpoint import store
-from megapix.checkpoint.tags import latest_step, tag_for
-from megapix.config import Config, ConfigError
+from megapix.checkpoint.tags import TAG, latest_step, read_latest, resume_hint, tag_for
+from megapix.config import Config, ConfigError, check_record_config
 from megapix.parallel import dist, watchdog
 from megapix.parallel.layout import Layout
-from megapix.utils import read_json, read_metrics, read_record
+from megapix.utils import read_metrics, read_record
 
 SKIPPED_BATCHES = "skipped_batches.json"  # in a tag: the global batches the run skipped up to that step
 
@@ -98,9 +98,12 @@ class CheckpointManager:
         self.best: dict | None = None  # best.json's record: the checkpoint of the best validation score so far
         self.resume_tag = None
         self.skipped_batches: list[int] = []  # global batches skipped by rollbacks, in checkpoints from now on
+        self.lr_schedule = None  # the current settings' Schedule (the trainer's): every restore applies it
         if enabled:
             if resume:
                 self.resume_tag = store.resumable_tag(self.ckpt_dir, cfg)
+                if self.resume_tag is not None:  # refused now, before anything is written
+                    dist.rank0_decides(lambda: self._read_skipped(self.resume_tag))
             else:
                 refuse_existing_run(out, shown_out)
             dist.barrier()
@@ -119,6 +122,9 @@ class CheckpointManager:
         if self.enabled and tag is not None:
             step = store.resume(engine, self.ckpt_dir, self.cfg, self.layout, is_pipeline, tag=tag)
             self.saved_step = step
+            changed = self.lr_schedule.apply(engine, step) if self.lr_schedule is not None else None
+            if changed and dist.is_rank0():
+                print(f"megapix: resumed {tag}: {changed}", flush=True)
             self.skipped_batches = dist.from_rank0(self._read_skipped(tag) if dist.is_rank0() else None)
         if step is not None:  # the best of the steps before the resumed one stays the one to beat
             best = dist.from_rank0(store.read_best(self.ckpt_dir) if dist.is_rank0() else None)
@@ -132,8 +138,14 @@ class CheckpointManager:
         if not os.path.isfile(path):  # saved before any rollback, or by an older megapix
             return []
         batches = read_record(path).get("batches")
-        if not isinstance(batches, list) or not all(isinstance(b, int) for b in batches):
-            raise ConfigError(f"{path}: 'batches' is not a list of global-batch indices; the checkpoint is damaged")
+        if not isinstance(batches, list):
+            raise ConfigError(f"{path}: field 'batches' is not a list of global-batch indices; the checkpoint is "
+                              f"damaged: {resume_hint(self.ckpt_dir, tag)}")
+        bad = next((b for b in batches if isinstance(b, bool) or not isinstance(b, int) or b < 0), None)
+        if bad is not None or len(set(batches)) != len(batches):
+            what = f"holds {bad!r}" if bad is not None else "repeats an index"
+            raise ConfigError(f"{path}: field 'batches' {what}, not a list of distinct global-batch indices >= 0; "
+                              f"the checkpoint is damaged: {resume_hint(self.ckpt_dir, tag)}")
         return sorted(batches)
 
     # ---- saving ----
@@ -193,7 +205,8 @@ class CheckpointManager:
 RUN_RECORD = "config.json"  # <out>/config.json: the run's effective config (dsconfig.run_record), rewritten each start
 
 # Settings a resume may change without an error: they steer the run from the resumed step on (where it ends,
-# when it saves, evaluates and prints, how it is laid out and computed), while the curve up to that step stays the
+# when it saves, evaluates and prints, how it is laid out (TP, PP, CP, SP, ZeRO) and computed, how long a collective
+# may wait), while the curve up to that step stays the
 # saved run's. Every other setting (model, data, batch, optimiser, seed, schedule shape, precision) defines the
 # curve: a resume that changes one is refused unless --allow-changed.
 STEER_FIELDS = {
@@ -201,7 +214,8 @@ STEER_FIELDS = {
     "data": ("num_workers",),
     "train": ("max_steps", "save_every", "time_budget", "keep_last", "save_best", "eval_every", "log_every",
               "report_to", "peak_tflops", "tensor_parallel", "pipeline_parallel", "zero_stage",
-              "micro_batch", "activation_checkpointing", "on_nonfinite", "spike_factor", "profile_comms"),
+              "micro_batch", "activation_checkpointing", "on_nonfinite", "spike_factor", "profile_comms",
+              "collective_timeout", "context_parallel", "sequence_parallel"),
 }
 STEER_FLAGS = ["--" + name.replace("_", "-") for sec in STEER_FIELDS.values() for name in sec]
 # Settings of one invocation, not of the run: a resume does not inherit them from the saved config (a time
@@ -209,15 +223,44 @@ STEER_FLAGS = ["--" + name.replace("_", "-") for sec in STEER_FIELDS.values() fo
 PER_INVOCATION = {"train": ("time_budget", "profile_comms")}
 
 
-def saved_run_config(out: str) -> dict | None:
-    """The effective config the run in `out` last started with (its config.json), less the settings of one
-    invocation (PER_INVOCATION), or None when it has none."""
-    rec = read_json(os.path.join(out, RUN_RECORD))
-    config = rec.get("config") if isinstance(rec, dict) else None
-    if not (isinstance(config, dict) and all(isinstance(config.get(s), dict) for s in STEER_FIELDS)):
-        return None
+def _whole_config(path: str, key: str | None = None) -> tuple[dict | None, str | None]:
+    """(the config in the JSON record at `path`, under `key` when given; or None and why it is not whole)."""
+    try:
+        rec = read_record(path)
+        raw = rec.get(key) if key else rec
+        if key and raw is None:
+            raise ConfigError(f"{path}: field {key!r} is missing")
+        check_record_config(raw, f"{path}" + (f" ({key!r})" if key else ""))
+        return raw, None
+    except ConfigError as e:
+        return None, str(e)
+
+
+def saved_run_config(out: str, shown_out: str | None = None) -> tuple[dict, str | None]:
+    """(the effective config the run in `out` last started with, less the settings of one invocation
+    (PER_INVOCATION); a line to print when it came from elsewhere). Its config.json is trusted only when whole
+    (config.check_record_config); a damaged or missing one is replaced by the latest checkpoint's own
+    megapix_config.json, said in the line; never by defaults: one ConfigError when neither is whole."""
+    shown_out = shown_out or out
+    config, why = _whole_config(os.path.join(out, RUN_RECORD), "config")
+    if config is None:
+        ckpt_dir = os.path.join(out, "checkpoints")
+        tag = read_latest(ckpt_dir)
+        if tag is None or not TAG.fullmatch(tag):
+            raise ConfigError(f"{why}; no checkpoint holds the run's settings either: restore "
+                              f"{os.path.join(shown_out, RUN_RECORD)} from a backup (a resume never continues "
+                              "with default settings), or start a new run in another --out")
+        config, tag_why = _whole_config(os.path.join(ckpt_dir, tag, "megapix_config.json"))
+        if config is None:
+            raise ConfigError(f"{why}; and {tag_why}: restore {os.path.join(shown_out, RUN_RECORD)} from a backup "
+                              "(a resume never continues with default settings)")
+        why = (f"warning: {why}; continuing with the settings saved in the checkpoint, "
+               f"{os.path.join(shown_out, 'checkpoints', tag, 'megapix_config.json')} ({RUN_RECORD} is rewritten "
+               "from them)")
+    else:
+        why = None
     return {sec: {k: v for k, v in fields.items() if k not in PER_INVOCATION.get(sec, ())}
-            for sec, fields in config.items()}
+            for sec, fields in config.items()}, why
 
 
 def resume_changes(saved: dict, cfg: Config) -> tuple[list[str], list[str]]:

@@ -116,15 +116,46 @@ def _save_files(engine, ckpt_dir: str, staging: str, client: dict) -> None:
     dist.barrier()
 
 
+def _record_object(path: str) -> tuple[dict | None, str | None]:
+    """(the JSON object of a checkpoint record megapix keeps, or None; why it is not one: None when absent)."""
+    if not os.path.lexists(path):
+        return None, None
+    rec = read_json(path)
+    if rec is None:
+        return None, f"{path} is torn or not valid JSON"
+    if not isinstance(rec, dict):
+        return None, f"{path} does not hold a JSON object"
+    return rec, None
+
+
+def saved_tags_problem(ckpt_dir: str) -> str | None:
+    """Why checkpoints/saved_tags.json cannot be trusted (torn, not an object, a field of the wrong type), naming
+    the file and the field; None when it is absent or sound."""
+    path = os.path.join(ckpt_dir, SAVED_TAGS)
+    rec, why = _record_object(path)
+    if rec is None:
+        return why
+    if not isinstance(rec.get("tags"), dict):
+        return f"{path}: field 'tags' is {rec.get('tags')!r}, not an object of tag -> save id"
+    bad = next((t for t, i in rec["tags"].items() if not isinstance(i, str)), None)
+    return None if bad is None else f"{path}: field 'tags.{bad}' is {rec['tags'][bad]!r}, not a save id"
+
+
 def saved_tags(ckpt_dir: str) -> dict:
-    """checkpoints/saved_tags.json's {tag: save id}: the tags this run saved ({} when none or unreadable)."""
+    """checkpoints/saved_tags.json's {tag: save id}: the tags this run saved ({} when none or untrustworthy)."""
+    if saved_tags_problem(ckpt_dir) is not None:
+        return {}
     rec = read_json(os.path.join(ckpt_dir, SAVED_TAGS))
-    tags_ = rec.get("tags") if isinstance(rec, dict) else None
-    return {t: i for t, i in tags_.items() if isinstance(i, str)} if isinstance(tags_, dict) else {}
+    return dict(rec["tags"]) if isinstance(rec, dict) else {}
 
 
 def _record_saved(ckpt_dir: str, tag: str, save_id: str | None) -> None:
-    """Add (or, with save_id None, drop) `tag` in saved_tags.json, atomically (rank 0)."""
+    """Add (or, with save_id None, drop) `tag` in saved_tags.json, atomically (rank 0). A torn or malformed one is
+    left as it is (one warning line): it may name tags that pruning must never take for another run's."""
+    why = saved_tags_problem(ckpt_dir)
+    if why is not None:
+        _warn_record(why, "not pruning (--keep-last): no tag is recorded as this run's")
+        return
     recorded = saved_tags(ckpt_dir)
     if save_id is None:
         recorded.pop(tag, None)
@@ -145,13 +176,9 @@ def best_problem(ckpt_dir: str) -> str | None:
     """Why checkpoints/best.json cannot be trusted (torn, not an object, a field of the wrong type), naming the
     file and the field; None when it is absent or sound."""
     path = os.path.join(ckpt_dir, BEST)
-    if not os.path.lexists(path):
-        return None
-    rec = read_json(path)
+    rec, why = _record_object(path)
     if rec is None:
-        return f"{path} is torn or not valid JSON"
-    if not isinstance(rec, dict):
-        return f"{path} does not hold a JSON object"
+        return why
     if not isinstance(rec.get("tag"), str) or not TAG.fullmatch(rec["tag"]):
         return f"{path}: field 'tag' is {rec.get('tag')!r}, not a global_step<N> tag"
     if not isinstance(rec.get("step"), int) or isinstance(rec.get("step"), bool) or rec["step"] < 0:
@@ -165,10 +192,11 @@ def best_problem(ckpt_dir: str) -> str | None:
 _WARNED: set[str] = set()
 
 
-def _warn_best(why: str, what: str) -> None:
+def _warn_record(why: str, what: str) -> None:
+    """One warning line per problem of a checkpoint record (best.json, saved_tags.json) megapix will not trust."""
     if why not in _WARNED:
         _WARNED.add(why)
-        print(f"megapix: warning: {why}; {what} until it is fixed or moved away (it is never read as 'no best')",
+        print(f"megapix: warning: {why}; {what} until it is fixed or moved away (it is never read as empty)",
               flush=True)
 
 
@@ -177,7 +205,7 @@ def read_best(ckpt_dir: str) -> dict | None:
     None otherwise (a torn or malformed one with a warning line: pruning and best tracking stop, see prune)."""
     why = best_problem(ckpt_dir)
     if why is not None:
-        _warn_best(why, "not pruning (--keep-last) nor recording a new best")
+        _warn_record(why, "not pruning (--keep-last) nor recording a new best")
         return None
     rec = read_json(os.path.join(ckpt_dir, BEST))
     if rec is None:
@@ -190,7 +218,7 @@ def write_best(ckpt_dir: str, tag: str, step: int, metrics: dict, score: float) 
     left as it is (with a warning line): it may name the best tag, which pruning must not lose."""
     why = best_problem(ckpt_dir)
     if why is not None:
-        _warn_best(why, "not pruning (--keep-last) nor recording a new best")
+        _warn_record(why, "not pruning (--keep-last) nor recording a new best")
         return
     write_json(os.path.join(ckpt_dir, BEST), {**metrics, "tag": tag, "step": step, "score": score})
 
@@ -206,7 +234,11 @@ def prune(ckpt_dir: str, keep_last: int, step: int) -> list[str]:
         return []
     why = best_problem(ckpt_dir)
     if why is not None:
-        _warn_best(why, "not pruning (--keep-last) nor recording a new best")
+        _warn_record(why, "not pruning (--keep-last) nor recording a new best")
+        return []
+    why = saved_tags_problem(ckpt_dir)
+    if why is not None:
+        _warn_record(why, "not pruning (--keep-last): no tag is recorded as this run's")
         return []
     keep = {read_latest(ckpt_dir), (read_best(ckpt_dir) or {}).get("tag")}
     ours = [t for t in tags(ckpt_dir) if int(TAG.fullmatch(t).group(1)) <= step and saved_here(ckpt_dir, t)]
