@@ -89,26 +89,54 @@ def default_layers(n_layer: int, count: int = DEFAULT_CANDIDATES) -> list[int]:
 
 
 class _Rows:
-    """One split's tokens and labels, dealt out over ranks batch by batch."""
+    """One split's rows, dealt out over ranks batch by batch, and the frozen model's token states for them: run
+    for each batch, or kept in memory after their first pass when they fit in `cache_bytes` (the model is frozen
+    and the probe's inputs are not augmented, so a kept state is the one a new pass would give)."""
 
     def __init__(self, data: TokenData, dist: Dist, device):
         self.data, self.dist, self.device = data, dist, device
         self.labels = torch.from_numpy(np.asarray(data.labels, dtype=np.int64))
+        self.model, self.layers, self.cache, self.kept = None, [], None, None
 
     def __len__(self):
         return len(self.data)
 
+    def attach(self, model, layers: list[int], cache_bytes: float) -> bool:
+        """Read states of `layers` from `model`; keep them when all of this split's fit in `cache_bytes`."""
+        self.model, self.layers = model, list(layers)
+        c = model.config
+        shape = (len(self), c.n_ctx, c.d_model)
+        if len(layers) * math.prod(shape) * 4 <= cache_bytes:
+            self.cache = {l: torch.empty(shape, device=self.device) for l in layers}
+            self.kept = torch.zeros(len(self), dtype=torch.bool)
+        return self.cache is not None
+
     def batches(self, order: np.ndarray, batch_size: int):
-        """(tokens, labels, global batch size) of this rank's share of each global batch of `order`."""
+        """(row indices, labels, global batch size) of this rank's share of each global batch of `order`."""
         for lo in range(0, len(order), batch_size):
             batch = order[lo:lo + batch_size]
-            mine = batch[self.dist.rank::self.dist.world]
-            yield (self.data.tokens(mine).to(self.device), self.labels[mine].to(self.device), len(batch))
+            mine = torch.from_numpy(np.ascontiguousarray(batch[self.dist.rank::self.dist.world]))
+            yield mine, self.labels[mine].to(self.device), len(batch)
 
+    def states(self, rows: torch.Tensor) -> dict[int, torch.Tensor]:
+        """{layer: float32 [len(rows), T, d]} of these rows."""
+        if self.cache is None:
+            return self._run(rows)
+        new = rows[~self.kept[rows]]
+        if len(new):
+            for l, x in self._run(new).items():
+                self.cache[l][new.to(self.device)] = x
+            self.kept[new] = True
+        index = rows.to(self.device)
+        return {l: self.cache[l][index] for l in self.layers}
 
-def _states(model, tokens: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
-    with torch.no_grad():  # not inference_mode: the heads save these states for their backward
-        return {l: x.float() for l, x in model.hidden_states(tokens, layers)} if len(tokens) else {}
+    def _run(self, rows: torch.Tensor) -> dict[int, torch.Tensor]:
+        if not len(rows):
+            c = self.model.config
+            return {l: torch.empty(0, c.n_ctx, c.d_model, device=self.device) for l in self.layers}
+        tokens = self.data.tokens(rows.numpy()).to(self.device)
+        with torch.no_grad():  # not inference_mode: the heads save these states for their backward
+            return {l: x.float() for l, x in self.model.hidden_states(tokens, self.layers)}
 
 
 def _all_sum(dist: Dist, values: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -128,12 +156,12 @@ def channel_stats(model, rows: _Rows, layers: list[int], batch_size: int) -> dic
     d = model.config.d_model
     sums = {l: [torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)] for l in layers}
     count = torch.zeros(1, dtype=torch.float64)
-    for tokens, _, _ in rows.batches(np.arange(min(len(rows), STATS_ROWS)), batch_size):
-        for l, x in _states(model, tokens, layers).items():
+    for index, _, _ in rows.batches(np.arange(min(len(rows), STATS_ROWS)), batch_size):
+        for l, x in rows.states(index).items():
             x = x.double().reshape(-1, d).cpu()
             sums[l][0] += x.sum(0)
             sums[l][1] += (x * x).sum(0)
-        count += tokens.shape[0] * tokens.shape[1]
+        count += len(index) * model.config.n_ctx
     flat = _all_sum(rows.dist, [count] + [s for l in layers for s in sums[l]])
     n, stats = flat[0], {}
     for i, l in enumerate(layers):
@@ -165,14 +193,14 @@ class Probes:
                      for k, h in self.heads.items()}
         self.layers = list(layers)
 
-    def step(self, model, tokens, labels, global_n: int, dist: Dist, lr_scale: float) -> None:
-        states = _states(model, tokens, self.layers)
+    def step(self, rows: _Rows, index, labels, global_n: int, lr_scale: float) -> None:
+        states = rows.states(index)
         for k, head in self.heads.items():
             self.opts[k].zero_grad(set_to_none=False)
-            if len(tokens):  # the loss is a mean over the global batch: summing over ranks gives 1 rank's gradient
+            if len(index):  # the loss is a mean over the global batch: summing over ranks gives 1 rank's gradient
                 (F.cross_entropy(head(states[k[0]]), labels, reduction="sum") / global_n).backward()
         grads = [p.grad for h in self.heads.values() for p in h.parameters()]
-        for g, total in zip(grads, _all_sum(dist, grads)):
+        for g, total in zip(grads, _all_sum(rows.dist, grads)):
             g.copy_(total)
         for k, opt in self.opts.items():
             for group in opt.param_groups:
@@ -180,11 +208,11 @@ class Probes:
             opt.step()
 
     @torch.no_grad()
-    def correct(self, model, rows: _Rows, batch_size: int) -> dict:
+    def correct(self, rows: _Rows, batch_size: int) -> dict:
         """Correctly classified rows of a split, per head, summed over ranks."""
         hits = {k: torch.zeros(1, dtype=torch.float64) for k in self.heads}
-        for tokens, labels, _ in rows.batches(np.arange(len(rows)), batch_size):
-            states = _states(model, tokens, self.layers)
+        for index, labels, _ in rows.batches(np.arange(len(rows)), batch_size):
+            states = rows.states(index)
             for k, head in self.heads.items():
                 hits[k] += (head(states[k[0]]).argmax(-1) == labels).sum().cpu()
         total = _all_sum(rows.dist, list(hits.values()))
@@ -194,6 +222,13 @@ class Probes:
 def train_probes(model, splits: dict[str, _Rows], layers, lrs, num_classes: int, args, device) -> list[dict]:
     """Train every (layer, lr) head; val picks each head's epoch, then each layer's lr. Rows, one per layer."""
     train, dist, bs = splits["train"], splits["train"].dist, args.attentive_batch_size
+    budget = args.state_cache_gb * 2 ** 30
+    for name, rows in splits.items():  # train first: it is read most often
+        if rows.attach(model, layers, budget):
+            budget -= len(layers) * len(rows) * model.config.n_ctx * model.config.d_model * 4
+    kept = [name for name, rows in splits.items() if rows.cache is not None]
+    _say(dist, f"token states kept in memory after their first pass: {', '.join(kept) or 'none'} "
+               f"(--state-cache-gb {args.state_cache_gb:g}); the model runs for the rest")
     stats = channel_stats(model, train, layers, bs)
     probes = Probes(model, layers, lrs, num_classes, stats, args, device)
     steps_per_epoch = math.ceil(len(train) / bs)
@@ -204,10 +239,10 @@ def train_probes(model, splits: dict[str, _Rows], layers, lrs, num_classes: int,
         order = np.random.default_rng([args.seed, epoch]).permutation(len(train))
         batches = tqdm(train.batches(order, bs), total=steps_per_epoch, leave=False, desc=f"epoch {epoch}",
                        disable=dist.rank != 0 or not sys.stderr.isatty())
-        for tokens, labels, n in batches:
-            probes.step(model, tokens, labels, n, dist, _cosine(step, total, warmup))
+        for index, labels, n in batches:
+            probes.step(train, index, labels, n, _cosine(step, total, warmup))
             step += 1
-        val = probes.correct(model, splits["val"], bs)
+        val = probes.correct(splits["val"], bs)
         for k, acc in val.items():
             if acc > best[k][0]:
                 best[k] = (acc, epoch, copy.deepcopy(probes.heads[k].state_dict()))
@@ -216,7 +251,7 @@ def train_probes(model, splits: dict[str, _Rows], layers, lrs, num_classes: int,
                    f"{top[1]:g}), {time.perf_counter() - t0:.1f} s")
     for k, (_, _, state) in best.items():
         probes.heads[k].load_state_dict(state)
-    test = probes.correct(model, splits["test"], bs) if "test" in splits else {}
+    test = probes.correct(splits["test"], bs) if "test" in splits else {}
     rows = []
     for l in layers:
         k = max(((l, lr) for lr in lrs), key=lambda k: best[k][0])

@@ -57,6 +57,7 @@ def test_channel_stats_are_the_mean_and_std_over_every_position():
     model = random_model()
     tokens = np.random.default_rng(0).integers(0, 512, (20, 64))
     rows = _Rows(TokenData(Split(tokens=tokens, labels=np.zeros(20, np.int64)), 64, None), _OneRank(), "cpu")
+    rows.attach(model, [0, 2], cache_bytes=0)
     stats = channel_stats(model, rows, [0, 2], batch_size=6)
     with torch.no_grad():
         states = dict(model.hidden_states(torch.from_numpy(tokens), [0, 2]))
@@ -89,7 +90,7 @@ def test_attentive_rows_join_the_linear_rows_and_a_rerun_of_either_keeps_the_oth
                      ("attentive", "attentive 1"), ("attentive", "attentive 3")]
     for r in res["results"][-2:]:
         assert r["layers"] in ([1], [3]) and 0 <= r["val_acc"] <= 1 and 0 <= r["test_acc"] <= 1
-        assert r["lr"] in (1e-3, 3e-3) and 1 <= r["epoch"] <= 2
+        assert r["lr"] in (3e-3, 1e-2, 3e-2) and 1 <= r["epoch"] <= 2
     assert res["attentive"]["selection"] == "--layers" and res["solver"] == "lbfgs"
     md = (feats / "probe_results.md").read_text()
     assert "Linear probes" in md and "Attentive probes" in md and "| attentive 3 | 3 |" in md
@@ -144,6 +145,20 @@ def test_bad_input_is_one_line_and_changes_nothing(tmp_path, capsys, argv, words
     assert code == 2 and len(err) == 1 and "error" in err[0], err
     assert all(w in err[0] for w in words), err[0]
     assert tree_hash(tmp_path) == before
+
+
+def test_kept_states_train_what_a_pass_per_batch_trains(tmp_path, capsys):
+    export(tmp_path / "m")
+    results = []
+    for gb in ("0", "1"):
+        assert main(["probe", "--attentive", "--checkpoint", str(tmp_path / "m"), "--data", "synthetic:96",
+                     "--layers", "1,3", "--attentive-epochs", "3", "--attentive-batch-size", "16",
+                     "--state-cache-gb", gb, "--out", str(tmp_path / f"gb{gb}")]) == 0
+        results.append(json.loads((tmp_path / f"gb{gb}" / "probe_results.json").read_text())["results"])
+    out = capsys.readouterr().out
+    assert "kept in memory after their first pass: none" in out and "pass: train, val, test" in out
+    for a, b in zip(*results):
+        assert (a["lr"], a["epoch"], a["val_acc"], a["test_acc"]) == (b["lr"], b["epoch"], b["val_acc"], b["test_acc"])
 
 
 def _attentive(out, ckpt, nproc):
