@@ -23,6 +23,15 @@ def problem(m, lay, global_batch, gpus_per_node):
     return "; ".join(layout_problems(m, lay, global_batch, gpus_per_node)) or None
 
 
+def test_search_is_bounded():
+    """The divisors the search walks come in O(sqrt n); a cluster past MAX_GPUS is refused, one at it answers."""
+    from megapix.plan.search import MAX_GPUS, _divisors, pinned_problem
+
+    for n in (*range(1, 400), 720720, MAX_GPUS):
+        assert _divisors(n) == [k for k in range(1, n + 1) if n % k == 0]
+    assert "no layout divides" in pinned_problem(model_preset("igpt-s"), MAX_GPUS, 8, 128)
+
+
 # ---- formulas ----
 @pytest.mark.parametrize("name", ["tiny", "small", "bench", "igpt-s", "igpt-xl"])
 def test_layer_params_sum_to_the_model_and_split_under_tp(name):
