@@ -62,26 +62,7 @@ def comm_bytes(m: ModelConfig, lay: Layout, global_batch: int, nbytes: int = 2) 
     out = []
     for i, (P, layers) in enumerate(zip(stage_params(m, lay.tp, lay.pp), stage_layers(m, lay.tp, lay.pp))):
         last = i == lay.pp - 1
-        tp = tp_calls = tp_ring = 0.0
-        if lay.tp > 1 and lay.sp:
-            per_block = 10 + (4 if lay.checkpointing else 0)
-            chunk_params = nbytes * h * (2 + (2 if m.bias else 0))  # norm weights (+ row-parallel biases)
-            head = 3 * act + 3 * 4 * rows + nbytes * h if last else 0.0  # + the loss's scalars, norm_f's gradient
-            first = act if i == 0 else 0.0
-            tp = micro * (layers * (per_block * act + chunk_params) + head + first)
-            tp_ring = micro * (layers * (per_block * act + 2 * chunk_params) + (head + 3 * 4 * rows + nbytes * h
-                                                                                 if last else 0.0) + first)
-            tp_calls = micro * (layers * (per_block + 2 + (2 if m.bias else 0)) + (7 if last else 0) + (i == 0))
-        elif lay.tp > 1:
-            per_block = 4 + (2 if lay.checkpointing else 0)
-            # pipe_partitioned + grad_partitioned (our ds_configs and DeepSpeed's default): a stage sends 1/t of its
-            # output and of its input's gradient, and all-gathers them back over the TP group: the input forward
-            # (stages after the first), the output to run its backward and the received gradient (stages before
-            # the last)
-            gathers = ((i > 0) + 2 * (not last)) if lay.pp > 1 else 0
-            tp = micro * (layers * per_block * act + ((act + 3 * 4 * rows) if last else 0.0) + gathers * act)
-            tp_calls = micro * (layers * per_block + (4 if last else 0) + gathers)
-            tp_ring = 2 * tp
+        tp, tp_calls, tp_ring = _tp_bytes(m, lay, i, layers, nbytes, micro)
         sides = (i > 0) + (not last) if lay.pp > 1 else 0
         passes = micro * layers * (lay.cp - 1) * (2 + (1 if lay.checkpointing else 0))
         kv = 2 * act / (lay.tp * lay.cp)
@@ -96,6 +77,33 @@ def comm_bytes(m: ModelConfig, lay: Layout, global_batch: int, nbytes: int = 2) 
                         pp_sent=sides * micro * p2p, dp_reduce=dp_reduce, dp_gather=dp_gather, cp=2 * passes * kv,
                         cp_sent=passes * kv, cp_calls=passes))
     return out
+
+
+def _tp_bytes(m: ModelConfig, lay: Layout, i: int, layers: int, nbytes: int, micro: int) -> tuple:
+    """(tp, tp_calls, tp_ring) of comm_bytes for stage i: TP's all-reduces, or SP's gathers and scatters."""
+    rows, h = lay.micro_batch * m.n_ctx, m.d_model
+    act, last = nbytes * rows * h, i == lay.pp - 1
+    tp = tp_calls = tp_ring = 0.0
+    if lay.tp > 1 and lay.sp:
+        per_block = 10 + (4 if lay.checkpointing else 0)
+        chunk_params = nbytes * h * (2 + (2 if m.bias else 0))  # norm weights (+ row-parallel biases)
+        head = 3 * act + 3 * 4 * rows + nbytes * h if last else 0.0  # + the loss's scalars, norm_f's gradient
+        first = act if i == 0 else 0.0
+        tp = micro * (layers * (per_block * act + chunk_params) + head + first)
+        tp_ring = micro * (layers * (per_block * act + 2 * chunk_params) + (head + 3 * 4 * rows + nbytes * h
+                                                                             if last else 0.0) + first)
+        tp_calls = micro * (layers * (per_block + 2 + (2 if m.bias else 0)) + (7 if last else 0) + (i == 0))
+    elif lay.tp > 1:
+        per_block = 4 + (2 if lay.checkpointing else 0)
+        # pipe_partitioned + grad_partitioned (our ds_configs and DeepSpeed's default): a stage sends 1/t of its
+        # output and of its input's gradient, and all-gathers them back over the TP group: the input forward
+        # (stages after the first), the output to run its backward and the received gradient (stages before
+        # the last)
+        gathers = ((i > 0) + 2 * (not last)) if lay.pp > 1 else 0
+        tp = micro * (layers * per_block * act + ((act + 3 * 4 * rows) if last else 0.0) + gathers * act)
+        tp_calls = micro * (layers * per_block + (4 if last else 0) + gathers)
+        tp_ring = 2 * tp
+    return tp, tp_calls, tp_ring
 
 
 def step_time(m: ModelConfig, lay: Layout, global_batch: int, nodes: int, gpus_per_node: int, dev: Device,
