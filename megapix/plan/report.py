@@ -145,11 +145,11 @@ def deepspeed_estimate(m: ModelConfig, lay: Layout) -> float | None:
     ZeRO-2 or 3; none covers ZeRO-0). Stage 1/2: 2P + 18P/d; stage 3: 4 x largest layer + 18P/d."""
     P = max(stage_params(m, lay.tp, lay.pp))
     if lay.zero_stage in (1, 2):
-        from deepspeed.runtime.zero_stage.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
         return estimate_zero2_model_states_mem_needs(P, num_gpus_per_node=lay.dp, cpu_offload=False)[1]
     if lay.zero_stage == 3:
-        from deepspeed.runtime.zero_stage.stage3 import estimate_zero3_model_states_mem_needs
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
         h = m.d_model  # DeepSpeed's "largest layer": the module with the most direct parameters
         largest = max(4 * h * h // lay.tp, VOCAB_SIZE * h, m.n_positions * h)
