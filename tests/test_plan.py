@@ -23,6 +23,24 @@ def problem(m, lay, global_batch, gpus_per_node):
     return "; ".join(layout_problems(m, lay, global_batch, gpus_per_node)) or None
 
 
+def test_one_device_table_for_the_planner_and_the_metrics_mfu(monkeypatch):
+    """megapix.plan.devices is the one table of device peaks: the engine's MFU looks a GPU's name up there (the
+    longest key it contains: an A100 is no A10), and `plan --gpu` offers the devices it has links for."""
+    import torch
+
+    from megapix import engine
+    from megapix.plan.devices import PLANNED, device_for
+
+    assert device_for("NVIDIA A100-SXM4-80GB") is DEVICES["a100"] and device_for("NVIDIA A10").peak_tflops == 125
+    assert device_for("NVIDIA H100 80GB HBM3") is H100 and device_for("NVIDIA H200") is DEVICES["h200"]
+    assert device_for("Tesla V100-SXM2-32GB").peak_tflops == 125 and device_for("AMD Instinct MI300X") is None
+    assert set(PLANNED) == {"a100", "h100", "h200"} and not hasattr(engine, "PEAK_TFLOPS")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100-SXM4-80GB")
+    assert engine.device_peak_tflops(None, "cuda")[0] == 312.0
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some GPU")
+    assert engine.device_peak_tflops(None, "cuda")[0] is None
+
+
 def test_search_is_bounded():
     """The divisors the search walks come in O(sqrt n); a cluster past MAX_GPUS is refused, one at it answers."""
     from megapix.plan.search import MAX_GPUS, _divisors, pinned_problem
