@@ -77,6 +77,7 @@ ROWS = [
      ["--resolution=-4", "positive"]),
     ("plan-cluster-absurd", ["plan", "--nodes", "1000", "--gpus-per-node", "1000000"], 2,
      ["1,000,000,000 GPUs", "up to 1,048,576"]),
+    ("plan-top-negative", ["plan", "--top", "-3"], 2, ["--top=-3", "0 (all) or more"]),
     ("plan-gpus-per-node-absurd", ["plan", "--gpus-per-node", "1000000000"], 2, ["1,000,000,000 GPUs"]),
     # sample
     ("sample-n-0", ["sample", "--checkpoint", "{tmp}/model", "--n", "0", "--out", "{tmp}/s.png"], 2, ["--n=0", ">= 1"]),

@@ -64,6 +64,8 @@ def validate(a) -> dict:
         _positive(f"--{name.replace('_', '-')}", getattr(a, name))
     for name in ("gpu_memory", "efficiency"):
         _positive(f"--{name.replace('_', '-')}", getattr(a, name), finite=True)
+    if a.top < 0:
+        raise ConfigError(f"--top={a.top} is a number of rows: 0 (all) or more")
     if a.efficiency > 1:
         raise ConfigError(f"--efficiency={a.efficiency} is a fraction of the peak: at most 1")
     if a.nodes * a.gpus_per_node > MAX_GPUS:
