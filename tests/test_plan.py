@@ -374,6 +374,15 @@ def test_readme_max_resolution_table_is_the_planners(capsys):
     assert printed.count("| igpt-") == 12 and printed in readme
 
 
+def test_check_table_sets_the_planner_beside_deepspeeds_estimators(capsys):
+    """`megapix plan --check`: 7 layouts x tiny/small/bench, DeepSpeed's estimate where it has one (ZeRO-1/2/3)."""
+    from megapix import plan
+
+    assert plan.main(["--check"]) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith(("| tiny", "| small", "| bench"))]
+    assert len(rows) == 21 and sum(not r.endswith("| n/a |") for r in rows) == 9, rows
+
+
 def test_planner_rules_for_sequence_and_context_parallelism():
     """SP needs TP > 1 and a TP that divides the positions; CP needs 2 x cp chunks of the sequence, no pipeline and no
     SP; ZeRO partitions over DP x CP (DeepSpeed's data axis)."""
