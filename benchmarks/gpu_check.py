@@ -350,7 +350,7 @@ def train_run(ctx: Ctx, preset: str, kernels: str, batch: int, steps: int, lr: f
     ctx.sync()
     run_s = time.perf_counter() - t1
     res = {"preset": preset, "kernels": kernels, "kernel_path": "torch" if kernels == "torch" else ctx.backend,
-           "micro_batch": tr.micro_batch, "layout": tr.layout.describe(),
+           "micro_batch": tr.micro_batch, "layout": tr.layout.describe(batch=False, world=True),
            "zero_stage": tr.layout.zero_stage, "records": read_metrics(metrics), "build_s": build_s, "run_s": run_s}
     if ctx.cuda:
         free, total = torch.cuda.mem_get_info()
@@ -364,21 +364,23 @@ def train_run(ctx: Ctx, preset: str, kernels: str, batch: int, steps: int, lr: f
 
 
 def device_model(ctx: Ctx):
-    """The planner's model of this GPU (megapix.plan.DEVICES, matched by name), or None (a CPU, another GPU)."""
-    from megapix.plan import DEVICES
+    """The planner's model of this GPU (megapix.plan.devices, matched by name as the engine's MFU matches it), or
+    None (a CPU, a GPU the planner does not model)."""
+    dev = _device(ctx)
+    return dev if dev is not None and dev.ib_gbps is not None else None
 
-    if not ctx.cuda:
-        return None
-    gpu = torch.cuda.get_device_name().lower()
-    key = next((k for k in DEVICES if k in gpu), None)
-    return DEVICES[key] if key else None
+
+def _device(ctx: Ctx):
+    from megapix.plan.devices import device_for
+
+    return device_for(torch.cuda.get_device_name()) if ctx.cuda else None
 
 
 def device_peak(ctx: Ctx):
     """(where the peak comes from, peak bf16 TFLOP/s) for this GPU, or (None, None)."""
     if ctx.args.peak_tflops:
         return "--peak-tflops", ctx.args.peak_tflops
-    dev = device_model(ctx)
+    dev = _device(ctx)
     return (dev.name, dev.peak_tflops) if dev else (None, None)
 
 
@@ -460,7 +462,7 @@ def sec_planner_memory(ctx: Ctx, budget: Budget) -> dict:
                 rows.append({"model": preset, "kernels": kernels,
                              "skipped": "no measurement: section mfu did not run this model (see its row)"})
                 continue
-            lay = Layout(tp=1, pp=1, dp=1, zero=r["zero_stage"], micro_batch=r["micro_batch"])
+            lay = Layout(tp=1, pp=1, dp=1, zero_stage=r["zero_stage"], micro_batch=r["micro_batch"])
             mem = memory(m, lay, r["micro_batch"], "bf16", kernels=r["kernel_path"])
             pred = mem.peak - WORKSPACE_BYTES  # ZeRO buckets stay in; the fixed context/slack goes
             row = {"model": preset, "kernels": kernels, "layout": lay.describe(),

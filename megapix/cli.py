@@ -13,7 +13,8 @@ COMMANDS = {
     "finetune": ("megapix.finetune", "main", "classification fine-tuning with the joint loss"),
     "sample": ("megapix.sample", "main", "image completions and unconditional samples as a PNG grid"),
     "export": ("megapix.checkpoint.export", "main", "a checkpoint of any layout -> an HF ImageGPT directory (fp32)"),
-    "plan": ("megapix.plan", "main", "per-GPU memory, step time and MFU of layouts; every layout that fits, ranked"),
+    "plan": ("megapix.plan.cli", "main",
+             "per-GPU memory, step time and MFU of layouts; every layout that fits, ranked"),
 }
 
 

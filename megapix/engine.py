@@ -31,32 +31,29 @@ from megapix.divergence import NonFiniteStep, StepGuard, batch_index
 from megapix.dsconfig import make_ds_config, resolve, zero_stage_of
 from megapix.parallel import dist as pdist
 from megapix.parallel import watchdog
-from megapix.parallel.comms import CommsProfile, planned_bytes
 from megapix.parallel.layout import build_layout
 from megapix.parallel.tensor import merge_shards
+from megapix.plan.comms import CommsProfile, planned_bytes
+from megapix.plan.devices import device_for
 from megapix.runlog import RunLog, StopRequest, measured_matmul_tflops, peak_memory
 from megapix.tasks import LMTask
 
 EXIT_PREEMPTED = 75  # "checkpoint saved, requeue me" (EX_TEMPFAIL); slurm/ scripts rely on it
 
-# Dense bf16 peak TFLOP/s per device, for MFU. Override with --peak-tflops.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10": 125.0, "L40": 181.0, "V100": 125.0}
-
-
 def device_peak_tflops(override: float | None, device="cuda", dtype: torch.dtype = torch.bfloat16
                        ) -> tuple[float | None, str]:
     """(peak TFLOP/s per rank that MFU divides by, where it comes from; or None and why there is no MFU).
-    --peak-tflops wins; a GPU is looked up in PEAK_TFLOPS; a CPU rank is measured (rank 0 runs a ~1 s matmul
+    --peak-tflops wins; a GPU is looked up in megapix.plan.devices; a CPU rank is measured (rank 0 runs a ~1 s matmul
     probe in the training dtype, every rank uses its result): MFU on CPU is an estimate against what this machine
     reaches on a large matmul, not a datasheet number."""
     if override:
         return override, "--peak-tflops"
     if torch.device(device).type == "cuda":
         name = torch.cuda.get_device_name()
-        peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-        if peak is None:
+        dev = device_for(name)
+        if dev is None:
             return None, f"no peak TFLOP/s known for {name!r}: pass --peak-tflops for MFU"
-        return peak, f"{name} dense bf16 datasheet peak"
+        return dev.peak_tflops, f"{name} dense bf16 datasheet peak"
     peak = pdist.from_rank0(measured_matmul_tflops(dtype) if pdist.is_rank0() else None)
     kind = str(dtype).removeprefix("torch.")
     return peak, f"measured {kind} matmul peak of this CPU, an estimate"

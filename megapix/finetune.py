@@ -452,7 +452,7 @@ def main(argv=None) -> int:
         trainer.fit(patience=args.patience, on_best=on_best, extra={"lr_run": lr}, desc=f"finetune lr={lr:g}")
         rec.update(steps=trainer.step, steps_per_epoch=spe, stopped_early=trainer.stopped_early,
                    seconds=round(time.perf_counter() - t0, 1), zero_stage=trainer.layout.zero_stage,
-                   world=trainer.layout.world, layout=trainer.layout.describe())
+                   world=trainer.layout.world, layout=trainer.layout.describe(batch=False, world=True))
         runs.append(rec)
         if best is None or rec["best_val_acc"] > best["best_val_acc"]:
             best, best_state = rec, kept.get("state")

@@ -149,7 +149,8 @@ def main(argv=None) -> int:
                 print(f"megapix: {line}", flush=True)
             write_json(os.path.join(trainer.out, "config.json"),
                        dsconfig.run_record(trainer.cfg, trainer.ds_config, args.deepspeed_config))
-            print(f"megapix: {cfg.model.num_parameters() / 1e6:.2f}M parameters, {trainer.layout.describe()}, "
+            print(f"megapix: {cfg.model.num_parameters() / 1e6:.2f}M parameters, "
+                  f"{trainer.layout.describe(batch=False, world=True)}, "
                   f"global batch {trainer.cfg.train.global_batch} (micro {trainer.micro_batch}), out {trainer.out}",
                   flush=True)
             print(f"megapix: MFU against {trainer.peak_tflops:.3g} TFLOP/s per rank ({trainer.peak_source}; "

@@ -1,4 +1,4 @@
-"""The planner's activation terms against what autograd saves, counted with saved_tensors_hooks (megapix.measure):
+"""The planner's activation terms against what autograd saves, counted with saved_tensors_hooks (megapix.plan.checks):
 blocks and whole models on the torch path (bf16, fp32), a TP2 shard, activation checkpointing, and the micro-batches
 a real DeepSpeed pipeline keeps in flight on each stage. The Triton path (interpreter, fp32) is counted the same way
 in tests/test_model_kernels.py."""
@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from megapix.config import model_preset
-from megapix.measure import SavedTensors
+from megapix.plan.checks import SavedTensors
 from megapix.model import ImageGPT
 from megapix.model.igpt import Block
-from megapix.plan import (Layout, block_activation_bytes, embed_activation_bytes, head_activation_bytes, in_flight,
+from megapix.parallel.layout import Layout
+from megapix.plan import (block_activation_bytes, embed_activation_bytes, head_activation_bytes, in_flight,
                           stage_activation_bytes)
 from test_parallel_helpers import launch_layouts
 
@@ -72,7 +73,7 @@ init_distributed()
 import torch.distributed as dist
 from megapix.config import Config, DataConfig, TrainConfig, model_preset
 from megapix.engine import Trainer
-from megapix.measure import SavedTensors
+from megapix.plan.checks import SavedTensors
 from deepspeed.runtime.activation_checkpointing import checkpointing as ds_checkpointing
 
 # DeepSpeed's checkpoint keeps each block's input on ctx.deepspeed_saved_tensors, out of saved_tensors_hooks' sight:

@@ -1,5 +1,5 @@
 """The planner's communication terms (megapix.plan.comm_bytes) against what the engine sends in one step, recorded by
-megapix.parallel.comms (every torch.distributed collective and p2p call, DeepSpeed's included): TP2, PP2, DP2 under
+megapix.plan.comms (every torch.distributed collective and p2p call, DeepSpeed's included): TP2, PP2, DP2 under
 ZeRO-0/1/2/3, and TP2 x PP2 x DP2, tiny preset in fp32 on CPU, one launch per world size."""
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from megapix.config import model_preset
-from megapix.parallel.comms import bytes_by_kind
-from megapix.plan import Layout, comm_bytes
+from megapix.plan.comms import bytes_by_kind
+from megapix.parallel.layout import Layout
+from megapix.plan import comm_bytes
 from test_parallel_helpers import launch_layouts, run_train, torchrun_cmd
 
 pytestmark = pytest.mark.slow  # every test here starts training runs
@@ -26,7 +27,7 @@ init_distributed()
 import torch.distributed as dist
 from megapix.config import Config, DataConfig, TrainConfig, model_preset
 from megapix.engine import Trainer
-from megapix.parallel.comms import CommsRecorder, layout_groups
+from megapix.plan.comms import CommsRecorder, layout_groups
 
 rank, world = dist.get_rank(), dist.get_world_size()
 work = os.environ["WORK"]
@@ -79,7 +80,7 @@ def comms_rows(tmp_path_factory):
 
 def planned(row) -> dict:
     cp = row.get("cp", 1)
-    lay = Layout(tp=row["tp"], pp=row["pp"], dp=row["world"] // (row["tp"] * row["pp"] * cp), zero=row["zero"],
+    lay = Layout(tp=row["tp"], pp=row["pp"], dp=row["world"] // (row["tp"] * row["pp"] * cp), zero_stage=row["zero"],
                  micro_batch=2, sp=row.get("sp", False), cp=cp)
     stage = comm_bytes(model_preset("tiny"), lay, 4 * lay.dp, nbytes=4)[row["stage"]]
     return {key: stage[key] for key in ("tp", "pp", "dp_reduce", "dp_gather", "cp")}

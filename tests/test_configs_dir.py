@@ -49,4 +49,4 @@ def test_resolution_configs_are_the_planners_choice(name, preset, side):
     best = search(preset, 8, 8, 80, DEVICES["h100"], PAPER_BATCH[preset], resolution=side)[0].layout
     assert (t.tensor_parallel, t.sequence_parallel, t.pipeline_parallel, t.context_parallel, t.zero_stage,
             t.micro_batch, t.activation_checkpointing) == \
-        (best.tp, best.sp, best.pp, best.cp, best.zero, best.micro_batch, best.checkpointing)
+        (best.tp, best.sp, best.pp, best.cp, best.zero_stage, best.micro_batch, best.checkpointing)

@@ -148,7 +148,7 @@ def _fake_layout(world, rank, model, tp, pp, zero):
     t = TrainConfig(global_batch=64, tensor_parallel=tp, pipeline_parallel=pp, zero_stage=zero)
     check_layout(world, model, t, zero)
     topo = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=world // (tp * pp))
-    return Layout(world=world, rank=rank, tp=tp, pp=pp, zero_stage=zero, topology=topo), t
+    return Layout(tp=tp, pp=pp, dp=world // (tp * pp), zero_stage=zero, rank=rank, topology=topo), t
 
 
 def _xl_meta_non_pipeline(tp, dp, zero):

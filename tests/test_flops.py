@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megapix.config import VOCAB_SIZE, model_preset
-from megapix.measure import count_flops
+from megapix.plan.checks import count_flops
 from megapix.model import ImageGPT
 from megapix.model.igpt import Block
 from megapix.parallel import checkpoint_blocks

@@ -17,7 +17,7 @@ BIN = os.path.dirname(sys.executable)
 def _launch(tmp_path, name, cmd):
     out = tmp_path / name
     proc = run_train(out, 2, config=write_config(tmp_path, max_steps=2), cmd=cmd)
-    assert "world 2 = TP 1 x PP 1 x DP 2" in proc.stdout, proc.stdout[-2000:]
+    assert "world 2 = TP1 x PP1 x DP2" in proc.stdout, proc.stdout[-2000:]
     return losses(out)
 
 

@@ -196,7 +196,7 @@ def test_xl_torchrun_tp2_signal_before_time_limit(cluster, tmp_path_factory, tmp
     assert info.get("JobState") == "COMPLETED" and info.get("Restarts") == "1", f"{info}\n{text[-4000:]}"
     first = text.split("(restart 1)")[0]
     assert "SIGUSR1" in first and "stop requested: saved step" in first, first[-4000:]
-    assert "launcher=torchrun" in text and "TP 2 x PP 1 x DP 2" in text, text[-4000:]
+    assert "launcher=torchrun" in text and "TP2 x PP1 x DP2" in text, text[-4000:]
     close(metrics(out), want, "TP2 x DP2 over 2 nodes (torchrun), signalled and resumed, vs one rank")
 
 

@@ -10,11 +10,44 @@ import sys
 import pytest
 
 from megapix.config import model_preset
-from megapix.plan import (DEVICES, Layout, block_activation_bytes, candidates, ds_config_file, layer_params,
-                          layout_problem, memory, partition_balanced, search, state_bytes, step_time)
+from megapix.parallel.layout import Layout, layout_problems
+from megapix.plan import (DEVICES, block_activation_bytes, candidates, ds_config_file, layer_params, memory,
+                          partition_balanced, search, state_bytes, step_time)
 from test_parallel_helpers import ROOT, env, free_port
 
 H100 = DEVICES["h100"]
+
+
+def problem(m, lay, global_batch, gpus_per_node):
+    """megapix.parallel.layout.layout_problems, joined (None: the layout can run)."""
+    return "; ".join(layout_problems(m, lay, global_batch, gpus_per_node)) or None
+
+
+def test_one_device_table_for_the_planner_and_the_metrics_mfu(monkeypatch):
+    """megapix.plan.devices is the one table of device peaks: the engine's MFU looks a GPU's name up there (the
+    longest key it contains: an A100 is no A10), and `plan --gpu` offers the devices it has links for."""
+    import torch
+
+    from megapix import engine
+    from megapix.plan.devices import PLANNED, device_for
+
+    assert device_for("NVIDIA A100-SXM4-80GB") is DEVICES["a100"] and device_for("NVIDIA A10").peak_tflops == 125
+    assert device_for("NVIDIA H100 80GB HBM3") is H100 and device_for("NVIDIA H200") is DEVICES["h200"]
+    assert device_for("Tesla V100-SXM2-32GB").peak_tflops == 125 and device_for("AMD Instinct MI300X") is None
+    assert set(PLANNED) == {"a100", "h100", "h200"} and not hasattr(engine, "PEAK_TFLOPS")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100-SXM4-80GB")
+    assert engine.device_peak_tflops(None, "cuda")[0] == 312.0
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some GPU")
+    assert engine.device_peak_tflops(None, "cuda")[0] is None
+
+
+def test_search_is_bounded():
+    """The divisors the search walks come in O(sqrt n); a cluster past MAX_GPUS is refused, one at it answers."""
+    from megapix.plan.search import MAX_GPUS, _divisors, pinned_problem
+
+    for n in (*range(1, 400), 720720, MAX_GPUS):
+        assert _divisors(n) == [k for k in range(1, n + 1) if n % k == 0]
+    assert "no layout divides" in pinned_problem(model_preset("igpt-s"), MAX_GPUS, 8, 128)
 
 
 # ---- formulas ----
@@ -94,9 +127,9 @@ def test_search_returns_runnable_fitting_layouts_fastest_first():
     for p in plans:
         L = p.layout
         assert p.memory.peak <= 80e9 and L.world == 64 and L.tp <= 8
-        assert layout_problem(model_preset("igpt-xl"), L, 64, 8) is None
-        assert not (L.pp > 1 and L.zero > 1)
-        assert f"--tensor-parallel {L.tp} --pipeline-parallel {L.pp} --zero-stage {L.zero}" in p.command
+        assert problem(model_preset("igpt-xl"), L, 64, 8) is None
+        assert not (L.pp > 1 and L.zero_stage > 1)
+        assert f"--tensor-parallel {L.tp} --pipeline-parallel {L.pp} --zero-stage {L.zero_stage}" in p.command
         assert p.ds_config["train_batch_size"] == 64 * L.cp  # DeepSpeed counts the CP ranks as data-parallel
         assert p.ds_config["gradient_accumulation_steps"] * L.micro_batch * L.dp == 64
     # XL does not fit on one 80 GB GPU (6.8B parameters x 16 bytes of states alone)
@@ -114,11 +147,11 @@ def test_xl_config_is_the_planners_choice():
     best = search("igpt-xl", 8, 8, 80, H100, 64)[0].layout
     t = cfg.train
     assert (t.tensor_parallel, t.pipeline_parallel, t.zero_stage, t.micro_batch, t.activation_checkpointing) == \
-        (best.tp, best.pp, best.zero, best.micro_batch, best.checkpointing)
+        (best.tp, best.pp, best.zero_stage, best.micro_batch, best.checkpointing)
     assert t.global_batch == 64 and t.max_steps == 2_000_000
     with open(os.path.join(ROOT, "slurm", "train_xl.sbatch")) as f:
         sbatch = f.read()
-    assert f'"${{TP:={best.tp}}}" "${{PP:={best.pp}}}" "${{ZERO_STAGE:={best.zero}}}"' in sbatch
+    assert f'"${{TP:={best.tp}}}" "${{PP:={best.pp}}}" "${{ZERO_STAGE:={best.zero_stage}}}"' in sbatch
 
 
 def run_cli(*args):
@@ -139,7 +172,7 @@ def test_cli_table_json_and_errors():
         one = run_cli("--model", "igpt-l", "--nodes", "1", "--gpus-per-node", "8", *flags, "--micro-batch", "4",
                       "--activation-checkpointing")
         assert one.returncode == 0, one.stderr
-        assert "TP2 x PP2 x DP2 ZeRO-1 mb4 ckpt" in one.stdout and "deepspeed " in one.stdout
+        assert "TP2 x PP2 x DP2, ZeRO-1, mb 4, ckpt" in one.stdout and "deepspeed " in one.stdout
         assert "stated device constants" in one.stdout
     bad = run_cli("--model", "igpt-l", "--nodes", "1", "--gpus-per-node", "8", "--tp", "3", "--pp", "1", "--zero", "0")
     assert bad.returncode == 2 and "megapix plan: error:" in bad.stderr and "TP 3" in bad.stderr
@@ -160,10 +193,10 @@ def test_every_row_has_a_ds_config_the_trainer_accepts():
     for gpus in (1, 2, 8):
         for p in search("igpt-s", 1, gpus, 80, H100, 128, best_per_layout=False):
             cfg = p.ds_config
-            assert cfg["zero_optimization"]["stage"] == p.layout.zero
+            assert cfg["zero_optimization"]["stage"] == p.layout.zero_stage
             assert cfg["train_batch_size"] == 128 * p.layout.cp and cfg["bf16"]["enabled"] is True
-            assert (ds_config_file(p.layout) is None) == (p.layout.zero == 0)
-            assert ("--deepspeed-config" in p.command) == (p.layout.zero > 0)
+            assert (ds_config_file(p.layout) is None) == (p.layout.zero_stage == 0)
+            assert ("--deepspeed-config" in p.command) == (p.layout.zero_stage > 0)
 
 
 # ---- the memory model against the engine ----
@@ -176,7 +209,9 @@ init_distributed()
 import torch.distributed as dist
 from megapix.config import Config, DataConfig, TrainConfig, model_preset
 from megapix.engine import Trainer
-from megapix.plan import Layout, deepspeed_estimate, engine_state_bytes, stage_params, state_bytes
+from megapix.parallel.layout import Layout
+from megapix.plan import deepspeed_estimate, stage_params, state_bytes
+from megapix.plan.checks import engine_state_bytes
 
 rank, world = dist.get_rank(), dist.get_world_size()
 work = os.environ["PLAN_WORK"]
@@ -190,7 +225,7 @@ for spec in json.loads(os.environ["PLAN_LAYOUTS"]):
         m = model_preset(name, kernels="torch")
         cfg = Config(model=m, data=DataConfig(source="synthetic:32", palette=palette),
                      train=TrainConfig(global_batch=4 * lay.dp, micro_batch=2, max_steps=2, eval_every=0,
-                                       zero_stage=lay.zero, tensor_parallel=lay.tp, pipeline_parallel=lay.pp,
+                                       zero_stage=lay.zero_stage, tensor_parallel=lay.tp, pipeline_parallel=lay.pp,
                                        precision=precision,
                                        out=os.path.join(work, name)))  # one --out for all ranks, as a real run
         tr = Trainer(cfg)  # micro-batch 2: at 1, autograd leaves sos.grad a view of a [1, T, d] gradient (T x more)
@@ -202,10 +237,11 @@ for spec in json.loads(os.environ["PLAN_LAYOUTS"]):
         # measured as this second step begins: Adam state from the first, gradients of this one
         tr.train_step(tr._next_batches())
         P = stage_params(m, lay.tp, lay.pp)[tr.layout.pp_rank]
-        pred = state_bytes(P, lay.dp, lay.zero, precision, lay.pp > 1)
-        row = {"model": name, "precision": precision, "layout": lay.describe(), "rank": rank, "measured": seen,
+        pred = state_bytes(P, lay.dp, lay.zero_stage, precision, lay.pp > 1)
+        row = {"model": name, "precision": precision, "layout": lay.describe(batch=False), "rank": rank,
+               "measured": seen,
                "predicted": pred, "deepspeed_bf16": deepspeed_estimate(m, lay),
-               "planner_bf16": sum(state_bytes(P, lay.dp, lay.zero, "bf16", lay.pp > 1).values())}
+               "planner_bf16": sum(state_bytes(P, lay.dp, lay.zero_stage, "bf16", lay.pp > 1).values())}
         with open(os.path.join(work, f"rows-{world}-{rank}.jsonl"), "a") as f:  # one file per rank: no interleaving
             f.write(json.dumps(row) + "\n")
         del tr, inner
@@ -216,7 +252,7 @@ CHECKS = {  # world size -> layouts measured in that one launch
     1: [dict()],
     # DeepSpeed keeps the last engine's mpu in a module global (deepspeed.utils.groups), so in one process the
     # plain data-parallel engines are built before the model-parallel ones
-    2: [dict(dp=2, zero=1), dict(dp=2, zero=2), dict(dp=2, zero=3), dict(tp=2), dict(pp=2)],
+    2: [dict(dp=2, zero_stage=1), dict(dp=2, zero_stage=2), dict(dp=2, zero_stage=3), dict(tp=2), dict(pp=2)],
     4: [dict(tp=2, pp=2)],
 }
 
@@ -295,7 +331,7 @@ def test_every_printed_command_runs_scaled_to_tiny(tmp_path):
         plans = json.loads(out.stdout)
         for p in plans:
             L = p["layout"]
-            key = (L["tp"], L["pp"], L["zero"], p["ds_config_file"])
+            key = (L["tp"], L["pp"], L["zero_stage"], p["ds_config_file"])
             if L["sp"] or L["cp"] > 1:  # one SP row and one CP row beside the rest (the first of each)
                 split.setdefault("sp" if L["sp"] else "cp", p["command"])
                 continue
@@ -338,19 +374,28 @@ def test_readme_max_resolution_table_is_the_planners(capsys):
     assert printed.count("| igpt-") == 12 and printed in readme
 
 
+def test_check_table_sets_the_planner_beside_deepspeeds_estimators(capsys):
+    """`megapix plan --check`: 7 layouts x tiny/small/bench, DeepSpeed's estimate where it has one (ZeRO-1/2/3)."""
+    from megapix import plan
+
+    assert plan.main(["--check"]) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith(("| tiny", "| small", "| bench"))]
+    assert len(rows) == 21 and sum(not r.endswith("| n/a |") for r in rows) == 9, rows
+
+
 def test_planner_rules_for_sequence_and_context_parallelism():
     """SP needs TP > 1 and a TP that divides the positions; CP needs 2 x cp chunks of the sequence, no pipeline and no
     SP; ZeRO partitions over DP x CP (DeepSpeed's data axis)."""
     m = model_preset("igpt-s")  # 1024 positions, 8 heads
-    assert "TP > 1" in layout_problem(m, Layout(sp=True), 128, 8)
-    assert layout_problem(m, Layout(tp=2, sp=True, dp=4), 128, 8) is None
-    assert "2 x 3 chunks" in layout_problem(m, Layout(cp=3), 126, 8)
-    assert "pipeline" in layout_problem(m, Layout(pp=2, cp=2), 128, 8)
-    assert "SP" in layout_problem(m, Layout(tp=2, sp=True, cp=2), 128, 8)
+    assert "TP > 1" in problem(m, Layout(sp=True), 128, 8)
+    assert problem(m, Layout(tp=2, sp=True, dp=4), 128, 8) is None
+    assert "2 x 3 chunks" in problem(m, Layout(cp=3), 126, 8)
+    assert "pipeline" in problem(m, Layout(pp=2, cp=2), 128, 8)
+    assert "SP" in problem(m, Layout(tp=2, sp=True, cp=2), 128, 8)
     lays = list(candidates(m, 8, 8, 128))
     assert any(L.sp for L in lays) and any(L.cp > 1 for L in lays)
     assert all(L.tp > 1 for L in lays if L.sp) and all(L.pp == 1 and not L.sp for L in lays if L.cp > 1)
-    one, cp2 = memory(m, Layout(dp=2, zero=3), 128), memory(m, Layout(dp=1, cp=2, zero=3), 128)
+    one, cp2 = memory(m, Layout(dp=2, zero_stage=3), 128), memory(m, Layout(dp=1, cp=2, zero_stage=3), 128)
     assert cp2.params == one.params and cp2.optimizer == one.optimizer  # both partition over 2 data-axis ranks
     # each CP rank holds half the positions, plus the ring's K/V of the whole sequence and, in bf16, the merges' fp32
     # copies of the partial outputs (megapix.kernels.merge_attention): 84% of DP2's at igpt-s

@@ -48,6 +48,7 @@ def resume_resharded(engine, ckpt_dir: str, tag: str, cfg: Config, layout: Layou
         sched._last_lr = list(lrs)
     if dist.is_rank0():
         saved = saved_layout(ckpt_dir, tag)
-        print(f"megapix: resumed {tag} written as {saved} in {layout.describe()}: weights resharded, schedule at step "
-              f"{step}, Adam moments restarted (layout change{'; not universal: ' + why if why else ''})", flush=True)
+        print(f"megapix: resumed {tag} written as {saved} in {layout.describe(batch=False, world=True)}: weights "
+              f"resharded, schedule at step {step}, Adam moments restarted (layout change"
+              f"{'; not universal: ' + why if why else ''})", flush=True)
     return step

@@ -176,7 +176,8 @@ def resume_universal(engine, ckpt_dir: str, tag: str, cfg: Config, layout: Layou
         raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {tag}_universal")
     step = int(client["step"])
     if dist.is_rank0():
-        print(f"megapix: resumed {tag} written as {saved_layout(ckpt_dir, tag)} in {layout.describe()} through "
-              f"DeepSpeed's universal checkpoint ({tag}_universal): weights, Adam moments and schedule at step {step}",
+        print(f"megapix: resumed {tag} written as {saved_layout(ckpt_dir, tag)} in "
+              f"{layout.describe(batch=False, world=True)} through DeepSpeed's universal checkpoint "
+              f"({tag}_universal): weights, Adam moments and schedule at step {step}",
               flush=True)
     return step

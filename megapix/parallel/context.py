@@ -72,7 +72,7 @@ def _shift(x: torch.Tensor, group, step: int) -> torch.Tensor:
     n, r = dist.get_world_size(group), dist.get_rank(group)
     x = x.contiguous()
     out = torch.empty_like(x)
-    c10d = dist.distributed_c10d  # the functions P2POp accepts (megapix.parallel.comms may wrap dist.isend)
+    c10d = dist.distributed_c10d  # the functions P2POp accepts (megapix.plan.comms may wrap dist.isend)
     ops = [dist.P2POp(c10d.isend, x, dist.get_global_rank(group, (r + step) % n), group),
            dist.P2POp(c10d.irecv, out, dist.get_global_rank(group, (r - step) % n), group)]
     for req in dist.batch_isend_irecv(ops):

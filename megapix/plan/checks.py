@@ -1,20 +1,18 @@
-"""What the planner (megapix/plan.py) is checked against: the bytes autograd saves for backward and the FLOPs a
-step runs, measured with torch's own tools on the real model. Used by tests and diagnostics, never on the
-training path (communication is recorded in megapix/parallel/comms.py).
+"""The planner's checks against the engine, measured with torch's own tools: the bytes a live DeepSpeed engine holds
+for model states (engine_state_bytes), the bytes autograd saves for backward (SavedTensors) and the FLOPs a step runs
+(count_flops). The communication recorder is megapix.plan.comms. Used by tests, the GPU check and diagnostics, never on
+the training path.
 
-SavedTensors: torch.autograd.graph.saved_tensors_hooks over a region; each storage counted once while autograd
-holds it, parameters excluded. `live`/`peak` follow the packed tensors as autograd frees them (a holder object per
-saved tensor, dropped with the graph): what a pipeline stage holding several micro-batches in flight reaches.
-`total` adds each storage every time it becomes held, so over a step of m micro-batches it is m times one
-micro-batch's, even when the allocator hands a freed address to the next micro-batch.
-
-count_flops: torch.utils.flop_counter.FlopCounterMode over a callable, with the attention ops it has no formula
-for here (SDPA's CPU flash op, megapix's Triton custom ops) given torch's own SDPA formulas.
+SavedTensors: torch.autograd.graph.saved_tensors_hooks over a region; each storage counted once while autograd holds
+it, parameters excluded. `live`/`peak` follow the packed tensors as autograd frees them: what a pipeline stage
+holding several micro-batches in flight reaches. `total` adds each storage every time it becomes held (m times one
+micro-batch's over a step of m, even when the allocator reuses an address).
 """
 from __future__ import annotations
 
 import torch
 from torch.utils import flop_counter
+
 
 
 class _Held:
@@ -112,3 +110,61 @@ def count_flops(fn) -> int:
     with flop_counter.FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
+
+
+def engine_state_bytes(engine) -> dict:
+    """Bytes of the tensors a DeepSpeed engine holds for parameters, gradients, fp32 master and optimizer state,
+    each storage counted once. Call it when the optimizer is about to step (Adam state and gradients alive):
+    module parameters (ZeRO-3: their ds_tensor partitions) and .grad; every tensor the DeepSpeed optimizer wrapper
+    keeps in its attributes (ZeRO-1/2: single_partition_of_fp32_groups and its .grad; ZeRO-3:
+    fp32_partitioned_groups_flat, grad_partitions_flat_buffer; BF16_Optimizer: fp32 partitions, flat fp32 grads),
+    and the inner torch optimizer's state (exp_avg, exp_avg_sq). Storages, not shapes: a parameter that is a view
+    of a larger tensor counts the whole storage it keeps alive (how the TP shard views were found). At micro-batch
+    1, autograd leaves sos.grad a view of the [1, T, d] embedding gradient (T x its size): measure at >= 2."""
+    seen: set = set()
+    out = {"params": 0, "grads": 0, "master": 0, "optimizer": 0}
+
+    def storage_bytes(t) -> int:
+        if t.device.type == "meta" or t.numel() == 0:
+            return 0
+        st = t.untyped_storage()
+        if st.data_ptr() in seen:
+            return 0
+        seen.add(st.data_ptr())
+        return st.nbytes()
+
+    module_params = list(engine.module.parameters())
+    for p in module_params:
+        out["params"] += storage_bytes(p.ds_tensor if hasattr(p, "ds_tensor") else p)
+    for p in module_params:  # after all parameters: a grad must never claim a flat parameter buffer
+        if p.grad is not None:
+            out["grads"] += storage_bytes(p.grad)
+    opt = engine.optimizer
+    inner = getattr(opt, "optimizer", opt)
+
+    def walk(obj, kind, depth=0):
+        if depth > 4:
+            return
+        if isinstance(obj, torch.Tensor):
+            if obj.numel() > 1:  # scalars (step counters, norms) are not model state
+                out[kind] += storage_bytes(obj)
+            if obj.grad is not None:
+                out["grads"] += storage_bytes(obj.grad)
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                walk(v, kind, depth + 1)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v, kind, depth + 1)
+
+    walk(list(inner.state.values()), "optimizer")
+    if opt is not inner:  # a DeepSpeed wrapper: its gradient buffers, then its fp32 partitions (the master)
+        attrs = {k: v for k, v in vars(opt).items() if k != "optimizer"}
+        for name, value in attrs.items():
+            if "grad" in name:
+                walk(value, "grads")
+        for name, value in attrs.items():
+            if "grad" not in name:
+                walk(value, "master")
+    return out
+

@@ -1,4 +1,5 @@
-"""A recording layer for the collectives and point-to-point messages a step makes: op, group size, payload bytes,
+"""The planner's communication check. A recording layer for the collectives and point-to-point messages a step
+makes: op, group size, payload bytes,
 and whether autograd's backward issued it. For tests and diagnostics (the planner's communication terms are
 checked against it, and `megapix train --profile-comms N` writes what it saw to <out>/comms_profile.json, see
 CommsProfile); never on the default training path.
@@ -22,6 +23,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from megapix.parallel.layout import Layout
+from megapix.plan.timing import comm_bytes
+from megapix.utils import write_json
 
 WRAPPED = {  # function -> the argument that holds the payload (position, keyword)
     "all_reduce": (0, "tensor"), "broadcast": (0, "tensor"), "send": (0, "tensor"), "recv": (0, "tensor"),
@@ -141,7 +146,7 @@ class CommsRecorder:
         return list(rows.values())
 
 
-# ---- what a recorded call is for: the planner's group kinds (megapix.plan.comm_bytes) ----
+# ---- what a recorded call is for: the planner's group kinds (megapix.plan.timing.comm_bytes) ----
 P2P = ("send", "recv", "isend", "irecv")
 KINDS = ("tp", "pp", "dp_reduce", "dp_gather", "cp")
 SCALAR = 64  # bytes a call: the loss and meter all-reduces (a few fp32 scalars a step) are not the planner's business
@@ -157,7 +162,7 @@ def layout_groups(topology, rank: int, cp_group=None) -> dict:
     return groups
 
 
-def kind_of(row: dict, groups: dict) -> str:
+def call_kind(row: dict, groups: dict) -> str:
     """A summary row's kind: p2p messages within the rank's pipeline are pp; a collective is classified by its
     group's ranks (a DP one by gather or reduce); p2p within the CP group is the ring's (cp); scalars, groups that
     are no layout axis (one rank) and other p2p are "other"."""
@@ -178,7 +183,7 @@ def bytes_by_kind(rows: list[dict], groups: dict) -> dict:
     """Bytes of summary rows per kind (KINDS, plus "other")."""
     out = dict.fromkeys((*KINDS, "other"), 0)
     for row in rows:
-        out[kind_of(row, groups)] += row["bytes"]
+        out[call_kind(row, groups)] += row["bytes"]
     return out
 
 
@@ -187,12 +192,10 @@ PROFILE_FILE = "comms_profile.json"
 
 
 def planned_bytes(cfg, layout, micro_batch: int, ds_config: dict) -> tuple[list[dict] | None, list[str]]:
-    """megapix.plan.comm_bytes for a run's layout, per stage and step (payloads in the training dtype), and the
+    """megapix.plan.timing.comm_bytes for a run's layout, per stage and step (payloads in the training dtype), and the
     notes that say where it is known to differ from what DeepSpeed does for this run; None where the planner does
     not model the layout."""
-    from megapix.plan import Layout, comm_bytes
-
-    lay = Layout(tp=layout.tp, pp=layout.pp, dp=layout.dp, zero=layout.zero_stage, micro_batch=micro_batch,
+    lay = Layout(tp=layout.tp, pp=layout.pp, dp=layout.dp, zero_stage=layout.zero_stage, micro_batch=micro_batch,
                  checkpointing=cfg.train.activation_checkpointing, sp=layout.sp, cp=layout.cp)
     nbytes = 2 if ds_config.get("bf16", {}).get("enabled") else 4
     notes = []
@@ -213,7 +216,7 @@ class CommsProfile:
     the first step this process runs (that one builds DeepSpeed's flat buffers and differs from the rest), with
     CommsRecorder and, where it sees them (deepspeed.comm's calls: ZeRO, the pipeline), DeepSpeed's own
     comms_logger, which adds each op's latency; then rank 0 writes <out>/comms_profile.json: per rank, the
-    per-op, per-group table, its bytes per step by kind beside megapix.plan.comm_bytes's for the rank's stage,
+    per-op, per-group table, its bytes per step by kind beside megapix.plan.timing.comm_bytes's for the rank's stage,
     and DeepSpeed's log. Only the steps' forward, backward and optimizer step are recorded (no data loading,
     evaluation or checkpoint). The Trainer makes one only when the flag is set."""
 
@@ -264,15 +267,13 @@ class CommsProfile:
 
     def write(self, out: str, layout, planned: list[dict] | None, notes: list[str]) -> str | None:
         """Collective (every rank calls it): gather each rank's record on rank 0, which writes the file and prints
-        a few lines. `planned`: megapix.plan.comm_bytes per stage (per step), or None where it does not model the
+        a few lines. `planned`: megapix.plan.timing.comm_bytes per stage (per step), or None where it does not model the
         layout; `notes`: what to know when comparing. Returns the path on rank 0."""
-        from megapix.utils import write_json
-
         n = max(1, len(self.steps))
         calls = self.recorder.summary(by_size=True)
         groups = layout_groups(layout.topology, layout.rank, layout.cp_group)
         for row in calls:
-            row["group"] = kind_of(row, groups)
+            row["group"] = call_kind(row, groups)
         stage = layout.pp_rank
         mine = {"rank": layout.rank, "stage": stage, "groups": groups, "calls": calls,
                 "bytes_per_step": {k: v / n for k, v in bytes_by_kind(calls, groups).items()},
@@ -286,7 +287,8 @@ class CommsProfile:
         if layout.rank != 0:
             return None
         path = os.path.join(out, PROFILE_FILE)
-        write_json(path, {"steps": self.steps, "layout": layout.describe(), "notes": notes, "ranks": parts,
+        write_json(path, {"steps": self.steps, "layout": layout.describe(batch=False, world=True), "notes": notes,
+                          "ranks": parts,
                           "about": "bytes: the payload a rank puts into each call (all_reduce: the tensor; "
                                    "reduce_scatter: its input; all_gather: its output; send/recv: the tensor), "
                                    "summed over the steps; *_per_step divide by their number. group: the planner's "
