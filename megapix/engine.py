@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from megapix.checkpoint.manager import CheckpointManager, NonFiniteWeights
 from megapix.checkpoint.names import canonical_name
-from megapix.checkpoint.schedule import Schedule
+from megapix.checkpoint.schedule import Schedule, continuation, default_warmup
 from megapix.config import Config, ConfigError
 from megapix.data import load_splits
 from megapix.data.loader import GlobalBatches
@@ -118,9 +118,16 @@ class Trainer:
         self.schedule = GlobalBatches(self.task.train_size, t.global_batch, t.seed)
         self.micro_batch = t.micro_batch or t.global_batch // self.layout.dp
         self.warmup = (t.warmup_steps if t.warmup_steps is not None
-                       else min(self.schedule.steps_per_epoch(), max(1, t.max_steps // 10)))
+                       else default_warmup(self.schedule.steps_per_epoch(), t.max_steps))
         self.lr_schedule = Schedule(t.lr, self.warmup, t.max_steps)
         self.checkpoints.lr_schedule = self.lr_schedule  # every restore applies it (checkpoint.schedule)
+
+    def continuation(self, max_steps: int) -> str:
+        """What continuing this run to `max_steps` (the same warm-up rule) does to the lr, in words."""
+        t = self.cfg.train
+        warmup = t.warmup_steps if t.warmup_steps is not None else default_warmup(
+            self.schedule.steps_per_epoch(), max_steps)
+        return continuation(self.lr_schedule, self.step, max_steps, warmup)
 
     def _build_module(self):
         """The DeepSpeed config before the module (under ZeRO-3, construction partitions with it), then the

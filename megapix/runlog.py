@@ -298,11 +298,11 @@ def write_finetune_plot(records: list[dict], png_path: str) -> str | None:
 
 
 def summary_text(log: RunLog, checkpoints, shown_out: str, step: int, peak_tflops: float | None, peak_source: str,
-                 samples: str | None, notes: list[str] = ()) -> str:
+                 samples: str | None, notes: list[str] = (), continuing=None) -> str:
     """The end of a run, for its user: how it went (loss and bits/dim, best validation, throughput), where
     everything is (checkpoints, the best one, metrics, loss curve, samples), what a resume changed (`notes`), and
     what to run next: every command as it runs, copied (tests/test_train.py runs them). `checkpoints` is the run's
-    CheckpointManager (latest_tag, best)."""
+    CheckpointManager (latest_tag, best); `continuing(max_steps)` says what the continue line does to the lr."""
     s, out = log.summary, shown_out
     last = s.get("last", {})
     bpd = f" ({last['bpd']:.3f} bits/dim)" if last.get("bpd") is not None else ""
@@ -350,6 +350,8 @@ def summary_text(log: RunLog, checkpoints, shown_out: str, step: int, peak_tflop
                      "ms/step with evaluations and saves)")
     lines += [f"  note         {note}" for note in notes]
     more = max(2 * step, step + 1)
+    if continuing is not None:
+        lines.append(f"  continuing   {continuing(more)}")
     python, megapix = shell_program("python"), shell_program("megapix")
     train_py = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"))
     lines += ["next:",

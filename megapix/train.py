@@ -161,7 +161,8 @@ def main(argv=None) -> int:
         if trainer.is_rank0 and code == 0:
             print(summary_text(trainer.log, trainer.checkpoints, trainer.shown_out, trainer.step, trainer.peak_tflops,
                                trainer.peak_source, samples,
-                               notes + dsconfig.monitor_notes(trainer.cfg, trainer.ds_config)), flush=True)
+                               notes + dsconfig.monitor_notes(trainer.cfg, trainer.ds_config),
+                               trainer.continuation), flush=True)
         return code
     except ConfigError as e:
         print(f"megapix: error: {e}", file=sys.stderr)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -323,6 +324,12 @@ def test_every_command_the_summary_prints_runs_as_printed(tiny_config, tmp_path)
         assert done.returncode == 0, (label, command, done.stdout[-2000:], done.stderr[-3000:])
         assert "Setting accelerator to CPU" not in done.stdout + done.stderr, (label, done.stderr[-2000:])
     assert [r["step"] for r in metrics(out)][-1] > 4  # the continue line resumed the run and trained further
+    # and it did to the lr what the summary said: "step 5 trains at lr X"
+    said = re.search(r"continuing +--max-steps 8 stretches the cosine to end at step 8: step 5 trains at lr (\S+) "
+                     r"\(step 4 had (\S+)\)", proc.stdout)
+    assert said, proc.stdout[-3000:]
+    lrs = {r["step"]: r["lr"] for r in metrics(out)}
+    assert float(said[1]) == pytest.approx(lrs[5], rel=5e-3) and float(said[2]) == pytest.approx(lrs[4], rel=5e-3, abs=1e-12)
     assert (out / "more_samples.png").is_file() and (tmp_path / "run-hf" / "config.json").is_file()
 
 

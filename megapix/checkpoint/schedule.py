@@ -12,6 +12,11 @@ import math
 from dataclasses import dataclass
 
 
+def default_warmup(steps_per_epoch: int, max_steps: int) -> int:
+    """The warm-up when --warmup-steps is not given: one epoch (the paper), at most 10% of the run."""
+    return min(steps_per_epoch, max(1, max_steps // 10))
+
+
 @dataclass(frozen=True)
 class Schedule:
     lr: float  # the peak lr
@@ -51,3 +56,11 @@ class Schedule:
         return (f"the lr schedule follows the current settings (peak {self.lr:g}, warm-up {self.warmup}, ends at "
                 f"step {self.max_steps}): step {step + 1} trains at lr {want[0]:.4g} (the checkpoint's schedule "
                 f"had {restored[0]:.4g})")
+
+
+def continuation(schedule: Schedule, step: int, max_steps: int, warmup: int) -> str:
+    """What `--resume --max-steps max_steps` after `step` finished steps does to the lr, in one line: a cosine
+    stretched to a new end restarts from where the new curve stands at `step`, not from the lr the run ended at."""
+    new = Schedule(schedule.lr, warmup, max_steps)
+    return (f"--max-steps {max_steps} stretches the cosine to end at step {max_steps}: step {step + 1} trains at lr "
+            f"{new.lr_at(step):.3g} (step {step} had {schedule.lr_at(step - 1):.3g}), then the lr decays to 0 again")
