@@ -223,7 +223,7 @@ def train_probes(model, splits: dict[str, _Rows], layers, lrs, num_classes: int,
     """Train every (layer, lr) head; val picks each head's epoch, then each layer's lr. Rows, one per layer."""
     train, dist, bs = splits["train"], splits["train"].dist, args.attentive_batch_size
     budget = args.state_cache_gb * 2 ** 30
-    for name, rows in splits.items():  # train first: it is read most often
+    for rows in splits.values():  # train first: it is read most often
         if rows.attach(model, layers, budget):
             budget -= len(layers) * len(rows) * model.config.n_ctx * model.config.d_model * 4
     kept = [name for name, rows in splits.items() if rows.cache is not None]
