@@ -76,3 +76,14 @@ def test_train_help_shows_the_defaults_a_run_without_flags_uses():
     data_help = re.search(r"--data SPEC (.*?)\(default", text).group(1)
     for kind in spec_grammar().split(" | "):  # every kind of source, with its argument form
         assert kind.split(":")[0] in data_help, (kind, data_help)
+
+
+def test_no_help_imports_deepspeed():
+    """`--help` answers at once: DeepSpeed (seconds to import, and its accelerator notice) is not loaded for it."""
+    code = ("import contextlib, io, sys\nfrom megapix.cli import COMMANDS, main\nfor name in COMMANDS:\n"
+            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+            "        main([name, '--help'])\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'deepspeed'))\n")
+    proc = run(["-c", code], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout[-2000:]
