@@ -9,7 +9,7 @@ COMMANDS = {
     "train": ("megapix.train", "main", "pre-train an iGPT (runs under deepspeed/torchrun/mpiexec/srun too)"),
     "prepare": ("megapix.data.prepare", "prepare_main", "encode images to palette-id shards + manifest"),
     "extract": ("megapix.features", "main", "dump pooled multi-layer features for linear probes"),
-    "probe": ("megapix.probe", "main", "linear probes over dumped features; --attentive: attention pooling over a model"),
+    "probe": ("megapix.probe", "main", "linear probes over dumped features; --attentive: attention pooling"),
     "finetune": ("megapix.finetune", "main", "classification fine-tuning with the joint loss"),
     "sample": ("megapix.sample", "main", "image completions and unconditional samples as a PNG grid"),
     "export": ("megapix.checkpoint.export", "main", "a checkpoint of any layout -> an HF ImageGPT directory (fp32)"),

@@ -543,12 +543,12 @@ def _cfg(data="synthetic:64", seed=0, palette=None):
 
 def test_load_splits_fits_once_and_reuses_only_a_matching_palette(tmp_path, palette_file):
     from megapix.data import fit_palette, load_splits
-    from megapix.data.splits import FIT_PIXELS, read_record
+    from megapix.data.splits import FIT_PIXELS, read_palette_record
 
     out = str(tmp_path / "run")
     splits, pal = load_splits(_cfg(), out)
     assert set(splits) == {"train", "val", "test"} and pal.centres.shape == (512, 3)
-    rec = read_record(out)
+    rec = read_palette_record(out)
     assert rec["from"] == "fit" and rec["data"] == "synthetic:64" and rec["seed"] == 0
     assert rec["fit"]["max_pixels"] == FIT_PIXELS and rec["sample"]["images"] == len(splits["train"])
     saved = os.path.join(out, "palette.npy")
@@ -574,17 +574,17 @@ def test_load_splits_fits_once_and_reuses_only_a_matching_palette(tmp_path, pale
     with pytest.raises(ConfigError, match="no matching record"):
         load_splits(_cfg(), out)
     _, used = load_splits(_cfg(palette=saved), out)
-    assert not used.centres.any() and read_record(out)["from"] == saved
+    assert not used.centres.any() and read_palette_record(out)["from"] == saved
 
 
 def test_load_splits_palette_file_and_leftovers(tmp_path, palette_file):
     from megapix.data import load_splits
-    from megapix.data.splits import read_record
+    from megapix.data.splits import read_palette_record
 
     out = tmp_path / "run"
     _, pal = load_splits(_cfg(palette=palette_file), str(out))  # copied into the run with its record
     assert open(out / "palette.npy", "rb").read() == open(palette_file, "rb").read()
-    assert read_record(str(out))["from"] == palette_file
+    assert read_palette_record(str(out))["from"] == palette_file
     with pytest.raises(ConfigError, match="copied from --palette.*this run would fit"):
         load_splits(_cfg(), str(out))
     # a palette.npy with no record (an older run, another tool): refused, named, left alone

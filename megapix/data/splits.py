@@ -70,7 +70,7 @@ def _npy_bytes(palette: Palette) -> bytes:
     return buf.getvalue()
 
 
-def read_record(out: str) -> dict | None:
+def read_palette_record(out: str) -> dict | None:
     """The palette record in `out`, or None when there is none or it is unreadable (torn, edited)."""
     rec = read_json(os.path.join(out, RECORD_FILE))
     return rec if isinstance(rec, dict) and rec.get("format") == RECORD_FORMAT else None
@@ -130,7 +130,7 @@ def settle_palette(out: str, wanted: str, images=None, *, data: str = "", resolu
 
     if os.path.isfile(saved):
         sha = _file_sha256(saved)
-        rec = read_record(out)
+        rec = read_palette_record(out)
         if given is not None and _sha256(given) == sha:
             if rec is None or rec.get("sha256") != sha:  # the user vouches for these exact bytes
                 write_json(os.path.join(out, RECORD_FILE), {"format": RECORD_FORMAT, "version": 1, **want,

@@ -13,26 +13,8 @@ import megapix.kernels as kernels
 
 
 def _use_triton(x: torch.Tensor, backend: str) -> bool:
-    if backend == "torch":
-        return False
-    if backend == "triton":
-        return True
-    return x.is_cuda and _kernels_available()
-
-
-_KERNELS = None
-
-
-def _kernels_available() -> bool:
-    global _KERNELS
-    if _KERNELS is None:
-        try:
-            import triton  # noqa: F401
-
-            _KERNELS = True
-        except ImportError:
-            _KERNELS = False
-    return _KERNELS
+    # the one backend rule lives in kernels/_dispatch.resolve_backend (also used by the kernels' own entry points)
+    return kernels.resolve_backend(backend, x) == "triton"
 
 
 def attention(q, k, v, causal: bool, backend: str = "auto") -> torch.Tensor:
