@@ -272,15 +272,7 @@ def main(argv=None) -> int:
           f"{num_classes} classes, solver {solver} on {device}, l2 grid {grid}", flush=True)
     results = [run(f"layer {l}", [l]) for l in chosen]
     if args.concat and len(chosen) > 1:
-        best = max(results, key=lambda r: r["val_acc"])["layers"][0]
-        if len(chosen) > 5 or (len(chosen) == 5 and chosen == list(range(chosen[0], chosen[0] + 5))):
-            pos = chosen.index(best)
-            lo = max(0, min(pos - 2, len(chosen) - 5))
-            window = chosen[lo:lo + 5]
-            if window == list(range(window[0], window[0] + 5)):
-                results.append(run(f"concat5@{best}", window))
-        if len(chosen) != 5 or not any(r["name"].startswith("concat5") for r in results):
-            results.append(run("concat all", chosen))
+        results += [run(name, ls) for name, ls in concatenations(chosen, results)]
     info = {"dir": os.path.abspath(args.dir), "checkpoint": man.get("checkpoint"), "model": man.get("model"),
             "solver": solver, "l2_grid": grid, "refit_on": "train+val",
             "selection": "l2 chosen by val accuracy of a train-only fit; test from a train+val refit",
@@ -298,6 +290,23 @@ def main(argv=None) -> int:
     os.makedirs(out, exist_ok=True)
     write_outputs(out, merge_results(out, results, info), control)
     return 0
+
+
+def concatenations(chosen: list[int], singles: list[dict]) -> list[tuple[str, list[int]]]:
+    """(name, layers) of the concatenations to probe after the single layers: the 5 contiguous layers centred at
+    the best single layer by val (the iGPT-XL probe) when the layers allow it, and all of them unless that is the
+    same set."""
+    best = max(singles, key=lambda r: r["val_acc"])["layers"][0]
+    out = []
+    if len(chosen) > 5 or (len(chosen) == 5 and chosen == list(range(chosen[0], chosen[0] + 5))):
+        pos = chosen.index(best)
+        lo = max(0, min(pos - 2, len(chosen) - 5))
+        window = chosen[lo:lo + 5]
+        if window == list(range(window[0], window[0] + 5)):
+            out.append((f"concat5@{best}", window))
+    if len(chosen) != 5 or not out:
+        out.append(("concat all", chosen))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -121,3 +121,18 @@ def test_probe_damaged_dump_is_one_line(tmp_path, capsys, damage):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and target in err and "megapix extract" in err, err
     assert not marker.exists()
+
+
+def test_concatenations_centre_five_layers_on_the_best_and_add_all_unless_the_same():
+    from megapix.probe import concatenations
+
+    def singles(best, layers):
+        return [{"layers": [l], "val_acc": 0.9 if l == best else 0.5} for l in layers]
+
+    assert concatenations(list(range(9)), singles(0, range(9))) == [("concat5@0", [0, 1, 2, 3, 4]),
+                                                                   ("concat all", list(range(9)))]
+    assert concatenations(list(range(9)), singles(5, range(9)))[0] == ("concat5@5", [3, 4, 5, 6, 7])
+    assert concatenations([2, 3, 4, 5, 6], singles(4, [2, 3, 4, 5, 6])) == [("concat5@4", [2, 3, 4, 5, 6])]
+    assert concatenations([1, 3, 5], singles(3, [1, 3, 5])) == [("concat all", [1, 3, 5])]
+    assert concatenations([0, 2, 4, 6, 8, 10], singles(4, [0, 2, 4, 6, 8, 10])) == [("concat all",
+                                                                                      [0, 2, 4, 6, 8, 10])]
