@@ -516,3 +516,19 @@ def test_the_printed_single_node_command_runs_as_printed(tmp_path):
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         steps = [json.loads(line).get("step") for line in f if line.strip()]
     assert 2 in steps, steps
+
+
+def test_docs_example_table_is_the_planners(capsys):
+    """docs/planner.md's example output: its ranked table is `megapix plan --model igpt-xl --nodes 8 --gpus-per-node 8
+    --gpu h100 --top 10`'s, as printed (the commands above it name the venv's programs, which depend on where the
+    planner runs)."""
+    from megapix import plan
+
+    argv = ["--model", "igpt-xl", "--nodes", "8", "--gpus-per-node", "8", "--gpu", "h100", "--top", "10"]
+    assert plan.main(argv) == 0
+    printed = capsys.readouterr().out
+    table = printed[printed.index("every layout that fits"):printed.index("a row in detail")]
+    with open(os.path.join(ROOT, "docs", "planner.md")) as f:
+        docs = f.read()
+    assert table.count("\n") == 13 and table in docs
+    assert printed[:printed.index("run it")] in docs  # the header and the best layout, as printed
