@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -11,8 +12,8 @@ import pytest
 
 from megapix.config import model_preset
 from megapix.parallel.layout import Layout, layout_problems
-from megapix.plan import (DEVICES, block_activation_bytes, candidates, ds_config_file, layer_params, memory,
-                          partition_balanced, search, state_bytes, step_time)
+from megapix.plan import (DEVICES, PAPER_ITERATIONS, block_activation_bytes, candidates, ds_config_file, layer_params,
+                          memory, partition_balanced, search, state_bytes, step_time)
 from test_parallel_helpers import ROOT, env, free_port
 
 H100 = DEVICES["h100"]
@@ -407,3 +408,127 @@ def test_planner_rules_for_sequence_and_context_parallelism():
     assert bad.returncode == 2 and "--context-parallel 2 does not run with --pipeline-parallel 2" in bad.stderr
     ok = run_cli("--model", "igpt-xl", "--resolution", "128", "--nodes", "8", "--context-parallel", "2", "--top", "1")
     assert ok.returncode == 0 and "--resolution 128" in ok.stdout and "--context-parallel 2" in ok.stdout, ok.stderr
+
+
+# ---- what `megapix plan` prints: the best layout first, its commands complete for a real run ----
+def run_section(stdout: str) -> tuple[list[str], dict[str, str]]:
+    """The commands under the best layout's "run it" (continuation lines joined) and the placeholders explained below
+    them: {NAME: its explanation, continuation lines included}."""
+    lines = stdout.splitlines()
+    start, end = next(i for i, ln in enumerate(lines) if ln.startswith("run it")), lines.index("placeholders:")
+    commands, current = [], ""
+    for ln in lines[start + 1:end]:
+        if not ln.startswith("  "):  # "or on SLURM (...)"
+            continue
+        current += " " + ln.strip().removesuffix("\\").strip()
+        if not ln.endswith("\\"):
+            commands.append(current.strip())
+            current = ""
+    explained, name = {}, None
+    for ln in lines[end + 1:]:
+        if not ln.startswith("  "):
+            break
+        head = ln[2:].split(" ", 1)[0]
+        if head.isupper():
+            name = head
+            explained[name] = ln[2 + len(name):].strip()
+        else:
+            explained[name] += " " + ln.strip()
+    return commands, explained
+
+
+def placeholders_in(command: str) -> set[str]:
+    """The capitalised words a command leaves to the user: an argument, or a VAR=value's value (its words)."""
+    found = set()
+    for token in shlex.split(command):
+        value = token.split("=", 1)[1] if "=" in token and not token.startswith("--") else token
+        found |= {w for w in value.split() if w.isupper() and w.isalpha()}
+    return found
+
+
+@pytest.mark.parametrize("args, multinode", [(("--model", "igpt-s", "--gpus-per-node", "1"), False),
+                                             (("--model", "igpt-xl", "--nodes", "8", "--gpus-per-node", "8"), True)])
+def test_plan_prints_the_best_layout_first_with_commands_for_a_real_run(args, multinode, capsys, monkeypatch):
+    """The best layout comes first, then the ranked table; its launcher command carries --data, --palette, --out and
+    --max-steps, across nodes a DeepSpeed hostfile, and a SLURM line with the batch script's own variables; every
+    placeholder a command leaves is explained; no line is over 120 characters."""
+    from megapix import plan
+
+    monkeypatch.chdir(ROOT)  # the commands are printed for the repository root
+    assert plan.main([*args, "--top", "5"]) == 0
+    stdout = capsys.readouterr().out
+    lines = stdout.splitlines()
+    best = next(i for i, ln in enumerate(lines) if ln.startswith("best (row 1): "))
+    head = next(i for i, ln in enumerate(lines) if ln.split()[:3] == ["#", "TP", "SP"])
+    assert best < lines.index("placeholders:") < head, stdout
+    first = search(args[1], 8 if multinode else 1, int(args[-1]), 80, H100, 64 if multinode else 128)[0]
+    assert lines[best] == f"best (row 1): {first.model}: {first.layout.describe()} on {first.nodes} x " \
+                          f"{first.gpus_per_node} GPUs, global batch {first.global_batch}"
+    assert lines[head + 2].split()[:2] == ["1", str(first.layout.tp)]  # the table's row 1 is that layout
+    assert max(map(len, lines)) <= 120, max(lines, key=len)
+    commands, explained = run_section(stdout)
+    launcher, slurm = commands
+    assert "megapix/train.py" in launcher and "--data DATA --palette PALETTE --out OUT --max-steps STEPS" in launcher
+    # the plan's own command (--json's), with the hostfile and the real run's flags added
+    assert shlex.split(launcher)[1:] == (["--hostfile", "HOSTFILE"] if multinode else []) + \
+        shlex.split(first.command)[1:] + ["--data", "DATA", "--palette", "PALETTE", "--out", "OUT", "--max-steps",
+                                          "STEPS"]
+    used = set().union(*map(placeholders_in, commands))
+    assert used == {"DATA", "PALETTE", "OUT", "STEPS"} | ({"HOSTFILE"} if multinode else set())
+    assert used == set(explained), (used, explained)  # every placeholder explained, and nothing else
+    assert "imagefolder:DIR" in explained["DATA"] and "shards:DIR" in explained["DATA"]
+    assert "--fit-palette" in explained["PALETTE"] and "download.py --clusters" in explained["PALETTE"]
+    assert f"{PAPER_ITERATIONS[first.model]:,}" in explained["STEPS"]
+    script = "slurm/train_xl.sbatch" if multinode else "slurm/train.sbatch"
+    assert slurm.startswith("mkdir -p logs && ") and slurm.endswith(script)
+    with open(os.path.join(ROOT, script)) as f, open(os.path.join(ROOT, "slurm", "launch.sh")) as g:
+        read = f.read() + g.read()
+    for token in shlex.split(slurm):  # every variable the line sets is one the batch script reads
+        if "=" in token and not token.startswith("--"):
+            assert "${" + token.split("=")[0] in read, token
+    if multinode:
+        assert "--hostfile HOSTFILE --num_nodes 8 --num_gpus 8" in launcher
+        assert "slots=8" in explained["HOSTFILE"] and "--nodes 8 --ntasks-per-node 8 --gpus-per-node 8" in slurm
+
+
+@pytest.mark.slow
+def test_the_printed_single_node_command_runs_as_printed(tmp_path):
+    """The best layout's launcher command for one GPU, copied as printed and run from the repository root in a shell
+    whose PATH does not hold the venv: the placeholders filled the way the lines under it explain (the palette fitted
+    by the printed `megapix prepare` line, whose shards are the data), the model scaled to tiny and 2 steps."""
+    from conftest import run_as_printed
+
+    out = run_cli("--model", "igpt-s", "--gpus-per-node", "1", "--top", "3")
+    assert out.returncode == 0, out.stderr
+    (launcher, _slurm), explained = run_section(out.stdout)
+    prep = tmp_path / "prep"
+    prepare = re.search(r"`([^`]*megapix prepare [^`]*)`", explained["PALETTE"])[1]
+    prepare = prepare.replace("DATA", "digits").replace("DIR", str(prep)).replace("--resolution 32", "--resolution 8")
+    done = run_as_printed(prepare, timeout=600)
+    assert done.returncode == 0 and (prep / "palette.npy").is_file(), done.stdout[-2000:] + done.stderr[-3000:]
+    fill = {"DATA": f"shards:{prep}", "PALETTE": str(prep / "palette.npy"), "OUT": str(tmp_path / "run"), "STEPS": "2"}
+    argv = [fill.get(a, a) for a in shlex.split(launcher)]
+    for flag, value in (("--model", "tiny"), ("--global-batch", "4")):  # a CPU-sized run of the same layout
+        argv[argv.index(flag) + 1] = value
+    argv[1:1] = ["--master_port", str(free_port())]  # tests share the machine
+    done = run_as_printed(shlex.join(argv), timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        steps = [json.loads(line).get("step") for line in f if line.strip()]
+    assert 2 in steps, steps
+
+
+def test_docs_example_table_is_the_planners(capsys):
+    """docs/planner.md's example output: its ranked table is `megapix plan --model igpt-xl --nodes 8 --gpus-per-node 8
+    --gpu h100 --top 10`'s, as printed (the commands above it name the venv's programs, which depend on where the
+    planner runs)."""
+    from megapix import plan
+
+    argv = ["--model", "igpt-xl", "--nodes", "8", "--gpus-per-node", "8", "--gpu", "h100", "--top", "10"]
+    assert plan.main(argv) == 0
+    printed = capsys.readouterr().out
+    table = printed[printed.index("every layout that fits"):printed.index("a row in detail")]
+    with open(os.path.join(ROOT, "docs", "planner.md")) as f:
+        docs = f.read()
+    assert table.count("\n") == 13 and table in docs
+    assert printed[:printed.index("run it")] in docs  # the header and the best layout, as printed

@@ -2,7 +2,8 @@
 fits, ranked (`megapix plan`). A model of the engine, checked term by term against it (checks, comms); only the device
 constants are assumed. The formulas and what each was checked against: docs/planner.md.
 
-devices (the device constants), memory, timing, search, report, cli; checks and comms are imported by their path.
+devices (the device constants), memory, timing, search, report, run (the commands printed for a real run), cli; checks
+and comms are imported by their path.
 """
 from megapix.parallel.layout import Layout, layout_problems
 from megapix.plan.cli import build_parser, main

@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import sys
+import textwrap
 
 from megapix import cliargs
 from megapix.config import PRESETS, ConfigError, ModelConfig, TrainConfig, model_preset
@@ -13,6 +14,7 @@ from megapix.parallel.layout import Layout, layout_problems
 from megapix.plan.devices import DEVICES, EFFICIENCY, PLANNED
 from megapix.plan.report import (ASSUMPTIONS, RESOLUTIONS, TABLE_GPUS, check_table, describe, max_resolution_table,
                                  readme_table, table)
+from megapix.plan.run import run_block
 from megapix.plan.search import MAX_GPUS, PAPER_BATCH, ds_config_file, pinned_problem, plan_one, search
 
 LAYOUT_FIELDS = {TrainConfig: ("tensor_parallel", "pipeline_parallel", "zero_stage", "micro_batch", "global_batch",
@@ -122,8 +124,12 @@ def one_layout(a, m: ModelConfig, pin: dict, gb: int, dev, mem_gb: float, precis
         print(json.dumps(p.to_dict(), indent=1))
     else:
         print(describe(p))
-        print(f"  fits in {mem_gb:g} GB: {'yes' if p.fits else 'NO'}; ds_config "
-              f"({ds_config_file(lay) or 'no file'} + flags): {json.dumps(p.ds_config)}")
+        print(f"  fits in {mem_gb:g} GB: {'yes' if p.fits else 'NO'}; ds_config ({ds_config_file(lay) or 'no file'} "
+              "+ flags):")
+        print(textwrap.fill(json.dumps(p.ds_config), width=116, initial_indent="    ", subsequent_indent="    ",
+                            break_on_hyphens=False, break_long_words=False))
+        if p.fits:
+            print("\n".join(["", *run_block(p), ""]))
         print(ASSUMPTIONS)
     return 0 if p.fits else 1
 
@@ -142,19 +148,31 @@ def ranked(a, m: ModelConfig, pin: dict, gb: int, dev, mem_gb: float, precision:
         print(json.dumps([p.to_dict() for p in plans], indent=1))
         return 0 if plans else 1
     print(f"{a.model} ({m.num_parameters() / 1e6:.0f}M parameters, {m.n_ctx} tokens/image) on {a.nodes} x "
-          f"{a.gpus_per_node} {dev.name} ({mem_gb:g} GB), global batch {gb}, {precision}, {kernels} kernels; "
+          f"{a.gpus_per_node} {dev.name} ({mem_gb:g} GB),\nglobal batch {gb}, {precision}, {kernels} kernels: "
           f"{len(plans)} layouts fit")
     if not plans:
         print("no layout fits in memory: add GPUs, lower --global-batch, or use a GPU with more memory",
               file=sys.stderr)
         return 1
+    best = plans[0]
+    print("\nbest (row 1): " + describe(best))
+    print(f"  ds_config: {ds_config_file(best.layout) or 'none (ZeRO-0)'} + the command's flags "
+          "(--json prints it whole)")
+    print("\n".join(["", *run_block(best), ""]))
+    shown = plans[:a.top] if a.top else plans
+    print(f"every layout that fits, fastest first ({len(shown)} of {len(plans)}; memory per GPU in GiB):")
     print(table(plans, a.top or None))
-    print("\ncommands (the ds_config file, if any, is named in each; --json prints the full ds_config of every row):")
-    for i, p in enumerate(plans[:a.top] if a.top else plans, 1):
-        print(f"{i:>3} {p.command}")
-    print()
-    print("best: " + describe(plans[0]))
-    print(f"  ds_config ({ds_config_file(plans[0].layout) or 'no file'} + the flags above): "
-          f"{json.dumps(plans[0].ds_config)}")
+    if len(shown) > 1:
+        print(f"a row in detail, with its commands: add its layout flags to this command (--json: every row's); "
+              f"row 2's:\n  {' '.join(layout_flags(shown[1].layout))}")
     print(ASSUMPTIONS)
     return 0
+
+
+def layout_flags(lay: Layout) -> list[str]:
+    """The flags that pin every axis of a row's layout (`megapix plan` then shows that one layout in detail)."""
+    flags = [f"--tensor-parallel {lay.tp}", f"--pipeline-parallel {lay.pp}", f"--zero-stage {lay.zero_stage}",
+             f"--micro-batch {lay.micro_batch}"]
+    flags += ["--sequence-parallel"] if lay.sp else []
+    flags += [f"--context-parallel {lay.cp}"] if lay.cp > 1 else []
+    return flags + ["--activation-checkpointing"] if lay.checkpointing else flags

@@ -9,48 +9,46 @@ from megapix.plan.memory import memory, stage_params
 from megapix.plan.search import PAPER_BATCH, PAPER_ITERATIONS, Plan, search
 
 ASSUMPTIONS = ("checked against the engine on CPU (tests/test_plan.py, test_flops.py, test_comms.py): model states, "
-               "saved activations per kernel path, FLOPs, bytes per collective; stated device constants: peak "
-               "FLOP/s, matmul efficiency, HBM, NVLink and IB bandwidth, latency, ZeRO-3 hook overhead, workspace "
+               "saved activations\nper kernel path, FLOPs, bytes per collective; stated device constants: peak "
+               "FLOP/s, matmul efficiency, HBM,\nNVLink and IB bandwidth, latency, ZeRO-3 hook overhead, workspace "
                "(docs/planner.md)")
 RESOLUTIONS = (32, 48, 64, 96, 128)  # the --max-resolution table's sides
 TABLE_GPUS = (8, 64, 256)
 
 
-def fmt_gib(x: float) -> str:
-    return f"{x / GiB:7.2f}"
-
-
 def table(plans: list[Plan], limit: int | None = None) -> str:
-    head = (f"{'#':>3} {'TP':>3} {'SP':>3} {'PP':>3} {'CP':>3} {'DP':>4} {'Z':>2} {'mb':>3} {'ckpt':>4} | "
-            f"{'params':>7} {'grads':>7} "
-            f"{'master':>7} {'adam':>7} {'act':>7} {'pipe':>6} {'wksp':>6} {'peak':>7} GiB | {'step s':>8} "
-            f"{'tok/s':>9} {'MFU':>5}")
+    """The ranked table: the layout, the memory per GPU (GiB) and the speed of each row."""
+    head = (f"{'#':>3} {'TP':>2} {'SP':>3} {'PP':>2} {'CP':>2} {'DP':>4} {'Z':>1} {'mb':>3} {'ckpt':>4} | "
+            f"{'params':>6} {'grads':>6} {'master':>6} {'adam':>6} {'act':>6} {'pipe':>5} {'wksp':>5} {'peak':>6} | "
+            f"{'step s':>7} {'tok/s':>9} {'MFU':>5}")
     rows = [head, "-" * len(head)]
     for i, p in enumerate(plans[:limit] if limit else plans, 1):
         L, M, T = p.layout, p.memory, p.timing
-        rows.append(f"{i:>3} {L.tp:>3} {'yes' if L.sp else 'no':>3} {L.pp:>3} {L.cp:>3} {L.dp:>4} {L.zero_stage:>2} "
-                    f"{L.micro_batch:>3} "
-                    f"{'yes' if L.checkpointing else 'no':>4} | {fmt_gib(M.params)} {fmt_gib(M.grads)} "
-                    f"{fmt_gib(M.master)} {fmt_gib(M.optimizer)} {fmt_gib(M.activations)} "
-                    f"{M.pipe_buffers / GiB:6.2f} {M.workspace / GiB:6.2f} {fmt_gib(M.peak)}     | "
-                    f"{T.step:8.3f} {T.tokens_per_s:9.0f} {T.mfu:5.1%}")
+        rows.append(f"{i:>3} {L.tp:>2} {'yes' if L.sp else 'no':>3} {L.pp:>2} {L.cp:>2} {L.dp:>4} {L.zero_stage:>1} "
+                    f"{L.micro_batch:>3} {'yes' if L.checkpointing else 'no':>4} | "
+                    f"{_g(M.params)} {_g(M.grads)} {_g(M.master)} {_g(M.optimizer)} {_g(M.activations)} "
+                    f"{M.pipe_buffers / GiB:5.2f} {M.workspace / GiB:5.2f} {_g(M.peak)} | "
+                    f"{T.step:7.3f} {T.tokens_per_s:9.0f} {T.mfu:5.1%}")
     return "\n".join(rows)
 
 
+def _g(x: float) -> str:
+    return f"{x / GiB:6.2f}"
+
+
 def describe(p: Plan) -> str:
+    """One plan in detail: memory per GPU and step time, term by term (lines of at most ~115 characters)."""
     M, T = p.memory, p.timing
     lines = [f"{p.model}: {p.layout.describe()} on {p.nodes} x {p.gpus_per_node} GPUs, global batch {p.global_batch}",
              f"  memory per GPU (GiB): params {M.params / GiB:.2f}, grads at step {M.grads / GiB:.2f}, fp32 master "
-             f"{M.master / GiB:.2f}, Adam {M.optimizer / GiB:.2f}, grads in backward {M.grads_backward / GiB:.2f}, "
-             f"activations {M.activations / GiB:.2f} (no ckpt {M.activations_no_ckpt / GiB:.2f}, ckpt "
+             f"{M.master / GiB:.2f}, Adam {M.optimizer / GiB:.2f}, grads in backward {M.grads_backward / GiB:.2f},",
+             f"    activations {M.activations / GiB:.2f} (no ckpt {M.activations_no_ckpt / GiB:.2f}, ckpt "
              f"{M.activations_ckpt / GiB:.2f}), pipe buffers {M.pipe_buffers / GiB:.2f}, workspace "
              f"{M.workspace / GiB:.2f} -> peak {M.peak / GiB:.2f}",
              f"  step {T.step:.3f} s = compute {T.compute:.3f} + elementwise {T.elementwise:.3f} + TP "
-             f"{T.tp_comm:.3f} + CP ring {T.cp_comm:.3f} + PP bubble {T.bubble:.3f} + p2p {T.pp_comm:.3f} + DP "
-             f"exposed {T.dp_comm:.3f} + "
-             f"Adam {T.optimizer:.3f}; {T.tokens_per_s:,.0f} tokens/s, {T.tflops_per_gpu:.0f} TFLOP/s per GPU, "
-             f"MFU {T.mfu:.1%}",
-             f"  run: {p.command}"]
+             f"{T.tp_comm:.3f} + CP ring {T.cp_comm:.3f} + PP bubble {T.bubble:.3f} + p2p {T.pp_comm:.3f}",
+             f"    + DP exposed {T.dp_comm:.3f} + Adam {T.optimizer:.3f}; {T.tokens_per_s:,.0f} tokens/s, "
+             f"{T.tflops_per_gpu:.0f} TFLOP/s per GPU, MFU {T.mfu:.1%}"]
     return "\n".join(lines)
 
 
