@@ -32,6 +32,7 @@ from megapix.data.loader import TokenData
 from megapix.data.sources import open_source
 from megapix.features import Dist, model_summary, parse_layers
 from megapix.parallel import dist as pdist
+from megapix.probe_results import merge_results, write_outputs
 
 STATS_ROWS = 2048  # training rows whose token states give the per-channel mean and variance
 WEIGHT_DECAY = 0.05
@@ -319,7 +320,6 @@ def default_out(checkpoint: str) -> str:
 
 def run(args) -> int:
     """The command body of `megapix probe --attentive` (megapix.probe.main dispatches here)."""
-    from megapix.probe import merge_results, write_outputs
 
     dist = Dist()
     out = args.out or default_out(args.checkpoint)

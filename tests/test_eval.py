@@ -119,7 +119,7 @@ def _summary(accs, concat=None):
 def test_probe_plot_has_chance_line_integer_ticks_labels_and_control(tmp_path, monkeypatch):
     import matplotlib
 
-    from megapix import probe
+    from megapix import probe_results as probe
 
     def refuse(*a, **k):
         raise AssertionError("probe changed the caller's matplotlib backend")
