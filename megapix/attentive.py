@@ -27,10 +27,11 @@ from tqdm import tqdm
 
 from megapix import runfolder
 from megapix.checkpoint import load_model_and_palette
+from megapix.checkpoint.schedule import Schedule
 from megapix.config import ConfigError
 from megapix.data.loader import TokenData
 from megapix.data.sources import open_source
-from megapix.features import Dist, model_summary, parse_layers
+from megapix.features import Dist, model_summary, parse_layers, rank_device
 from megapix.parallel import dist as pdist
 from megapix.probe_results import merge_results, write_outputs
 
@@ -172,12 +173,6 @@ def channel_stats(model, rows: _Rows, layers: list[int], batch_size: int) -> dic
     return stats
 
 
-def _cosine(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
 class Probes:
     """Every (layer, lr) head, trained together over one trunk pass per batch."""
 
@@ -233,7 +228,7 @@ def train_probes(model, splits: dict[str, _Rows], layers, lrs, num_classes: int,
     stats = channel_stats(model, train, layers, bs)
     probes = Probes(model, layers, lrs, num_classes, stats, args, device)
     steps_per_epoch = math.ceil(len(train) / bs)
-    total, warmup = args.attentive_epochs * steps_per_epoch, steps_per_epoch
+    schedule = Schedule(1.0, steps_per_epoch, args.attentive_epochs * steps_per_epoch)  # warm-up: one epoch
     best = {k: (-1.0, 0, None) for k in probes.keys}  # val acc, epoch, state
     step, t0 = 0, time.perf_counter()
     for epoch in range(1, args.attentive_epochs + 1):
@@ -241,7 +236,7 @@ def train_probes(model, splits: dict[str, _Rows], layers, lrs, num_classes: int,
         batches = tqdm(train.batches(order, bs), total=steps_per_epoch, leave=False, desc=f"epoch {epoch}",
                        disable=dist.rank != 0 or not sys.stderr.isatty())
         for index, labels, n in batches:
-            probes.step(train, index, labels, n, _cosine(step, total, warmup))
+            probes.step(train, index, labels, n, schedule.factor(step))
             step += 1
         val = probes.correct(splits["val"], bs)
         for k, acc in val.items():
@@ -281,8 +276,7 @@ def _open(args, dist: Dist):
                           f"{args.checkpoint})")
     model, palette, data = load_model_and_palette(args.checkpoint, args.palette, args.data)
     source = open_source(data, model.config.resolution, args.val_fraction, args.seed, augment=False)
-    device = torch.device(args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-                                          if torch.cuda.is_available() else "cpu"))
+    device = rank_device(args.device)
     splits = {}
     for name in ("train", "val", "test"):
         try:

@@ -231,12 +231,7 @@ def _prepare(args, dist: Dist) -> dict:
     layers = parse_layers(args.layers, model.config.n_layer, args.center, args.span)
     source = open_source(data, model.config.resolution, args.val_fraction, args.seed, augment=False)
     token_data = {s: TokenData(source.split(s), model.config.n_ctx, palette, f"{data} [{s}]") for s in splits}
-    if args.device:
-        device = torch.device(args.device)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    else:
-        device = torch.device("cpu")
+    device = rank_device(args.device)
     model = model.to(device).eval()
     run = {"format": FORMAT, "checkpoint": os.path.abspath(args.checkpoint), "data": data, "layers": layers,
            "d_model": model.config.d_model, "dtype": args.dtype, "chunk_size": args.chunk_size,
@@ -244,6 +239,15 @@ def _prepare(args, dist: Dist) -> dict:
            "counts": {s: len(t) for s, t in token_data.items()}}
     return {"model": model, "device": device, "layers": layers, "data": token_data, "run": run,
             "autocast": torch.bfloat16 if args.precision == "bf16" else None}
+
+
+def rank_device(name: str | None) -> torch.device:
+    """--device, else this rank's GPU (LOCAL_RANK) when there is one, else the CPU."""
+    if name:
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
 
 
 def _context_parallel(job: dict, cp: int, dist: Dist):
