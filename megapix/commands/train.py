@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from megapix import dsconfig, runfolder
+from megapix import dsconfig, runfolder, tracking
 from megapix.checkpoint.manager import (RUN_RECORD, STEER_FLAGS, check_resume_config, existing_run_step,
                                         refuse_existing_run, saved_run_config)
 from megapix.cliargs import add_config_args, add_launcher_args, command_parser, config_from_args
@@ -129,12 +129,15 @@ def _train(args) -> int:
     trainer = Trainer(cfg, ds, resume=resume)
     if trainer.is_rank0:
         _announce(trainer, args, cfg, notes)
+        tracking.begin(trainer.cfg, trainer.engine)
     code = trainer.fit()
     samples = write_run_samples(trainer) if code == 0 and not args.no_samples else None
     if trainer.is_rank0 and code == 0:
         print(summary_text(trainer.log, trainer.checkpoints, trainer.shown_out, trainer.step, trainer.peak_tflops,
                            trainer.peak_source, samples, notes + dsconfig.monitor_notes(trainer.cfg, trainer.ds_config),
                            trainer.continuation), flush=True)
+    if trainer.is_rank0:
+        tracking.finish(trainer.log.summary, samples)
     return code
 
 
