@@ -43,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv=None):
+    """The parsed flags and the run config they ask for (the one precedence rule), checked, without starting a run
+    (nothing is read from --out)."""
+    args = build_parser().parse_args(argv)
+    return args, requested_config(args)
+
+
 def requested_config(args, saved: dict | None = None):
     """The one precedence rule (config_from_args) over the right base: a resumed run's saved config, else (no
     --config) the `make train` run, else the defaults."""
