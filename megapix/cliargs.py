@@ -171,6 +171,8 @@ def add_fields(p: argparse.ArgumentParser, cls, *, prefix: str = "", title: str 
             if choices is not None:
                 kw["choices"] = choices
                 kw["type"] = _int if isinstance(choices[0], int) else str
+                if f.metadata.get("bare") is not None:
+                    kw.update(nargs="?", const=f.metadata["bare"])
             elif f.metadata.get("kind") == "out":
                 kw["type"] = _out_type(flag)
             else:

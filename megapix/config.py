@@ -21,15 +21,15 @@ VOCAB_SIZE = 512  # the 9-bit palette
 
 def opt(default=dataclasses.MISSING, help: str = "", *, flag: str | None = None, aliases: tuple = (),
         metavar: str | None = None, default_help: str | None = None, positional: bool = False,
-        kind: str | None = None, cli: bool = True):
+        kind: str | None = None, cli: bool = True, bare: str | None = None):
     """A config field with its command-line description (megapix.cliargs generates the flag from it).
 
     flag: the flag's name (default --field-name); aliases: other accepted spellings; default_help: how help
     describes the default ("required", "the checkpoint's", ...); positional: an older positional spelling that
     is still accepted; kind="out": an output path (refused when it lies under a regular file); cli=False: set
-    only in a --config file."""
+    only in a --config file; bare: the value of the flag given without one (`--compile` = `--compile on`)."""
     meta = dict(help=help, flag=flag, aliases=tuple(aliases), metavar=metavar, default_help=default_help,
-                positional=positional, kind=kind, cli=cli)
+                positional=positional, kind=kind, cli=cli, bare=bare)
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -218,6 +218,9 @@ class TrainConfig:
     zero_stage: Literal[0, 1, 2, 3] | None = opt(None, "ZeRO stage (DeepSpeed zero_optimization.stage)",
                                                  default_help="the DeepSpeed JSON's, else 0")
     activation_checkpointing: bool = opt(False, "recompute block activations in the backward pass")
+    compile: Literal["off", "on", "require"] = opt(
+        "off", "torch.compile each transformer block (inductor): on (eager, with one line, where it cannot compile), "
+        "require (exit 2 where it cannot) or off; a bare --compile means on", bare="on")
     peak_tflops: float | None = opt(None, "device peak TFLOP/s for MFU", default_help="from a table of GPUs")
     precision: Literal["auto", "bf16", "fp32"] = opt(
         "auto", "auto: bf16 on GPU, fp32 on CPU (or what the DeepSpeed JSON's bf16 section says)")
@@ -243,6 +246,7 @@ class TrainConfig:
             raise ConfigError(f"train.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
         _check_choice(self, "precision")
         _check_choice(self, "on_nonfinite")
+        _check_choice(self, "compile")
         if self.spike_factor != 0 and not self.spike_factor > 1:
             raise ConfigError(f"train.spike_factor={self.spike_factor} must be 0 (off) or above 1, e.g. 3")
         monitors = [m.strip() for m in self.report_to.split(",")]

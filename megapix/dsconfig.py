@@ -315,6 +315,14 @@ def make_ds_config(cfg: Config, ds: dict, layout, micro: int) -> dict:
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
     ds.pop("fp16", None)  # only a disabled one reaches here (load_ds_config refuses an enabled one)
     ds.pop("amp", None)
+    _monitors(ds, cfg, named)
+    return ds
+
+
+def _monitors(ds: dict, cfg: Config, named: dict) -> None:
+    """DeepSpeed's monitor sections for --report-to (after resolve, the JSON's agree with it or were taken into it),
+    written under --out unless the JSON names a path; a monitor whose package is missing is off, said in one line."""
+    t = cfg.train
     for name in t.report_to.split(","):  # after resolve, the JSON's monitors agree with (or were taken into) it
         if name in MONITOR_SECTIONS:
             ds[MONITOR_SECTIONS[name]] = {**ds.get(MONITOR_SECTIONS[name], {}), "enabled": True}
@@ -337,7 +345,6 @@ def make_ds_config(cfg: Config, ds: dict, layout, micro: int) -> dict:
         if ds.get(key, {}).get("enabled"):
             ds[key].setdefault("output_path", os.path.join(os.path.abspath(t.out), "monitor"))
             ds[key].setdefault("job_name", "megapix")
-    return ds
 
 
 def monitor_notes(cfg: Config, ds_final: dict) -> list[str]:

@@ -212,6 +212,7 @@ class Trainer:
         task = self.task
         task.meter.reset()
         self._local_grad_norm = None
+        compiled_before = self._compile_clock()
         if self.is_pipeline:
             t0 = time.perf_counter()
             self.engine.train_batch(data_iter=iter([self._to_device(task.pipe_batch(b)) for b in micro]))
@@ -223,6 +224,7 @@ class Trainer:
                 self.busy_s += time.perf_counter() - t0
                 self.engine.backward(loss)
                 self.engine.step()
+        self._step_compile_s = self._compile_clock() - compiled_before
         return task.meter.reduce(self.device)
 
     def _to_device(self, obj):
@@ -252,14 +254,34 @@ class Trainer:
         """The metrics.jsonl record of the step just taken: the task's metrics, lr, gradient norm, throughput,
         TFLOP/s and MFU, peak memory."""
         tokens = self.cfg.train.global_batch * self.cfg.model.n_ctx
-        tflops = tokens * self.cfg.model.flops_per_token() / seconds / self.layout.world / 1e12
+        compiling = self._compile_time()
+        seconds = max(seconds - compiling, 1e-9)  # a step's compilation is reported apart, not as slow training
         mem_key, mem = peak_memory(torch.device(self.device))
+        tflops = tokens * self.cfg.model.flops_per_token() / seconds / self.layout.world / 1e12
         rec = {**(extra or {}), "step": self.step, **stats, "lr": lr, "grad_norm": self.grad_norm(),
                "tokens_per_s": tokens / seconds, "tflops_per_device": tflops,
-               "mfu": tflops / self.peak_tflops if self.peak_tflops else None, mem_key: mem, "step_time_s": seconds}
+               "mfu": tflops / self.peak_tflops if self.peak_tflops else None, mem_key: mem, "step_time_s": seconds,
+               **({"compile_s": compiling} if compiling else {})}
         if rec["grad_norm"] is None and self.grad_norm_note:
             self.log.note_once("grad_norm", f"grad_norm is null in metrics.jsonl: {self.grad_norm_note}")
         return rec
+
+    def _compile_clock(self) -> float:
+        """Seconds this process has spent in torch.compile so far (0 without --compile)."""
+        if self.cfg.train.compile == "off":
+            return 0.0
+        from megapix.model.compile import compile_seconds
+
+        return compile_seconds()
+
+    def _compile_time(self) -> float:
+        """Seconds the step just taken spent compiling; said once, the first time."""
+        spent = getattr(self, "_step_compile_s", 0.0)
+        if spent > 0 and self.is_rank0 and not getattr(self, "_compile_said", False):
+            self._compile_said = True
+            print(f"megapix: --compile: {spent:.1f} s compiling the blocks in step {self.step} (not counted in its "
+                  "tokens/s and MFU; metrics.jsonl: compile_s)", flush=True)
+        return spent
 
     def _add_bits_per_dim(self, rec: dict) -> None:
         """Bits per dim, the iGPT paper's unit: the mean negative log-likelihood of a token (one pixel's colour

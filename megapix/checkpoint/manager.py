@@ -215,7 +215,7 @@ STEER_FIELDS = {
     "train": ("max_steps", "save_every", "time_budget", "keep_last", "save_best", "eval_every", "log_every",
               "report_to", "wandb_project", "wandb_entity", "wandb_name", "wandb_group", "peak_tflops",
               "tensor_parallel", "pipeline_parallel", "zero_stage", "micro_batch", "activation_checkpointing",
-              "on_nonfinite", "spike_factor", "profile_comms", "collective_timeout", "context_parallel",
+              "compile", "on_nonfinite", "spike_factor", "profile_comms", "collective_timeout", "context_parallel",
               "sequence_parallel"),
 }
 STEER_FLAGS = ["--" + name.replace("_", "-") for sec in STEER_FIELDS.values() for name in sec]
