@@ -135,6 +135,12 @@ def main(argv=None) -> int:
     try:
         cfg, ds, resume, notes = run_config(args)
         check_kernels_available(cfg.model.kernels)
+        # its data and layers are checked before any process group starts or file is written
+        probe = None
+        if cfg.train.probe_every:
+            from megapix.trainprobe import TrainingProbe  # lazy, as the engine below
+
+            probe = TrainingProbe(cfg)
         init_distributed(cfg.train.collective_timeout)
         runfolder.claim(os.path.abspath(cfg.train.out), "train", "megapix train")  # one writer per --out
         # lazy: the engine imports deepspeed (seconds), which `--help` and a refused command never need
@@ -143,6 +149,7 @@ def main(argv=None) -> int:
         from megapix.sample import write_run_samples
 
         trainer = Trainer(cfg, ds, resume=resume)
+        trainer.probe = probe
         if trainer.is_rank0:
             print(dsconfig.describe(trainer.cfg, trainer.ds_config, args.deepspeed_config), flush=True)
             for line in notes:
@@ -156,6 +163,8 @@ def main(argv=None) -> int:
             print(f"megapix: MFU against {trainer.peak_tflops:.3g} TFLOP/s per rank ({trainer.peak_source}; "
                   "--peak-tflops sets it)"
                   if trainer.peak_tflops else f"megapix: no MFU: {trainer.peak_source}", flush=True)
+            if probe is not None:
+                print(f"megapix: {probe.describe()}", flush=True)
         code = trainer.fit()
         samples = write_run_samples(trainer) if code == 0 and not args.no_samples else None
         if trainer.is_rank0 and code == 0:

@@ -19,7 +19,7 @@ LEVELS = [
     ("data", "checkpoint", "dsconfig", "runlog", "divergence", "tasks", "runfolder"),
     ("cliargs", "plan"),  # argparse from the config fields; the planner (a model of the engine, and its CLI)
     ("engine",),
-    ("features", "probe", "probe_results", "attentive", "finetune", "sample"),
+    ("features", "probe", "probe_results", "attentive", "finetune", "sample", "trainprobe"),
     ("train", "cli", "__main__"),
 ]
 LEVEL = {unit: i for i, units in enumerate(LEVELS) for unit in units}
