@@ -222,8 +222,8 @@ class TrainConfig:
                              "their calls and bytes per op and group, beside the planner's bytes, to "
                              "<out>/comms_profile.json (0: off)", metavar="N")
     # issue 29: a linear probe of a fixed labelled subset during pre-training (megapix/trainprobe.py)
-    probe_every: int = opt(0, "steps between linear probes of mean-pooled features (probe_acc/layer_L in metrics.jsonl; "
-                           "0: off)", metavar="N")
+    probe_every: int = opt(0, "steps between linear probes of mean-pooled features (probe_acc/layer_L in "
+                           "metrics.jsonl; 0: off)", metavar="N")
     probe_data: str | None = opt(None, "labelled data of --probe-every", metavar="SPEC", default_help="--data")
     probe_layers: str | None = opt(None, "layers --probe-every probes: '2,4', '1-3' or 'all'",
                                    default_help="4 spread over depth, as the attentive probe")

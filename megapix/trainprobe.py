@@ -48,7 +48,8 @@ class TrainingProbe:
                                   f"{'no labels' if split.labels is None else f'an empty {name} split'}; "
                                   "pass --probe-data SPEC with labelled images (e.g. digits, cifar10:PATH)")
         self.rows = {s: np.arange(min(t.probe_rows, len(split))) for s, split in self.splits.items()}
-        self.num_classes = self.splits["train"].num_classes or int(max(int(np.max(s.labels)) for s in self.splits.values())) + 1
+        labels = np.concatenate([s.labels for s in self.splits.values()])
+        self.num_classes = self.splits["train"].num_classes or int(labels.max()) + 1  # as megapix probe counts them
 
     def due(self, step: int) -> bool:
         return self.every > 0 and (step % self.every == 0 or step == self.max_steps)
