@@ -227,7 +227,7 @@ class TrainConfig:
     probe_data: str | None = opt(None, "labelled data of --probe-every", metavar="SPEC", default_help="--data")
     probe_layers: str | None = opt(None, "layers --probe-every probes: '2,4', '1-3' or 'all'",
                                    default_help="4 spread over depth, as the attentive probe")
-    probe_rows: int = opt(512, "--probe-every: first rows of the probe data's train split fitted (at most as many "
+    probe_rows: int = opt(256, "--probe-every: first rows of the probe data's train split fitted (at most as many "
                           "val rows scored)")
 
     def __post_init__(self):

@@ -4,8 +4,9 @@ Every N steps (and at the last step) the weights are consolidated onto rank 0 (T
 layout works: ZeRO-3, TP, PP, CP), loaded into a plain ImageGPT, and the offline path runs on them:
 megapix.features.extract pools each probed layer over a fixed labelled subset (the first --probe-rows rows of the
 probe data's train split, and as many of its val split), and megapix.probe.probe fits the same L-BFGS logistic
-regression over the same L2 grid as `megapix probe`, reporting the val accuracy of the L2 that val picks. The
-number is thus what `megapix extract` + `megapix probe` give on that checkpoint and rows.
+regression as `megapix probe` (over a shorter L2 grid, L2_GRID, for time), reporting the val accuracy of the L2
+that val picks. The number is thus what `megapix extract` + `megapix probe --l2 1e-3,1e-1` give on that checkpoint
+and rows.
 
 It leaves the training curve alone: the copy of the weights is a separate module, built on the meta device (no
 random initialisation), the engine is never put in eval mode, and the random states of torch, numpy and Python
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from megapix.attentive import default_layers
-from megapix.config import PROBE_L2_GRID, Config, ConfigError, ProbeConfig
+from megapix.config import Config, ConfigError, ProbeConfig
 from megapix.data.loader import TokenData
 from megapix.data.sources import open_source
 from megapix.features import extract, parse_layers
@@ -28,6 +29,9 @@ from megapix.model import ImageGPT
 from megapix.probe import probe
 
 MAX_ITER = ProbeConfig.__dataclass_fields__["max_iter"].default  # megapix probe's, so both fits stop alike
+# Two strengths of megapix probe's six (1e-6..1e-1): the whole grid costs ~20 training steps of the tiny model per
+# probe (benchmarks/probe_every_cost.py). `megapix probe --l2 1e-3,1e-1` is the offline equal.
+L2_GRID = (1e-3, 1e-1)
 
 
 class TrainingProbe:
@@ -38,8 +42,12 @@ class TrainingProbe:
         self.every, self.max_steps, self.model_cfg = t.probe_every, t.max_steps, m
         self.spec = t.probe_data or cfg.data.source
         flag = f"--probe-data {t.probe_data}" if t.probe_data else f"--data {cfg.data.source}"
-        self.layers = (parse_layers(t.probe_layers, m.n_layer) if t.probe_layers
-                       else default_layers(m.n_layer))
+        try:
+            self.layers = parse_layers(t.probe_layers, m.n_layer) if t.probe_layers else default_layers(m.n_layer)
+        except ConfigError as e:
+            said = str(e).replace("--layers ", "--probe-layers ")  # parse_layers speaks of extract's flag
+            said = said if "--probe-layers" in said else f"--probe-layers {t.probe_layers}: {said}"
+            raise ConfigError(said) from None
         source = open_source(self.spec, m.resolution, cfg.data.val_fraction, t.seed, augment=False)
         self.splits = {s: source.split(s) for s in ("train", "val")}
         for name, split in self.splits.items():
@@ -85,11 +93,15 @@ class TrainingProbe:
             data = TokenData(split, self.model_cfg.n_ctx, palette, f"{self.spec} [{name}]")
             feats[name] = extract(model, data.tokens(self.rows[name]), self.layers, device=device).cpu()
             labels[name] = torch.from_numpy(np.asarray(split.labels[self.rows[name]], dtype=np.int64))
-        grid = [float(x) for x in PROBE_L2_GRID.split(",")]
-        d, out = self.model_cfg.d_model, {}
-        for i, layer in enumerate(self.layers):
-            cols = slice(i * d, (i + 1) * d)
-            r = probe((feats["train"][:, cols], labels["train"]), (feats["val"][:, cols], labels["val"]), None,
-                      self.num_classes, grid, "lbfgs", device, max_iter=MAX_ITER)
-            out[f"probe_acc/layer_{layer}"] = r["val_acc"]
+        d, out, threads = self.model_cfg.d_model, {}, torch.get_num_threads()
+        if torch.device(device).type == "cpu":
+            torch.set_num_threads(1)  # as megapix probe: on small fits more threads only add synchronisation
+        try:
+            for i, layer in enumerate(self.layers):
+                cols = slice(i * d, (i + 1) * d)
+                r = probe((feats["train"][:, cols], labels["train"]), (feats["val"][:, cols], labels["val"]), None,
+                          self.num_classes, L2_GRID, "lbfgs", device, max_iter=MAX_ITER)
+                out[f"probe_acc/layer_{layer}"] = r["val_acc"]
+        finally:
+            torch.set_num_threads(threads)
         return out
