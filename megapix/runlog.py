@@ -213,6 +213,7 @@ class RunLog:
         when validation loss has risen three evaluations in a row while training goes on (overfitting)."""
         s = self.summary
         s["last_step"], s["last_loss"], s["last"] = rec["step"], rec["loss"], rec
+        s["probe_time_s"] = s.get("probe_time_s", 0.0) + rec.get("probe_time_s", 0.0)
         val = rec.get("val_loss")
         if val is None:
             return
@@ -318,9 +319,10 @@ def probe_summary(log: RunLog) -> list[str]:
         return []
     acc, step, layer = max(points, key=lambda p: (p[0], -p[1]))  # ties: the earliest step
     last_step, last = log.probe_curve[layer][-1]
-    return [f"  probe        best {100 * acc:.1f}% val accuracy at {layer.replace('_', ' ')}, step {step} "
-            f"({len(log.probe_curve)} layers probed {len(log.probe_curve[layer])} times; {layer.replace('_', ' ')} "
-            f"at step {last_step}: {100 * last:.1f}%; metrics.jsonl: probe_acc/)"]
+    name, seconds = layer.replace("_", " "), log.summary.get("probe_time_s", 0.0)
+    return [f"  probe        best {100 * acc:.1f}% val accuracy at {name}, step {step} ({name} at step {last_step}: "
+            f"{100 * last:.1f}%; {len(log.probe_curve)} layers probed {len(log.probe_curve[layer])} times, "
+            f"{seconds:.1f} s in this process; metrics.jsonl: probe_acc/)"]
 
 
 def summary_text(log: RunLog, checkpoints, shown_out: str, step: int, peak_tflops: float | None, peak_source: str,

@@ -16,6 +16,7 @@ validation fraction), and checked when the run is configured: no labels or a lay
 from __future__ import annotations
 
 import random
+import time
 
 import numpy as np
 import torch
@@ -68,14 +69,17 @@ class TrainingProbe:
                 f"{self.spec}")
 
     def __call__(self, trainer) -> dict:
-        """{"probe_acc/layer_L": val accuracy} on rank 0 ({} elsewhere). Collective: every rank calls it."""
+        """{"probe_acc/layer_L": val accuracy, "probe_time_s": its seconds} on rank 0 ({} elsewhere). Collective:
+        every rank calls it."""
+        began = time.perf_counter()
         state = trainer.full_state_dict()
         if not trainer.is_rank0:
             return {}
         saved = torch.random.get_rng_state(), np.random.get_state(), random.getstate()
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         try:
-            return self._accuracies(state, trainer.palette, trainer.device)
+            return {**self._accuracies(state, trainer.palette, trainer.device),
+                    "probe_time_s": time.perf_counter() - began}
         finally:
             torch.random.set_rng_state(saved[0])
             np.random.set_state(saved[1])
