@@ -1,4 +1,4 @@
-"""Attentive probes: `megapix probe --attentive --checkpoint RUN`.
+"""Attentive probes (what `megapix probe --attentive --checkpoint RUN` trains; the command is megapix.commands.probe).
 
 AIM's evaluation (El-Nouby et al. 2024, `AttentionPoolingClassifier`): a layer's token states, standardised per
 channel (BatchNorm without affine parameters), one learned query cross-attending over them, and a linear classifier
@@ -31,9 +31,8 @@ from megapix.checkpoint.schedule import Schedule
 from megapix.config import ConfigError
 from megapix.data.loader import TokenData
 from megapix.data.sources import open_source
-from megapix.features import Dist, model_summary, parse_layers, rank_device
-from megapix.parallel import dist as pdist
-from megapix.probe_results import merge_results, write_outputs
+from megapix.features import rank_device
+from megapix.parallel.dist import World
 
 STATS_ROWS = 2048  # training rows whose token states give the per-channel mean and variance
 WEIGHT_DECAY = 0.05
@@ -95,7 +94,7 @@ class _Rows:
     for each batch, or kept in memory after their first pass when they fit in `cache_bytes` (the model is frozen
     and the probe's inputs are not augmented, so a kept state is the one a new pass would give)."""
 
-    def __init__(self, data: TokenData, dist: Dist, device):
+    def __init__(self, data: TokenData, dist: World, device):
         self.data, self.dist, self.device = data, dist, device
         self.labels = torch.from_numpy(np.asarray(data.labels, dtype=np.int64))
         self.model, self.layers, self.cache, self.kept = None, [], None, None
@@ -141,7 +140,7 @@ class _Rows:
             return {l: x.float() for l, x in self.model.hidden_states(tokens, self.layers)}
 
 
-def _all_sum(dist: Dist, values: list[torch.Tensor]) -> list[torch.Tensor]:
+def _all_sum(dist: World, values: list[torch.Tensor]) -> list[torch.Tensor]:
     if dist.on and dist.world > 1:
         flat = torch.cat([v.reshape(-1).double() for v in values])
         dist.dist.all_reduce(flat)
@@ -260,12 +259,12 @@ def train_probes(model, splits: dict[str, _Rows], layers, lrs, num_classes: int,
     return rows
 
 
-def _say(dist: Dist, line: str) -> None:
+def _say(dist: World, line: str) -> None:
     if dist.rank == 0:
         print(f"megapix probe --attentive: {line}", flush=True)
 
 
-def _open(args, dist: Dist):
+def open_splits(args, dist: World):
     """(model, {split: _Rows}, num classes, device, data spec), with the bad inputs refused first."""
     if not os.path.exists(args.checkpoint):
         raise ConfigError(f"checkpoint {args.checkpoint!r} does not exist; pass a training --out folder, a "
@@ -307,47 +306,3 @@ def parse_lrs(text: str) -> list[float]:
     return lrs
 
 
-def default_out(checkpoint: str) -> str:
-    """Beside the model, never inside a run or an export (those folders belong to their own commands)."""
-    return os.path.abspath(checkpoint).rstrip(os.sep) + "_attentive_probe"
-
-
-def run(args) -> int:
-    """The command body of `megapix probe --attentive` (megapix.probe.main dispatches here)."""
-
-    dist = Dist()
-    out = args.out or default_out(args.checkpoint)
-    try:
-        runfolder.claim(out, "probe", "megapix probe --attentive")
-        prepared, error = None, None
-        try:
-            lrs = parse_lrs(args.attentive_lr)
-            model, splits, num_classes, device, data = _open(args, dist)
-            n_layer = model.config.n_layer
-            layers = parse_layers(args.layers, n_layer) if args.layers else default_layers(n_layer)
-            prepared = (model, splits, num_classes, device, data, layers, lrs)
-        except ConfigError as e:
-            error = e
-        error = pdist.shared_error(error)  # one rank's bad input stops every rank, with the same line
-        if error is not None:
-            raise error
-        model, splits, num_classes, device, data, layers, lrs = prepared
-        how = "--layers" if args.layers else f"val accuracy among {len(layers)} layers spread over depth"
-        _say(dist, f"{args.checkpoint} ({n_layer} layers, d={model.config.d_model}) on {data}: "
-                   f"{len(splits['train'])} train / {len(splits['val'])} val / "
-                   f"{len(splits['test']) if 'test' in splits else 0} test rows, {num_classes} classes, layers "
-                   f"{layers} (by {how}), lrs {lrs}, {args.attentive_epochs} epochs, {dist.world} rank(s) on {device}")
-        rows = train_probes(model, splits, layers, lrs, num_classes, args, device)
-        if dist.rank == 0:
-            best = max(rows, key=lambda r: r["val_acc"])
-            info = {"checkpoint": os.path.abspath(args.checkpoint), "data": data, "model": model_summary(model),
-                    "num_classes": num_classes,
-                    "attentive": {"selection": how, "best_layer_by_val": best["layers"][0], "lrs": lrs,
-                                  "epochs": args.attentive_epochs, "batch_size": args.attentive_batch_size,
-                                  "weight_decay": WEIGHT_DECAY, "world_size": dist.world, "seed": args.seed}}
-            summary = merge_results(out, rows, info)
-            write_outputs(out, summary, None, prefix="megapix probe --attentive")
-        return 0
-    finally:
-        if dist.started:
-            dist.dist.destroy_process_group()

@@ -29,9 +29,11 @@ import time
 import torch
 import torch.distributed as dist
 
+from megapix.errors import EXIT_FAILURE
+
 SPIKE_WINDOW = 20  # the running median of the loss is over this many previous steps (at least 3 are needed)
 MAX_ROLLBACKS = 3  # rollbacks to one checkpoint before the run stops: it diverges whatever batch it is given
-EXIT_NONFINITE = 1  # a failure, not a requeue (75 would rerun the same steps into the same divergence)
+EXIT_NONFINITE = EXIT_FAILURE  # not a requeue: rerunning the same steps diverges again
 
 FAULTS = {1: "a loss spike", 2: "a non-finite gradient norm", 3: "a non-finite loss"}  # higher wins
 

@@ -200,41 +200,53 @@ def resolve(cfg: Config, ds: dict | str | None, world: int | None = None) -> tup
     if isinstance(bf16, bool):  # --precision auto means "whatever the JSON says"
         take("bf16.enabled", "bf16" if bf16 else "fp32", "precision", "--precision", t.precision != "auto",
              (t.precision == "bf16") == bf16)
-    monitors = {name: (ds.get(section) or {}).get("enabled") for name, section in MONITOR_SECTIONS.items()}
-    monitors = {name: on for name, on in monitors.items() if isinstance(on, bool)}
-    if monitors:
-        if not cfg.is_set("train", "report_to"):
-            taken["report_to"] = ",".join(name for name, on in monitors.items() if on) or "none"
-        else:
-            requested = set(t.report_to.split(","))
-            for name, on in monitors.items():
-                if (name in requested) != on:
-                    raise ConfigError(f"{_name(ds)} sets {MONITOR_SECTIONS[name]}.enabled={json.dumps(on)} but "
-                                      f"--report-to (train.report_to) is {t.report_to}; set it in one place, or make "
-                                      "them agree")
-
-    gas = ds.get("gradient_accumulation_steps")
-    if _is_set(gas):
-        world = launch_world() if world is None else world
-        dp = max(1, world // max(1, t.tensor_parallel * t.pipeline_parallel * t.context_parallel))
-        global_batch = taken.get("global_batch", t.global_batch)
-        micro = taken.get("micro_batch", t.micro_batch)
-        global_given = "global_batch" in taken or cfg.is_set("train", "global_batch")
-        if micro is not None and not global_given:
-            taken["global_batch"] = micro * gas * dp  # DeepSpeed's own rule: batch = micro x accumulation x dp
-        elif micro is None:
-            if global_batch % (gas * dp):
-                raise ConfigError(f"{_name(ds)} sets gradient_accumulation_steps={gas}, which does not divide the "
-                                  f"global batch {global_batch} over {dp} data-parallel rank(s); change one of them")
-            taken["micro_batch"] = global_batch // (gas * dp)
-        elif global_batch != micro * gas * dp:
-            raise ConfigError(f"{_name(ds)} sets gradient_accumulation_steps={gas}, but global batch {global_batch} "
-                              f"!= micro batch {micro} x {gas} x {dp} data-parallel rank(s); set two of the three")
-
+    _take_monitors(cfg, ds, taken)
+    _take_accumulation(cfg, ds, taken, world)
     out = dataclasses.replace(cfg, train=dataclasses.replace(t, **taken))
     out.explicit = cfg.explicit
     out.from_deepspeed = frozenset(taken)
     return out, ds
+
+
+def _take_monitors(cfg: Config, ds: dict, taken: dict) -> None:
+    """The JSON's monitor sections become --report-to where the user did not set it; a disagreement is an error."""
+    t = cfg.train
+    monitors = {name: (ds.get(section) or {}).get("enabled") for name, section in MONITOR_SECTIONS.items()}
+    monitors = {name: on for name, on in monitors.items() if isinstance(on, bool)}
+    if not monitors:
+        return
+    if not cfg.is_set("train", "report_to"):
+        taken["report_to"] = ",".join(name for name, on in monitors.items() if on) or "none"
+        return
+    requested = set(t.report_to.split(","))
+    for name, on in monitors.items():
+        if (name in requested) != on:
+            raise ConfigError(f"{_name(ds)} sets {MONITOR_SECTIONS[name]}.enabled={json.dumps(on)} but "
+                              f"--report-to (train.report_to) is {t.report_to}; set it in one place, or make "
+                              "them agree")
+
+
+def _take_accumulation(cfg: Config, ds: dict, taken: dict, world: int | None) -> None:
+    """gradient_accumulation_steps with DeepSpeed's rule, batch = micro x accumulation x data-parallel ranks: it
+    fills in the one of global and micro batch that is not set, or must agree with both."""
+    t, gas = cfg.train, ds.get("gradient_accumulation_steps")
+    if not _is_set(gas):
+        return
+    world = launch_world() if world is None else world
+    dp = max(1, world // max(1, t.tensor_parallel * t.pipeline_parallel * t.context_parallel))
+    global_batch = taken.get("global_batch", t.global_batch)
+    micro = taken.get("micro_batch", t.micro_batch)
+    global_given = "global_batch" in taken or cfg.is_set("train", "global_batch")
+    if micro is not None and not global_given:
+        taken["global_batch"] = micro * gas * dp
+    elif micro is None:
+        if global_batch % (gas * dp):
+            raise ConfigError(f"{_name(ds)} sets gradient_accumulation_steps={gas}, which does not divide the "
+                              f"global batch {global_batch} over {dp} data-parallel rank(s); change one of them")
+        taken["micro_batch"] = global_batch // (gas * dp)
+    elif global_batch != micro * gas * dp:
+        raise ConfigError(f"{_name(ds)} sets gradient_accumulation_steps={gas}, but global batch {global_batch} "
+                          f"!= micro batch {micro} x {gas} x {dp} data-parallel rank(s); set two of the three")
 
 
 def zero_stage_of(cfg: Config, ds: dict) -> int:

@@ -29,6 +29,7 @@ from megapix.data import load_splits
 from megapix.data.loader import GlobalBatches
 from megapix.divergence import NonFiniteStep, StepGuard, batch_index
 from megapix.dsconfig import make_ds_config, resolve, zero_stage_of
+from megapix.errors import EXIT_REQUEUE
 from megapix.parallel import dist as pdist
 from megapix.parallel import watchdog
 from megapix.parallel.layout import build_layout
@@ -38,7 +39,8 @@ from megapix.plan.devices import device_for
 from megapix.runlog import RunLog, StopRequest, measured_matmul_tflops, peak_memory
 from megapix.tasks import LMTask
 
-EXIT_PREEMPTED = 75  # "checkpoint saved, requeue me" (EX_TEMPFAIL); slurm/ scripts rely on it
+EXIT_PREEMPTED = EXIT_REQUEUE  # checkpoint saved, requeue me
+
 
 def device_peak_tflops(override: float | None, device="cuda", dtype: torch.dtype = torch.bfloat16
                        ) -> tuple[float | None, str]:

@@ -1,4 +1,5 @@
-"""Linear probes over dumped features: `megapix probe DIR`.
+"""Linear probes over dumped features (what `megapix probe --features DIR` fits; the command is
+megapix.commands.probe).
 
 Multinomial logistic regression on the output of `megapix extract`, for every dumped layer, for the
 concatenation of all of them, and for the 5-layer concatenation centred at the best single layer (the
@@ -19,19 +20,13 @@ from __future__ import annotations
 
 import math
 import os
-import sys
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from megapix.cliargs import parse_command
-from megapix.config import PROBE_L2_GRID as DEFAULT_GRID
-from megapix.config import ConfigError, ProbeConfig
-from megapix.features import parse_layers
-from megapix.probe_results import merge_results, write_outputs
-from megapix.utils import read_json, read_record
+from megapix.config import ConfigError
+from megapix.utils import read_json
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -206,93 +201,6 @@ def _apply(std: Standardizer, X: torch.Tensor, device, solver: str) -> torch.Ten
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------
-# the CLI
-# ----------------------------------------------------------------------------------------------------------
-def parse_args(argv=None):
-    """The options of `megapix probe` (flags generated from config.ProbeConfig): a validated ProbeConfig."""
-    return parse_command("megapix probe", __doc__.splitlines()[0], ProbeConfig, argv)
-
-
-def _labels(y, split):
-    if y is None:
-        raise ConfigError(f"the {split} split has no labels; a probe needs labelled train and val splits")
-    return torch.from_numpy(np.asarray(y, dtype=np.int64))
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.attentive:
-        from megapix.attentive import run  # lazy: it loads the model side (checkpoints, data sources)
-
-        return run(args)
-    try:
-        grid = [float(x) for x in args.l2.split(",") if x]
-    except ValueError:
-        raise ConfigError(f"cannot parse --l2 {args.l2!r}; use e.g. {DEFAULT_GRID}") from None
-    if not grid or any(g < 0 for g in grid):
-        raise ConfigError("--l2 needs one or more non-negative values")
-    Xtr, ytr, man = load_split(args.dir, "train")
-    Xva, yva, _ = load_split(args.dir, "val")
-    # no test split is fine (its numbers are left out); a damaged one is an error like any other file
-    Xte, yte = load_split(args.dir, "test")[:2] if "test" in man["files"] else (None, None)
-    ytr, yva = _labels(ytr, "train"), _labels(yva, "val")
-    yte = None if yte is None else torch.from_numpy(np.asarray(yte, dtype=np.int64))
-    num_classes = int(man.get("num_classes") or int(max(ytr.max(), yva.max())) + 1)
-    layers, d = man["layers"], man["d_model"]
-    chosen = layers
-    if args.layers:
-        chosen = parse_layers(args.layers, man["model"]["n_layer"])
-        missing = [l for l in chosen if l not in layers]
-        if missing:
-            raise ConfigError(f"layer {missing[0]} was not dumped in {args.dir}; it holds {layers}")
-    solver = args.solver
-    if solver == "auto":
-        solver = "sgd" if len(ytr) >= args.sgd_threshold else "lbfgs"
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu" and len(ytr) * Xtr.shape[1] < 20_000_000 and not os.environ.get("OMP_NUM_THREADS"):
-        torch.set_num_threads(1)  # small problems: intra-op threads only add synchronisation (30x slower on 2 cores)
-    fit_kw = dict(max_iter=args.max_iter, epochs=args.epochs, lr=args.sgd_lr, batch_size=args.batch_size)
-
-    def cols(X, ls):
-        idx = np.concatenate([np.arange(layers.index(l) * d, (layers.index(l) + 1) * d) for l in ls])
-        contiguous = np.all(np.diff(idx) == 1)
-        sub = X[:, idx[0]:idx[-1] + 1] if contiguous else X[:, idx]
-        return torch.from_numpy(np.array(sub, dtype=np.float32))
-
-    def run(name, ls):
-        t0 = time.perf_counter()
-        r = probe((cols(Xtr, ls), ytr), (cols(Xva, ls), yva), None if Xte is None else (cols(Xte, ls), yte),
-                  num_classes, grid, solver, device, **fit_kw)
-        r.update(probe="linear", name=name, layers=ls, dim=len(ls) * d, seconds=round(time.perf_counter() - t0, 2))
-        print(f"  {name:<14} dim {r['dim']:>6}  l2 {r['l2']:<7g} val {100 * r['val_acc']:6.2f}"
-              + (f"  test {100 * r['test_acc']:6.2f}" if "test_acc" in r else ""), flush=True)
-        return r
-
-    print(f"megapix probe: {len(ytr)} train / {len(yva)} val / {0 if yte is None else len(yte)} test rows, "
-          f"{num_classes} classes, solver {solver} on {device}, l2 grid {grid}", flush=True)
-    results = [run(f"layer {l}", [l]) for l in chosen]
-    if args.concat and len(chosen) > 1:
-        results += [run(name, ls) for name, ls in concatenations(chosen, results)]
-    info = {"dir": os.path.abspath(args.dir), "checkpoint": man.get("checkpoint"), "model": man.get("model"),
-            "solver": solver, "l2_grid": grid, "refit_on": "train+val",
-            "selection": "l2 chosen by val accuracy of a train-only fit; test from a train+val refit",
-            "counts": {"train": len(ytr), "val": len(yva), "test": 0 if yte is None else len(yte)},
-            "num_classes": num_classes, "best_layer_by_val": max(results[:len(chosen)],
-                                                                 key=lambda r: r["val_acc"])["layers"][0]}
-    control = None
-    if args.control:
-        cpath = os.path.join(args.control, "probe_results.json")
-        if not os.path.isfile(cpath):
-            raise ConfigError(f"--control {args.control}: no probe_results.json there; run `megapix probe "
-                              f"--features {args.control}` on the random-init dump first")
-        control = read_record(cpath)
-    out = args.out or args.dir
-    os.makedirs(out, exist_ok=True)
-    write_outputs(out, merge_results(out, results, info), control)
-    return 0
-
-
 def concatenations(chosen: list[int], singles: list[dict]) -> list[tuple[str, list[int]]]:
     """(name, layers) of the concatenations to probe after the single layers: the 5 contiguous layers centred at
     the best single layer by val (the iGPT-XL probe) when the layers allow it, and all of them unless that is the
@@ -310,5 +218,3 @@ def concatenations(chosen: list[int], singles: list[dict]) -> list[tuple[str, li
     return out
 
 
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,13 +12,8 @@ import time
 import numpy as np
 import torch
 
-from megapix.checkpoint import load_model_and_palette
-from megapix.cliargs import parse_command
-from megapix.config import ConfigError, SampleConfig
-from megapix.data.loader import TokenData
-from megapix.data.sources import open_source
+from megapix.config import ConfigError
 from megapix.model import ImageGPT
-from megapix.runfolder import claim
 from megapix.utils import atomic_path
 
 
@@ -199,25 +194,3 @@ def _sampled_at(path: str) -> int | None:
     return int(step) if step.isdigit() else None
 
 
-def main(argv=None) -> int:
-    try:
-        args = parse_command("megapix sample", "Complete held-out images and sample new ones; writes a PNG grid (3 "
-                             "completions of each top half, then the original).", SampleConfig, argv)
-        check_png_output(args.out)  # before the model is loaded and sampled
-        claim(args.out, "sample", "megapix sample", whole=True)  # one writer of this file
-        model, palette, data = load_model_and_palette(args.checkpoint, args.palette, args.data)
-        split = open_source(data, model.config.resolution).split("test")
-        held = TokenData(split, model.config.n_ctx, palette).tokens(np.arange(min(args.n, len(split))))
-        # a fresh picture on every call unless --seed is given (samples.png used the run's seed)
-        seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
-        grid = completion_grid(model.eval(), palette, held, seed=seed, temperature=args.temperature)
-        save_png(annotated(grid, model.config.resolution), args.out, scale=1)
-        print(f"wrote {args.out} (seed {seed}: --seed {seed} draws it again)")
-        return 0
-    except ConfigError as e:
-        print(f"megapix sample: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -22,14 +22,13 @@ import numpy as np
 import torch
 
 from megapix.attentive import default_layers
-from megapix.config import Config, ConfigError, ProbeConfig
+from megapix.config import Config, ConfigError
 from megapix.data.loader import TokenData
 from megapix.data.sources import open_source
 from megapix.features import extract, parse_layers
 from megapix.model import ImageGPT
 from megapix.probe import probe
 
-MAX_ITER = ProbeConfig.__dataclass_fields__["max_iter"].default  # megapix probe's, so both fits stop alike
 # Two strengths of megapix probe's six (1e-6..1e-1): the whole grid costs ~20 training steps of the tiny model per
 # probe (benchmarks/probe_every_cost.py). `megapix probe --l2 1e-3,1e-1` is the offline equal.
 L2_GRID = (1e-3, 1e-1)
@@ -104,7 +103,7 @@ class TrainingProbe:
             for i, layer in enumerate(self.layers):
                 cols = slice(i * d, (i + 1) * d)
                 r = probe((feats["train"][:, cols], labels["train"]), (feats["val"][:, cols], labels["val"]), None,
-                          self.num_classes, L2_GRID, "lbfgs", device, max_iter=MAX_ITER)
+                          self.num_classes, L2_GRID, "lbfgs", device)  # megapix probe's --max-iter default, 500
                 out[f"probe_acc/layer_{layer}"] = r["val_acc"]
         finally:
             torch.set_num_threads(threads)

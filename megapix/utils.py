@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 
-from megapix.config import ConfigError
+from megapix.errors import ConfigError
 
 
 def check_output(path: str, replace=None) -> None:
@@ -109,6 +109,8 @@ def write_json(path: str, obj) -> None:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=True)
             f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a record survives a power loss, not only a kill
 
 
 def read_metrics(path: str) -> list[dict]:

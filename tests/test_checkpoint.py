@@ -140,7 +140,7 @@ def test_export_any_layout_loads_in_transformers(work, name, tmp_path):
     from transformers import ImageGPTForCausalImageModeling
 
     from megapix import ImageGPT
-    from megapix.checkpoint.export import main as export_main
+    from megapix.commands.export import main as export_main
 
     src = layout_run(name)
     out = tmp_path / "export"

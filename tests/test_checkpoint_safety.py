@@ -199,7 +199,7 @@ def save(self, state_dict, path):  # SIGKILL halfway through writing the first f
     return ORIGINAL(self, state_dict, path)
 
 ORIGINAL, TorchCheckpointEngine.save = TorchCheckpointEngine.save, save
-from megapix.train import main
+from megapix.commands.train import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -67,7 +67,7 @@ def test_train_help_shows_the_defaults_a_run_without_flags_uses():
 
     from megapix.config import DEFAULT_RUN
     from megapix.data.sources import spec_grammar
-    from megapix.train import build_parser
+    from megapix.commands.train import build_parser
 
     text = re.sub(r"-\s+", "-", " ".join(build_parser().format_help().split()))  # argparse breaks after hyphens
     assert "(default: 10; 8 under a --config file)" in text

@@ -146,8 +146,8 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 
 from megapix import cliargs  # noqa: E402
-from megapix.config import ExportConfig, ExtractConfig, PrepareConfig, ProbeConfig, SampleConfig  # noqa: E402
-from megapix.train import build_parser, config_from_args  # noqa: E402
+from megapix.commands.options import ExportConfig, ExtractConfig, PrepareConfig, ProbeConfig, SampleConfig  # noqa: E402
+from megapix.commands.train import build_parser, config_from_args  # noqa: E402
 
 COMMAND_CONFIGS = [ExtractConfig, ProbeConfig, SampleConfig, ExportConfig, PrepareConfig]
 
@@ -231,7 +231,7 @@ TINY_DIGITS = os.path.join(ROOT, "configs", "tiny_digits.yaml")
 
 def test_model_flag_keeps_the_config_files_resolution():
     """The trap of issue 16: `--config configs/tiny_digits.yaml --model tiny` keeps the file's 10x10."""
-    from megapix.train import requested_config
+    from megapix.commands.train import requested_config
 
     cfg = requested_config(build_parser().parse_args(["--config", TINY_DIGITS, "--model", "tiny"]))
     assert cfg.model.resolution == 10 and cfg.data.source == "digits-shifted"
@@ -241,7 +241,7 @@ def test_bare_train_is_make_train():
     """`deepspeed megapix/train.py` with no flags trains what `make train` trains (configs/tiny_digits.yaml), and
     a preset flag alone takes its own resolution."""
     from megapix.config import DEFAULT_RUN
-    from megapix.train import requested_config
+    from megapix.commands.train import requested_config
 
     make_train = load_config(TINY_DIGITS)
     assert requested_config(build_parser().parse_args([])) == make_train == Config.from_dict(DEFAULT_RUN)

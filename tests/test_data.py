@@ -19,7 +19,8 @@ from megapix.config import ConfigError
 from megapix.data.augment import cifar_augment
 from megapix.data.files import FILE_SOURCES, ConcatArray, ImageFolderImages, Subset
 from megapix.data.palette import Palette
-from megapix.data.prepare import prepare, prepare_main
+from megapix.commands.prepare import main as prepare_main
+from megapix.data.prepare import prepare
 from megapix.data.splits import fit_sample
 from megapix.data.sources import open_source
 

@@ -180,7 +180,7 @@ def test_effective_config_is_described_and_recorded(tmp_path):
 
 def test_run_record_of_another_run_is_not_replaced(tmp_path):
     from megapix.dsconfig import run_record
-    from megapix.train import check_run_record
+    from megapix.commands.train import check_run_record
     from megapix.utils import write_json
 
     path = str(tmp_path / "config.json")

@@ -109,7 +109,7 @@ def test_bad_options_fail_with_one_line(tmp_path, capsys, argv, words):
 
 def test_defaults_agree_with_the_trainer():
     from megapix.config import TrainConfig
-    from megapix.finetune import FinetuneConfig, parse_args
+    from megapix.commands.finetune import FinetuneConfig, parse_args
 
     t, (args, _) = TrainConfig(), parse_args(["--out", "x"])
     assert args.train == t  # FinetuneConfig nests the trainer's TrainConfig: one definition of each setting

@@ -366,9 +366,9 @@ def test_every_printed_command_runs_scaled_to_tiny(tmp_path):
 
 def test_readme_max_resolution_table_is_the_planners(capsys):
     """docs/planner.md's model-resolution table is `megapix plan --max-resolution --gpu h100`'s output, as printed."""
-    from megapix import plan
+    from megapix.commands.plan import main as plan_main
 
-    assert plan.main(["--max-resolution", "--gpu", "h100"]) == 0
+    assert plan_main(["--max-resolution", "--gpu", "h100"]) == 0
     printed = capsys.readouterr().out.strip()
     with open(os.path.join(ROOT, "docs", "planner.md")) as f:
         readme = f.read()
@@ -377,9 +377,9 @@ def test_readme_max_resolution_table_is_the_planners(capsys):
 
 def test_check_table_sets_the_planner_beside_deepspeeds_estimators(capsys):
     """`megapix plan --check`: 7 layouts x tiny/small/bench, DeepSpeed's estimate where it has one (ZeRO-1/2/3)."""
-    from megapix import plan
+    from megapix.commands.plan import main as plan_main
 
-    assert plan.main(["--check"]) == 0
+    assert plan_main(["--check"]) == 0
     rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith(("| tiny", "| small", "| bench"))]
     assert len(rows) == 21 and sum(not r.endswith("| n/a |") for r in rows) == 9, rows
 
@@ -452,10 +452,10 @@ def test_plan_prints_the_best_layout_first_with_commands_for_a_real_run(args, mu
     """The best layout comes first, then the ranked table; its launcher command carries --data, --palette, --out and
     --max-steps, across nodes a DeepSpeed hostfile, and a SLURM line with the batch script's own variables; every
     placeholder a command leaves is explained; no line is over 120 characters."""
-    from megapix import plan
+    from megapix.commands.plan import main as plan_main
 
     monkeypatch.chdir(ROOT)  # the commands are printed for the repository root
-    assert plan.main([*args, "--top", "5"]) == 0
+    assert plan_main([*args, "--top", "5"]) == 0
     stdout = capsys.readouterr().out
     lines = stdout.splitlines()
     best = next(i for i, ln in enumerate(lines) if ln.startswith("best (row 1): "))
@@ -522,10 +522,10 @@ def test_docs_example_table_is_the_planners(capsys):
     """docs/planner.md's example output: its ranked table is `megapix plan --model igpt-xl --nodes 8 --gpus-per-node 8
     --gpu h100 --top 10`'s, as printed (the commands above it name the venv's programs, which depend on where the
     planner runs)."""
-    from megapix import plan
+    from megapix.commands.plan import main as plan_main
 
     argv = ["--model", "igpt-xl", "--nodes", "8", "--gpus-per-node", "8", "--gpu", "h100", "--top", "10"]
-    assert plan.main(argv) == 0
+    assert plan_main(argv) == 0
     printed = capsys.readouterr().out
     table = printed[printed.index("every layout that fits"):printed.index("a row in detail")]
     with open(os.path.join(ROOT, "docs", "planner.md")) as f:

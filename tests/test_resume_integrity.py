@@ -230,7 +230,7 @@ def test_invalid_skipped_batches_are_refused_naming_the_file(finished, tmp_path,
 
 
 def test_resume_settings_list_the_operational_flags():
-    from megapix.train import build_parser
+    from megapix.commands.train import build_parser
 
     text = " ".join(build_parser().format_help().split())
     steer = text[text.index("may change:"):text.index("any other setting")]

@@ -29,6 +29,7 @@ from megapix.checkpoint import safe_load
 from megapix.checkpoint.names import canonical_name
 from megapix.checkpoint.universal import convert, fp32_state_dict
 from megapix.config import Config, ConfigError
+from megapix.errors import CheckpointError
 from megapix.parallel.pipeline import canonical_prefix
 from megapix.parallel.tensor import merge_shards, shard_tensor
 from megapix.utils import read_record
@@ -40,7 +41,7 @@ def _strip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _load(path: str) -> dict:
     if not os.path.isfile(path):
-        raise ConfigError(f"{path} is missing; the checkpoint is incomplete")
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete")
     return safe_load.load(path)
 
 
@@ -93,7 +94,7 @@ def module_state_dict(root: str, tag: str, cfg: Config) -> dict[str, torch.Tenso
     if pp > 1:
         return _pipeline_state_dict(folder, cfg)
     if zero_stage(folder, cfg) == 3:
-        raise ConfigError(f"{folder} is a ZeRO-3 checkpoint: its weights are only in the ZeRO partitions")
+        raise CheckpointError(f"{folder} is a ZeRO-3 checkpoint: its weights are only in the ZeRO partitions")
     per_rank = [_strip(_load(os.path.join(folder, f"mp_rank_{r:02d}_model_states.pt"))["module"]) for r in range(tp)]
     return _merge(per_rank) if tp > 1 else per_rank[0]
 
@@ -104,14 +105,14 @@ def _pipeline_state_dict(folder: str, cfg: Config) -> dict[str, torch.Tensor]:
     for idx in range(n_layer + 2):
         files = sorted(glob.glob(os.path.join(folder, f"layer_{idx:02d}-*model_states.pt")))
         if not files:
-            raise ConfigError(f"{folder} has no layer_{idx:02d}-*model_states.pt; the pipeline checkpoint is "
-                              "incomplete")
+            raise CheckpointError(f"{folder} has no layer_{idx:02d}-*model_states.pt; the pipeline checkpoint is "
+                                  "incomplete")
         by_rank = {}
         for f in files:
             m = re.search(r"model_(\d+)-model_states\.pt$", f)
             by_rank[int(m.group(1)) if m else 0] = f
         if sorted(by_rank) != list(range(tp)):
-            raise ConfigError(f"layer {idx} has TP shards {sorted(by_rank)} but the run used TP {tp}")
+            raise CheckpointError(f"layer {idx} has TP shards {sorted(by_rank)} but the run used TP {tp}")
         prefix = canonical_prefix(idx, n_layer)
         per_rank = [{prefix + k: v.float() for k, v in safe_load.load(by_rank[r]).items()} for r in range(tp)]
         out.update(_merge(per_rank))
@@ -125,8 +126,8 @@ def load_into(module: torch.nn.Module, full: dict[str, torch.Tensor], is_pipelin
     for name, p in module.named_parameters():
         key = canonical_name(name, is_pipeline, n_layer)
         if key not in full:
-            raise ConfigError(f"the checkpoint has no tensor {key!r}; was it written for a different model?")
+            raise CheckpointError(f"the checkpoint has no tensor {key!r}; was it written for a different model?")
         shard = shard_tensor(key, full[key], tp, tp_rank)
         if shard.shape != p.shape:
-            raise ConfigError(f"{key}: checkpoint shard {tuple(shard.shape)} does not fit {tuple(p.shape)}")
+            raise CheckpointError(f"{key}: checkpoint shard {tuple(shard.shape)} does not fit {tuple(p.shape)}")
         p.copy_(shard.to(p.dtype))

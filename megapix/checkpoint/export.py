@@ -15,12 +15,11 @@ import os
 from megapix.checkpoint.consolidate import has_masters, state_dict
 from megapix.checkpoint.load import checked, is_hf_dir, locate
 from megapix.checkpoint.tags import saved_layout, saved_step
-from megapix.cliargs import parse_command
-from megapix.config import ConfigError, ExportConfig
+from megapix.config import ConfigError
 from megapix.data.palette import Palette
 from megapix.data.splits import checked_run_palette
 from megapix.model.hf import save_state_dict_pretrained
-from megapix.runfolder import claim, disk_errors
+from megapix.runfolder import disk_errors
 from megapix.utils import atomic_path, check_output, read_json, read_metrics
 
 MARKER = "megapix_export.json"
@@ -96,10 +95,3 @@ def _copy_export(source: str, out: str) -> str:
     return os.path.basename(os.path.abspath(source))
 
 
-def main(argv=None) -> int:
-    """`megapix export --checkpoint RUN --out DIR` (the older `megapix export RUN DIR` is still accepted)."""
-    args = parse_command("megapix export", __doc__.splitlines()[0], ExportConfig, argv)
-    claim(args.out, "export", "megapix export", whole=True)  # one writer of this directory
-    tag = export(args.checkpoint, args.out)
-    print(f"megapix export: {tag} -> {os.path.abspath(args.out)}")
-    return 0

@@ -9,6 +9,7 @@ import torch
 from megapix.checkpoint.consolidate import state_dict
 from megapix.checkpoint.tags import problem, read_config, read_latest, resume_hint
 from megapix.config import Config, ConfigError
+from megapix.errors import CheckpointError
 from megapix.data.palette import Palette
 from megapix.data.splits import checked_run_palette
 from megapix.model import ImageGPT
@@ -23,21 +24,23 @@ def locate(path: str) -> tuple[str, str]:
         if os.path.isfile(latest):
             tag = read_latest(root)
             if tag is None:
-                raise ConfigError(f"{latest} is empty; {resume_hint(root, None, load=True)}")
+                raise CheckpointError(f"{latest} is empty; {resume_hint(root, None, load=True)}")
             if not os.path.isdir(os.path.join(root, tag)):
-                raise ConfigError(f"{latest} names {tag!r}, which does not exist; {resume_hint(root, tag, load=True)}")
+                raise CheckpointError(f"{latest} names {tag!r}, which does not exist; "
+                                      f"{resume_hint(root, tag, load=True)}")
             return root, tag
     if os.path.isfile(os.path.join(path, "megapix_config.json")):
         return os.path.dirname(path), os.path.basename(path)
-    raise ConfigError(f"{path} holds no megapix checkpoint (no checkpoints/latest, latest, or megapix_config.json); "
-                      "pass a training --out folder, a checkpoint tag folder, or an export directory")
+    raise CheckpointError(f"{path} holds no megapix checkpoint (no checkpoints/latest, latest, or "
+                          "megapix_config.json); pass a training --out folder, a checkpoint tag folder, or an export "
+                          "directory")
 
 
 def checked(root: str, tag: str) -> Config:
     """The tag's Config, after checking every file of the tag is complete and loads under the allow-list."""
     why = problem(root, tag, deep=True)
     if why is not None:
-        raise ConfigError(f"cannot read checkpoint {tag}: {why}; {resume_hint(root, tag, load=True)}")
+        raise CheckpointError(f"cannot read checkpoint {tag}: {why}; {resume_hint(root, tag, load=True)}")
     return read_config(root, tag)
 
 

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from megapix.config import ConfigError
+from megapix.errors import CheckpointError, ConfigError
 
 
 def _allowed_globals() -> list:
@@ -36,19 +36,19 @@ def load(path: str, mmap: bool = False):
     """torch.load(path) with weights_only=True and DeepSpeed's checkpoint classes allowed; one-line errors."""
     try:
         if os.path.getsize(path) == 0:
-            raise ConfigError(f"{path} is empty (0 bytes)")
+            raise CheckpointError(f"{path} is empty (0 bytes)")
         with torch.serialization.safe_globals(_allowed_globals()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except ConfigError:
         raise
     except FileNotFoundError:
-        raise ConfigError(f"{path} is missing") from None
+        raise CheckpointError(f"{path} is missing") from None
     except Exception as e:  # the unpickler's refusal, a truncated zip, a non-torch file: all mean "do not use"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise ConfigError(f"{path} references code outside the checkpoint allow-list ({first[:200]}); "
-                              "refusing to load it: it was not written by megapix/DeepSpeed") from None
-        raise ConfigError(f"{path} is truncated or not a torch checkpoint file ({first[:200]})") from None
+            raise CheckpointError(f"{path} references code outside the checkpoint allow-list ({first[:200]}); "
+                                  "refusing to load it: it was not written by megapix/DeepSpeed") from None
+        raise CheckpointError(f"{path} is truncated or not a torch checkpoint file ({first[:200]})") from None
 
 
 def checked_files(folder: str) -> list[str]:

@@ -30,6 +30,7 @@ from megapix.checkpoint.tags import (TAG, check_same_model, layout_record, probl
                                      saved_layout, saved_step, tag_for, tags)
 from megapix.checkpoint.universal import resume_universal, universal_checkpoint_info, unsupported_reason
 from megapix.config import Config, ConfigError
+from megapix.errors import CheckpointError
 from megapix.parallel import dist
 from megapix.parallel.layout import Layout
 from megapix.runfolder import disk_error, disk_errors
@@ -263,7 +264,7 @@ def check_resumable(ckpt_dir: str, tag: str) -> None:
     anything the allow-list does not admit. Runs before DeepSpeed opens any file of it."""
     why = problem(ckpt_dir, tag, deep=True)
     if why is not None:
-        raise ConfigError(f"cannot resume {tag}: {why}; {resume_hint(ckpt_dir, tag)}")
+        raise CheckpointError(f"cannot resume {tag}: {why}; {resume_hint(ckpt_dir, tag)}")
 
 
 def resumable_tag(ckpt_dir: str, cfg: Config | None = None) -> str | None:
@@ -279,10 +280,10 @@ def resumable_tag(ckpt_dir: str, cfg: Config | None = None) -> str | None:
                 return None
             latest = os.path.join(ckpt_dir, "latest")
             state = "is empty" if os.path.isfile(latest) else "is missing"
-            raise ConfigError(f"{latest} {state} but {ckpt_dir} holds checkpoints; {resume_hint(ckpt_dir, None)}")
+            raise CheckpointError(f"{latest} {state} but {ckpt_dir} holds checkpoints; {resume_hint(ckpt_dir, None)}")
         if not os.path.isdir(os.path.join(ckpt_dir, tag)):
-            raise ConfigError(f"{os.path.join(ckpt_dir, 'latest')} names {tag!r}, which does not exist; "
-                              f"{resume_hint(ckpt_dir, tag)}")
+            raise CheckpointError(f"{os.path.join(ckpt_dir, 'latest')} names {tag!r}, which does not exist; "
+                                  f"{resume_hint(ckpt_dir, tag)}")
         check_resumable(ckpt_dir, tag)
         if cfg is not None:
             check_same_model(ckpt_dir, tag, cfg)
@@ -313,5 +314,5 @@ def resume(engine, ckpt_dir: str, cfg: Config, layout: Layout, is_pipeline: bool
         return resume_resharded(engine, ckpt_dir, tag, cfg, layout, is_pipeline, why_not)
     path, client = engine.load_checkpoint(ckpt_dir, tag=tag)
     if path is None:
-        raise ConfigError(f"DeepSpeed could not load {os.path.join(ckpt_dir, tag)}; {resume_hint(ckpt_dir, tag)}")
+        raise CheckpointError(f"DeepSpeed could not load {os.path.join(ckpt_dir, tag)}; {resume_hint(ckpt_dir, tag)}")
     return int(client["step"])

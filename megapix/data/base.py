@@ -72,3 +72,18 @@ def resize(images: np.ndarray, res: int) -> np.ndarray:
     from PIL import Image
 
     return np.stack([np.asarray(Image.fromarray(im).resize((res, res), Image.BILINEAR)) for im in images])
+
+
+def holdout_fraction(val_fraction, default: float) -> float:
+    """The held-out share of train: the user's value, else the source's default; in [0, 1)."""
+    f = default if val_fraction is None else float(val_fraction)
+    if not 0.0 <= f < 1.0:
+        raise ConfigError(f"data.val_fraction={val_fraction} must lie in [0, 1); the paper holds out 0.1 "
+                          "(0.04 ImageNet)")
+    return f
+
+
+def check_size(h: int, w: int, resolution: int, what: str, fix: str) -> None:
+    """Images of a fixed-size dataset must be the model's resolution; `fix` says how to get there."""
+    if h != resolution or w != resolution:
+        raise ConfigError(f"{what} images are {h}x{w} but the model expects {resolution}x{resolution}; {fix}")

@@ -9,22 +9,22 @@ training loader calls `split.images[idx]`, except that when the object has `batc
 random resize/crop for training, deterministically given (seed, epoch, index).
 
 Every bad input (missing or corrupt file, wrong shape or dtype, ids >= 512, images of the wrong size for the
-model) raises megapix.config.ConfigError with one line naming the problem and the fix.
+model) raises an InputError (megapix.errors; a DataError when a file holds bad data) with one line naming the
+problem and the fix.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-import io
 import os
-import pickle
-import tarfile
 import warnings
 
 import numpy as np
 
 from megapix.config import VOCAB_SIZE, ConfigError
+from megapix.errors import DataError
 from megapix.data import augment as aug
-from megapix.data.base import SPLITS, ArraySource, Source, Split, holdout
+from megapix.data.base import SPLITS, Source, Split, check_size, holdout, holdout_fraction
+from megapix.data.cifar import open_cifar
 from megapix.utils import read_json
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
@@ -142,9 +142,9 @@ class ImageFolderImages(LazyArray):
         try:
             return aug.load_and_crop(path, self.resolution, box_fn)
         except FileNotFoundError:
-            raise ConfigError(f"image file {path!r} has disappeared; restore it or re-create the dataset") from None
+            raise DataError(f"image file {path!r} has disappeared; restore it or re-create the dataset") from None
         except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt files
-            raise ConfigError(f"cannot decode image {path!r} ({type(e).__name__}: {e}); remove or replace it") from None
+            raise DataError(f"cannot decode image {path!r} ({type(e).__name__}: {e}); remove or replace it") from None
 
     def _take(self, rows):
         out = np.empty((len(rows),) + self.shape[1:], dtype=np.uint8)
@@ -166,22 +166,14 @@ class ImageFolderImages(LazyArray):
 # ----------------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------------
-def _frac(val_fraction, default: float) -> float:
-    f = default if val_fraction is None else float(val_fraction)
-    if not 0.0 <= f < 1.0:
-        raise ConfigError(f"data.val_fraction={val_fraction} must lie in [0, 1); the paper holds out 0.1 "
-                          "(0.04 ImageNet)")
-    return f
-
-
 def _load_npy(path: str, what: str, mmap: bool = True) -> np.ndarray:
     if not os.path.isfile(path):
         raise ConfigError(f"{what} file {path!r} does not exist; check the path")
     try:
         return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except Exception as e:  # noqa: BLE001 - numpy raises ValueError/OSError/EOFError/... for bad files
-        raise ConfigError(f"{what} file {path!r} is not a readable .npy array ({type(e).__name__}: {e}); "
-                          "re-create it with numpy.save (no pickled objects)") from None
+        raise DataError(f"{what} file {path!r} is not a readable .npy array ({type(e).__name__}: {e}); "
+                        "re-create it with numpy.save (no pickled objects)") from None
 
 
 def _labels_from(y, n: int, path: str) -> tuple[np.ndarray, int]:
@@ -196,18 +188,13 @@ def _labels_from(y, n: int, path: str) -> tuple[np.ndarray, int]:
             lab[s:s + 65536] = np.argmax(y[s:s + 65536], axis=1)
         return lab, num
     if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.bool_)):
-        raise ConfigError(f"labels {path!r} must be integers [N] or one-hot [N, C]; got {y.dtype} {y.shape}")
+        raise DataError(f"labels {path!r} must be integers [N] or one-hot [N, C]; got {y.dtype} {y.shape}")
     if len(y) != n:
         raise ConfigError(f"labels {path!r} have {len(y)} entries but there are {n} images; they must match")
     lab = y.astype(np.int64)
     if n and lab.min() < 0:
-        raise ConfigError(f"labels {path!r} contain negative values; class ids start at 0")
+        raise DataError(f"labels {path!r} contain negative values; class ids start at 0")
     return lab, (int(lab.max()) + 1 if n else 0)
-
-
-def _check_size(h: int, w: int, resolution: int, what: str, fix: str) -> None:
-    if h != resolution or w != resolution:
-        raise ConfigError(f"{what} images are {h}x{w} but the model expects {resolution}x{resolution}; {fix}")
 
 
 class _LazySource(Source):
@@ -219,164 +206,6 @@ class _LazySource(Source):
         if name not in self._splits:
             raise ConfigError(f"unknown split {name!r}; choose one of {', '.join(SPLITS)}")
         return self._splits[name]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# CIFAR-10 / CIFAR-100 python tarballs
-# ----------------------------------------------------------------------------------------------------------
-_CIFAR = {
-    "cifar10": dict(dir="cifar-10-batches-py", tar="cifar-10-python.tar.gz",
-                    train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"], key=b"labels", classes=10),
-    "cifar100": dict(dir="cifar-100-python", tar="cifar-100-python.tar.gz",
-                     train=["train"], test=["test"], key=b"fine_labels", classes=100),
-}
-
-
-def _latin1_encode(text, encoding="latin1"):
-    # protocol-2 pickles written by Python 3 carry bytes as _codecs.encode(str, "latin1"); nothing else
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise _Refused(f"_codecs.encode with encoding {encoding!r}")
-    return text.encode("latin1")
-
-
-def _plain_dtype(*args):
-    dt = np.dtype(*args)
-    if dt.hasobject:  # object arrays would unpickle arbitrary objects from their payload
-        raise _Refused(f"an array of dtype {dt}")
-    return dt
-
-
-def _cifar_globals() -> dict:
-    """The only callables a CIFAR batch pickle may name: numpy's array reconstruction under the numpy 1
-    (numpy.core) and numpy 2 (numpy._core) module paths, and the latin-1 bytes codec."""
-    try:
-        from numpy._core.multiarray import _reconstruct
-        from numpy._core.numeric import _frombuffer
-    except ImportError:  # numpy 1.x
-        from numpy.core.multiarray import _reconstruct
-        from numpy.core.numeric import _frombuffer
-    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _plain_dtype,
-               ("_codecs", "encode"): _latin1_encode}
-    for core in ("numpy.core", "numpy._core"):
-        allowed[(f"{core}.multiarray", "_reconstruct")] = _reconstruct
-        allowed[(f"{core}.numeric", "_frombuffer")] = _frombuffer
-    return allowed
-
-
-class _CifarUnpickler(pickle.Unpickler):
-    """Unpickles only what a CIFAR python batch holds (dicts, lists, bytes/str, ints, plain numpy arrays):
-    every other global is refused before it is resolved, so a crafted member cannot run code."""
-
-    _allowed = None
-
-    def find_class(self, module, name):
-        if _CifarUnpickler._allowed is None:
-            _CifarUnpickler._allowed = _cifar_globals()
-        obj = self._allowed.get((module, name))
-        if obj is None:
-            raise _Refused(f"{module}.{name}")
-        return obj
-
-    def persistent_load(self, pid):
-        raise _Refused("a persistent id")
-
-
-class _Refused(pickle.UnpicklingError):
-    pass
-
-
-def _unpickle_cifar(raw: bytes, where: str, spec: dict) -> tuple[np.ndarray, np.ndarray]:
-    # The official CIFAR "python version" is a set of pickled dicts. They are read with _CifarUnpickler,
-    # which admits only numpy array reconstruction, so no member can execute code; everything it returns is
-    # then checked for type and shape before use.
-    try:
-        d = _CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
-    except _Refused as e:
-        raise ConfigError(f"{where} is not a CIFAR batch: it references {e}, which a CIFAR batch never holds "
-                          "(refused without running it); re-download the tarball") from None
-    except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"{where} is not a readable CIFAR batch ({type(e).__name__}); "
-                          "re-download the tarball") from None
-    if not isinstance(d, dict) or b"data" not in d or spec["key"] not in d:
-        raise ConfigError(f"{where} is not a CIFAR batch (expected a dict with b'data' and {spec['key']!r}); "
-                          "re-download the tarball")
-    x, y = d[b"data"], d[spec["key"]]
-    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
-        raise ConfigError(f"{where}: b'data' must be uint8 [N, 3072] (32x32x3 CHW); got "
-                          f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}; re-download the tarball")
-    try:
-        y = np.asarray(y, dtype=np.int64)
-    except Exception:  # noqa: BLE001
-        raise ConfigError(f"{where}: labels are not integers; re-download the tarball") from None
-    if y.shape != (len(x),) or (len(y) and (y.min() < 0 or y.max() >= spec["classes"])):
-        raise ConfigError(f"{where}: expected {len(x)} labels in [0, {spec['classes']}); got shape {y.shape}; "
-                          "re-download the tarball")
-    return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), y
-
-
-def _require_cifar_path(path: str, kind: str) -> None:
-    if not os.path.exists(path):
-        spec = _CIFAR[kind]
-        raise ConfigError(f"{kind}: {path!r} does not exist; pass {spec['tar']} or its extracted {spec['dir']}/ "
-                          "directory")
-
-
-def _read_cifar(path: str, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    spec = _CIFAR[kind]
-    names = spec["train"] + spec["test"]
-    blobs: dict[str, bytes] = {}
-    if os.path.isdir(path):
-        d = path if os.path.isfile(os.path.join(path, names[0])) else os.path.join(path, spec["dir"])
-        for n in names:
-            f = os.path.join(d, n)
-            if not os.path.isfile(f):
-                raise ConfigError(f"{kind}: {f!r} is missing; point {kind}:PATH at {spec['tar']} or the extracted "
-                                  f"{spec['dir']}/ directory")
-            with open(f, "rb") as fh:
-                blobs[n] = fh.read()
-    elif os.path.isfile(path):
-        try:
-            with tarfile.open(path, "r:*") as tf:
-                for n in names:
-                    member = f"{spec['dir']}/{n}"
-                    try:
-                        info = tf.getmember(member)
-                    except KeyError:
-                        raise ConfigError(f"{kind}: {path!r} has no member {member!r}; "
-                                          f"is this {spec['tar']}?") from None
-                    fh = tf.extractfile(info) if info.isfile() else None
-                    if fh is None:
-                        raise ConfigError(f"{kind}: {member!r} in {path!r} is not a regular file; re-download it")
-                    blobs[n] = fh.read()
-        except ConfigError:
-            raise
-        except Exception as e:  # noqa: BLE001 - tarfile/gzip/zlib/EOF errors for truncated or corrupt files
-            raise ConfigError(f"{kind}: cannot read {path!r} as a tarball ({type(e).__name__}: {e}); "
-                              f"re-download {spec['tar']}") from None
-    else:
-        _require_cifar_path(path, kind)
-    xs, ys = {}, {}
-    for n in names:
-        xs[n], ys[n] = _unpickle_cifar(blobs.pop(n), f"{kind}: {n} in {path!r}", spec)
-    cat = lambda group, d: np.concatenate([d[n] for n in spec[group]])  # noqa: E731
-    return cat("train", xs), cat("train", ys), cat("test", xs), cat("test", ys)
-
-
-def _cifar(kind: str):
-    def open_cifar(path, *, resolution, val_fraction=None, seed=0, augment=True) -> Source:
-        """CIFAR python tarball (or extracted directory): train minus a seeded 10% holdout, val, test.
-
-        Images are handed out as plain arrays; the CIFAR fine-tuning augmentation (pad 4, crop, flip) is
-        `megapix.data.augment.cifar_augment`, applied by whoever trains.
-        """
-        _require_cifar_path(path, kind)  # a missing file first: it is the first thing to fix
-        _check_size(32, 32, resolution, "CIFAR", "pass --resolution 32 (or a 32x32 preset such as igpt-s)")
-        frac = _frac(val_fraction, 0.1)
-        trx, try_, tex, tey = _read_cifar(path, kind)
-        return ArraySource(kind, trx, try_, tex, tey, _CIFAR[kind]["classes"], frac, seed)
-
-    open_cifar.__name__ = f"open_{kind}"
-    return open_cifar
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -424,7 +253,7 @@ class ImageFolderSource(_LazySource):
         if not os.path.isdir(root):
             raise ConfigError(f"imagefolder: {path!r} is not a directory; expected DIR/train/<class>/<image>.jpg")
         self.name, self.seed = "imagefolder", seed
-        frac = _frac(val_fraction, self.default_val_fraction)
+        frac = holdout_fraction(val_fraction, self.default_val_fraction)
         train_dir = os.path.join(root, "train")
         train_dir = train_dir if os.path.isdir(train_dir) else root
         classes, files, labels = _scan_classes(train_dir)
@@ -468,13 +297,13 @@ class NpySource(_LazySource):
         if x.dtype != np.uint8 or not (gray or (x.ndim == 4 and x.shape[-1] == 3)):
             raise ConfigError(f"npy: {paths[0]!r} must be uint8 images [N, H, W, 3] (or grey [N, H, W]); got "
                               f"{x.dtype} {x.shape}; convert with np.clip(np.rint(x), 0, 255).astype(np.uint8)")
-        _check_size(x.shape[1], x.shape[2], resolution, f"npy: {paths[0]!r}",
+        check_size(x.shape[1], x.shape[2], resolution, f"npy: {paths[0]!r}",
                     f"resize them to {resolution}x{resolution} or use a preset with resolution {x.shape[1]}")
         labels, k = (None, None)
         if len(paths) == 2:
             labels, k = _labels_from(_load_npy(paths[1], "npy labels"), len(x), paths[1])
         self.num_classes = k
-        tr, va = holdout(len(x), _frac(val_fraction, 0.1), seed)
+        tr, va = holdout(len(x), holdout_fraction(val_fraction, 0.1), seed)
         lab = lambda idx: None if labels is None else labels[idx]  # noqa: E731
         self._splits = {
             "train": Split(Subset(x, tr, gray), labels=lab(tr), num_classes=k),
@@ -491,7 +320,7 @@ _IGPT_PARTS = {"train": ("trX", "trY"), "val": ("vaX", "vaY"), "test": ("teX", "
 
 def _check_tokens(x: np.ndarray, path: str, resolution: int) -> None:
     if x.ndim != 2 or not np.issubdtype(x.dtype, np.integer):
-        raise ConfigError(f"{path!r} must hold integer cluster ids [N, T]; got {x.dtype} {x.shape}")
+        raise DataError(f"{path!r} must hold integer cluster ids [N, T]; got {x.dtype} {x.shape}")
     if x.shape[1] != resolution**2:
         side = int(round(x.shape[1] ** 0.5))
         raise ConfigError(f"{path!r} holds {x.shape[1]} tokens per image ({side}x{side}) but the model expects "
@@ -502,8 +331,8 @@ def _check_tokens(x: np.ndarray, path: str, resolution: int) -> None:
         if blk.size:
             lo, hi = min(lo, int(blk.min())), max(hi, int(blk.max()))
     if lo < 0 or hi >= VOCAB_SIZE:
-        raise ConfigError(f"token ids >= {VOCAB_SIZE} (or < 0) in {path!r} (range [{lo}, {hi}]); these are not "
-                          f"{VOCAB_SIZE}-colour palette ids")
+        raise DataError(f"token ids >= {VOCAB_SIZE} (or < 0) in {path!r} (range [{lo}, {hi}]); these are not "
+                        f"{VOCAB_SIZE}-colour palette ids")
 
 
 class IgptTokenSource(_LazySource):
@@ -544,19 +373,19 @@ def read_manifest(root: str) -> dict:
         raise ConfigError(f"shards: {root!r} has no {MANIFEST}; create it with `megapix prepare --out {root}`")
     m = read_json(mf)
     if m is None:
-        raise ConfigError(f"shards: {mf!r} is not valid JSON; re-run `megapix prepare` into a new --out")
+        raise DataError(f"shards: {mf!r} is not valid JSON; re-run `megapix prepare` into a new --out")
     if not isinstance(m, dict) or m.get("format") != SHARDS_FORMAT or not isinstance(m.get("splits"), dict):
-        raise ConfigError(f"shards: {mf!r} is not a megapix shard manifest; re-run `megapix prepare`")
+        raise DataError(f"shards: {mf!r} is not a megapix shard manifest; re-run `megapix prepare`")
     return m
 
 
 def open_shard(path: str, count: int, tokens: int, nbytes: int | None = None) -> np.ndarray:
     """Memory-map one shard, checking that it is complete: uint16 [count, tokens] (and `nbytes` long)."""
     if not os.path.isfile(path):
-        raise ConfigError(f"shard {path!r} is missing; re-run `megapix prepare` with the same arguments to redo it")
+        raise DataError(f"shard {path!r} is missing; re-run `megapix prepare` with the same arguments to redo it")
     if nbytes is not None and os.path.getsize(path) != nbytes:
-        raise ConfigError(f"shard {path!r} has {os.path.getsize(path)} bytes, expected {nbytes}; re-run "
-                          "`megapix prepare` with the same arguments to redo it")
+        raise DataError(f"shard {path!r} has {os.path.getsize(path)} bytes, expected {nbytes}; re-run "
+                        "`megapix prepare` with the same arguments to redo it")
     x = _load_npy(path, "shard")
     if x.dtype != np.uint16 or x.shape != (count, tokens):
         raise ConfigError(f"shard {path!r} is {x.dtype} {x.shape}, expected uint16 ({count}, {tokens}); re-run "
@@ -608,8 +437,8 @@ class ShardSource(_LazySource):
 
 
 FILE_SOURCES: dict = {
-    "cifar10": _cifar("cifar10"),
-    "cifar100": _cifar("cifar100"),
+    "cifar10": open_cifar("cifar10"),
+    "cifar100": open_cifar("cifar100"),
     "imagefolder": ImageFolderSource,
     "npy": NpySource,
     "igpt": IgptTokenSource,

@@ -27,13 +27,12 @@ import sys
 
 import numpy as np
 
-from megapix.cliargs import parse_command
-from megapix.config import VOCAB_SIZE, ConfigError, PrepareConfig
+from megapix.config import VOCAB_SIZE, ConfigError
 from megapix.data.files import MANIFEST, SHARDS_FORMAT, open_shard, read_manifest
 from megapix.data.palette import Palette
 from megapix.data import splits as data_splits
 from megapix.data.sources import SPLITS, open_source
-from megapix.runfolder import claim, preallocate
+from megapix.runfolder import preallocate
 from megapix.utils import atomic_path, write_json
 
 PALETTE_FILE = "palette.npy"
@@ -163,8 +162,45 @@ def prepare(spec: str, out: str, *, resolution: int, palette: str | None = None,
             shard_size: int = 65536, workers: int = 1, seed: int = 0, val_fraction: float | None = None,
             progress: bool = True) -> dict:
     """Encode every split of `spec` into token shards under `out`; returns the manifest. Resumable."""
-    from tqdm import tqdm
+    src, tokens_only = _checked_source(spec, resolution, palette, fit_palette, shard_size, workers, seed, val_fraction)
+    out = os.path.abspath(out)
+    old = _old_manifest(out)
+    settings = {"source": spec, "resolution": resolution, "seed": seed, "val_fraction": val_fraction,
+                "shard_size": shard_size, "palette": "fit" if fit_palette else
+                (sha256_file(palette) if palette and os.path.isfile(palette) else palette)}
+    if old is not None and old.get("settings") != settings:
+        diff = sorted(k for k in settings if (old.get("settings") or {}).get(k) != settings[k])
+        raise ConfigError(f"--out {out!r} holds shards prepared with different settings ({', '.join(diff)}); "
+                          "use a new --out directory or delete the old one")
+    pal, pal_entry = _resolve_palette(src, spec, out, palette, fit_palette, seed, old, tokens_only)  # fit, then write
+    os.makedirs(out, exist_ok=True)
+    _clean_stale(out)
+    splits = _plan(src, shard_size)
+    _carry_over(splits, (old or {}).get("splits", {}))
+    manifest = {"format": SHARDS_FORMAT, "version": 1, "complete": False, "settings": settings,
+                "resolution": resolution, "tokens_per_image": resolution**2, "dtype": "uint16",
+                "num_classes": src.num_classes, "palette": pal_entry, "splits": splits}
+    write_json(os.path.join(out, MANIFEST), manifest)
+    for name, info in splits.items():  # labels are small: write them here
+        if info["labels"] and not info["same_as"]:
+            with atomic_path(os.path.join(out, info["labels"])) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, np.asarray(src.split(name).labels, dtype=np.int64))
+    palette_file = None if pal is None else os.path.join(out, PALETTE_FILE)
+    if pal is not None:
+        pal = Palette.load(palette_file)  # the copy in --out: its colour table is cached there
+    _encode_all(src, pal, manifest, out, _todo(splits, out, resolution**2), workers, progress,
+                (spec, resolution, val_fraction, seed, palette_file))
+    for info in splits.values():
+        if info["same_as"]:
+            info["shards"] = splits[info["same_as"]]["shards"]
+    manifest["complete"] = True
+    write_json(os.path.join(out, MANIFEST), manifest)
+    return manifest
 
+
+def _checked_source(spec, resolution, palette, fit_palette, shard_size, workers, seed, val_fraction):
+    """The opened source and whether it holds tokens already, after every check that needs no output folder."""
     if shard_size < 1:
         raise ConfigError(f"--shard-size={shard_size} must be >= 1 (images per shard)")
     if workers < 1:
@@ -178,44 +214,33 @@ def prepare(spec: str, out: str, *, resolution: int, palette: str | None = None,
     if palette is None and not fit_palette and not tokens_only:
         raise ConfigError("prepare needs a palette to encode images: pass --palette kmeans_centers.npy "
                           "or --fit-palette (k-means on the train split)")
-    out = os.path.abspath(out)
+    return src, tokens_only
+
+
+def _old_manifest(out: str) -> dict | None:
+    """The manifest of an earlier run into `out` (resumed), None for a new or empty folder; a folder of other
+    .npy files, or a file, is refused."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--out {out!r} exists and is not a directory; choose a directory")
     old = read_manifest(out) if os.path.isfile(os.path.join(out, MANIFEST)) else None
     if old is None and os.path.isdir(out) and any(f.endswith(".npy") and f != PALETTE_FILE for f in os.listdir(out)):
         raise ConfigError(f"--out {out!r} holds .npy files but no {MANIFEST}; use an empty or new directory")
+    return old
 
-    settings = {"source": spec, "resolution": resolution, "seed": seed, "val_fraction": val_fraction,
-                "shard_size": shard_size, "palette": "fit" if fit_palette else
-                (sha256_file(palette) if palette and os.path.isfile(palette) else palette)}
-    if old is not None and old.get("settings") != settings:
-        diff = sorted(k for k in settings if (old.get("settings") or {}).get(k) != settings[k])
-        raise ConfigError(f"--out {out!r} holds shards prepared with different settings ({', '.join(diff)}); "
-                          "use a new --out directory or delete the old one")
-    pal, pal_entry = _resolve_palette(src, spec, out, palette, fit_palette, seed, old, tokens_only)  # fit, then write
-    os.makedirs(out, exist_ok=True)
-    _clean_stale(out)
 
-    splits = _plan(src, shard_size)
-    old_splits = (old or {}).get("splits", {})
-    for name, info in splits.items():  # carry over shards already done
+def _carry_over(splits: dict, old_splits: dict) -> None:
+    """Shards an earlier run finished keep their size and checksum in the new plan."""
+    for name, info in splits.items():
         prev = {s["file"]: s for s in old_splits.get(name, {}).get("shards", [])}
         for s in info["shards"]:
             p = prev.get(s["file"])
             if p and p.get("sha256") and p.get("count") == s["count"]:
                 s["bytes"], s["sha256"] = p["bytes"], p["sha256"]
-    manifest = {"format": SHARDS_FORMAT, "version": 1, "complete": False, "settings": settings,
-                "resolution": resolution, "tokens_per_image": resolution**2, "dtype": "uint16",
-                "num_classes": src.num_classes, "palette": pal_entry, "splits": splits}
-    write_json(os.path.join(out, MANIFEST), manifest)
 
-    for name, info in splits.items():  # labels are small: write them here
-        if info["labels"] and not info["same_as"]:
-            with atomic_path(os.path.join(out, info["labels"])) as tmp:
-                with open(tmp, "wb") as f:
-                    np.save(f, np.asarray(src.split(name).labels, dtype=np.int64))
 
-    T = resolution**2
+def _todo(splits: dict, out: str, tokens: int) -> list[tuple]:
+    """The shards left to encode: (split, index, first row, end row, path). A shard renamed into place before the
+    run died (complete, but not yet in the manifest) is checked and kept; a damaged one is removed and redone."""
     todo = []
     for name, info in splits.items():
         if info["same_as"]:
@@ -224,9 +249,9 @@ def prepare(spec: str, out: str, *, resolution: int, palette: str | None = None,
             path = os.path.join(out, s["file"])
             if s.get("sha256") and os.path.isfile(path) and os.path.getsize(path) == s["bytes"]:
                 continue  # done in an earlier run
-            if os.path.isfile(path):  # renamed (so complete) but the run died before the manifest update
+            if os.path.isfile(path):
                 try:
-                    open_shard(path, s["count"], T)
+                    open_shard(path, s["count"], tokens)
                     s["bytes"], s["sha256"] = os.path.getsize(path), sha256_file(path)
                     continue
                 except ConfigError:
@@ -234,14 +259,16 @@ def prepare(spec: str, out: str, *, resolution: int, palette: str | None = None,
             s.pop("sha256", None)
             s.pop("bytes", None)
             todo.append((name, i, s["start"], s["start"] + s["count"], path))
+    return todo
 
-    by_key = {(name, i): s for name, info in splits.items() for i, s in enumerate(info["shards"])}
-    total = sum(t[3] - t[2] for t in todo)
-    bar = tqdm(total=total, unit="img", desc=f"prepare {os.path.basename(out)}", disable=not progress,
-               file=sys.stderr)
-    palette_file = None if pal is None else os.path.join(out, PALETTE_FILE)
-    if pal is not None:
-        pal = Palette.load(palette_file)  # the copy in --out: its colour table is cached there
+
+def _encode_all(src, pal, manifest: dict, out: str, todo: list, workers: int, progress: bool, worker_args) -> None:
+    """Encode the shards in `todo` (in this process, or a pool of `workers`), the manifest rewritten after each."""
+    from tqdm import tqdm
+
+    by_key = {(name, i): s for name, info in manifest["splits"].items() for i, s in enumerate(info["shards"])}
+    bar = tqdm(total=sum(t[3] - t[2] for t in todo), unit="img", desc=f"prepare {os.path.basename(out)}",
+               disable=not progress, file=sys.stderr)
 
     def done(result):
         name, i, nbytes, sha = result
@@ -260,33 +287,11 @@ def prepare(spec: str, out: str, *, resolution: int, palette: str | None = None,
 
             # spawn, not fork: workers use torch, whose thread pools are not fork-safe once used.
             ctx = mp.get_context("spawn")
-            with ctx.Pool(min(workers, len(todo)), initializer=_init_worker,
-                          initargs=(spec, resolution, val_fraction, seed, palette_file)) as pool:
+            with ctx.Pool(min(workers, len(todo)), initializer=_init_worker, initargs=worker_args) as pool:
                 for r in pool.imap_unordered(_encode_shard, todo):
                     done(r)
     finally:
         bar.close()
         _STATE.clear()
 
-    for info in splits.values():
-        if info["same_as"]:
-            info["shards"] = splits[info["same_as"]]["shards"]
-    manifest["complete"] = True
-    write_json(os.path.join(out, MANIFEST), manifest)
-    return manifest
 
-
-def prepare_main(argv=None) -> int:
-    """Entry point of `megapix prepare`. Raises ConfigError (one line, with the fix) on bad input."""
-    a = parse_command("megapix prepare", "Encode images into palette-id token shards.", PrepareConfig, argv)
-    claim(a.out, "prepare", "megapix prepare")  # one writer, and only into a folder of prepared shards
-    m = prepare(a.data, a.out, resolution=a.resolution, palette=a.palette, fit_palette=a.fit_palette,
-                shard_size=a.shard_size, workers=a.workers, seed=a.seed, val_fraction=a.val_fraction,
-                progress=a.progress)
-    counts = ", ".join(f"{k} {v['count']}" for k, v in m["splits"].items())
-    print(f"prepared {counts} images at {a.resolution}x{a.resolution} into {os.path.abspath(a.out)}")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(prepare_main())

@@ -32,6 +32,30 @@ def barrier() -> None:
         dist.barrier()
 
 
+class World:
+    """This process's rank and world for a command that is not the trainer (extract, the attentive probe):
+    torch.distributed when a launcher started this process (the group is started here if nobody has), a world of
+    one otherwise. close() ends a group started here."""
+
+    def __init__(self):
+        from megapix.parallel.launch import init_distributed, launched
+
+        self.dist = dist
+        self.started = launched() and not dist.is_initialized()
+        if self.started:
+            init_distributed()
+        self.on = initialized()
+        self.rank, self.world = rank(), world_size()
+
+    def barrier(self) -> None:
+        if self.on and self.world > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.started:
+            dist.destroy_process_group()
+
+
 def _collective_device() -> torch.device:
     """Where a collective's tensors live: NCCL needs this rank's GPU, gloo the CPU."""
     if dist.get_backend() == "nccl":

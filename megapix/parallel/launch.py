@@ -16,6 +16,13 @@ from megapix.config import ConfigError
 MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
 
 
+def launched() -> bool:
+    """Whether a launcher started this process as one rank of several (torchrun/deepspeed, srun or mpiexec)."""
+    env = os.environ
+    return (("RANK" in env and "WORLD_SIZE" in env) or ("SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env)
+            or any(v in env for v in MPI_RANK_VARS))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -41,7 +41,8 @@ import time
 import uuid
 from datetime import timedelta
 
-EXIT_REQUEUE = 75  # engine.EXIT_PREEMPTED: "requeue me"; slurm/launch.sh requeues on it (a test keeps them equal)
+from megapix.errors import EXIT_REQUEUE  # "requeue me": slurm/launch.sh requeues on it
+
 DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0
 MIN_GRACE_S = 10.0
 

@@ -2,11 +2,10 @@
 fits, ranked (`megapix plan`). A model of the engine, checked term by term against it (checks, comms); only the device
 constants are assumed. The formulas and what each was checked against: docs/planner.md.
 
-devices (the device constants), memory, timing, search, report, run (the commands printed for a real run), cli; checks
-and comms are imported by their path.
+devices (the device constants), memory, timing, search, report, run (the commands printed for a real run); checks
+and comms are imported by their path. The command line is megapix.commands.plan.
 """
 from megapix.parallel.layout import Layout, layout_problems
-from megapix.plan.cli import build_parser, main
 from megapix.plan.devices import (BUCKET_ELEMENTS, COMM_EFFICIENCY, DEVICES, EFFICIENCY, FULL_WIDTH, LATENCY_S, PLANNED,
                                   WORKSPACE_BYTES, Device, GiB, device_for)
 from megapix.plan.memory import (KERNEL_PATHS, Memory, block_activation_bytes, checkpointed_block_bytes,

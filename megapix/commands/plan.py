@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 from megapix import cliargs
+from megapix.commands.runner import run
 from megapix.config import PRESETS, ConfigError, ModelConfig, TrainConfig, model_preset
 from megapix.parallel.layout import Layout, layout_problems
 from megapix.plan.devices import DEVICES, EFFICIENCY, PLANNED
@@ -80,6 +81,10 @@ def validate(a) -> dict:
 
 
 def main(argv=None) -> int:
+    return run("megapix plan", lambda: _plan(argv))
+
+
+def _plan(argv) -> int:
     a = build_parser().parse_args(argv)
     dev = DEVICES[a.gpu]
     pin = validate(a)
