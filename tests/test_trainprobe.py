@@ -138,6 +138,12 @@ def test_documented_run_keeps_the_curve_and_equals_offline_extract_and_probe(tmp
         offline = {r["name"]: r["val_acc"] for r in json.load(f)["results"] if r.get("probe") == "linear"}
     for layer in (1, 2):
         assert abs(last[f"probe_acc/layer_{layer}"] - offline[f"layer {layer}"]) <= 0.01, (last, offline)
+    # a resume goes on probing; its summary counts the run's probes, those before the resume too
+    proc = run(["-m", "megapix", "train", "--resume", "--out", run_dir, "--max-steps", "60", "--no-samples"],
+               timeout=600, env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["step"] for r in records(run_dir) if "probe_acc/layer_2" in r] == [20, 40, 60]
+    assert "2 layers probed 3 times" in proc.stdout, proc.stdout
 
 
 @pytest.mark.slow
