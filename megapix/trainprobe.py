@@ -29,8 +29,8 @@ from megapix.features import extract, parse_layers
 from megapix.model import ImageGPT
 from megapix.probe import probe
 
-# Two strengths of megapix probe's six (1e-6..1e-1): the whole grid costs ~20 training steps of the tiny model per
-# probe (benchmarks/probe_every_cost.py). `megapix probe --l2 1e-3,1e-1` is the offline equal.
+# Two strengths of megapix probe's six (1e-6..1e-1): the six fit 9 times slower (docs/evaluation.md, what
+# probe-every costs). `megapix probe --l2 1e-3,1e-1` is the offline equal.
 L2_GRID = (1e-3, 1e-1)
 
 
