@@ -101,11 +101,11 @@ def documented_commands() -> list[str]:
     return [line.strip() for line in section.splitlines() if line.startswith("    megapix ")]
 
 
-def run_megapix(command: str, out_map: dict, palette: str | None = None):
+def run_megapix(command: str, out_map: dict, palette: str | None = None, *more: str):
     args = shlex.split(command)[1:]
     args = [out_map.get(a, a) for a in args]
     if args[0] == "train":
-        args += ["--palette", palette, "--kernels", "torch", "--no-samples"]
+        args += ["--palette", palette, "--kernels", "torch", "--no-samples", *more]
     proc = run(["-m", "megapix", *args], timeout=600, env=subprocess_env())
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, (command, proc.stdout[-2000:], proc.stderr[-3000:])
     return proc
@@ -119,7 +119,7 @@ def test_documented_run_keeps_the_curve_and_equals_offline_extract_and_probe(tmp
     assert [float(x) for x in grid.split(",")] == list(L2_GRID)  # the doc's offline grid is the probe's
     run_dir, feats = str(tmp_path / "probed"), str(tmp_path / "features")
     out_map = {"runs/digits-probed": run_dir, "features/digits-probed": feats}
-    proc = run_megapix(train_cmd, out_map, palette_path())
+    proc = run_megapix(train_cmd, out_map, palette_path(), "--report-to", "csv")
     plain = train_cmd.replace("--probe-every 20 ", "").replace("--probe-rows 2000 ", "")
     run_megapix(plain, {"runs/digits-probed": str(tmp_path / "plain")}, palette_path())
     probed, unprobed = records(run_dir), records(tmp_path / "plain")
@@ -131,6 +131,8 @@ def test_documented_run_keeps_the_curve_and_equals_offline_extract_and_probe(tmp
     assert re.search(rf"probe +best {100 * best[0]:.1f}% val accuracy at {best[2][10:].replace('_', ' ')}, "
                      rf"step {-best[1]} ", proc.stdout), proc.stdout
     assert "loss.png" in proc.stdout and os.path.getsize(os.path.join(run_dir, "loss.png")) > 1000
+    with open(os.path.join(run_dir, "monitor", "megapix", "megapix_probe_acc_layer_2.csv")) as f:
+        assert len(f.read().strip().splitlines()) == 3  # DeepSpeed's CSV monitor: a header and the two probes
     # offline: extract + probe of the same checkpoint, rows and layers
     run_megapix(extract_cmd, out_map)
     run_megapix(probe_cmd, out_map)
