@@ -185,7 +185,9 @@ class RunLog:
                               **({"val": f"{self._last_val:.4f}"} if self._last_val is not None else {}),
                               tok_s=f"{rec['tokens_per_s']:.0f}")
         step = rec["step"]
-        evaluated = rec.get("val_loss") is not None or rec.get("val_acc") is not None  # every evaluation is shown
+        probe = {k.removeprefix(PROBE_KEY).replace("_", " "): v for k, v in rec.items() if k.startswith(PROBE_KEY)}
+        # every evaluation and probe is shown
+        evaluated = rec.get("val_loss") is not None or rec.get("val_acc") is not None or bool(probe)
         if self.enabled and not self._interactive and (step % self.log_every == 0 or step == self.total or evaluated):
             bpd = f" ({rec['bpd']:.3f} bits/dim)" if rec.get("bpd") is not None else ""
             val_bpd = f" ({rec['val_bpd']:.3f} bits/dim)" if rec.get("val_bpd") is not None else ""
@@ -193,6 +195,7 @@ class RunLog:
             print(f"{self.desc} step {step}/{self.total}: loss {loss:.4f}{bpd}"
                   + (f", val_loss {rec['val_loss']:.4f}{val_bpd}" if rec.get("val_loss") is not None else "")
                   + (f", val_acc {100 * rec['val_acc']:.2f}%" if rec.get("val_acc") is not None else "")
+                  + (f", probe {100 * max(probe.values()):.1f}% at {max(probe, key=probe.get)}" if probe else "")
                   + f", lr {rec['lr']:.3g}{norm}, {rec['tokens_per_s']:.0f} tokens/s" + self._pace(rec), flush=True)
 
     def _pace(self, rec: dict) -> str:

@@ -69,13 +69,14 @@ def test_probe_is_extract_plus_probe_and_draws_no_random_number():
         assert got[f"probe_acc/layer_{layer}"] == pytest.approx(want, abs=1 / 40 + 1e-9)
 
 
-def test_summary_names_the_best_layer_and_step_and_loss_png_draws_the_probes(tmp_path):
+def test_summary_names_the_best_layer_and_step_and_loss_png_draws_the_probes(tmp_path, capsys):
     log = RunLog(str(tmp_path), True)
     log.begin("train", 30, 0, 10)
     for step, accs in ((10, (0.20, 0.30)), (20, (0.25, 0.45)), (30, (0.26, 0.40))):
         log.record({"step": step, "loss": 3.0, "lr": 1e-3, "tokens_per_s": 1.0, "probe_time_s": 0.5,
                     "probe_acc/layer_1": accs[0], "probe_acc/layer_2": accs[1]})
     log.end()
+    assert "train step 20/30: loss 3.0000, probe 45.0% at layer 2," in capsys.readouterr().out  # the progress line
     [line] = probe_summary(log)
     assert "best 45.0% val accuracy at layer 2, step 20" in line and "layer 2 at step 30: 40.0%" in line
     assert "1.5 s in this process" in line
