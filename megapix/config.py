@@ -158,7 +158,7 @@ class DataConfig:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must lie in [0, 1)")
 
 
-MONITORS = ("tensorboard", "csv", "none")  # --report-to; DeepSpeed's "tensorboard" and "csv_monitor" sections
+MONITORS = ("tensorboard", "csv", "wandb", "none")  # --report-to: DeepSpeed's "tensorboard", "csv_monitor", "wandb"
 MIN_COLLECTIVE_TIMEOUT = 10.0  # seconds: below it a rendezvous or a checkpoint's sync times out on a healthy job
 
 
@@ -187,8 +187,14 @@ class TrainConfig:
     save_best: bool = opt(True, "save a checkpoint at each new best validation score, named in "
                           "<out>/checkpoints/best.json (kept by --keep-last)")
     report_to: str = opt("none", "DeepSpeed monitors that also receive the per-step metrics, under <out>/monitor: "
-                         "tensorboard, csv, both comma-separated, or none", metavar="LIST",
+                         "tensorboard, csv, wandb (Weights & Biases; WANDB_MODE=offline works without a network), "
+                         "comma-separated, or none", metavar="LIST",
                          default_help="none, or the monitors the DeepSpeed JSON enables")
+    wandb_project: str | None = opt(None, "W&B project (--report-to wandb)", metavar="NAME",
+                                    default_help="the DeepSpeed JSON's wandb.project, else megapix")
+    wandb_entity: str | None = opt(None, "W&B entity (user or team)", metavar="NAME", default_help="your default")
+    wandb_name: str | None = opt(None, "W&B run name", metavar="NAME", default_help="the --out folder's name")
+    wandb_group: str | None = opt(None, "W&B group of runs", metavar="NAME", default_help="none")
     log_every: int = opt(10, "steps between plain progress lines on stdout (metrics.jsonl has every step)")
     time_budget: float = opt(0.0, "seconds; save and exit 75 when exceeded (0: none)")
     collective_timeout: float = opt(1800.0, "seconds a collective (all-reduce, barrier, a checkpoint's sync) waits "
@@ -249,7 +255,8 @@ class TrainConfig:
             raise ConfigError(f"train.spike_factor={self.spike_factor} must be 0 (off) or above 1, e.g. 3")
         monitors = [m.strip() for m in self.report_to.split(",")]
         if not set(monitors) <= set(MONITORS) or ("none" in monitors and len(monitors) > 1):
-            raise ConfigError(f"train.report_to={self.report_to!r}: use tensorboard, csv, tensorboard,csv or none")
+            raise ConfigError(f"train.report_to={self.report_to!r}: use any of tensorboard, csv, wandb "
+                              "(comma-separated), or none")
         self.report_to = ",".join(m for m in MONITORS if m in monitors)  # one spelling: the record compares it
         for name in ("eval_every", "save_every", "keep_last", "log_every", "time_budget", "weight_decay", "grad_clip",
                      "seed", "profile_comms", "probe_every"):

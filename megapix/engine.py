@@ -38,6 +38,7 @@ from megapix.plan.comms import CommsProfile, planned_bytes
 from megapix.plan.devices import device_for
 from megapix.runlog import RunLog, StopRequest, measured_matmul_tflops, peak_memory
 from megapix.tasks import LMTask
+from megapix import tracking
 
 EXIT_PREEMPTED = EXIT_REQUEUE  # checkpoint saved, requeue me
 
@@ -149,6 +150,8 @@ class Trainer:
                                       **({"fused": True} if torch.cuda.is_available() else {"foreach": True}))
 
         mpu = self.layout.grid if (self.layout.tp > 1 and not self.is_pipeline) else None
+        if self.is_rank0:  # the W&B run's id, name and folder, before DeepSpeed's monitor starts it
+            tracking.prepare(self.cfg, self.ds_config, self.checkpoints.resume_tag is not None)
         engine, _, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, config=self.ds_config, mpu=mpu,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, self.lr_schedule.factor))

@@ -17,7 +17,7 @@ LEVELS = [
     ("model",),  # never imports parallel/: parallelism is applied from outside
     ("parallel",),
     # runfolder: locks, folder kinds and disk errors, which checkpoint's store uses as much as the commands do
-    ("data", "checkpoint", "dsconfig", "runlog", "divergence", "tasks", "runfolder"),
+    ("data", "checkpoint", "dsconfig", "runlog", "divergence", "tasks", "runfolder", "tracking"),
     ("cliargs", "plan"),  # argparse from the config fields; the planner (a model of the engine, and its CLI)
     ("engine",),
     ("features", "probe", "probe_results", "attentive", "finetune", "sample", "trainprobe"),

@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from megapix import dsconfig, runfolder
+from megapix import dsconfig, runfolder, tracking
 from megapix.checkpoint.manager import (RUN_RECORD, STEER_FLAGS, check_resume_config, existing_run_step,
                                         refuse_existing_run, saved_run_config)
 from megapix.cliargs import add_config_args, add_launcher_args, command_parser, config_from_args
@@ -41,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, run_defaults=DEFAULT_RUN)
     add_launcher_args(p)  # deepspeed's launcher appends --local_rank
     return p
+
+
+def parse_args(argv=None):
+    """The parsed flags and the run config they ask for (the one precedence rule), checked, without starting a run
+    (nothing is read from --out)."""
+    args = build_parser().parse_args(argv)
+    return args, requested_config(args)
 
 
 def requested_config(args, saved: dict | None = None):
@@ -135,12 +142,15 @@ def _train(args) -> int:
     trainer.probe = probe
     if trainer.is_rank0:
         _announce(trainer, args, cfg, notes)
+        tracking.begin(trainer.cfg, trainer.engine)
     code = trainer.fit()
     samples = write_run_samples(trainer) if code == 0 and not args.no_samples else None
     if trainer.is_rank0 and code == 0:
         print(summary_text(trainer.log, trainer.checkpoints, trainer.shown_out, trainer.step, trainer.peak_tflops,
                            trainer.peak_source, samples, notes + dsconfig.monitor_notes(trainer.cfg, trainer.ds_config),
                            trainer.continuation), flush=True)
+    if trainer.is_rank0:
+        tracking.finish(trainer.log.summary, samples)
     return code
 
 
