@@ -228,10 +228,18 @@ class TrainConfig:
                              "(those after the first this process runs, which builds DeepSpeed's buffers) and write "
                              "their calls and bytes per op and group, beside the planner's bytes, to "
                              "<out>/comms_profile.json (0: off)", metavar="N")
+    # issue 29: a linear probe of a fixed labelled subset during pre-training (megapix/trainprobe.py)
+    probe_every: int = opt(0, "steps between linear probes of mean-pooled features (probe_acc/layer_L in "
+                           "metrics.jsonl; 0: off)", metavar="N")
+    probe_data: str | None = opt(None, "labelled data of --probe-every", metavar="SPEC", default_help="--data")
+    probe_layers: str | None = opt(None, "layers --probe-every probes: '2,4', '1-3' or 'all'",
+                                   default_help="4 spread over depth, as the attentive probe")
+    probe_rows: int = opt(256, "--probe-every: first rows of the probe data's train split fitted (at most as many "
+                          "val rows scored)")
 
     def __post_init__(self):
         _check_positive(self, "max_steps", "global_batch", "lr", "tensor_parallel", "pipeline_parallel",
-                        "context_parallel", "eval_batches", "collective_timeout")
+                        "context_parallel", "eval_batches", "collective_timeout", "probe_rows")
         _check_finite(self)
         if self.collective_timeout < MIN_COLLECTIVE_TIMEOUT:
             raise ConfigError(f"train.collective_timeout={self.collective_timeout:g} is below the floor of "
@@ -255,7 +263,7 @@ class TrainConfig:
                               "(comma-separated), or none")
         self.report_to = ",".join(m for m in MONITORS if m in monitors)  # one spelling: the record compares it
         for name in ("eval_every", "save_every", "keep_last", "log_every", "time_budget", "weight_decay", "grad_clip",
-                     "seed", "profile_comms"):
+                     "seed", "profile_comms", "probe_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 0")
         for name in ("beta1", "beta2"):

@@ -86,6 +86,7 @@ class Trainer:
         self.guard = StepGuard(self.cfg.train.on_nonfinite, self.cfg.train.spike_factor, self.layout.rank,
                                self.layout.world, self.device)
         self.step, self.batch, self.busy_s = 0, 0, 0.0  # the step, its global-batch index, this rank's busy time
+        self.probe = None  # a callable run at the steps its due(step) names (megapix.trainprobe: --probe-every)
 
     # ---- construction, in order ----
     def _resolve(self, cfg: Config, ds_config_path: str | None) -> None:
@@ -338,7 +339,7 @@ class Trainer:
         t = self.cfg.train
         self.step = self.checkpoints.restore(self.engine, self.is_pipeline, self.log if self.owns_log else None)
         stop = StopRequest(t.time_budget)
-        self.best_score, self.best_step, self.stopped_early, evals_since_best = None, 0, False, 0
+        self.best_score, self.best_step, self.stopped_early, self.evals_since_best = None, 0, False, 0
         self.log.begin(desc, t.max_steps, self.step, t.log_every, getattr(self.engine, "monitor", None))
         profile = CommsProfile(t.profile_comms, self.step) if t.profile_comms else None  # a diagnostic, default off
         try:
@@ -358,24 +359,17 @@ class Trainer:
                     self.step += 1
                     rec = {**self._step_record(stats, lr, time.perf_counter() - start, extra), **spread,
                            "global_batch_index": self.batch, **self.guard.take_events(self.step)}
-                    metrics = score = None
-                    if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps):
-                        metrics = self.evaluate()
-                        rec.update(metrics)
-                        score = self.task.score(metrics)
-                        if score is not None and (self.best_score is None or score > self.best_score):
-                            self.best_score, self.best_step, evals_since_best = score, self.step, 0
-                            if on_best is not None:
-                                on_best(self, rec)
-                        else:
-                            evals_since_best += 1
+                    probed = self.probe is not None and self.probe.due(self.step)
+                    if probed:
+                        rec.update(self.probe(self))
+                    metrics, score = self._evaluate_at_step(rec, on_best)
                     self._add_bits_per_dim(rec)
                     self.log.record(rec)
                     stopping = self.step < t.max_steps and stop.should_stop()
                     self.checkpoints.after_step(self.engine, self.step, metrics, score, stopping=stopping)
-                    if metrics is not None:
+                    if metrics is not None or probed:
                         self.log.plot()
-                    if metrics is not None and patience and evals_since_best >= patience:
+                    if metrics is not None and patience and self.evals_since_best >= patience:
                         self.stopped_early = True
                     if profile is not None and profile.complete:
                         self._write_comms_profile(profile)
@@ -390,6 +384,23 @@ class Trainer:
             self.log.end()
         self.log.plot()
         return 0
+
+    def _evaluate_at_step(self, rec: dict, on_best) -> tuple[dict | None, float | None]:
+        """At an evaluation step (every eval_every and the last): the task's metrics into `rec`, the best score
+        tracked (on_best called on a new one); (metrics, score), or (None, None) at other steps."""
+        t = self.cfg.train
+        if not (t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps)):
+            return None, None
+        metrics = self.evaluate()
+        rec.update(metrics)
+        score = self.task.score(metrics)
+        if score is not None and (self.best_score is None or score > self.best_score):
+            self.best_score, self.best_step, self.evals_since_best = score, self.step, 0
+            if on_best is not None:
+                on_best(self, rec)
+        else:
+            self.evals_since_best += 1
+        return metrics, score
 
     def _write_comms_profile(self, profile: CommsProfile) -> None:
         """<out>/comms_profile.json (collective: every rank calls it at the same step)."""

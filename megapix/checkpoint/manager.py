@@ -216,7 +216,7 @@ STEER_FIELDS = {
               "report_to", "wandb_project", "wandb_entity", "wandb_name", "wandb_group", "peak_tflops",
               "tensor_parallel", "pipeline_parallel", "zero_stage", "micro_batch", "activation_checkpointing",
               "compile", "on_nonfinite", "spike_factor", "profile_comms", "collective_timeout", "context_parallel",
-              "sequence_parallel"),
+              "sequence_parallel", "probe_every", "probe_data", "probe_layers", "probe_rows"),
 }
 STEER_FLAGS = ["--" + name.replace("_", "-") for sec in STEER_FIELDS.values() for name in sec]
 # Settings of one invocation, not of the run: a resume does not inherit them from the saved config (a time

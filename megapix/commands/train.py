@@ -126,6 +126,11 @@ def main(argv=None) -> int:
 def _train(args) -> int:
     cfg, ds, resume, notes = run_config(args)
     check_kernels_available(cfg.model.kernels)
+    probe = None  # --probe-every: its data and layers checked before any process group starts or file is written
+    if cfg.train.probe_every:
+        from megapix.trainprobe import TrainingProbe  # lazy, as the engine below
+
+        probe = TrainingProbe(cfg)
     init_distributed(cfg.train.collective_timeout)
     runfolder.claim(os.path.abspath(cfg.train.out), "train", "megapix train")  # one writer per --out
     # lazy: the engine imports deepspeed (seconds), which `--help` and a refused command never need
@@ -134,6 +139,7 @@ def _train(args) -> int:
     from megapix.sample import write_run_samples
 
     trainer = Trainer(cfg, ds, resume=resume)
+    trainer.probe = probe
     if trainer.is_rank0:
         _announce(trainer, args, cfg, notes)
         tracking.begin(trainer.cfg, trainer.engine)
@@ -163,6 +169,8 @@ def _announce(trainer, args, cfg, notes) -> None:
     print(f"megapix: MFU against {trainer.peak_tflops:.3g} TFLOP/s per rank ({trainer.peak_source}; "
           "--peak-tflops sets it)"
           if trainer.peak_tflops else f"megapix: no MFU: {trainer.peak_source}", flush=True)
+    if trainer.probe is not None:
+        print(f"megapix: {trainer.probe.describe()}", flush=True)
 
 
 if __name__ == "__main__":
