@@ -339,10 +339,16 @@ def _fits(value, tp) -> bool:
     return isinstance(value, tp) and not (tp is int and isinstance(value, bool))
 
 
+# Settings added after the run record's format was fixed: a record an earlier megapix wrote lacks them, and their
+# defaults are what that megapix did (no W&B names, eager, no probes while training), so such a run resumes.
+LATER_FIELDS = {"train": ("wandb_project", "wandb_entity", "wandb_name", "wandb_group", "compile", "probe_every",
+                          "probe_data", "probe_layers", "probe_rows")}
+
+
 def check_record_config(raw, where: str) -> Config:
     """A config megapix wrote (a run's config.json "config", a checkpoint's megapix_config.json), trusted only when
-    whole: an object with the three sections, every field present with a value of its type and nothing else, and
-    valid. Otherwise one ConfigError naming `where` and the field."""
+    whole: an object with the three sections, every field present (but LATER_FIELDS) with a value of its type and
+    nothing else, and valid. Otherwise one ConfigError naming `where` and the field."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} does not hold a JSON object of sections model/data/train")
     for sec, cls in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig)):
@@ -354,6 +360,8 @@ def check_record_config(raw, where: str) -> Config:
             raise ConfigError(f"{where}: field '{sec}.{name}' is not a megapix setting")
         for name, tp in hints.items():
             if name not in section:
+                if name in LATER_FIELDS.get(sec, ()):
+                    continue  # written before the setting existed: its default is what that run did
                 raise ConfigError(f"{where}: field '{sec}.{name}' is missing")
             if not _fits(section[name], tp):
                 shown = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
