@@ -170,8 +170,11 @@ class TrainConfig:
                                   "fixed (DeepSpeed train_micro_batch_size_per_gpu)",
                                   default_help="the whole per-rank share, no accumulation")
     lr: float = opt(3e-3, "peak learning rate (AdamW)")
-    warmup_steps: int | None = opt(None, "linear warm-up steps before the cosine decay to 0",
+    warmup_steps: int | None = opt(None, "linear warm-up steps before the cosine (or WSD's stable phase)",
                                    default_help="one epoch (the paper), at most 10% of max-steps")
+    schedule: Literal["cosine", "wsd"] = opt("cosine", "after the warm-up: cosine to 0 (the paper), or wsd: the "
+                                             "peak held, then 1-sqrt to 0 over --decay-steps (continuable)")
+    decay_steps: int | None = opt(None, "--schedule wsd: the decay's steps (the last)", default_help="max-steps/10")
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.95, "AdamW beta2 (the paper: 0.999 gave loss spikes)")
     weight_decay: float = opt(0.0, "AdamW decoupled weight decay")
@@ -243,6 +246,13 @@ class TrainConfig:
             raise ConfigError(f"train.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
         _check_choice(self, "precision")
         _check_choice(self, "on_nonfinite")
+        _check_choice(self, "schedule")
+        if self.decay_steps is not None and self.schedule != "wsd":
+            raise ConfigError(f"train.decay_steps={self.decay_steps} is WSD's decay: add --schedule wsd or drop it")
+        warmup = self.warmup_steps if self.warmup_steps is not None else max(1, self.max_steps // 10)  # its cap
+        if self.decay_steps is not None and not 1 <= self.decay_steps <= self.max_steps - warmup:
+            raise ConfigError(f"train.decay_steps={self.decay_steps} must lie in [1, max_steps - warm-up = "
+                              f"{self.max_steps - warmup}]: pass a smaller --decay-steps or a larger --max-steps")
         if self.spike_factor != 0 and not self.spike_factor > 1:
             raise ConfigError(f"train.spike_factor={self.spike_factor} must be 0 (off) or above 1, e.g. 3")
         monitors = [m.strip() for m in self.report_to.split(",")]
@@ -257,6 +267,7 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must lie in [0, 1)")
+
 
 
 SECTION_NAMES = ("model", "data", "train")
@@ -327,6 +338,10 @@ def _fits(value, tp) -> bool:
     return isinstance(value, tp) and not (tp is int and isinstance(value, bool))
 
 
+# settings added after runs were recorded: a record without one was trained with its default (cosine, no decay)
+LATER_FIELDS = {"train": ("schedule", "decay_steps")}
+
+
 def check_record_config(raw, where: str) -> Config:
     """A config megapix wrote (a run's config.json "config", a checkpoint's megapix_config.json), trusted only when
     whole: an object with the three sections, every field present with a value of its type and nothing else, and
@@ -341,8 +356,10 @@ def check_record_config(raw, where: str) -> Config:
         for name in sorted(set(section) - set(hints)):
             raise ConfigError(f"{where}: field '{sec}.{name}' is not a megapix setting")
         for name, tp in hints.items():
-            if name not in section:
+            if name not in section and name not in LATER_FIELDS.get(sec, ()):
                 raise ConfigError(f"{where}: field '{sec}.{name}' is missing")
+            if name not in section:
+                continue
             if not _fits(section[name], tp):
                 shown = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
                 raise ConfigError(f"{where}: field '{sec}.{name}' is {section[name]!r}, not of type {shown}")
