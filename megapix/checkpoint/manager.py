@@ -232,11 +232,11 @@ RUN_RECORD = "config.json"  # <out>/config.json: the run's effective config (dsc
 STEER_FIELDS = {
     "model": ("kernels",),
     "data": ("num_workers",),
-    "train": ("max_steps", "schedule", "decay_steps", "save_every", "time_budget", "keep_last", "save_best",
-              "eval_every", "log_every", "report_to", "wandb_project", "wandb_entity", "wandb_name", "wandb_group",
-              "peak_tflops", "tensor_parallel", "pipeline_parallel", "zero_stage", "micro_batch",
-              "activation_checkpointing", "on_nonfinite", "spike_factor", "profile_comms", "collective_timeout",
-              "context_parallel", "sequence_parallel"),
+    "train": ("max_steps", "save_every", "time_budget", "keep_last", "save_best", "eval_every", "log_every",
+              "report_to", "wandb_project", "wandb_entity", "wandb_name", "wandb_group", "peak_tflops",
+              "tensor_parallel", "pipeline_parallel", "zero_stage", "micro_batch", "activation_checkpointing",
+              "on_nonfinite", "spike_factor", "profile_comms", "collective_timeout", "context_parallel",
+              "sequence_parallel", "schedule", "decay_steps"),
 }
 STEER_FLAGS = ["--" + name.replace("_", "-") for sec in STEER_FIELDS.values() for name in sec]
 # Settings of one invocation, not of the run: a resume does not inherit them from the saved config (a time
