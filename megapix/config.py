@@ -170,8 +170,11 @@ class TrainConfig:
                                   "fixed (DeepSpeed train_micro_batch_size_per_gpu)",
                                   default_help="the whole per-rank share, no accumulation")
     lr: float = opt(3e-3, "peak learning rate (AdamW)")
-    warmup_steps: int | None = opt(None, "linear warm-up steps before the cosine decay to 0",
+    warmup_steps: int | None = opt(None, "linear warm-up steps before the cosine (or WSD's stable phase)",
                                    default_help="one epoch (the paper), at most 10% of max-steps")
+    schedule: Literal["cosine", "wsd"] = opt("cosine", "after the warm-up: cosine to 0 (the paper), or wsd: the "
+                                             "peak held, then 1-sqrt to 0 over --decay-steps (continuable)")
+    decay_steps: int | None = opt(None, "--schedule wsd: the decay's steps (the last)", default_help="max-steps/10")
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.95, "AdamW beta2 (the paper: 0.999 gave loss spikes)")
     weight_decay: float = opt(0.0, "AdamW decoupled weight decay")
@@ -255,6 +258,13 @@ class TrainConfig:
         _check_choice(self, "precision")
         _check_choice(self, "on_nonfinite")
         _check_choice(self, "compile")
+        _check_choice(self, "schedule")
+        if self.decay_steps is not None and self.schedule != "wsd":
+            raise ConfigError(f"train.decay_steps={self.decay_steps} is WSD's decay: add --schedule wsd or drop it")
+        warmup = self.warmup_steps if self.warmup_steps is not None else max(1, self.max_steps // 10)  # its cap
+        if self.decay_steps is not None and not 1 <= self.decay_steps <= self.max_steps - warmup:
+            raise ConfigError(f"train.decay_steps={self.decay_steps} must lie in [1, max_steps - warm-up = "
+                              f"{self.max_steps - warmup}]: pass a smaller --decay-steps or a larger --max-steps")
         if self.spike_factor != 0 and not self.spike_factor > 1:
             raise ConfigError(f"train.spike_factor={self.spike_factor} must be 0 (off) or above 1, e.g. 3")
         monitors = [m.strip() for m in self.report_to.split(",")]
@@ -269,6 +279,7 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must lie in [0, 1)")
+
 
 
 SECTION_NAMES = ("model", "data", "train")
@@ -340,9 +351,10 @@ def _fits(value, tp) -> bool:
 
 
 # Settings added after the run record's format was fixed: a record an earlier megapix wrote lacks them, and their
-# defaults are what that megapix did (no W&B names, eager, no probes while training), so such a run resumes.
+# defaults are what that megapix did (no W&B names, eager, no probes while training, the cosine), so such a run
+# resumes.
 LATER_FIELDS = {"train": ("wandb_project", "wandb_entity", "wandb_name", "wandb_group", "compile", "probe_every",
-                          "probe_data", "probe_layers", "probe_rows")}
+                          "probe_data", "probe_layers", "probe_rows", "schedule", "decay_steps")}
 
 
 def check_record_config(raw, where: str) -> Config:

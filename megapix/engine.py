@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from megapix.checkpoint.manager import CheckpointManager, NonFiniteWeights
 from megapix.checkpoint.names import canonical_name
-from megapix.checkpoint.schedule import Schedule, continuation, default_warmup
+from megapix.checkpoint.schedule import Schedule, continuation, default_decay, default_warmup
 from megapix.config import Config, ConfigError
 from megapix.data import load_splits
 from megapix.data.loader import GlobalBatches
@@ -69,10 +69,10 @@ class Trainer:
     checkpoints (a sweep's runs, a benchmark)."""
 
     def __init__(self, cfg: Config, ds_config_path: str | None = None, task=None, run_log: RunLog | None = None,
-                 resume: bool = False, checkpoints: bool = True):
+                 resume: bool = False, checkpoints: bool = True, resume_tag: str | None = None):
         self._resolve(cfg, ds_config_path)
         self.checkpoints = CheckpointManager(self.out, self.shown_out, self.cfg, self.layout, resume=resume,
-                                             enabled=checkpoints)
+                                             enabled=checkpoints, resume_tag=resume_tag)
         self.task = task if task is not None else self._pretraining_task()
         self._batch_geometry()
         module = self._build_module()
@@ -121,17 +121,22 @@ class Trainer:
         self.splits = getattr(self.task, "splits", None)
         self.schedule = GlobalBatches(self.task.train_size, t.global_batch, t.seed)
         self.micro_batch = t.micro_batch or t.global_batch // self.layout.dp
-        self.warmup = (t.warmup_steps if t.warmup_steps is not None
-                       else default_warmup(self.schedule.steps_per_epoch(), t.max_steps))
-        self.lr_schedule = Schedule(t.lr, self.warmup, t.max_steps)
+        self.lr_schedule = self._lr_schedule(t.max_steps)
         self.checkpoints.lr_schedule = self.lr_schedule  # every restore applies it (checkpoint.schedule)
 
-    def continuation(self, max_steps: int) -> str:
-        """What continuing this run to `max_steps` (the same warm-up rule) does to the lr, in words."""
+    def _lr_schedule(self, max_steps: int) -> Schedule:
+        """The schedule of this run's settings ending at `max_steps` (defaults: warm-up and decay follow it)."""
         t = self.cfg.train
         warmup = t.warmup_steps if t.warmup_steps is not None else default_warmup(
             self.schedule.steps_per_epoch(), max_steps)
-        return continuation(self.lr_schedule, self.step, max_steps, warmup)
+        decay = (t.decay_steps or default_decay(max_steps)) if t.schedule == "wsd" else 0
+        return Schedule(t.lr, warmup, max_steps, t.schedule, decay)
+
+    def continuation(self, max_steps: int) -> tuple[str, str]:
+        """What continuing this run to `max_steps` (the same settings) does to the lr, in words, and the flags
+        the continue command resumes with (a WSD run: its stable-phase checkpoint's tag, when kept)."""
+        stable = self.checkpoints.stable_tag()
+        return continuation(self.lr_schedule, self.step, self._lr_schedule(max_steps), stable)
 
     def _build_module(self):
         """The DeepSpeed config before the module (under ZeRO-3, construction partitions with it), then the

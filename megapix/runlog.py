@@ -114,10 +114,11 @@ class RunLog:
         self.desc, self.total, self.log_every, self.monitor = desc, total, max(1, log_every), monitor
         self.summary = {"first_step": initial}
         self._last_val = None
-        self._interactive = sys.stdout.isatty()
+        # the bar only where both streams are a terminal: `> log` or `| tee` keeps the plain lines in the file
+        self._interactive = sys.stderr.isatty() and sys.stdout.isatty()
         self._started = time.monotonic()
         self._bar = tqdm(total=total, initial=initial, disable=not (self.enabled and self._interactive), desc=desc,
-                         dynamic_ncols=True)
+                         dynamic_ncols=True, unit="step")  # tqdm's own [elapsed<ETA, rate] plus the postfix
 
     def end(self) -> None:
         """Close the progress bar (before any message or error is printed); idempotent."""
@@ -181,9 +182,13 @@ class RunLog:
             self._last_val = rec["val_loss"]
         loss = rec["loss"]
         self._bar.update(1)
-        self._bar.set_postfix(loss=f"{loss:.4f}",
-                              **({"val": f"{self._last_val:.4f}"} if self._last_val is not None else {}),
-                              tok_s=f"{rec['tokens_per_s']:.0f}")
+        if not self._bar.disable:  # a dict keeps this order (keyword arguments tqdm sorts)
+            post = {"loss": f"{loss:.4f}", **({"val": f"{self._last_val:.4f}"} if self._last_val is not None else {})}
+            if rec.get("step_time_s") is not None:
+                post["ms_step"] = f"{1000 * rec['step_time_s']:.0f}"
+            if rec.get("mfu") is not None:
+                post["mfu"] = f"{100 * rec['mfu']:.1f}%"
+            self._bar.set_postfix(post, tok_s=f"{rec['tokens_per_s']:.0f}")
         step = rec["step"]
         probe = {k.removeprefix(PROBE_KEY).replace("_", " "): v for k, v in rec.items() if k.startswith(PROBE_KEY)}
         # every evaluation and probe is shown
@@ -381,17 +386,23 @@ def summary_text(log: RunLog, checkpoints, shown_out: str, step: int, peak_tflop
         lines.append(f"  wall time    {_clock(wall)} for steps {first + 1}-{s['last_step']} ({1000 * wall / steps:.0f} "
                      "ms/step with evaluations and saves)")
     lines += [f"  note         {note}" for note in notes]
+    return "\n".join(lines + _next_lines(out, step, best_dir if best and best["tag"] != latest else None,
+                                         continuing))
+
+
+def _next_lines(out: str, step: int, best_dir: str | None, continuing) -> list[str]:
+    """The summary's last lines: what a continue does to the lr, then each command to run next, as it runs.
+    `continuing(max_steps)` gives (that line, the flags the continue command resumes with)."""
     more = max(2 * step, step + 1)
-    if continuing is not None:
-        lines.append(f"  continuing   {continuing(more)}")
+    said, how = continuing(more) if continuing is not None else (None, "--resume")
     python, megapix = shell_program("python"), shell_program("megapix")
     train_py = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"))
+    lines = [f"  continuing   {said}"] if said else []
     lines += ["next:",
-              f"  continue     {python} {train_py} --resume --out {out} --max-steps {more}",
+              f"  continue     {python} {train_py} {how} --out {out} --max-steps {more}",
               f"  export (HF)  {megapix} export --checkpoint {out} --out {out}-hf"]
-    if best and best["tag"] != latest:
+    if best_dir:
         lines.append(f"  export best  {megapix} export --checkpoint {best_dir} --out {out}-best-hf")
-    lines += [f"  sample       {megapix} sample --checkpoint {out} --out {os.path.join(out, 'more_samples.png')}",
-              f"  probe        {megapix} extract --checkpoint {out} --out {out}-features && "
-              f"{megapix} probe --features {out}-features"]
-    return "\n".join(lines)
+    return lines + [f"  sample       {megapix} sample --checkpoint {out} --out {os.path.join(out, 'more_samples.png')}",
+                    f"  probe        {megapix} extract --checkpoint {out} --out {out}-features && "
+                    f"{megapix} probe --features {out}-features"]

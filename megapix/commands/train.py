@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{', '.join(STEER_FLAGS)}; any other setting that differs from the saved run's is an error "
                    "unless --allow-changed. A folder with no run is an error unless --resume-if-exists "
                    "(default: off)")
+    p.add_argument("--resume-tag", metavar="TAG",
+                   help="--resume from this checkpoint of <out>/checkpoints (global_step<N>) instead of the latest: "
+                   "a WSD run's stable-phase checkpoint, to continue to a longer --max-steps; `latest` then names it "
+                   "(default: the latest)")
     p.add_argument("--resume-if-exists", action="store_true",
                    help="--resume when --out holds a run, else start one there (requeued batch jobs) (default: off)")
     p.add_argument("--allow-changed", action="store_true",
@@ -120,6 +124,7 @@ def check_run_record(path: str, cfg) -> None:
 def main(argv=None) -> int:
     drop_deepspeed_cpu_notice()
     args = build_parser().parse_args(argv)
+    args.resume = args.resume or args.resume_tag is not None
     return run("megapix", lambda: _train(args), lambda: vars(args).get("train.out"))
 
 
@@ -138,7 +143,7 @@ def _train(args) -> int:
     from megapix.runlog import summary_text
     from megapix.sample import write_run_samples
 
-    trainer = Trainer(cfg, ds, resume=resume)
+    trainer = Trainer(cfg, ds, resume=resume, resume_tag=args.resume_tag)
     trainer.probe = probe
     if trainer.is_rank0:
         _announce(trainer, args, cfg, notes)
