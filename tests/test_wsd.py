@@ -12,7 +12,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import PYTHON, REPO, next_commands, run, run_as_printed, subprocess_env, tree_hash
+from conftest import PYTHON, REPO, next_commands, ok, refused, run, run_as_printed, subprocess_env, tree_hash
 
 from megapix.checkpoint.manager import check_resume_config
 from megapix.checkpoint.schedule import Schedule, continuation, default_decay
@@ -23,19 +23,6 @@ TIMEOUT = 400
 TINY = ("--model", "tiny", "--n-layer", "2", "--d-model", "64", "--n-head", "4", "--global-batch", "8",
         "--log-every", "1", "--eval-batches", "1", "--eval-every", "0", "--no-samples")
 WSD = ("--schedule", "wsd", "--warmup-steps", "2", "--decay-steps", "2", "--seed", "3", "--lr", "0.002")
-
-
-def ok(proc):
-    assert proc.returncode == 0 and "Traceback" not in proc.stderr, (proc.stdout[-3000:], proc.stderr[-3000:])
-    return proc
-
-
-def refused(proc, *words):
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "[WARNING]" not in ln]
-    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    return lines[0]
 
 
 def metrics(out):
