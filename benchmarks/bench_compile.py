@@ -5,8 +5,8 @@
 
 Rows: the tiny and small presets, and one block of igpt-s's width (d512, 8 heads) at 32x32 (a slice of the real
 model's step: the width decides how much fusion can save). A step is forward + cross-entropy + backward + AdamW,
-as the trainer's (without DeepSpeed). The two models hold the same weights; each repeat times the eager step and the
-compiled one back to back (load from other processes hits both alike) and the table reports medians. The compile
+as the trainer's (without DeepSpeed). The two models hold the same weights; the steps are timed in runs of three, eager
+and compiled in ABBA order (load drift hits both alike), and the table reports medians. The compile
 column is the time torch.compile spent (dynamo's own timer) in the first compiled step.
 
 --profile adds, for one small-preset step eager and compiled, torch.profiler's split of the step: time in GEMMs
@@ -58,9 +58,13 @@ def measure(row: str, batch: int, repeats: int) -> dict:
     compile_s = compile_seconds() - before
     step(eager, e_opt, tokens)  # warm-up: thread pools, allocator
     e_times, c_times = [], []
-    for _ in range(repeats):
-        e_times.append(step(eager, e_opt, tokens))
-        c_times.append(step(compiled, c_opt, tokens))
+    # in runs of a few steps, eager then compiled then compiled then eager (drift in the machine's load hits both
+    # alike): not alternating every step, since each mode's OpenMP threads spin a while after their last loop and
+    # would slow the other mode's next step
+    runs = {"e": (eager, e_opt, e_times), "c": (compiled, c_opt, c_times)}
+    for mode in "ecce" * max(1, -(-repeats // 6)):  # repeats rounded up to a multiple of 6 per mode
+        model, opt, times = runs[mode]
+        times += [step(model, opt, tokens) for _ in range(3)]
     e, c = statistics.median(e_times), statistics.median(c_times)
     tokens_n = batch * n_ctx
     return {"row": row, "params_m": sum(p.numel() for p in eager.parameters()) / 1e6, "batch": batch,
@@ -107,7 +111,8 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     rows = [measure(r, a.batch, a.repeats) for r in a.rows.split(",")]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {a.batch}, median of {a.repeats}")
+    n = 6 * max(1, -(-a.repeats // 6))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {a.batch}, median of {n} steps each")
     print("| row | params | tokens/step | eager tok/s | compiled tok/s | compiled / eager | compile s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
