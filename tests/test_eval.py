@@ -78,6 +78,38 @@ def test_shapes_is_deterministic_balanced_and_decided_by_shape():
         render_shapes(4, 6, np.random.default_rng(0))
 
 
+def test_outlines_are_grey_hard_edged_and_hard_for_raw_pixels():
+    from sklearn.linear_model import LogisticRegression
+
+    from megapix.data.embedded import OUTLINE_LEVELS, render_outlines
+    from megapix.data.sources import open_source
+
+    a, b = open_source("outlines:1500", 16, None, 0), open_source("outlines:1500", 16, None, 1)
+    tr, te = a.split("train"), a.split("test")
+    assert len(tr) + len(a.split("val")) == 1500 and len(te) == 300 and a.num_classes == 4
+    np.testing.assert_array_equal(te.images, b.split("test").images)  # fixed data; the seed picks the holdout
+    img, y = render_outlines(400, 16, np.random.default_rng(3))
+    assert np.bincount(y).tolist() == [100] * 4
+    assert (img[..., 0] == img[..., 1]).all() and (img[..., 1] == img[..., 2]).all()  # grey: no hue
+    levels = np.rint(255 * OUTLINE_LEVELS)
+    for im in img[:, :, :, 0].astype(np.float64):
+        u, counts = np.unique(im, return_counts=True)
+        bg = u[counts.argmax()]
+        fg = u[np.abs(u - bg).argmax()]
+        # hard edges: background, stroke and the clutter bar's grey halfway between them, nothing else
+        assert bg in levels and fg in levels and abs(fg - bg) >= np.rint(255 * 3 / 7) - 1  # 3 levels apart at least
+        assert all(abs(v - (bg + fg) / 2) <= 1 for v in u if v not in (bg, fg)) and len(u) <= 3
+    signs = [np.sign(im.max() - np.bincount(im.ravel()).argmax()) for im in img[:, :, :, 0].astype(np.int64)]
+    assert 0.3 < np.mean(np.array(signs) > 0) < 0.7  # both polarities, about equally often
+    # raw pixels near chance (measured 30.5% test on outlines:3000): a template cannot follow the contrast's sign
+    X = lambda s: s.images.reshape(len(s), -1).astype(np.float32) / 255
+    assert LogisticRegression(C=0.1, max_iter=300).fit(X(tr), tr.labels).score(X(te), te.labels) < 0.4
+    with pytest.raises(ConfigError, match="outlines:x: N is the number"):
+        open_source("outlines:x", 16)
+    with pytest.raises(ConfigError, match="canvas of at least 8"):
+        render_outlines(4, 6, np.random.default_rng(0))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the probe against scikit-learn
 # ---------------------------------------------------------------------------------------------------------
