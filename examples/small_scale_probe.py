@@ -628,8 +628,8 @@ def parse_args(argv=None):
         fail(f"--seeds {args.seeds!r}: a comma-separated list of integers >= 0, e.g. 0,1,2")
     if not args.seed_list or min(args.seed_list) < 0 or len(set(args.seed_list)) != len(args.seed_list):
         fail(f"--seeds {args.seeds!r}: name one or more distinct seeds >= 0, e.g. 0,1,2")
-    for name in ("steps", "layers", "batch", "ckpt_every", "ft_steps", "ft_eval_every", "attentive_epochs", "threads", "resolution",
-                 "d_model", "heads"):
+    for name in ("steps", "layers", "batch", "ckpt_every", "ft_steps", "ft_eval_every", "attentive_epochs", "threads",
+                 "resolution", "d_model", "heads"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} {getattr(args, name)}: must be 1 or more")
     return args

@@ -233,9 +233,9 @@ def render_outlines(n: int, canvas: int, rng: np.random.Generator) -> tuple[np.n
     least half of it is covered, so an image holds 2-3 grey levels and no edge colours (the colour-histogram cue
     of `shapes`); one background and one stroke grey per image, each one of 8 levels at least 3 apart and either
     brighter (no hue), so no pixel's value says "stroke" by itself; one clutter bar.
-    Raw pixels get 30.5% test at 16x16 (outlines:3000, chance 25%): with the stroke always brighter (background 0-0.3, stroke
-    0.55-1) they got 51%, and 58% with continuous levels; the sign of the contrast is what a template on
-    pixels cannot follow, while the outline stays plain to the eye."""
+    Raw pixels get 30.5% test at 16x16 (outlines:3000, chance 25%). With the stroke always brighter (background
+    0-0.3, stroke 0.55-1) they got 51%, and 58% with continuous levels: the sign of the contrast is what a
+    template on pixels cannot follow, while the outline stays plain to the eye."""
     if canvas < 8:
         raise ConfigError(f"outlines needs a canvas of at least 8 pixels; got {canvas}")
     kind = np.arange(n) % len(SHAPES)
@@ -251,7 +251,7 @@ def render_outlines(n: int, canvas: int, rng: np.random.Generator) -> tuple[np.n
     bg = rng.integers(len(OUTLINE_LEVELS), size=n)
     gap = rng.integers(OUTLINE_CONTRAST, len(OUTLINE_LEVELS), size=n) * rng.choice((-1, 1), n)
     gap = np.where((bg + gap < 0) | (bg + gap >= len(OUTLINE_LEVELS)), -gap, gap)  # the other way fits
-    ok = (bg + gap >= 0) & (bg + gap < len(OUTLINE_LEVELS))
+    ok = (bg + gap >= 0) & (bg + gap < len(OUTLINE_LEVELS))  # a wide gap from a middle level fits neither way
     gap = np.where(ok, gap, np.where(bg >= len(OUTLINE_LEVELS) // 2, -OUTLINE_CONTRAST, OUTLINE_CONTRAST))
     bg, fg = OUTLINE_LEVELS[bg], OUTLINE_LEVELS[bg + gap]
     img = np.where(shape, fg[:, None, None], bg[:, None, None])
