@@ -335,7 +335,9 @@ def test_study_report_means_spreads_claims_and_figure(tmp_path):
                 "raw_pixels": {"val_acc": 0.25, "test_acc": 0.24 + shift}, "checkpoints": ckpts, "ar": ckpts[-1],
                 "random_init": model([0.2, 0.22, 0.2, 0.2, 0.19], 1, shift=shift), "finetune": ft,
                 "bert": dict(model([0.3, 0.45, 0.5, 0.45, 0.35], 2, shift=shift), val_loss=2.9),
-                "timings": {"total_s": 10.0, "pretrain_s": 5.0, "finetune_s": 2.0, "probe_s": 3.0}, "threads": 1}
+                "timings": {"total_s": 10.0, "pretrain_s": 5.0, "finetune_s": 2.0, "probe_s": 3.0}, "threads": 1,
+                "attentive": {"layers": [1, 2, 3], "layer": 2, "lr": 1e-2, "epoch": 9, "val_acc": 0.7,
+                              "test_acc": 0.69 + 2 * shift, "epochs": 10}}
 
     config = {"command": "python examples/small_scale_probe.py --seeds 0,1", "data": "shapes", "steps": 100,
               "model": {"n_layer": 4, "d_model": 8, "n_head": 2, "resolution": 12}, "batch": 64, "lr": 3e-3,
@@ -356,6 +358,10 @@ def test_study_report_means_spreads_claims_and_figure(tmp_path):
     assert ("| best AR layer strictly inside the network (in 1..3 of 0..4) for every seed | best layers [2, 2] | yes |"
             in md)
     assert "Steps the pre-trained run needs to reach the scratch run's final val accuracy, per seed: [10, 10]" in md
+    # the attentive row: 69 and 73 against best layers 64 and 66 -> gain 6.0 +- 1.4: the +5 claim holds
+    assert "epochs), layer by val per seed 2, 2 | 71.0 ± 2.8 (gain 6.0 ± 1.4) | - | - |" in md
+    att = next(c for k, c in claims.items() if k.startswith("attentive probe"))
+    assert att["measured"] == "+6.0 points" and att["holds"]
     assert open(paths[2], "rb").read(4) == b"\x89PNG"
 
 
