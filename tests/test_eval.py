@@ -365,6 +365,19 @@ def test_study_report_means_spreads_claims_and_figure(tmp_path):
     assert open(paths[2], "rb").read(4) == b"\x89PNG"
 
 
+def test_study_palette_keeps_every_colour_of_data_under_512_colours(tmp_path):
+    """outlines has 14 greys, too few for k-means' 512 centres: the study gives each its own id (exact round trip)
+    and pads the palette with colours the data never uses."""
+    from megapix.data.sources import open_source
+
+    path = study_module().fit_palette(str(tmp_path), "outlines:100", 16, 0)
+    pal = Palette.load(path)
+    images = open_source("outlines:100", 16, None, 0, augment=False).split("test").images
+    ids = pal.encode(images)
+    np.testing.assert_array_equal(pal.decode(ids, 16, 16), images)
+    assert len(np.unique(pal.centres, axis=0)) == 512  # no two ids share a colour
+
+
 # the guard: the study at a reduced size, calibrated over seeds 0, 1, 2; a change to training, extraction or the
 # probes that loses what pre-training learns fails here.
 GUARD_ARGS = ["--seeds", "0", "--layers", "4", "--steps", "150", "--ckpt-every", "150", "--no-bert",
