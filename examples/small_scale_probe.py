@@ -551,6 +551,11 @@ def plot_study(agg: dict, per_seed: list[dict], path: str) -> None:
         mu, sd = pc(agg["ar"][f"concat{span}"])
         ax.errorbar([best + 0.15 * (span - 4)], [mu], yerr=[sd], fmt=marker, markersize=9, capsize=3,
                     label=f"AR, {span} layers around the best, concatenated")
+    if "attentive" in agg:  # drawn at the layer most seeds' val picked
+        at = agg["attentive"]
+        mu, sd = pc(at["test"])
+        ax.errorbar([max(set(at["layers"]), key=at["layers"].count)], [mu], yerr=[sd], fmt="P", markersize=10,
+                    capsize=3, label="AR, attentive probe")
     mu, sd = pc(agg["raw_pixels"])
     ax.axhspan(mu - sd, mu + sd, color="gray", alpha=0.2)
     ax.axhline(mu, color="gray", linestyle="-.", label="raw pixels (± sd)")
