@@ -14,10 +14,13 @@ random places and in random colours on a 16x16 canvas, with a clutter bar; no do
    on raw pixels, and on the 3- and 5-layer concatenations centred on the best layer (by val);
 4. fine-tunes (`megapix finetune`, L_gen + L_clf) the final AR model and, side by side, the same architecture from
    scratch, for the same number of steps (200, lr 3e-3), and counts the steps the pre-trained run needs to reach
-   the scratch run's final validation accuracy.
-Each seed's numbers go to OUT/seed<S>/result.json (a rerun skips finished seeds). Then REPORT/probe_study.md
-(mean +- standard deviation over the seeds, the paper's claims checked one by one), probe_study.json and
-probe_study.png (error bars: one standard deviation over seeds).
+   the scratch run's final validation accuracy;
+5. runs `megapix probe --attentive` (the CLI, a subprocess) over the final AR model at the best linear layer and its
+   neighbours, and checks the claim "attentive >= best linear + 5 points".
+`--data outlines` is the same task in grey with hard edges (no colour-histogram cue; its 14 greys get an exact
+palette, fit_palette). Each seed's numbers go to OUT/seed<S>/result.json (a rerun skips finished seeds). Then
+REPORT/probe_study.md (mean +- standard deviation over the seeds, the paper's claims checked one by one),
+probe_study.json and probe_study.png (error bars: one standard deviation over seeds).
 """
 from __future__ import annotations
 
