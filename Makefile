@@ -39,11 +39,12 @@ venv-test: $(VENV)/.installed-test
 train: $(VENV)/.installed-train
 	$(RUN) deepspeed $(if $(PORT),--master_port $(PORT)) megapix/train.py --config configs/tiny_digits.yaml --out $(OUT)
 
-# Everything: the linter (ruff.toml), the main process, then the Triton interpreter tests in a process of their own
+# Everything: the linter (ruff.toml), the main process (its 40 slowest tests listed at the end: where the time goes),
+# then the Triton interpreter tests in a process of their own
 # (TRITON_INTERPRET must be set before triton is imported, and must not reach the other tests).
 test: $(VENV)/.installed-test
 	$(RUN) $(PY) -m ruff check megapix kernels tests benchmarks
-	$(RUN) $(PY) -m pytest -q -m "not triton_interp" tests
+	$(RUN) $(PY) -m pytest -q --durations=40 -m "not triton_interp" tests
 	$(RUN) TRITON_INTERPRET=1 $(PY) -m pytest -q -m triton_interp tests
 
 # The unit tests only (no multi-process or subprocess training runs): the edit-test loop.

@@ -27,7 +27,8 @@ setup(
     extras_require={
         "mpi": ["mpi4py", "mpich"],
         "gpu": ["triton"],
-        "test": ["pytest", "pytest-timeout", "ruff", "transformers", "triton", "mpi4py", "mpich"],
+        "wandb": ["wandb"],
+        "test": ["pytest", "pytest-timeout", "ruff", "transformers", "triton", "mpi4py", "mpich", "wandb"],
     },
     entry_points={"console_scripts": ["megapix=megapix.cli:main"]},
 )

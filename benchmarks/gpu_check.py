@@ -319,7 +319,8 @@ def _ensure_dist(ctx: Ctx) -> None:
         ctx.dist_ready = True
 
 
-def train_run(ctx: Ctx, preset: str, kernels: str, batch: int, steps: int, lr: float, tag: str) -> dict:
+def train_run(ctx: Ctx, preset: str, kernels: str, batch: int, steps: int, lr: float, tag: str,
+              compile: str = "off") -> dict:
     """`steps` steps of Trainer.fit (the training loop itself: DeepSpeed engine, bf16, its metrics records) on
     synthetic images at the preset's resolution; no checkpoint is written (checkpoints=False, as a sweep)."""
     from megapix.config import Config, DataConfig, TrainConfig
@@ -333,7 +334,7 @@ def train_run(ctx: Ctx, preset: str, kernels: str, batch: int, steps: int, lr: f
     cfg = Config(model=_model(preset, kernels),
                  data=DataConfig(source=f"synthetic:{max(16, 2 * batch)}", palette=_palette(ctx)),
                  train=TrainConfig(global_batch=batch, micro_batch=batch, max_steps=steps, lr=lr, eval_every=0,
-                                   precision="bf16", seed=0, log_every=10**9, out=out))
+                                   precision="bf16", seed=0, log_every=10**9, out=out, compile=compile))
     metrics = os.path.join(out, "metrics.jsonl")
     gc.collect()
     if ctx.cuda:
@@ -392,18 +393,21 @@ def sec_mfu(ctx: Ctx, budget: Budget) -> dict:
     rows, last = [], {}
     for preset, batch in ctx.models():
         m = _model(preset)
-        for kernels in ("auto", "torch"):
-            tag = f"mfu-{preset}-{kernels}"
+        for kernels, compile in (("auto", "off"), ("torch", "off"), ("auto", "on")):  # on: --compile's blocks
+            tag = f"mfu-{preset}-{kernels}" + ("-compiled" if compile == "on" else "")
             est = _estimate(last, preset, m, batch)
             if not budget.allows(est):
-                rows.append({"model": preset, "kernels": kernels, "skipped": budget.skip_reason(est)})
+                rows.append({"model": preset, "kernels": kernels, "compile": compile,
+                             "skipped": budget.skip_reason(est)})
                 continue
             try:
-                r = train_run(ctx, preset, kernels, batch, warmup + steps, 1e-4, tag)
+                r = train_run(ctx, preset, kernels, batch, warmup + steps, 1e-4, tag, compile)
             except Exception as e:  # e.g. out of memory at this micro-batch: the other runs still go
-                rows.append({"model": preset, "kernels": kernels, "micro_batch": batch, "error": ctx.item_error(e)})
+                rows.append({"model": preset, "kernels": kernels, "compile": compile, "micro_batch": batch,
+                             "error": ctx.item_error(e)})
                 continue
-            ctx.runs[(preset, kernels)] = r
+            if compile == "off":
+                ctx.runs[(preset, kernels)] = r
             last = {"preset": preset, "params": m.num_parameters(), "flops": batch * m.n_ctx * m.flops_per_token(),
                     "build_s": r["build_s"], "run_s": r["run_s"]}
             times = [rec["step_time_s"] for rec in r["records"][warmup:]]
@@ -413,7 +417,8 @@ def sec_mfu(ctx: Ctx, budget: Budget) -> dict:
             dev = device_model(ctx)
             planned = (step_time(m, Layout(zero=r["zero_stage"], micro_batch=batch), batch, 1, 1, dev).step
                        if dev else NA_CPU)
-            rows.append({"model": preset, "kernels": kernels, "kernel_path": r["kernel_path"],
+            rows.append({"model": preset, "kernels": kernels, "compile": compile, "kernel_path": r["kernel_path"],
+                         "compile_s": sum(rec.get("compile_s", 0.0) for rec in r["records"]),
                          "params_M": m.num_parameters() / 1e6,
                          "micro_batch": batch, "step_s": dt, "planner_step_s": planned,
                          "tokens_per_s": tok_s, "tflops": tflops,
@@ -430,7 +435,8 @@ def sec_mfu(ctx: Ctx, budget: Budget) -> dict:
                     "megapix.plan.step_time for this layout on the device model (matmuls at 60% of peak, less "
                     "below 1024 columns)"
                     + ("" if ctx.cuda else "; on CPU auto resolves to the torch path"),
-            "summary": ", ".join(f"{r['model']}/{r['kernels']} " + (f"{r['mfu']:.1%}" if isinstance(r['mfu'], float)
+            "summary": ", ".join(f"{r['model']}/{r['kernels']}{'+compile' if r['compile'] == 'on' else ''} "
+                                 + (f"{r['mfu']:.1%}" if isinstance(r['mfu'], float)
                                                                    else f"{r['tflops']:.3g} TFLOP/s")
                                  for r in done) or "none"}
 

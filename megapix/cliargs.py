@@ -130,6 +130,12 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
     def __init__(self, prog):
         super().__init__(prog, max_help_position=34, width=110)
 
+    def _split_lines(self, text, width):
+        """argparse's wrapping, but never inside a flag: `--context-parallel` stays whole (copyable, findable)."""
+        import textwrap
+
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
+
 
 def command_parser(prog: str, description: str) -> Parser:
     p = Parser(prog=prog, description=description, formatter_class=_Formatter)
@@ -171,6 +177,8 @@ def add_fields(p: argparse.ArgumentParser, cls, *, prefix: str = "", title: str 
             if choices is not None:
                 kw["choices"] = choices
                 kw["type"] = _int if isinstance(choices[0], int) else str
+                if f.metadata.get("bare") is not None:
+                    kw.update(nargs="?", const=f.metadata["bare"])
             elif f.metadata.get("kind") == "out":
                 kw["type"] = _out_type(flag)
             else:

@@ -21,15 +21,15 @@ VOCAB_SIZE = 512  # the 9-bit palette
 
 def opt(default=dataclasses.MISSING, help: str = "", *, flag: str | None = None, aliases: tuple = (),
         metavar: str | None = None, default_help: str | None = None, positional: bool = False,
-        kind: str | None = None, cli: bool = True):
+        kind: str | None = None, cli: bool = True, bare: str | None = None):
     """A config field with its command-line description (megapix.cliargs generates the flag from it).
 
     flag: the flag's name (default --field-name); aliases: other accepted spellings; default_help: how help
     describes the default ("required", "the checkpoint's", ...); positional: an older positional spelling that
     is still accepted; kind="out": an output path (refused when it lies under a regular file); cli=False: set
-    only in a --config file."""
+    only in a --config file; bare: the value of the flag given without one (`--compile` = `--compile on`)."""
     meta = dict(help=help, flag=flag, aliases=tuple(aliases), metavar=metavar, default_help=default_help,
-                positional=positional, kind=kind, cli=cli)
+                positional=positional, kind=kind, cli=cli, bare=bare)
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -158,7 +158,7 @@ class DataConfig:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must lie in [0, 1)")
 
 
-MONITORS = ("tensorboard", "csv", "none")  # --report-to; DeepSpeed's "tensorboard" and "csv_monitor" sections
+MONITORS = ("tensorboard", "csv", "wandb", "none")  # --report-to: DeepSpeed's "tensorboard", "csv_monitor", "wandb"
 MIN_COLLECTIVE_TIMEOUT = 10.0  # seconds: below it a rendezvous or a checkpoint's sync times out on a healthy job
 
 
@@ -170,8 +170,11 @@ class TrainConfig:
                                   "fixed (DeepSpeed train_micro_batch_size_per_gpu)",
                                   default_help="the whole per-rank share, no accumulation")
     lr: float = opt(3e-3, "peak learning rate (AdamW)")
-    warmup_steps: int | None = opt(None, "linear warm-up steps before the cosine decay to 0",
+    warmup_steps: int | None = opt(None, "linear warm-up steps before the cosine (or WSD's stable phase)",
                                    default_help="one epoch (the paper), at most 10% of max-steps")
+    schedule: Literal["cosine", "wsd"] = opt("cosine", "after the warm-up: cosine to 0 (the paper), or wsd: the "
+                                             "peak held, then 1-sqrt to 0 over --decay-steps (continuable)")
+    decay_steps: int | None = opt(None, "--schedule wsd: the decay's steps (the last)", default_help="max-steps/10")
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.95, "AdamW beta2 (the paper: 0.999 gave loss spikes)")
     weight_decay: float = opt(0.0, "AdamW decoupled weight decay")
@@ -187,8 +190,14 @@ class TrainConfig:
     save_best: bool = opt(True, "save a checkpoint at each new best validation score, named in "
                           "<out>/checkpoints/best.json (kept by --keep-last)")
     report_to: str = opt("none", "DeepSpeed monitors that also receive the per-step metrics, under <out>/monitor: "
-                         "tensorboard, csv, both comma-separated, or none", metavar="LIST",
+                         "tensorboard, csv, wandb (Weights & Biases; WANDB_MODE=offline works without a network), "
+                         "comma-separated, or none", metavar="LIST",
                          default_help="none, or the monitors the DeepSpeed JSON enables")
+    wandb_project: str | None = opt(None, "W&B project (--report-to wandb)", metavar="NAME",
+                                    default_help="the DeepSpeed JSON's wandb.project, else megapix")
+    wandb_entity: str | None = opt(None, "W&B entity (user or team)", metavar="NAME", default_help="your default")
+    wandb_name: str | None = opt(None, "W&B run name", metavar="NAME", default_help="the --out folder's name")
+    wandb_group: str | None = opt(None, "W&B group of runs", metavar="NAME", default_help="none")
     log_every: int = opt(10, "steps between plain progress lines on stdout (metrics.jsonl has every step)")
     time_budget: float = opt(0.0, "seconds; save and exit 75 when exceeded (0: none)")
     collective_timeout: float = opt(1800.0, "seconds a collective (all-reduce, barrier, a checkpoint's sync) waits "
@@ -212,6 +221,9 @@ class TrainConfig:
     zero_stage: Literal[0, 1, 2, 3] | None = opt(None, "ZeRO stage (DeepSpeed zero_optimization.stage)",
                                                  default_help="the DeepSpeed JSON's, else 0")
     activation_checkpointing: bool = opt(False, "recompute block activations in the backward pass")
+    compile: Literal["off", "on", "require"] = opt(
+        "off", "torch.compile each transformer block (inductor): on (eager, with one line, where it cannot compile), "
+        "require (exit 2 where it cannot) or off; a bare --compile means on", bare="on")
     peak_tflops: float | None = opt(None, "device peak TFLOP/s for MFU", default_help="from a table of GPUs")
     precision: Literal["auto", "bf16", "fp32"] = opt(
         "auto", "auto: bf16 on GPU, fp32 on CPU (or what the DeepSpeed JSON's bf16 section says)")
@@ -219,10 +231,18 @@ class TrainConfig:
                              "(those after the first this process runs, which builds DeepSpeed's buffers) and write "
                              "their calls and bytes per op and group, beside the planner's bytes, to "
                              "<out>/comms_profile.json (0: off)", metavar="N")
+    # issue 29: a linear probe of a fixed labelled subset during pre-training (megapix/trainprobe.py)
+    probe_every: int = opt(0, "steps between linear probes of mean-pooled features (probe_acc/layer_L in "
+                           "metrics.jsonl; 0: off)", metavar="N")
+    probe_data: str | None = opt(None, "labelled data of --probe-every", metavar="SPEC", default_help="--data")
+    probe_layers: str | None = opt(None, "layers --probe-every probes: '2,4', '1-3' or 'all'",
+                                   default_help="4 spread over depth, as the attentive probe")
+    probe_rows: int = opt(256, "--probe-every: first rows of the probe data's train split fitted (at most as many "
+                          "val rows scored)")
 
     def __post_init__(self):
         _check_positive(self, "max_steps", "global_batch", "lr", "tensor_parallel", "pipeline_parallel",
-                        "context_parallel", "eval_batches", "collective_timeout")
+                        "context_parallel", "eval_batches", "collective_timeout", "probe_rows")
         _check_finite(self)
         if self.collective_timeout < MIN_COLLECTIVE_TIMEOUT:
             raise ConfigError(f"train.collective_timeout={self.collective_timeout:g} is below the floor of "
@@ -237,19 +257,29 @@ class TrainConfig:
             raise ConfigError(f"train.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
         _check_choice(self, "precision")
         _check_choice(self, "on_nonfinite")
+        _check_choice(self, "compile")
+        _check_choice(self, "schedule")
+        if self.decay_steps is not None and self.schedule != "wsd":
+            raise ConfigError(f"train.decay_steps={self.decay_steps} is WSD's decay: add --schedule wsd or drop it")
+        warmup = self.warmup_steps if self.warmup_steps is not None else max(1, self.max_steps // 10)  # its cap
+        if self.decay_steps is not None and not 1 <= self.decay_steps <= self.max_steps - warmup:
+            raise ConfigError(f"train.decay_steps={self.decay_steps} must lie in [1, max_steps - warm-up = "
+                              f"{self.max_steps - warmup}]: pass a smaller --decay-steps or a larger --max-steps")
         if self.spike_factor != 0 and not self.spike_factor > 1:
             raise ConfigError(f"train.spike_factor={self.spike_factor} must be 0 (off) or above 1, e.g. 3")
         monitors = [m.strip() for m in self.report_to.split(",")]
         if not set(monitors) <= set(MONITORS) or ("none" in monitors and len(monitors) > 1):
-            raise ConfigError(f"train.report_to={self.report_to!r}: use tensorboard, csv, tensorboard,csv or none")
+            raise ConfigError(f"train.report_to={self.report_to!r}: use any of tensorboard, csv, wandb "
+                              "(comma-separated), or none")
         self.report_to = ",".join(m for m in MONITORS if m in monitors)  # one spelling: the record compares it
         for name in ("eval_every", "save_every", "keep_last", "log_every", "time_budget", "weight_decay", "grad_clip",
-                     "seed", "profile_comms"):
+                     "seed", "profile_comms", "probe_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 0")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must lie in [0, 1)")
+
 
 
 SECTION_NAMES = ("model", "data", "train")
@@ -320,10 +350,17 @@ def _fits(value, tp) -> bool:
     return isinstance(value, tp) and not (tp is int and isinstance(value, bool))
 
 
+# Settings added after the run record's format was fixed: a record an earlier megapix wrote lacks them, and their
+# defaults are what that megapix did (no W&B names, eager, no probes while training, the cosine), so such a run
+# resumes.
+LATER_FIELDS = {"train": ("wandb_project", "wandb_entity", "wandb_name", "wandb_group", "compile", "probe_every",
+                          "probe_data", "probe_layers", "probe_rows", "schedule", "decay_steps")}
+
+
 def check_record_config(raw, where: str) -> Config:
     """A config megapix wrote (a run's config.json "config", a checkpoint's megapix_config.json), trusted only when
-    whole: an object with the three sections, every field present with a value of its type and nothing else, and
-    valid. Otherwise one ConfigError naming `where` and the field."""
+    whole: an object with the three sections, every field present (but LATER_FIELDS) with a value of its type and
+    nothing else, and valid. Otherwise one ConfigError naming `where` and the field."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} does not hold a JSON object of sections model/data/train")
     for sec, cls in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig)):
@@ -335,6 +372,8 @@ def check_record_config(raw, where: str) -> Config:
             raise ConfigError(f"{where}: field '{sec}.{name}' is not a megapix setting")
         for name, tp in hints.items():
             if name not in section:
+                if name in LATER_FIELDS.get(sec, ()):
+                    continue  # written before the setting existed: its default is what that run did
                 raise ConfigError(f"{where}: field '{sec}.{name}' is missing")
             if not _fits(section[name], tp):
                 shown = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")

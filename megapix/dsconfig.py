@@ -4,8 +4,8 @@ The JSON is the DeepSpeed user's language, so it is authoritative and never sile
 - a setting that both the JSON and megapix's config (a --config file or a flag) set, with different values, is a
   ConfigError naming both: train_batch_size / --global-batch, train_micro_batch_size_per_gpu / --micro-batch,
   gradient_accumulation_steps / global / (micro x data-parallel ranks), gradient_clipping / --grad-clip,
-  zero_optimization.stage / --zero-stage, bf16.enabled / --precision, tensorboard.enabled and csv_monitor.enabled /
-  --report-to;
+  zero_optimization.stage / --zero-stage, bf16.enabled / --precision, tensorboard.enabled, csv_monitor.enabled and
+  wandb.enabled / --report-to, wandb.project/team/group / --wandb-project/--wandb-entity/--wandb-group;
 - a setting only the JSON makes is taken into megapix's effective config (the JSON's train_batch_size becomes the
   global batch, its gradient_clipping the clip, its bf16 section the precision), so the schedule, the data order
   and the saved config all follow it;
@@ -29,7 +29,10 @@ from megapix.config import Config, ConfigError
 from megapix.parallel import dist as pdist
 
 # --report-to name -> DeepSpeed monitor section
-MONITOR_SECTIONS = {"tensorboard": "tensorboard", "csv": "csv_monitor"}
+MONITOR_SECTIONS = {"tensorboard": "tensorboard", "csv": "csv_monitor", "wandb": "wandb"}
+# the JSON's wandb section -> (train field, flag): taken or refused like every other shared setting
+_WANDB_KEYS = {"project": ("wandb_project", "--wandb-project"), "team": ("wandb_entity", "--wandb-entity"),
+               "group": ("wandb_group", "--wandb-group")}
 
 # JSON key -> (train field, flag)
 _BATCH_KEYS = {
@@ -104,6 +107,10 @@ def _check_values(ds: dict) -> None:
     for key in ("bf16", "fp16", "amp", *MONITOR_SECTIONS.values()):
         if key in ds and not isinstance(ds[key], dict):
             raise ConfigError(f"{where}: {key} must be an object such as {{\"enabled\": true}}, not {ds[key]!r}")
+    for key in _WANDB_KEYS:
+        value = (ds.get("wandb") or {}).get(key)
+        if _is_set(value) and not isinstance(value, str):
+            raise ConfigError(f"{where}: wandb.{key}={value!r} must be a string (or null)")
     for key in ("fp16", "amp"):
         if _enabled(ds, key):
             raise ConfigError(f"{where}: megapix trains in bf16 or fp32, not {key}; remove the {key} section and "
@@ -213,6 +220,13 @@ def _take_monitors(cfg: Config, ds: dict, taken: dict) -> None:
     t = cfg.train
     monitors = {name: (ds.get(section) or {}).get("enabled") for name, section in MONITOR_SECTIONS.items()}
     monitors = {name: on for name, on in monitors.items() if isinstance(on, bool)}
+    wandb = ds.get("wandb") or {}
+    for key, (name, flag) in _WANDB_KEYS.items():
+        if _is_set(wandb.get(key)):
+            if not cfg.is_set("train", name):
+                taken[name] = wandb[key]
+            elif getattr(t, name) != wandb[key]:
+                raise _conflict(ds, f"wandb.{key}", json.dumps(wandb[key]), flag, name, getattr(t, name))
     if not monitors:
         return
     if not cfg.is_set("train", "report_to"):
@@ -301,6 +315,14 @@ def make_ds_config(cfg: Config, ds: dict, layout, micro: int) -> dict:
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
     ds.pop("fp16", None)  # only a disabled one reaches here (load_ds_config refuses an enabled one)
     ds.pop("amp", None)
+    _monitors(ds, cfg, named)
+    return ds
+
+
+def _monitors(ds: dict, cfg: Config, named: dict) -> None:
+    """DeepSpeed's monitor sections for --report-to (after resolve, the JSON's agree with it or were taken into it),
+    written under --out unless the JSON names a path; a monitor whose package is missing is off, said in one line."""
+    t = cfg.train
     for name in t.report_to.split(","):  # after resolve, the JSON's monitors agree with (or were taken into) it
         if name in MONITOR_SECTIONS:
             ds[MONITOR_SECTIONS[name]] = {**ds.get(MONITOR_SECTIONS[name], {}), "enabled": True}
@@ -311,21 +333,39 @@ def make_ds_config(cfg: Config, ds: dict, layout, micro: int) -> dict:
                      else "--report-to tensorboard")
             print(f"megapix: {asked}: the tensorboard package is not installed, so no TensorBoard events are "
                   "written (pip install tensorboard); csv and metrics.jsonl are written as usual", flush=True)
+    if "wandb" in t.report_to.split(","):
+        ds["wandb"] = {**ds["wandb"], "project": t.wandb_project or "megapix", "team": t.wandb_entity,
+                       "group": t.wandb_group}
+        if not _wandb_available():
+            ds["wandb"]["enabled"] = False  # the other monitors and metrics.jsonl still write
+            if pdist.is_rank0():
+                print("megapix: --report-to wandb: the wandb package is not installed, so nothing goes to W&B "
+                      "(pip install wandb, or megapix's [wandb] extra); the other monitors write as usual", flush=True)
     for key in ("tensorboard", "csv_monitor"):  # DeepSpeed's monitor, written under --out unless a path is set
         if ds.get(key, {}).get("enabled"):
             ds[key].setdefault("output_path", os.path.join(os.path.abspath(t.out), "monitor"))
             ds[key].setdefault("job_name", "megapix")
-    return ds
 
 
 def monitor_notes(cfg: Config, ds_final: dict) -> list[str]:
     """Lines for the end-of-run summary about monitors asked for but not written (the start-up warning, again)."""
-    asked = "tensorboard" in cfg.train.report_to.split(",")
-    if asked and not ds_final.get("tensorboard", {}).get("enabled"):
-        return ["warning: TensorBoard was asked for (--report-to tensorboard or the DeepSpeed JSON) but the "
-                "tensorboard package is not installed: no TensorBoard events were written (pip install tensorboard); "
-                "metrics.jsonl has every step"]
-    return []
+    asked, notes = cfg.train.report_to.split(","), []
+    if "tensorboard" in asked and not ds_final.get("tensorboard", {}).get("enabled"):
+        notes.append("warning: TensorBoard was asked for (--report-to tensorboard or the DeepSpeed JSON) but the "
+                     "tensorboard package is not installed: no TensorBoard events were written (pip install "
+                     "tensorboard); metrics.jsonl has every step")
+    if "wandb" in asked and not ds_final.get("wandb", {}).get("enabled"):
+        notes.append("warning: W&B was asked for (--report-to wandb or the DeepSpeed JSON) but the wandb package is "
+                     "not installed: nothing was logged to W&B (pip install wandb); metrics.jsonl has every step")
+    return notes
+
+
+def _wandb_available() -> bool:
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _tensorboard_available() -> bool:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from megapix.checkpoint.manager import CheckpointManager, NonFiniteWeights
 from megapix.checkpoint.names import canonical_name
-from megapix.checkpoint.schedule import Schedule, continuation, default_warmup
+from megapix.checkpoint.schedule import Schedule, continuation, default_decay, default_warmup
 from megapix.config import Config, ConfigError
 from megapix.data import load_splits
 from megapix.data.loader import GlobalBatches
@@ -38,6 +38,7 @@ from megapix.plan.comms import CommsProfile, planned_bytes
 from megapix.plan.devices import device_for
 from megapix.runlog import RunLog, StopRequest, measured_matmul_tflops, peak_memory
 from megapix.tasks import LMTask
+from megapix import tracking
 
 EXIT_PREEMPTED = EXIT_REQUEUE  # checkpoint saved, requeue me
 
@@ -68,10 +69,10 @@ class Trainer:
     checkpoints (a sweep's runs, a benchmark)."""
 
     def __init__(self, cfg: Config, ds_config_path: str | None = None, task=None, run_log: RunLog | None = None,
-                 resume: bool = False, checkpoints: bool = True):
+                 resume: bool = False, checkpoints: bool = True, resume_tag: str | None = None):
         self._resolve(cfg, ds_config_path)
         self.checkpoints = CheckpointManager(self.out, self.shown_out, self.cfg, self.layout, resume=resume,
-                                             enabled=checkpoints)
+                                             enabled=checkpoints, resume_tag=resume_tag)
         self.task = task if task is not None else self._pretraining_task()
         self._batch_geometry()
         module = self._build_module()
@@ -85,6 +86,7 @@ class Trainer:
         self.guard = StepGuard(self.cfg.train.on_nonfinite, self.cfg.train.spike_factor, self.layout.rank,
                                self.layout.world, self.device)
         self.step, self.batch, self.busy_s = 0, 0, 0.0  # the step, its global-batch index, this rank's busy time
+        self.probe = None  # a callable run at the steps its due(step) names (megapix.trainprobe: --probe-every)
 
     # ---- construction, in order ----
     def _resolve(self, cfg: Config, ds_config_path: str | None) -> None:
@@ -119,17 +121,22 @@ class Trainer:
         self.splits = getattr(self.task, "splits", None)
         self.schedule = GlobalBatches(self.task.train_size, t.global_batch, t.seed)
         self.micro_batch = t.micro_batch or t.global_batch // self.layout.dp
-        self.warmup = (t.warmup_steps if t.warmup_steps is not None
-                       else default_warmup(self.schedule.steps_per_epoch(), t.max_steps))
-        self.lr_schedule = Schedule(t.lr, self.warmup, t.max_steps)
+        self.lr_schedule = self._lr_schedule(t.max_steps)
         self.checkpoints.lr_schedule = self.lr_schedule  # every restore applies it (checkpoint.schedule)
 
-    def continuation(self, max_steps: int) -> str:
-        """What continuing this run to `max_steps` (the same warm-up rule) does to the lr, in words."""
+    def _lr_schedule(self, max_steps: int) -> Schedule:
+        """The schedule of this run's settings ending at `max_steps` (defaults: warm-up and decay follow it)."""
         t = self.cfg.train
         warmup = t.warmup_steps if t.warmup_steps is not None else default_warmup(
             self.schedule.steps_per_epoch(), max_steps)
-        return continuation(self.lr_schedule, self.step, max_steps, warmup)
+        decay = (t.decay_steps or default_decay(max_steps)) if t.schedule == "wsd" else 0
+        return Schedule(t.lr, warmup, max_steps, t.schedule, decay)
+
+    def continuation(self, max_steps: int) -> tuple[str, str]:
+        """What continuing this run to `max_steps` (the same settings) does to the lr, in words, and the flags
+        the continue command resumes with (a WSD run: its stable-phase checkpoint's tag, when kept)."""
+        stable = self.checkpoints.stable_tag()
+        return continuation(self.lr_schedule, self.step, self._lr_schedule(max_steps), stable)
 
     def _build_module(self):
         """The DeepSpeed config before the module (under ZeRO-3, construction partitions with it), then the
@@ -148,6 +155,8 @@ class Trainer:
                                       **({"fused": True} if torch.cuda.is_available() else {"foreach": True}))
 
         mpu = self.layout.grid if (self.layout.tp > 1 and not self.is_pipeline) else None
+        if self.is_rank0:  # the W&B run's id, name and folder, before DeepSpeed's monitor starts it
+            tracking.prepare(self.cfg, self.ds_config, self.checkpoints.resume_tag is not None)
         engine, _, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, config=self.ds_config, mpu=mpu,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, self.lr_schedule.factor))
@@ -209,6 +218,7 @@ class Trainer:
         task = self.task
         task.meter.reset()
         self._local_grad_norm = None
+        compiled_before = self._compile_clock()
         if self.is_pipeline:
             t0 = time.perf_counter()
             self.engine.train_batch(data_iter=iter([self._to_device(task.pipe_batch(b)) for b in micro]))
@@ -220,6 +230,7 @@ class Trainer:
                 self.busy_s += time.perf_counter() - t0
                 self.engine.backward(loss)
                 self.engine.step()
+        self._step_compile_s = self._compile_clock() - compiled_before
         return task.meter.reduce(self.device)
 
     def _to_device(self, obj):
@@ -249,14 +260,34 @@ class Trainer:
         """The metrics.jsonl record of the step just taken: the task's metrics, lr, gradient norm, throughput,
         TFLOP/s and MFU, peak memory."""
         tokens = self.cfg.train.global_batch * self.cfg.model.n_ctx
-        tflops = tokens * self.cfg.model.flops_per_token() / seconds / self.layout.world / 1e12
+        compiling = self._compile_time()
+        seconds = max(seconds - compiling, 1e-9)  # a step's compilation is reported apart, not as slow training
         mem_key, mem = peak_memory(torch.device(self.device))
+        tflops = tokens * self.cfg.model.flops_per_token() / seconds / self.layout.world / 1e12
         rec = {**(extra or {}), "step": self.step, **stats, "lr": lr, "grad_norm": self.grad_norm(),
                "tokens_per_s": tokens / seconds, "tflops_per_device": tflops,
-               "mfu": tflops / self.peak_tflops if self.peak_tflops else None, mem_key: mem, "step_time_s": seconds}
+               "mfu": tflops / self.peak_tflops if self.peak_tflops else None, mem_key: mem, "step_time_s": seconds,
+               **({"compile_s": compiling} if compiling else {})}
         if rec["grad_norm"] is None and self.grad_norm_note:
             self.log.note_once("grad_norm", f"grad_norm is null in metrics.jsonl: {self.grad_norm_note}")
         return rec
+
+    def _compile_clock(self) -> float:
+        """Seconds this process has spent in torch.compile so far (0 without --compile)."""
+        if self.cfg.train.compile == "off":
+            return 0.0
+        from megapix.model.compile import compile_seconds
+
+        return compile_seconds()
+
+    def _compile_time(self) -> float:
+        """Seconds the step just taken spent compiling; said once, the first time."""
+        spent = getattr(self, "_step_compile_s", 0.0)
+        if spent > 0 and self.is_rank0 and not getattr(self, "_compile_said", False):
+            self._compile_said = True
+            print(f"megapix: --compile: {spent:.1f} s compiling the blocks in step {self.step} (not counted in its "
+                  "tokens/s and MFU; metrics.jsonl: compile_s)", flush=True)
+        return spent
 
     def _add_bits_per_dim(self, rec: dict) -> None:
         """Bits per dim, the iGPT paper's unit: the mean negative log-likelihood of a token (one pixel's colour
@@ -313,7 +344,7 @@ class Trainer:
         t = self.cfg.train
         self.step = self.checkpoints.restore(self.engine, self.is_pipeline, self.log if self.owns_log else None)
         stop = StopRequest(t.time_budget)
-        self.best_score, self.best_step, self.stopped_early, evals_since_best = None, 0, False, 0
+        self.best_score, self.best_step, self.stopped_early, self.evals_since_best = None, 0, False, 0
         self.log.begin(desc, t.max_steps, self.step, t.log_every, getattr(self.engine, "monitor", None))
         profile = CommsProfile(t.profile_comms, self.step) if t.profile_comms else None  # a diagnostic, default off
         try:
@@ -333,24 +364,17 @@ class Trainer:
                     self.step += 1
                     rec = {**self._step_record(stats, lr, time.perf_counter() - start, extra), **spread,
                            "global_batch_index": self.batch, **self.guard.take_events(self.step)}
-                    metrics = score = None
-                    if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps):
-                        metrics = self.evaluate()
-                        rec.update(metrics)
-                        score = self.task.score(metrics)
-                        if score is not None and (self.best_score is None or score > self.best_score):
-                            self.best_score, self.best_step, evals_since_best = score, self.step, 0
-                            if on_best is not None:
-                                on_best(self, rec)
-                        else:
-                            evals_since_best += 1
+                    probed = self.probe is not None and self.probe.due(self.step)
+                    if probed:
+                        rec.update(self.probe(self))
+                    metrics, score = self._evaluate_at_step(rec, on_best)
                     self._add_bits_per_dim(rec)
                     self.log.record(rec)
                     stopping = self.step < t.max_steps and stop.should_stop()
                     self.checkpoints.after_step(self.engine, self.step, metrics, score, stopping=stopping)
-                    if metrics is not None:
+                    if metrics is not None or probed:
                         self.log.plot()
-                    if metrics is not None and patience and evals_since_best >= patience:
+                    if metrics is not None and patience and self.evals_since_best >= patience:
                         self.stopped_early = True
                     if profile is not None and profile.complete:
                         self._write_comms_profile(profile)
@@ -365,6 +389,23 @@ class Trainer:
             self.log.end()
         self.log.plot()
         return 0
+
+    def _evaluate_at_step(self, rec: dict, on_best) -> tuple[dict | None, float | None]:
+        """At an evaluation step (every eval_every and the last): the task's metrics into `rec`, the best score
+        tracked (on_best called on a new one); (metrics, score), or (None, None) at other steps."""
+        t = self.cfg.train
+        if not (t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps)):
+            return None, None
+        metrics = self.evaluate()
+        rec.update(metrics)
+        score = self.task.score(metrics)
+        if score is not None and (self.best_score is None or score > self.best_score):
+            self.best_score, self.best_step, self.evals_since_best = score, self.step, 0
+            if on_best is not None:
+                on_best(self, rec)
+        else:
+            self.evals_since_best += 1
+        return metrics, score
 
     def _write_comms_profile(self, profile: CommsProfile) -> None:
         """<out>/comms_profile.json (collective: every rank calls it at the same step)."""

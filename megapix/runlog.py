@@ -83,6 +83,7 @@ class RunLog:
         self.png_path = os.path.join(out, "loss.png")
         self.enabled, self.plotting = is_rank0, plot
         self.curve: tuple[list, list] = ([], [])  # (step, train loss), (step, val loss)
+        self.probe_curve: dict[str, list] = {}  # "layer_L" -> (step, probe accuracy), resumed records included
         self.loss_png = None  # the path, once written
         self.summary: dict = {}
         self.monitor = None
@@ -96,7 +97,7 @@ class RunLog:
         """Rewrite metrics.jsonl as the curve of the run that goes on from `step`: None (a fresh run) keeps
         nothing; a resumed run keeps the records up to its checkpoint, dropping later ones and a torn last line.
         The loss curve is reloaded from what is kept."""
-        self.curve, self.rollbacks = ([], []), {}
+        self.curve, self.rollbacks, self.probe_curve = ([], []), {}, {}
         if not self.enabled:
             return
         if os.path.isfile(self.path):
@@ -113,10 +114,11 @@ class RunLog:
         self.desc, self.total, self.log_every, self.monitor = desc, total, max(1, log_every), monitor
         self.summary = {"first_step": initial}
         self._last_val = None
-        self._interactive = sys.stdout.isatty()
+        # the bar only where both streams are a terminal: `> log` or `| tee` keeps the plain lines in the file
+        self._interactive = sys.stderr.isatty() and sys.stdout.isatty()
         self._started = time.monotonic()
         self._bar = tqdm(total=total, initial=initial, disable=not (self.enabled and self._interactive), desc=desc,
-                         dynamic_ncols=True)
+                         dynamic_ncols=True, unit="step")  # tqdm's own [elapsed<ETA, rate] plus the postfix
 
     def end(self) -> None:
         """Close the progress bar (before any message or error is printed); idempotent."""
@@ -144,7 +146,7 @@ class RunLog:
     def plot(self) -> None:
         """<out>/loss.png (rank 0): at each evaluation and at the end of a run."""
         if self.enabled and self.plotting:
-            self.loss_png = write_loss_plot(*self.curve, self.png_path)
+            self.loss_png = write_loss_plot(*self.curve, self.png_path, self.probe_curve)
 
     def note_once(self, key: str, message: str) -> None:
         """A line printed once per log (rank 0), e.g. why a metric is null."""
@@ -171,17 +173,26 @@ class RunLog:
             for points, key in zip(self.curve, ("loss", "val_loss")):
                 if isinstance(rec.get(key), (int, float)):
                     points.append((rec["step"], rec[key]))
+            for key, value in rec.items():
+                if key.startswith(PROBE_KEY) and isinstance(value, (int, float)):
+                    self.probe_curve.setdefault(key.removeprefix(PROBE_KEY), []).append((rec["step"], value))
 
     def _progress(self, rec: dict) -> None:
         if rec.get("val_loss") is not None:
             self._last_val = rec["val_loss"]
         loss = rec["loss"]
         self._bar.update(1)
-        self._bar.set_postfix(loss=f"{loss:.4f}",
-                              **({"val": f"{self._last_val:.4f}"} if self._last_val is not None else {}),
-                              tok_s=f"{rec['tokens_per_s']:.0f}")
+        if not self._bar.disable:  # a dict keeps this order (keyword arguments tqdm sorts)
+            post = {"loss": f"{loss:.4f}", **({"val": f"{self._last_val:.4f}"} if self._last_val is not None else {})}
+            if rec.get("step_time_s") is not None:
+                post["ms_step"] = f"{1000 * rec['step_time_s']:.0f}"
+            if rec.get("mfu") is not None:
+                post["mfu"] = f"{100 * rec['mfu']:.1f}%"
+            self._bar.set_postfix(post, tok_s=f"{rec['tokens_per_s']:.0f}")
         step = rec["step"]
-        evaluated = rec.get("val_loss") is not None or rec.get("val_acc") is not None  # every evaluation is shown
+        probe = {k.removeprefix(PROBE_KEY).replace("_", " "): v for k, v in rec.items() if k.startswith(PROBE_KEY)}
+        # every evaluation and probe is shown
+        evaluated = rec.get("val_loss") is not None or rec.get("val_acc") is not None or bool(probe)
         if self.enabled and not self._interactive and (step % self.log_every == 0 or step == self.total or evaluated):
             bpd = f" ({rec['bpd']:.3f} bits/dim)" if rec.get("bpd") is not None else ""
             val_bpd = f" ({rec['val_bpd']:.3f} bits/dim)" if rec.get("val_bpd") is not None else ""
@@ -189,6 +200,7 @@ class RunLog:
             print(f"{self.desc} step {step}/{self.total}: loss {loss:.4f}{bpd}"
                   + (f", val_loss {rec['val_loss']:.4f}{val_bpd}" if rec.get("val_loss") is not None else "")
                   + (f", val_acc {100 * rec['val_acc']:.2f}%" if rec.get("val_acc") is not None else "")
+                  + (f", probe {100 * max(probe.values()):.1f}% at {max(probe, key=probe.get)}" if probe else "")
                   + f", lr {rec['lr']:.3g}{norm}, {rec['tokens_per_s']:.0f} tokens/s" + self._pace(rec), flush=True)
 
     def _pace(self, rec: dict) -> str:
@@ -209,6 +221,7 @@ class RunLog:
         when validation loss has risen three evaluations in a row while training goes on (overfitting)."""
         s = self.summary
         s["last_step"], s["last_loss"], s["last"] = rec["step"], rec["loss"], rec
+        s["probe_time_s"] = s.get("probe_time_s", 0.0) + rec.get("probe_time_s", 0.0)
         val = rec.get("val_loss")
         if val is None:
             return
@@ -230,11 +243,13 @@ def _clock(seconds: float) -> str:
     return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
 
 
-def write_loss_plot(train: list, val: list, png_path: str, points: int = 2000) -> str | None:
+def write_loss_plot(train: list, val: list, png_path: str, probe: dict | None = None, points: int = 2000
+                    ) -> str | None:
     """<out>/loss.png: train loss (every step; averaged over buckets of steps beyond `points` of them) and val loss
     (each evaluation) against the step, in nats per token with bits/dim on the right axis. `train` and `val` are
-    (step, loss) pairs. Written atomically (a reader never sees half a PNG). Returns the path, or None when there
-    is nothing to plot yet."""
+    (step, loss) pairs; `probe` ({"layer_L": (step, accuracy) pairs}, --probe-every) is drawn in a second panel
+    beside them. Written atomically (a reader never sees half a PNG). Returns the path, or None when there is
+    nothing to plot yet."""
     if not train and not val:
         return None
     if len(train) > points:
@@ -245,15 +260,19 @@ def write_loss_plot(train: list, val: list, png_path: str, points: int = 2000) -
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures are left alone
 
-    fig = Figure(figsize=(6.4, 4.0), dpi=100)
+    fig = Figure(figsize=(11.2 if probe else 6.4, 4.0), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.subplots()
+    ax, *probe_ax = fig.subplots(1, 2) if probe else [fig.subplots()]
     if train:
         ax.plot(*zip(*train), lw=1, alpha=0.8, label="train loss")
     if val:
         ax.plot(*zip(*val), "o-", lw=1.5, ms=3, label="val loss")
     ax.secondary_yaxis("right", functions=(lambda x: x / math.log(2), lambda b: b * math.log(2))).set_ylabel("bits/dim")
-    return _save_figure(fig, [(ax, "loss (nats/token)")], png_path)
+    for layer, points_ in sorted(probe.items() if probe else [], key=lambda kv: int(kv[0].rpartition("_")[2])):
+        probe_ax[0].plot([s for s, _ in points_], [100 * a for _, a in points_], "o-", lw=1.5, ms=3,
+                         label=layer.replace("_", " "))
+    return _save_figure(fig, [(ax, "loss (nats/token)")] + [(a, "linear probe val accuracy (%)") for a in probe_ax],
+                        png_path)
 
 
 def _save_figure(fig, axes_labels, png_path: str) -> str:
@@ -297,6 +316,23 @@ def write_finetune_plot(records: list[dict], png_path: str) -> str | None:
     return _save_figure(fig, [(ax_loss, "train loss (L_gen + L_clf)"), (ax_acc, "val accuracy (%)")], png_path)
 
 
+PROBE_KEY = "probe_acc/"  # metrics.jsonl keys of --probe-every: probe_acc/layer_L
+
+
+def probe_summary(log: RunLog) -> list[str]:
+    """The summary's line on the --probe-every probes (none without them): the best layer and step, and the
+    last probe's accuracy of that layer."""
+    points = [(acc, step, layer) for layer, pts in log.probe_curve.items() for step, acc in pts]
+    if not points:
+        return []
+    acc, step, layer = max(points, key=lambda p: (p[0], -p[1]))  # ties: the earliest step
+    last_step, last = log.probe_curve[layer][-1]
+    name, seconds = layer.replace("_", " "), log.summary.get("probe_time_s", 0.0)
+    return [f"  probe        best {100 * acc:.1f}% val accuracy at {name}, step {step} ({name} at step {last_step}: "
+            f"{100 * last:.1f}%; {len(log.probe_curve)} layers probed {len(log.probe_curve[layer])} times, "
+            f"{seconds:.1f} s in this process; metrics.jsonl: probe_acc/)"]
+
+
 def summary_text(log: RunLog, checkpoints, shown_out: str, step: int, peak_tflops: float | None, peak_source: str,
                  samples: str | None, notes: list[str] = (), continuing=None) -> str:
     """The end of a run, for its user: how it went (loss and bits/dim, best validation, throughput), where
@@ -332,6 +368,7 @@ def summary_text(log: RunLog, checkpoints, shown_out: str, step: int, peak_tflop
     straggler = log.persistent_straggler()
     if straggler:
         lines.append(f"  straggler    {straggler}")
+    lines += probe_summary(log)
     if log.loss_png:
         lines.append(f"  loss curve   {os.path.join(out, 'loss.png')}")
     if samples:
@@ -349,17 +386,23 @@ def summary_text(log: RunLog, checkpoints, shown_out: str, step: int, peak_tflop
         lines.append(f"  wall time    {_clock(wall)} for steps {first + 1}-{s['last_step']} ({1000 * wall / steps:.0f} "
                      "ms/step with evaluations and saves)")
     lines += [f"  note         {note}" for note in notes]
+    return "\n".join(lines + _next_lines(out, step, best_dir if best and best["tag"] != latest else None,
+                                         continuing))
+
+
+def _next_lines(out: str, step: int, best_dir: str | None, continuing) -> list[str]:
+    """The summary's last lines: what a continue does to the lr, then each command to run next, as it runs.
+    `continuing(max_steps)` gives (that line, the flags the continue command resumes with)."""
     more = max(2 * step, step + 1)
-    if continuing is not None:
-        lines.append(f"  continuing   {continuing(more)}")
+    said, how = continuing(more) if continuing is not None else (None, "--resume")
     python, megapix = shell_program("python"), shell_program("megapix")
     train_py = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"))
+    lines = [f"  continuing   {said}"] if said else []
     lines += ["next:",
-              f"  continue     {python} {train_py} --resume --out {out} --max-steps {more}",
+              f"  continue     {python} {train_py} {how} --out {out} --max-steps {more}",
               f"  export (HF)  {megapix} export --checkpoint {out} --out {out}-hf"]
-    if best and best["tag"] != latest:
+    if best_dir:
         lines.append(f"  export best  {megapix} export --checkpoint {best_dir} --out {out}-best-hf")
-    lines += [f"  sample       {megapix} sample --checkpoint {out} --out {os.path.join(out, 'more_samples.png')}",
-              f"  probe        {megapix} extract --checkpoint {out} --out {out}-features && "
-              f"{megapix} probe --features {out}-features"]
-    return "\n".join(lines)
+    return lines + [f"  sample       {megapix} sample --checkpoint {out} --out {os.path.join(out, 'more_samples.png')}",
+                    f"  probe        {megapix} extract --checkpoint {out} --out {out}-features && "
+                    f"{megapix} probe --features {out}-features"]

@@ -140,3 +140,18 @@ def run_as_printed(command: str, timeout: float = 600) -> subprocess.CompletedPr
                            if p and os.path.realpath(p) != venv_bin)
     return subprocess.run(command, shell=True, cwd=REPO, env=subprocess_env(PATH=path), capture_output=True,
                           text=True, timeout=timeout)
+
+
+def ok(proc):
+    """A command that succeeded, without a traceback."""
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, (proc.stdout[-3000:], proc.stderr[-3000:])
+    return proc
+
+
+def refused(proc, *words):
+    """Exit 2 with one error line holding every word (DeepSpeed's own [WARNING] lines aside)."""
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "[WARNING]" not in ln]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 
+import numpy as np
 import pytest
 from conftest import PYTHON, REPO, subprocess_env
 
@@ -40,6 +41,7 @@ def fixtures(tmp) -> None:
     (tmp / "lockdir" / ".megapix.lock").mkdir(parents=True)
     (tmp / "metricslink").mkdir()
     os.symlink(tmp / "afile", tmp / "metricslink" / "metrics.jsonl")
+    np.save(tmp / "nolabels.npy", np.zeros((40, 10, 10, 3), np.uint8))  # images without labels (npy:IMAGES.npy)
     whole = {"config": Config().to_dict()}
     for name, damage in RECORD_DAMAGE.items():
         run = tmp / name
@@ -183,8 +185,22 @@ ROWS = [
      ["field 'train.max_steps' is missing"]),
     ("train-resume-config-section-list", ["train", "--resume", "--out", "{tmp}/sectionlist"], 2,
      ["field 'model' is not a JSON object"]),
+    # issue 29: probes during pre-training need labelled data and layers the model has
+    ("train-probe-every-unlabelled-data", ["train", "--data", "npy:{tmp}/nolabels.npy", "--probe-every", "10", "--out",
+                                           "{tmp}/run"], 2,
+     ["--probe-every needs labelled train and val splits", "--data npy:", "has no labels", "pass --probe-data SPEC"]),
+    ("train-probe-data-unlabelled", ["train", "--probe-every", "10", "--probe-data", "npy:{tmp}/nolabels.npy", "--out",
+                                     "{tmp}/run"], 2, ["--probe-data npy:", "has no labels"]),
+    ("train-probe-layers-out-of-range", ["train", "--probe-every", "10", "--probe-layers", "2,9", "--out", "{tmp}/run"],
+     2, ["--probe-layers", "layer index 9 is out of range", "layers 0..4"]),
+    ("train-probe-layers-unparsable", ["train", "--probe-every", "10", "--probe-layers", "top", "--out", "{tmp}/run"],
+     2, ["--probe-layers", "cannot parse"]),
+    ("train-probe-every-negative", ["train", "--probe-every", "-5", "--out", "{tmp}/run"], 2,
+     ["probe_every=-5", ">= 0"]),
+    ("train-probe-rows-0", ["train", "--probe-every", "10", "--probe-rows", "0", "--out", "{tmp}/run"], 2,
+     ["probe_rows=0", "positive"]),
 ]
-SUBPROCESS = {"train-lr-inf", "sample-n-0"}
+SUBPROCESS = {"train-lr-inf", "sample-n-0", "train-probe-layers-out-of-range"}
 
 
 def snapshot(root) -> dict:

@@ -97,7 +97,7 @@ def test_latest_moves_last(work, monkeypatch):
 
     assert "save_latest=False" in inspect.getsource(_save_files)  # DeepSpeed's files, written by save() first
     src = inspect.getsource(save)
-    assert src.index("_save_files(") < src.index("layout.json") < src.index('"latest"')
+    assert src.index("_save_files(") < src.index("layout.json") < src.index("point_latest(")  # writes `latest`
 
 
 @pytest.mark.parametrize("src_name,dst_n,dst_args", UNIVERSAL)

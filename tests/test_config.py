@@ -336,3 +336,18 @@ def test_resume_checks_name_contradictions_and_allow_steering():
     assert "--seed" not in STEER_FLAGS and "--global-batch" not in STEER_FLAGS
     help_text = " ".join(build_parser().format_help().split())
     assert "--allow-changed" in help_text and "--resume-if-exists" in help_text and "--time-budget, " in help_text
+
+
+def test_a_record_from_before_a_later_setting_resumes_with_its_default_and_others_stay_required():
+    """A run record an earlier megapix wrote lacks the settings added since (config.LATER_FIELDS): it is whole,
+    and those settings take the defaults that megapix ran with. Any other missing field still refuses it."""
+    from megapix.config import LATER_FIELDS, check_record_config
+
+    raw = Config().to_dict()
+    for name in LATER_FIELDS["train"]:
+        del raw["train"][name]
+    cfg = check_record_config(raw, "old/config.json")
+    assert all(getattr(cfg.train, n) == getattr(TrainConfig(), n) for n in LATER_FIELDS["train"])
+    del raw["train"]["max_steps"]
+    with pytest.raises(ConfigError, match="old/config.json: field 'train.max_steps' is missing"):
+        check_record_config(raw, "old/config.json")

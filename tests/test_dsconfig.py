@@ -228,7 +228,7 @@ def test_report_to_sets_deepspeed_monitors_and_agrees_with_the_json(tmp_path, mo
     assert "tensorboard.enabled=true" in str(e.value) and "--report-to" in str(e.value)
     with pytest.raises(ConfigError, match="tensorboard must be an object"):
         resolve(Config(), write(tmp_path, {"tensorboard": True}), world=1)
-    for bad in ("wandb", "csv,none", ""):
+    for bad in ("comet", "csv,none", ""):
         with pytest.raises(ConfigError, match="report_to"):
             user(report_to=bad)
     assert user(report_to=" csv , tensorboard").train.report_to == "tensorboard,csv"

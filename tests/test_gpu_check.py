@@ -72,10 +72,11 @@ def test_smoke_runs_every_section_on_cpu_and_writes_json_and_markdown(tmp_path):
     assert norm["gbps"]["copy"] > 0 and norm["fraction_of_copy"] > 0
     assert norm["backward_gbps"]["torch"] > 0  # the norm backward, timed beside the forward
     mfu = s["mfu"]["rows"]
-    assert [(r["model"], r["kernels"]) for r in mfu] == [("tiny", "auto"), ("tiny", "torch")]
+    assert [(r["model"], r["kernels"], r["compile"]) for r in mfu] == [
+        ("tiny", "auto", "off"), ("tiny", "torch", "off"), ("tiny", "auto", "on")]
     for r in mfu:
         assert r["tflops"] > 0 and r["tokens_per_s"] > 0 and r["mfu"] == "n/a on CPU" and r["steps_timed"] == 2
-        assert r["kernel_path"] == "torch"
+        assert r["kernel_path"] == "torch" and (r["compile_s"] > 0) == (r["compile"] == "on")
     for r in s["planner_memory"]["rows"]:
         assert r["planner_peak_gib"] > r["planner_allocator_gib"] > 0
         assert r["measured_max_allocated_gib"] == "n/a on CPU" and r["ratio"] == "n/a on CPU"

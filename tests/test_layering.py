@@ -17,10 +17,10 @@ LEVELS = [
     ("model",),  # never imports parallel/: parallelism is applied from outside
     ("parallel",),
     # runfolder: locks, folder kinds and disk errors, which checkpoint's store uses as much as the commands do
-    ("data", "checkpoint", "dsconfig", "runlog", "divergence", "tasks", "runfolder"),
+    ("data", "checkpoint", "dsconfig", "runlog", "divergence", "tasks", "runfolder", "tracking"),
     ("cliargs", "plan"),  # argparse from the config fields; the planner (a model of the engine, and its CLI)
     ("engine",),
-    ("features", "probe", "probe_results", "attentive", "finetune", "sample"),
+    ("features", "probe", "probe_results", "attentive", "finetune", "sample", "trainprobe"),
     ("commands",),  # one module per command: flags, file I/O, exit codes (commands.runner)
     ("train", "cli", "__main__"),  # the launchers' entry point and `megapix <command>`
 ]

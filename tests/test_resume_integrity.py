@@ -14,7 +14,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import PYTHON, REPO, run, subprocess_env, tree_hash
+from conftest import PYTHON, REPO, ok, refused, run, subprocess_env, tree_hash
 
 TRAIN = "megapix/train.py"
 TIMEOUT = 400
@@ -28,20 +28,6 @@ def train(out, *args):
 
 def resume(out, *args):
     return run([TRAIN, "--resume", "--out", str(out), "--no-samples", *map(str, args)], timeout=TIMEOUT)
-
-
-def ok(proc):
-    assert proc.returncode == 0 and "Traceback" not in proc.stderr, (proc.stdout[-3000:], proc.stderr[-3000:])
-    return proc
-
-
-def refused(proc, *words):
-    """Exit 2 with one error line holding every word (DeepSpeed's own [WARNING] lines aside)."""
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "[WARNING]" not in ln]
-    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    return lines[0]
 
 
 def metrics(out):

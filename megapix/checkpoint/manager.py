@@ -91,7 +91,7 @@ class CheckpointManager:
     runs, a benchmark) writes and restores nothing."""
 
     def __init__(self, out: str, shown_out: str, cfg: Config, layout: Layout, resume: bool = False,
-                 enabled: bool = True):
+                 enabled: bool = True, resume_tag: str | None = None):
         self.ckpt_dir = os.path.join(out, "checkpoints")
         self.cfg, self.layout, self.enabled = cfg, layout, enabled
         self.saved_step: int | None = None  # the step this process last saved or resumed
@@ -101,7 +101,7 @@ class CheckpointManager:
         self.lr_schedule = None  # the current settings' Schedule (the trainer's): every restore applies it
         if enabled:
             if resume:
-                self.resume_tag = store.resumable_tag(self.ckpt_dir, cfg)
+                self.resume_tag = store.resumable_tag(self.ckpt_dir, cfg, resume_tag)
                 if self.resume_tag is not None:  # refused now, before anything is written
                     dist.rank0_decides(lambda: self._read_skipped(self.resume_tag))
             else:
@@ -111,6 +111,18 @@ class CheckpointManager:
     @property
     def latest_tag(self) -> str | None:
         return None if self.saved_step is None else tag_for(self.saved_step)
+
+    def _stable_step(self) -> int | None:
+        """A WSD run's last stable-phase step (the checkpoint a longer run continues from), else None."""
+        return None if self.lr_schedule is None else self.lr_schedule.decay_start
+
+    def stable_tag(self) -> str | None:
+        """The tag of the WSD stable-phase checkpoint when it is on disk, else None."""
+        step = self._stable_step()
+        if not self.enabled or step is None or step <= 0:
+            return None
+        tag = tag_for(step)
+        return tag if os.path.isdir(os.path.join(self.ckpt_dir, tag)) else None
 
     # ---- resume ----
     def restore(self, engine, is_pipeline: bool, log=None, tag: str | None = None) -> int:
@@ -125,6 +137,10 @@ class CheckpointManager:
             changed = self.lr_schedule.apply(engine, step) if self.lr_schedule is not None else None
             if changed and dist.is_rank0():
                 print(f"megapix: resumed {tag}: {changed}", flush=True)
+            if dist.is_rank0() and tag != read_latest(self.ckpt_dir):  # --resume-tag: this branch is the run now
+                store.point_latest(self.ckpt_dir, tag)
+                print(f"megapix: --resume-tag: {os.path.join(self.ckpt_dir, 'latest')} names {tag} now (later tags "
+                      "are kept until pruned; metrics.jsonl goes on from this step)", flush=True)
             self.skipped_batches = dist.from_rank0(self._read_skipped(tag) if dist.is_rank0() else None)
         if step is not None:  # the best of the steps before the resumed one stays the one to beat
             best = dist.from_rank0(store.read_best(self.ckpt_dir) if dist.is_rank0() else None)
@@ -156,8 +172,10 @@ class CheckpointManager:
         bad = nonfinite_tensors(engine)
         if bad:
             raise NonFiniteWeights(step, bad)
+        stable = self._stable_step()
         store.save(engine, self.ckpt_dir, step, self.cfg, self.layout,
-                   records={SKIPPED_BATCHES: {"batches": self.skipped_batches}})
+                   records={SKIPPED_BATCHES: {"batches": self.skipped_batches}},
+                   spare=(tag_for(stable),) if stable else ())
         self.saved_step = step
 
     def after_step(self, engine, step: int, metrics: dict | None = None, score: float | None = None,
@@ -170,7 +188,8 @@ class CheckpointManager:
         if metrics is not None and t.save_best:
             self._save_if_best(engine, step, metrics, score)
         periodic = t.save_every and step % t.save_every == 0 and step < t.max_steps
-        if (periodic or stopping) and self.saved_step != step:
+        stable = step == self._stable_step()  # WSD: the checkpoint a longer run continues from, always saved
+        if (periodic or stopping or stable) and self.saved_step != step:
             self.save(engine, step)
 
     def finish(self, engine, step: int) -> None:
@@ -197,25 +216,28 @@ class CheckpointManager:
         self.best = {"tag": tag, "step": step, "score": score, **metrics}
         if dist.is_rank0():
             store.write_best(self.ckpt_dir, tag, step, metrics, score)
-            store.prune(self.ckpt_dir, self.cfg.train.keep_last, step)  # the previous best is an ordinary tag now
+            stable = self._stable_step()  # the previous best is an ordinary tag now
+            store.prune(self.ckpt_dir, self.cfg.train.keep_last, step, (tag_for(stable),) if stable else ())
         dist.barrier()
 
 
 # ---- the config a resume continues with ----
 RUN_RECORD = "config.json"  # <out>/config.json: the run's effective config (dsconfig.run_record), rewritten each start
 
-# Settings a resume may change without an error: they steer the run from the resumed step on (where it ends,
-# when it saves, evaluates and prints, how it is laid out (TP, PP, CP, SP, ZeRO) and computed, how long a collective
-# may wait), while the curve up to that step stays the
-# saved run's. Every other setting (model, data, batch, optimiser, seed, schedule shape, precision) defines the
-# curve: a resume that changes one is refused unless --allow-changed.
+# Settings a resume may change without an error: they steer the run from the resumed step on (where it ends and by
+# which schedule, when it saves, evaluates and prints, how it is laid out (TP, PP, CP, SP, ZeRO) and computed, how
+# long a collective may wait), while the curve up to that step stays the saved run's. Every other setting (model,
+# data, batch, optimiser, seed, warm-up, peak lr, precision) defines the curve: a resume that changes one is refused
+# unless --allow-changed.
 STEER_FIELDS = {
     "model": ("kernels",),
     "data": ("num_workers",),
     "train": ("max_steps", "save_every", "time_budget", "keep_last", "save_best", "eval_every", "log_every",
-              "report_to", "peak_tflops", "tensor_parallel", "pipeline_parallel", "zero_stage",
-              "micro_batch", "activation_checkpointing", "on_nonfinite", "spike_factor", "profile_comms",
-              "collective_timeout", "context_parallel", "sequence_parallel"),
+              "report_to", "wandb_project", "wandb_entity", "wandb_name", "wandb_group", "peak_tflops",
+              "tensor_parallel", "pipeline_parallel", "zero_stage", "micro_batch", "activation_checkpointing",
+              "compile", "on_nonfinite", "spike_factor", "profile_comms", "collective_timeout", "context_parallel",
+              "sequence_parallel", "probe_every", "probe_data", "probe_layers", "probe_rows", "schedule",
+              "decay_steps"),
 }
 STEER_FLAGS = ["--" + name.replace("_", "-") for sec in STEER_FIELDS.values() for name in sec]
 # Settings of one invocation, not of the run: a resume does not inherit them from the saved config (a time
@@ -290,7 +312,8 @@ def check_resume_config(saved: dict, cfg: Config, shown_out: str, allow_changed:
     old_end = saved.get("train", {}).get("max_steps")
     if old_end is not None and old_end != cfg.train.max_steps:
         notes.append(f"--resume: the schedule now ends at step {cfg.train.max_steps} (the saved run's ended at "
-                     f"{old_end}): the cosine decay from the resumed step on follows the new end")
+                     f"{old_end}): the {'WSD' if cfg.train.schedule == 'wsd' else 'cosine'} decay from the resumed "
+                     "step on follows the new end")
     other = [s for s in steering if not s.startswith("train.max_steps ")]
     if other:
         notes.append(f"--resume: changed from here on: {'; '.join(other)}")

@@ -42,9 +42,11 @@ SAVED_TAGS = "saved_tags.json"  # checkpoints/: every tag this run saved, with i
 SAVED_RECORD = "megapix_saved.json"  # in each tag: the same save id
 
 
-def save(engine, ckpt_dir: str, step: int, cfg: Config, layout: Layout, records: dict | None = None) -> str:
+def save(engine, ckpt_dir: str, step: int, cfg: Config, layout: Layout, records: dict | None = None,
+         spare: tuple = ()) -> str:
     """Save a DeepSpeed checkpoint of `engine` at `step` as global_step<step>; return the tag. `records`: more
-    JSON files for the tag ({file name: JSON object}), written with megapix's own before it is published."""
+    JSON files for the tag ({file name: JSON object}), written with megapix's own before it is published. `spare`:
+    tags pruning spares (a WSD run's stable-phase checkpoint)."""
     tag = tag_for(step)
     final = os.path.join(ckpt_dir, tag)
     keep = dist.from_rank0(dist.is_rank0() and read_latest(ckpt_dir) == tag and problem(ckpt_dir, tag) is None
@@ -85,15 +87,20 @@ def save(engine, ckpt_dir: str, step: int, cfg: Config, layout: Layout, records:
             print(f"megapix: {tag} existed ({problem(ckpt_dir, tag + f'.replaced-{n}') or 'not named by latest'}); "
                   f"kept as {tag}.replaced-{n}", flush=True)
         os.replace(os.path.join(ckpt_dir, staging), final)
-        with atomic_path(os.path.join(ckpt_dir, "latest")) as tmp:
-            with open(tmp, "w") as f:
-                f.write(tag)
+        point_latest(ckpt_dir, tag)
 
     dist.rank0_decides(publish)
     if dist.is_rank0():
-        prune(ckpt_dir, cfg.train.keep_last, step)
+        prune(ckpt_dir, cfg.train.keep_last, step, spare)
     dist.barrier()
     return tag
+
+
+def point_latest(ckpt_dir: str, tag: str) -> None:
+    """`latest` names `tag` (atomically: a reader sees the old name or the new one)."""
+    with atomic_path(os.path.join(ckpt_dir, "latest")) as tmp:
+        with open(tmp, "w") as f:
+            f.write(tag)
 
 
 def _save_files(engine, ckpt_dir: str, staging: str, client: dict) -> None:
@@ -224,13 +231,13 @@ def write_best(ckpt_dir: str, tag: str, step: int, metrics: dict, score: float) 
     write_json(os.path.join(ckpt_dir, BEST), {**metrics, "tag": tag, "step": step, "score": score})
 
 
-def prune(ckpt_dir: str, keep_last: int, step: int) -> list[str]:
+def prune(ckpt_dir: str, keep_last: int, step: int, spare: tuple = ()) -> list[str]:
     """Delete the tags older than the `keep_last` newest up to `step` (rank 0, after a save). Only tags this run
-    saved (saved_here: saved_tags.json and the tag's own record agree) are candidates; the tag `latest` names and
-    the one best.json names are kept whatever their age, and so is anything newer than `step` (a resume from an
-    older tag does not delete the later ones). A torn or malformed best.json stops pruning (one warning line). A
-    tag's `_universal` conversion goes with it. Returns the deleted tags; a deletion that fails is one warning
-    line, never a failed run."""
+    saved (saved_here: saved_tags.json and the tag's own record agree) are candidates; the tag `latest` names, the
+    one best.json names and those in `spare` are kept whatever their age, and so is anything newer than `step` (a
+    resume from an older tag does not delete the later ones). A torn or malformed best.json stops pruning (one
+    warning line). A tag's `_universal` conversion goes with it. Returns the deleted tags; a deletion that fails
+    is one warning line, never a failed run."""
     if keep_last <= 0:
         return []
     why = best_problem(ckpt_dir)
@@ -241,7 +248,7 @@ def prune(ckpt_dir: str, keep_last: int, step: int) -> list[str]:
     if why is not None:
         _warn_record(why, "not pruning (--keep-last): no tag is recorded as this run's")
         return []
-    keep = {read_latest(ckpt_dir), (read_best(ckpt_dir) or {}).get("tag")}
+    keep = {read_latest(ckpt_dir), (read_best(ckpt_dir) or {}).get("tag"), *spare}
     ours = [t for t in tags(ckpt_dir) if int(TAG.fullmatch(t).group(1)) <= step and saved_here(ckpt_dir, t)]
     deleted = []
     for tag in ours[:-keep_last]:
@@ -267,13 +274,18 @@ def check_resumable(ckpt_dir: str, tag: str) -> None:
         raise CheckpointError(f"cannot resume {tag}: {why}; {resume_hint(ckpt_dir, tag)}")
 
 
-def resumable_tag(ckpt_dir: str, cfg: Config | None = None) -> str | None:
-    """The tag a --resume continues from, after checking every file of it (safe_load's allow-list, completeness)
-    and, given this run's cfg, that it was written for the same model, on rank 0; None when there is no
-    checkpoint (said in one line). A problem is one ConfigError on every rank.
-    Cheap to call before anything is built, so a bad checkpoint is refused before a run writes anything."""
+def resumable_tag(ckpt_dir: str, cfg: Config | None = None, want: str | None = None) -> str | None:
+    """The tag a --resume continues from (`latest`'s, or `want`: --resume-tag, one of the tags there), after
+    checking every file of it (safe_load's allow-list, completeness) and, given this run's cfg, that it was written
+    for the same model, on rank 0; None when there is no checkpoint (said in one line). A problem is one
+    ConfigError on every rank. Cheap to call before anything is built, so a bad checkpoint is refused before a run
+    writes anything."""
     def find():
-        tag = read_latest(ckpt_dir)
+        tag = want or read_latest(ckpt_dir)
+        if want is not None and want not in tags(ckpt_dir):
+            found = ", ".join(tags(ckpt_dir)) or "none"
+            raise ConfigError(f"--resume-tag {want}: no such checkpoint in {ckpt_dir} (its tags: {found}); pass one "
+                              "of them")
         if tag is None:
             found = tags(ckpt_dir)
             if not found:

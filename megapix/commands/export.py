@@ -16,8 +16,12 @@ def main(argv=None) -> int:
     return run("megapix export", lambda: _export(argv), out_flag(argv))
 
 
+def parse_args(argv=None) -> ExportConfig:
+    return parse_command("megapix export", __doc__.splitlines()[0], ExportConfig, argv)
+
+
 def _export(argv) -> int:
-    args = parse_command("megapix export", __doc__.splitlines()[0], ExportConfig, argv)
+    args = parse_args(argv)
     claim(args.out, "export", "megapix export", whole=True)  # one writer of this directory
     tag = export(args.checkpoint, args.out)
     print(f"megapix export: {tag} -> {os.path.abspath(args.out)}")

@@ -30,6 +30,12 @@ def _check_fraction(obj):
         raise ConfigError(f"--val-fraction={obj.val_fraction} must lie in [0, 1)")
 
 
+def compile_field(scope: str):
+    """--compile of a command that runs the model's forward (the trainer's is TrainConfig.compile)."""
+    return opt("off", f"torch.compile each block of the model's forward{scope}: on, require (exit 2 where it cannot) "
+               "or off; a bare --compile means on", bare="on")
+
+
 @dataclass
 class ExtractConfig:
     checkpoint: str | None = checkpoint_field()
@@ -53,6 +59,7 @@ class ExtractConfig:
     overwrite: bool = opt(False, "discard an existing or partial extraction in --out")
     context_parallel: int = opt(1, "ranks sharing each image's positions (ring attention, as in training); "
                                 "consecutive ranks form a group, the groups share the rows")
+    compile: Literal["off", "on", "require"] = compile_field("")
 
     def __post_init__(self):
         _check_finite(self)
@@ -99,6 +106,7 @@ class ProbeConfig:
     queries: int = opt(1, "learned queries of the attention pooling (their outputs are averaged)")
     state_cache_gb: float = opt(4.0, "GiB per rank of the model's token states kept in memory after their first "
                                 "pass (0: the model runs for every batch)")
+    compile: Literal["off", "on", "require"] = compile_field(" (--attentive)")
 
     def __post_init__(self):
         _check_finite(self)
@@ -182,7 +190,8 @@ class PrepareConfig:
 
 # the TrainConfig fields that are finetune flags too (one definition of each training setting)
 TRAIN_FIELDS = ("global_batch", "micro_batch", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "seed",
-                "zero_stage", "tensor_parallel", "pipeline_parallel", "activation_checkpointing", "precision")
+                "zero_stage", "tensor_parallel", "pipeline_parallel", "activation_checkpointing", "precision",
+                "compile")
 
 
 @dataclass

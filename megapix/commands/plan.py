@@ -84,6 +84,13 @@ def main(argv=None) -> int:
     return run("megapix plan", lambda: _plan(argv))
 
 
+def parse_args(argv=None):
+    """The parsed flags, checked (validate): what `megapix plan` would plan, without planning it."""
+    a = build_parser().parse_args(argv)
+    validate(a)
+    return a
+
+
 def _plan(argv) -> int:
     a = build_parser().parse_args(argv)
     dev = DEVICES[a.gpu]

@@ -16,8 +16,12 @@ def main(argv=None) -> int:
     return run("megapix prepare", lambda: _prepare(argv), out_flag(argv))
 
 
+def parse_args(argv=None) -> PrepareConfig:
+    return parse_command("megapix prepare", "Encode images into palette-id token shards.", PrepareConfig, argv)
+
+
 def _prepare(argv) -> int:
-    a = parse_command("megapix prepare", "Encode images into palette-id token shards.", PrepareConfig, argv)
+    a = parse_args(argv)
     claim(a.out, "prepare", "megapix prepare")  # one writer, and only into a folder of prepared shards
     m = prepare(a.data, a.out, resolution=a.resolution, palette=a.palette, fit_palette=a.fit_palette,
                 shard_size=a.shard_size, workers=a.workers, seed=a.seed, val_fraction=a.val_fraction,

@@ -17,6 +17,7 @@ from megapix.commands.options import PROBE_L2_GRID, ProbeConfig
 from megapix.commands.runner import out_flag, run
 from megapix.config import ConfigError
 from megapix.features import model_summary, parse_layers
+from megapix.model.compile import compile_blocks
 from megapix.parallel import dist as pdist
 from megapix.parallel.dist import World
 from megapix.probe import concatenations, load_split, probe
@@ -152,6 +153,9 @@ def _attentive(args) -> int:
         if error is not None:
             raise error
         model, splits, num_classes, device, data, layers, lrs = prepared
+        note = compile_blocks(model, args.compile, device)
+        if note is not None and world.rank == 0:
+            print(f"megapix probe --attentive: {note}", flush=True)
         how = "--layers" if args.layers else f"val accuracy among {len(layers)} layers spread over depth"
         if world.rank == 0:
             print(f"megapix probe --attentive: {args.checkpoint} ({n_layer} layers, d={model.config.d_model}) on "

@@ -21,9 +21,13 @@ def main(argv=None) -> int:
     return run("megapix sample", lambda: _sample(argv), out_flag(argv))
 
 
-def _sample(argv) -> int:
-    args = parse_command("megapix sample", "Complete held-out images and sample new ones; writes a PNG grid (3 "
+def parse_args(argv=None) -> SampleConfig:
+    return parse_command("megapix sample", "Complete held-out images and sample new ones; writes a PNG grid (3 "
                          "completions of each top half, then the original).", SampleConfig, argv)
+
+
+def _sample(argv) -> int:
+    args = parse_args(argv)
     check_png_output(args.out)  # before the model is loaded and sampled
     claim(args.out, "sample", "megapix sample", whole=True)  # one writer of this file
     model, palette, data = load_model_and_palette(args.checkpoint, args.palette, args.data)

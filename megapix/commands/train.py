@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from megapix import dsconfig, runfolder
+from megapix import dsconfig, runfolder, tracking
 from megapix.checkpoint.manager import (RUN_RECORD, STEER_FLAGS, check_resume_config, existing_run_step,
                                         refuse_existing_run, saved_run_config)
 from megapix.cliargs import add_config_args, add_launcher_args, command_parser, config_from_args
@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{', '.join(STEER_FLAGS)}; any other setting that differs from the saved run's is an error "
                    "unless --allow-changed. A folder with no run is an error unless --resume-if-exists "
                    "(default: off)")
+    p.add_argument("--resume-tag", metavar="TAG",
+                   help="--resume from this checkpoint of <out>/checkpoints (global_step<N>) instead of the latest: "
+                   "a WSD run's stable-phase checkpoint, to continue to a longer --max-steps; `latest` then names it "
+                   "(default: the latest)")
     p.add_argument("--resume-if-exists", action="store_true",
                    help="--resume when --out holds a run, else start one there (requeued batch jobs) (default: off)")
     p.add_argument("--allow-changed", action="store_true",
@@ -41,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, run_defaults=DEFAULT_RUN)
     add_launcher_args(p)  # deepspeed's launcher appends --local_rank
     return p
+
+
+def parse_args(argv=None):
+    """The parsed flags and the run config they ask for (the one precedence rule), checked, without starting a run
+    (nothing is read from --out)."""
+    args = build_parser().parse_args(argv)
+    return args, requested_config(args)
 
 
 def requested_config(args, saved: dict | None = None):
@@ -113,12 +124,18 @@ def check_run_record(path: str, cfg) -> None:
 def main(argv=None) -> int:
     drop_deepspeed_cpu_notice()
     args = build_parser().parse_args(argv)
+    args.resume = args.resume or args.resume_tag is not None
     return run("megapix", lambda: _train(args), lambda: vars(args).get("train.out"))
 
 
 def _train(args) -> int:
     cfg, ds, resume, notes = run_config(args)
     check_kernels_available(cfg.model.kernels)
+    probe = None  # --probe-every: its data and layers checked before any process group starts or file is written
+    if cfg.train.probe_every:
+        from megapix.trainprobe import TrainingProbe  # lazy, as the engine below
+
+        probe = TrainingProbe(cfg)
     init_distributed(cfg.train.collective_timeout)
     runfolder.claim(os.path.abspath(cfg.train.out), "train", "megapix train")  # one writer per --out
     # lazy: the engine imports deepspeed (seconds), which `--help` and a refused command never need
@@ -126,15 +143,19 @@ def _train(args) -> int:
     from megapix.runlog import summary_text
     from megapix.sample import write_run_samples
 
-    trainer = Trainer(cfg, ds, resume=resume)
+    trainer = Trainer(cfg, ds, resume=resume, resume_tag=args.resume_tag)
+    trainer.probe = probe
     if trainer.is_rank0:
         _announce(trainer, args, cfg, notes)
+        tracking.begin(trainer.cfg, trainer.engine)
     code = trainer.fit()
     samples = write_run_samples(trainer) if code == 0 and not args.no_samples else None
     if trainer.is_rank0 and code == 0:
         print(summary_text(trainer.log, trainer.checkpoints, trainer.shown_out, trainer.step, trainer.peak_tflops,
                            trainer.peak_source, samples, notes + dsconfig.monitor_notes(trainer.cfg, trainer.ds_config),
                            trainer.continuation), flush=True)
+    if trainer.is_rank0:
+        tracking.finish(trainer.log.summary, samples)
     return code
 
 
@@ -153,6 +174,8 @@ def _announce(trainer, args, cfg, notes) -> None:
     print(f"megapix: MFU against {trainer.peak_tflops:.3g} TFLOP/s per rank ({trainer.peak_source}; "
           "--peak-tflops sets it)"
           if trainer.peak_tflops else f"megapix: no MFU: {trainer.peak_source}", flush=True)
+    if trainer.probe is not None:
+        print(f"megapix: {trainer.probe.describe()}", flush=True)
 
 
 if __name__ == "__main__":

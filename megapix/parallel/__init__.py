@@ -5,6 +5,8 @@ import torch
 
 from megapix.config import Config
 from megapix.model import ImageGPT, lm_loss
+from megapix.model.compile import compile_blocks
+from megapix.parallel import dist as pdist
 from megapix.parallel.construct import Zero3Partitioner, build_local, is_structure_only, param_dtype
 from megapix.parallel.layout import Layout
 from megapix.parallel.pipeline import build_pipeline
@@ -65,7 +67,9 @@ def build_module(cfg: Config, layout: Layout, head=None, initial=None):
     if cfg.train.activation_checkpointing:
         configure_activation_checkpointing(layout)
     if layout.pp > 1:
-        return build_pipeline(cfg, layout, head, initial), True
+        module = build_pipeline(cfg, layout, head, initial)
+        _compile(module, cfg)
+        return module, True
     with torch.device("meta"):
         model = ImageGPT(cfg.model, seed=cfg.train.seed)
     tp_info = (layout.tp_group, layout.tp, layout.tp_rank) if layout.tp > 1 else (None, 1, 0)
@@ -97,6 +101,14 @@ def build_module(cfg: Config, layout: Layout, head=None, initial=None):
             module = head.module(model, layout)
         for name in head.parts:
             build(getattr(module, name), f"{name}.")
+    _compile(model, cfg)  # before checkpointing, which then wraps the compiled forward
     if cfg.train.activation_checkpointing:
         checkpoint_blocks(model)
     return module, False
+
+
+def _compile(module, cfg: Config) -> None:
+    """--compile: each block's forward compiled (megapix.model.compile); where it cannot be, one line (rank 0)."""
+    note = compile_blocks(module, cfg.train.compile, "cuda" if torch.cuda.is_available() else "cpu")
+    if note is not None and pdist.is_rank0():
+        print(f"megapix: {note}", flush=True)

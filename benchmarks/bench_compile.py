@@ -1,0 +1,133 @@
+"""Training steps of megapix's ImageGPT eager against --compile (each block through torch.compile), one process.
+
+    .venv/bin/python benchmarks/bench_compile.py [--rows tiny,small,igpt-s-block] [--batch 8] [--repeats 5]
+                                                 [--threads N] [--json FILE] [--profile]
+
+Rows: the tiny and small presets, and one block of igpt-s's width (d512, 8 heads) at 32x32 (a slice of the real
+model's step: the width decides how much fusion can save). A step is forward + cross-entropy + backward + AdamW,
+as the trainer's (without DeepSpeed). The two models hold the same weights; each repeat times the eager step and the
+compiled one back to back (load from other processes hits both alike) and the table reports medians. The compile
+column is the time torch.compile spent (dynamo's own timer) in the first compiled step.
+
+--profile adds, for one small-preset step eager and compiled, torch.profiler's split of the step: time in GEMMs
+(aten::mm/addmm/bmm and the like) against everything else, and the GEMMs' achieved TFLOP/s against the matmul peak
+this process measures at start-up (megapix.runlog.measured_matmul_tflops, what the trainer's CPU MFU uses).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from megapix.config import model_preset
+from megapix.model.compile import compile_blocks, compile_seconds
+from megapix.model.igpt import ImageGPT, lm_loss
+from megapix.runlog import measured_matmul_tflops
+
+ROWS = {"tiny": dict(preset="tiny"), "small": dict(preset="small"),
+        "igpt-s-block": dict(preset="igpt-s", n_layer=1)}
+
+
+def make(row: str, seed: int = 0):
+    spec = dict(ROWS[row])
+    config = model_preset(spec.pop("preset"), kernels="torch", **spec)
+    model = ImageGPT(config, seed=seed)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+
+
+def step(model, opt, tokens) -> float:
+    t0 = time.perf_counter()
+    loss = lm_loss(model(tokens), tokens)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
+def measure(row: str, batch: int, repeats: int) -> dict:
+    eager, e_opt = make(row)
+    compiled, c_opt = make(row)
+    assert compile_blocks(compiled, "require", "cpu") is None
+    n_ctx = eager.config.n_ctx
+    tokens = torch.randint(0, 512, (batch, n_ctx), generator=torch.Generator().manual_seed(0))
+    before = compile_seconds()
+    first = step(compiled, c_opt, tokens)
+    compile_s = compile_seconds() - before
+    step(eager, e_opt, tokens)  # warm-up: thread pools, allocator
+    e_times, c_times = [], []
+    for _ in range(repeats):
+        e_times.append(step(eager, e_opt, tokens))
+        c_times.append(step(compiled, c_opt, tokens))
+    e, c = statistics.median(e_times), statistics.median(c_times)
+    tokens_n = batch * n_ctx
+    return {"row": row, "params_m": sum(p.numel() for p in eager.parameters()) / 1e6, "batch": batch,
+            "n_ctx": n_ctx, "eager_tok_s": tokens_n / e, "compiled_tok_s": tokens_n / c, "speedup": e / c,
+            "compile_s": compile_s, "first_compiled_step_s": first}
+
+
+GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear")
+
+
+def profile_step(row: str, batch: int) -> list[dict]:
+    """One step of `row`, eager and compiled (after a step that compiles), under torch.profiler: the GEMMs' share
+    of the step and their achieved TFLOP/s."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = []
+    for mode in ("eager", "compiled"):
+        model, opt = make(row)
+        if mode == "compiled":
+            compile_blocks(model, "require", "cpu")
+        tokens = torch.randint(0, 512, (batch, model.config.n_ctx), generator=torch.Generator().manual_seed(0))
+        step(model, opt, tokens)
+        step(model, opt, tokens)
+        with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+            total = step(model, opt, tokens)
+        events = [e for e in prof.key_averages() if e.key in GEMMS]
+        # self time: a linear's time is its addmm's, counted once
+        gemm_s = sum(e.self_cpu_time_total for e in events) / 1e6
+        flops = sum(e.flops for e in events)
+        out.append({"row": row, "mode": mode, "step_s": total, "gemm_s": gemm_s, "gemm_share": gemm_s / total,
+                    "gemm_tflops": flops / max(gemm_s, 1e-9) / 1e12})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--profile", action="store_true", help="also the GEMM split of one small-preset step")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    rows = [measure(r, a.batch, a.repeats) for r in a.rows.split(",")]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {a.batch}, median of {a.repeats}")
+    print("| row | params | tokens/step | eager tok/s | compiled tok/s | compiled / eager | compile s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['row']} | {r['params_m']:.2f}M | {r['batch'] * r['n_ctx']} | {r['eager_tok_s']:.0f} | "
+              f"{r['compiled_tok_s']:.0f} | {r['speedup']:.2f}x | {r['compile_s']:.1f} |")
+    report = {"rows": rows}
+    if a.profile:
+        peak = measured_matmul_tflops(torch.float32)
+        report["profile"] = prof = profile_step("small", a.batch)
+        print(f"\none small-preset step under torch.profiler; matmul peak measured here: {peak:.3f} TFLOP/s")
+        print("| mode | step s | in GEMMs | GEMM share | GEMM TFLOP/s | of the peak |")
+        print("|---|---|---|---|---|---|")
+        for r in prof:
+            print(f"| {r['mode']} | {r['step_s']:.3f} | {r['gemm_s']:.3f} | {100 * r['gemm_share']:.0f}% | "
+                  f"{r['gemm_tflops']:.3f} | {100 * r['gemm_tflops'] / peak:.0f}% |")
+        report["matmul_peak_tflops"] = peak
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
