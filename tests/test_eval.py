@@ -378,6 +378,37 @@ def test_study_palette_keeps_every_colour_of_data_under_512_colours(tmp_path):
     assert len(np.unique(pal.centres, axis=0)) == 512  # no two ids share a colour
 
 
+@pytest.mark.slow
+def test_study_runs_the_attentive_probe_cli_and_reuses_it(tmp_path):
+    """A tiny study on outlines (2 layers x d32, 10 steps; ~20 s): the attentive row comes from `megapix probe
+    --attentive` at the best linear layer and its neighbours; a rerun reads the cached seed, and a seed whose
+    result.json is gone reuses the attentive probe's folder instead of training it again."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "study"
+    cmd = [sys.executable, os.path.join(root, "examples", "small_scale_probe.py"), "--data", "outlines:200", "--out",
+           str(out), "--seeds", "0", "--layers", "2", "--d-model", "32", "--heads", "2", "--steps", "10",
+           "--ckpt-every", "5", "--no-bert", "--no-finetune", "--attentive-epochs", "1", "--threads", "1"]
+    first = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    r = json.load(open(out / "seed0" / "result.json"))
+    assert r["attentive"]["layers"] == [0, 1, 2]  # 3 layers around the best of 0..2: all of them
+    rows = json.load(open(out / "seed0" / "attentive" / "probe_results.json"))["results"]
+    top = max((x for x in rows if x["probe"] == "attentive"), key=lambda x: x["val_acc"])
+    assert r["attentive"]["test_acc"] == top["test_acc"] and r["attentive"]["layer"] in r["attentive"]["layers"]
+    md = (out / "probe_study.md").read_text()
+    assert "| attentive probe (`megapix probe --attentive`, 1 epochs)" in md and "attentive probe (best of" in md
+    again = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "seed 0: done before" in again.stdout
+    (out / "seed0" / "result.json").unlink()
+    third = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-2000:]
+    assert "probe --attentive" not in third.stdout  # the finished attentive probe is read, not run again
+    assert json.load(open(out / "seed0" / "result.json"))["attentive"] == r["attentive"]
+
+
 # the guard: the study at a reduced size, calibrated over seeds 0, 1, 2; a change to training, extraction or the
 # probes that loses what pre-training learns fails here.
 # shapes named: the guard was calibrated on it (on outlines at this size the AR layers are not yet past raw pixels,
