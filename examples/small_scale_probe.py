@@ -143,7 +143,15 @@ def attentive_probe(out: str, checkpoint: str, layers: list[int], seed: int, arg
     and holdout (the same --seed); its row best by val, with the layer, lr and epoch val picked."""
     folder = os.path.join(out, "attentive")
     path = os.path.join(folder, "probe_results.json")
-    if not os.path.isfile(path):  # a rerun replaces the attentive rows of an interrupted probe
+
+    def reusable() -> bool:  # a finished probe of these layers and epochs; otherwise its rows are replaced
+        if not os.path.isfile(path):
+            return False
+        summary = read_json(path)
+        done = sorted({r["layers"][0] for r in summary.get("results", []) if r.get("probe") == "attentive"})
+        return done == sorted(layers) and (summary.get("attentive") or {}).get("epochs") == args.attentive_epochs
+
+    if not reusable():
         cmd = [sys.executable, "-m", "megapix", "probe", "--attentive", "--checkpoint", checkpoint, "--data",
                args.data, "--seed", str(seed), "--layers", ",".join(map(str, layers)), "--attentive-epochs",
                str(args.attentive_epochs), "--out", folder]

@@ -380,9 +380,9 @@ def test_study_palette_keeps_every_colour_of_data_under_512_colours(tmp_path):
 
 @pytest.mark.slow
 def test_study_runs_the_attentive_probe_cli_and_reuses_it(tmp_path):
-    """A tiny study on outlines (2 layers x d32, 10 steps; ~20 s): the attentive row comes from `megapix probe
+    """A tiny study on outlines (2 layers x d32, 10 steps; ~45 s for its four runs): the attentive row comes from `megapix probe
     --attentive` at the best linear layer and its neighbours; a rerun reads the cached seed, and a seed whose
-    result.json is gone reuses the attentive probe's folder instead of training it again."""
+    result.json is gone reuses the attentive probe's folder instead of training it again, unless the epochs differ."""
     import subprocess
     import sys
 
@@ -407,6 +407,10 @@ def test_study_runs_the_attentive_probe_cli_and_reuses_it(tmp_path):
     assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-2000:]
     assert "probe --attentive" not in third.stdout  # the finished attentive probe is read, not run again
     assert json.load(open(out / "seed0" / "result.json"))["attentive"] == r["attentive"]
+    (out / "seed0" / "result.json").unlink()  # other epochs: the attentive probe runs again, its rows replaced
+    fourth = subprocess.run([*cmd[:-3], "2", *cmd[-2:]], cwd=root, capture_output=True, text=True, timeout=600)
+    assert fourth.returncode == 0 and "probe --attentive" in fourth.stdout, fourth.stderr[-2000:]
+    assert json.load(open(out / "seed0" / "result.json"))["attentive"]["epochs"] == 2
 
 
 # the guard: the study at a reduced size, calibrated over seeds 0, 1, 2; a change to training, extraction or the
