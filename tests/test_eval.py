@@ -380,9 +380,9 @@ def test_study_palette_keeps_every_colour_of_data_under_512_colours(tmp_path):
 
 @pytest.mark.slow
 def test_study_runs_the_attentive_probe_cli_and_reuses_it(tmp_path):
-    """A tiny study on outlines (2 layers x d32, 10 steps; ~45 s for its four runs): the attentive row comes from `megapix probe
-    --attentive` at the best linear layer and its neighbours; a rerun reads the cached seed, and a seed whose
-    result.json is gone reuses the attentive probe's folder instead of training it again, unless the epochs differ."""
+    """A tiny study on outlines (2 layers x d32, 10 steps; ~45 s for its four runs): the attentive row comes from
+    `megapix probe --attentive` at the best linear layer and its neighbours; a rerun reads the cached seed; a seed
+    whose result.json is gone reuses the attentive probe's folder, unless the epochs differ."""
     import subprocess
     import sys
 
