@@ -101,9 +101,10 @@ def test_outlines_are_grey_hard_edged_and_hard_for_raw_pixels():
         assert all(abs(v - (bg + fg) / 2) <= 1 for v in u if v not in (bg, fg)) and len(u) <= 3
     signs = [np.sign(im.max() - np.bincount(im.ravel()).argmax()) for im in img[:, :, :, 0].astype(np.int64)]
     assert 0.3 < np.mean(np.array(signs) > 0) < 0.7  # both polarities, about equally often
-    # raw pixels near chance (measured 30.5% test on outlines:3000): a template cannot follow the contrast's sign
-    X = lambda s: s.images.reshape(len(s), -1).astype(np.float32) / 255
-    assert LogisticRegression(C=0.1, max_iter=300).fit(X(tr), tr.labels).score(X(te), te.labels) < 0.4
+    # raw pixels near chance (measured 30.5% test on outlines:3000): a template cannot follow the contrast's sign.
+    # One channel (the image is grey) and 100 iterations: 1 s where 768 columns and 300 took 14 s, same accuracy
+    X = lambda s: s.images[..., 0].reshape(len(s), -1).astype(np.float32) / 255
+    assert LogisticRegression(C=0.1, max_iter=100).fit(X(tr), tr.labels).score(X(te), te.labels) < 0.4
     with pytest.raises(ConfigError, match="outlines:x: N is the number"):
         open_source("outlines:x", 16)
     with pytest.raises(ConfigError, match="canvas of at least 8"):
