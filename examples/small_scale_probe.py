@@ -14,10 +14,13 @@ random places and in random colours on a 16x16 canvas, with a clutter bar; no do
    on raw pixels, and on the 3- and 5-layer concatenations centred on the best layer (by val);
 4. fine-tunes (`megapix finetune`, L_gen + L_clf) the final AR model and, side by side, the same architecture from
    scratch, for the same number of steps (200, lr 3e-3), and counts the steps the pre-trained run needs to reach
-   the scratch run's final validation accuracy.
-Each seed's numbers go to OUT/seed<S>/result.json (a rerun skips finished seeds). Then REPORT/probe_study.md
-(mean +- standard deviation over the seeds, the paper's claims checked one by one), probe_study.json and
-probe_study.png (error bars: one standard deviation over seeds).
+   the scratch run's final validation accuracy;
+5. runs `megapix probe --attentive` (the CLI, a subprocess) over the final AR model at the best linear layer and its
+   neighbours, and checks the claim "attentive >= best linear + 5 points".
+`--data outlines` is the same task in grey with hard edges (no colour-histogram cue; its 14 greys get an exact
+palette, fit_palette). Each seed's numbers go to OUT/seed<S>/result.json (a rerun skips finished seeds). Then
+REPORT/probe_study.md (mean +- standard deviation over the seeds, the paper's claims checked one by one),
+probe_study.json and probe_study.png (error bars: one standard deviation over seeds).
 """
 from __future__ import annotations
 
@@ -45,7 +48,8 @@ def model_spec(args) -> dict:
 
 def fit_palette(out: str, data: str, resolution: int, seed: int) -> str:
     """One palette for both runs of a seed (k-means on the training pixels, as training would fit it), so that the
-    AR and BERT models read the same ids and can train side by side."""
+    AR and BERT models read the same ids and can train side by side. Data with fewer than 512 colours (outlines)
+    gets them exactly, padded with colours of an RGB grid it never uses."""
     from megapix.data.palette import Palette
     from megapix.data.sources import open_source
 
@@ -53,7 +57,13 @@ def fit_palette(out: str, data: str, resolution: int, seed: int) -> str:
     if not os.path.isfile(path):
         t0 = time.perf_counter()
         images = open_source(data, resolution, None, seed, augment=False).split("train").images
-        Palette.fit(images.reshape(-1, 3), k=512, seed=seed).save(path)
+        colours = np.unique(images.reshape(-1, 3), axis=0)
+        if len(colours) < 512:  # too few to fit (outlines: 14 greys): each colour its own id, the rest unused
+            grid = np.stack(np.meshgrid(*[np.linspace(0, 255, 8).round()] * 3, indexing="ij"), -1).reshape(-1, 3)
+            fill = grid[~(grid[:, None] == colours[None]).all(-1).any(1)]
+            Palette(np.concatenate([colours, fill])[:512] / 127.5 - 1).save(path)
+        else:
+            Palette.fit(images.reshape(-1, 3), k=512, seed=seed).save(path)
         print(f"palette: fitted on {len(images)} training images in {time.perf_counter() - t0:.0f}s -> {path}",
               flush=True)
     return path
@@ -126,6 +136,35 @@ def finetune_pair(out: str, checkpoint: str, seed: int, args) -> dict:
             "pretrained_final_val": curves["pretrained"][-1][1], "scratch_test": curves["scratch_test"],
             "pretrained_test": curves["pretrained_test"], "steps": args.ft_steps, "steps_to_scratch_final": reached,
             "fraction": None if reached is None else reached / args.ft_steps, "lr": args.ft_lr}
+
+
+def attentive_probe(out: str, checkpoint: str, layers: list[int], seed: int, args) -> dict:
+    """`megapix probe --attentive` (the CLI, a subprocess) over the final AR model at `layers`, on the study's data
+    and holdout (the same --seed); its row best by val, with the layer, lr and epoch val picked."""
+    folder = os.path.join(out, "attentive")
+    path = os.path.join(folder, "probe_results.json")
+
+    def reusable() -> bool:  # a finished probe of these layers and epochs; otherwise its rows are replaced
+        if not os.path.isfile(path):
+            return False
+        summary = read_json(path)
+        done = sorted({r["layers"][0] for r in summary.get("results", []) if r.get("probe") == "attentive"})
+        return done == sorted(layers) and (summary.get("attentive") or {}).get("epochs") == args.attentive_epochs
+
+    if not reusable():
+        cmd = [sys.executable, "-m", "megapix", "probe", "--attentive", "--checkpoint", checkpoint, "--data",
+               args.data, "--seed", str(seed), "--layers", ",".join(map(str, layers)), "--attentive-epochs",
+               str(args.attentive_epochs), "--out", folder]
+        print("+", " ".join(cmd), f"> {folder}.log", flush=True)
+        with open(folder + ".log", "a") as log:
+            rc = subprocess.run(cmd, env={**_env(), "OMP_NUM_THREADS": str(args.threads)}, cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT).returncode
+        if rc != 0:
+            sys.exit(f"small_scale_probe: the attentive probe failed (exit {rc}); see {folder}.log")
+    rows = [r for r in read_json(path)["results"] if r.get("probe") == "attentive"]
+    best = max(rows, key=lambda r: r["val_acc"])
+    return {"layers": layers, "layer": best["layers"][0], "lr": best["lr"], "epoch": best["epoch"],
+            "val_acc": best["val_acc"], "test_acc": best["test_acc"], "epochs": args.attentive_epochs}
 
 
 def val_losses(run: str) -> dict[int, float]:
@@ -220,6 +259,7 @@ def result_problem(res, seed: int, args) -> str | None:
     want = ["seed", "chance", "counts", "raw_pixels", "random_init", "checkpoints", "ar", "timings"]
     want += [] if args.no_bert else ["bert"]
     want += [] if args.no_finetune else ["finetune"]
+    want += [] if args.no_attentive else ["attentive"]
     missing = [k for k in want if k not in res]
     if missing:
         return f"is partial (no {', '.join(map(repr, missing))})"
@@ -300,6 +340,12 @@ def run_seed(seed: int, args) -> dict:
         r.update(step=step, val_loss=vl.get(step))
         res["checkpoints"].append(r)
     res["ar"] = res["checkpoints"][-1]
+    if not args.no_attentive:  # the best linear layer (by val) and its neighbours
+        t1 = time.perf_counter()
+        ls = centred_span(res["ar"]["best_layer"], 3, args.layers)
+        res["attentive"] = a = attentive_probe(out, runs["ar"], ls, seed, args)
+        timings["attentive_s"] = round(time.perf_counter() - t1, 1)
+        print(f"  attentive probe (layers {ls}): layer {a['layer']} test {100 * a['test_acc']:.1f}", flush=True)
     if "bert" in runs:
         model, _ = load_model(checkpoint_tags(runs["bert"])[-1][1])
         res["bert"] = study.layer_probes(model, "BERT", concat=True)
@@ -354,6 +400,11 @@ def aggregate(per_seed: list[dict]) -> dict:
                            "pretrained_test": acc([f["pretrained_test"] for f in fts]),
                            "steps_to_scratch_final": [f["steps_to_scratch_final"] for f in fts],
                            "fraction": acc([f["fraction"] for f in fts])}
+    if "attentive" in per_seed[0]:
+        ats = [r["attentive"] for r in per_seed]
+        agg["attentive"] = {"test": acc([a["test_acc"] for a in ats]), "layers": [a["layer"] for a in ats],
+                            "gain": acc([a["test_acc"] - r["ar"]["layers"][r["ar"]["best_layer"]]["test_acc"]
+                                         for a, r in zip(ats, per_seed)]), "epochs": ats[0]["epochs"]}
     agg["claims"] = claims(agg, per_seed, n)
     return agg
 
@@ -393,6 +444,11 @@ def claims(agg: dict, per_seed: list[dict], n: int) -> list[dict]:
         out.append({"claim": "AR above BERT under linear probes (best layer)",
                     "measured": f"{pts(ar['best']['mean'] - agg['bert']['best']['mean']):+.1f} points",
                     "holds": ar["best"]["mean"] > agg["bert"]["best"]["mean"]})
+    if "attentive" in agg:
+        g = agg["attentive"]["gain"]
+        out.append({"claim": "attentive probe (best of the best linear layer and its neighbours, by val) >= 5 points "
+                             "above the best linear layer", "measured": f"{pts(g['mean']):+.1f} points",
+                    "holds": g["mean"] >= 0.05})
     ck = agg["checkpoints"]
     loss = [c["val_loss"]["mean"] for c in ck]
     probe = [c["best"]["mean"] for c in ck]
@@ -448,6 +504,11 @@ def write_report(per_seed: list[dict], config: dict, folder: str) -> list[str]:
         lines.append(f"| {span} layers centred on the best, concatenated | "
                      + " | ".join(f"{_pm(a[f'concat{span}'])} (gain {_pm(a[f'concat{span}_gain'])})"
                                   for _, a in models) + " |")
+    if "attentive" in agg:
+        at = agg["attentive"]
+        lines.append(f"| attentive probe (`megapix probe --attentive`, {at['epochs']} epochs), layer by val per seed "
+                     f"{', '.join(map(str, at['layers']))} | {_pm(at['test'])} (gain {_pm(at['gain'])})"
+                     + " | -" * (len(models) - 1) + " |")
     lines += ["", "## AR checkpoints: validation loss against the best layer's probe", "",
               "| step | val loss (nats/token) | best layer's test % |", "|---|---|---|"]
     for c in agg["checkpoints"]:
@@ -468,7 +529,8 @@ def write_report(per_seed: list[dict], config: dict, folder: str) -> list[str]:
     t = [r["timings"] for r in per_seed]
     lines += ["", "Wall time per seed (s): " + "; ".join(
         f"seed {r['seed']}: {x['total_s']:.0f} ({x['pretrain_s']:.0f} pre-training, {x.get('finetune_s', 0):.0f} "
-        f"fine-tuning, {x['probe_s']:.0f} extraction and probes)" for r, x in zip(per_seed, t))
+        f"fine-tuning, {x['probe_s']:.0f} extraction and probes, {x.get('attentive_s', 0):.0f} of them the attentive "
+        "probe)" for r, x in zip(per_seed, t))
         + f"; {r0['threads']} thread(s) for the probes, one per training run."]
     if config.get("load"):
         lines.append(f"Load average while it ran (1 min, at the start of each seed): {config['load']}.")
@@ -500,6 +562,11 @@ def plot_study(agg: dict, per_seed: list[dict], path: str) -> None:
         mu, sd = pc(agg["ar"][f"concat{span}"])
         ax.errorbar([best + 0.15 * (span - 4)], [mu], yerr=[sd], fmt=marker, markersize=9, capsize=3,
                     label=f"AR, {span} layers around the best, concatenated")
+    if "attentive" in agg:  # drawn at the layer most seeds' val picked
+        at = agg["attentive"]
+        mu, sd = pc(at["test"])
+        ax.errorbar([max(set(at["layers"]), key=at["layers"].count)], [mu], yerr=[sd], fmt="P", markersize=10,
+                    capsize=3, label="AR, attentive probe")
     mu, sd = pc(agg["raw_pixels"])
     ax.axhspan(mu - sd, mu + sd, color="gray", alpha=0.2)
     ax.axhline(mu, color="gray", linestyle="-.", label="raw pixels (± sd)")
@@ -565,6 +632,9 @@ def parse_args(argv=None):
     p.add_argument("--ft-steps", type=int, default=200, help="fine-tuning steps, each of the two runs")
     p.add_argument("--ft-eval-every", type=int, default=20)
     p.add_argument("--ft-lr", type=float, default=3e-3)
+    p.add_argument("--no-attentive", action="store_true", help="skip the attentive probe")
+    p.add_argument("--attentive-epochs", type=int, default=50, help="epochs of the attentive probe (megapix probe "
+                   "--attentive-epochs)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2, help="torch threads for extraction and probes")
     args = p.parse_args(argv)
@@ -574,8 +644,8 @@ def parse_args(argv=None):
         fail(f"--seeds {args.seeds!r}: a comma-separated list of integers >= 0, e.g. 0,1,2")
     if not args.seed_list or min(args.seed_list) < 0 or len(set(args.seed_list)) != len(args.seed_list):
         fail(f"--seeds {args.seeds!r}: name one or more distinct seeds >= 0, e.g. 0,1,2")
-    for name in ("steps", "layers", "batch", "ckpt_every", "ft_steps", "ft_eval_every", "threads", "resolution",
-                 "d_model", "heads"):
+    for name in ("steps", "layers", "batch", "ckpt_every", "ft_steps", "ft_eval_every", "attentive_epochs", "threads",
+                 "resolution", "d_model", "heads"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} {getattr(args, name)}: must be 1 or more")
     return args

@@ -137,7 +137,7 @@ def model_preset(name: str, **overrides) -> ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = opt("digits", "data source: digits, digits-shifted[:COPIES], shapes[:N] (embedded), "
+    source: str = opt("digits", "data source: digits, digits-shifted[:COPIES], shapes[:N], outlines[:N] (embedded), "
                       "synthetic[:N], cifar10:PATH, cifar100:PATH, imagefolder:DIR, npy:IMAGES.npy[,LABELS.npy], "
                       "igpt:DIR/cifar10, shards:DIR",
                       flag="--data", metavar="SPEC")

@@ -275,9 +275,11 @@ def test_schedule_apply_sets_every_group_and_keeps_an_unchanged_resume_exact():
     (["--out", "{tmp}/afile"], ["afile is a file", "choose another --out"]),
     (["--report", "{tmp}/afile/r"], ["afile is a file", "choose another --report"]),
     (["--steps", "0"], ["--steps 0"]),
+    (["--attentive-epochs", "0"], ["--attentive-epochs 0", "1 or more"]),
     (["--out", "{tmp}/torn", "--seeds", "0"], ["result.json is torn", "move it away"]),
     (["--out", "{tmp}/partial", "--seeds", "0"], ["result.json is partial", "'chance'"]),
-    (["--out", "{tmp}/stale", "--seeds", "0", "--no-bert", "--no-finetune"], ["other settings", "--steps 300"]),
+    (["--out", "{tmp}/stale", "--seeds", "0", "--no-bert", "--no-finetune", "--no-attentive"],
+     ["other settings", "--steps 300"]),
 ])
 def test_probe_study_bad_inputs_are_one_line(tmp_path, args, words):
     (tmp_path / "afile").write_text("a file\n")

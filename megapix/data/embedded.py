@@ -1,4 +1,5 @@
-"""Embedded datasets, generated (no download): `digits-shifted` from scikit-learn's digits, and `shapes`.
+"""Embedded datasets, generated (no download): `digits-shifted` from scikit-learn's digits, `shapes`, and
+`outlines` (the shapes in grey with hard edges, the probe study's second task: see render_outlines).
 
 `shapes` (the probe study's task; see render_shapes): one of 4 outlines (square, ring, plus, cross) per image,
 small (half-size 12-22% of the canvas, scaled per class so every class has the same ink) at a random place, one of
@@ -147,10 +148,9 @@ N_BARS = 1  # clutter bars per image
 SUPERSAMPLE = 4  # drawn at 4x and area-averaged down: soft edges, so the palette has intermediate colours to fit
 
 
-def _shape_masks(kind: np.ndarray, cy, cx, half, width, canvas: int) -> np.ndarray:
+def _shape_masks(kind: np.ndarray, cy, cx, half, width, canvas: int, s: int = SUPERSAMPLE) -> np.ndarray:
     """Coverage in [0, 1], float32 [N, canvas, canvas]: each image's outline (kind index into SHAPES) centred at
-    (cy, cx) with half-size `half` and stroke width `width` (canvas pixels), drawn at SUPERSAMPLE x, averaged."""
-    s = SUPERSAMPLE
+    (cy, cx) with half-size `half` and stroke width `width` (canvas pixels), drawn at s x, averaged."""
     g = ((np.arange(canvas * s) + 0.5) / s).astype(np.float32)  # sample centres in canvas pixels
     out = np.empty((len(kind), canvas, canvas), dtype=np.float32)
     for k in range(len(SHAPES)):  # each image draws only its own shape
@@ -220,6 +220,63 @@ def shapes_source(resolution: int, arg: str = "", val_fraction=None, seed: int =
 
 
 
+# ----------------------------------------------------------------------------------------------------------
+# outlines: shapes without the colour shortcut (grey, hard edges), the probe study's second task
+# ----------------------------------------------------------------------------------------------------------
+OUTLINE_LEVELS = np.linspace(0.0, 1.0, 8)  # the greys a background or a stroke takes, one each per image
+OUTLINE_CONTRAST = 3  # levels between background and stroke at least, either way round
 
-__all__ = ["SHAPES", "ArraySource", "GroupedSource", "digits_shifted_source", "render_shapes", "render_shifted",
-           "shapes_source"]
+
+def render_outlines(n: int, canvas: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """n grey images (uint8 RGB [n, canvas, canvas, 3], R = G = B) and their classes (index into SHAPES).
+
+    The outlines of render_shapes (same sizes, places and equal ink) with hard edges: a pixel is stroke when at
+    least half of it is covered, so an image holds 2-3 grey levels and no edge colours (the colour-histogram cue
+    of `shapes`); one background and one stroke grey per image, each one of 8 levels at least 3 apart and either
+    brighter (no hue), so no pixel's value says "stroke" by itself; one clutter bar.
+    Raw pixels get 30.5% test at 16x16 (outlines:3000, chance 25%). With the stroke always brighter (background
+    0-0.3, stroke 0.55-1) they got 51%, and 58% with continuous levels: the sign of the contrast is what a
+    template on pixels cannot follow, while the outline stays plain to the eye."""
+    if canvas < 8:
+        raise ConfigError(f"outlines needs a canvas of at least 8 pixels; got {canvas}")
+    kind = np.arange(n) % len(SHAPES)
+    rng.shuffle(kind)
+    size, thick = np.array(SHAPE_INK).T[:, kind]
+    half = rng.uniform(*HALF_RANGE, n) * canvas * size
+    width = rng.uniform(0.9, 1.3, n) * thick
+    half = np.minimum(half, canvas / 2 - width / 2 - 0.5)
+    margin = half + width / 2 + 0.5
+    cy, cx = (rng.uniform(margin, canvas - margin) for _ in range(2))
+    shape = np.concatenate([_shape_masks(kind[i:i + 1000], cy[i:i + 1000], cx[i:i + 1000], half[i:i + 1000],
+                                         width[i:i + 1000], canvas) >= 0.5 for i in range(0, n, 1000)])
+    bg = rng.integers(len(OUTLINE_LEVELS), size=n)
+    gap = rng.integers(OUTLINE_CONTRAST, len(OUTLINE_LEVELS), size=n) * rng.choice((-1, 1), n)
+    gap = np.where((bg + gap < 0) | (bg + gap >= len(OUTLINE_LEVELS)), -gap, gap)  # the other way fits
+    ok = (bg + gap >= 0) & (bg + gap < len(OUTLINE_LEVELS))  # a wide gap from a middle level fits neither way
+    gap = np.where(ok, gap, np.where(bg >= len(OUTLINE_LEVELS) // 2, -OUTLINE_CONTRAST, OUTLINE_CONTRAST))
+    bg, fg = OUTLINE_LEVELS[bg], OUTLINE_LEVELS[bg + gap]
+    img = np.where(shape, fg[:, None, None], bg[:, None, None])
+    length, vertical = rng.integers(2, 5, n), rng.random(n) < 0.5
+    for i in range(n):  # the clutter bar: halfway between background and stroke, never over the outline
+        hh, ww = (length[i], 1) if vertical[i] else (1, length[i])
+        py, px = rng.integers(0, canvas - hh + 1), rng.integers(0, canvas - ww + 1)
+        patch = img[i, py:py + hh, px:px + ww]
+        img[i, py:py + hh, px:px + ww] = np.where(shape[i, py:py + hh, px:px + ww], patch, (bg[i] + fg[i]) / 2)
+    grey = np.rint(255.0 * img).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, -1), kind.astype(np.int64)
+
+
+def outlines_source(resolution: int, arg: str = "", val_fraction=None, seed: int = 0) -> Source:
+    """`outlines[:N]`: as `shapes[:N]` (N train+val images, default 3000, N/5 test, fixed data), rendered by
+    render_outlines: grey, hard edges."""
+    if arg and (not arg.isdigit() or not 20 <= int(arg) <= SHAPES_MAX):
+        raise ConfigError(f"outlines:{arg}: N is the number of train+val images, an integer in "
+                          f"[20, {SHAPES_MAX}], e.g. outlines:3000")
+    n = int(arg) if arg else SHAPES_DEFAULT_N
+    rgb, y = render_outlines(n + n // 5, max(resolution, 8), np.random.default_rng(2022))
+    rgb = resize(rgb, resolution)
+    return ArraySource("outlines", rgb[:n], y[:n], rgb[n:], y[n:], len(SHAPES), val_fraction, seed)
+
+
+__all__ = ["SHAPES", "ArraySource", "GroupedSource", "digits_shifted_source", "outlines_source", "render_outlines",
+           "render_shapes", "render_shifted", "shapes_source"]
