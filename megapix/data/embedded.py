@@ -171,6 +171,22 @@ def _shape_masks(kind: np.ndarray, cy, cx, half, width, canvas: int, s: int = SU
     return out
 
 
+def _placed_outlines(n: int, canvas: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(classes, soft masks [n, canvas, canvas] in [0, 1]): balanced outlines of random size, stroke and place
+    (anywhere they fit), drawn in chunks of 1000 (bounded memory). The order of draws from `rng` is part of the
+    data: shapes and outlines of one seed share their geometry."""
+    kind = np.arange(n) % len(SHAPES)
+    rng.shuffle(kind)
+    size, thick = np.array(SHAPE_INK).T[:, kind]
+    half = rng.uniform(*HALF_RANGE, n) * canvas * size
+    width = rng.uniform(0.9, 1.3, n) * thick
+    half = np.minimum(half, canvas / 2 - width / 2 - 0.5)  # always fits
+    margin = half + width / 2 + 0.5
+    cy, cx = (rng.uniform(margin, canvas - margin) for _ in range(2))
+    return kind, np.concatenate([_shape_masks(kind[i:i + 1000], cy[i:i + 1000], cx[i:i + 1000], half[i:i + 1000],
+                                              width[i:i + 1000], canvas) for i in range(0, n, 1000)])
+
+
 def render_shapes(n: int, canvas: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """n images (uint8 RGB [n, canvas, canvas, 3]) and their classes (int64 [n], index into SHAPES).
 
@@ -180,16 +196,7 @@ def render_shapes(n: int, canvas: int, rng: np.random.Generator) -> tuple[np.nda
     random place) as clutter, so that no single pixel or colour count gives the class away."""
     if canvas < 8:
         raise ConfigError(f"shapes needs a canvas of at least 8 pixels; got {canvas}")
-    kind = np.arange(n) % len(SHAPES)
-    rng.shuffle(kind)
-    size, thick = np.array(SHAPE_INK).T[:, kind]
-    half = rng.uniform(*HALF_RANGE, n) * canvas * size
-    width = rng.uniform(0.9, 1.3, n) * thick
-    half = np.minimum(half, canvas / 2 - width / 2 - 0.5)  # always fits
-    margin = half + width / 2 + 0.5
-    cy, cx = (rng.uniform(margin, canvas - margin) for _ in range(2))
-    shape = np.concatenate([_shape_masks(kind[i:i + 1000], cy[i:i + 1000], cx[i:i + 1000], half[i:i + 1000],
-                                         width[i:i + 1000], canvas) for i in range(0, n, 1000)])  # bounded memory
+    kind, shape = _placed_outlines(n, canvas, rng)
     # clutter: a 1-pixel bar, 2-4 pixels long, at a random place and orientation, at 45-75% of the stroke level
     bar = np.zeros(shape.shape)
     for _ in range(N_BARS):
@@ -210,14 +217,7 @@ def render_shapes(n: int, canvas: int, rng: np.random.Generator) -> tuple[np.nda
 def shapes_source(resolution: int, arg: str = "", val_fraction=None, seed: int = 0) -> Source:
     """`shapes[:N]`: N images (default 3000) for train+val and N/5 for test, drawn on a canvas of the model's
     resolution from a fixed seed (the same data for every run and seed; the seed picks the val holdout)."""
-    if arg and (not arg.isdigit() or not 20 <= int(arg) <= SHAPES_MAX):
-        raise ConfigError(f"shapes:{arg}: N is the number of train+val images, an integer in "
-                          f"[20, {SHAPES_MAX}], e.g. shapes:3000")
-    n = int(arg) if arg else SHAPES_DEFAULT_N
-    rgb, y = render_shapes(n + n // 5, max(resolution, 8), np.random.default_rng(2021))
-    rgb = resize(rgb, resolution)
-    return ArraySource("shapes", rgb[:n], y[:n], rgb[n:], y[n:], len(SHAPES), val_fraction, seed)
-
+    return _drawn_source("shapes", render_shapes, 2021, resolution, arg, val_fraction, seed)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -239,16 +239,8 @@ def render_outlines(n: int, canvas: int, rng: np.random.Generator) -> tuple[np.n
     template on pixels cannot follow, while the outline stays plain to the eye."""
     if canvas < 8:
         raise ConfigError(f"outlines needs a canvas of at least 8 pixels; got {canvas}")
-    kind = np.arange(n) % len(SHAPES)
-    rng.shuffle(kind)
-    size, thick = np.array(SHAPE_INK).T[:, kind]
-    half = rng.uniform(*HALF_RANGE, n) * canvas * size
-    width = rng.uniform(0.9, 1.3, n) * thick
-    half = np.minimum(half, canvas / 2 - width / 2 - 0.5)
-    margin = half + width / 2 + 0.5
-    cy, cx = (rng.uniform(margin, canvas - margin) for _ in range(2))
-    shape = np.concatenate([_shape_masks(kind[i:i + 1000], cy[i:i + 1000], cx[i:i + 1000], half[i:i + 1000],
-                                         width[i:i + 1000], canvas) >= 0.5 for i in range(0, n, 1000)])
+    kind, shape = _placed_outlines(n, canvas, rng)
+    shape = shape >= 0.5  # hard edges: a pixel half covered or more is stroke
     bg = rng.integers(len(OUTLINE_LEVELS), size=n)
     gap = rng.integers(OUTLINE_CONTRAST, len(OUTLINE_LEVELS), size=n) * rng.choice((-1, 1), n)
     gap = np.where((bg + gap < 0) | (bg + gap >= len(OUTLINE_LEVELS)), -gap, gap)  # the other way fits
@@ -269,14 +261,20 @@ def render_outlines(n: int, canvas: int, rng: np.random.Generator) -> tuple[np.n
 def outlines_source(resolution: int, arg: str = "", val_fraction=None, seed: int = 0) -> Source:
     """`outlines[:N]`: as `shapes[:N]` (N train+val images, default 3000, N/5 test, fixed data), rendered by
     render_outlines: grey, hard edges."""
-    if arg and (not arg.isdigit() or not 20 <= int(arg) <= SHAPES_MAX):
-        raise ConfigError(f"outlines:{arg}: N is the number of train+val images, an integer in "
-                          f"[20, {SHAPES_MAX}], e.g. outlines:3000")
-    n = int(arg) if arg else SHAPES_DEFAULT_N
-    rgb, y = render_outlines(n + n // 5, max(resolution, 8), np.random.default_rng(2022))
-    rgb = resize(rgb, resolution)
-    return ArraySource("outlines", rgb[:n], y[:n], rgb[n:], y[n:], len(SHAPES), val_fraction, seed)
+    return _drawn_source("outlines", render_outlines, 2022, resolution, arg, val_fraction, seed)
 
 
 __all__ = ["SHAPES", "ArraySource", "GroupedSource", "digits_shifted_source", "outlines_source", "render_outlines",
            "render_shapes", "render_shifted", "shapes_source"]
+
+
+def _drawn_source(kind: str, render, data_seed: int, resolution: int, arg: str, val_fraction, seed: int) -> Source:
+    """`kind[:N]`: N images (default 3000) for train+val and N/5 for test, drawn by `render` on a canvas of the
+    model's resolution from a fixed seed (the same data for every run; the run's seed picks the val holdout)."""
+    if arg and (not arg.isdigit() or not 20 <= int(arg) <= SHAPES_MAX):
+        raise ConfigError(f"{kind}:{arg}: N is the number of train+val images, an integer in "
+                          f"[20, {SHAPES_MAX}], e.g. {kind}:3000")
+    n = int(arg) if arg else SHAPES_DEFAULT_N
+    rgb, y = render(n + n // 5, max(resolution, 8), np.random.default_rng(data_seed))
+    rgb = resize(rgb, resolution)
+    return ArraySource(kind, rgb[:n], y[:n], rgb[n:], y[n:], len(SHAPES), val_fraction, seed)
