@@ -36,6 +36,16 @@ def test_without_a_compiler_on_runs_eager_with_a_line_and_require_refuses(no_com
     assert compile_blocks(model, "off", "cpu") is None
 
 
+def test_context_parallel_runs_eager_with_a_line_and_require_refuses():
+    from megapix.model.compile import UNSUPPORTED_CP
+
+    model = ImageGPT(ModelConfig(n_layer=2, d_model=32, n_head=2, resolution=4))
+    assert compile_blocks(model, "on", "cpu", UNSUPPORTED_CP) == f"--compile on: {UNSUPPORTED_CP}; running eager"
+    assert all(not hasattr(b.forward, "_torchdynamo_orig_callable") for b in model.blocks)
+    with pytest.raises(ConfigError, match="--compile require: context parallelism is not compiled"):
+        compile_blocks(model, "require", "cpu", UNSUPPORTED_CP)
+
+
 @pytest.mark.slow
 def test_compiled_blocks_match_eager_and_other_batch_sizes_do_not_recompile_each_call():
     from torch._dynamo.utils import counters
@@ -87,12 +97,11 @@ def test_compiled_training_follows_the_eager_curve_on_one_rank_and_on_tp2(tmp_pa
 
 
 # ZeRO-3's parameter hooks, pipeline stages with activation checkpointing around the compiled block, sequence
-# parallelism's collectives between blocks, ring attention's p2p inside one: each compiled curve is the compiled
-# one-rank curve (the eager layouts equal the eager one-rank curve: test_parallel)
+# parallelism's collectives between blocks: each compiled curve is the compiled one-rank curve (the eager layouts
+# equal the eager one-rank curve: test_parallel). Context parallelism runs eager (model.compile.UNSUPPORTED_CP).
 COMPOSED = {"dp2-zero3": (2, ["--zero-stage", "3"]),
             "pp2-actckpt": (2, ["--pipeline-parallel", "2", "--activation-checkpointing"]),
-            "tp2-sp": (2, ["--tensor-parallel", "2", "--sequence-parallel"]),
-            "cp2": (2, ["--context-parallel", "2"])}
+            "tp2-sp": (2, ["--tensor-parallel", "2", "--sequence-parallel"])}
 
 
 @pytest.mark.slow
