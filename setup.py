@@ -28,7 +28,11 @@ setup(
         "mpi": ["mpi4py", "mpich"],
         "gpu": ["triton"],
         "wandb": ["wandb"],
-        "test": ["pytest", "pytest-timeout", "ruff", "transformers", "triton", "mpi4py", "mpich", "wandb"],
+        # wds: and parquet: data sources (tar shards are read with the standard library; webdataset brings the
+        # brace expansion of shard patterns, pyarrow reads Parquet)
+        "shards": ["webdataset", "pyarrow"],
+        "test": ["pytest", "pytest-timeout", "ruff", "transformers", "triton", "mpi4py", "mpich", "wandb",
+                 "webdataset", "pyarrow"],
     },
     entry_points={"console_scripts": ["megapix=megapix.cli:main"]},
 )

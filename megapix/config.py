@@ -139,7 +139,8 @@ def model_preset(name: str, **overrides) -> ModelConfig:
 class DataConfig:
     source: str = opt("digits", "data source: digits, digits-shifted[:COPIES], shapes[:N], outlines[:N] (embedded), "
                       "synthetic[:N], cifar10:PATH, cifar100:PATH, imagefolder:DIR, npy:IMAGES.npy[,LABELS.npy], "
-                      "igpt:DIR/cifar10, shards:DIR",
+                      "igpt:DIR/cifar10, shards:DIR, 'wds:PATTERN.tar[;test=PATTERN]', "
+                      "'parquet:PATTERN.parquet[;test=PATTERN]'",
                       flag="--data", metavar="SPEC")
     palette: str | None = opt(None, "kmeans_centers.npy (512 x 3)", metavar="PATH",
                               default_help="fitted on the training images and saved in --out")
@@ -147,6 +148,8 @@ class DataConfig:
                                      default_help="the paper's: 10% of small sets, 4% of ImageNet")
     augment: bool = opt(True, "the paper's train-time augmentation (ImageFolder resize/crop)")
     num_workers: int = opt(0, "DataLoader worker processes that decode and encode batches (0: in the training process)")
+    skip_corrupt: bool = opt(False, "wds:/parquet: sources: skip damaged samples (each warned once; a sample that "
+                             "does not decode gives way to the next of its split) instead of stopping")
 
     def __post_init__(self):
         if not isinstance(self.source, str) or not self.source:
@@ -354,7 +357,8 @@ def _fits(value, tp) -> bool:
 # defaults are what that megapix did (no W&B names, eager, no probes while training, the cosine), so such a run
 # resumes.
 LATER_FIELDS = {"train": ("wandb_project", "wandb_entity", "wandb_name", "wandb_group", "compile", "probe_every",
-                          "probe_data", "probe_layers", "probe_rows", "schedule", "decay_steps")}
+                          "probe_data", "probe_layers", "probe_rows", "schedule", "decay_steps"),
+                "data": ("skip_corrupt",)}
 
 
 def check_record_config(raw, where: str) -> Config:

@@ -113,7 +113,8 @@ def _job(args, world: World) -> dict:
                           f"head and a tail per rank), which does not divide them; use a degree whose double divides "
                           f"{model.config.n_ctx}")
     layers = parse_layers(args.layers, model.config.n_layer, args.center, args.span)
-    source = open_source(data, model.config.resolution, args.val_fraction, args.seed, augment=False)
+    source = open_source(data, model.config.resolution, args.val_fraction, args.seed, augment=False,
+                         skip_corrupt=args.skip_corrupt)
     token_data = {s: TokenData(source.split(s), model.config.n_ctx, palette, f"{data} [{s}]") for s in splits}
     device = rank_device(args.device)
     model = model.to(device).eval()

@@ -60,6 +60,7 @@ class ExtractConfig:
     context_parallel: int = opt(1, "ranks sharing each image's positions (ring attention, as in training); "
                                 "consecutive ranks form a group, the groups share the rows")
     compile: Literal["off", "on", "require"] = compile_field("")
+    skip_corrupt: bool = opt(False, "wds:/parquet: sources: skip damaged samples instead of stopping")
 
     def __post_init__(self):
         _check_finite(self)
@@ -178,6 +179,8 @@ class PrepareConfig:
     val_fraction: float | None = opt(None, "held-out share of train", default_help="the source's: 0.1 CIFAR, "
                                      "0.04 ImageNet")
     progress: bool = opt(True, "show a progress bar")
+    skip_corrupt: bool = opt(False, "wds:/parquet: sources: skip damaged samples (counted in the manifest) "
+                             "instead of stopping")
 
     def __post_init__(self):
         _check_finite(self)

@@ -25,9 +25,11 @@ def _prepare(argv) -> int:
     claim(a.out, "prepare", "megapix prepare")  # one writer, and only into a folder of prepared shards
     m = prepare(a.data, a.out, resolution=a.resolution, palette=a.palette, fit_palette=a.fit_palette,
                 shard_size=a.shard_size, workers=a.workers, seed=a.seed, val_fraction=a.val_fraction,
-                progress=a.progress)
+                progress=a.progress, skip_corrupt=a.skip_corrupt)
     counts = ", ".join(f"{k} {v['count']}" for k, v in m["splits"].items())
-    print(f"prepared {counts} images at {a.resolution}x{a.resolution} into {os.path.abspath(a.out)}")
+    skipped = sum((m.get("skipped") or {}).values())
+    print(f"prepared {counts} images at {a.resolution}x{a.resolution} into {os.path.abspath(a.out)}"
+          + (f" ({skipped} damaged samples skipped: manifest.json's 'skipped')" if skipped else ""))
     return 0
 
 

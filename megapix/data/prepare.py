@@ -24,6 +24,7 @@ import hashlib
 import os
 import shutil
 import sys
+import warnings
 
 import numpy as np
 
@@ -71,11 +72,13 @@ def _clean_stale(out: str) -> None:
 _STATE: dict = {}
 
 
-def _init_worker(spec, resolution, val_fraction, seed, palette_file, threads=1):
+def _init_worker(spec, resolution, val_fraction, seed, palette_file, skip_corrupt=False, threads=1):
     import torch
 
     torch.set_num_threads(threads)
-    _STATE["src"] = open_source(spec, resolution, val_fraction, seed, augment=False)
+    with warnings.catch_warnings():  # the driver already warned of what indexing skipped
+        warnings.simplefilter("ignore")
+        _STATE["src"] = open_source(spec, resolution, val_fraction, seed, augment=False, skip_corrupt=skip_corrupt)
     # from the file prepare wrote into --out, so its cached colour table (palette.lut.npz) is shared
     _STATE["palette"] = None if palette_file is None else Palette.load(palette_file)
 
@@ -83,6 +86,7 @@ def _init_worker(spec, resolution, val_fraction, seed, palette_file, threads=1):
 def _encode_shard(task) -> tuple:
     split, i, start, stop, path = task
     src, palette = _STATE["src"], _STATE["palette"]
+    skipped_before = getattr(src, "skipped", 0)  # sharded sources count damaged samples (--skip-corrupt)
     s = src.split(split)
     data = s.tokens if s.tokens is not None else s.images
     T = None
@@ -110,7 +114,7 @@ def _encode_shard(task) -> tuple:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return split, i, os.path.getsize(path), sha256_file(path)
+    return split, i, os.path.getsize(path), sha256_file(path), getattr(src, "skipped", 0) - skipped_before
 
 
 # ---- the driver ----
@@ -160,14 +164,19 @@ def _resolve_palette(src, spec, out, palette, fit, seed, old, tokens_only):
 
 def prepare(spec: str, out: str, *, resolution: int, palette: str | None = None, fit_palette: bool = False,
             shard_size: int = 65536, workers: int = 1, seed: int = 0, val_fraction: float | None = None,
-            progress: bool = True) -> dict:
-    """Encode every split of `spec` into token shards under `out`; returns the manifest. Resumable."""
-    src, tokens_only = _checked_source(spec, resolution, palette, fit_palette, shard_size, workers, seed, val_fraction)
+            progress: bool = True, skip_corrupt: bool = False) -> dict:
+    """Encode every split of `spec` into token shards under `out`; returns the manifest. Resumable.
+    `skip_corrupt`: a sharded source's damaged samples are skipped and counted in the manifest's "skipped"
+    (found while indexing, and replaced while encoding shard by shard)."""
+    src, tokens_only = _checked_source(spec, resolution, palette, fit_palette, shard_size, workers, seed, val_fraction,
+                                       skip_corrupt)
     out = os.path.abspath(out)
     old = _old_manifest(out)
     settings = {"source": spec, "resolution": resolution, "seed": seed, "val_fraction": val_fraction,
                 "shard_size": shard_size, "palette": "fit" if fit_palette else
                 (sha256_file(palette) if palette and os.path.isfile(palette) else palette)}
+    if skip_corrupt:  # only then: a folder prepared before the option existed still resumes
+        settings["skip_corrupt"] = True
     if old is not None and old.get("settings") != settings:
         diff = sorted(k for k in settings if (old.get("settings") or {}).get(k) != settings[k])
         raise ConfigError(f"--out {out!r} holds shards prepared with different settings ({', '.join(diff)}); "
@@ -179,7 +188,8 @@ def prepare(spec: str, out: str, *, resolution: int, palette: str | None = None,
     _carry_over(splits, (old or {}).get("splits", {}))
     manifest = {"format": SHARDS_FORMAT, "version": 1, "complete": False, "settings": settings,
                 "resolution": resolution, "tokens_per_image": resolution**2, "dtype": "uint16",
-                "num_classes": src.num_classes, "palette": pal_entry, "splits": splits}
+                "num_classes": src.num_classes, "palette": pal_entry, "splits": splits,
+                "skipped": {"indexing": getattr(src, "skipped", 0)}}
     write_json(os.path.join(out, MANIFEST), manifest)
     for name, info in splits.items():  # labels are small: write them here
         if info["labels"] and not info["same_as"]:
@@ -190,16 +200,18 @@ def prepare(spec: str, out: str, *, resolution: int, palette: str | None = None,
     if pal is not None:
         pal = Palette.load(palette_file)  # the copy in --out: its colour table is cached there
     _encode_all(src, pal, manifest, out, _todo(splits, out, resolution**2), workers, progress,
-                (spec, resolution, val_fraction, seed, palette_file))
+                (spec, resolution, val_fraction, seed, palette_file, skip_corrupt))
     for info in splits.values():
         if info["same_as"]:
             info["shards"] = splits[info["same_as"]]["shards"]
+    manifest["skipped"]["decoding"] = sum(s.get("skipped", 0) for info in splits.values() if not info["same_as"]
+                                          for s in info["shards"])
     manifest["complete"] = True
     write_json(os.path.join(out, MANIFEST), manifest)
     return manifest
 
 
-def _checked_source(spec, resolution, palette, fit_palette, shard_size, workers, seed, val_fraction):
+def _checked_source(spec, resolution, palette, fit_palette, shard_size, workers, seed, val_fraction, skip_corrupt):
     """The opened source and whether it holds tokens already, after every check that needs no output folder."""
     if shard_size < 1:
         raise ConfigError(f"--shard-size={shard_size} must be >= 1 (images per shard)")
@@ -209,7 +221,7 @@ def _checked_source(spec, resolution, palette, fit_palette, shard_size, workers,
         Palette.load(palette)  # a missing or bad palette file fails here, before anything is written
     if palette is not None and fit_palette:
         raise ConfigError("pass either --palette FILE or --fit-palette, not both")
-    src = open_source(spec, resolution, val_fraction, seed, augment=False)
+    src = open_source(spec, resolution, val_fraction, seed, augment=False, skip_corrupt=skip_corrupt)
     tokens_only = src.split("train").tokens is not None
     if palette is None and not fit_palette and not tokens_only:
         raise ConfigError("prepare needs a palette to encode images: pass --palette kmeans_centers.npy "
@@ -271,9 +283,9 @@ def _encode_all(src, pal, manifest: dict, out: str, todo: list, workers: int, pr
                disable=not progress, file=sys.stderr)
 
     def done(result):
-        name, i, nbytes, sha = result
+        name, i, nbytes, sha, skipped = result
         s = by_key[(name, i)]
-        s["bytes"], s["sha256"] = nbytes, sha
+        s["bytes"], s["sha256"], s["skipped"] = nbytes, sha, skipped
         write_json(os.path.join(out, MANIFEST), manifest)
         bar.update(s["count"])
 

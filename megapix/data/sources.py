@@ -4,14 +4,15 @@ A source is named by a spec string: "digits" (the embedded default, no download)
 "outlines" (megapix/data/embedded.py), "synthetic",
 "cifar10:PATH" / "cifar100:PATH" (the python tarballs as distributed), "imagefolder:DIR" (ImageNet layout),
 "npy:IMAGES.npy[,LABELS.npy]", "igpt:DIR/cifar10" (the released token arrays {name}_{trX,trY,...}.npy),
-"shards:DIR" (the output of `megapix prepare`).
+"shards:DIR" (the output of `megapix prepare`), "wds:PATTERN" / "parquet:PATTERN" (WebDataset tar shards and
+Parquet files of image bytes, read in place: megapix/data/sharded.py).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from megapix.config import ConfigError
-from megapix.data import embedded, files
+from megapix.data import embedded, files, sharded
 from megapix.data.base import SPLITS, ArraySource, Source, Split, holdout, resize
 
 __all__ = ["SPLITS", "ArraySource", "Source", "Split", "holdout", "open_source", "spec_grammar"]
@@ -59,6 +60,9 @@ def synthetic_source(resolution: int, n: int = 512, val_fraction=None, seed: int
 
 _ARG_FORMS = {"cifar10": "PATH", "cifar100": "PATH", "imagefolder": "DIR", "npy": "IMAGES.npy[,LABELS.npy]",
               "igpt": "DIR/NAME", "shards": "DIR"}
+SHARDED_SOURCES = {"wds": sharded.wds_source, "parquet": sharded.parquet_source}
+_SHARDED_FORMS = {"wds": "'PATTERN.tar[;test=PATTERN][;image=EXT][;label=EXT][;skip-corrupt]'",
+                  "parquet": "'PATTERN.parquet[;test=PATTERN][;image=COLUMN][;label=COLUMN][;skip-corrupt]'"}
 
 
 def spec_grammar() -> str:
@@ -67,8 +71,10 @@ def spec_grammar() -> str:
                       + [f"{k}:{_ARG_FORMS.get(k, 'PATH')}" for k in files.FILE_SOURCES])
 
 
-def open_source(spec: str, resolution: int, val_fraction=None, seed: int = 0, augment: bool = True) -> Source:
-    """Build a Source from its spec string (see the module docstring)."""
+def open_source(spec: str, resolution: int, val_fraction=None, seed: int = 0, augment: bool = True,
+                skip_corrupt: bool = False) -> Source:
+    """Build a Source from its spec string (see the module docstring). `skip_corrupt`: sharded sources skip
+    damaged samples (as the spec's ;skip-corrupt) instead of stopping; other sources have no such mode."""
     if not isinstance(spec, str) or not spec:
         raise ConfigError(f"data spec {spec!r} is empty; use one of: {spec_grammar()}")
     kind, colon, arg = spec.partition(":")
@@ -95,4 +101,9 @@ def open_source(spec: str, resolution: int, val_fraction=None, seed: int = 0, au
             raise ConfigError(f"data source {kind!r} needs a path: '{kind}:{_ARG_FORMS.get(kind, 'PATH')}'")
         return files.FILE_SOURCES[kind](arg, resolution=resolution, val_fraction=val_fraction, seed=seed,
                                         augment=augment)
+    if kind in SHARDED_SOURCES:  # WebDataset tar shards and Parquet files, read in place
+        if not arg:
+            raise ConfigError(f"data source {kind!r} needs a file pattern: {kind}:{_SHARDED_FORMS[kind]}")
+        return SHARDED_SOURCES[kind](arg, resolution=resolution, val_fraction=val_fraction, seed=seed,
+                                     augment=augment, skip_corrupt=skip_corrupt)
     raise ConfigError(f"unknown data source {spec!r}; use one of: {spec_grammar()}")

@@ -175,7 +175,7 @@ def load_splits(cfg: Config, out: str) -> tuple[dict[str, TokenData], Palette | 
     that samples can be decoded. Every rank returns the same palette, read from <out>/palette.npy.
     """
     m, d = cfg.model, cfg.data
-    source = open_source(d.source, m.resolution, d.val_fraction, cfg.train.seed, d.augment)
+    source = open_source(d.source, m.resolution, d.val_fraction, cfg.train.seed, d.augment, d.skip_corrupt)
     splits = {name: source.split(name) for name in SPLITS}
     images = splits["train"].images
     wanted = d.palette
