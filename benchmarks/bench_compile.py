@@ -1,7 +1,7 @@
 """Training steps of megapix's ImageGPT eager against --compile (each block through torch.compile), one process.
 
     .venv/bin/python benchmarks/bench_compile.py [--rows tiny,small,igpt-s-block] [--batch 8] [--repeats 5]
-                                                 [--threads N] [--json FILE] [--profile]
+                                                 [--threads N] [--json FILE] [--profile] [--optimizer]
 
 Rows: the tiny and small presets, and one block of igpt-s's width (d512, 8 heads) at 32x32 (a slice of the real
 model's step: the width decides how much fusion can save). A step is forward + cross-entropy + backward + AdamW,
@@ -12,6 +12,9 @@ column is the time torch.compile spent (dynamo's own timer) in the first compile
 --profile adds, for one small-preset step eager and compiled, torch.profiler's split of the step: time in GEMMs
 (aten::mm/addmm/bmm and the like) against everything else, and the GEMMs' achieved TFLOP/s against the matmul peak
 this process measures at start-up (megapix.runlog.measured_matmul_tflops, what the trainer's CPU MFU uses).
+
+--optimizer adds the AdamW update alone for each row's parameters: torch's foreach implementation (what the trainer
+used on CPU before) against the fused one (megapix.engine.adamw, what it uses now), same gradients, ABBA runs.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import time
 import torch
 
 from megapix.config import model_preset
+from megapix.engine import adamw
 from megapix.model.compile import compile_blocks, compile_seconds
 from megapix.model.igpt import ImageGPT, lm_loss
 from megapix.runlog import measured_matmul_tflops
@@ -35,7 +39,7 @@ def make(row: str, seed: int = 0):
     spec = dict(ROWS[row])
     config = model_preset(spec.pop("preset"), kernels="torch", **spec)
     model = ImageGPT(config, seed=seed)
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    return model, adamw(list(model.parameters()), lr=1e-4)  # the trainer's AdamW
 
 
 def step(model, opt, tokens) -> float:
@@ -70,6 +74,28 @@ def measure(row: str, batch: int, repeats: int) -> dict:
     return {"row": row, "params_m": sum(p.numel() for p in eager.parameters()) / 1e6, "batch": batch,
             "n_ctx": n_ctx, "eager_tok_s": tokens_n / e, "compiled_tok_s": tokens_n / c, "speedup": e / c,
             "compile_s": compile_s, "first_compiled_step_s": first}
+
+
+def optimizer_row(row: str, repeats: int) -> dict:
+    """The AdamW update alone over `row`'s parameters, foreach against fused, the same gradients."""
+    model, _ = make(row)
+    grads = [torch.randn_like(p) for p in model.parameters()]
+    opts = {}
+    for kind in ("foreach", "fused"):
+        params = [p.detach().clone().requires_grad_() for p in model.parameters()]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opts[kind] = torch.optim.AdamW(params, lr=1e-4, **{kind: True})
+        opts[kind].step()  # warm-up: the moments allocated
+    times = {"foreach": [], "fused": []}
+    for kind in ("foreach", "fused", "fused", "foreach") * max(1, -(-repeats // 6)):
+        for _ in range(3):
+            t0 = time.perf_counter()
+            opts[kind].step()
+            times[kind].append(time.perf_counter() - t0)
+    f, u = statistics.median(times["foreach"]), statistics.median(times["fused"])
+    return {"row": row, "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "foreach_ms": 1e3 * f,
+            "fused_ms": 1e3 * u, "speedup": f / u}
 
 
 GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear")
@@ -107,6 +133,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--json", default=None, help="also write the rows here")
     ap.add_argument("--profile", action="store_true", help="also the GEMM split of one small-preset step")
+    ap.add_argument("--optimizer", action="store_true", help="also AdamW alone, foreach against fused, per row")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -129,6 +156,14 @@ def main() -> None:
             print(f"| {r['mode']} | {r['step_s']:.3f} | {r['gemm_s']:.3f} | {100 * r['gemm_share']:.0f}% | "
                   f"{r['gemm_tflops']:.3f} | {100 * r['gemm_tflops'] / peak:.0f}% |")
         report["matmul_peak_tflops"] = peak
+    if a.optimizer:
+        report["optimizer"] = opt_rows = [optimizer_row(r, a.repeats) for r in a.rows.split(",")]
+        print("\nthe AdamW update alone (median ms per step)")
+        print("| row | params | foreach ms | fused ms | fused / foreach speed |")
+        print("|---|---|---|---|---|")
+        for r in opt_rows:
+            print(f"| {r['row']} | {r['params_m']:.2f}M | {r['foreach_ms']:.1f} | {r['fused_ms']:.1f} | "
+                  f"{r['speedup']:.1f}x |")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=2)
