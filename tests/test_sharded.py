@@ -151,7 +151,8 @@ def test_damaged_parquet_refused_or_skipped(dataset, tmp_path):
 @pytest.mark.slow
 def test_prepare_and_train_from_shards(dataset, tmp_path, tiny_config):
     """`megapix prepare` on wds: and parquet: gives the folder's tokens (wds with 2 worker processes); training
-    reads wds: directly with the folder's loss curve; --skip-corrupt is counted in the manifest."""
+    reads wds: directly with the folder's loss curve, extract parquet: with the folder's features; --skip-corrupt
+    is counted in the manifest."""
     from conftest import run
 
     pal = np.random.default_rng(0).uniform(-1, 1, (512, 3)).astype(np.float32)
@@ -193,3 +194,12 @@ def test_prepare_and_train_from_shards(dataset, tmp_path, tiny_config):
         losses[name] = [m["loss"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
                         if "loss" in m]
     assert len(losses["wds"]) == 3 and losses["wds"] == losses["imagefolder"]
+
+    feats = {}
+    for name in ("imagefolder", "parquet"):  # extract reads a sharded source as the folder
+        out = tmp_path / f"feat-{name}"
+        r = run(["-m", "megapix", "extract", "--checkpoint", str(tmp_path / "run-wds"), "--data", _specs(dataset)[name],
+                 "--layers", "1", "--splits", "test", "--out", str(out)])
+        assert r.returncode == 0, r.stderr[-3000:]
+        feats[name] = np.load(out / "test_features.npy")
+    np.testing.assert_array_equal(feats["imagefolder"], feats["parquet"])
