@@ -78,12 +78,13 @@ def unsupported_reason(saved: dict, zero_stage: int) -> str | None:
     return None
 
 
-def convert(ckpt_dir: str, tag: str, out: str | None = None) -> str:
+def convert(ckpt_dir: str, tag: str, out: str | None = None, model_cfg: ModelConfig | None = None) -> str:
     """Run DeepSpeed's ds_to_universal on <ckpt_dir>/<tag> into `out` (default: the sibling <tag>_universal, made
     once and reused). Call on one rank, after safe_load has checked the tag: the tool unpickles with
     weights_only=False. A folder made earlier is checked the same way before it is reused. It writes to <out>.tmp
-    and renames, so a crash never leaves a half folder that a later resume would trust. One worker each: forking
-    a process pool inside a distributed job is not safe."""
+    and renames, so a crash never leaves a half folder that a later resume would trust; with `model_cfg` the folder
+    is bridged for both ZeRO families (universal_bridge) before the rename. One worker each: forking a process pool
+    inside a distributed job is not safe."""
     from deepspeed.checkpoint import ds_to_universal
 
     default = out is None
@@ -96,6 +97,8 @@ def convert(ckpt_dir: str, tag: str, out: str | None = None) -> str:
     ds_to_universal.main(argparse.Namespace(input_folder=os.path.join(ckpt_dir, tag), output_folder=tmp,
                                             num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
                                             strict=True, inject_missing_state=False))
+    if model_cfg is not None:
+        bridge_folder(tmp, model_cfg)
     os.replace(tmp, out)
     if default:  # the tool pointed it at the .tmp name
         with open(os.path.join(ckpt_dir, "latest_universal"), "w") as f:
@@ -150,9 +153,9 @@ def resume_universal(engine, ckpt_dir: str, tag: str, cfg: Config, layout: Layou
     error = None
     if dist.is_rank0():
         try:
-            folder = convert(ckpt_dir, tag)
+            folder = convert(ckpt_dir, tag, model_cfg=cfg.model)
             rename_params(folder, is_pipeline, cfg.model.n_layer)
-            bridge_folder(folder, cfg.model)
+            bridge_folder(folder, cfg.model)  # a no-op unless an older megapix made the folder
         except Exception as e:  # every rank must hear of it, or the others wait in the barrier forever
             error = e
     dist.broadcast_error(error)

@@ -12,8 +12,9 @@ masters, the Adam moments and the step between any ZeRO-1/2/3 layouts, at any TP
   Adam step there; without it bias correction would restart); the optimizer_state.pt of each family lacks what
   the other reads (ZeRO-3: optimizer_state_dict.state[0].step and its param_groups; ZeRO-1/2: ds_version); and
   each family's engine globs its own model-states file name (mp_rank_XX_model_states.pt against
-  zero_pp_rank_0_mp_rank_XX_model_states.pt: hard links, same bytes). Every step is idempotent and each file is
-  written under a temporary name and renamed, so a crash leaves a folder the next resume finishes.
+  zero_pp_rank_0_mp_rank_XX_model_states.pt: hard links, same bytes). universal.convert runs it on the
+  conversion before renaming it into place; every step is idempotent (a folder made by an older megapix is
+  bridged when next resumed) and each file is written under a temporary name and renamed.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import contextlib
 import glob
 import os
 import re
+import shutil
 
 import torch
 
@@ -85,6 +87,18 @@ def _save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
+def _link(src: str, dst: str) -> None:
+    """A hard link (no bytes copied), or a copy on a file system without them; renamed into place either way."""
+    tmp = dst + ".tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(tmp)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
 def _step(zero: str, opt: dict):
     """The Adam step of the converted checkpoint: ZeRO-3 keeps it in optimizer_state.pt, ZeRO-1/2 per parameter."""
     inner = opt.get("optimizer_state_dict")
@@ -112,7 +126,7 @@ def bridge_folder(folder: str, model_cfg: ModelConfig) -> None:
         key = canonical_name(name, not name.startswith("model."), model_cfg.n_layer)
         for state in STATES:
             path = os.path.join(param_dir, f"{state}.pt")
-            entry = safe_load.load(path)
+            entry = safe_load.load(path, mmap=True)  # the structure only: no tensor bytes read unless rewritten
             if not isinstance(entry, dict):  # a ZeRO-3 source at TP 1: the flat tensor alone
                 _save({"param": entry.reshape(shapes[key])}, path)
         if not os.path.isfile(os.path.join(param_dir, "step.pt")):
@@ -134,4 +148,4 @@ def bridge_folder(folder: str, model_cfg: ModelConfig) -> None:
         other = os.path.join(folder, f"{match.group(2)}_model_states.pt" if match.group(1)
                              else f"zero_pp_rank_0_{match.group(2)}_model_states.pt")
         if not os.path.exists(other):
-            os.link(path, other)
+            _link(path, other)
