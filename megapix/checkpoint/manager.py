@@ -141,6 +141,8 @@ class CheckpointManager:
             if how_to_resume(self.ckpt_dir, tag, self.layout, self.reset_optimizer)[0] == "reshard":
                 self.moments_restarted = f"--reset-optimizer: the Adam moments restarted at step {step} ({tag} was " \
                                          "written in a layout they cannot be carried from)"
+            elif self.reset_optimizer and self.saved_step is None and dist.is_rank0():  # the resume, not a rollback
+                print("megapix: --reset-optimizer not used: this resume carries the Adam moments", flush=True)
             self.saved_step = step
             changed = self.lr_schedule.apply(engine, step) if self.lr_schedule is not None else None
             if changed and dist.is_rank0():
