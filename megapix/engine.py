@@ -76,10 +76,12 @@ class Trainer:
     checkpoints (a sweep's runs, a benchmark)."""
 
     def __init__(self, cfg: Config, ds_config_path: str | None = None, task=None, run_log: RunLog | None = None,
-                 resume: bool = False, checkpoints: bool = True, resume_tag: str | None = None):
+                 resume: bool = False, checkpoints: bool = True, resume_tag: str | None = None,
+                 reset_optimizer: bool = False):
         self._resolve(cfg, ds_config_path)
         self.checkpoints = CheckpointManager(self.out, self.shown_out, self.cfg, self.layout, resume=resume,
-                                             enabled=checkpoints, resume_tag=resume_tag)
+                                             enabled=checkpoints, resume_tag=resume_tag,
+                                             reset_optimizer=reset_optimizer)
         self.task = task if task is not None else self._pretraining_task()
         self._batch_geometry()
         module = self._build_module()

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 
 import pytest
 import torch
 
-from test_parallel_helpers import (LAYOUTS, SAVE_AT, STEPS, layout_config, layout_run, losses, records,
-                                   train_in_one_launch)
+from conftest import refused
+from test_parallel_helpers import (LAYOUTS, SAVE_AT, STEPS, TRAIN, layout_config, layout_run, losses, records,
+                                   run_train, train_in_one_launch)
 
 pytestmark = pytest.mark.slow  # every test here starts training runs
 
@@ -34,10 +36,17 @@ UNIVERSAL = [("tp2xpp2-zero1", 1, ["--zero-stage", "1"]),
              ("single-zero1", 2, ["--tensor-parallel", "2", "--zero-stage", "1", "--sequence-parallel"]),
              # context parallelism off and on across the resume
              ("cp2-zero1", 1, ["--zero-stage", "1"]),
-             ("single-zero1", 2, ["--context-parallel", "2", "--zero-stage", "1"])]
+             ("single-zero1", 2, ["--context-parallel", "2", "--zero-stage", "1"]),
+             # ZeRO-3 at any TP (megapix.checkpoint.universal_bridge): the planner's TP2 x DP ZeRO-3 layout on a
+             # smaller or larger cluster, and across ZeRO-1/2 <-> ZeRO-3 both ways
+             ("tp2xdp2-zero3", 2, ["--tensor-parallel", "2", "--zero-stage", "3"]),  # one replica fewer
+             ("tp2xdp2-zero3", 2, ["--zero-stage", "3"]),  # TP 1 x DP 2
+             ("tp2xdp2-zero3", 2, ["--tensor-parallel", "2", "--zero-stage", "1"]),
+             ("tp2-spxdp2-zero1", 2, ["--tensor-parallel", "2", "--zero-stage", "3"]),  # 2 ranks: no 4-rank launch
+             ("dp2-zero3", 1, ["--zero-stage", "1"])]  # a ZeRO-3 source at TP 1 (bare flat tensors)
+# ZeRO-0 on either side: no ZeRO optimizer files, so the moments restart, only with --reset-optimizer
 FALLBACK = [("tp2xpp2", 1, [], "the checkpoint was written with ZeRO-0"),
-            ("single", 2, ["--tensor-parallel", "2"], "the checkpoint was written with ZeRO-0"),
-            ("dp2-zero3", 1, ["--zero-stage", "1"], "ZeRO-3 -> ZeRO-1")]
+            ("single", 2, ["--tensor-parallel", "2"], "the checkpoint was written with ZeRO-0")]
 
 
 def resumes() -> dict[str, tuple[str, int, list[str]]]:
@@ -68,8 +77,9 @@ def resumed(work) -> dict[str, tuple[object, str]]:
         shutil.copytree(src / "checkpoints" / f"global_step{STOP}", ck / f"global_step{STOP}")
         (ck / "latest").write_text(f"global_step{STOP}")
         shutil.copy(src / "palette.npy", dst / "palette.npy") if (src / "palette.npy").exists() else None
+        reset = ["--reset-optimizer"] if "-to-universal-" not in dst_name and not dst_name.endswith("-resumed") else []
         argv = ["train", "--config", layout_config(), "--out", str(dst), "--no-samples", "--resume",
-                *whole_layout(args)]
+                *whole_layout(args), *reset]
         by_world.setdefault(n, []).append((dst_name, argv, str(dst) + ".stdout"))
     for n, runs in by_world.items():
         train_in_one_launch(n, runs, work)
@@ -102,8 +112,9 @@ def test_latest_moves_last(work, monkeypatch):
 
 @pytest.mark.parametrize("src_name,dst_n,dst_args", UNIVERSAL)
 def test_resume_in_a_different_layout_through_universal_checkpoint(resumed, src_name, dst_n, dst_args):
-    """ZeRO-1 -> ZeRO-1 (and ZeRO-3 -> ZeRO-3 at TP 1) in another layout goes through DeepSpeed's universal
-    checkpoint: weights, Adam moments and schedule carry over, so every resumed step matches the uninterrupted run.
+    """Any ZeRO-1/2/3 layout -> any other (ZeRO-3 at TP 2 and ZeRO-1 <-> ZeRO-3 included) goes through DeepSpeed's
+    universal checkpoint: weights, Adam moments and schedule carry over, so every resumed step matches the
+    uninterrupted run.
     fp32 on CPU: layouts differ only in reduction order (measured max |diff| 5e-7 over steps 4-6; uninterrupted runs
     of different layouts agree to ~2e-6), while restarting the moments (the fallback below) moves step 5 by ~4e-2.
     1e-4 separates the two."""
@@ -124,15 +135,31 @@ def test_resume_in_a_different_layout_through_universal_checkpoint(resumed, src_
 def test_resume_in_a_different_layout(resumed, src_name, dst_n, dst_args, why):
     """The fallback where DeepSpeed's universal checkpoint does not apply: weights are resharded into the new layout
     (megapix's own path), the schedule continues: the first resumed step's loss equals the uninterrupted run's
-    (Adam moments restart, so later steps may drift slightly)."""
+    (Adam moments restart, so later steps may drift slightly). Only with --reset-optimizer, which the log line and
+    the run summary name."""
     full = layout_run(src_name)
     dst, stdout = resumed[f"{src_name}-to-{'x'.join(dst_args[1::2]) or 'single'}"]
     assert "weights resharded" in stdout and f"not universal: {why}" in stdout, stdout
+    assert "Adam moments restarted (--reset-optimizer" in stdout, stdout
+    assert f"note         --reset-optimizer: the Adam moments restarted at step {STOP}" in stdout, stdout
     a, recs = losses(full), records(dst)
     assert recs[0]["step"] == STOP + 1
     assert abs(recs[0]["loss"] - a[STOP]) < 1e-4, (recs[0]["loss"], a[STOP])
     assert abs(recs[0]["lr"] - records(full)[STOP]["lr"]) < 1e-12
     assert all(abs(r["loss"] - x) < 5e-2 for r, x in zip(recs, a[STOP:]))
+
+
+def test_layout_change_that_would_restart_the_moments_needs_reset_optimizer(work):
+    """A ZeRO-0 checkpoint resumed in another layout cannot carry the Adam moments: without --reset-optimizer the
+    resume is one line naming the flag, exit 2, and nothing is written into --out."""
+    src, dst = layout_run("single"), work / "single-to-zero1-refused"
+    shutil.copytree(src / "checkpoints" / f"global_step{STOP}", dst / "checkpoints" / f"global_step{STOP}")
+    (dst / "checkpoints" / "latest").write_text(f"global_step{STOP}")
+    before = sorted(str(p.relative_to(dst)) for p in dst.rglob("*"))
+    proc = run_train(dst, 1, "--resume", *whole_layout(["--zero-stage", "1"]), config=layout_config(), check=False,
+                     cmd=[sys.executable, TRAIN])  # one plain process: torchrun would turn exit 2 into 1
+    refused(proc, "--reset-optimizer", "ZeRO-0", "Adam moments")
+    assert sorted(str(p.relative_to(dst)) for p in dst.rglob("*")) == before
 
 
 @pytest.mark.parametrize("name", ["tp2xpp2", "single", "pp2", "tp2-sp"])

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as torch_dist
 
 from megapix.checkpoint import store
+from megapix.checkpoint.reshard import how_to_resume
 from megapix.checkpoint.tags import TAG, latest_step, read_latest, resume_hint, tag_for
 from megapix.config import Config, ConfigError, check_record_config
 from megapix.parallel import dist, watchdog
@@ -91,7 +92,7 @@ class CheckpointManager:
     runs, a benchmark) writes and restores nothing."""
 
     def __init__(self, out: str, shown_out: str, cfg: Config, layout: Layout, resume: bool = False,
-                 enabled: bool = True, resume_tag: str | None = None):
+                 enabled: bool = True, resume_tag: str | None = None, reset_optimizer: bool = False):
         self.ckpt_dir = os.path.join(out, "checkpoints")
         self.cfg, self.layout, self.enabled = cfg, layout, enabled
         self.saved_step: int | None = None  # the step this process last saved or resumed
@@ -99,11 +100,14 @@ class CheckpointManager:
         self.resume_tag = None
         self.skipped_batches: list[int] = []  # global batches skipped by rollbacks, in checkpoints from now on
         self.lr_schedule = None  # the current settings' Schedule (the trainer's): every restore applies it
+        self.reset_optimizer = reset_optimizer  # --reset-optimizer: a layout change may restart the Adam moments
+        self.moments_restarted: str | None = None  # the summary's note when a restore restarted them
         if enabled:
             if resume:
                 self.resume_tag = store.resumable_tag(self.ckpt_dir, cfg, resume_tag)
                 if self.resume_tag is not None:  # refused now, before anything is written
                     dist.rank0_decides(lambda: self._read_skipped(self.resume_tag))
+                    dist.rank0_decides(lambda: how_to_resume(self.ckpt_dir, self.resume_tag, layout, reset_optimizer))
             else:
                 refuse_existing_run(out, shown_out)
             dist.barrier()
@@ -132,7 +136,13 @@ class CheckpointManager:
         tag = tag or self.resume_tag
         step = None
         if self.enabled and tag is not None:
-            step = store.resume(engine, self.ckpt_dir, self.cfg, self.layout, is_pipeline, tag=tag)
+            step = store.resume(engine, self.ckpt_dir, self.cfg, self.layout, is_pipeline, tag=tag,
+                                reset_optimizer=self.reset_optimizer)
+            if how_to_resume(self.ckpt_dir, tag, self.layout, self.reset_optimizer)[0] == "reshard":
+                self.moments_restarted = f"--reset-optimizer: the Adam moments restarted at step {step} ({tag} was " \
+                                         "written in a layout they cannot be carried from)"
+            elif self.reset_optimizer and self.saved_step is None and dist.is_rank0():  # the resume, not a rollback
+                print("megapix: --reset-optimizer not used: this resume carries the Adam moments", flush=True)
             self.saved_step = step
             changed = self.lr_schedule.apply(engine, step) if self.lr_schedule is not None else None
             if changed and dist.is_rank0():

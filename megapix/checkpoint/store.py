@@ -25,10 +25,10 @@ import os
 import shutil
 import uuid
 
-from megapix.checkpoint.reshard import resume_resharded
+from megapix.checkpoint.reshard import how_to_resume, resume_resharded
 from megapix.checkpoint.tags import (TAG, check_same_model, layout_record, problem, read_latest, resume_hint,
-                                     saved_layout, saved_step, tag_for, tags)
-from megapix.checkpoint.universal import resume_universal, universal_checkpoint_info, unsupported_reason
+                                     saved_step, tag_for, tags)
+from megapix.checkpoint.universal import resume_universal, universal_checkpoint_info
 from megapix.config import Config, ConfigError
 from megapix.errors import CheckpointError
 from megapix.parallel import dist
@@ -307,22 +307,22 @@ def resumable_tag(ckpt_dir: str, cfg: Config | None = None, want: str | None = N
     return tag
 
 
-def resume(engine, ckpt_dir: str, cfg: Config, layout: Layout, is_pipeline: bool, tag: str | None = None) -> int | None:
+def resume(engine, ckpt_dir: str, cfg: Config, layout: Layout, is_pipeline: bool, tag: str | None = None,
+           reset_optimizer: bool = False) -> int | None:
     """Continue from `tag` (default: resumable_tag(ckpt_dir), checked): DeepSpeed's own loader when the layout is
     unchanged (exact: weights, optimizer, scheduler). In a different layout: DeepSpeed's universal checkpoint where it
-    works (ZeRO-1/2 -> ZeRO-1/2, and ZeRO-3 -> ZeRO-3 at TP 1; weights, Adam moments and schedule carry over;
-    checkpoint.universal); otherwise checkpoint.reshard (weights re-cut for this layout, schedule position kept, Adam
-    moments restarted). Returns the step resumed, or None when there is nothing to resume."""
+    works (any ZeRO-1/2/3 layout; weights, Adam moments and schedule carry over; checkpoint.universal); otherwise,
+    with reset_optimizer, checkpoint.reshard (weights re-cut for this layout, schedule position kept, Adam moments
+    restarted; checkpoint.reshard.how_to_resume decides). Returns the step resumed, or None when there is nothing to
+    resume."""
     if tag is None:
         tag = resumable_tag(ckpt_dir)
     if tag is None:
         return None
-    saved = saved_layout(ckpt_dir, tag)
-    here = {k: v for k, v in layout_record(layout, 0).items() if k != "step"}
-    if saved is not None and saved != here:
-        why_not = unsupported_reason(saved, layout.zero_stage, layout.tp)
-        if why_not is None:
-            return resume_universal(engine, ckpt_dir, tag, cfg, layout, is_pipeline)
+    how, why_not = how_to_resume(ckpt_dir, tag, layout, reset_optimizer)
+    if how == "universal":
+        return resume_universal(engine, ckpt_dir, tag, cfg, layout, is_pipeline)
+    if how == "reshard":
         return resume_resharded(engine, ckpt_dir, tag, cfg, layout, is_pipeline, why_not)
     path, client = engine.load_checkpoint(ckpt_dir, tag=tag)
     if path is None:

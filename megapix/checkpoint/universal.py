@@ -6,10 +6,11 @@ Patterns are regexes over parameter names, applied with re.match (anchored at th
 begins with ".*"); they match both the non-pipeline names ("model.blocks.3.attn...") and the pipeline layer
 names ("4.attn...").
 
-Which layout changes go through it: ZeRO-1/2 (any TP x PP x DP) -> ZeRO-1/2 in any other layout, and ZeRO-3 ->
-ZeRO-3 with TP 1 in the resumed run. Everything else (see unsupported_reason) falls back to
-megapix.checkpoint.reshard, which keeps weights and schedule but restarts the Adam moments, and refuses ZeRO-3
-destinations.
+Which layout changes go through it: every change between ZeRO-1, 2 and 3 layouts (any TP x PP x CP x DP, SP on or
+off, ZeRO-1/2 <-> ZeRO-3 included): megapix.checkpoint.universal_bridge gives DeepSpeed's loaders what the
+conversion leaves out (the TP cut for ZeRO-3 destinations, the other family's file names and fields). A ZeRO-0
+checkpoint or run (see unsupported_reason) has no ZeRO optimizer files: it falls back to megapix.checkpoint.reshard,
+which keeps weights and schedule but restarts the Adam moments, and only with --reset-optimizer.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 from megapix.checkpoint import safe_load
 from megapix.checkpoint.names import canonical_name, module_name
 from megapix.checkpoint.tags import check_same_model, saved_layout
+from megapix.checkpoint.universal_bridge import bridge_folder, tp_restore_meta
 from megapix.config import VOCAB_SIZE, Config, ConfigError, ModelConfig
 from megapix.model import ImageGPT
 from megapix.parallel import dist
@@ -64,34 +66,25 @@ def universal_checkpoint_info(cfg: Config) -> dict:
     return {C.UNIVERSAL_CHECKPOINT_INFO: info}
 
 
-def unsupported_reason(saved: dict, zero_stage: int, tp: int) -> str | None:
+def unsupported_reason(saved: dict, zero_stage: int) -> str | None:
     """Why DeepSpeed's universal checkpoint cannot carry `saved` (a layout.json record) into a run with this ZeRO
-    stage and TP size, or None when it can (each case below was run with megapix checkpoints, DeepSpeed 0.19.8).
+    stage, or None when it can (each case below was run with megapix checkpoints, DeepSpeed 0.19.8).
     - ZeRO-0 source: ds_to_universal reads ZeRO's partitioned fp32 masters and moments; ZeRO-0 has none.
-    - ZeRO-0 destination: load_universal is implemented by the ZeRO optimizers.
-    - ZeRO-1/2 <-> ZeRO-3: the conversion's files differ by stage (a ZeRO-1/2 engine globs mp_rank_*_model_states.pt
-      and reads ds_version from zero/optimizer_state.pt, which a ZeRO-3 conversion lacks, and vice versa).
-    - ZeRO-3 destination with TP > 1: ZeRO-3's restore (load_hp_checkpoint_state_from_checkpoint_dir_stage3) cuts a
-      TP shard only for AutoTP parameters (ds_autotp_universal_checkpoint_meta); megapix's TP parameters would get
-      the full tensor ("start + length exceeds dimension size")."""
-    src = saved.get("zero_stage")
-    if src == 0:
+    - ZeRO-0 destination: load_universal is implemented by the ZeRO optimizers."""
+    if saved.get("zero_stage") == 0:
         return "the checkpoint was written with ZeRO-0; the conversion needs ZeRO's partitioned optimizer files"
     if zero_stage == 0:
         return "this run uses ZeRO-0; loading a universal checkpoint needs a ZeRO optimizer"
-    if (src == 3) != (zero_stage == 3):
-        return f"ZeRO-{src} -> ZeRO-{zero_stage}: DeepSpeed's universal files differ between ZeRO-1/2 and ZeRO-3"
-    if zero_stage == 3 and tp > 1:
-        return "DeepSpeed's ZeRO-3 universal restore cuts TP shards only for its own AutoTP parameters"
     return None
 
 
-def convert(ckpt_dir: str, tag: str, out: str | None = None) -> str:
+def convert(ckpt_dir: str, tag: str, out: str | None = None, model_cfg: ModelConfig | None = None) -> str:
     """Run DeepSpeed's ds_to_universal on <ckpt_dir>/<tag> into `out` (default: the sibling <tag>_universal, made
     once and reused). Call on one rank, after safe_load has checked the tag: the tool unpickles with
     weights_only=False. A folder made earlier is checked the same way before it is reused. It writes to <out>.tmp
-    and renames, so a crash never leaves a half folder that a later resume would trust. One worker each: forking
-    a process pool inside a distributed job is not safe."""
+    and renames, so a crash never leaves a half folder that a later resume would trust; with `model_cfg` the folder
+    is bridged for both ZeRO families (universal_bridge) before the rename. One worker each: forking a process pool
+    inside a distributed job is not safe."""
     from deepspeed.checkpoint import ds_to_universal
 
     default = out is None
@@ -104,6 +97,8 @@ def convert(ckpt_dir: str, tag: str, out: str | None = None) -> str:
     ds_to_universal.main(argparse.Namespace(input_folder=os.path.join(ckpt_dir, tag), output_folder=tmp,
                                             num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
                                             strict=True, inject_missing_state=False))
+    if model_cfg is not None:
+        bridge_folder(tmp, model_cfg)
     os.replace(tmp, out)
     if default:  # the tool pointed it at the .tmp name
         with open(os.path.join(ckpt_dir, "latest_universal"), "w") as f:
@@ -158,8 +153,9 @@ def resume_universal(engine, ckpt_dir: str, tag: str, cfg: Config, layout: Layou
     error = None
     if dist.is_rank0():
         try:
-            folder = convert(ckpt_dir, tag)
+            folder = convert(ckpt_dir, tag, model_cfg=cfg.model)
             rename_params(folder, is_pipeline, cfg.model.n_layer)
+            bridge_folder(folder, cfg.model)  # a no-op unless an older megapix made the folder
         except Exception as e:  # every rank must hear of it, or the others wait in the barrier forever
             error = e
     dist.broadcast_error(error)
@@ -169,7 +165,8 @@ def resume_universal(engine, ckpt_dir: str, tag: str, cfg: Config, layout: Layou
     ds_cfg = engine._config
     ds_cfg.load_universal_checkpoint = True
     try:
-        path, client = engine.load_checkpoint(ckpt_dir, tag=f"{tag}_universal")
+        with tp_restore_meta(engine.module, cfg.model, layout.tp, layout.tp_group, is_pipeline):
+            path, client = engine.load_checkpoint(ckpt_dir, tag=f"{tag}_universal")
     finally:
         ds_cfg.load_universal_checkpoint = False
     if path is None:

@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-changed", action="store_true",
                    help="with --resume: continue even where the settings contradict the saved run's (the log and the "
                    "summary say what changed) (default: off)")
+    p.add_argument("--reset-optimizer", action="store_true",
+                   help="with --resume in another layout that cannot carry the Adam moments (a ZeRO-0 checkpoint or "
+                   "run): resume with the weights and schedule and restart the moments (the log and the summary say "
+                   "so); without it such a resume is refused. Between ZeRO-1/2/3 layouts the moments are always "
+                   "carried (default: off)")
     p.add_argument("--no-samples", action="store_true", help="skip the PNG of samples at the end (default: off)")
     add_config_args(p, run_defaults=DEFAULT_RUN)
     add_launcher_args(p)  # deepspeed's launcher appends --local_rank
@@ -143,13 +148,15 @@ def _train(args) -> int:
     from megapix.runlog import summary_text
     from megapix.sample import write_run_samples
 
-    trainer = Trainer(cfg, ds, resume=resume, resume_tag=args.resume_tag)
+    trainer = Trainer(cfg, ds, resume=resume, resume_tag=args.resume_tag, reset_optimizer=args.reset_optimizer)
     trainer.probe = probe
     if trainer.is_rank0:
         _announce(trainer, args, cfg, notes)
         tracking.begin(trainer.cfg, trainer.engine)
     code = trainer.fit()
     samples = write_run_samples(trainer) if code == 0 and not args.no_samples else None
+    if trainer.checkpoints.moments_restarted:
+        notes = [*notes, trainer.checkpoints.moments_restarted]
     if trainer.is_rank0 and code == 0:
         print(summary_text(trainer.log, trainer.checkpoints, trainer.shown_out, trainer.step, trainer.peak_tflops,
                            trainer.peak_source, samples, notes + dsconfig.monitor_notes(trainer.cfg, trainer.ds_config),
