@@ -1,0 +1,134 @@
+"""--async-save: DeepSpeed writes a checkpoint's files from a background thread while training goes on.
+
+DeepSpeed 0.19 ships three checkpoint engines besides torch's: FastCheckpointEngine and the decoupled one (it runs
+FastCheckpointEngine in a subprocess) need DeepNVMe's async_io op, which needs libaio and builds only where the
+accelerator has pinned-memory I/O; DataStates needs the `datastates` package. None builds on a CPU machine, and the
+decoupled engine publishes `latest` itself at the next save. So megapix plugs its own engine into DeepSpeed's
+interface (CheckpointEngine: create / save / commit): `save` snapshots each state dict to host memory on the
+training thread (clone_tensors_for_torch_save: a GPU tensor is copied to the CPU, a CPU one cloned, so later
+optimizer steps cannot change what is written), and `commit` hands the tag's files to one writer thread that
+torch.saves and fsyncs each file and its folder. DeepSpeed's file names and formats are unchanged: resume, the
+universal conversion and every reader see the same tag.
+
+Publishing (megapix records, rename, `latest`) is not here: checkpoint.manager does it once every rank's writer
+has finished, agreed by a small all-reduce at a step boundary (store.publish). The host copy costs the size of
+this rank's files in memory until its writer has finished; one save at a time (a new save waits for the last).
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import torch
+from deepspeed.checkpoint.utils import clone_tensors_for_torch_save
+from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
+
+
+def write_file(state, path: str, zipfile: bool) -> int:
+    """torch.save `state` to `path`, flushed and fsynced; returns the bytes written."""
+    with open(path, "wb") as f:
+        torch.save(state, f, _use_new_zipfile_serialization=zipfile)
+        f.flush()
+        os.fsync(f.fileno())
+        return f.tell()
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class WriteJob:
+    """One tag's files on this rank, written by a daemon thread (a crash of the run never waits for it: the tag
+    stays a staging folder, never published). `error` holds the exception that stopped it."""
+
+    def __init__(self, files: list[tuple[object, str]], zipfile: bool):
+        self.files, self.zipfile = files, zipfile
+        self.host_bytes = sum(_tensor_bytes(state) for state, _ in files)
+        self.error: BaseException | None = None
+        self.bytes_written = 0
+        self.started = time.monotonic()
+        self.seconds: float | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="megapix-checkpoint-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            folders = set()
+            while self.files:
+                state, path = self.files.pop(0)  # each snapshot is freed as soon as it is on disk
+                self.bytes_written += write_file(state, path, self.zipfile)
+                del state
+                folders.add(os.path.dirname(path))
+            for folder in folders:
+                _fsync_dir(folder)
+        except BaseException as e:  # reported on the training thread at the next step boundary
+            self.error = e
+            self.files.clear()
+        finally:
+            self.seconds = time.monotonic() - self.started
+            self._done.set()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self) -> None:
+        self._done.wait()
+
+
+def _tensor_bytes(obj) -> int:
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+class AsyncCheckpointEngine(CheckpointEngine):
+    """DeepSpeed's checkpoint engine interface with the writes in the background (see the module docstring).
+    Loading goes to the engine it replaced (torch's)."""
+
+    def __init__(self, base: CheckpointEngine):
+        super().__init__()
+        self.name = "MegapixAsyncCheckpointEngine"
+        self.base = base
+        self.zipfile = bool(getattr(base, "zipfile_serialization", True))
+        self.files: list[tuple[object, str]] = []
+        self.job: WriteJob | None = None
+
+    def create(self, info: CheckpointCommitInfo):
+        self.files = []
+
+    def save(self, state_dict, path: str):
+        self.files.append((clone_tensors_for_torch_save(state_dict), path))
+
+    def commit(self, info: CheckpointCommitInfo):
+        self.job, self.files = WriteJob(self.files, self.zipfile), []
+        return True
+
+    def load(self, path: str, map_location=None):
+        return self.base.load(path, map_location=map_location)
+
+    def preserves_storage_sharing(self):
+        return False  # save() copies every tensor itself: DeepSpeed need not clone first
+
+    def take_job(self) -> WriteJob:
+        """The job the last save_checkpoint started (one per tag)."""
+        job, self.job = self.job, None
+        if job is None:
+            raise RuntimeError("DeepSpeed's save_checkpoint returned without committing the checkpoint")
+        return job
+
+
+def install(engine) -> AsyncCheckpointEngine:
+    """Make `engine` (a DeepSpeedEngine) write its checkpoints in the background; idempotent."""
+    if not isinstance(engine.checkpoint_engine, AsyncCheckpointEngine):
+        engine.checkpoint_engine = AsyncCheckpointEngine(engine.checkpoint_engine)
+    return engine.checkpoint_engine
