@@ -7,9 +7,10 @@ For each model one Trainer (one rank, gloo, the embedded digits) takes warm-up s
 - blocking: --saves saves as `megapix train` makes them without --async-save (store.save: DeepSpeed's torch.save
   of every file, the records, rename, `latest`); the time lost is the save call's time, training stands still;
 - async: --saves saves with --async-save; the save call snapshots the state to host memory, then steps go on while
-  the writer thread writes and fsyncs, and a step boundary publishes. Time lost: from the save call to the end of
-  the step whose boundary published it, minus the steps taken in that time at the no-save step time (so a slower
-  step while the writer competes for the CPU counts as lost time, not only the snapshot).
+  the writer thread writes and fsyncs, and a step boundary publishes. Time lost: the training thread's stall, the
+  save call plus every step boundary's check until the publish (included). The steps taken meanwhile are timed
+  too: on a CPU the writer competes with training for the cores, so their time beside the no-save step time is
+  the rest of the cost (on a loaded shared machine, within the noise of the step time; reported, not subtracted).
 Memory: the host copy's bytes (the snapshot, what async holds until written) and the peak resident set during the
 async window minus the resident set just before the save (sampled every 10 ms).
 
@@ -111,7 +112,7 @@ def measure(name: str, saves: int, base_steps: int, work: str) -> dict:
             blocking.append(time.perf_counter() - t0)
             synced.append(blocking[-1] + fsync_tag(os.path.join(ck.ckpt_dir, ck.latest_tag)))
         blocking_peak.append(peak.peak - before)
-    lost, stalls, windows, host, async_peak, written = [], [], [], [], [], []
+    stalls, calls, during, windows, written, host, async_peak = [], [], [], [], [], [], []
     ck.async_save = True
     for _ in range(saves):
         step(tr)
@@ -119,32 +120,35 @@ def measure(name: str, saves: int, base_steps: int, work: str) -> dict:
         with PeakRss() as peak:
             t0 = time.perf_counter()
             ck.save(tr.engine, tr.step)
-            stalls.append(time.perf_counter() - t0)
+            calls.append(time.perf_counter() - t0)
+            stall = calls[-1]
             job = ck.pending[3]
             host.append(job.host_bytes)
             n = 0
             while ck.pending is not None:
-                step(tr)
+                during.append(step(tr))
                 n += 1
-                ck.poll(tr.engine)
-            elapsed = time.perf_counter() - t0
+                t1 = time.perf_counter()
+                ck.poll(tr.engine)  # the step boundary's check, and the publish when the write is done
+                stall += time.perf_counter() - t1
+        stalls.append(stall)
         written.append(job.seconds)
         windows.append(n)
-        lost.append(elapsed - n * base)
         async_peak.append(peak.peak - before)
     size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(os.path.join(ck.ckpt_dir, ck.latest_tag))
                for f in fs)
     return {"model": name, "params": params, "global_batch": batch, "step_s": base, "checkpoint_bytes": size,
             "blocking_lost_s": statistics.median(blocking), "blocking_all_s": blocking,
             "blocking_peak_rss_added": max(blocking_peak), "blocking_fsynced_lost_s": statistics.median(synced),
-            "async_lost_s": statistics.median(lost), "async_all_lost_s": lost, "async_save_call_s": stalls,
-            "async_write_s": written, "async_steps_during_write": windows, "async_host_copy_bytes": max(host),
-            "async_peak_rss_added": max(async_peak)}
+            "async_lost_s": statistics.median(stalls), "async_all_lost_s": stalls, "async_save_call_s": calls,
+            "async_write_s": written, "async_steps_during_write": windows, "async_step_s_during_write": during,
+            "async_host_copy_bytes": max(host), "async_peak_rss_added": max(async_peak)}
 
 
 def table(rows: list[dict]) -> str:
     out = ["| model | params | step (no save) | checkpoint | blocking: lost per save (with fsync) | async: lost per "
-           "save (save call) | async / blocking | async: write in background (steps meanwhile) | host copy | "
+           "save (save call) | async / blocking | async: write in background (steps meanwhile; their median time) | "
+           "host copy | "
            "peak RSS added: blocking / async |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -154,7 +158,8 @@ def table(rows: list[dict]) -> str:
                  f"{r['blocking_lost_s']:.2f} s ({r['blocking_fsynced_lost_s']:.2f} s)",
                  f"{r['async_lost_s']:.2f} s ({med(r['async_save_call_s']):.2f} s)",
                  f"{r['async_lost_s'] / r['blocking_lost_s']:.0%}",
-                 f"{med(r['async_write_s']):.1f} s ({med(r['async_steps_during_write']):.0f})",
+                 f"{med(r['async_write_s']):.1f} s ({med(r['async_steps_during_write']):.0f}; "
+                 f"{med(r['async_step_s_during_write']):.2f} s)",
                  f"{r['async_host_copy_bytes'] / 1e9:.2f} GB",
                  f"{r['blocking_peak_rss_added'] / 1e9:.2f} / {r['async_peak_rss_added'] / 1e9:.2f} GB"]
         out.append("| " + " | ".join(cells) + " |")

@@ -30,7 +30,7 @@ import os
 import torch
 import torch.distributed as torch_dist
 
-from megapix.checkpoint import async_save, store
+from megapix.checkpoint import store
 from megapix.checkpoint.tags import TAG, latest_step, read_latest, resume_hint, tag_for
 from megapix.config import Config, ConfigError, check_record_config
 from megapix.parallel import dist, watchdog
@@ -186,6 +186,8 @@ class CheckpointManager:
         if not self.async_save:
             store.save(engine, self.ckpt_dir, step, self.cfg, self.layout, records=records, spare=spare)
         else:
+            from megapix.checkpoint import async_save  # imports deepspeed: not at `--help` time
+
             writer = async_save.install(engine)
             if store.write_files(engine, self.ckpt_dir, step, self.cfg) is not None:
                 self.pending = (step, records, spare, writer.take_job())
