@@ -48,6 +48,25 @@ def test_the_file_holds_the_state_at_save_time_not_later(tmp_path):
     assert torch.equal(saved["module"]["w"], torch.arange(1000, dtype=torch.float32)) and saved["step"] == 3
 
 
+def test_the_next_save_copies_into_the_last_saves_buffers_and_writes_its_own_state(tmp_path):
+    w = torch.arange(1000, dtype=torch.float32)
+    writer = _engine_saving(tmp_path, {"module": {"w": w}, "step": 3})
+    writer.commit(None)
+    writer.take_job().wait()
+    buffer = writer.buffers["model_states.pt"]["module"]["w"]
+    w.add_(1.0)
+    writer.create(None)
+    writer.save({"module": {"w": w}, "step": 4}, str(tmp_path / "next" / "model_states.pt"))
+    assert writer.files[0][0]["module"]["w"] is buffer  # reused: no new allocation
+    (tmp_path / "next").mkdir()
+    writer.commit(None)
+    writer.take_job().wait()
+    saved = torch.load(tmp_path / "next" / "model_states.pt", weights_only=True)
+    assert torch.equal(saved["module"]["w"], torch.arange(1000, dtype=torch.float32) + 1) and saved["step"] == 4
+    assert torch.equal(torch.load(tmp_path / "model_states.pt", weights_only=True)["module"]["w"],
+                       torch.arange(1000, dtype=torch.float32))  # the first file keeps the first state
+
+
 def test_a_failed_background_write_is_recorded_for_the_training_thread(tmp_path, monkeypatch):
     def read_only(state, path, zipfile):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)

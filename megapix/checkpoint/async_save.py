@@ -5,14 +5,15 @@ FastCheckpointEngine in a subprocess) need DeepNVMe's async_io op, which needs l
 accelerator has pinned-memory I/O; DataStates needs the `datastates` package. None builds on a CPU machine, and the
 decoupled engine publishes `latest` itself at the next save. So megapix plugs its own engine into DeepSpeed's
 interface (CheckpointEngine: create / save / commit): `save` snapshots each state dict to host memory on the
-training thread (clone_tensors_for_torch_save: a GPU tensor is copied to the CPU, a CPU one cloned, so later
-optimizer steps cannot change what is written), and `commit` hands the tag's files to one writer thread that
-torch.saves and fsyncs each file and its folder. DeepSpeed's file names and formats are unchanged: resume, the
-universal conversion and every reader see the same tag.
+training thread (copy_into: a GPU tensor is copied to pinned host memory, a CPU one cloned, so later optimizer
+steps cannot change what is written; from the second save on, into the previous save's buffers), and `commit`
+hands the tag's files to one writer thread that torch.saves and fsyncs each file and its folder. DeepSpeed's file
+names and formats are unchanged: resume, the universal conversion and every reader see the same tag.
 
 Publishing (megapix records, rename, `latest`) is not here: checkpoint.manager does it once every rank's writer
 has finished, agreed by a small all-reduce at a step boundary (store.publish). The host copy costs the size of
-this rank's files in memory until its writer has finished; one save at a time (a new save waits for the last).
+this rank's files in host memory, kept from the first save on for the next; one save at a time (a new save
+waits for the last).
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ import threading
 import time
 
 import torch
-from deepspeed.checkpoint.utils import clone_tensors_for_torch_save
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
 
 
@@ -81,6 +81,28 @@ class WriteJob:
         self._done.wait()
 
 
+def copy_into(cache, item):
+    """A host copy of `item` (tensors nested in dicts, lists, tuples), written into `cache`'s tensors where shape
+    and dtype match (the previous save's copy of the same file), else newly allocated (pinned from a GPU)."""
+    if torch.is_tensor(item):
+        item = item.detach()
+        if torch.is_tensor(cache) and cache.shape == item.shape and cache.dtype == item.dtype:
+            return cache.copy_(item)
+        if item.device.type == "cpu":
+            return item.clone()
+        return torch.empty(item.shape, dtype=item.dtype, pin_memory=True).copy_(item)
+    if isinstance(item, dict):
+        cache = cache if isinstance(cache, dict) else {}
+        return {k: copy_into(cache.get(k), v) for k, v in item.items()}
+    if isinstance(item, (list, tuple)):
+        cache = cache if isinstance(cache, (list, tuple)) and len(cache) == len(item) else [None] * len(item)
+        copied = [copy_into(c, v) for c, v in zip(cache, item)]
+        if isinstance(item, list):
+            return copied
+        return type(item)(*copied) if hasattr(item, "_fields") else tuple(copied)  # a namedtuple, or a tuple
+    return item
+
+
 def _tensor_bytes(obj) -> int:
     if torch.is_tensor(obj):
         return obj.numel() * obj.element_size()
@@ -102,12 +124,18 @@ class AsyncCheckpointEngine(CheckpointEngine):
         self.zipfile = bool(getattr(base, "zipfile_serialization", True))
         self.files: list[tuple[object, str]] = []
         self.job: WriteJob | None = None
+        # the last save's host copies by file name: the next save copies into them (no allocation, no page faults;
+        # safe because a save starts only after the previous one's writer has finished)
+        self.buffers: dict[str, object] = {}
 
     def create(self, info: CheckpointCommitInfo):
         self.files = []
 
     def save(self, state_dict, path: str):
-        self.files.append((clone_tensors_for_torch_save(state_dict), path))
+        name = os.path.basename(path)
+        snapshot = copy_into(self.buffers.get(name), state_dict)
+        self.buffers[name] = snapshot
+        self.files.append((snapshot, path))
 
     def commit(self, info: CheckpointCommitInfo):
         self.job, self.files = WriteJob(self.files, self.zipfile), []
