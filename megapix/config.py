@@ -188,6 +188,9 @@ class TrainConfig:
     eval_every: int = opt(50, "steps between validation losses (0: none)")
     eval_batches: int = opt(4, "validation micro-batches per evaluation")
     save_every: int = opt(0, "steps between checkpoints (0: only at the end and on preemption)")
+    async_save: bool = opt(False, "write each checkpoint from a background thread while training goes on (a host "
+                           "copy of this rank's checkpoint in memory until written); `latest` moves only when every "
+                           "rank's files are written and fsynced")
     keep_last: int = opt(3, "global_step checkpoints kept in <out>/checkpoints: after each save the older ones are "
                          "deleted, never the tag `latest` names nor the best (0: keep all)")
     save_best: bool = opt(True, "save a checkpoint at each new best validation score, named in "

@@ -532,3 +532,56 @@ def test_docs_example_table_is_the_planners(capsys):
         docs = f.read()
     assert table.count("\n") == 13 and table in docs
     assert printed[:printed.index("run it")] in docs  # the header and the best layout, as printed
+
+
+# ---- the checkpoint's size, time and interval (megapix.plan.save) ----
+def test_save_cost_is_young_daly_over_the_jobs_nodes():
+    from megapix.plan.save import save_bytes, save_cost
+
+    m = model_preset("igpt-xl")
+    lay = Layout(tp=2, dp=32, zero_stage=3)
+    mem = memory(m, lay, 64)
+    assert save_bytes(mem, 3) == mem.master + mem.optimizer  # ZeRO-3: the weights are in the partitions
+    assert save_bytes(mem, 1) == mem.params + mem.master + mem.optimizer
+    c = save_cost(mem, 3, gpus_per_node=8, nodes=8, step_s=2.0, write_gbps=2.0, node_mtbf_hours=6000)
+    assert c.seconds == pytest.approx(save_bytes(mem, 3) * 8 / 2e9)
+    assert c.job_mtbf_s == pytest.approx(6000 * 3600 / 8)
+    assert c.interval_s == pytest.approx((2 * c.seconds * c.job_mtbf_s) ** 0.5)
+    assert c.save_every == round(c.interval_s / 2.0)
+    twice = save_cost(mem, 3, gpus_per_node=8, nodes=32, step_s=2.0)  # 4x the nodes: half the interval
+    assert twice.interval_s == pytest.approx(c.interval_s / 2)
+
+
+def _bytes_per_rank(tag_dir) -> dict[tuple[int, int], int]:
+    """{(dp rank, tp rank): bytes that rank wrote} from DeepSpeed's file names in a tag."""
+    found: dict[tuple[int, int], int] = {}
+    for name in os.listdir(tag_dir):
+        size = os.path.getsize(os.path.join(tag_dir, name))
+        if m := re.fullmatch(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt", name):
+            key = (int(m.group(1)), int(m.group(2)))
+        elif m := re.fullmatch(r"mp_rank_(\d+)_model_states\.pt", name):
+            key = (0, int(m.group(1)))  # DP rank 0 writes the module file of its TP shard
+        else:
+            continue
+        found[key] = found.get(key, 0) + size
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,lay", [("single", Layout()), ("dp2-zero1", Layout(dp=2, zero_stage=1)),
+                                      ("dp2-zero3", Layout(dp=2, zero_stage=3)), ("tp2", Layout(tp=2))])
+def test_planner_save_bytes_equal_what_a_real_save_writes(name, lay):
+    """The planner's bytes per rank per save against the files of a real tiny save (fp32 on CPU) of that layout,
+    the rank that writes the most, within 3% (pickle's names and structure on a ~170K-parameter model)."""
+    from megapix.checkpoint.tags import read_latest
+    from megapix.config import Config
+    from megapix.plan.save import save_bytes
+    from test_parallel_helpers import layout_run
+
+    ck = os.path.join(str(layout_run(name)), "checkpoints")
+    tag_dir = os.path.join(ck, read_latest(ck))
+    written = max(_bytes_per_rank(tag_dir).values())
+    with open(os.path.join(tag_dir, "megapix_config.json")) as f:
+        m = Config.from_dict(json.load(f)).model
+    planned = save_bytes(memory(m, lay, 8, "fp32"), lay.zero_stage)
+    assert abs(planned - written) <= 0.03 * written, (name, planned, written)

@@ -36,6 +36,7 @@ from megapix.checkpoint.tags import TAG, latest_step, read_latest, resume_hint, 
 from megapix.config import Config, ConfigError, check_record_config
 from megapix.parallel import dist, watchdog
 from megapix.parallel.layout import Layout
+from megapix.runfolder import disk_error
 from megapix.utils import read_metrics, read_record
 
 SKIPPED_BATCHES = "skipped_batches.json"  # in a tag: the global batches the run skipped up to that step
@@ -102,6 +103,8 @@ class CheckpointManager:
         self.lr_schedule = None  # the current settings' Schedule (the trainer's): every restore applies it
         self.reset_optimizer = reset_optimizer  # --reset-optimizer: a layout change may restart the Adam moments
         self.moments_restarted: str | None = None  # the summary's note when a restore restarted them
+        self.async_save = cfg.train.async_save
+        self.pending = None  # --async-save: (step, records, spare, WriteJob) being written in the background
         if enabled:
             if resume:
                 self.resume_tag = store.resumable_tag(self.ckpt_dir, cfg, resume_tag)
@@ -133,6 +136,8 @@ class CheckpointManager:
         """Load `tag` (default: the one checked at construction) into `engine` and return its step; 0 when there
         is nothing to resume. The best record of the steps up to it is kept, and `log` (the run's RunLog, None
         for a shared one) continues from that step: records after it are dropped, the loss curve reloaded."""
+        if self.enabled:
+            self.wait(engine)  # a rollback goes to a published tag
         tag = tag or self.resume_tag
         step = None
         if self.enabled and tag is not None:
@@ -178,22 +183,76 @@ class CheckpointManager:
     @watchdog.protected  # a SIGTERM while blocked never cuts a save short
     def save(self, engine, step: int) -> None:
         """A checkpoint of this step (store.save: staged, renamed, `latest` moves last, then pruned), with the
-        global batches skipped so far. Raises NonFiniteWeights, saving nothing, when any weight is NaN or inf."""
+        global batches skipped so far. Raises NonFiniteWeights, saving nothing, when any weight is NaN or inf.
+        With --async-save the files are written in the background (after the previous save is published) and
+        published at a later step boundary (poll) or wait()."""
         bad = nonfinite_tensors(engine)
         if bad:
             raise NonFiniteWeights(step, bad)
+        self.wait(engine)
         stable = self._stable_step()
-        store.save(engine, self.ckpt_dir, step, self.cfg, self.layout,
-                   records={SKIPPED_BATCHES: {"batches": self.skipped_batches}},
-                   spare=(tag_for(stable),) if stable else ())
+        records = {SKIPPED_BATCHES: {"batches": list(self.skipped_batches)}}
+        spare = (tag_for(stable),) if stable else ()
+        if not self.async_save:
+            store.save(engine, self.ckpt_dir, step, self.cfg, self.layout, records=records, spare=spare)
+        else:
+            from megapix.checkpoint import async_save  # imports deepspeed: not at `--help` time
+
+            writer = async_save.install(engine)
+            if store.write_files(engine, self.ckpt_dir, step, self.cfg) is not None:
+                self.pending = (step, records, spare, writer.take_job())
         self.saved_step = step
+
+    def poll(self, engine) -> None:
+        """At a step boundary: publish the background save once every rank's files are written (one small
+        all-reduce while one is pending); a failed write stops the run here (ConfigError, exit 2)."""
+        if self.pending is not None:
+            self._settle(engine, block=False)
+
+    @watchdog.protected
+    def wait(self, engine) -> None:
+        """Wait for the background save, if any, and publish it (or raise its failure). Collective."""
+        if self.pending is not None:
+            self._settle(engine, block=True)
+
+    def _settle(self, engine, block: bool) -> None:
+        step, records, spare, job = self.pending
+        if block:
+            job.wait()
+        done, failed = job.done(), job.error is not None
+        if dist.world_size() > 1:  # every rank's files, or nobody publishes
+            flags = torch.tensor([float(not done), float(failed)], device=engine.device)
+            torch_dist.all_reduce(flags, op=torch_dist.ReduceOp.MAX)
+            done, failed = flags[0].item() == 0, flags[1].item() > 0
+        if failed:
+            job.wait()
+            self.pending = None
+            error = None if job.error is None else (disk_error(job.error, self.ckpt_dir) or
+                                                    ConfigError(f"{type(job.error).__name__}: {job.error}"))
+            first = dist.shared_error(error)
+            store.discard(self.ckpt_dir, step)
+            raise ConfigError(f"{first}; the background checkpoint write of step {step} failed, so it was not saved "
+                              f"({self._previous()}): resume with --resume once the disk is fixed")
+        if not done:
+            return
+        self.pending = None
+        store.publish(self.ckpt_dir, step, self.cfg, self.layout, records, spare)
+        if dist.is_rank0():
+            print(f"megapix: saved {tag_for(step)} (step {step}): {job.bytes_written / 1e6:.1f} MB on rank 0 "
+                  f"written in the background in {job.seconds:.1f} s", flush=True)
+
+    def _previous(self) -> str:
+        tag = dist.from_rank0(read_latest(self.ckpt_dir) if dist.is_rank0() else None)
+        return f"`latest` still names {tag}" if tag else "no earlier checkpoint"
 
     def after_step(self, engine, step: int, metrics: dict | None = None, score: float | None = None,
                    stopping: bool = False) -> None:
         """The loop's call after each step: `metrics` and `score` when it evaluated (a new best is saved and named
-        in best.json), `stopping` when the run stops here (saved so that --resume continues from it)."""
+        in best.json), `stopping` when the run stops here (saved, and the save waited for, so that --resume
+        continues from it)."""
         if not self.enabled:
             return
+        self.poll(engine)
         t = self.cfg.train
         if metrics is not None and t.save_best:
             self._save_if_best(engine, step, metrics, score)
@@ -201,17 +260,24 @@ class CheckpointManager:
         stable = step == self._stable_step()  # WSD: the checkpoint a longer run continues from, always saved
         if (periodic or stopping or stable) and self.saved_step != step:
             self.save(engine, step)
+        if stopping:
+            self.wait(engine)
 
     def finish(self, engine, step: int) -> None:
-        """The end of the run: its last step saved (once)."""
+        """The end of the run: its last step saved (once), every background write waited for."""
         if self.enabled and self.saved_step != step:
             self.save(engine, step)
+        if self.enabled:
+            self.wait(engine)
 
     def save_before_error(self, engine, step: int) -> bool:
         """Save the last completed step before the run raises (a data error every rank shares); True when saved."""
         if self.enabled and step > 0 and self.saved_step != step:
             self.save(engine, step)
+            self.wait(engine)
             return True
+        if self.enabled:
+            self.wait(engine)
         return False
 
     def _save_if_best(self, engine, step: int, metrics: dict, score: float | None) -> None:
@@ -222,6 +288,7 @@ class CheckpointManager:
             return
         if self.saved_step != step:
             self.save(engine, step)
+        self.wait(engine)  # best.json names only a published tag
         tag = tag_for(step)
         self.best = {"tag": tag, "step": step, "score": score, **metrics}
         if dist.is_rank0():
@@ -242,8 +309,8 @@ RUN_RECORD = "config.json"  # <out>/config.json: the run's effective config (dsc
 STEER_FIELDS = {
     "model": ("kernels",),
     "data": ("num_workers",),
-    "train": ("max_steps", "save_every", "time_budget", "keep_last", "save_best", "eval_every", "log_every",
-              "report_to", "wandb_project", "wandb_entity", "wandb_name", "wandb_group", "peak_tflops",
+    "train": ("max_steps", "save_every", "async_save", "time_budget", "keep_last", "save_best", "eval_every",
+              "log_every", "report_to", "wandb_project", "wandb_entity", "wandb_name", "wandb_group", "peak_tflops",
               "tensor_parallel", "pipeline_parallel", "zero_stage", "micro_batch", "activation_checkpointing",
               "compile", "on_nonfinite", "spike_factor", "profile_comms", "collective_timeout", "context_parallel",
               "sequence_parallel", "probe_every", "probe_data", "probe_layers", "probe_rows", "schedule",

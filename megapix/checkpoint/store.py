@@ -47,14 +47,22 @@ def save(engine, ckpt_dir: str, step: int, cfg: Config, layout: Layout, records:
     """Save a DeepSpeed checkpoint of `engine` at `step` as global_step<step>; return the tag. `records`: more
     JSON files for the tag ({file name: JSON object}), written with megapix's own before it is published. `spare`:
     tags pruning spares (a WSD run's stable-phase checkpoint)."""
+    if write_files(engine, ckpt_dir, step, cfg) is not None:
+        publish(ckpt_dir, step, cfg, layout, records, spare)
+    return tag_for(step)
+
+
+def write_files(engine, ckpt_dir: str, step: int, cfg: Config) -> str | None:
+    """Every rank's DeepSpeed files of `step` into the staging tag (with --async-save: snapshotted, the writing
+    started); returns the staging folder's name, or None when `latest` already names a complete tag of this step
+    (kept as is, nothing to publish). Collective."""
     tag = tag_for(step)
-    final = os.path.join(ckpt_dir, tag)
     keep = dist.from_rank0(dist.is_rank0() and read_latest(ckpt_dir) == tag and problem(ckpt_dir, tag) is None
                   and saved_step(ckpt_dir, tag) == step)
     if keep:  # same step, same state (resume goes from `latest`): rewriting it could only risk the one good copy
         if dist.is_rank0():
             print(f"megapix: {tag} is already saved complete at step {step}; kept as is", flush=True)
-        return tag
+        return None
     staging = tag + STAGING
     if dist.is_rank0():
         os.makedirs(ckpt_dir, exist_ok=True)
@@ -63,8 +71,17 @@ def save(engine, ckpt_dir: str, step: int, cfg: Config, layout: Layout, records:
     client = {"step": step, "megapix_config": cfg.to_dict()}
     client.update(universal_checkpoint_info(cfg))
     _save_files(engine, ckpt_dir, staging, client)
+    return staging
 
-    def publish():
+
+def publish(ckpt_dir: str, step: int, cfg: Config, layout: Layout, records: dict | None = None,
+            spare: tuple = ()) -> None:
+    """The staging tag of `step`, whose every rank's files are written, made the checkpoint: megapix's records
+    written into it, renamed into place, `latest` pointed at it, older tags pruned. Collective (rank 0 acts)."""
+    tag = tag_for(step)
+    final, staging = os.path.join(ckpt_dir, tag), tag + STAGING
+
+    def publish_on_rank0():
         save_id = uuid.uuid4().hex
         with disk_errors(os.path.join(ckpt_dir, staging)):
             try:
@@ -89,11 +106,17 @@ def save(engine, ckpt_dir: str, step: int, cfg: Config, layout: Layout, records:
         os.replace(os.path.join(ckpt_dir, staging), final)
         point_latest(ckpt_dir, tag)
 
-    dist.rank0_decides(publish)
+    dist.rank0_decides(publish_on_rank0)
     if dist.is_rank0():
         prune(ckpt_dir, cfg.train.keep_last, step, spare)
     dist.barrier()
-    return tag
+
+
+def discard(ckpt_dir: str, step: int) -> None:
+    """Remove the staging tag of `step` (rank 0): a write that failed leaves nothing a later command could take
+    for a checkpoint."""
+    if dist.is_rank0():
+        shutil.rmtree(os.path.join(ckpt_dir, tag_for(step) + STAGING), ignore_errors=True)
 
 
 def point_latest(ckpt_dir: str, tag: str) -> None:

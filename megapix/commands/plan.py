@@ -7,6 +7,7 @@ import json
 import math
 import sys
 import textwrap
+from dataclasses import asdict
 
 from megapix import cliargs
 from megapix.commands.runner import run
@@ -16,6 +17,7 @@ from megapix.plan.devices import DEVICES, EFFICIENCY, PLANNED
 from megapix.plan.report import (ASSUMPTIONS, RESOLUTIONS, TABLE_GPUS, check_table, describe, max_resolution_table,
                                  readme_table, table)
 from megapix.plan.run import run_block
+from megapix.plan.save import NODE_MTBF_HOURS, WRITE_GBPS, describe_save, save_cost
 from megapix.plan.search import MAX_GPUS, PAPER_BATCH, ds_config_file, pinned_problem, plan_one, search
 
 LAYOUT_FIELDS = {TrainConfig: ("tensor_parallel", "pipeline_parallel", "zero_stage", "micro_batch", "global_batch",
@@ -44,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, dest in OLD_SPELLINGS.items():
         p.add_argument(flag, dest=dest, type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--efficiency", type=float, default=EFFICIENCY, help="achieved fraction of peak on matmuls")
+    p.add_argument("--write-gbps", type=float, default=WRITE_GBPS,
+                   help=f"checkpoint write bandwidth per node, GB/s (default: {WRITE_GBPS:g})")
+    p.add_argument("--node-mtbf-hours", type=float, default=NODE_MTBF_HOURS,
+                   help=f"mean time between failures of one node, hours: the suggested --save-every "
+                        f"(default: {NODE_MTBF_HOURS:g}, Llama 3's clusters)")
     p.add_argument("--top", type=int, default=20, help="rows of the ranked table (0: all)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--table", action="store_true", help="docs/planner.md's table: igpt-s/m/l/xl on 1, 8, 64, 256 GPUs")
@@ -65,7 +72,7 @@ def validate(a) -> dict:
     pin = {name: getattr(a, name, None) for name in LAYOUT_FIELDS[TrainConfig] + LAYOUT_FIELDS[ModelConfig]}
     for name in ("nodes", "gpus_per_node"):
         _positive(f"--{name.replace('_', '-')}", getattr(a, name))
-    for name in ("gpu_memory", "efficiency"):
+    for name in ("gpu_memory", "efficiency", "write_gbps", "node_mtbf_hours"):
         _positive(f"--{name.replace('_', '-')}", getattr(a, name), finite=True)
     if a.top < 0:
         raise ConfigError(f"--top={a.top} is a number of rows: 0 (all) or more")
@@ -133,9 +140,11 @@ def one_layout(a, m: ModelConfig, pin: dict, gb: int, dev, mem_gb: float, precis
         raise ConfigError(f"layout {lay.describe()} cannot run: {why[0]}")
     p = plan_one(a.model, m, lay, gb, a.nodes, a.gpus_per_node, dev, mem_gb, a.efficiency, precision, kernels)
     if a.json:
-        print(json.dumps(p.to_dict(), indent=1))
+        print(json.dumps({**p.to_dict(), "save": asdict(plan_save(a, p))}, indent=1))
     else:
         print(describe(p))
+        print("\n".join(describe_save(plan_save(a, p), a.write_gbps, a.node_mtbf_hours,
+                                       TrainConfig.collective_timeout)))
         print(f"  fits in {mem_gb:g} GB: {'yes' if p.fits else 'NO'}; ds_config ({ds_config_file(lay) or 'no file'} "
               "+ flags):")
         print(textwrap.fill(json.dumps(p.ds_config), width=116, initial_indent="    ", subsequent_indent="    ",
@@ -157,7 +166,7 @@ def ranked(a, m: ModelConfig, pin: dict, gb: int, dev, mem_gb: float, precision:
     plans = search(a.model, a.nodes, a.gpus_per_node, mem_gb, dev, gb, a.efficiency, precision=precision,
                    kernels=kernels, resolution=pin["resolution"], **axes)
     if a.json:
-        print(json.dumps([p.to_dict() for p in plans], indent=1))
+        print(json.dumps([{**p.to_dict(), "save": asdict(plan_save(a, p))} for p in plans], indent=1))
         return 0 if plans else 1
     print(f"{a.model} ({m.num_parameters() / 1e6:.0f}M parameters, {m.n_ctx} tokens/image) on {a.nodes} x "
           f"{a.gpus_per_node} {dev.name} ({mem_gb:g} GB),\nglobal batch {gb}, {precision}, {kernels} kernels: "
@@ -168,6 +177,7 @@ def ranked(a, m: ModelConfig, pin: dict, gb: int, dev, mem_gb: float, precision:
         return 1
     best = plans[0]
     print("\nbest (row 1): " + describe(best))
+    print("\n".join(describe_save(plan_save(a, best), a.write_gbps, a.node_mtbf_hours, TrainConfig.collective_timeout)))
     print(f"  ds_config: {ds_config_file(best.layout) or 'none (ZeRO-0)'} + the command's flags "
           "(--json prints it whole)")
     print("\n".join(["", *run_block(best), ""]))
@@ -179,6 +189,12 @@ def ranked(a, m: ModelConfig, pin: dict, gb: int, dev, mem_gb: float, precision:
               f"row 2's:\n  {' '.join(layout_flags(shown[1].layout))}")
     print(ASSUMPTIONS)
     return 0
+
+
+def plan_save(a, p):
+    """The plan's checkpoint: bytes, seconds and the suggested interval (megapix.plan.save)."""
+    return save_cost(p.memory, p.layout.zero_stage, p.gpus_per_node, p.nodes, p.timing.step, a.write_gbps,
+                     a.node_mtbf_hours)
 
 
 def layout_flags(lay: Layout) -> list[str]:
