@@ -18,9 +18,12 @@ random places and in random colours on a 16x16 canvas, with a clutter bar; no do
 5. runs `megapix probe --attentive` (the CLI, a subprocess) over the final AR model at the best linear layer and its
    neighbours, and checks the claim "attentive >= best linear + 5 points".
 `--data outlines` is the same task in grey with hard edges (no colour-histogram cue; its 14 greys get an exact
-palette, fit_palette). Each seed's numbers go to OUT/seed<S>/result.json (a rerun skips finished seeds). Then
-REPORT/probe_study.md (mean +- standard deviation over the seeds, the paper's claims checked one by one),
-probe_study.json and probe_study.png (error bars: one standard deviation over seeds).
+palette, fit_palette); `--data outlines-large` the same, drawn larger (the third attempt's task, docs/probe_study).
+On a shared machine `--parallel-seeds` runs each seed in its own process; `--probe-rows` and `--probe-iters` cut
+the probes' cost (extraction of every checkpoint's layers is the largest serial part).
+Each seed's numbers go to OUT/seed<S>/result.json (a rerun skips finished seeds). Then REPORT/probe_study.md
+(mean +- standard deviation over the seeds, the paper's claims checked one by one), probe_study.json and
+probe_study.png (error bars: one standard deviation over seeds).
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Embedded datasets, generated (no download): `digits-shifted` from scikit-learn's digits, `shapes`, and
-`outlines` (the shapes in grey with hard edges, the probe study's second task: see render_outlines).
+"""Embedded datasets, generated (no download): `digits-shifted` from scikit-learn's digits, `shapes`,
+`outlines` (the shapes in grey with hard edges: see render_outlines) and `outlines-large` (the same drawn larger,
+the probe study's second-attempt task: see render_outlines_large).
 
 `shapes` (the probe study's task; see render_shapes): one of 4 outlines (square, ring, plus, cross) per image,
 small (half-size 12-22% of the canvas, scaled per class so every class has the same ink) at a random place, one of
