@@ -18,9 +18,12 @@ random places and in random colours on a 16x16 canvas, with a clutter bar; no do
 5. runs `megapix probe --attentive` (the CLI, a subprocess) over the final AR model at the best linear layer and its
    neighbours, and checks the claim "attentive >= best linear + 5 points".
 `--data outlines` is the same task in grey with hard edges (no colour-histogram cue; its 14 greys get an exact
-palette, fit_palette). Each seed's numbers go to OUT/seed<S>/result.json (a rerun skips finished seeds). Then
-REPORT/probe_study.md (mean +- standard deviation over the seeds, the paper's claims checked one by one),
-probe_study.json and probe_study.png (error bars: one standard deviation over seeds).
+palette, fit_palette); `--data outlines-large` the same, drawn larger (the third attempt's task, docs/probe_study).
+On a shared machine `--parallel-seeds` runs each seed in its own process; `--probe-rows` and `--probe-iters` cut
+the probes' cost (extraction of every checkpoint's layers is the largest serial part).
+Each seed's numbers go to OUT/seed<S>/result.json (a rerun skips finished seeds). Then REPORT/probe_study.md
+(mean +- standard deviation over the seeds, the paper's claims checked one by one), probe_study.json and
+probe_study.png (error bars: one standard deviation over seeds).
 """
 from __future__ import annotations
 
@@ -188,7 +191,8 @@ def centred_span(best: int, span: int, n_layer: int) -> list[int]:
 class Study:
     """One seed's data, palette ids and labels; probes of pooled features (megapix.features / megapix.probe)."""
 
-    def __init__(self, data: str, resolution: int, palette_path: str, seed: int, device: str):
+    def __init__(self, data: str, resolution: int, palette_path: str, seed: int, device: str, probe_iters: int = 300,
+                 probe_rows: int = 0):
         import torch
 
         from megapix.data.loader import TokenData
@@ -198,17 +202,22 @@ class Study:
         self.palette = Palette.load(palette_path)
         src = open_source(data, resolution, None, seed, augment=False)
         self.splits = {s: src.split(s) for s in ("train", "val", "test")}
+        if probe_rows:  # the first probe_rows training images (the split is already shuffled by the holdout)
+            tr = self.splits["train"]
+            self.splits["train"] = type(tr)(tr.images[:probe_rows], labels=np.asarray(tr.labels)[:probe_rows],
+                                            num_classes=tr.num_classes)
         self.tokens = {s: TokenData(sp, resolution ** 2, self.palette).tokens(np.arange(len(sp)))
                        for s, sp in self.splits.items()}
         self.labels = {s: torch.from_numpy(np.asarray(sp.labels, dtype=np.int64)) for s, sp in self.splits.items()}
         self.num_classes = src.num_classes
         self.device = device
+        self.probe_iters = probe_iters
 
     def probe(self, feats: dict) -> dict:
         from megapix.probe import probe
 
         r = probe(*[(feats[s], self.labels[s]) for s in ("train", "val", "test")], self.num_classes, L2_GRID,
-                  "lbfgs", self.device, max_iter=300)
+                  "lbfgs", self.device, max_iter=self.probe_iters)
         return {k: r[k] for k in ("l2", "val_acc", "test_acc")}
 
     def features(self, model) -> dict:
@@ -324,7 +333,7 @@ def run_seed(seed: int, args) -> dict:
 
     torch.set_num_threads(max(1, args.threads))  # training is over: the probes may use every core given
     t0 = time.perf_counter()
-    study = Study(args.data, args.resolution, palette, seed, args.device)
+    study = Study(args.data, args.resolution, palette, seed, args.device, args.probe_iters, args.probe_rows)
     res.update(counts={s: len(v) for s, v in study.labels.items()}, chance=1.0 / study.num_classes)
     res["raw_pixels"] = study.raw_pixels()
     print(f"  raw pixels: test {100 * res['raw_pixels']['test_acc']:.1f}", flush=True)
@@ -488,7 +497,7 @@ def write_report(per_seed: list[dict], config: dict, folder: str) -> list[str]:
              f"Chance {100 * r0['chance']:.0f}%. Every figure: test accuracy in %, mean ± sample standard "
              f"deviation over {agg['n_seeds']} seed(s), no ± with one seed (the seed sets the palette fit, the val "
              "holdout, the initialisation and the batch order; the data is fixed). Probes: L-BFGS logistic "
-             "regression, l2 picked on val, test from a "
+             f"regression ({config.get('probe_iters', 300)} iterations), l2 picked on val, test from a "
              f"train+val refit. Layer l = the mean-pooled input of block l after its first norm; {n} = after the "
              "final norm.", "", f"Command: `{config['command']}`", "", "## The claims", "",
              "| claim | measured | holds |", "|---|---|---|"]
@@ -635,6 +644,11 @@ def parse_args(argv=None):
     p.add_argument("--no-attentive", action="store_true", help="skip the attentive probe")
     p.add_argument("--attentive-epochs", type=int, default=50, help="epochs of the attentive probe (megapix probe "
                    "--attentive-epochs)")
+    p.add_argument("--probe-iters", type=int, default=300, help="L-BFGS iterations of each linear probe fit")
+    p.add_argument("--probe-rows", type=int, default=0, help="probe on the first N training images only (0: all); "
+                   "extraction of every checkpoint's layers is the study's largest serial cost")
+    p.add_argument("--parallel-seeds", action="store_true", help="run the seeds at once, one process each (then "
+                   "the report over their cached results): on a shared machine each process gets its own share")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2, help="torch threads for extraction and probes")
     args = p.parse_args(argv)
@@ -645,9 +659,11 @@ def parse_args(argv=None):
     if not args.seed_list or min(args.seed_list) < 0 or len(set(args.seed_list)) != len(args.seed_list):
         fail(f"--seeds {args.seeds!r}: name one or more distinct seeds >= 0, e.g. 0,1,2")
     for name in ("steps", "layers", "batch", "ckpt_every", "ft_steps", "ft_eval_every", "attentive_epochs", "threads",
-                 "resolution", "d_model", "heads"):
+                 "probe_iters", "resolution", "d_model", "heads"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} {getattr(args, name)}: must be 1 or more")
+    if args.probe_rows < 0:
+        fail(f"--probe-rows {args.probe_rows}: 0 (all) or a number of training images")
     return args
 
 
@@ -657,6 +673,25 @@ def main(argv=None) -> int:
     except StudyError as e:
         print(f"small_scale_probe.py: error: {e}", file=sys.stderr)
         return 2
+
+
+def run_seeds_at_once(args, argv) -> None:
+    """Each seed in its own process of this script (its output in OUT/seed<S>.log); each caches its result.json,
+    which the report then reads."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    base, skip = [], False
+    for a in argv:  # the same arguments without --seeds, --out, --report and --parallel-seeds
+        if skip:
+            skip = False
+        elif a in ("--seeds", "--out", "--report"):
+            skip = True
+        elif a != "--parallel-seeds" and not a.startswith(("--seeds=", "--out=", "--report=")):
+            base.append(a)
+    out = os.path.abspath(args.out)  # each seed's own report goes beside its results
+    jobs = [(f"seed {s}", [sys.executable, os.path.abspath(__file__), *base, "--seeds", str(s), "--out", out,
+                           "--report", os.path.join(out, f"seed{s}")], os.path.join(out, f"seed{s}.log"))
+            for s in args.seed_list]
+    run_side_by_side(jobs)
 
 
 def study(args, argv) -> int:
@@ -672,6 +707,8 @@ def study(args, argv) -> int:
     os.makedirs(out, exist_ok=True)
     os.makedirs(report, exist_ok=True)
     t0 = time.perf_counter()
+    if args.parallel_seeds and len(args.seed_list) > 1:
+        run_seeds_at_once(args, argv)
     per_seed, loads = [], []
     for seed in args.seed_list:
         loads.append(f"{os.getloadavg()[0]:.1f}")
@@ -681,6 +718,7 @@ def study(args, argv) -> int:
                                   + list(sys.argv[1:] if argv is None else argv)),
               "data": args.data, "model": {**model_spec(args)}, "steps": args.steps, "batch": args.batch,
               "lr": args.lr, "ckpt_every": args.ckpt_every, "ft_eval_every": args.ft_eval_every, "l2_grid": L2_GRID,
+              "probe_iters": args.probe_iters, "probe_rows": args.probe_rows, "parallel_seeds": args.parallel_seeds,
               "wall_s": round(time.perf_counter() - t0, 1), "load": ", ".join(loads)}
     paths = write_report(per_seed, config, report)
     for path in paths:

@@ -137,9 +137,9 @@ def model_preset(name: str, **overrides) -> ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = opt("digits", "data source: digits, digits-shifted[:COPIES], shapes[:N], outlines[:N] (embedded), "
-                      "synthetic[:N], cifar10:PATH, cifar100:PATH, imagefolder:DIR, npy:IMAGES.npy[,LABELS.npy], "
-                      "igpt:DIR/cifar10, shards:DIR, 'wds:PATTERN.tar[;test=PATTERN]', "
+    source: str = opt("digits", "data source: digits, digits-shifted[:COPIES], shapes[:N], outlines[:N], "
+                      "outlines-large[:N] (embedded), synthetic[:N], cifar10:PATH, cifar100:PATH, imagefolder:DIR, "
+                      "npy:IMAGES.npy[,LABELS.npy], igpt:DIR/cifar10, shards:DIR, 'wds:PATTERN.tar[;test=PATTERN]', "
                       "'parquet:PATTERN.parquet[;test=PATTERN]'",
                       flag="--data", metavar="SPEC")
     palette: str | None = opt(None, "kmeans_centers.npy (512 x 3)", metavar="PATH",

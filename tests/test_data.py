@@ -248,7 +248,8 @@ def test_malformed_specs_name_the_grammar(spec):
         assert "needs a path: 'cifar10:PATH'" in msg
     else:
         assert repr(spec) in msg
-        assert "digits | digits-shifted[:COPIES] | shapes[:N] | outlines[:N] | synthetic[:N] | cifar10:PATH" in msg
+        assert ("digits | digits-shifted[:COPIES] | shapes[:N] | outlines[:N] | outlines-large[:N] | synthetic[:N] | "
+                "cifar10:PATH") in msg
         assert "npy:IMAGES.npy[,LABELS.npy]" in msg
 
 

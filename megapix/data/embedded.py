@@ -1,5 +1,6 @@
-"""Embedded datasets, generated (no download): `digits-shifted` from scikit-learn's digits, `shapes`, and
-`outlines` (the shapes in grey with hard edges, the probe study's second task: see render_outlines).
+"""Embedded datasets, generated (no download): `digits-shifted` from scikit-learn's digits, `shapes`,
+`outlines` (the shapes in grey with hard edges: see render_outlines) and `outlines-large` (the same drawn larger,
+the probe study's second-attempt task: see render_outlines_large).
 
 `shapes` (the probe study's task; see render_shapes): one of 4 outlines (square, ring, plus, cross) per image,
 small (half-size 12-22% of the canvas, scaled per class so every class has the same ink) at a random place, one of
@@ -171,14 +172,15 @@ def _shape_masks(kind: np.ndarray, cy, cx, half, width, canvas: int, s: int = SU
     return out
 
 
-def _placed_outlines(n: int, canvas: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _placed_outlines(n: int, canvas: int, rng: np.random.Generator,
+                     half_range: tuple[float, float] = HALF_RANGE) -> tuple[np.ndarray, np.ndarray]:
     """(classes, soft masks [n, canvas, canvas] in [0, 1]): balanced outlines of random size, stroke and place
     (anywhere they fit), drawn in chunks of 1000 (bounded memory). The order of draws from `rng` is part of the
     data: shapes and outlines of one seed share their geometry."""
     kind = np.arange(n) % len(SHAPES)
     rng.shuffle(kind)
     size, thick = np.array(SHAPE_INK).T[:, kind]
-    half = rng.uniform(*HALF_RANGE, n) * canvas * size
+    half = rng.uniform(*half_range, n) * canvas * size
     width = rng.uniform(0.9, 1.3, n) * thick
     half = np.minimum(half, canvas / 2 - width / 2 - 0.5)  # always fits
     margin = half + width / 2 + 0.5
@@ -227,7 +229,8 @@ OUTLINE_LEVELS = np.linspace(0.0, 1.0, 8)  # the greys a background or a stroke 
 OUTLINE_CONTRAST = 3  # levels between background and stroke at least, either way round
 
 
-def render_outlines(n: int, canvas: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def render_outlines(n: int, canvas: int, rng: np.random.Generator,
+                    half_range: tuple[float, float] = HALF_RANGE) -> tuple[np.ndarray, np.ndarray]:
     """n grey images (uint8 RGB [n, canvas, canvas, 3], R = G = B) and their classes (index into SHAPES).
 
     The outlines of render_shapes (same sizes, places and equal ink) with hard edges: a pixel is stroke when at
@@ -239,7 +242,7 @@ def render_outlines(n: int, canvas: int, rng: np.random.Generator) -> tuple[np.n
     template on pixels cannot follow, while the outline stays plain to the eye."""
     if canvas < 8:
         raise ConfigError(f"outlines needs a canvas of at least 8 pixels; got {canvas}")
-    kind, shape = _placed_outlines(n, canvas, rng)
+    kind, shape = _placed_outlines(n, canvas, rng, half_range)
     shape = shape >= 0.5  # hard edges: a pixel half covered or more is stroke
     bg = rng.integers(len(OUTLINE_LEVELS), size=n)
     gap = rng.integers(OUTLINE_CONTRAST, len(OUTLINE_LEVELS), size=n) * rng.choice((-1, 1), n)
@@ -264,8 +267,25 @@ def outlines_source(resolution: int, arg: str = "", val_fraction=None, seed: int
     return _drawn_source("outlines", render_outlines, 2022, resolution, arg, val_fraction, seed)
 
 
-__all__ = ["SHAPES", "ArraySource", "GroupedSource", "digits_shifted_source", "outlines_source", "render_outlines",
-           "render_shapes", "render_shifted", "shapes_source"]
+LARGE_HALF_RANGE = (0.18, 0.32)  # outlines-large: half-size 2.9-5.1 pixels at 16x16 (outlines: 1.9-3.5)
+
+
+def render_outlines_large(n: int, canvas: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """render_outlines with larger outlines (LARGE_HALF_RANGE): a ring and a square differ by more than a pixel or
+    two, so more of each image is the shape the model must predict; raw pixels stay near chance (31%, the
+    contrast's sign) while a translation- and sign-invariant feature separates the classes (docs/evaluation.md)."""
+    return render_outlines(n, canvas, rng, LARGE_HALF_RANGE)
+
+
+def outlines_large_source(resolution: int, arg: str = "", val_fraction=None, seed: int = 0) -> Source:
+    """`outlines-large[:N]`: as `outlines[:N]`, drawn by render_outlines_large (outlines' data seed:
+    the same classes, sizes drawn from the same numbers, the same contrasts)."""
+    return _drawn_source("outlines-large", render_outlines_large, 2022, resolution, arg, val_fraction, seed)
+
+
+__all__ = ["SHAPES", "ArraySource", "GroupedSource", "digits_shifted_source", "outlines_large_source",
+           "outlines_source", "render_outlines", "render_outlines_large", "render_shapes", "render_shifted",
+           "shapes_source"]
 
 
 def _drawn_source(kind: str, render, data_seed: int, resolution: int, arg: str, val_fraction, seed: int) -> Source:

@@ -1,7 +1,7 @@
 """Image sources. Each yields splits of uint8 images [N, H, W, 3] (or ready palette ids) with labels.
 
 A source is named by a spec string: "digits" (the embedded default, no download), "digits-shifted", "shapes",
-"outlines" (megapix/data/embedded.py), "synthetic",
+"outlines", "outlines-large" (megapix/data/embedded.py), "synthetic",
 "cifar10:PATH" / "cifar100:PATH" (the python tarballs as distributed), "imagefolder:DIR" (ImageNet layout),
 "npy:IMAGES.npy[,LABELS.npy]", "igpt:DIR/cifar10" (the released token arrays {name}_{trX,trY,...}.npy),
 "shards:DIR" (the output of `megapix prepare`), "wds:PATTERN" / "parquet:PATTERN" (WebDataset tar shards and
@@ -67,7 +67,8 @@ _SHARDED_FORMS = {"wds": "'PATTERN.tar[;test=PATTERN][;image=EXT][;label=EXT][;s
 
 def spec_grammar() -> str:
     """The data spec grammar, for error messages: every kind with the argument it takes."""
-    return " | ".join(["digits", "digits-shifted[:COPIES]", "shapes[:N]", "outlines[:N]", "synthetic[:N]"]
+    return " | ".join(["digits", "digits-shifted[:COPIES]", "shapes[:N]", "outlines[:N]", "outlines-large[:N]",
+                       "synthetic[:N]"]
                       + [f"{k}:{_ARG_FORMS.get(k, 'PATH')}" for k in files.FILE_SOURCES])
 
 
@@ -88,6 +89,8 @@ def open_source(spec: str, resolution: int, val_fraction=None, seed: int = 0, au
         return embedded.shapes_source(resolution, arg, val_fraction, seed)
     if kind == "outlines":  # megapix/data/embedded.py: shapes in grey with hard edges
         return embedded.outlines_source(resolution, arg, val_fraction, seed)
+    if kind == "outlines-large":  # the same, larger: the probe study's task
+        return embedded.outlines_large_source(resolution, arg, val_fraction, seed)
     if kind == "synthetic":
         n = 512
         if colon:
