@@ -103,11 +103,15 @@ def test_latest_moves_last(work, monkeypatch):
     """save passes save_latest=False to DeepSpeed and writes `latest` itself after every file."""
     import inspect
 
-    from megapix.checkpoint.store import _save_files, save
+    from megapix.checkpoint.store import _save_files, publish, save, write_files
 
-    assert "save_latest=False" in inspect.getsource(_save_files)  # DeepSpeed's files, written by save() first
+    assert "save_latest=False" in inspect.getsource(_save_files)  # DeepSpeed's files, written by write_files
+    assert "_save_files(" in inspect.getsource(write_files)
     src = inspect.getsource(save)
-    assert src.index("_save_files(") < src.index("layout.json") < src.index("point_latest(")  # writes `latest`
+    assert src.index("write_files(") < src.index("publish(")  # every rank's files, then (or never) the publish
+    src = inspect.getsource(publish)
+    assert src.index("layout.json") < src.index("os.replace(os.path.join(ckpt_dir, staging), final)") < \
+        src.index("point_latest(")  # megapix's records, the rename, then `latest`
 
 
 @pytest.mark.parametrize("src_name,dst_n,dst_args", UNIVERSAL)
