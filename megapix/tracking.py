@@ -6,6 +6,7 @@ WANDB_MODE=offline (or `wandb offline`) keeps everything on disk, for machines w
 from __future__ import annotations
 
 import os
+import sys
 import secrets
 
 from megapix.config import Config
@@ -64,8 +65,7 @@ def finish(summary: dict, samples: str | None) -> None:
 
 
 def _run():
-    try:
-        import wandb
-    except ImportError:
-        return None
-    return wandb.run
+    # only a run DeepSpeed's wandb monitor started: it imported wandb. Importing it here for nothing would add
+    # a second to every run's start.
+    wandb = sys.modules.get("wandb")
+    return None if wandb is None else wandb.run

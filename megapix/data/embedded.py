@@ -38,6 +38,8 @@ The split is by source digit: the first 1500 of the 1797 digits (and their place
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from megapix.config import ConfigError
@@ -113,12 +115,29 @@ class GroupedSource(Source):
         return self._splits[name]
 
 
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1797 digits: (images float64 [1797, 8, 8] in 0..16, labels int64), as load_digits() gives.
+
+    Read from the file load_digits reads (sklearn/datasets/data/digits.csv.gz) without importing scikit-learn,
+    whose import takes 3 s of every run's start on 2 cores; load_digits() itself where that file is not found."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")  # finds the package without running its __init__
+    path = (os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
+            if spec is not None and spec.submodule_search_locations else "")
+    if not os.path.isfile(path):
+        from sklearn.datasets import load_digits as sklearn_load_digits
+
+        d = sklearn_load_digits()
+        return d.images, d.target.astype(np.int64)
+    data = np.loadtxt(path, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
+
+
 def digits_shifted_source(resolution: int, arg: str = "", val_fraction=None, seed: int = 0) -> Source:
     """`digits-shifted[:COPIES]`: COPIES placements (default 4) of each 8x8 digit on a canvas of the model's
     resolution: offsets 0..resolution-8 in each direction, so the resolution sets the difficulty (8: no shift,
     12: up to 4 pixels, 16: up to 8). Resolutions under 8 get the 8x8 rendering resized down."""
-    from sklearn.datasets import load_digits
-
     try:
         copies = int(arg) if arg else 4
     except ValueError:
@@ -126,9 +145,8 @@ def digits_shifted_source(resolution: int, arg: str = "", val_fraction=None, see
                           "e.g. digits-shifted:4") from None
     if copies < 1:
         raise ConfigError(f"digits-shifted:{arg}: the number of placements per digit must be >= 1")
-    d = load_digits()
-    digits = (d.images / 16.0).astype(np.float64)
-    labels = d.target.astype(np.int64)
+    images, labels = load_digits()
+    digits = (images / 16.0).astype(np.float64)
     rng = np.random.default_rng(2020)  # fixed: the dataset is the same for every run and seed
     rgb, src = render_shifted(digits, max(resolution, 8), copies, rng)
     rgb = resize(rgb, resolution)

@@ -26,17 +26,14 @@ def digits_source(resolution: int, val_fraction=None, seed: int = 0) -> ArraySou
     Each image gets its own seeded foreground and background colour, so that the palette has real colour
     structure to learn and the class is carried by shape, not colour. 1500 images train (+val), 297 test.
     """
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    gray = (d.images / 16.0).astype(np.float32)  # [N, 8, 8] in [0, 1]
+    images, labels = embedded.load_digits()
+    gray = (images / 16.0).astype(np.float32)  # [N, 8, 8] in [0, 1]
     rng = np.random.default_rng(1234)  # fixed: the dataset is the same for every run and seed
     fg = rng.uniform(0, 255, size=(len(gray), 1, 1, 3))
     bg = rng.uniform(0, 255, size=(len(gray), 1, 1, 3))
     bg = np.where(np.abs(fg - bg).sum(-1, keepdims=True) < 150, 255 - fg, bg)  # keep digits visible
     rgb = np.rint(bg + (fg - bg) * gray[..., None]).astype(np.uint8)
     rgb = resize(rgb, resolution)
-    labels = d.target.astype(np.int64)
     return ArraySource("digits", rgb[:1500], labels[:1500], rgb[1500:], labels[1500:], 10, val_fraction, seed)
 
 
