@@ -6,8 +6,8 @@ WANDB_MODE=offline (or `wandb offline`) keeps everything on disk, for machines w
 from __future__ import annotations
 
 import os
-import sys
 import secrets
+import sys
 
 from megapix.config import Config
 from megapix.utils import read_json, write_json

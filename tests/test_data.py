@@ -673,3 +673,16 @@ def test_microbatches_same_for_any_workers_and_across_resume(imagefolder, palett
         assert all(torch.equal(x[0], y[0]) for x, y in zip(a, b))
     with pytest.raises(ConfigError, match="num_workers"):
         MicroBatches(data, sched, 0, 2, 1, None, seed=3, num_workers=-1)
+
+
+def test_digits_read_without_scikit_learn_equal_its_load_digits():
+    """megapix.data.embedded.load_digits reads scikit-learn's file directly (no 3 s import): the same arrays."""
+    from sklearn.datasets import load_digits as sklearn_load_digits
+
+    from megapix.data.embedded import load_digits
+
+    images, labels = load_digits()
+    d = sklearn_load_digits()
+    np.testing.assert_array_equal(images, d.images)
+    np.testing.assert_array_equal(labels, d.target)
+    assert images.dtype == np.float64 and labels.dtype == np.int64

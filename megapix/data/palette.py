@@ -40,8 +40,8 @@ def _normalise(rgb_uint8: np.ndarray) -> torch.Tensor:
 def _nearest(x: torch.Tensor, centres: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     # a^2 - 2ab + b^2 in the same order and dtype as HF's squared_euclidean_distance_torch. In row chunks (each
     # row's result is unchanged): 256 rows x 512 centres is a 1 MiB float64 block that stays in cache, where the
-    # 65536-row blocks used before went through memory and made k-means 4x slower (palette fit on digits 7.1 s ->
-    # 1.5 s on 2 cores); the whole distance matrix for millions of colours would be gigabytes.
+    # 65536-row blocks used before went through memory (palette fit on digits 12.4 s -> 1.8 s on one
+    # thread: benchmarks/bench_startup.py); the whole distance matrix for millions of colours would be gigabytes.
     ct = centres.t()
     c2 = torch.sum(ct**2, dim=0)[None, :]
     out = torch.empty(x.shape[0], dtype=torch.int64)
