@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import re
 
+import pytest
+import torch
+
+from megapix import runlog
 from megapix.runlog import RunLog, _clock
 
 
@@ -45,3 +49,23 @@ def test_every_evaluation_gets_a_line_between_log_every_steps(tmp_path, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("finetune step")]
     assert [line.split(":")[0] for line in lines] == ["finetune step 3/30", "finetune step 10/30"]
     assert "val_loss 1.5000, val_acc 43.21%" in lines[0] and "val_acc" not in lines[1]
+
+
+@pytest.mark.parametrize("gflops", [76.0, 1.3])  # this machine's fp32 on 2 threads; its bf16 (no AVX512-BF16)
+def test_the_cpu_peak_probe_keeps_to_its_budget_and_finds_the_rate(monkeypatch, gflops):
+    """A CPU on which a matmul runs at `gflops`: the probe spends about its `seconds` however slow the dtype is (the
+    fixed 1024^3 probe took 13 s of every bf16 run's start here), and reports that rate."""
+    now, sizes = [0.0], []
+
+    def mm(a, b):  # a matmul on a clock of its own: 2 n^3 flops at the given rate
+        sizes.append(a.shape[0])
+        now[0] += 2 * a.shape[0] ** 3 / (gflops * 1e9)
+        return a
+
+    monkeypatch.setattr(runlog.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(torch, "mm", mm)
+    monkeypatch.setattr(runlog, "_MATMUL_PEAK", {})
+    peak = runlog.measured_matmul_tflops(torch.float32, seconds=1.0)
+    assert peak == pytest.approx(gflops / 1e3)
+    assert now[0] < 1.2, f"the probe took {now[0]:.1f} s of its 1 s budget"
+    assert max(sizes) == (1024 if gflops > 70 else 256)  # 1024 where it fits, smaller where it would not
