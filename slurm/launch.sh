@@ -13,6 +13,7 @@
 #   LAUNCHER       srun | torchrun | deepspeed             default: srun (one task per GPU, see README)
 #   GPUS_PER_NODE  ranks per node for torchrun/deepspeed   default: GPUs SLURM gave the job, else tasks per node
 #   MEGAPIX_MASTER_ADDR / MEGAPIX_MASTER_PORT  rendezvous   default: first node of the job, 20000 + SLURM_JOB_ID % 20000
+#                  (or, if that port is in use on the first node, a free one)
 #                  (a MASTER_ADDR/PORT inherited from the submitting shell is ignored: it names another job's host)
 #   MAX_REQUEUES   give up requeueing after this many     default: 20 (compared with SLURM_RESTART_COUNT)
 #   REQUEUE_ON_TERM=1  treat SIGTERM to the batch shell as a preemption too (clusters that preempt with
@@ -61,6 +62,27 @@ export PYTHONUNBUFFERED=1
 # them here makes all three launchers agree. A requeued job keeps its id, hence its port.
 MASTER_ADDR="${MEGAPIX_MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}"
 MASTER_PORT="${MEGAPIX_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
+# The derived port can be held on that host: by another job sharing the node, a service, or an outgoing connection
+# (ports from 32768 are Linux's ephemeral range). The batch script runs on the first host, where rank 0 listens, so
+# it checks the port there and otherwise takes one the OS says is free; every rank of every launcher gets it below.
+if [ -z "${MEGAPIX_MASTER_PORT:-}" ] && [ -z "${MEGAPIX_MASTER_ADDR:-}" ]; then
+    free_port="$("$PYTHON" -c '
+import socket, sys
+for port in (int(sys.argv[1]), 0):
+    try:
+        with socket.socket() as s:
+            s.bind(("", port))
+            print(s.getsockname()[1])
+            break
+    except OSError:
+        pass
+' "$MASTER_PORT" 2>/dev/null || true)"
+    if [ -n "$free_port" ] && [ "$free_port" != "$MASTER_PORT" ]; then
+        megapix_log "port $MASTER_PORT is in use on $(hostname -s): rendezvous on port $free_port instead" \
+            "(MEGAPIX_MASTER_PORT sets one)"
+        MASTER_PORT=$free_port
+    fi
+fi
 export MASTER_ADDR MASTER_PORT
 # Ranks come from srun/torchrun/deepspeed inside the job; a RANK/WORLD_SIZE inherited from the submitting shell
 # (sbatch exports the whole environment) would make every task claim the same rank of the wrong world.

@@ -21,16 +21,21 @@ def taken_port():
 
 
 @pytest.mark.slow
-def test_port_in_use_is_one_line(taken_port, tiny_config, tmp_path):
-    """Rank 0 of a 2-rank launch (what deepspeed/torchrun export) finds its port taken: exit 2, one line."""
+@pytest.mark.parametrize("slurm", [False, True])
+def test_port_in_use_is_one_line(taken_port, tiny_config, tmp_path, slurm):
+    """Rank 0 of a 2-rank launch (what deepspeed/torchrun export) finds its port taken: exit 2, one line. Inside a
+    SLURM job the fix it names is the batch scripts' MEGAPIX_MASTER_PORT, not a launcher flag."""
     env = subprocess_env(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                         MASTER_PORT=str(taken_port))
+                         MASTER_PORT=str(taken_port), **({"SLURM_JOB_ID": "4242"} if slurm else {}))
+    if not slurm:
+        env.pop("SLURM_JOB_ID", None)
     proc = run(["megapix/train.py", "--config", tiny_config, "--out", str(tmp_path / "run"), "--max-steps", "1"],
                timeout=300, env=env)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("megapix: error:")]
-    assert len(errors) == 1 and f"port {taken_port}" in errors[0] and "--master_port" in errors[0], proc.stderr
+    fix = "MEGAPIX_MASTER_PORT=" if slurm else "--master_port"
+    assert len(errors) == 1 and f"port {taken_port}" in errors[0] and fix in errors[0], proc.stderr
 
 
 def test_port_in_use_is_recognised():

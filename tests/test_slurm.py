@@ -197,6 +197,24 @@ def test_train_completes(cluster, trained, reference):
     assert_same_curve(metrics(out), reference, "sbatch run vs local run")
 
 
+def test_a_taken_rendezvous_port_moves_to_a_free_one(cluster, tmp_path):
+    """Another process holds the port the job id gives (20000 + id % 20000) on the first node: the batch script
+    says so and rendezvouses on a free port; the job trains to the end. (Before, rank 0 died with exit 2.)"""
+    out, log = tmp_path / "run", tmp_path / "port.log"
+    job, _ = submit(cluster, "train.sbatch", log, opts=["--hold"], OUT=str(out),
+                    **dict(TRAIN, MAX_STEPS="3", EXTRA_ARGS="--no-samples --eval-every 0"))
+    derived = 20000 + int(job) % 20000
+    with socket.socket() as holder:
+        holder.bind(("", derived))
+        holder.listen()
+        cluster.run("scontrol", "release", job)
+        wait_for("the job to finish", lambda: job_gone(cluster, job), JOB_TIMEOUT, on_timeout=lambda: read(log))
+    text = read(log)
+    assert job_info(cluster, job).get("JobState") == "COMPLETED", text[-4000:]
+    moved = re.search(rf"port {derived} is in use on \S+: rendezvous on port (\d+) instead", text)
+    assert moved and f":{moved.group(1)} " in text and sorted(metrics(out)) == [1, 2, 3], text[-4000:]
+
+
 def test_preempt_saves_requeues_and_resumes(cluster, reference, tmp_path):
     _preempt_and_resume(cluster, reference, tmp_path, "srun")
 
@@ -205,8 +223,10 @@ def _preempt_and_resume(cluster, reference, tmp_path, launcher):
     out, log = tmp_path / "run", tmp_path / "preempt.log"
     job, _ = submit(cluster, "train.sbatch", log, OUT=str(out), LAUNCHER=launcher, **TRAIN)
     # Signal once training is under way (the trainer's handler is installed before step 1).
-    wait_for("the first training steps", lambda: len(metrics(out)) >= 1, JOB_TIMEOUT, interval=0.1,
-             on_timeout=lambda: read(log))
+    # (or the job's end: a job that failed before its first step fails here at once, with its log)
+    wait_for("the first training steps", lambda: len(metrics(out)) >= 1 or job_gone(cluster, job), JOB_TIMEOUT,
+             interval=0.1, on_timeout=lambda: read(log))
+    assert metrics(out), f"the job ended before its first step\n{read(log)[-4000:]}"
     steps_before = max(metrics(out))
     cluster.run("scancel", "--signal=USR1", "--batch", job)
     # The batch script forwards USR1, the trainer saves and exits 75, the script requeues the job.

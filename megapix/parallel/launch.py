@@ -112,9 +112,12 @@ def init_distributed(collective_timeout: float | None = None) -> str:
                 raise
             port, addr = os.environ["MASTER_PORT"], os.environ["MASTER_ADDR"]
             free = _free_port()
-            raise ConfigError(f"port {port} on {addr} is already in use (another run on this machine?): launch with "
-                              f"a free one, e.g. `deepspeed --master_port {free} ...` (torchrun takes the same flag; "
-                              f"`make train PORT={free}`)") from None
+            fix = (f"submit with a free one, e.g. `MEGAPIX_MASTER_PORT={free} sbatch ...` (slurm/launch.sh)"
+                   if os.environ.get("SLURM_JOB_ID") else
+                   f"launch with a free one, e.g. `deepspeed --master_port {free} ...` (torchrun takes the same flag; "
+                   f"`make train PORT={free}`)")
+            raise ConfigError(f"port {port} on {addr} is already in use (another run on this machine?): "
+                              f"{fix}") from None
     if collective_timeout is not None:
         watchdog.start(collective_timeout)
     return launcher
