@@ -36,7 +36,7 @@ from megapix.parallel.layout import build_layout
 from megapix.parallel.tensor import merge_shards
 from megapix.plan.comms import CommsProfile, planned_bytes
 from megapix.plan.devices import device_for
-from megapix.runlog import RunLog, StopRequest, measured_matmul_tflops, peak_memory
+from megapix.runlog import RunLog, StopRequest, cached_matmul_tflops, peak_memory
 from megapix.tasks import LMTask
 from megapix import tracking
 
@@ -47,8 +47,8 @@ def device_peak_tflops(override: float | None, device="cuda", dtype: torch.dtype
                        ) -> tuple[float | None, str]:
     """(peak TFLOP/s per rank that MFU divides by, where it comes from; or None and why there is no MFU).
     --peak-tflops wins; a GPU is looked up in megapix.plan.devices; a CPU rank is measured (rank 0 runs a ~1 s matmul
-    probe in the training dtype, every rank uses its result): MFU on CPU is an estimate against what this machine
-    reaches on a large matmul, not a datasheet number."""
+    probe in the training dtype once per machine, kept in runlog.peak_cache_file(); every rank uses its result): MFU
+    on CPU is an estimate against what this machine reaches on a large matmul, not a datasheet number."""
     if override:
         return override, "--peak-tflops"
     if torch.device(device).type == "cuda":
@@ -57,9 +57,9 @@ def device_peak_tflops(override: float | None, device="cuda", dtype: torch.dtype
         if dev is None:
             return None, f"no peak TFLOP/s known for {name!r}: pass --peak-tflops for MFU"
         return dev.peak_tflops, f"{name} dense bf16 datasheet peak"
-    peak = pdist.from_rank0(measured_matmul_tflops(dtype) if pdist.is_rank0() else None)
+    peak, kept = pdist.from_rank0(cached_matmul_tflops(dtype) if pdist.is_rank0() else None)
     kind = str(dtype).removeprefix("torch.")
-    return peak, f"measured {kind} matmul peak of this CPU, an estimate"
+    return peak, f"measured {kind} matmul peak of this CPU, an estimate kept in {kept}"
 
 
 def adamw(params, **kw) -> torch.optim.AdamW:

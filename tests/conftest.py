@@ -3,8 +3,10 @@ unit/integration split (markers `slow` and `triton_interp`, see pytest.ini)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -13,8 +15,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 # as megapix.kernels) would shadow Hugging Face's `kernels` package, which transformers imports. The tests use the
 # installed megapix, as users do, so the root comes off the path before any test module is imported.
 sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != REPO]
+# The CPU matmul peak that MFU divides by is measured once per machine and kept (megapix.runlog.cached_matmul_tflops):
+# the tests' runs share one cache of their own, and the user's ~/.cache stays untouched.
+TEST_CACHE = None if "MEGAPIX_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="megapix-test-cache-")
+if TEST_CACHE:
+    os.environ["MEGAPIX_CACHE_DIR"] = TEST_CACHE
 # The runs the tests start use this interpreter: the venv make test built (or make lock's fresh one).
 PYTHON = sys.executable
+
+
+def pytest_sessionfinish(session):
+    if TEST_CACHE:
+        shutil.rmtree(TEST_CACHE, ignore_errors=True)
 
 
 def pytest_sessionstart(session):

@@ -1,6 +1,8 @@
 """The step lines a user reads while training: what each says, and when."""
 from __future__ import annotations
 
+import json
+import os
 import re
 
 import pytest
@@ -69,3 +71,32 @@ def test_the_cpu_peak_probe_keeps_to_its_budget_and_finds_the_rate(monkeypatch, 
     assert peak == pytest.approx(gflops / 1e3)
     assert now[0] < 1.2, f"the probe took {now[0]:.1f} s of its 1 s budget"
     assert max(sizes) == (1024 if gflops > 70 else 256)  # 1024 where it fits, smaller where it would not
+
+
+def test_the_cpu_peak_is_measured_once_per_machine_and_kept(monkeypatch, tmp_path):
+    """The first run measures and keeps the peak; the next reads it without the probe (every run on a machine divides
+    its MFU by the same number). A crafted or damaged cache only means measuring again; a symlink at the cache's
+    path is replaced, never written through; an unwritable cache still gives the measured peak."""
+    calls = []
+    monkeypatch.setattr(runlog, "measured_matmul_tflops", lambda dtype: calls.append(dtype) or 0.5 * len(calls))
+    monkeypatch.setenv("MEGAPIX_CACHE_DIR", str(tmp_path / "cache"))
+    path = runlog.peak_cache_file()
+    assert path == str(tmp_path / "cache" / "cpu_matmul_peak.json")
+    assert runlog.cached_matmul_tflops(torch.float32) == (0.5, path)
+    assert runlog.cached_matmul_tflops(torch.float32) == (0.5, path) and len(calls) == 1
+    assert runlog.cached_matmul_tflops(torch.bfloat16)[0] == 1.0  # another dtype: its own probe, both kept
+    assert sorted(k.split(" | ")[3] for k in json.load(open(path))) == ["bfloat16", "float32"]
+    for crafted in ('[1, 2]', '{"x": ', json.dumps({k: v for k, v in ((runlog._cpu_key(torch.float32), -1.0),)})):
+        open(path, "w").write(crafted)
+        before = len(calls)
+        assert runlog.cached_matmul_tflops(torch.float32)[0] == 0.5 * (before + 1)  # measured again
+        assert json.load(open(path))[runlog._cpu_key(torch.float32)] > 0  # and kept
+    victim = tmp_path / "victim.txt"
+    victim.write_text("a user's file")
+    os.remove(path)
+    os.symlink(victim, path)
+    runlog.cached_matmul_tflops(torch.float32)
+    assert victim.read_text() == "a user's file" and not os.path.islink(path)
+    monkeypatch.setenv("MEGAPIX_CACHE_DIR", str(victim / "cannot-be-a-folder"))
+    before = len(calls)
+    assert runlog.cached_matmul_tflops(torch.float32)[0] == 0.5 * (before + 1)
