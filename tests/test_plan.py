@@ -222,7 +222,8 @@ if rank == 0 and not os.path.exists(palette):
 dist.barrier()
 for spec in json.loads(os.environ["PLAN_LAYOUTS"]):
     lay = Layout(micro_batch=2, **spec)
-    for name, precision in (("tiny", "fp32"), ("small", "fp32"), ("bench", "fp32"), ("tiny", "bf16")):
+    # not the bench preset: its 32x32 position table is all it adds to tiny's and small's terms, at 40% of the time
+    for name, precision in (("tiny", "fp32"), ("small", "fp32"), ("tiny", "bf16")):
         m = model_preset(name, kernels="torch")
         cfg = Config(model=m, data=DataConfig(source="synthetic:32", palette=palette),
                      train=TrainConfig(global_batch=4 * lay.dp, micro_batch=2, max_steps=2, eval_every=0,
@@ -260,7 +261,7 @@ CHECKS = {  # world size -> layouts measured in that one launch
 
 @pytest.mark.slow
 def test_planner_state_bytes_equal_what_the_engine_holds(tmp_path):
-    """CPU: for tiny/small/bench (fp32) and tiny (bf16) in 1 rank, TP2, PP2, DP2 ZeRO-1/2/3 and TP2 x PP2, the
+    """CPU: for tiny/small (fp32) and tiny (bf16) in 1 rank, TP2, PP2, DP2 ZeRO-1/2/3 and TP2 x PP2, the
     planner's parameter, gradient, master and Adam bytes per rank equal the engine's tensors (walked at the optimizer
     step) within 2%."""
     script = tmp_path / "plan_worker.py"
@@ -276,7 +277,7 @@ def test_planner_state_bytes_equal_what_the_engine_holds(tmp_path):
         for r in range(nproc):
             with open(tmp_path / f"rows-{nproc}-{r}.jsonl") as f:
                 rows += [json.loads(line) for line in f if line.strip()]
-    assert len(rows) == 4 * sum(len(v) * k for k, v in CHECKS.items())
+    assert len(rows) == 3 * sum(len(v) * k for k, v in CHECKS.items())
     print("\n| model | precision | layout | rank | engine (MiB) | planner (MiB) | diff | planner bf16 | DeepSpeed est. "
           "bf16 |")
     worst = 0.0
