@@ -16,7 +16,7 @@ PORT ?=
 RUN := PATH=$(abspath $(VENV))/bin:$$PATH
 PIP := $(PY) -m pip install -q $(PIP_ARGS)
 
-.PHONY: train test test-fast venv venv-test lock clean
+.PHONY: train test test-slurm test-fast venv venv-test lock clean
 
 # pip itself comes from the lock first; megapix's editable install builds with the locked setuptools (in isolation:
 # the venv's own packages stay out of the build).
@@ -39,13 +39,19 @@ venv-test: $(VENV)/.installed-test
 train: $(VENV)/.installed-train
 	$(RUN) deepspeed $(if $(PORT),--master_port $(PORT)) megapix/train.py --config configs/tiny_digits.yaml --out $(OUT)
 
-# Everything: the linter (ruff.toml), the main process (its 40 slowest tests listed at the end: where the time goes),
-# then the Triton interpreter tests in a process of their own
+# Everything but the SLURM tier: the linter (ruff.toml), the main process (its 40 slowest tests listed at the end:
+# where the time goes), then the Triton interpreter tests in a process of their own
 # (TRITON_INTERPRET must be set before triton is imported, and must not reach the other tests).
 test: $(VENV)/.installed-test
 	$(RUN) $(PY) -m ruff check megapix kernels tests benchmarks
-	$(RUN) $(PY) -m pytest -q --durations=40 -m "not triton_interp" tests
+	$(RUN) $(PY) -m pytest -q --durations=40 -m "not triton_interp and not slurm" tests
 	$(RUN) TRITON_INTERPRET=1 $(PY) -m pytest -q -m triton_interp tests
+
+# The SLURM tier: real slurmctld/slurmd jobs on one node and on two network-namespace nodes (marker `slurm`). Needs
+# root and the packages scripts/install_slurm.sh installs; each test skips with the reason where they are missing.
+# CI (.ci/run) runs it after make test.
+test-slurm: $(VENV)/.installed-test
+	$(RUN) $(PY) -m pytest -q --durations=20 -m slurm tests
 
 # The unit tests only (no multi-process or subprocess training runs): the edit-test loop.
 test-fast: $(VENV)/.installed-test
