@@ -1,6 +1,10 @@
 """Feature extraction throughput: megapix.features.extract vs Hugging Face ImageGPT, same weights, CPU.
 
     python benchmarks/bench_extract.py [--images 32] [--batch 16] [--repeats 3] [--precision fp32,bf16]
+    python benchmarks/bench_extract.py --cpu-batch [--images 512] [--repeats 2]
+
+--cpu-batch: megapix's own batches on a CPU, capped at features.CPU_BATCH_TOKENS tokens per forward, against
+256 rows per forward (extract's default before the cap), same model and images; the features must be equal.
 
 The HF baseline is the usual recipe: ImageGPTModel(output_hidden_states=True) on [SOS] + tokens[:, :-1], then
 for each wanted layer l < n_layer apply h[l].ln_1 to hidden_states[l] (the input of block l) and mean-pool;
@@ -51,6 +55,34 @@ def best_time(fn, repeats):
     return min(times)
 
 
+def cpu_batch_table(images: int, repeats: int) -> None:
+    """The CPU cap against uncapped 256-row batches, over model widths and resolutions."""
+    import megapix.features as features
+
+    cap = features.CPU_BATCH_TOKENS
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {images} images, best of {repeats}, "
+          f"all layers")
+    print("| model | rows per forward, 256 | s | rows per forward, capped | s | speed-up | max abs diff |\n"
+          "|---|---|---|---|---|---|---|")
+    for name, cfg in {"4L d64 16x16": ModelConfig(n_layer=4, d_model=64, n_head=4, resolution=16),
+                      "4L d128 16x16": ModelConfig(n_layer=4, d_model=128, n_head=4, resolution=16),
+                      "4L d256 16x16": ModelConfig(n_layer=4, d_model=256, n_head=8, resolution=16),
+                      "4L d64 32x32": ModelConfig(n_layer=4, d_model=64, n_head=4, resolution=32)}.items():
+        model = ImageGPT(cfg, seed=0).eval()
+        tokens = torch.randint(0, 512, (images, cfg.n_ctx), generator=torch.Generator().manual_seed(0))
+        layers = parse_layers("all", cfg.n_layer)
+        try:
+            features.CPU_BATCH_TOKENS = 1 << 40  # no cap: 256 rows per forward
+            old = extract(model, tokens, layers, 256)
+            t_old = best_time(lambda: extract(model, tokens, layers, 256), repeats)
+        finally:
+            features.CPU_BATCH_TOKENS = cap
+        new = extract(model, tokens, layers, 256)
+        t_new = best_time(lambda: extract(model, tokens, layers, 256), repeats)
+        print(f"| {name} | {min(256, images)} | {t_old:.2f} | {max(1, cap // cfg.n_ctx)} | {t_new:.2f} | "
+              f"{t_old / t_new:.2f}x | {float((old - new).abs().max()):.1e} |", flush=True)
+
+
 def main() -> int:
     import transformers
 
@@ -62,7 +94,11 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--precision", default="fp32,bf16", help="comma list of fp32, bf16 (CPU autocast, both sides)")
+    p.add_argument("--cpu-batch", action="store_true", help="the CPU batch cap against 256-row batches, no HF")
     args = p.parse_args()
+    if args.cpu_batch:
+        cpu_batch_table(args.images, args.repeats)
+        return 0
     shapes = {  # name -> config: the CPU "bench" preset shape, and a deeper one at 16x16
         "bench 4L d256 32x32": ModelConfig(n_layer=4, d_model=256, n_head=8, resolution=32),
         "12L d256 16x16": ModelConfig(n_layer=12, d_model=256, n_head=8, resolution=16),

@@ -30,14 +30,21 @@ def check_layers(layers, n_layer: int) -> list[int]:
     return layers
 
 
+# On a CPU a forward pass takes at most this many tokens, whatever the batch size asked: activations near cache size
+# made extraction 1.3-2.1x faster than 256-512 rows (4 layers, d 64-256, 16x16 and 32x32, 2 cores:
+# benchmarks/bench_extract.py) with the same features, each row's computed alone.
+CPU_BATCH_TOKENS = 8192
+
+
 @torch.inference_mode()
 def extract(model, tokens, layers, batch_size: int = 256, device=None, autocast_dtype=None,
             out_dtype=torch.float32, cp_group=None) -> torch.Tensor:
     """Pooled, normed features: float tensor [N, len(layers) * d_model] (see the module docstring).
 
     tokens: palette ids [N, T] (tensor or array). BERT models see the unmasked input. The result stays on
-    the model's device; `batch_size` rows are processed at a time. cp_group: the model is context-parallel
-    (megapix.parallel.context.apply_context_parallel over that group; every rank of it passes the same rows).
+    the model's device; `batch_size` rows are processed at a time (on a CPU at most CPU_BATCH_TOKENS tokens).
+    cp_group: the model is context-parallel (megapix.parallel.context.apply_context_parallel over that group; every
+    rank of it passes the same rows).
     """
     layers = check_layers(layers, model.config.n_layer)
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -45,6 +52,8 @@ def extract(model, tokens, layers, batch_size: int = 256, device=None, autocast_
     check_tokens(tokens, model.config.n_positions)  # once for all rows, before any work
     n, d = tokens.shape[0], model.config.d_model
     out = torch.empty((n, len(layers) * d), dtype=out_dtype, device=device)
+    if device.type == "cpu":
+        batch_size = min(batch_size, max(1, CPU_BATCH_TOKENS // max(1, tokens.shape[1])))
     for lo in range(0, n, batch_size):
         batch = tokens[lo:lo + batch_size].to(device, non_blocking=True).long()
         out[lo:lo + len(batch)] = _pooled(model, batch, layers, autocast_dtype, cp_group).to(out_dtype)

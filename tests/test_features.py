@@ -60,6 +60,25 @@ def test_extract_matches_naive_forward(objective):
     torch.testing.assert_close(extract(model, tokens, [1, 0]), naive(random_model(objective=objective), tokens, [1, 0]))
 
 
+def test_a_cpu_forward_takes_at_most_cpu_batch_tokens_and_the_features_stay_the_same(monkeypatch):
+    """On a CPU, 256 rows asked of 64-token images run as CPU_BATCH_TOKENS // 64 rows per forward (cache-sized
+    activations, benchmarks/bench_extract.py --cpu-batch); every row's features equal the one-row-at-a-time ones."""
+    import megapix.features as features
+
+    model = random_model()
+    tokens = torch.randint(0, 512, (50, 64), generator=torch.Generator().manual_seed(1))
+    one_by_one = extract(model, tokens, [0, 3], batch_size=1)
+    monkeypatch.setattr(features, "CPU_BATCH_TOKENS", 1024)
+    rows = []
+    real = model.hidden_states
+    monkeypatch.setattr(model, "hidden_states", lambda t, layers: rows.append(len(t)) or real(t, layers))
+    torch.testing.assert_close(extract(model, tokens, [0, 3], batch_size=256), one_by_one, atol=1e-6, rtol=0)
+    assert rows == [16, 16, 16, 2]
+    rows.clear()
+    extract(model, tokens, [0, 3], batch_size=10)  # a smaller batch asked is kept
+    assert rows == [10] * 5
+
+
 def test_extract_matches_hf_imagegpt(tmp_path):
     transformers = pytest.importorskip("transformers")
     model = random_model(seed=3)
