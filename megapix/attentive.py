@@ -31,7 +31,7 @@ from megapix.checkpoint.schedule import Schedule
 from megapix.config import ConfigError
 from megapix.data.loader import TokenData
 from megapix.data.sources import open_source
-from megapix.features import rank_device
+from megapix.features import CPU_BATCH_TOKENS, rank_device
 from megapix.parallel.dist import World
 
 STATS_ROWS = 2048  # training rows whose token states give the per-channel mean and variance
@@ -135,9 +135,15 @@ class _Rows:
         if not len(rows):
             c = self.model.config
             return {l: torch.empty(0, c.n_ctx, c.d_model, device=self.device) for l in self.layers}
-        tokens = self.data.tokens(rows.numpy()).to(self.device)
-        with torch.no_grad():  # not inference_mode: the heads save these states for their backward
-            return {l: x.float() for l, x in self.model.hidden_states(tokens, self.layers)}
+        # on a CPU in forwards of at most CPU_BATCH_TOKENS tokens, as extract: cache-sized activations, same states
+        step = max(1, CPU_BATCH_TOKENS // self.model.config.n_ctx) if torch.device(self.device).type == "cpu" \
+            else len(rows)
+        parts = []
+        for lo in range(0, len(rows), step):
+            tokens = self.data.tokens(rows[lo:lo + step].numpy()).to(self.device)
+            with torch.no_grad():  # not inference_mode: the heads save these states for their backward
+                parts.append({l: x.float() for l, x in self.model.hidden_states(tokens, self.layers)})
+        return parts[0] if len(parts) == 1 else {l: torch.cat([p[l] for p in parts]) for l in self.layers}
 
 
 def _all_sum(dist: World, values: list[torch.Tensor]) -> list[torch.Tensor]:

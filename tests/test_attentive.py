@@ -147,18 +147,25 @@ def test_bad_input_is_one_line_and_changes_nothing(tmp_path, capsys, argv, words
     assert tree_hash(tmp_path) == before
 
 
-def test_kept_states_train_what_a_pass_per_batch_trains(tmp_path, capsys):
+def test_kept_states_train_what_a_pass_per_batch_trains(tmp_path, capsys, monkeypatch):
+    """Also with one row per trunk forward (the CPU's token cap at one 64-token image): the same states."""
+    import megapix.attentive as attentive
+
     export(tmp_path / "m")
     results = []
-    for gb in ("0", "1"):
+    for gb, cap in (("0", None), ("1", None), ("1", 64)):
+        if cap:
+            monkeypatch.setattr(attentive, "CPU_BATCH_TOKENS", cap)
+        out = tmp_path / f"gb{gb}-{cap}"
         assert main(["probe", "--attentive", "--checkpoint", str(tmp_path / "m"), "--data", "synthetic:96",
                      "--layers", "1,3", "--attentive-epochs", "3", "--attentive-batch-size", "16",
-                     "--state-cache-gb", gb, "--out", str(tmp_path / f"gb{gb}")]) == 0
-        results.append(json.loads((tmp_path / f"gb{gb}" / "probe_results.json").read_text())["results"])
+                     "--state-cache-gb", gb, "--out", str(out)]) == 0
+        results.append(json.loads((out / "probe_results.json").read_text())["results"])
     out = capsys.readouterr().out
     assert "kept in memory after their first pass: none" in out and "pass: train, val, test" in out
-    for a, b in zip(*results):
+    for a, b, c in zip(*results):
         assert (a["lr"], a["epoch"], a["val_acc"], a["test_acc"]) == (b["lr"], b["epoch"], b["val_acc"], b["test_acc"])
+        assert (c["lr"], c["epoch"], c["val_acc"], c["test_acc"]) == (b["lr"], b["epoch"], b["val_acc"], b["test_acc"])
 
 
 def _attentive(out, ckpt, nproc):
