@@ -30,7 +30,8 @@ import typing
 from typing import Any, Literal
 
 from megapix import __version__
-from megapix.config import PRESETS, Config, ConfigError, DataConfig, ModelConfig, TrainConfig, read_config_file
+from megapix.config import (PRESETS, Config, ConfigError, DataConfig, ModelConfig, TrainConfig, field_types,
+                            read_config_file)
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 
@@ -155,7 +156,7 @@ def add_fields(p: argparse.ArgumentParser, cls, *, prefix: str = "", title: str 
     absent from the parsed namespace (default SUPPRESS). Positional spellings go in field order. `run_defaults`
     (field -> value): what a run without --config uses where it differs from the field's own default."""
     group = p.add_argument_group(title) if title else p
-    hints = typing.get_type_hints(cls)
+    hints = field_types(cls)
     dests = {}
     for f in dataclasses.fields(cls):
         if not f.metadata.get("cli", True) or f.name in exclude or (only is not None and f.name not in only):

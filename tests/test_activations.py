@@ -177,6 +177,7 @@ def test_activation_checkpointing_keeps_block_inputs_and_one_recompute(layout_ro
         assert r["peak"] < full["peak"]
 
 
+@pytest.mark.slow  # layout_rows launches the 2-rank runs
 def test_sequence_and_context_parallel_save_what_the_planner_counts(layout_rows):
     """TP2 + SP: the replicated norm and column-parallel inputs (and the norms' rstd) are cut by t, ~8 sbh / t per block
     instead of 8 sbh; CP2: every activation holds s / cp positions, plus the ring's K/V of the whole sequence and
