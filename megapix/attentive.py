@@ -31,7 +31,7 @@ from megapix.checkpoint.schedule import Schedule
 from megapix.config import ConfigError
 from megapix.data.loader import TokenData
 from megapix.data.sources import open_source
-from megapix.features import CPU_BATCH_TOKENS, rank_device
+from megapix.features import rank_device, rows_per_forward
 from megapix.parallel.dist import World
 
 STATS_ROWS = 2048  # training rows whose token states give the per-channel mean and variance
@@ -135,9 +135,7 @@ class _Rows:
         if not len(rows):
             c = self.model.config
             return {l: torch.empty(0, c.n_ctx, c.d_model, device=self.device) for l in self.layers}
-        # on a CPU in forwards of at most CPU_BATCH_TOKENS tokens, as extract: cache-sized activations, same states
-        step = max(1, CPU_BATCH_TOKENS // self.model.config.n_ctx) if torch.device(self.device).type == "cpu" \
-            else len(rows)
+        step = rows_per_forward(self.device, self.model.config.n_ctx, len(rows))  # cache-sized on a CPU, as extract
         parts = []
         for lo in range(0, len(rows), step):
             tokens = self.data.tokens(rows[lo:lo + step].numpy()).to(self.device)

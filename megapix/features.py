@@ -36,6 +36,13 @@ def check_layers(layers, n_layer: int) -> list[int]:
 CPU_BATCH_TOKENS = 8192
 
 
+def rows_per_forward(device, tokens_per_row: int, asked: int) -> int:
+    """The rows one forward pass takes: `asked`, and on a CPU at most CPU_BATCH_TOKENS tokens' worth."""
+    if torch.device(device).type != "cpu":
+        return asked
+    return min(asked, max(1, CPU_BATCH_TOKENS // max(1, tokens_per_row)))
+
+
 @torch.inference_mode()
 def extract(model, tokens, layers, batch_size: int = 256, device=None, autocast_dtype=None,
             out_dtype=torch.float32, cp_group=None) -> torch.Tensor:
@@ -52,8 +59,7 @@ def extract(model, tokens, layers, batch_size: int = 256, device=None, autocast_
     check_tokens(tokens, model.config.n_positions)  # once for all rows, before any work
     n, d = tokens.shape[0], model.config.d_model
     out = torch.empty((n, len(layers) * d), dtype=out_dtype, device=device)
-    if device.type == "cpu":
-        batch_size = min(batch_size, max(1, CPU_BATCH_TOKENS // max(1, tokens.shape[1])))
+    batch_size = rows_per_forward(device, tokens.shape[1], batch_size)
     for lo in range(0, n, batch_size):
         batch = tokens[lo:lo + batch_size].to(device, non_blocking=True).long()
         out[lo:lo + len(batch)] = _pooled(model, batch, layers, autocast_dtype, cp_group).to(out_dtype)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from megapix.utils import append_line, atomic_path, read_metrics, shell_program
+from megapix.utils import append_line, atomic_path, read_json, read_metrics, shell_program
 
 
 def peak_memory(device: torch.device) -> tuple[str, float]:
@@ -85,26 +85,24 @@ def cached_matmul_tflops(dtype: torch.dtype) -> tuple[float, str]:
     an unreadable or unwritable cache only means measuring again."""
     path, key = peak_cache_file(), _cpu_key(dtype)
 
-    def table() -> dict:
-        try:
-            with open(path) as f:
-                got = json.load(f)  # JSON only: a crafted file can give a wrong number, never run code
-            return got if isinstance(got, dict) else {}
-        except (OSError, ValueError):
-            return {}
+    def table() -> dict:  # JSON only: a crafted file can give a wrong number, never run code
+        got = read_json(path)
+        return got if isinstance(got, dict) else {}
 
     known = table().get(key)
     if isinstance(known, (int, float)) and math.isfinite(known) and known > 0:
         return float(known), path
     peak = measured_matmul_tflops(dtype)
+    tmp = None
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".cpu_matmul_peak.", dir=os.path.dirname(path))
         with os.fdopen(fd, "w") as f:
-            json.dump({**table(), key: peak}, f, indent=1)
+            json.dump({**table(), key: peak}, f, indent=1)  # re-read: another run's entries stay
         os.replace(tmp, path)  # replaces a symlink at `path`, never writes through it
     except OSError:
-        pass
+        if tmp and os.path.exists(tmp):
+            os.remove(tmp)  # a full disk leaves no partial file behind
     return peak, path
 
 

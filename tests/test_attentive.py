@@ -149,13 +149,13 @@ def test_bad_input_is_one_line_and_changes_nothing(tmp_path, capsys, argv, words
 
 def test_kept_states_train_what_a_pass_per_batch_trains(tmp_path, capsys, monkeypatch):
     """Also with one row per trunk forward (the CPU's token cap at one 64-token image): the same states."""
-    import megapix.attentive as attentive
+    import megapix.features as features
 
     export(tmp_path / "m")
     results = []
     for gb, cap in (("0", None), ("1", None), ("1", 64)):
         if cap:
-            monkeypatch.setattr(attentive, "CPU_BATCH_TOKENS", cap)
+            monkeypatch.setattr(features, "CPU_BATCH_TOKENS", cap)
         out = tmp_path / f"gb{gb}-{cap}"
         assert main(["probe", "--attentive", "--checkpoint", str(tmp_path / "m"), "--data", "synthetic:96",
                      "--layers", "1,3", "--attentive-epochs", "3", "--attentive-batch-size", "16",
