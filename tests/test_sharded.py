@@ -148,6 +148,50 @@ def test_damaged_parquet_refused_or_skipped(dataset, tmp_path):
     assert src.skipped == 1 and len(src.split("train")) == len(one.split("train"))
 
 
+def _damage_first_header(path: str) -> None:
+    """Break the checksum of a tar's first header: tarfile refuses the file, the members' bytes are intact."""
+    with open(path, "r+b") as f:
+        f.seek(148)  # the header's chksum field
+        f.write(b"0000000\0")
+
+
+@pytest.mark.slow
+def test_prepare_workers_reuse_the_driver_index(dataset, tmp_path, monkeypatch):
+    """prepare's worker processes read through the index the driver built (Source.for_workers): the shards are
+    byte-identical with 1 and 2 workers, and for wds: no worker reads a tar header. Once the driver has indexed
+    the tars their headers are damaged, so a worker that indexed them again would fail (DataError)."""
+    import shutil
+
+    from megapix.data import prepare as prep
+
+    pal = str(tmp_path / "pal.npy")
+    np.save(pal, np.random.default_rng(0).uniform(-1, 1, (512, 3)).astype(np.float32))
+    copy = tmp_path / "wds"
+    shutil.copytree(f"{dataset}/wds", copy)
+    specs = {"wds": f"wds:{copy}/train-{{0000..0002}}.tar;test={copy}/test-*.tar",
+             "parquet": _specs(dataset)["parquet"]}
+    sha = lambda m: {s: [e["sha256"] for e in v["shards"]] for s, v in m["splits"].items()}  # noqa: E731
+    one = {k: prep.prepare(spec, str(tmp_path / f"{k}-1"), resolution=8, palette=pal, shard_size=10, workers=1,
+                           progress=False) for k, spec in specs.items()}
+
+    opened = prep._checked_source
+
+    def then_damage(spec, *args):
+        out = opened(spec, *args)
+        if spec.startswith("wds:"):
+            for f in copy.iterdir():
+                _damage_first_header(str(f))
+        return out
+
+    monkeypatch.setattr(prep, "_checked_source", then_damage)
+    for k, spec in specs.items():
+        two = prep.prepare(spec, str(tmp_path / f"{k}-2"), resolution=8, palette=pal, shard_size=10, workers=2,
+                           progress=False)
+        assert len(two["splits"]["train"]["shards"]) > 1 and sha(two) == sha(one[k]), k
+    with pytest.raises(DataError, match="not a readable tar shard"):  # what a worker's re-indexing would meet
+        open_source(specs["wds"], 8)
+
+
 @pytest.mark.slow
 def test_prepare_and_train_from_shards(dataset, tmp_path, tiny_config):
     """`megapix prepare` on wds: and parquet: gives the folder's tokens (wds with 2 worker processes); training

@@ -37,6 +37,12 @@ class Source(ABC):
     def split(self, name: str) -> Split:
         """The named split ("train", "val" or "test")."""
 
+    def for_workers(self) -> Source | None:
+        """What `megapix prepare` hands its worker processes (pickled) in place of the spec: the opened source
+        when opening it builds an index by reading files and that index is small to send (the sharded sources),
+        else None and each worker opens the spec again (in-memory and memory-mapped sources would be copied)."""
+        return None
+
 
 def holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A seeded split of range(n) into (train, val) indices: the paper's held-out validation."""

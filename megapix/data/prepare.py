@@ -12,7 +12,8 @@ Layout of DIR (read back by the "shards:DIR" source):
 Shards are written under a temporary name and renamed when complete; the manifest is rewritten (atomically)
 after each shard. Re-running with the same arguments skips shards that the manifest lists as done and whose
 size matches, removes stale temporary files, and redoes the rest. Shards are encoded in parallel by W worker
-processes (each re-opens the source from its spec; W=1 runs in this process).
+processes (W=1 runs in this process). Each worker receives what the opened source's `for_workers()` gives:
+the sharded sources send their index, built once by this process; the others are opened again from the spec.
 
 Shards hold the evaluation view of each image (no augmentation): random crops cannot be precomputed. Token
 sources (igpt:, shards:) are copied into shards without a palette.
@@ -72,18 +73,30 @@ def _clean_stale(out: str) -> None:
 _STATE: dict = {}
 
 
-def _init_worker(spec, resolution, val_fraction, seed, palette_file, skip_corrupt=False, threads=1):
-    import torch
+def _init_worker(sent, open_args, palette_file, threads=1):
+    """`sent`: the driver's source as its for_workers() gave it, or None: open `open_args` (the spec) again.
+    An error is kept and raised by the first shard: a Pool whose initializer raises starts new workers forever."""
+    try:
+        import torch
 
-    torch.set_num_threads(threads)
-    with warnings.catch_warnings():  # the driver already warned of what indexing skipped
-        warnings.simplefilter("ignore")
-        _STATE["src"] = open_source(spec, resolution, val_fraction, seed, augment=False, skip_corrupt=skip_corrupt)
-    # from the file prepare wrote into --out, so its cached colour table (palette.lut.npz) is shared
-    _STATE["palette"] = None if palette_file is None else Palette.load(palette_file)
+        torch.set_num_threads(threads)
+        if sent is not None:
+            _STATE["src"] = sent
+        else:
+            spec, resolution, val_fraction, seed, skip_corrupt = open_args
+            with warnings.catch_warnings():  # the driver already warned of what indexing skipped
+                warnings.simplefilter("ignore")
+                _STATE["src"] = open_source(spec, resolution, val_fraction, seed, augment=False,
+                                            skip_corrupt=skip_corrupt)
+        # from the file prepare wrote into --out, so its cached colour table (palette.lut.npz) is shared
+        _STATE["palette"] = None if palette_file is None else Palette.load(palette_file)
+    except Exception as e:  # noqa: BLE001 - re-raised, whatever it is, by _encode_shard in the driver's pool
+        _STATE["init_error"] = e
 
 
 def _encode_shard(task) -> tuple:
+    if "init_error" in _STATE:
+        raise _STATE["init_error"]
     split, i, start, stop, path = task
     src, palette = _STATE["src"], _STATE["palette"]
     skipped_before = getattr(src, "skipped", 0)  # sharded sources count damaged samples (--skip-corrupt)
@@ -200,7 +213,7 @@ def prepare(spec: str, out: str, *, resolution: int, palette: str | None = None,
     if pal is not None:
         pal = Palette.load(palette_file)  # the copy in --out: its colour table is cached there
     _encode_all(src, pal, manifest, out, _todo(splits, out, resolution**2), workers, progress,
-                (spec, resolution, val_fraction, seed, palette_file, skip_corrupt))
+                (src.for_workers(), (spec, resolution, val_fraction, seed, skip_corrupt), palette_file))
     for info in splits.values():
         if info["same_as"]:
             info["shards"] = splits[info["same_as"]]["shards"]

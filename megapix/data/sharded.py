@@ -313,6 +313,11 @@ class ShardedImageSource(_LazySource):
     def skipped(self) -> int:
         return len(self.damage.seen)
 
+    def for_workers(self) -> ShardedImageSource:
+        """Itself: prepare's workers read images through this index instead of reading every shard's headers
+        (tar) or footer and label column (Parquet) again. The stores hold paths, offsets and labels only."""
+        return self
+
     def _store(self, kind: str, o: dict, pattern: str):
         files = expand(pattern, kind)
         if kind == "wds":
