@@ -642,7 +642,7 @@ def parse_args(argv=None):
     p.add_argument("--ft-eval-every", type=int, default=20)
     p.add_argument("--ft-lr", type=float, default=3e-3)
     p.add_argument("--no-attentive", action="store_true", help="skip the attentive probe")
-    p.add_argument("--attentive-epochs", type=int, default=50, help="epochs of the attentive probe (megapix probe "
+    p.add_argument("--attentive-epochs", type=int, default=100, help="epochs of the attentive probe (megapix probe "
                    "--attentive-epochs)")
     p.add_argument("--probe-iters", type=int, default=300, help="L-BFGS iterations of each linear probe fit")
     p.add_argument("--probe-rows", type=int, default=0, help="probe on the first N training images only (0: all); "

@@ -181,11 +181,10 @@ class Probes:
 
     def __init__(self, model, layers, lrs, num_classes, stats, args, device):
         d = model.config.d_model
-        heads = max(1, d // 64) if d % 64 == 0 else 1
         self.keys = [(l, lr) for l in layers for lr in lrs]
         self.heads = {}
         for i, (l, lr) in enumerate(self.keys):
-            head = AttentionPoolingHead(d, num_classes, args.queries, heads, seed=args.seed + i).to(device)
+            head = AttentionPoolingHead(d, num_classes, args.queries, args.attentive_heads, seed=args.seed + i).to(device)
             head.mean.copy_(stats[l][0]), head.inv_std.copy_(stats[l][1])
             self.heads[l, lr] = head
         self.opts = {k: torch.optim.AdamW(h.parameters(), lr=k[1], weight_decay=WEIGHT_DECAY)
@@ -255,7 +254,7 @@ def train_probes(model, splits: dict[str, _Rows], layers, lrs, num_classes: int,
     for l in layers:
         k = max(((l, lr) for lr in lrs), key=lambda k: best[k][0])
         row = {"probe": "attentive", "name": f"attentive {l}", "layers": [l], "lr": k[1], "epoch": best[k][1],
-               "val_acc": best[k][0], "queries": args.queries,
+               "val_acc": best[k][0], "queries": args.queries, "heads": args.attentive_heads,
                "lr_val_acc": {f"{lr:g}": best[l, lr][0] for lr in lrs}}
         if k in test:
             row["test_acc"] = test[k]

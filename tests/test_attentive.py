@@ -128,6 +128,8 @@ def test_without_layers_it_picks_by_val_and_writes_beside_the_model(tmp_path, ca
     (["probe", "--attentive", "--checkpoint", "{tmp}/m", "--attentive-lr", "0,x", "--out", "{tmp}/o"],
      ["--attentive-lr", "positive numbers"]),
     (["probe", "--attentive", "--checkpoint", "{tmp}/nope", "--out", "{tmp}/o"], ["does not exist"]),
+    (["probe", "--attentive", "--checkpoint", "{tmp}/m", "--data", "synthetic:32", "--attentive-heads", "12",
+      "--out", "{tmp}/o"], ["--attentive-heads 12 does not divide the model width 32", "e.g. 4"]),
     (["probe", "--attentive", "--checkpoint", "{tmp}/m", "--data", "synthetic:32", "--out", "{tmp}/m"],
      ["writes only into a new or empty folder", "choose another --out"]),
 ])

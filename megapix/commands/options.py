@@ -100,11 +100,13 @@ class ProbeConfig:
                               default_help="the checkpoint's palette.npy")
     val_fraction: float | None = opt(None, "held-out share of train (--attentive)", default_help="the source's")
     seed: int = opt(0, "seed of the holdout, the probe's initialisation and its batch order (--attentive)")
-    attentive_epochs: int = opt(50, "epochs of each attentive probe; val accuracy picks the epoch")
+    attentive_epochs: int = opt(100, "epochs of each attentive probe; val accuracy picks the epoch")
     attentive_lr: str = opt("3e-3,1e-2,3e-2", "comma-separated AdamW learning rates; val accuracy picks one per "
                             "layer", metavar="LRS")
     attentive_batch_size: int = opt(256, "images per attentive step, over all ranks")
     queries: int = opt(1, "learned queries of the attention pooling (their outputs are averaged)")
+    attentive_heads: int = opt(8, "attention heads of the pooling; must divide the model width (AIM uses a fixed "
+                               "count too, 12)")
     state_cache_gb: float = opt(4.0, "GiB per rank of the model's token states kept in memory after their first "
                                 "pass (0: the model runs for every batch)")
     compile: Literal["off", "on", "require"] = compile_field(" (--attentive)")
@@ -112,7 +114,7 @@ class ProbeConfig:
     def __post_init__(self):
         _check_finite(self)
         _check_min1("probe", self, "max_iter", "epochs", "batch_size", "attentive_epochs", "attentive_batch_size",
-                    "queries")
+                    "queries", "attentive_heads")
         if self.sgd_lr <= 0:
             raise ConfigError(f"--sgd-lr={self.sgd_lr} must be positive")
         if self.state_cache_gb < 0:

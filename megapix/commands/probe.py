@@ -3,6 +3,7 @@ the concatenations; `megapix probe --attentive --checkpoint RUN`: attention-pool
 model (megapix.attentive). Both write probe_results.json/.md and probe_accuracy.png, merged with any rows there."""
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -146,6 +147,10 @@ def _attentive(args) -> int:
             model, splits, num_classes, device, data = open_splits(args, world)
             n_layer = model.config.n_layer
             layers = parse_layers(args.layers, n_layer) if args.layers else default_layers(n_layer)
+            d, heads = model.config.d_model, args.attentive_heads
+            if d % heads:
+                raise ConfigError(f"--attentive-heads {heads} does not divide the model width {d}; pass a "
+                                  f"divisor of {d}, e.g. {math.gcd(d, heads)}")
             prepared = (model, splits, num_classes, device, data, layers, lrs)
         except ConfigError as e:
             error = e
@@ -161,7 +166,7 @@ def _attentive(args) -> int:
             print(f"megapix probe --attentive: {args.checkpoint} ({n_layer} layers, d={model.config.d_model}) on "
                   f"{data}: {len(splits['train'])} train / {len(splits['val'])} val / "
                   f"{len(splits['test']) if 'test' in splits else 0} test rows, {num_classes} classes, layers "
-                  f"{layers} (by {how}), lrs {lrs}, {args.attentive_epochs} epochs, {world.world} rank(s) on "
+                  f"{layers} (by {how}), lrs {lrs}, {args.attentive_epochs} epochs, {args.attentive_heads} heads, {world.world} rank(s) on "
                   f"{device}", flush=True)
         rows = train_probes(model, splits, layers, lrs, num_classes, args, device)
         if world.rank == 0:
@@ -169,7 +174,7 @@ def _attentive(args) -> int:
             info = {"checkpoint": os.path.abspath(args.checkpoint), "data": data, "model": model_summary(model),
                     "num_classes": num_classes,
                     "attentive": {"selection": how, "best_layer_by_val": best["layers"][0], "lrs": lrs,
-                                  "epochs": args.attentive_epochs, "batch_size": args.attentive_batch_size,
+                                  "epochs": args.attentive_epochs, "heads": args.attentive_heads, "batch_size": args.attentive_batch_size,
                                   "weight_decay": WEIGHT_DECAY, "world_size": world.world, "seed": args.seed}}
             write_outputs(out, merge_results(out, rows, info), None, prefix="megapix probe --attentive")
         return 0
