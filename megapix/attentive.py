@@ -184,7 +184,8 @@ class Probes:
         self.keys = [(l, lr) for l in layers for lr in lrs]
         self.heads = {}
         for i, (l, lr) in enumerate(self.keys):
-            head = AttentionPoolingHead(d, num_classes, args.queries, args.attentive_heads, seed=args.seed + i).to(device)
+            head = AttentionPoolingHead(d, num_classes, args.queries, args.attentive_heads, seed=args.seed + i)
+            head = head.to(device)
             head.mean.copy_(stats[l][0]), head.inv_std.copy_(stats[l][1])
             self.heads[l, lr] = head
         self.opts = {k: torch.optim.AdamW(h.parameters(), lr=k[1], weight_decay=WEIGHT_DECAY)

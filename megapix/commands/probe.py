@@ -166,15 +166,16 @@ def _attentive(args) -> int:
             print(f"megapix probe --attentive: {args.checkpoint} ({n_layer} layers, d={model.config.d_model}) on "
                   f"{data}: {len(splits['train'])} train / {len(splits['val'])} val / "
                   f"{len(splits['test']) if 'test' in splits else 0} test rows, {num_classes} classes, layers "
-                  f"{layers} (by {how}), lrs {lrs}, {args.attentive_epochs} epochs, {args.attentive_heads} heads, {world.world} rank(s) on "
-                  f"{device}", flush=True)
+                  f"{layers} (by {how}), lrs {lrs}, {args.attentive_epochs} epochs, {args.attentive_heads} heads, "
+                  f"{world.world} rank(s) on {device}", flush=True)
         rows = train_probes(model, splits, layers, lrs, num_classes, args, device)
         if world.rank == 0:
             best = max(rows, key=lambda r: r["val_acc"])
             info = {"checkpoint": os.path.abspath(args.checkpoint), "data": data, "model": model_summary(model),
                     "num_classes": num_classes,
                     "attentive": {"selection": how, "best_layer_by_val": best["layers"][0], "lrs": lrs,
-                                  "epochs": args.attentive_epochs, "heads": args.attentive_heads, "batch_size": args.attentive_batch_size,
+                                  "epochs": args.attentive_epochs, "heads": args.attentive_heads,
+                                  "batch_size": args.attentive_batch_size,
                                   "weight_decay": WEIGHT_DECAY, "world_size": world.world, "seed": args.seed}}
             write_outputs(out, merge_results(out, rows, info), None, prefix="megapix probe --attentive")
         return 0
