@@ -15,8 +15,10 @@ beside the file as training has it), micro-batches from MicroBatches with data.n
 The tar shards are written with webdataset's TarWriter and the Parquet files with pyarrow (an `image` struct of
 bytes and a `label` column, as Hugging Face datasets store images), 32 images per shard or file. Every row checks
 that its tokens equal the ImageFolder's with 0 workers (training) or the ImageFolder's prepared shards (prepare).
-prepare's rows time the whole command (indexing, worker start-up, decode, encode, write), on --prepare-images
-JPEGs so that start-up is a small part.
+prepare's rows time the whole call (indexing, worker start-up, the colour table, decode, encode, write) on
+--prepare-images JPEGs, and its margin: the second half of those images over the time they add to a run on the
+first half alone (hard links of the folder's first files, brace patterns over the first shards). The margin
+cancels the fixed costs, as a run over a real dataset amortises them.
 
 Then what a GPU step would consume: for igpt-s (32x32) on 1 node and igpt-xl (64x64) on 8 nodes of 8 H200, the
 planner's first layout (megapix.plan.search, the paper's batch) gives a step time; every rank loads its DP
@@ -99,27 +101,53 @@ def write_shards(root: str) -> dict:
             "parquet": f"parquet:{root}/pq/train-*.parquet"}
 
 
+def half_specs(root: str, specs: dict) -> dict:
+    """The first half of the same images, per source: hard links of the folder's first files, and brace patterns over
+    the first half of the shards (write_shards keeps the folder's order)."""
+    files = open_source(specs["imagefolder"], 8, val_fraction=0.0).split("train").images.files
+    shards = len(files) // 2 // SHARD_IMAGES
+    half = os.path.join(root, "half")
+    for f in files[:shards * SHARD_IMAGES]:
+        dst = os.path.join(half, os.path.relpath(f, root))
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        os.link(f, dst)
+    last = shards - 1
+    return {"imagefolder": f"imagefolder:{half}", "wds": f"wds:{root}/wds/train-{{00000..{last:05d}}}.tar",
+            "parquet": f"parquet:{root}/pq/train-{{00000..{last:05d}}}.parquet"}
+
+
 def prepare_rows(root: str, specs: dict, resolution: int, palette: str, workers: list[int]) -> list[str]:
-    """`megapix prepare` (the library call the command makes) per source and worker count: images/s."""
+    """`megapix prepare` (the library call the command makes) per source and worker count: images/s of the whole
+    call, and at the margin: the second half of the images over the time they add to a run of the first half
+    alone, which cancels the fixed costs (worker start-up, the colour table), as a long run amortises them."""
     import warnings
 
     from megapix.data.prepare import prepare
 
-    rows = [f"{'source':<12} {'workers':>7} {'images/s':>9} {'per worker':>10} {'same tokens':>11}"]
-    ref = None
+    halves = half_specs(root, specs)
+    rows = [f"{'source':<12} {'workers':>7} {'images/s':>9} {'per worker':>10} {'marginal':>9} {'per worker':>10} "
+            f"{'same tokens':>11}"]
+    ref = {}
+
+    def timed(kind, spec, w, tag):
+        out = os.path.join(root, f"prep-{kind}-{w}-{tag}")
+        t = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no test split: the holdout stands in, as the source warns
+            m = prepare(spec, out, resolution=resolution, palette=palette, shard_size=SHARD_IMAGES * 4,
+                        workers=w, val_fraction=0.0, progress=False)
+        dt = time.perf_counter() - t
+        tokens = np.asarray(open_source(f"shards:{out}", resolution).split("train").tokens)
+        same = np.array_equal(ref.setdefault(tag, tokens), tokens)
+        return m["splits"]["train"]["count"], dt, same
+
     for kind, spec in specs.items():
         for w in workers:
-            out = os.path.join(root, f"prep-{kind}-{w}")
-            t = time.perf_counter()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # no test split: the holdout stands in, as the source warns
-                m = prepare(spec, out, resolution=resolution, palette=palette, shard_size=SHARD_IMAGES * 4,
-                            workers=w, val_fraction=0.0, progress=False)
-            rate = m["splits"]["train"]["count"] / (time.perf_counter() - t)
-            tokens = np.asarray(open_source(f"shards:{out}", resolution).split("train").tokens)
-            ref = tokens if ref is None else ref
-            rows.append(f"{kind:<12} {w:>7} {rate:>9.1f} {rate / w:>10.1f} "
-                        f"{'yes' if np.array_equal(ref, tokens) else 'NO':>11}")
+            n_half, t_half, same_half = timed(kind, halves[kind], w, "half")
+            n, t, same = timed(kind, spec, w, "all")
+            rate, marginal = n / t, (n - n_half) / max(t - t_half, 1e-9)
+            rows.append(f"{kind:<12} {w:>7} {rate:>9.1f} {rate / w:>10.1f} {marginal:>9.1f} {marginal / w:>10.1f} "
+                        f"{'yes' if same and same_half else 'NO':>11}")
             print(rows[-1], flush=True)
     return rows
 

@@ -159,7 +159,9 @@ def _damage_first_header(path: str) -> None:
 def test_prepare_workers_reuse_the_driver_index(dataset, tmp_path, monkeypatch):
     """prepare's worker processes read through the index the driver built (Source.for_workers): the shards are
     byte-identical with 1 and 2 workers, and for wds: no worker reads a tar header. Once the driver has indexed
-    the tars their headers are damaged, so a worker that indexed them again would fail (DataError)."""
+    the tars their headers are damaged, so a worker that indexed them again would fail (DataError).
+    With workers, the driver builds the palette's colour table for them once it covers the pixels to encode
+    (LUT_FULL_AFTER, lowered here): it is cached in --out and gives the same ids as the on-demand search."""
     import shutil
 
     from megapix.data import prepare as prep
@@ -184,10 +186,13 @@ def test_prepare_workers_reuse_the_driver_index(dataset, tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(prep, "_checked_source", then_damage)
+    monkeypatch.setattr(prep, "LUT_FULL_AFTER", 1)
     for k, spec in specs.items():
+        assert not (tmp_path / f"{k}-1" / "palette.lut.npz").exists()  # one process: the search, on demand
         two = prep.prepare(spec, str(tmp_path / f"{k}-2"), resolution=8, palette=pal, shard_size=10, workers=2,
                            progress=False)
         assert len(two["splits"]["train"]["shards"]) > 1 and sha(two) == sha(one[k]), k
+        assert (tmp_path / f"{k}-2" / "palette.lut.npz").is_file(), k
     with pytest.raises(DataError, match="not a readable tar shard"):  # what a worker's re-indexing would meet
         open_source(specs["wds"], 8)
 
