@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -141,10 +142,11 @@ def finetune_pair(out: str, checkpoint: str, seed: int, args) -> dict:
             "fraction": None if reached is None else reached / args.ft_steps, "lr": args.ft_lr}
 
 
-def attentive_probe(out: str, checkpoint: str, layers: list[int], seed: int, args) -> dict:
-    """`megapix probe --attentive` (the CLI, a subprocess) over the final AR model at `layers`, on the study's data
-    and holdout (the same --seed); its row best by val, with the layer, lr and epoch val picked."""
-    folder = os.path.join(out, "attentive")
+def attentive_probe(out: str, checkpoint: str, layers: list[int], seed: int, args, name: str = "attentive") -> dict:
+    """`megapix probe --attentive` (the CLI, a subprocess) over `checkpoint` (the final AR model, or the exported
+    control) at `layers`, on the study's data and holdout (the same --seed), into OUT/seed<S>/`name`; its row best
+    by val, with the layer, lr and epoch val picked."""
+    folder = os.path.join(out, name)
     path = os.path.join(folder, "probe_results.json")
 
     def reusable() -> bool:  # a finished probe of these layers and epochs; otherwise its rows are replaced
@@ -168,6 +170,28 @@ def attentive_probe(out: str, checkpoint: str, layers: list[int], seed: int, arg
     best = max(rows, key=lambda r: r["val_acc"])
     return {"layers": layers, "layer": best["layers"][0], "lr": best["lr"], "epoch": best["epoch"],
             "val_acc": best["val_acc"], "test_acc": best["test_acc"], "epochs": args.attentive_epochs}
+
+
+def random_init_model(seed: int, args):
+    """The random-init control: the study's model at initialisation under `seed` (the same weights every call)."""
+    import torch
+
+    from megapix.config import ModelConfig
+    from megapix.model import ImageGPT
+
+    torch.manual_seed(seed)
+    return ImageGPT(ModelConfig(**{k: v for k, v in model_spec(args).items() if k != "preset"}))
+
+
+def control_attentive(out: str, res: dict, seed: int, args) -> dict:
+    """The attentive probe over the random-init control, at the layers the AR model's attentive probe took: the
+    control exported as a checkpoint folder (its weights and the seed's palette) for `megapix probe --attentive`.
+    Without this row an attention readout's own gain passes for pre-training's."""
+    folder = os.path.join(out, "random_init")
+    if not os.path.isfile(os.path.join(folder, "palette.npy")):
+        random_init_model(seed, args).save_pretrained(folder)
+        shutil.copyfile(os.path.join(out, "palette.npy"), os.path.join(folder, "palette.npy"))
+    return attentive_probe(out, folder, res["attentive"]["layers"], seed, args, name="attentive_control")
 
 
 def val_losses(run: str) -> dict[int, float]:
@@ -310,6 +334,11 @@ def run_seed(seed: int, args) -> dict:
     res = cached_result(seed, args)
     if res is not None:
         print(f"seed {seed}: done before, read {cached}", flush=True)
+        if not args.no_attentive and "attentive_control" not in res:  # a study from before that row: add it
+            t1 = time.perf_counter()
+            res["attentive_control"] = control_attentive(out, res, seed, args)
+            res["timings"]["attentive_control_s"] = round(time.perf_counter() - t1, 1)
+            write_json(cached, res)
         return res
     os.makedirs(out, exist_ok=True)
     print(f"=== seed {seed} ===", flush=True)
@@ -328,8 +357,6 @@ def run_seed(seed: int, args) -> dict:
               f"{ft['steps_to_scratch_final']}", flush=True)
 
     from megapix.checkpoint import load_model
-    from megapix.config import ModelConfig
-    from megapix.model import ImageGPT
 
     torch.set_num_threads(max(1, args.threads))  # training is over: the probes may use every core given
     t0 = time.perf_counter()
@@ -337,10 +364,7 @@ def run_seed(seed: int, args) -> dict:
     res.update(counts={s: len(v) for s, v in study.labels.items()}, chance=1.0 / study.num_classes)
     res["raw_pixels"] = study.raw_pixels()
     print(f"  raw pixels: test {100 * res['raw_pixels']['test_acc']:.1f}", flush=True)
-    torch.manual_seed(seed)
-    spec = model_spec(args)
-    rnd = ImageGPT(ModelConfig(**{k: v for k, v in spec.items() if k != "preset"}))
-    res["random_init"] = study.layer_probes(rnd, "random init", concat=True)
+    res["random_init"] = study.layer_probes(random_init_model(seed, args), "random init", concat=True)
     vl = val_losses(runs["ar"])
     res["checkpoints"] = []
     for step, tag in checkpoint_tags(runs["ar"]):
@@ -355,6 +379,10 @@ def run_seed(seed: int, args) -> dict:
         res["attentive"] = a = attentive_probe(out, runs["ar"], ls, seed, args)
         timings["attentive_s"] = round(time.perf_counter() - t1, 1)
         print(f"  attentive probe (layers {ls}): layer {a['layer']} test {100 * a['test_acc']:.1f}", flush=True)
+        t1 = time.perf_counter()
+        res["attentive_control"] = c = control_attentive(out, res, seed, args)
+        timings["attentive_control_s"] = round(time.perf_counter() - t1, 1)
+        print(f"  attentive probe, random-init control: layer {c['layer']} test {100 * c['test_acc']:.1f}", flush=True)
     if "bert" in runs:
         model, _ = load_model(checkpoint_tags(runs["bert"])[-1][1])
         res["bert"] = study.layer_probes(model, "BERT", concat=True)
@@ -414,6 +442,11 @@ def aggregate(per_seed: list[dict]) -> dict:
         agg["attentive"] = {"test": acc([a["test_acc"] for a in ats]), "layers": [a["layer"] for a in ats],
                             "gain": acc([a["test_acc"] - r["ar"]["layers"][r["ar"]["best_layer"]]["test_acc"]
                                          for a, r in zip(ats, per_seed)]), "epochs": ats[0]["epochs"]}
+    if "attentive_control" in per_seed[0]:
+        cts = [r["attentive_control"] for r in per_seed]
+        agg["attentive_control"] = {"test": acc([c["test_acc"] for c in cts]), "layers": [c["layer"] for c in cts],
+                                    "gap": acc([r["attentive"]["test_acc"] - c["test_acc"]
+                                                for c, r in zip(cts, per_seed)])}
     agg["claims"] = claims(agg, per_seed, n)
     return agg
 
@@ -458,6 +491,12 @@ def claims(agg: dict, per_seed: list[dict], n: int) -> list[dict]:
         out.append({"claim": "attentive probe (best of the best linear layer and its neighbours, by val) >= 5 points "
                              "above the best linear layer", "measured": f"{pts(g['mean']):+.1f} points",
                     "holds": g["mean"] >= 0.05})
+    if "attentive_control" in agg:  # not an issue goal: what the attentive gain above owes to pre-training
+        g = agg["attentive_control"]["gap"]
+        out.append({"claim": "(not a paper claim) the attentive probe above the same probe over the random-init "
+                             "control, same layers", "measured": f"{pts(g['mean']):+.1f}"
+                    + ("" if g["sd"] != g["sd"] else f" ± {pts(g['sd']):.1f}") + " points",
+                    "holds": g["mean"] > 0 and (g["sd"] != g["sd"] or g["mean"] > 2 * g["sd"])})
     ck = agg["checkpoints"]
     loss = [c["val_loss"]["mean"] for c in ck]
     probe = [c["best"]["mean"] for c in ck]
@@ -517,7 +556,10 @@ def write_report(per_seed: list[dict], config: dict, folder: str) -> list[str]:
         at = agg["attentive"]
         lines.append(f"| attentive probe (`megapix probe --attentive`, {at['epochs']} epochs), layer by val per seed "
                      f"{', '.join(map(str, at['layers']))} | {_pm(at['test'])} (gain {_pm(at['gain'])})"
-                     + " | -" * (len(models) - 1) + " |")
+                     + "".join(f" | {_pm(agg['attentive_control']['test'])}, layers "
+                               f"{', '.join(map(str, agg['attentive_control']['layers']))}"
+                               if k == "random init" and "attentive_control" in agg else " | -"
+                               for k, _ in models[1:]) + " |")
     lines += ["", "## AR checkpoints: validation loss against the best layer's probe", "",
               "| step | val loss (nats/token) | best layer's test % |", "|---|---|---|"]
     for c in agg["checkpoints"]:
@@ -576,6 +618,11 @@ def plot_study(agg: dict, per_seed: list[dict], path: str) -> None:
         mu, sd = pc(at["test"])
         ax.errorbar([max(set(at["layers"]), key=at["layers"].count)], [mu], yerr=[sd], fmt="P", markersize=10,
                     capsize=3, label="AR, attentive probe")
+    if "attentive_control" in agg:
+        ct = agg["attentive_control"]
+        mu, sd = pc(ct["test"])
+        ax.errorbar([max(set(ct["layers"]), key=ct["layers"].count)], [mu], yerr=[sd], fmt="X", markersize=10,
+                    capsize=3, label="random init, attentive probe")
     mu, sd = pc(agg["raw_pixels"])
     ax.axhspan(mu - sd, mu + sd, color="gray", alpha=0.2)
     ax.axhline(mu, color="gray", linestyle="-.", label="raw pixels (± sd)")

@@ -2,6 +2,7 @@
 HF-native export (processor ids, classifier logits, file modes, config validation)."""
 import json
 import os
+import shutil
 import stat
 
 import numpy as np
@@ -338,7 +339,9 @@ def test_study_report_means_spreads_claims_and_figure(tmp_path):
                 "bert": dict(model([0.3, 0.45, 0.5, 0.45, 0.35], 2, shift=shift), val_loss=2.9),
                 "timings": {"total_s": 10.0, "pretrain_s": 5.0, "finetune_s": 2.0, "probe_s": 3.0}, "threads": 1,
                 "attentive": {"layers": [1, 2, 3], "layer": 2, "lr": 1e-2, "epoch": 9, "val_acc": 0.7,
-                              "test_acc": 0.69 + 2 * shift, "epochs": 10}}
+                              "test_acc": 0.69 + 2 * shift, "epochs": 10},
+                "attentive_control": {"layers": [1, 2, 3], "layer": 1, "lr": 1e-2, "epoch": 5, "val_acc": 0.6,
+                                      "test_acc": 0.6 + shift, "epochs": 10}}
 
     config = {"command": "python examples/small_scale_probe.py --seeds 0,1", "data": "shapes", "steps": 100,
               "model": {"n_layer": 4, "d_model": 8, "n_head": 2, "resolution": 12}, "batch": 64, "lr": 3e-3,
@@ -360,9 +363,12 @@ def test_study_report_means_spreads_claims_and_figure(tmp_path):
             in md)
     assert "Steps the pre-trained run needs to reach the scratch run's final val accuracy, per seed: [10, 10]" in md
     # the attentive row: 69 and 73 against best layers 64 and 66 -> gain 6.0 +- 1.4: the +5 claim holds
-    assert "epochs), layer by val per seed 2, 2 | 71.0 ± 2.8 (gain 6.0 ± 1.4) | - | - |" in md
+    # beside it the control's: 60 and 62 (layers 1, 1), so the attentive gap over the control is 9 and 11
+    assert "epochs), layer by val per seed 2, 2 | 71.0 ± 2.8 (gain 6.0 ± 1.4) | - | 61.0 ± 1.4, layers 1, 1 |" in md
     att = next(c for k, c in claims.items() if k.startswith("attentive probe"))
     assert att["measured"] == "+6.0 points" and att["holds"]
+    ctl = next(c for k, c in claims.items() if k.startswith("(not a paper claim) the attentive probe above"))
+    assert ctl["measured"] == "+10.0 ± 1.4 points" and ctl["holds"]
     assert open(paths[2], "rb").read(4) == b"\x89PNG"
 
 
@@ -448,8 +454,24 @@ def test_study_runs_the_attentive_probe_cli_and_reuses_it(tmp_path):
     assert r["attentive"]["test_acc"] == top["test_acc"] and r["attentive"]["layer"] in r["attentive"]["layers"]
     md = (out / "probe_study.md").read_text()
     assert "| attentive probe (`megapix probe --attentive`, 1 epochs)" in md and "attentive probe (best of" in md
+    # the same probe over the random-init control, exported with the seed's palette, at the same layers
+    ctl = json.load(open(out / "seed0" / "attentive_control" / "probe_results.json"))
+    assert ctl["checkpoint"] == str(out / "seed0" / "random_init") and r["attentive_control"]["layers"] == [0, 1, 2]
+    assert r["attentive_control"]["test_acc"] == max((x for x in ctl["results"] if x["probe"] == "attentive"),
+                                                     key=lambda x: x["val_acc"])["test_acc"]
+    assert "the same probe over the random-init control" in md
     again = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "seed 0: done before" in again.stdout
+    assert "probe --attentive" not in again.stdout
+    # a result.json from before the control's row: the row is added, nothing else runs again
+    old = json.load(open(out / "seed0" / "result.json"))
+    del old["attentive_control"]
+    json.dump(old, open(out / "seed0" / "result.json", "w"))
+    shutil.rmtree(out / "seed0" / "attentive_control")
+    added = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert added.returncode == 0, added.stdout[-2000:] + added.stderr[-2000:]
+    assert added.stdout.count("probe --attentive") == 1 and "seed 0: done before" in added.stdout
+    assert json.load(open(out / "seed0" / "result.json"))["attentive_control"] == r["attentive_control"]
     (out / "seed0" / "result.json").unlink()
     third = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
     assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-2000:]
