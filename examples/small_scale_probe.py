@@ -613,16 +613,15 @@ def plot_study(agg: dict, per_seed: list[dict], path: str) -> None:
         mu, sd = pc(agg["ar"][f"concat{span}"])
         ax.errorbar([best + 0.15 * (span - 4)], [mu], yerr=[sd], fmt=marker, markersize=9, capsize=3,
                     label=f"AR, {span} layers around the best, concatenated")
-    if "attentive" in agg:  # drawn at the layer most seeds' val picked
+    if "attentive" in agg:  # drawn at the layer most seeds' val picked; the control's beside it, to compare
         at = agg["attentive"]
+        x = max(set(at["layers"]), key=at["layers"].count)
         mu, sd = pc(at["test"])
-        ax.errorbar([max(set(at["layers"]), key=at["layers"].count)], [mu], yerr=[sd], fmt="P", markersize=10,
-                    capsize=3, label="AR, attentive probe")
-    if "attentive_control" in agg:
-        ct = agg["attentive_control"]
-        mu, sd = pc(ct["test"])
-        ax.errorbar([max(set(ct["layers"]), key=ct["layers"].count)], [mu], yerr=[sd], fmt="X", markersize=10,
-                    capsize=3, label="random init, attentive probe")
+        ax.errorbar([x], [mu], yerr=[sd], fmt="P", markersize=10, capsize=3, label="AR, attentive probe")
+        if "attentive_control" in agg:
+            mu, sd = pc(agg["attentive_control"]["test"])
+            ax.errorbar([x + 0.25], [mu], yerr=[sd], fmt="X", markersize=10, capsize=3,
+                        label="random init, attentive probe (same layers)")
     mu, sd = pc(agg["raw_pixels"])
     ax.axhspan(mu - sd, mu + sd, color="gray", alpha=0.2)
     ax.axhline(mu, color="gray", linestyle="-.", label="raw pixels (± sd)")
@@ -633,7 +632,7 @@ def plot_study(agg: dict, per_seed: list[dict], path: str) -> None:
     ax.set_ylim(0, 100)
     ax.set_title(f"probe accuracy by depth ({agg['n_seeds']} seeds, ± 1 sd)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper right")
     ck = agg["checkpoints"]
     bx.errorbar([c["val_loss"]["mean"] for c in ck], [100 * c["best"]["mean"] for c in ck],
                 xerr=np.nan_to_num([c["val_loss"]["sd"] for c in ck]),
