@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 
 from megapix.errors import ConfigError
 
@@ -164,3 +165,13 @@ def drop_deepspeed_cpu_notice() -> None:
     logger = logging.getLogger("DeepSpeed")  # DeepSpeed's own logger keeps the filters it finds
     if not any(isinstance(f, _DropCpuNotice) for f in logger.filters):
         logger.addFilter(_DropCpuNotice())
+
+
+def lower_this_threads_priority(nice: int = 19) -> None:
+    """Give the calling thread CPU niceness `nice` (Linux schedules threads apart; 19: only the time the training
+    threads leave idle). Where that is not permitted, the thread keeps its priority."""
+    if nice and hasattr(os, "setpriority"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except OSError:
+            pass

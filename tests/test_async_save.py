@@ -81,6 +81,48 @@ def test_a_failed_background_write_is_recorded_for_the_training_thread(tmp_path,
     assert "Read-only file system" in line and "model_states.pt" in line, line
 
 
+def test_checkpoint_files_without_zip_crc_load_and_torch_load_never_checked_it(tmp_path):
+    """store.without_zip_crc's premise: torch.load reads a CRC-less file, and a CRC never stopped a flipped byte
+    (so turning it off loses no check megapix had)."""
+    from megapix.checkpoint import store
+
+    state = {"w": torch.arange(1000, dtype=torch.float32)}
+    before = torch.serialization.get_crc32_options()
+    try:
+        for crc in (True, False):
+            torch.serialization.set_crc32_options(crc)
+            path = tmp_path / f"crc_{crc}.pt"
+            torch.save(state, path)
+            assert torch.equal(torch.load(path, weights_only=True)["w"], state["w"])
+            raw = bytearray(path.read_bytes())
+            raw[raw.index(torch.tensor([500.0]).numpy().tobytes())] ^= 0x40
+            path.write_bytes(bytes(raw))
+            assert torch.load(path, weights_only=True)["w"][500] != 500.0  # loaded: no CRC check either way
+        torch.serialization.set_crc32_options(True)
+        store.without_zip_crc()
+        assert torch.serialization.get_crc32_options() is False
+    finally:
+        torch.serialization.set_crc32_options(before)
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread niceness is Linux's")
+def test_the_writer_thread_runs_nicer_than_the_training_thread(tmp_path, monkeypatch):
+    seen = {}
+
+    def record_priority(state, path, zipfile):
+        import threading
+        seen["writer"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        return 0
+
+    monkeypatch.setattr(async_save, "write_file", record_priority)
+    writer = _engine_saving(tmp_path, {"w": torch.ones(4)})
+    writer.commit(None)
+    writer.take_job().wait()
+    training = os.getpriority(os.PRIO_PROCESS, 0)
+    assert seen["writer"] == async_save.WRITER_NICE == 19
+    assert os.getpriority(os.PRIO_PROCESS, 0) == training  # the training thread's own priority is untouched
+
+
 # ---- training runs -------------------------------------------------------------------------------------------
 
 # The writer is patched in the training process: {action} runs for the files of {tag} (a kill, a full disk, a slow

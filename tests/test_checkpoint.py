@@ -229,6 +229,7 @@ def test_keep_last_prunes_only_old_megapix_tags(tmp_path):
     """--keep-last N after a save: the N newest global_step tags up to the saved step stay, and so do `latest`'s tag,
     best.json's tag and any later tag; a folder this run did not record (same shape, no entry in saved_tags.json)
     and non-tag names are never touched; a tag's _universal conversion goes with it."""
+    from megapix.checkpoint import deleter
     from megapix.checkpoint.store import SAVED_RECORD, _record_saved, prune, read_best, write_best
 
     ck = tmp_path / "checkpoints"
@@ -254,13 +255,17 @@ def test_keep_last_prunes_only_old_megapix_tags(tmp_path):
     assert read_best(str(ck))["step"] == 2
     assert prune(str(ck), 0, 6) == []  # 0: keep all
     assert sorted(prune(str(ck), 2, 6)) == ["global_step1", "global_step3", "global_step4"]
+    deleter.wait()  # the renamed folders are freed in the background
     left = sorted(os.listdir(ck))
     assert left == ["best.json", "global_step0", "global_step2", "global_step2.replaced-1", "global_step5",
                     "global_step6", "global_step9", "latest", "notes", "saved_tags.json"], left
     # `latest` on an old tag (a resume from it) keeps that tag too
     (ck / "latest").write_text("global_step5")
     assert prune(str(ck), 1, 6) == []
+    (ck / f"global_step7{deleter.DELETING}0123abcd").mkdir()  # a process killed before its deletion finished
     assert prune(str(ck), 1, 9) == ["global_step6"]
+    deleter.wait()
+    assert not [n for n in os.listdir(ck) if deleter.DELETING in n]
     # best.json naming a tag that is gone is no best at all
     shutil.rmtree(ck / "global_step2")
     assert read_best(str(ck)) is None

@@ -94,6 +94,30 @@ def test_spike_rule_rolls_back_and_rollback_without_a_checkpoint_stops(tiny_conf
 
 
 @pytest.mark.slow
+def test_the_save_check_counts_every_tensor_with_a_nan_or_an_inf():
+    """manager.nonfinite_tensors (the check before every save): NaN, +inf and -inf anywhere in a tensor, in fp32,
+    fp16 and bf16; an empty partition (a ZeRO-3 rank's) and large finite values near the type's limit pass."""
+    from types import SimpleNamespace
+
+    from megapix.checkpoint.manager import nonfinite_tensors
+
+    def engine(*tensors):
+        return SimpleNamespace(module=torch.nn.ParameterList([torch.nn.Parameter(t, requires_grad=False)
+                                                              for t in tensors]))
+
+    fine = [torch.randn(5000), torch.empty(0), torch.full((7,), 6e4, dtype=torch.float16),
+            torch.tensor([-3e38, 3e38]), torch.randn(33).bfloat16()]
+    assert nonfinite_tensors(engine(*fine)) == 0
+    bad = []
+    for i, (value, dtype) in enumerate([(float("nan"), torch.float32), (float("inf"), torch.float16),
+                                        (float("-inf"), torch.bfloat16), (float("nan"), torch.float16)]):
+        t = torch.randn(4099).to(dtype)
+        t[(i * 1031) % 4099] = value
+        bad.append(t)
+    assert nonfinite_tensors(engine(*fine, *bad)) == 4
+    assert nonfinite_tensors(engine()) == 0
+
+
 def test_a_diverging_lr_never_saves_nonfinite_weights(tmp_path):
     """--lr 1e4 at full strength from step 1 (the issue's case: before, `latest` named NaN weights), a checkpoint
     every step: the run stops at the first bad step, and the last checkpoint is the step before it, finite."""

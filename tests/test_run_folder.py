@@ -266,6 +266,7 @@ def _tags(ckpt):
 
 
 def test_prune_deletes_only_tags_this_run_recorded(tmp_path, trained, capsys):
+    from megapix.checkpoint import deleter
     from megapix.checkpoint.store import prune, saved_here
 
     run = copy_run(trained, tmp_path / "run")
@@ -292,6 +293,7 @@ def test_prune_deletes_only_tags_this_run_recorded(tmp_path, trained, capsys):
     ckpt = os.path.join(fresh, "checkpoints")
     best = json.loads(open(os.path.join(ckpt, "best.json")).read())["tag"]
     deleted = prune(ckpt, 1, 6)
+    deleter.wait()  # pruned tags are renamed out of the run, then freed in the background
     assert set(_tags(ckpt)) == {"global_step6", best} and set(deleted) == {"global_step3"} - {best}
     assert "global_step3" not in json.loads(open(os.path.join(ckpt, "saved_tags.json")).read())["tags"] or \
         best == "global_step3"

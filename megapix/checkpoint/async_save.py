@@ -7,8 +7,9 @@ decoupled engine publishes `latest` itself at the next save. So megapix plugs it
 interface (CheckpointEngine: create / save / commit): `save` snapshots each state dict to host memory on the
 training thread (copy_into: a GPU tensor is copied to pinned host memory, a CPU one cloned, so later optimizer
 steps cannot change what is written; from the second save on, into the previous save's buffers), and `commit`
-hands the tag's files to one writer thread that torch.saves and fsyncs each file and its folder. DeepSpeed's file
-names and formats are unchanged: resume, the universal conversion and every reader see the same tag.
+hands the tag's files to one writer thread (at CPU niceness 19) that torch.saves and fsyncs each file and its
+folder. DeepSpeed's file names and formats are unchanged: resume, the universal conversion and every reader see the
+same tag.
 
 Publishing (megapix records, rename, `latest`) is not here: checkpoint.manager does it once every rank's writer
 has finished, agreed by a small all-reduce at a step boundary (store.publish). The host copy costs the size of
@@ -23,6 +24,8 @@ import time
 
 import torch
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
+
+from megapix.utils import lower_this_threads_priority
 
 
 def write_file(state, path: str, zipfile: bool) -> int:
@@ -42,6 +45,11 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+# The writer thread's CPU niceness: 19 lets it take only the CPU time training leaves idle, so on a machine whose
+# cores training fills the write stretches out instead of slowing the steps (measured in bench_async_save.py).
+WRITER_NICE = 19
+
+
 class WriteJob:
     """One tag's files on this rank, written by a daemon thread (a crash of the run never waits for it: the tag
     stays a staging folder, never published). `error` holds the exception that stopped it."""
@@ -59,6 +67,7 @@ class WriteJob:
 
     def _run(self) -> None:
         try:
+            lower_this_threads_priority(WRITER_NICE)
             folders = set()
             while self.files:
                 state, path = self.files.pop(0)  # each snapshot is freed as soon as it is on disk

@@ -30,7 +30,7 @@ import os
 import torch
 import torch.distributed as torch_dist
 
-from megapix.checkpoint import store
+from megapix.checkpoint import deleter, store
 from megapix.checkpoint.reshard import how_to_resume
 from megapix.checkpoint.tags import TAG, latest_step, read_latest, resume_hint, tag_for
 from megapix.config import Config, ConfigError, check_record_config
@@ -53,7 +53,11 @@ class NonFiniteWeights(Exception):
 def nonfinite_tensors(engine) -> int:
     """Collective: how many parameter tensors hold a NaN or inf, on the rank with the most (each rank checks its
     own: its ZeRO-3 partition, TP shard or pipeline stage)."""
-    bad = sum(int(not torch.isfinite(getattr(p, "ds_tensor", p).detach()).all()) for p in engine.module.parameters())
+    # each tensor's min and max, not isfinite(): NaN propagates through both and an inf is one of them, in one
+    # vectorised pass with no mask the size of the weights (0.03 s against 0.76 s for 404M fp32 weights)
+    ends = [torch.stack(torch.aminmax(t.detach().reshape(-1))) for t in
+            (getattr(p, "ds_tensor", p) for p in engine.module.parameters()) if t.numel()]
+    bad = int((~torch.isfinite(torch.stack(ends))).any(dim=1).sum()) if ends else 0
     if dist.world_size() == 1:
         return bad
     flag = torch.tensor([float(bad)], device=engine.device)
@@ -264,11 +268,12 @@ class CheckpointManager:
             self.wait(engine)
 
     def finish(self, engine, step: int) -> None:
-        """The end of the run: its last step saved (once), every background write waited for."""
+        """The end of the run: its last step saved (once), every background write and deletion waited for."""
         if self.enabled and self.saved_step != step:
             self.save(engine, step)
         if self.enabled:
             self.wait(engine)
+            deleter.wait()
 
     def save_before_error(self, engine, step: int) -> bool:
         """Save the last completed step before the run raises (a data error every rank shares); True when saved."""

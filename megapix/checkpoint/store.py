@@ -25,6 +25,9 @@ import os
 import shutil
 import uuid
 
+import torch
+
+from megapix.checkpoint import deleter
 from megapix.checkpoint.reshard import how_to_resume, resume_resharded
 from megapix.checkpoint.tags import (TAG, check_same_model, layout_record, problem, read_latest, resume_hint,
                                      saved_step, tag_for, tags)
@@ -131,6 +134,7 @@ def _save_files(engine, ckpt_dir: str, staging: str, client: dict) -> None:
     permission) on any rank is one line on every rank, and the staging folder is removed: nothing half-written
     stays where a later command could take it for a checkpoint."""
     problem = None
+    without_zip_crc()
     try:
         engine.save_checkpoint(ckpt_dir, tag=staging, client_state=client, save_latest=False)
     except Exception as e:
@@ -145,6 +149,13 @@ def _save_files(engine, ckpt_dir: str, staging: str, client: dict) -> None:
         raise ConfigError(f"{first}; the checkpoint was not saved (earlier ones are intact): resume with --resume "
                           "once there is room")
     dist.barrier()
+
+
+def without_zip_crc() -> None:
+    """Checkpoint files go without torch.save's per-record zip CRC32: torch.load never checks it (a flipped byte
+    loads either way; tests/test_async_save.py shows it) and computing it was 3/4 of a save's CPU time. Process-wide
+    (torch reads the option as each file opens); `unzip -t` then reports CRC errors on these files."""
+    torch.serialization.set_crc32_options(False)
 
 
 def _record_object(path: str) -> tuple[dict | None, str | None]:
@@ -259,8 +270,9 @@ def prune(ckpt_dir: str, keep_last: int, step: int, spare: tuple = ()) -> list[s
     saved (saved_here: saved_tags.json and the tag's own record agree) are candidates; the tag `latest` names, the
     one best.json names and those in `spare` are kept whatever their age, and so is anything newer than `step` (a
     resume from an older tag does not delete the later ones). A torn or malformed best.json stops pruning (one
-    warning line). A tag's `_universal` conversion goes with it. Returns the deleted tags; a deletion that fails
-    is one warning line, never a failed run."""
+    warning line). A tag's `_universal` conversion goes with it. Returns the deleted tags (renamed out of the run
+    at once, their files freed by checkpoint.deleter's background thread); a deletion that fails is one warning
+    line, never a failed run."""
     if keep_last <= 0:
         return []
     why = best_problem(ckpt_dir)
@@ -274,14 +286,16 @@ def prune(ckpt_dir: str, keep_last: int, step: int, spare: tuple = ()) -> list[s
     keep = {read_latest(ckpt_dir), (read_best(ckpt_dir) or {}).get("tag"), *spare}
     ours = [t for t in tags(ckpt_dir) if int(TAG.fullmatch(t).group(1)) <= step and saved_here(ckpt_dir, t)]
     deleted = []
+    deleter.leftovers(ckpt_dir)
     for tag in ours[:-keep_last]:
         if tag in keep:
             continue
         folder = os.path.join(ckpt_dir, tag)
         try:
             _record_saved(ckpt_dir, tag, None)
-            shutil.rmtree(folder)
-            shutil.rmtree(f"{folder}_universal", ignore_errors=True)
+            deleter.delete_later(folder)  # renamed out of the run now, its files freed in the background
+            if os.path.isdir(f"{folder}_universal"):
+                deleter.delete_later(f"{folder}_universal")
             deleted.append(tag)
         except OSError as e:
             print(f"megapix: warning: could not delete the old checkpoint {folder} (--keep-last {keep_last}): {e}",
