@@ -9,8 +9,9 @@ For each model one Trainer (one rank, gloo, the embedded digits) takes warm-up s
 - async: --saves saves with --async-save; the save call snapshots the state to host memory, then steps go on while
   the writer thread writes and fsyncs, and a step boundary publishes. Time lost: the training thread's stall, the
   save call plus every step boundary's check until the publish (included). The steps taken meanwhile are timed
-  too: on a CPU the writer competes with training for the cores, so their time beside the no-save step time is
-  the rest of the cost (on a loaded shared machine, within the noise of the step time; reported, not subtracted).
+  too: on a CPU the writer can compete with training for the cores, so the mean step during writes against the
+  mean step of a control stretch right after each write (nothing written), times the steps per write, is the
+  rest of the cost (reported with its standard error).
 Memory: the host copy's bytes (the snapshot, what async holds until written) and the peak resident set during the
 async window minus the resident set just before the save (sampled every 10 ms).
 
@@ -29,6 +30,8 @@ import sys
 import tempfile
 import threading
 import time
+
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = {
@@ -93,14 +96,20 @@ def step(tr) -> float:
     return time.perf_counter() - t0
 
 
+CONTROL_STEPS = 8  # after each async save, up to this many steps with nothing written: the slowdown's baseline
+
+
 def measure(name: str, saves: int, base_steps: int, work: str) -> dict:
+    from megapix.checkpoint import deleter
+
     model, batch = MODELS[name]
     tr = build(model, batch, work)
     params = sum(p.numel() for p in tr.engine.module.parameters())
     ck = tr.checkpoints
     for _ in range(2):
         step(tr)
-    base = statistics.median(step(tr) for _ in range(base_steps))
+    base_times = [step(tr) for _ in range(base_steps)]
+    base = statistics.median(base_times)
     blocking, synced, blocking_peak = [], [], []
     ck.async_save = False
     for _ in range(saves):
@@ -112,7 +121,7 @@ def measure(name: str, saves: int, base_steps: int, work: str) -> dict:
             blocking.append(time.perf_counter() - t0)
             synced.append(blocking[-1] + fsync_tag(os.path.join(ck.ckpt_dir, ck.latest_tag)))
         blocking_peak.append(peak.peak - before)
-    stalls, calls, during, windows, written, host, async_peak = [], [], [], [], [], [], []
+    stalls, calls, during, windows, written, host, async_peak, control = [], [], [], [], [], [], [], []
     ck.async_save = True
     for _ in range(saves):
         step(tr)
@@ -135,31 +144,46 @@ def measure(name: str, saves: int, base_steps: int, work: str) -> dict:
         written.append(job.seconds)
         windows.append(n)
         async_peak.append(peak.peak - before)
+        deleter.wait()  # the pruned tag's files freed: nothing runs beside the control steps
+        control += [step(tr) for _ in range(min(n, CONTROL_STEPS))]  # the same stretch of the run, no write
     size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(os.path.join(ck.ckpt_dir, ck.latest_tag))
                for f in fs)
-    return {"model": name, "params": params, "global_batch": batch, "step_s": base, "checkpoint_bytes": size,
+    return {"model": name, "params": params, "global_batch": batch, "step_s": base, "base_step_s": base_times,
+            "checkpoint_bytes": size,
             "blocking_lost_s": statistics.median(blocking), "blocking_all_s": blocking,
             "blocking_peak_rss_added": max(blocking_peak), "blocking_fsynced_lost_s": statistics.median(synced),
-            "async_lost_s": statistics.median(stalls), "async_all_lost_s": stalls, "async_save_call_s": calls,
+            "async_stall_s": statistics.median(stalls), "async_all_stall_s": stalls, "async_save_call_s": calls,
+            "async_control_step_s": control, **slowdown(control, during, windows),
             "async_write_s": written, "async_steps_during_write": windows, "async_step_s_during_write": during,
             "async_host_copy_bytes": max(host), "async_peak_rss_added": max(async_peak)}
 
 
+def slowdown(base: list[float], during: list[float], windows: list[int]) -> dict:
+    """The steps' slowdown per save while the writer ran: (mean step during writes - mean step of the control
+    steps right after each write) x the steps per write, with its standard error (one step's time varies by
+    several %, and drifts over a run by more, so a single save's sum of steps, or the first steps', is noise)."""
+    steps = statistics.mean(windows)
+    se = (statistics.variance(during) / len(during) + statistics.variance(base) / len(base)) ** 0.5 \
+        if len(during) > 1 and len(base) > 1 else float("nan")
+    return {"async_slowdown_s": (statistics.mean(during) - statistics.mean(base)) * steps,
+            "async_slowdown_se_s": se * steps}
+
+
 def table(rows: list[dict]) -> str:
-    out = ["| model | params | step (no save) | checkpoint | blocking: lost per save (with fsync) | async: lost per "
-           "save (save call) | async / blocking | async: write in background (steps meanwhile; their median time) | "
-           "host copy | "
-           "peak RSS added: blocking / async |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| model | params | step (no save) | checkpoint | blocking: lost per save (with fsync) | async: training "
+           "thread's stall per save | async: steps slowed per save (± s.e.) | async stall / blocking (with the "
+           "slowdown) | async: write in background (steps meanwhile) | host copy | peak RSS added: blocking / async |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         med = statistics.median
         cells = [r["model"], f"{r['params'] / 1e6:.0f}M", f"{r['step_s']:.2f} s",
                  f"{r['checkpoint_bytes'] / 1e9:.2f} GB",
                  f"{r['blocking_lost_s']:.2f} s ({r['blocking_fsynced_lost_s']:.2f} s)",
-                 f"{r['async_lost_s']:.2f} s ({med(r['async_save_call_s']):.2f} s)",
-                 f"{r['async_lost_s'] / r['blocking_lost_s']:.0%}",
-                 f"{med(r['async_write_s']):.1f} s ({med(r['async_steps_during_write']):.0f}; "
-                 f"{med(r['async_step_s_during_write']):.2f} s)",
+                 f"{r['async_stall_s']:.2f} s",
+                 f"{r['async_slowdown_s']:+.2f} ± {r['async_slowdown_se_s']:.2f} s",
+                 f"{r['async_stall_s'] / r['blocking_lost_s']:.1%} ("
+                 f"{(r['async_stall_s'] + r['async_slowdown_s']) / r['blocking_lost_s']:.0%})",
+                 f"{med(r['async_write_s']):.1f} s ({med(r['async_steps_during_write']):.0f})",
                  f"{r['async_host_copy_bytes'] / 1e9:.2f} GB",
                  f"{r['blocking_peak_rss_added'] / 1e9:.2f} / {r['async_peak_rss_added'] / 1e9:.2f} GB"]
         out.append("| " + " | ".join(cells) + " |")
@@ -170,7 +194,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="small,400m", help=f"comma-separated, of {', '.join(MODELS)}")
     p.add_argument("--saves", type=int, default=3, help="saves per mode (the median is reported)")
-    p.add_argument("--base-steps", type=int, default=5, help="steps timed without saves")
+    p.add_argument("--base-steps", type=int, default=8, help="steps timed without saves")
+    p.add_argument("--zip-crc", action="store_true",
+                   help="write checkpoints with torch.save's zip CRC32s (as before megapix turned them off)")
+    p.add_argument("--writer-nice", type=int, default=None,
+                   help="the async writer thread's niceness (default: megapix's, async_save.WRITER_NICE)")
     p.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "async_save.json"))
     args = p.parse_args(argv)
     os.environ.update(MASTER_ADDR="127.0.0.1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
@@ -180,8 +208,15 @@ def main(argv=None) -> int:
     from megapix.parallel.launch import init_distributed
 
     init_distributed()
+    from megapix.checkpoint import async_save, store
+
+    if args.zip_crc:
+        store.without_zip_crc = lambda: torch.serialization.set_crc32_options(True)
+    if args.writer_nice is not None:
+        async_save.WRITER_NICE = args.writer_nice
     work = tempfile.mkdtemp(prefix="bench-async-save-", dir=os.environ.get("BENCH_DIR"))
     rows = []
+    print(f"zip CRC32 {'on' if args.zip_crc else 'off'}; writer niceness {async_save.WRITER_NICE}", flush=True)
     for name in args.models.split(","):
         rows.append(measure(name, args.saves, args.base_steps, work))
         print(json.dumps(rows[-1]), flush=True)
@@ -189,7 +224,8 @@ def main(argv=None) -> int:
     print(table(rows))
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump({"rows": rows, "loadavg_end": os.getloadavg(), "cpus": os.cpu_count()}, f, indent=1)
+        json.dump({"rows": rows, "zip_crc": args.zip_crc, "writer_nice": async_save.WRITER_NICE,
+                   "loadavg_end": os.getloadavg(), "cpus": os.cpu_count()}, f, indent=1)
     return 0
 
 
