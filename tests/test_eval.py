@@ -434,7 +434,7 @@ def test_study_palette_keeps_every_colour_of_data_under_512_colours(tmp_path):
 
 @pytest.mark.slow
 def test_study_runs_the_attentive_probe_cli_and_reuses_it(tmp_path):
-    """A tiny study on outlines (2 layers x d32, 10 steps; ~45 s for its four runs): the attentive row comes from
+    """A tiny study on outlines (2 layers x d32, 10 steps; four runs): the attentive row comes from
     `megapix probe --attentive` at the best linear layer and its neighbours; a rerun reads the cached seed; a seed
     whose result.json is gone reuses the attentive probe's folder, unless the epochs differ."""
     import subprocess
@@ -460,10 +460,8 @@ def test_study_runs_the_attentive_probe_cli_and_reuses_it(tmp_path):
     assert r["attentive_control"]["test_acc"] == max((x for x in ctl["results"] if x["probe"] == "attentive"),
                                                      key=lambda x: x["val_acc"])["test_acc"]
     assert "the same probe over the random-init control" in md
-    again = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "seed 0: done before" in again.stdout
-    assert "probe --attentive" not in again.stdout
-    # a result.json from before the control's row: the row is added, nothing else runs again
+    # a rerun over a result.json from before the control's row: the seed is done before, the row is added, and
+    # nothing else runs again (one run for both cases: each costs a process start and the imports)
     old = json.load(open(out / "seed0" / "result.json"))
     del old["attentive_control"]
     json.dump(old, open(out / "seed0" / "result.json", "w"))
