@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_parallel_helpers import records, run_train
+from test_parallel_helpers import LAYOUTS, records, run_train
 
 from megapix.config import ConfigError, ModelConfig
 from megapix.model import ImageGPT
@@ -99,9 +99,10 @@ def test_compiled_training_follows_the_eager_curve_on_one_rank_and_on_tp2(tmp_pa
 # ZeRO-3's parameter hooks, pipeline stages with activation checkpointing around the compiled block, sequence
 # parallelism's collectives between blocks: each compiled curve is the compiled one-rank curve (the eager layouts
 # equal the eager one-rank curve: test_parallel). Context parallelism runs eager (model.compile.UNSUPPORTED_CP).
-COMPOSED = {"dp2-zero3": (2, ["--zero-stage", "3"]),
-            "pp2-actckpt": (2, ["--pipeline-parallel", "2", "--activation-checkpointing"]),
-            "tp2-sp": (2, ["--tensor-parallel", "2", "--sequence-parallel"])}
+# Every layout of the parallel matrix (test_parallel_helpers.LAYOUTS) but context parallelism's and tp2 (above).
+COMPOSED = {name: LAYOUTS[name] for name in
+            ("dp2-zero1", "dp2-zero2", "dp2-zero3", "pp2", "pp2-actckpt", "tp2-actckpt", "tp2-sp", "tp2xpp2",
+             "pp2xdp2", "tp2xdp2-zero3", "tp2-spxpp2", "tp2-spxdp2-zero1", "tp2-spxdp2-zero3")}
 
 
 @pytest.mark.slow

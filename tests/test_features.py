@@ -151,6 +151,29 @@ def test_cli_bad_input(tmp_path, capsys):
     assert "layer index 7 is out of range" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_cli_extract_compiled_gives_the_eager_features(tmp_path):
+    """`megapix extract --compile require` (each block through inductor): the same features as the eager forward,
+    over batches of 7 whose splits end short (43 = 6 x 7 + 1, 5 and 12 rows): other sizes do not break it."""
+    from megapix.data.loader import TokenData
+    from megapix.data.palette import Palette
+    from megapix.data.sources import open_source
+
+    model = export(tmp_path / "m")
+    out = tmp_path / "feats"
+    proc = subprocess.run([sys.executable, "-m", "megapix", "extract", "--checkpoint", str(tmp_path / "m"), "--data",
+                           "synthetic:48", "--layers", "1-3", "--out", str(out), "--chunk-size", "16", "--batch-size",
+                           "7", "--compile", "require"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pal = Palette.load(str(tmp_path / "m" / "palette.npy"))
+    for split, n in (("train", 43), ("test", 12)):
+        feats = np.load(out / f"{split}_features.npy", allow_pickle=False)
+        rows = np.arange(43) if split == "train" else np.arange(n)
+        td = TokenData(open_source("synthetic:48", 8).split(split), 64, pal)
+        ref = extract(model, td.tokens(rows), [1, 2, 3])
+        np.testing.assert_allclose(feats, ref.numpy(), atol=1e-4, rtol=1e-4)
+
+
 def _extract_cmd(nproc, ckpt, out):
     args = ["-m", "megapix", "extract", "--checkpoint", ckpt, "--data", "synthetic:60", "--out", out,
             "--chunk-size", "4", "--batch-size", "4", "--layers", "0,2,3", "--dtype", "float16"]
