@@ -158,14 +158,14 @@ def measure(name: str, saves: int, base_steps: int, work: str) -> dict:
             "async_host_copy_bytes": max(host), "async_peak_rss_added": max(async_peak)}
 
 
-def slowdown(base: list[float], during: list[float], windows: list[int]) -> dict:
+def slowdown(control: list[float], during: list[float], windows: list[int]) -> dict:
     """The steps' slowdown per save while the writer ran: (mean step during writes - mean step of the control
     steps right after each write) x the steps per write, with its standard error (one step's time varies by
     several %, and drifts over a run by more, so a single save's sum of steps, or the first steps', is noise)."""
     steps = statistics.mean(windows)
-    se = (statistics.variance(during) / len(during) + statistics.variance(base) / len(base)) ** 0.5 \
-        if len(during) > 1 and len(base) > 1 else float("nan")
-    return {"async_slowdown_s": (statistics.mean(during) - statistics.mean(base)) * steps,
+    se = (statistics.variance(during) / len(during) + statistics.variance(control) / len(control)) ** 0.5 \
+        if len(during) > 1 and len(control) > 1 else float("nan")
+    return {"async_slowdown_s": (statistics.mean(during) - statistics.mean(control)) * steps,
             "async_slowdown_se_s": se * steps}
 
 
