@@ -29,7 +29,7 @@ from megapix.config import ConfigError
 from megapix.data.loader import TokenData
 from megapix.data.sources import SPLITS, open_source
 from megapix.features import extract, model_summary, parse_layers, rank_device
-from megapix.model.compile import UNSUPPORTED_CP, compile_blocks
+from megapix.model.compile import compile_blocks
 from megapix.parallel import dist as pdist
 from megapix.parallel.dist import World
 from megapix.utils import read_json, write_json
@@ -118,7 +118,7 @@ def _job(args, world: World) -> dict:
     token_data = {s: TokenData(source.split(s), model.config.n_ctx, palette, f"{data} [{s}]") for s in splits}
     device = rank_device(args.device)
     model = model.to(device).eval()
-    note = compile_blocks(model, args.compile, device, UNSUPPORTED_CP if cp > 1 else None)
+    note = compile_blocks(model, args.compile, device)
     if note is not None and world.rank == 0:
         print(f"megapix extract: {note}", flush=True)
     record = {"format": FORMAT, "checkpoint": os.path.abspath(args.checkpoint), "data": data, "layers": layers,

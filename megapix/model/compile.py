@@ -36,21 +36,15 @@ def compile_problem(device: torch.device | str = "cpu") -> str | None:
     return None
 
 
-# Context parallelism's ring attention (p2p sends and receives inside the block) is left eager: a compiled CP2 run
-# had a rank die with SIGSEGV in its first compiled step on a fresh machine (it passed on a warm one).
-UNSUPPORTED_CP = "context parallelism is not compiled (a rank of a compiled CP run died with SIGSEGV in testing)"
-
-
-def compile_blocks(module: torch.nn.Module, mode: str, device: torch.device | str = "cpu",
-                   unsupported: str | None = None) -> str | None:
+def compile_blocks(module: torch.nn.Module, mode: str, device: torch.device | str = "cpu") -> str | None:
     """Compile the forward of every Block in `module` when mode is on or require. Returns a line saying why it ran
-    eager instead (mode on, compilation impossible here or `unsupported` for this layout), else None; mode
-    require raises that as a ConfigError."""
+    eager instead (mode on and compilation impossible here), else None; mode require raises that as a
+    ConfigError."""
     if mode not in COMPILE_MODES:
         raise ConfigError(f"--compile {mode!r}: use one of {', '.join(COMPILE_MODES)}")
     if mode == "off":
         return None
-    problem = unsupported or compile_problem(device)
+    problem = compile_problem(device)
     if problem is not None:
         if mode == "require":
             raise ConfigError(f"--compile require: {problem}; use --compile on (eager when impossible) or off")

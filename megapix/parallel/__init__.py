@@ -5,7 +5,7 @@ import torch
 
 from megapix.config import Config
 from megapix.model import ImageGPT, lm_loss
-from megapix.model.compile import UNSUPPORTED_CP, compile_blocks
+from megapix.model.compile import compile_blocks
 from megapix.parallel import dist as pdist
 from megapix.parallel.construct import Zero3Partitioner, build_local, is_structure_only, param_dtype
 from megapix.parallel.layout import Layout
@@ -109,7 +109,6 @@ def build_module(cfg: Config, layout: Layout, head=None, initial=None):
 
 def _compile(module, cfg: Config) -> None:
     """--compile: each block's forward compiled (megapix.model.compile); where it cannot be, one line (rank 0)."""
-    note = compile_blocks(module, cfg.train.compile, "cuda" if torch.cuda.is_available() else "cpu",
-                          UNSUPPORTED_CP if cfg.train.context_parallel > 1 else None)
+    note = compile_blocks(module, cfg.train.compile, "cuda" if torch.cuda.is_available() else "cpu")
     if note is not None and pdist.is_rank0():
         print(f"megapix: {note}", flush=True)

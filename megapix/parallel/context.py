@@ -80,6 +80,7 @@ def _shift(x: torch.Tensor, group, step: int) -> torch.Tensor:
     return out
 
 
+@torch.compiler.disable  # --compile: the ring's sends and receives stay eager, the rest of the block compiles
 def ring_attention(q, k, v, *, causal: bool, group, n_positions: int, backend: str = "auto"):
     """Attention of this rank's queries [B, H, L, Dh] (L = T / cp: its head and tail chunks) over the keys and
     values of the whole sequence, which the CP ring brings chunk pair by chunk pair. Exact: equals full
@@ -110,6 +111,11 @@ def apply_context_parallel(model: nn.Module, group, n_positions: int) -> nn.Modu
     """Split a plain ImageGPT (after tensor parallelism, if any) over the CP group: block 0 cuts its input to
     this rank's positions and every attention becomes ring attention."""
     cp, rank = dist.get_world_size(group), dist.get_rank(group)
+    # Under --compile the ring is a graph break in each block, and the graph before it returns q, k, v: views of
+    # the qkv projection. torch 2.13 pickles their view chain into AOTAutograd's cache with a dangling
+    # `_unsafe_view` record (garbage sizes or SIGSEGV at the next save or load; pytorch#185630, fixed upstream by
+    # pytorch#185861), so that cache is off in a CP process; inductor's own kernel cache still serves.
+    torch._functorch.config.enable_autograd_cache = False
     idx = local_positions(n_positions, cp, rank)
     model.blocks[0].register_forward_pre_hook(
         lambda m, args: (args[0].index_select(SEQ_DIM, idx.to(args[0].device)), *args[1:]))
