@@ -1,5 +1,5 @@
 """Attentive probes (`megapix probe --attentive`): the pooling head, the statistics, the results folder shared with
-linear probes, bad inputs, rank invariance (slow) and a random-init trunk (slow)."""
+linear probes, bad inputs, rank invariance (slow), a random-init trunk (slow) and a compiled trunk (slow)."""
 import json
 import os
 import subprocess
@@ -210,3 +210,31 @@ def test_on_a_random_init_trunk_it_stays_near_the_linear_control(tmp_path):
     attentive = {r["layers"][0]: r["test_acc"] for r in rows if r["probe"] == "attentive"}
     for layer in (1, 2):
         assert abs(attentive[layer] - linear[layer]) < 0.15, (layer, attentive, linear)
+
+
+@pytest.mark.slow
+def test_a_compiled_trunk_gives_the_eager_rows_without_recompiling_at_each_batch(tmp_path):
+    """--compile require with no state cache: the compiled trunk runs for every batch of 12 over splits that end
+    short (synthetic:64 is 58 train / 6 val / 16 test rows here: batches of 10, 6 and 4 besides 12): the eager
+    rows, from a handful of graphs (the first size, then a dynamic batch) however many batches."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    export(tmp_path / "m")
+    args = ["probe", "--attentive", "--checkpoint", str(tmp_path / "m"), "--data", "synthetic:64", "--layers", "1,3",
+            "--attentive-epochs", "3", "--attentive-batch-size", "12", "--state-cache-gb", "0"]
+    assert main(args + ["--out", str(tmp_path / "eager")]) == 0
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        assert main(args + ["--compile", "require", "--out", str(tmp_path / "compiled")]) == 0
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()  # the next in-process test starts without these graphs
+    assert 1 <= graphs <= 3, dict(counters["stats"])
+    rows = {name: json.loads((tmp_path / name / "probe_results.json").read_text())["results"]
+            for name in ("eager", "compiled")}
+    assert len(rows["eager"]) == len(rows["compiled"]) == 2
+    for a, b in zip(rows["eager"], rows["compiled"]):
+        assert (a["layers"], a["lr"], a["epoch"]) == (b["layers"], b["lr"], b["epoch"])
+        assert abs(a["val_acc"] - b["val_acc"]) <= 1e-9 and abs(a["test_acc"] - b["test_acc"]) <= 1e-9
