@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_compile.py [--rows tiny,small,igpt-s-block] [--batch 8] [--repeats 5]
                                                  [--threads N] [--json FILE] [--profile] [--optimizer]
+                                                 [--attention]
 
 Rows: the tiny and small presets, and one block of igpt-s's width (d512, 8 heads) at 32x32 (a slice of the real
 model's step: the width decides how much fusion can save). A step is forward + cross-entropy + backward + AdamW,
@@ -10,8 +11,13 @@ and compiled in ABBA order (load drift hits both alike), and the table reports m
 column is the time torch.compile spent (dynamo's own timer) in the first compiled step.
 
 --profile adds, for one small-preset step eager and compiled, torch.profiler's split of the step: time in GEMMs
-(aten::mm/addmm/bmm and the like) against everything else, and the GEMMs' achieved TFLOP/s against the matmul peak
-this process measures at start-up (megapix.runlog.measured_matmul_tflops, what the trainer's CPU MFU uses).
+(aten::mm/addmm/bmm and the like), in SDPA's fused attention kernels and everything else, and the GEMMs' achieved
+TFLOP/s against the matmul peak this process measures at start-up (megapix.runlog.measured_matmul_tflops, what the
+trainer's CPU MFU uses). Compiling calls the same GEMMs and attention kernels, so eager step / (GEMMs + attention)
+is the ceiling of compiled / eager, printed beside it.
+
+--attention adds one small-preset layer's causal attention, forward and backward: SDPA's fused CPU kernel (what the
+model calls) against the same attention written out as matmul, masked softmax and matmul, eager and compiled.
 
 --optimizer adds the AdamW update alone for each row's parameters: torch's foreach implementation (what the trainer
 used on CPU before) against the fused one (megapix.engine.adamw, what it uses now), same gradients, ABBA runs.
@@ -99,6 +105,7 @@ def optimizer_row(row: str, repeats: int) -> dict:
 
 
 GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear")
+ATTENTION = "aten::_scaled_dot_product_"
 
 
 def profile_step(row: str, batch: int) -> list[dict]:
@@ -116,12 +123,48 @@ def profile_step(row: str, batch: int) -> list[dict]:
         step(model, opt, tokens)
         with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
             total = step(model, opt, tokens)
-        events = [e for e in prof.key_averages() if e.key in GEMMS]
+        averages = prof.key_averages()
+        events = [e for e in averages if e.key in GEMMS]
         # self time: a linear's time is its addmm's, counted once
         gemm_s = sum(e.self_cpu_time_total for e in events) / 1e6
         flops = sum(e.flops for e in events)
+        # SDPA's fused CPU kernels, forward and backward: the same ATen calls eager and compiled
+        attention_s = sum(e.self_cpu_time_total for e in averages if e.key.startswith(ATTENTION)) / 1e6
         out.append({"row": row, "mode": mode, "step_s": total, "gemm_s": gemm_s, "gemm_share": gemm_s / total,
-                    "gemm_tflops": flops / max(gemm_s, 1e-9) / 1e12})
+                    "gemm_tflops": flops / max(gemm_s, 1e-9) / 1e12, "attention_s": attention_s,
+                    "rest_s": total - gemm_s - attention_s})
+    return out
+
+
+def attention_row(batch: int, repeats: int) -> dict:
+    """One small-preset layer's causal attention, forward and backward (ms, median): SDPA's fused CPU kernel against
+    the same attention written out (matmul, masked softmax, matmul), eager and compiled."""
+    import math
+
+    config = model_preset("small", kernels="torch")
+    heads, t = config.n_head, config.n_ctx
+    dh = config.d_model // heads
+    visible = torch.ones(t, t, dtype=torch.bool).tril()
+
+    def written_out(q, k, v):
+        s = (q @ k.transpose(-1, -2)) / math.sqrt(dh)
+        return torch.softmax(s.masked_fill(~visible, float("-inf")), -1) @ v
+
+    ways = {"sdpa": lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
+            "written_out": written_out, "written_out_compiled": torch.compile(written_out)}
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, t, dh, generator=g, requires_grad=True) for _ in range(3))
+    grad = torch.randn(batch, heads, t, dh, generator=g)
+    out = {"batch": batch, "heads": heads, "n_ctx": t, "head_dim": dh}
+    for name, f in ways.items():
+        for _ in range(3):  # warm-up (and the compile)
+            f(q, k, v).backward(grad)
+        times = []
+        for _ in range(max(repeats, 6)):
+            t0 = time.perf_counter()
+            f(q, k, v).backward(grad)
+            times.append(time.perf_counter() - t0)
+        out[f"{name}_ms"] = 1e3 * statistics.median(times)
     return out
 
 
@@ -134,6 +177,8 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the rows here")
     ap.add_argument("--profile", action="store_true", help="also the GEMM split of one small-preset step")
     ap.add_argument("--optimizer", action="store_true", help="also AdamW alone, foreach against fused, per row")
+    ap.add_argument("--attention", action="store_true",
+                    help="also one small-preset layer's attention: SDPA's kernel against it written out")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -150,11 +195,18 @@ def main() -> None:
         peak = measured_matmul_tflops(torch.float32)
         report["profile"] = prof = profile_step("small", a.batch)
         print(f"\none small-preset step under torch.profiler; matmul peak measured here: {peak:.3f} TFLOP/s")
-        print("| mode | step s | in GEMMs | GEMM share | GEMM TFLOP/s | of the peak |")
-        print("|---|---|---|---|---|---|")
+        print("| mode | step s | in GEMMs | GEMM share | GEMM TFLOP/s | of the peak | in SDPA's kernels | the rest |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in prof:
             print(f"| {r['mode']} | {r['step_s']:.3f} | {r['gemm_s']:.3f} | {100 * r['gemm_share']:.0f}% | "
-                  f"{r['gemm_tflops']:.3f} | {100 * r['gemm_tflops'] / peak:.0f}% |")
+                  f"{r['gemm_tflops']:.3f} | {100 * r['gemm_tflops'] / peak:.0f}% | {r['attention_s']:.3f} | "
+                  f"{r['rest_s']:.3f} |")
+        eager = prof[0]
+        # compilation leaves the GEMMs and SDPA's kernels as they are (the same ATen calls): the most it could give
+        # is the step without everything else
+        report["compile_ceiling"] = ceiling = eager["step_s"] / (eager["gemm_s"] + eager["attention_s"])
+        print(f"the most compiling can give, were the rest of the eager step gone: {ceiling:.2f}x; this profile: "
+              f"{eager['step_s'] / prof[1]['step_s']:.2f}x")
         report["matmul_peak_tflops"] = peak
     if a.optimizer:
         report["optimizer"] = opt_rows = [optimizer_row(r, a.repeats) for r in a.rows.split(",")]
@@ -164,6 +216,13 @@ def main() -> None:
         for r in opt_rows:
             print(f"| {r['row']} | {r['params_m']:.2f}M | {r['foreach_ms']:.1f} | {r['fused_ms']:.1f} | "
                   f"{r['speedup']:.1f}x |")
+    if a.attention:
+        report["attention"] = r = attention_row(a.batch, a.repeats)
+        print(f"\none small-preset layer's causal attention, forward + backward, batch {r['batch']} x {r['heads']} "
+              f"heads x {r['n_ctx']} positions x {r['head_dim']} dims (median ms)")
+        print("| SDPA's CPU kernel | written out, eager | written out, compiled |")
+        print("|---|---|---|")
+        print(f"| {r['sdpa_ms']:.1f} | {r['written_out_ms']:.1f} | {r['written_out_compiled_ms']:.1f} |")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=2)
