@@ -112,15 +112,22 @@ def pretrain(out: str, objectives, palette: str, seed: int, args) -> dict[str, s
     return runs
 
 
+def finetune_done(run: str, args) -> bool:
+    """A finished `megapix finetune` in `run` with this study's steps and rate."""
+    res = read_json(os.path.join(run, "finetune_results.json"))
+    done = res.get("runs") if isinstance(res, dict) else None
+    return bool(done) and done[0].get("steps") == args.ft_steps and res.get("lrs") == [args.ft_lr]
+
+
 def finetune_pair(out: str, checkpoint: str, seed: int, args) -> dict:
     """`megapix finetune` from the pre-trained AR model and from scratch (same architecture and palette), side by
     side, the same steps, rate and evaluation period; returns both validation curves and the steps ratio."""
     runs, jobs = {}, []
     for name in ("pretrained", "scratch"):
         runs[name] = run = os.path.join(out, f"finetune_{name}")
-        if os.path.isfile(os.path.join(run, "finetune_results.json")):
+        if finetune_done(run, args):
             continue
-        if os.path.isdir(run):  # an interrupted fine-tune: start it again (a fine-tune does not resume)
+        if os.path.isdir(run):  # interrupted (a fine-tune does not resume) or of other settings: start it again
             import shutil
 
             shutil.rmtree(run)
@@ -291,7 +298,6 @@ def result_problem(res, seed: int, args) -> str | None:
         return "is torn or not a JSON object"
     want = ["seed", "chance", "counts", "raw_pixels", "random_init", "checkpoints", "ar", "timings"]
     want += [] if args.no_bert else ["bert"]
-    want += [] if args.no_finetune else ["finetune"]
     want += [] if args.no_attentive else ["attentive"]
     missing = [k for k in want if k not in res]
     if missing:
@@ -334,6 +340,13 @@ def run_seed(seed: int, args) -> dict:
     res = cached_result(seed, args)
     if res is not None:
         print(f"seed {seed}: done before, read {cached}", flush=True)
+        ft = res.get("finetune")
+        if not args.no_finetune and not (isinstance(ft, dict) and (ft.get("steps"), ft.get("lr")) == (args.ft_steps,
+                                                                                                   args.ft_lr)):
+            t1 = time.perf_counter()  # none (a --no-finetune study) or of other steps or rate: (re)run just this
+            res["finetune"] = finetune_pair(out, os.path.join(out, "pretrain_ar"), seed, args)
+            res["timings"]["finetune_s"] = round(time.perf_counter() - t1, 1)
+            write_json(cached, res)
         if not args.no_attentive and "attentive_control" not in res:  # a study from before that row: add it
             t1 = time.perf_counter()
             res["attentive_control"] = control_attentive(out, res, seed, args)

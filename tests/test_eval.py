@@ -436,7 +436,8 @@ def test_study_palette_keeps_every_colour_of_data_under_512_colours(tmp_path):
 def test_study_runs_the_attentive_probe_cli_and_reuses_it(tmp_path):
     """A tiny study on outlines (2 layers x d32, 10 steps; four runs): the attentive row comes from
     `megapix probe --attentive` at the best linear layer and its neighbours; a rerun reads the cached seed; a seed
-    whose result.json is gone reuses the attentive probe's folder, unless the epochs differ."""
+    whose result.json is gone reuses the attentive probe's folder, unless the epochs differ; the fine-tune pair is
+    filled into a finished seed, and run again for other steps."""
     import subprocess
     import sys
 
@@ -479,6 +480,18 @@ def test_study_runs_the_attentive_probe_cli_and_reuses_it(tmp_path):
     fourth = subprocess.run([*cmd[:-3], "2", *cmd[-2:]], cwd=root, capture_output=True, text=True, timeout=600)
     assert fourth.returncode == 0 and "probe --attentive" in fourth.stdout, fourth.stderr[-2000:]
     assert json.load(open(out / "seed0" / "result.json"))["attentive"]["epochs"] == 2
+    # the fine-tune pair added to a --no-finetune study: only it runs; other steps run it again
+    for steps in ("4", "6"):
+        with_ft = [*cmd[:-3], "2", *cmd[-2:]]
+        i = with_ft.index("--no-finetune")
+        with_ft[i:i + 1] = ["--ft-steps", steps, "--ft-eval-every", "2"]
+        ft = subprocess.run(with_ft, cwd=root, capture_output=True, text=True, timeout=600)
+        assert ft.returncode == 0, ft.stdout[-2000:] + ft.stderr[-2000:]
+        assert "seed 0: done before" in ft.stdout and "probe --attentive" not in ft.stdout
+        assert ft.stdout.count("-m megapix finetune") == 2, ft.stdout[-2000:]
+        r = json.load(open(out / "seed0" / "result.json"))
+        assert r["finetune"]["steps"] == int(steps) and r["finetune"]["curves"]["scratch"][-1][0] == int(steps)
+    assert "Fine-tuning" in (out / "probe_study.md").read_text()
 
 
 # the guard: the study at a reduced size, calibrated over seeds 0, 1, 2; a change to training, extraction or the
