@@ -370,6 +370,16 @@ def test_study_report_means_spreads_claims_and_figure(tmp_path):
     ctl = next(c for k, c in claims.items() if k.startswith("(not a paper claim) the attentive probe above"))
     assert ctl["measured"] == "+10.0 ± 1.4 points" and ctl["holds"]
     assert open(paths[2], "rb").read(4) == b"\x89PNG"
+    ft = next(c for k, c in claims.items() if k.startswith("fine-tuning"))
+    assert ft["measured"] == "steps [10, 10] of 20" and ft["holds"]
+    # a scratch fine-tune that ends near chance (25%) sets no target: the claim fails and says why
+    stuck = [seed(0, 0.0), seed(1, 0.02)]
+    stuck[1]["finetune"]["scratch_final_val"] = 0.27
+    (tmp_path / "stuck").mkdir()
+    paths = mod.write_report(stuck, config, str(tmp_path / "stuck"))
+    ft = next(c for c in json.load(open(paths[0]))["summary"]["claims"] if c["claim"].startswith("fine-tuning"))
+    assert not ft["holds"] and "ends within 5 points of chance on 1 of 2 seeds (final val 45.0%, 27.0%)" in ft[
+        "measured"]
 
 
 def test_outlines_large_are_outlines_drawn_larger_and_still_hard_for_raw_pixels():
