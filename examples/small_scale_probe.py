@@ -340,9 +340,8 @@ def run_seed(seed: int, args) -> dict:
     res = cached_result(seed, args)
     if res is not None:
         print(f"seed {seed}: done before, read {cached}", flush=True)
-        ft = res.get("finetune")
-        if not args.no_finetune and not (isinstance(ft, dict) and (ft.get("steps"), ft.get("lr")) == (args.ft_steps,
-                                                                                                   args.ft_lr)):
+        ft = res.get("finetune") if isinstance(res.get("finetune"), dict) else {}
+        if not args.no_finetune and (ft.get("steps"), ft.get("lr")) != (args.ft_steps, args.ft_lr):
             t1 = time.perf_counter()  # none (a --no-finetune study) or of other steps or rate: (re)run just this
             res["finetune"] = finetune_pair(out, os.path.join(out, "pretrain_ar"), seed, args)
             res["timings"]["finetune_s"] = round(time.perf_counter() - t1, 1)
